@@ -1,0 +1,143 @@
+//! Requests and responses. JSON inside length-prefixed frames (see
+//! [`crate::frame`]). Every connection starts with [`Hello`].
+
+use crate::names::{ClusterName, Role};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// First frame a client sends on every connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u32,
+    /// Who is talking ("spank", "attach", "cli"), for the agent's log.
+    pub client: String,
+}
+
+/// Everything the agent needs to run one job's dask processes. Sent by the
+/// plugin from slurmstepd (as root) when a `--dask-role` job step starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub job_id: u32,
+    /// Set for array tasks: the array's master job id (%A) and task id (%a).
+    pub array_job_id: Option<u32>,
+    pub array_task_id: Option<u32>,
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups of the job, as Slurm resolved them.
+    pub groups: Vec<u32>,
+    pub user: String,
+    pub role: Role,
+    pub cluster: ClusterName,
+    /// `--dask-env`: a venv or conda prefix whose `bin/python` has distributed.
+    pub env_prefix: Option<PathBuf>,
+    pub cpus: u32,
+    /// Memory allocated to the job on this node, in MiB (0: unknown/unlimited).
+    pub mem_mb: u64,
+    /// The job's time limit in seconds, when known.
+    pub time_limit_s: Option<u64>,
+    pub submit_dir: PathBuf,
+    pub node: String,
+    /// The slurmstepd that owns the job: user requests must come from one of
+    /// its descendants.
+    pub stepd_pid: i32,
+}
+
+impl JobSpec {
+    /// `1234_5` for an array task, `1234` otherwise: the name used in logs,
+    /// in dask worker names and in file names.
+    pub fn label(&self) -> String {
+        match (self.array_job_id, self.array_task_id) {
+            (Some(a), Some(t)) => format!("{a}_{t}"),
+            _ => self.job_id.to_string(),
+        }
+    }
+}
+
+/// Sent by `dask-spank attach`, running as the user inside the job's batch
+/// script. Its environment and cwd are those of the job script, so a script
+/// that activated a conda env hands that env to the dask processes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attach {
+    pub job_id: u32,
+    pub cwd: PathBuf,
+    pub env: Vec<(String, String)>,
+    /// The per-user cluster directory, created by the attaching process (root
+    /// may not be able to write into a home on NFS).
+    pub cluster_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    /// Root only: a job step with `--dask-role` started on this node.
+    Register(JobSpec),
+    /// Root only: the job step ended; stop everything it owns.
+    JobEnd { job_id: u32, reason: String },
+    /// The job's own user, from inside the job: start the dask processes.
+    /// After `Response::SendLogFd` the client passes the job's log file
+    /// descriptor with SCM_RIGHTS.
+    Attach(Attach),
+    /// Anybody: liveness check.
+    Ping,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    /// Handshake accepted.
+    Welcome { version: u32 },
+    Ok,
+    Error { message: String },
+    /// Pass the log file descriptor now (one byte with SCM_RIGHTS).
+    SendLogFd,
+    /// The dask processes are starting; wait for `Finished`.
+    Attached,
+    /// The job's dask processes are over. `exit_code` becomes the exit code
+    /// of `dask-spank attach`, hence of the batch script.
+    Finished { exit_code: i32, reason: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample_spec() -> JobSpec {
+        JobSpec {
+            job_id: 12,
+            array_job_id: Some(10),
+            array_task_id: Some(2),
+            uid: 1000,
+            gid: 1000,
+            groups: vec![1000, 27],
+            user: "alice".into(),
+            role: Role::Worker,
+            cluster: "ana".parse().unwrap(),
+            env_prefix: None,
+            cpus: 1,
+            mem_mb: 3072,
+            time_limit_s: Some(7200),
+            submit_dir: "/home/alice".into(),
+            node: "n1".into(),
+            stepd_pid: 4242,
+        }
+    }
+
+    #[test]
+    fn label_uses_array_ids_when_present() {
+        let mut s = sample_spec();
+        assert_eq!(s.label(), "10_2");
+        s.array_job_id = None;
+        s.array_task_id = None;
+        assert_eq!(s.label(), "12");
+    }
+
+    #[test]
+    fn requests_round_trip_as_tagged_json() {
+        let r = Request::Register(sample_spec());
+        let j = serde_json::to_string(&r).unwrap();
+        assert!(j.starts_with("{\"type\":\"register\""), "{j}");
+        assert_eq!(serde_json::from_str::<Request>(&j).unwrap(), r);
+        let bad = r#"{"type":"register","job_id":1}"#;
+        assert!(serde_json::from_str::<Request>(bad).is_err());
+    }
+}

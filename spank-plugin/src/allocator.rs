@@ -1,0 +1,117 @@
+//! Allocator and local context (sbatch, salloc, srun on the submit host),
+//! running as the submitting user.
+
+use crate::config::Config;
+use crate::options::DaskOptions;
+use crate::sbatch_args::{parse_cmdline, parse_script, Request};
+use crate::submit::plan;
+use crate::user_error;
+use dask_spank_protocol::{ClusterName, Role};
+use std::error::Error;
+use std::ffi::CString;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+
+/// Set across the re-exec so that the second sbatch does not re-exec again.
+/// Removed from the environment before sbatch copies it into the job.
+const GUARD: &str = "DASK_SPANK_REEXEC";
+/// Largest script read for `#SBATCH` lines.
+const MAX_SCRIPT: u64 = 4 << 20;
+
+/// Check option values where the user can see the answer at once.
+pub fn validate(opts: &DaskOptions) -> Result<(), Box<dyn Error>> {
+    if let Some(env) = &opts.env {
+        let py = env.join("bin/python");
+        if !py.exists() {
+            return Err(user_error(format!(
+                "--dask-env={}: {} not found (give the prefix of a venv or conda env that has distributed)",
+                env.display(),
+                py.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn read_script(path: &str) -> String {
+    let mut body = String::new();
+    if let Ok(f) = std::fs::File::open(path) {
+        let _ = f.take(MAX_SCRIPT).read_to_string(&mut body);
+    }
+    body
+}
+
+/// When sbatch runs with `--dask-role`, re-execute it with the plugin's
+/// defaults inserted after argv[0] (see `submit.rs`). This runs in `init`,
+/// before sbatch parses anything. Any failure to plan leaves sbatch alone:
+/// option errors are then reported by `init_post_opt` with a clear message.
+pub fn maybe_reexec(cfg: &Config) -> Result<(), Box<dyn Error>> {
+    if std::env::var_os(GUARD).is_some() {
+        std::env::remove_var(GUARD);
+        return Ok(());
+    }
+    let Ok(raw) = std::fs::read("/proc/self/cmdline") else {
+        return Ok(());
+    };
+    let raw = raw.strip_suffix(&[0]).unwrap_or(&raw);
+    let words: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
+    let Some((argv0, rest)) = words.split_first() else {
+        return Ok(());
+    };
+    if !argv0.ends_with(b"sbatch") {
+        return Ok(());
+    }
+    let args: Vec<String> = rest
+        .iter()
+        .map(|w| String::from_utf8_lossy(w).into_owned())
+        .collect();
+    let cmdline = parse_cmdline(&args);
+    let script_opts = cmdline
+        .script
+        .as_deref()
+        .map(|s| parse_script(&read_script(s)))
+        .unwrap_or_default();
+    let req = Request {
+        cmdline,
+        script_opts,
+    };
+    let Some(Ok(role)) = req.get("dask-role").map(str::parse::<Role>) else {
+        return Ok(());
+    };
+    let cluster: ClusterName = match req.get("dask-cluster").map(str::parse) {
+        None => ClusterName::default(),
+        Some(Ok(c)) => c,
+        Some(Err(_)) => return Ok(()),
+    };
+    let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());
+    let p = plan(&req, cfg, role, &cluster, &cwd);
+    if p.insert.is_empty() {
+        return Ok(());
+    }
+    if let Some(dir) = &p.log_dir {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            return Err(user_error(format!(
+                "cannot create the log directory {}: {e}",
+                dir.display()
+            )));
+        }
+    }
+    let mut new_argv: Vec<CString> = Vec::with_capacity(words.len() + p.insert.len());
+    let to_c = |b: &[u8]| CString::new(b.to_vec()).map_err(|e| user_error(e.to_string()));
+    new_argv.push(to_c(argv0)?);
+    for a in &p.insert {
+        new_argv.push(to_c(a.as_bytes())?);
+    }
+    for w in rest {
+        new_argv.push(to_c(w)?);
+    }
+    std::env::set_var(GUARD, "1");
+    let exe = to_c(std::path::Path::new("/proc/self/exe").as_os_str().as_bytes())?;
+    // Only returns on failure.
+    let err = nix::unistd::execv(&exe, &new_argv).err();
+    std::env::remove_var(GUARD);
+    Err(user_error(format!(
+        "cannot re-execute sbatch with site defaults: {}",
+        err.map(|e| e.to_string()).unwrap_or_default()
+    )))
+}
