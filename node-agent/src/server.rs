@@ -1,0 +1,158 @@
+//! The agent's Unix socket: handshake, authentication by peer credentials,
+//! and dispatch of requests.
+//!
+//! Who may do what:
+//! * `Register` and `JobEnd`: root only (the plugin, inside slurmstepd).
+//! * `Attach`: the job's own user, from a process of that job (a descendant
+//!   of the job's slurmstepd).
+//! * `Ping`: anybody.
+
+use crate::dask_cmd::DaskSettings;
+use crate::jobs::Jobs;
+use crate::joblog::JobLog;
+use crate::restart::RestartPolicy;
+use crate::supervisor::{self, JobRun};
+use crate::wire;
+use dask_spank_protocol::messages::{Attach, Hello};
+use dask_spank_protocol::{Request, Response, PROTOCOL_VERSION};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+use tokio::net::{UnixListener, UnixStream};
+
+/// Bound on every read of a request and on the handshake.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct Agent {
+    pub jobs: Jobs,
+    pub settings: DaskSettings,
+    pub policy: RestartPolicy,
+}
+
+pub async fn serve(listener: UnixListener, agent: Arc<Agent>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, agent).await {
+                        tracing::debug!("connection ended: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn reply(s: &mut UnixStream, r: &Response) -> Result<(), String> {
+    wire::write(s, r).await.map_err(|e| e.to_string())
+}
+
+async fn refuse(s: &mut UnixStream, msg: String) -> Result<(), String> {
+    tracing::warn!("refused: {msg}");
+    reply(s, &Response::Error { message: msg.clone() }).await?;
+    Err(msg)
+}
+
+async fn handle(mut s: UnixStream, agent: Arc<Agent>) -> Result<(), String> {
+    let cred = s.peer_cred().map_err(|e| e.to_string())?;
+    let (uid, pid) = (cred.uid(), cred.pid().unwrap_or(0));
+    let hello: Hello = match tokio::time::timeout(REQUEST_TIMEOUT, wire::read(&mut s)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => return refuse(&mut s, format!("bad handshake from uid {uid} pid {pid}: {e}")).await,
+        Err(_) => return Err(format!("no handshake from uid {uid} pid {pid}")),
+    };
+    if hello.version != PROTOCOL_VERSION {
+        return refuse(
+            &mut s,
+            format!(
+                "protocol version {} is not supported (this agent speaks version {PROTOCOL_VERSION}); install matching dask-spank versions",
+                hello.version
+            ),
+        )
+        .await;
+    }
+    reply(&mut s, &Response::Welcome { version: PROTOCOL_VERSION }).await?;
+    let req: Request = match tokio::time::timeout(REQUEST_TIMEOUT, wire::read(&mut s)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return refuse(&mut s, format!("bad request from uid {uid} pid {pid}: {e}")).await,
+        Err(_) => return Err(format!("no request from uid {uid} pid {pid}")),
+    };
+    match req {
+        Request::Ping => reply(&mut s, &Response::Ok).await,
+        Request::Register(spec) => {
+            if uid != 0 {
+                return refuse(&mut s, format!("uid {uid} (pid {pid}) may not register jobs: only root (slurmstepd) may")).await;
+            }
+            tracing::info!(job = spec.job_id, label = %spec.label(), user = %spec.user, role = %spec.role, cluster = %spec.cluster, "registered");
+            agent.jobs.register(spec);
+            reply(&mut s, &Response::Ok).await
+        }
+        Request::JobEnd { job_id, reason } => {
+            if uid != 0 {
+                return refuse(&mut s, format!("uid {uid} (pid {pid}) may not end jobs: only root (slurmstepd) may")).await;
+            }
+            let known = agent.jobs.end(job_id, &reason);
+            tracing::info!(job = job_id, known, "job ended: {reason}");
+            reply(&mut s, &Response::Ok).await
+        }
+        Request::Attach(a) => attach(s, agent, a, uid, pid).await,
+    }
+}
+
+async fn attach(mut s: UnixStream, agent: Arc<Agent>, a: Attach, uid: u32, pid: i32) -> Result<(), String> {
+    let job_id = a.job_id;
+    let (spec, stop) = match agent.jobs.attach(job_id, uid, pid) {
+        Ok(x) => x,
+        Err(e) => return refuse(&mut s, e.to_string()).await,
+    };
+    reply(&mut s, &Response::SendLogFd).await?;
+    let fd = match tokio::time::timeout(REQUEST_TIMEOUT, wire::recv_fd(&s)).await {
+        Ok(Ok(fd)) => fd,
+        Ok(Err(e)) => {
+            agent.jobs.stop(job_id, "attach failed");
+            return refuse(&mut s, format!("job {job_id}: no log file descriptor received: {e}")).await;
+        }
+        Err(_) => {
+            agent.jobs.stop(job_id, "attach failed");
+            return refuse(&mut s, format!("job {job_id}: no log file descriptor received in time")).await;
+        }
+    };
+    reply(&mut s, &Response::Attached).await?;
+    let log = JobLog::new(fd, spec.label());
+    log.line(&format!(
+        "{} job {} of cluster '{}' on {} (user {}, {} cpus, {} MiB)",
+        spec.role, spec.label(), spec.cluster, spec.node, spec.user, spec.cpus, spec.mem_mb
+    ));
+    let run = JobRun {
+        spec,
+        attach: a,
+        log,
+        settings: agent.settings.clone(),
+        policy: agent.policy,
+    };
+    let mut task = tokio::spawn(supervisor::run(run, stop));
+    let mut byte = [0u8; 1];
+    let outcome = tokio::select! {
+        res = &mut task => res.map_err(|e| e.to_string())?,
+        _ = s.read(&mut byte) => {
+            // The job script (hence attach) is gone: scancel, walltime, or
+            // the user killed it. Stop the dask processes.
+            agent.jobs.stop(job_id, "the job script ended (cancelled, timed out or killed)");
+            task.await.map_err(|e| e.to_string())?
+        }
+    };
+    let _ = reply(
+        &mut s,
+        &Response::Finished {
+            exit_code: outcome.exit_code,
+            reason: outcome.reason,
+        },
+    )
+    .await;
+    Ok(())
+}

@@ -1,0 +1,127 @@
+//! Starting a process as the job's user, with no privileges.
+//!
+//! This is the one place where the agent crosses from root to a user, so
+//! every step is explicit. In the child, between fork and exec:
+//!   1. `setsid`: own session and process group, so the whole group can be
+//!      signalled and checked for leftovers.
+//!   2. `PR_SET_PDEATHSIG(SIGKILL)`: if the agent dies, its children die.
+//!      (The agent runs a single-threaded runtime, so the "parent thread"
+//!      that this signal is tied to is the agent's main thread.)
+//!   3. Drop every capability from the bounding set while still root.
+//!   4. `setgroups`, `setresgid`, `setresuid`: the job's identity. Leaving
+//!      uid 0 clears the permitted, effective and ambient capability sets.
+//!   5. `PR_SET_NO_NEW_PRIVS`: no setuid binary or file capability can give
+//!      anything back.
+//!   6. `chdir` to the job's directory, as the user (root may not be allowed
+//!      into a home on NFS with root_squash).
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::process::Stdio;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+pub struct SpawnRequest<'a> {
+    pub program: &'a str,
+    pub args: &'a [String],
+    pub env: &'a [(String, String)],
+    pub cwd: &'a Path,
+    pub identity: &'a Identity,
+    /// stdout and stderr of the child (the job's log file).
+    pub output: &'a OwnedFd,
+}
+
+/// Refuse to run anything as root: the agent only ever starts user code.
+fn check_identity(id: &Identity) -> io::Result<()> {
+    if id.uid == 0 || id.gid == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "refusing to start dask processes as root (uid or gid 0)",
+        ));
+    }
+    Ok(())
+}
+
+fn errno_check(ret: libc::c_int) -> io::Result<()> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<tokio::process::Child> {
+    check_identity(req.identity)?;
+    let mut cmd = tokio::process::Command::new(req.program);
+    cmd.args(req.args)
+        .env_clear()
+        .envs(req.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(req.output.try_clone()?))
+        .stderr(Stdio::from(req.output.try_clone()?))
+        .kill_on_drop(false);
+    let uid = req.identity.uid;
+    let gid = req.identity.gid;
+    let groups: Vec<libc::gid_t> = req.identity.groups.clone();
+    let cwd = CString::new(req.cwd.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: getpid has no preconditions.
+    let agent_pid = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the forked child before exec. It only
+    // makes async-signal-safe system calls through libc on values prepared
+    // before the fork, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            errno_check(libc::setsid())?;
+            errno_check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0))?;
+            if libc::getppid() != agent_pid {
+                // The agent died between fork and prctl.
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            for cap in 0..64 {
+                // EINVAL past the last capability the kernel knows.
+                libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0);
+            }
+            errno_check(libc::setgroups(groups.len(), groups.as_ptr()))?;
+            errno_check(libc::setresgid(gid, gid, gid))?;
+            errno_check(libc::setresuid(uid, uid, uid))?;
+            if libc::geteuid() != uid || libc::getegid() != gid {
+                return Err(io::Error::from_raw_os_error(libc::EPERM));
+            }
+            errno_check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+            errno_check(libc::chdir(cwd.as_ptr()))?;
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_identity_is_refused() {
+        let e = check_identity(&Identity {
+            uid: 0,
+            gid: 100,
+            groups: vec![],
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("refusing"));
+        assert!(check_identity(&Identity {
+            uid: 1000,
+            gid: 1000,
+            groups: vec![]
+        })
+        .is_ok());
+    }
+}
