@@ -6,7 +6,6 @@ use crate::options::DaskOptions;
 use crate::sbatch_args::{parse_cmdline, parse_script, Request};
 use crate::submit::plan;
 use crate::user_error;
-use dask_spank_protocol::{ClusterName, Role};
 use std::error::Error;
 use std::ffi::CString;
 use std::io::Read;
@@ -75,13 +74,16 @@ pub fn maybe_reexec(cfg: &Config) -> Result<(), Box<dyn Error>> {
         cmdline,
         script_opts,
     };
-    let Some(Ok(role)) = req.get("dask-role").map(str::parse::<Role>) else {
+    // sbatch reads the job script before the plugin's init_post_opt runs,
+    // so bad values are reported here, before anything else can fail.
+    let opts = DaskOptions::parse(
+        req.get("dask-role"),
+        req.get("dask-cluster"),
+        req.get("dask-env"),
+    )
+    .map_err(user_error)?;
+    let Some(DaskOptions { role, cluster, .. }) = opts else {
         return Ok(());
-    };
-    let cluster: ClusterName = match req.get("dask-cluster").map(str::parse) {
-        None => ClusterName::default(),
-        Some(Ok(c)) => c,
-        Some(Err(_)) => return Ok(()),
     };
     let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());
     let p = plan(&req, cfg, role, &cluster, &cwd);

@@ -29,7 +29,15 @@ pub struct RemoteState {
     registered: Option<(u32, PathBuf, std::time::Duration)>,
 }
 
+/// The Slurm node name: slurmstepd puts it in its own environment (the
+/// job's copy only appears at task launch). It differs from the hostname
+/// when several slurmd share a host (`slurmd -N`).
 fn node_name(spank: &SpankHandle) -> String {
+    if let Ok(n) = std::env::var("SLURMD_NODENAME") {
+        if !n.is_empty() {
+            return n;
+        }
+    }
     if let Ok(Some(n)) = spank.getenv("SLURMD_NODENAME") {
         if !n.is_empty() {
             return n;

@@ -1,0 +1,51 @@
+# Shared settings of the sandbox scripts. Source it; do not run it.
+# shellcheck shell=bash
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# All sandbox state lives here (git-ignored).
+STATE=${DASK_SPANK_SANDBOX:-$REPO/.sandbox}
+TEST_USER=${DASK_SPANK_TEST_USER:-dasktest}
+NODE=${DASK_SPANK_NODE:-n1}
+VENV=$STATE/venv
+BIN=$REPO/target/release
+export SLURM_CONF=$STATE/etc/slurm.conf
+export PATH=$BIN:$PATH
+
+log() { printf '%s [%s] %s\n' "$(date +%H:%M:%S)" "${0##*/}" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# Run a command as the unprivileged test user, with the sandbox environment.
+as_user() {
+  runuser -u "$TEST_USER" -- env -C "$STATE/work" \
+    HOME="$STATE/home/$TEST_USER" USER="$TEST_USER" LOGNAME="$TEST_USER" \
+    SLURM_CONF="$SLURM_CONF" PATH="$VENV/bin:$BIN:/usr/local/bin:/usr/bin:/bin" \
+    "$@"
+}
+
+# Wait until a command succeeds: wait_for SECONDS DESCRIPTION CMD...
+wait_for() {
+  local secs=$1 what=$2; shift 2
+  local end=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $end ] || { log "timed out after ${secs}s waiting for $what"; return 1; }
+    sleep 0.2
+  done
+}
+
+# Stop a process we started, by the PID in its pid file: TERM, then KILL.
+stop_pidfile() {
+  local f=$1 pid
+  [ -f "$f" ] || return 0
+  pid=$(cat "$f")
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then
+      log "pid $pid ($f) ignored SIGTERM for 10s: SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  fi
+  rm -f "$f"
+}
+
+running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }

@@ -1,0 +1,157 @@
+"""Helpers shared by scripts/demo and the integration tests: run commands as
+the sandbox's test user, submit and watch Slurm jobs, find dask processes.
+
+Everything here talks to the real sandbox (scripts/sandbox): real Slurm,
+real node agent, real dask.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+STATE = Path(os.environ.get("DASK_SPANK_SANDBOX", REPO / ".sandbox"))
+TEST_USER = os.environ.get("DASK_SPANK_TEST_USER", "dasktest")
+VENV = STATE / "venv"
+BIN = REPO / "target" / "release"
+WORK = STATE / "work"
+LOGS = STATE / "log"
+HOME = STATE / "home" / TEST_USER
+
+ENV = dict(os.environ)
+ENV["SLURM_CONF"] = str(STATE / "etc" / "slurm.conf")
+ENV["PATH"] = f"{VENV}/bin:{BIN}:" + ENV.get("PATH", "/usr/bin:/bin")
+
+
+def sandbox(cmd: str) -> None:
+    subprocess.run([str(REPO / "scripts" / "sandbox"), cmd], check=True)
+
+
+def run(args, check=True, **kw) -> subprocess.CompletedProcess:
+    """Run a command as root with the sandbox environment."""
+    return subprocess.run(args, env=ENV, text=True, capture_output=True, check=check, **kw)
+
+
+def as_user(args, check=True, cwd: Path | None = None, **kw) -> subprocess.CompletedProcess:
+    """Run a command as the unprivileged test user, like a user's shell would."""
+    env = [
+        f"HOME={HOME}", f"USER={TEST_USER}", f"LOGNAME={TEST_USER}",
+        f"SLURM_CONF={ENV['SLURM_CONF']}",
+        f"PATH={VENV}/bin:{BIN}:/usr/local/bin:/usr/bin:/bin",
+    ]
+    cmd = ["runuser", "-u", TEST_USER, "--", "env", "-C", str(cwd or WORK), *env, *args]
+    return subprocess.run(cmd, text=True, capture_output=True, check=check, **kw)
+
+
+def user() -> pwd.struct_passwd:
+    return pwd.getpwnam(TEST_USER)
+
+
+def sbatch(*args: str, cwd: Path | None = None) -> str:
+    """Submit as the test user; return the job id (the array id for arrays)."""
+    p = as_user(["sbatch", "--parsable", *args], cwd=cwd, check=False)
+    if p.returncode != 0:
+        raise RuntimeError(f"sbatch {' '.join(args)} failed ({p.returncode}): {p.stderr.strip()}")
+    return p.stdout.strip().split(";")[0]
+
+
+def squeue_ids() -> list[str]:
+    out = run(["squeue", "-h", "-o", "%i"]).stdout
+    return [x for x in out.split() if x]
+
+
+def job_states(job: str) -> dict[str, str]:
+    """Job (or array task) id -> state, from squeue (jobs still known)."""
+    out = run(["squeue", "-h", "-r", "-j", job, "-o", "%i %T"], check=False).stdout
+    return dict(line.split() for line in out.splitlines() if line.strip())
+
+
+def scontrol_job(job: str) -> dict[str, str]:
+    out = run(["scontrol", "-o", "show", "job", job]).stdout.splitlines()[0]
+    fields = {}
+    for tok in out.split():
+        if "=" in tok:
+            k, v = tok.split("=", 1)
+            fields[k] = v
+    return fields
+
+
+def wait_until(what: str, pred, timeout: float = 60.0, interval: float = 0.2):
+    end = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > end:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def cluster_dir(name: str) -> Path:
+    return HOME / ".dask-spank" / "clusters" / name
+
+
+def scheduler_file(name: str) -> Path:
+    return cluster_dir(name) / "scheduler.json"
+
+
+def dask_processes(uid: int | None = None) -> list[dict]:
+    """Live dask scheduler/worker processes (optionally of one uid), from /proc."""
+    procs = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+            status = (d / "status").read_text()
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in cmd if a]
+        if not any(a in ("distributed.cli.dask_worker", "distributed.cli.dask_scheduler") for a in args):
+            continue
+        st = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        st = {k: v.strip() for k, v in st.items()}
+        if st.get("State", "").startswith("Z"):
+            continue
+        p = {
+            "pid": int(d.name),
+            "args": args,
+            "uid": [int(x) for x in st["Uid"].split()],
+            "gid": [int(x) for x in st["Gid"].split()],
+            "groups": [int(x) for x in st.get("Groups", "").split()],
+            "CapEff": st.get("CapEff"),
+            "CapPrm": st.get("CapPrm"),
+            "NoNewPrivs": st.get("NoNewPrivs"),
+            "role": "scheduler" if "distributed.cli.dask_scheduler" in args else "worker",
+        }
+        if "--name" in args:
+            p["name"] = args[args.index("--name") + 1]
+        if uid is None or p["uid"][0] == uid:
+            procs.append(p)
+    return procs
+
+
+def cancel_all_user_jobs(timeout: float = 60.0) -> None:
+    run(["scancel", "-u", TEST_USER], check=False)
+    wait_until("the test user's jobs to end", lambda: not any(
+        True for _ in run(["squeue", "-h", "-u", TEST_USER, "-o", "%i"]).stdout.split()), timeout)
+
+
+def client(name: str, timeout: float = 30):
+    """A distributed.Client connected through the cluster's scheduler file."""
+    from distributed import Client
+    return Client(scheduler_file=str(scheduler_file(name)), timeout=timeout)
+
+
+def wait_scheduler_file(name: str, timeout: float = 60.0) -> dict:
+    f = scheduler_file(name)
+    wait_until(f"{f}", lambda: f.exists() and f.stat().st_size > 0, timeout)
+    return json.loads(f.read_text())
+
+
+def worker_names(c) -> set[str]:
+    return {w.get("name") for w in c.scheduler_info(n_workers=-1)["workers"].values()}
