@@ -46,7 +46,8 @@ pub fn run() -> Result<i32, String> {
     }
     let cwd = std::env::current_dir().map_err(|e| format!("no working directory: {e}"))?;
     let env: Vec<(String, String)> = std::env::vars().collect();
-    let mut c = Client::connect(&socket, "attach", Duration::from_secs(10)).map_err(|e| e.to_string())?;
+    let mut c =
+        Client::connect(&socket, "attach", Duration::from_secs(10)).map_err(|e| e.to_string())?;
     let req = Request::Attach(Attach {
         job_id,
         cwd,

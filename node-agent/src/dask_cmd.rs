@@ -34,7 +34,12 @@ pub fn command(spec: &JobSpec, cluster_dir: &Path, s: &DaskSettings) -> (String,
     match spec.role {
         Role::Scheduler => {
             args.push("distributed.cli.dask_scheduler".into());
-            args.extend(["--scheduler-file".into(), sched_file, "--port".into(), "0".into()]);
+            args.extend([
+                "--scheduler-file".into(),
+                sched_file,
+                "--port".into(),
+                "0".into(),
+            ]);
             let dash = match &s.host {
                 Some(h) => format!("{h}:0"),
                 None => ":0".into(),
@@ -44,7 +49,10 @@ pub fn command(spec: &JobSpec, cluster_dir: &Path, s: &DaskSettings) -> (String,
         Role::Worker => {
             args.push("distributed.cli.dask_worker".into());
             args.extend(["--scheduler-file".into(), sched_file]);
-            args.extend(["--name".into(), format!("{}-{}", spec.cluster, spec.label())]);
+            args.extend([
+                "--name".into(),
+                format!("{}-{}", spec.cluster, spec.label()),
+            ]);
             args.extend(["--nthreads".into(), spec.cpus.max(1).to_string()]);
             let mem = if spec.mem_mb > 0 {
                 format!("{}MiB", spec.mem_mb)

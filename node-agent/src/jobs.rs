@@ -15,7 +15,9 @@ struct Entry {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AttachError {
-    #[error("job {0} is not registered on this node (is --dask-role set, and did the job start here?)")]
+    #[error(
+        "job {0} is not registered on this node (is --dask-role set, and did the job start here?)"
+    )]
     Unknown(u32),
     #[error("job {job} belongs to uid {owner}; uid {peer} may not attach to it")]
     NotOwner { job: u32, owner: u32, peer: u32 },

@@ -20,7 +20,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(version, about = "dask-spank node agent: runs dask schedulers and workers for Slurm jobs as their users")]
+#[command(
+    version,
+    about = "dask-spank node agent: runs dask schedulers and workers for Slurm jobs as their users"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -59,7 +62,13 @@ enum Cmd {
 fn node_name(n: Option<String>) -> String {
     n.unwrap_or_else(|| {
         nix::unistd::gethostname()
-            .map(|h| h.to_string_lossy().split('.').next().unwrap_or("localhost").to_string())
+            .map(|h| {
+                h.to_string_lossy()
+                    .split('.')
+                    .next()
+                    .unwrap_or("localhost")
+                    .to_string()
+            })
             .unwrap_or_else(|_| "localhost".into())
     })
 }
@@ -101,7 +110,10 @@ fn main() -> std::process::ExitCode {
             // One thread: PR_SET_PDEATHSIG is tied to the thread that forked,
             // so children must be forked by a thread that lives as long as
             // the agent.
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("dask-node-agent: cannot start the runtime: {e}");
@@ -134,7 +146,10 @@ async fn run(at: Where, settings: dask_cmd::DaskSettings) -> Result<(), String> 
         .map_err(|e| format!("{}: {e}", at.agent_dir.display()))?;
     let sock = agent_socket(&at.agent_dir, &node);
     if Client::connect(&sock, "probe", Duration::from_millis(500)).is_ok() {
-        return Err(format!("another agent already answers on {}", sock.display()));
+        return Err(format!(
+            "another agent already answers on {}",
+            sock.display()
+        ));
     }
     let _ = std::fs::remove_file(&sock);
     let listener = tokio::net::UnixListener::bind(&sock)
@@ -158,7 +173,10 @@ async fn run(at: Where, settings: dask_cmd::DaskSettings) -> Result<(), String> 
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    tracing::info!("shutting down: stopping the dask processes of {} jobs", agent.jobs.len());
+    tracing::info!(
+        "shutting down: stopping the dask processes of {} jobs",
+        agent.jobs.len()
+    );
     agent.jobs.stop_all("the node agent is shutting down");
     // Give supervisors time to stop their process groups (SIGTERM, grace, SIGKILL).
     tokio::time::sleep(supervisor::STOP_GRACE + Duration::from_secs(1)).await;

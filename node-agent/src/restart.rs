@@ -72,7 +72,10 @@ mod tests {
         assert_eq!(ds[0], Decision::Restart(Duration::from_millis(100)));
         assert_eq!(ds[1], Decision::Restart(Duration::from_millis(200)));
         assert_eq!(ds[3], Decision::Restart(Duration::from_millis(800)));
-        assert_eq!(ds[4], Decision::GiveUp("gave up after 5 crashes within 60s".into()));
+        assert_eq!(
+            ds[4],
+            Decision::GiveUp("gave up after 5 crashes within 60s".into())
+        );
     }
 
     #[test]

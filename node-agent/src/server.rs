@@ -8,8 +8,8 @@
 //! * `Ping`: anybody.
 
 use crate::dask_cmd::DaskSettings;
-use crate::jobs::Jobs;
 use crate::joblog::JobLog;
+use crate::jobs::Jobs;
 use crate::restart::RestartPolicy;
 use crate::supervisor::{self, JobRun};
 use crate::wire;
@@ -54,7 +54,13 @@ async fn reply(s: &mut UnixStream, r: &Response) -> Result<(), String> {
 
 async fn refuse(s: &mut UnixStream, msg: String) -> Result<(), String> {
     tracing::warn!("refused: {msg}");
-    reply(s, &Response::Error { message: msg.clone() }).await?;
+    reply(
+        s,
+        &Response::Error {
+            message: msg.clone(),
+        },
+    )
+    .await?;
     Err(msg)
 }
 
@@ -63,7 +69,13 @@ async fn handle(mut s: UnixStream, agent: Arc<Agent>) -> Result<(), String> {
     let (uid, pid) = (cred.uid(), cred.pid().unwrap_or(0));
     let hello: Hello = match tokio::time::timeout(REQUEST_TIMEOUT, wire::read(&mut s)).await {
         Ok(Ok(h)) => h,
-        Ok(Err(e)) => return refuse(&mut s, format!("bad handshake from uid {uid} pid {pid}: {e}")).await,
+        Ok(Err(e)) => {
+            return refuse(
+                &mut s,
+                format!("bad handshake from uid {uid} pid {pid}: {e}"),
+            )
+            .await
+        }
         Err(_) => return Err(format!("no handshake from uid {uid} pid {pid}")),
     };
     if hello.version != PROTOCOL_VERSION {
@@ -76,17 +88,31 @@ async fn handle(mut s: UnixStream, agent: Arc<Agent>) -> Result<(), String> {
         )
         .await;
     }
-    reply(&mut s, &Response::Welcome { version: PROTOCOL_VERSION }).await?;
+    reply(
+        &mut s,
+        &Response::Welcome {
+            version: PROTOCOL_VERSION,
+        },
+    )
+    .await?;
     let req: Request = match tokio::time::timeout(REQUEST_TIMEOUT, wire::read(&mut s)).await {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => return refuse(&mut s, format!("bad request from uid {uid} pid {pid}: {e}")).await,
+        Ok(Err(e)) => {
+            return refuse(&mut s, format!("bad request from uid {uid} pid {pid}: {e}")).await
+        }
         Err(_) => return Err(format!("no request from uid {uid} pid {pid}")),
     };
     match req {
         Request::Ping => reply(&mut s, &Response::Ok).await,
         Request::Register(spec) => {
             if uid != 0 {
-                return refuse(&mut s, format!("uid {uid} (pid {pid}) may not register jobs: only root (slurmstepd) may")).await;
+                return refuse(
+                    &mut s,
+                    format!(
+                        "uid {uid} (pid {pid}) may not register jobs: only root (slurmstepd) may"
+                    ),
+                )
+                .await;
             }
             tracing::info!(job = spec.job_id, label = %spec.label(), user = %spec.user, role = %spec.role, cluster = %spec.cluster, "registered");
             agent.jobs.register(spec);
@@ -94,7 +120,11 @@ async fn handle(mut s: UnixStream, agent: Arc<Agent>) -> Result<(), String> {
         }
         Request::JobEnd { job_id, reason } => {
             if uid != 0 {
-                return refuse(&mut s, format!("uid {uid} (pid {pid}) may not end jobs: only root (slurmstepd) may")).await;
+                return refuse(
+                    &mut s,
+                    format!("uid {uid} (pid {pid}) may not end jobs: only root (slurmstepd) may"),
+                )
+                .await;
             }
             let known = agent.jobs.end(job_id, &reason);
             tracing::info!(job = job_id, known, "job ended: {reason}");
@@ -104,7 +134,13 @@ async fn handle(mut s: UnixStream, agent: Arc<Agent>) -> Result<(), String> {
     }
 }
 
-async fn attach(mut s: UnixStream, agent: Arc<Agent>, a: Attach, uid: u32, pid: i32) -> Result<(), String> {
+async fn attach(
+    mut s: UnixStream,
+    agent: Arc<Agent>,
+    a: Attach,
+    uid: u32,
+    pid: i32,
+) -> Result<(), String> {
     let job_id = a.job_id;
     let (spec, stop) = match agent.jobs.attach(job_id, uid, pid) {
         Ok(x) => x,
@@ -115,18 +151,32 @@ async fn attach(mut s: UnixStream, agent: Arc<Agent>, a: Attach, uid: u32, pid: 
         Ok(Ok(fd)) => fd,
         Ok(Err(e)) => {
             agent.jobs.stop(job_id, "attach failed");
-            return refuse(&mut s, format!("job {job_id}: no log file descriptor received: {e}")).await;
+            return refuse(
+                &mut s,
+                format!("job {job_id}: no log file descriptor received: {e}"),
+            )
+            .await;
         }
         Err(_) => {
             agent.jobs.stop(job_id, "attach failed");
-            return refuse(&mut s, format!("job {job_id}: no log file descriptor received in time")).await;
+            return refuse(
+                &mut s,
+                format!("job {job_id}: no log file descriptor received in time"),
+            )
+            .await;
         }
     };
     reply(&mut s, &Response::Attached).await?;
     let log = JobLog::new(fd, spec.label());
     log.line(&format!(
         "{} job {} of cluster '{}' on {} (user {}, {} cpus, {} MiB)",
-        spec.role, spec.label(), spec.cluster, spec.node, spec.user, spec.cpus, spec.mem_mb
+        spec.role,
+        spec.label(),
+        spec.cluster,
+        spec.node,
+        spec.user,
+        spec.cpus,
+        spec.mem_mb
     ));
     let run = JobRun {
         spec,

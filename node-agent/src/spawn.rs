@@ -81,7 +81,13 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<tokio::process::Child> {
     unsafe {
         cmd.pre_exec(move || {
             errno_check(libc::setsid())?;
-            errno_check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0))?;
+            errno_check(libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ))?;
             if libc::getppid() != agent_pid {
                 // The agent died between fork and prctl.
                 return Err(io::Error::from_raw_os_error(libc::ESRCH));

@@ -73,7 +73,12 @@ fn job_env(run: &JobRun) -> Vec<(String, String)> {
 /// Signal a process group until it is gone: SIGTERM, then SIGKILL after
 /// `grace`. Returns once no process of the group is left (or after a last
 /// bounded wait, logging what survived).
-pub async fn stop_group(pgid: i32, child: &mut tokio::process::Child, grace: Duration, log: &JobLog) {
+pub async fn stop_group(
+    pgid: i32,
+    child: &mut tokio::process::Child,
+    grace: Duration,
+    log: &JobLog,
+) {
     let pg = Pid::from_raw(pgid);
     let _ = killpg(pg, Signal::SIGTERM);
     if tokio::time::timeout(grace, child.wait()).await.is_err() {
@@ -91,7 +96,14 @@ pub async fn stop_group(pgid: i32, child: &mut tokio::process::Child, grace: Dur
 pub async fn reap_group(pgid: i32, log: &JobLog) {
     let pg = Pid::from_raw(pgid);
     for i in 0..100 {
-        match killpg(pg, if i == 0 { Signal::SIGTERM } else { Signal::SIGKILL }) {
+        match killpg(
+            pg,
+            if i == 0 {
+                Signal::SIGTERM
+            } else {
+                Signal::SIGKILL
+            },
+        ) {
             Err(nix::errno::Errno::ESRCH) => return,
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
@@ -151,7 +163,10 @@ pub async fn run(run: JobRun, mut stop: watch::Receiver<Option<String>>) -> Outc
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
         starts += 1;
         let what = if starts == 1 { "started" } else { "restarted" };
-        log.line(&format!("{role} {what}, pid {pid}: {program} {}", args.join(" ")));
+        log.line(&format!(
+            "{role} {what}, pid {pid}: {program} {}",
+            args.join(" ")
+        ));
         let started = Instant::now();
         tokio::select! {
             status = child.wait() => {

@@ -49,7 +49,10 @@ pub async fn recv_fd(s: &UnixStream) -> io::Result<OwnedFd> {
             )
             .map_err(io::Error::from)?;
             if msg.bytes == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed",
+                ));
             }
             let mut got = None;
             for c in msg.cmsgs().map_err(io::Error::from)? {
@@ -64,7 +67,9 @@ pub async fn recv_fd(s: &UnixStream) -> io::Result<OwnedFd> {
                     }
                 }
             }
-            got.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no file descriptor was passed"))
+            got.ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, "no file descriptor was passed")
+            })
         });
         match res {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

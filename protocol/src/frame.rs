@@ -121,7 +121,10 @@ mod tests {
         let e = read_frame::<_, Request>(&mut &buf[..]).unwrap_err();
         assert_eq!(
             e.to_string(),
-            format!("frame of {} bytes exceeds the limit of {MAX_FRAME} bytes", MAX_FRAME + 1)
+            format!(
+                "frame of {} bytes exceeds the limit of {MAX_FRAME} bytes",
+                MAX_FRAME + 1
+            )
         );
     }
 

@@ -85,16 +85,23 @@ pub enum Request {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
     /// Handshake accepted.
-    Welcome { version: u32 },
+    Welcome {
+        version: u32,
+    },
     Ok,
-    Error { message: String },
+    Error {
+        message: String,
+    },
     /// Pass the log file descriptor now (one byte with SCM_RIGHTS).
     SendLogFd,
     /// The dask processes are starting; wait for `Finished`.
     Attached,
     /// The job's dask processes are over. `exit_code` becomes the exit code
     /// of `dask-spank attach`, hence of the batch script.
-    Finished { exit_code: i32, reason: String },
+    Finished {
+        exit_code: i32,
+        reason: String,
+    },
 }
 
 #[cfg(test)]

@@ -129,7 +129,16 @@ mod tests {
         for ok in ["ana", "a", "my-cluster_2.x", "0abc"] {
             assert!(ok.parse::<ClusterName>().is_ok(), "{ok}");
         }
-        for bad in ["", "-x", ".hidden", "a/b", "a b", "../x", "é", &"x".repeat(65)] {
+        for bad in [
+            "",
+            "-x",
+            ".hidden",
+            "a/b",
+            "a b",
+            "../x",
+            "é",
+            &"x".repeat(65),
+        ] {
             let e = bad.parse::<ClusterName>().unwrap_err().to_string();
             assert!(e.starts_with("--dask-cluster="), "{e}");
         }

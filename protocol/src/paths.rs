@@ -80,7 +80,13 @@ mod tests {
             agent_socket(Path::new("/run/dask-spank"), "n1"),
             PathBuf::from("/run/dask-spank/agent-n1.sock")
         );
-        assert_eq!(log_pattern("log", Role::Worker, true), "log/dask-worker-%A_%a.log");
-        assert_eq!(log_pattern("log", Role::Scheduler, false), "log/dask-scheduler-%j.log");
+        assert_eq!(
+            log_pattern("log", Role::Worker, true),
+            "log/dask-worker-%A_%a.log"
+        );
+        assert_eq!(
+            log_pattern("log", Role::Scheduler, false),
+            "log/dask-scheduler-%j.log"
+        );
     }
 }

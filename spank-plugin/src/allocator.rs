@@ -108,7 +108,11 @@ pub fn maybe_reexec(cfg: &Config) -> Result<(), Box<dyn Error>> {
         new_argv.push(to_c(w)?);
     }
     std::env::set_var(GUARD, "1");
-    let exe = to_c(std::path::Path::new("/proc/self/exe").as_os_str().as_bytes())?;
+    let exe = to_c(
+        std::path::Path::new("/proc/self/exe")
+            .as_os_str()
+            .as_bytes(),
+    )?;
     // Only returns on failure.
     let err = nix::unistd::execv(&exe, &new_argv).err();
     std::env::remove_var(GUARD);

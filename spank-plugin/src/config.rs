@@ -73,7 +73,11 @@ fn relative_dir(key: &str, value: &str) -> Result<String, ConfigError> {
         ));
     }
     if value.contains('%') || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(bad(key, value, "must not contain '%', spaces or control characters"));
+        return Err(bad(
+            key,
+            value,
+            "must not contain '%', spaces or control characters",
+        ));
     }
     Ok(value.trim_end_matches('/').to_string())
 }
@@ -81,7 +85,11 @@ fn relative_dir(key: &str, value: &str) -> Result<String, ConfigError> {
 fn seconds(key: &str, value: &str) -> Result<Duration, ConfigError> {
     match value.parse::<u64>() {
         Ok(s) if (1..=300).contains(&s) => Ok(Duration::from_secs(s)),
-        _ => Err(bad(key, value, "must be a whole number of seconds from 1 to 300")),
+        _ => Err(bad(
+            key,
+            value,
+            "must be a whole number of seconds from 1 to 300",
+        )),
     }
 }
 

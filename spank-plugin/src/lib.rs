@@ -104,7 +104,7 @@ unsafe impl Plugin for DaskSpank {
                 allocator::validate(&opts)
             }
             Context::Remote => {
-                let cfg = self.config().map(|c| c.clone());
+                let cfg = self.config().cloned();
                 self.remote.start(spank, cfg, &opts);
                 Ok(())
             }

@@ -46,7 +46,9 @@ impl DaskOptions {
     ) -> Result<Option<DaskOptions>, String> {
         let Some(role) = role else {
             if cluster.is_some() || env.is_some() {
-                return Err("--dask-cluster and --dask-env need --dask-role=scheduler|worker".into());
+                return Err(
+                    "--dask-cluster and --dask-env need --dask-role=scheduler|worker".into(),
+                );
             }
             return Ok(None);
         };

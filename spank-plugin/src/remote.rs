@@ -44,7 +44,13 @@ fn node_name(spank: &SpankHandle) -> String {
         }
     }
     nix::unistd::gethostname()
-        .map(|h| h.to_string_lossy().split('.').next().unwrap_or("").to_string())
+        .map(|h| {
+            h.to_string_lossy()
+                .split('.')
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
         .unwrap_or_default()
 }
 
@@ -125,11 +131,15 @@ impl RemoteState {
                 "the dask-spank node agent on {node} is unavailable ({e}); dask-node-agent must run on every compute node"
             ))
         };
-        let mut client = Client::connect(&socket, "spank", cfg.agent_timeout)
-            .map_err(|e| unavailable(&e))?;
+        let mut client =
+            Client::connect(&socket, "spank", cfg.agent_timeout).map_err(|e| unavailable(&e))?;
         match client.call(&Request::Register(spec)) {
             Ok(Response::Ok) => {}
-            Ok(other) => return Err(user_error(format!("node agent: unexpected reply {other:?}"))),
+            Ok(other) => {
+                return Err(user_error(format!(
+                    "node agent: unexpected reply {other:?}"
+                )))
+            }
             Err(e) => return Err(user_error(format!("node agent refused the job: {e}"))),
         }
         self.registered = Some((job_id, socket.clone(), cfg.agent_timeout));
@@ -170,7 +180,9 @@ impl RemoteState {
             })
         });
         if let Err(e) = res {
-            slurm_spank::spank_log_error!("dask-spank: job {job_id}: could not tell the node agent that the job ended: {e}");
+            slurm_spank::spank_log_error!(
+                "dask-spank: job {job_id}: could not tell the node agent that the job ended: {e}"
+            );
         }
     }
 }

@@ -12,21 +12,93 @@
 
 /// Long options of sbatch 22.05 that take a required argument.
 const REQUIRED: &[&str] = &[
-    "account", "acctg-freq", "array", "batch", "bb", "bbf", "begin", "chdir", "cluster",
-    "cluster-constraint", "clusters", "comment", "constraint", "container", "context",
-    "core-spec", "cores-per-socket", "cpu-freq", "cpus-per-gpu", "cpus-per-task", "deadline",
-    "delay-boot", "dependency", "distribution", "error", "exclude", "export", "export-file",
-    "extra-node-info", "gid", "gpu-bind", "gpu-freq", "gpus", "gpus-per-node", "gpus-per-socket",
-    "gpus-per-task", "gres", "gres-flags", "hint", "input", "job-name", "kill-on-invalid-dep",
-    "licenses", "mail-type", "mail-user", "mcs-label", "mem", "mem-bind", "mem-per-cpu",
-    "mem-per-gpu", "mincpus", "network", "nodefile", "nodelist", "nodes", "ntasks",
-    "ntasks-per-core", "ntasks-per-gpu", "ntasks-per-node", "ntasks-per-socket",
-    "ntasks-per-tres", "open-mode", "output", "partition", "power", "prefer", "priority",
-    "profile", "qos", "reservation", "signal", "sockets-per-node", "switches", "tasks-per-node",
-    "thread-spec", "threads-per-core", "time", "time-min", "tmp", "uid", "wait-all-nodes",
-    "wckey", "wrap",
+    "account",
+    "acctg-freq",
+    "array",
+    "batch",
+    "bb",
+    "bbf",
+    "begin",
+    "chdir",
+    "cluster",
+    "cluster-constraint",
+    "clusters",
+    "comment",
+    "constraint",
+    "container",
+    "context",
+    "core-spec",
+    "cores-per-socket",
+    "cpu-freq",
+    "cpus-per-gpu",
+    "cpus-per-task",
+    "deadline",
+    "delay-boot",
+    "dependency",
+    "distribution",
+    "error",
+    "exclude",
+    "export",
+    "export-file",
+    "extra-node-info",
+    "gid",
+    "gpu-bind",
+    "gpu-freq",
+    "gpus",
+    "gpus-per-node",
+    "gpus-per-socket",
+    "gpus-per-task",
+    "gres",
+    "gres-flags",
+    "hint",
+    "input",
+    "job-name",
+    "kill-on-invalid-dep",
+    "licenses",
+    "mail-type",
+    "mail-user",
+    "mcs-label",
+    "mem",
+    "mem-bind",
+    "mem-per-cpu",
+    "mem-per-gpu",
+    "mincpus",
+    "network",
+    "nodefile",
+    "nodelist",
+    "nodes",
+    "ntasks",
+    "ntasks-per-core",
+    "ntasks-per-gpu",
+    "ntasks-per-node",
+    "ntasks-per-socket",
+    "ntasks-per-tres",
+    "open-mode",
+    "output",
+    "partition",
+    "power",
+    "prefer",
+    "priority",
+    "profile",
+    "qos",
+    "reservation",
+    "signal",
+    "sockets-per-node",
+    "switches",
+    "tasks-per-node",
+    "thread-spec",
+    "threads-per-core",
+    "time",
+    "time-min",
+    "tmp",
+    "uid",
+    "wait-all-nodes",
+    "wckey",
+    "wrap",
     // Added by this plugin (SPANK options take a required argument).
-    "dask-role", "dask-cluster", "dask-env",
+    "dask-role",
+    "dask-cluster",
+    "dask-env",
 ];
 
 /// Long options whose argument is optional (only `--opt=value` form).
@@ -34,20 +106,62 @@ const OPTIONAL: &[&str] = &["exclusive", "get-user-env", "nice", "no-kill", "pro
 
 /// Long options without argument.
 const NO_ARG: &[&str] = &[
-    "contiguous", "help", "hold", "ignore-pbs", "no-requeue", "overcommit", "oversubscribe",
-    "parsable", "quiet", "reboot", "requeue", "spread-job", "test-only", "usage",
-    "use-min-nodes", "verbose", "version", "wait",
+    "contiguous",
+    "help",
+    "hold",
+    "ignore-pbs",
+    "no-requeue",
+    "overcommit",
+    "oversubscribe",
+    "parsable",
+    "quiet",
+    "reboot",
+    "requeue",
+    "spread-job",
+    "test-only",
+    "usage",
+    "use-min-nodes",
+    "verbose",
+    "version",
+    "wait",
 ];
 
 /// Short options and the long option each one stands for.
 const SHORT: &[(char, &str)] = &[
-    ('A', "account"), ('B', "extra-node-info"), ('C', "constraint"), ('D', "chdir"),
-    ('F', "nodefile"), ('G', "gpus"), ('J', "job-name"), ('L', "licenses"), ('M', "clusters"),
-    ('N', "nodes"), ('S', "core-spec"), ('a', "array"), ('b', "begin"), ('c', "cpus-per-task"),
-    ('d', "dependency"), ('e', "error"), ('i', "input"), ('m', "distribution"), ('n', "ntasks"),
-    ('o', "output"), ('p', "partition"), ('q', "qos"), ('t', "time"), ('w', "nodelist"),
-    ('x', "exclude"), ('H', "hold"), ('O', "overcommit"), ('Q', "quiet"), ('V', "version"),
-    ('W', "wait"), ('h', "help"), ('s', "oversubscribe"), ('v', "verbose"), ('k', "no-kill"),
+    ('A', "account"),
+    ('B', "extra-node-info"),
+    ('C', "constraint"),
+    ('D', "chdir"),
+    ('F', "nodefile"),
+    ('G', "gpus"),
+    ('J', "job-name"),
+    ('L', "licenses"),
+    ('M', "clusters"),
+    ('N', "nodes"),
+    ('S', "core-spec"),
+    ('a', "array"),
+    ('b', "begin"),
+    ('c', "cpus-per-task"),
+    ('d', "dependency"),
+    ('e', "error"),
+    ('i', "input"),
+    ('m', "distribution"),
+    ('n', "ntasks"),
+    ('o', "output"),
+    ('p', "partition"),
+    ('q', "qos"),
+    ('t', "time"),
+    ('w', "nodelist"),
+    ('x', "exclude"),
+    ('H', "hold"),
+    ('O', "overcommit"),
+    ('Q', "quiet"),
+    ('V', "version"),
+    ('W', "wait"),
+    ('h', "help"),
+    ('s', "oversubscribe"),
+    ('v', "verbose"),
+    ('k', "no-kill"),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -275,7 +389,10 @@ mod tests {
     fn no_script_with_dask_options() {
         let c = parse_cmdline(&argv("--dask-role=worker --dask-cluster x --array=1-4"));
         assert_eq!(c.script, None);
-        let r = Request { cmdline: c, script_opts: vec![] };
+        let r = Request {
+            cmdline: c,
+            script_opts: vec![],
+        };
         assert_eq!(r.get("dask-role"), Some("worker"));
         assert_eq!(r.get("dask-cluster"), Some("x"));
         assert_eq!(r.get("array"), Some("1-4"));
@@ -288,18 +405,39 @@ mod tests {
         assert_eq!(
             c.opts,
             vec![
-                Opt { name: "partition".into(), value: Some("htc".into()) },
-                Opt { name: "cpus-per-task".into(), value: Some("2".into()) },
-                Opt { name: "hold".into(), value: None },
+                Opt {
+                    name: "partition".into(),
+                    value: Some("htc".into())
+                },
+                Opt {
+                    name: "cpus-per-task".into(),
+                    value: Some("2".into())
+                },
+                Opt {
+                    name: "hold".into(),
+                    value: None
+                },
             ]
         );
     }
 
     #[test]
     fn short_clusters_optional_args_prefixes_and_double_dash() {
-        let c = parse_cmdline(&argv("-Hvpdebug --exclusive --dask-r worker --mem 3G -- s.sh"));
+        let c = parse_cmdline(&argv(
+            "-Hvpdebug --exclusive --dask-r worker --mem 3G -- s.sh",
+        ));
         let names: Vec<_> = c.opts.iter().map(|o| o.name.as_str()).collect();
-        assert_eq!(names, ["hold", "verbose", "partition", "exclusive", "dask-role", "mem"]);
+        assert_eq!(
+            names,
+            [
+                "hold",
+                "verbose",
+                "partition",
+                "exclusive",
+                "dask-role",
+                "mem"
+            ]
+        );
         assert_eq!(c.opts[2].value.as_deref(), Some("debug"));
         assert_eq!(c.opts[4].value.as_deref(), Some("worker"));
         assert_eq!(c.script.as_deref(), Some("s.sh"));
@@ -322,7 +460,11 @@ mod tests {
         assert_eq!(r.get("dask-role"), Some("worker"));
         assert_eq!(r.get("cpus-per-task"), Some("4"));
         assert_eq!(r.get("job-name"), Some("a b"));
-        assert_eq!(r.get("mem"), Some("2G"), "command line wins, and lines after a command are ignored");
+        assert_eq!(
+            r.get("mem"),
+            Some("2G"),
+            "command line wins, and lines after a command are ignored"
+        );
         assert!(r.has("job-name"));
         assert!(!r.has("output"));
     }

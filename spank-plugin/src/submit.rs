@@ -52,7 +52,10 @@ pub fn plan(
     }
     if !req.has("output") {
         let array = req.has("array");
-        insert.push(format!("--output={}", log_pattern(&cfg.log_dir, role, array)));
+        insert.push(format!(
+            "--output={}",
+            log_pattern(&cfg.log_dir, role, array)
+        ));
         let base = match req.get("chdir") {
             Some(d) if d.starts_with('/') => PathBuf::from(d),
             Some(d) => cwd.join(d),
@@ -83,7 +86,13 @@ mod tests {
     fn bare_worker_array_gets_name_log_and_script() {
         let cfg = Config::default();
         let r = req("--dask-role=worker --dask-cluster=ana --array=1-100", "");
-        let p = plan(&r, &cfg, Role::Worker, &"ana".parse().unwrap(), Path::new("/home/u"));
+        let p = plan(
+            &r,
+            &cfg,
+            Role::Worker,
+            &"ana".parse().unwrap(),
+            Path::new("/home/u"),
+        );
         assert_eq!(
             p.insert,
             [
@@ -99,7 +108,13 @@ mod tests {
     fn user_choices_are_kept() {
         let cfg = Config::default();
         let r = req("-D sub --dask-role=scheduler my.sh", "#SBATCH -J mine\n");
-        let p = plan(&r, &cfg, Role::Scheduler, &Default::default(), Path::new("/w"));
+        let p = plan(
+            &r,
+            &cfg,
+            Role::Scheduler,
+            &Default::default(),
+            Path::new("/w"),
+        );
         assert_eq!(p.insert, ["--output=log/dask-scheduler-%j.log"]);
         assert_eq!(p.log_dir, Some(PathBuf::from("/w/sub/log")));
         let r = req("-o out.txt --wrap=true", "");

@@ -1,0 +1,208 @@
+"""End to end: `sbatch --dask-role=...` starts a real dask cluster through the
+SPANK plugin and the node agent, on the real Slurm sandbox."""
+import json
+import os
+import signal
+import socket
+import struct
+import time
+
+import sandboxlib as sb
+
+
+def start_cluster(name: str, workers: int, *extra: str):
+    sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={name}", *extra)
+    arr = sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", f"--array=1-{workers}", *extra)
+    sb.wait_scheduler_file(name, timeout=120)
+    c = sb.client(name)
+    c.wait_for_workers(workers, timeout=120)
+    return sched, arr, c
+
+
+def test_sbatch_help_lists_the_dask_options():
+    out = sb.as_user(["sbatch", "--help"]).stdout
+    assert "--dask-role=scheduler|worker" in out
+    assert "--dask-cluster=name" in out
+    assert "--dask-env=path" in out
+
+
+def test_bad_option_values_fail_sbatch_with_one_clear_line():
+    cases = [
+        (["--dask-role=bogus"], "dask-spank: --dask-role=bogus: must be one of scheduler, worker"),
+        (["--dask-role=worker", "--dask-cluster=a/b"],
+         "dask-spank: --dask-cluster=a/b: may only contain letters, digits, '-', '_' and '.'"),
+        (["--dask-role=worker", "--dask-env=relative"], "dask-spank: --dask-env=relative: must be an absolute path"),
+        (["--dask-role=worker", "--dask-env=/nonexistent/env"],
+         "dask-spank: --dask-env=/nonexistent/env: /nonexistent/env/bin/python not found"),
+    ]
+    before = set(sb.squeue_ids())
+    for args, msg in cases:
+        p = sb.as_user(["sbatch", *args], check=False)
+        assert p.returncode != 0, args
+        assert msg in p.stderr, (args, p.stderr)
+    assert set(sb.squeue_ids()) == before, "a rejected submission must not create a job"
+
+
+def test_bad_value_in_a_script_line_is_rejected_too(tmp_path):
+    script = sb.WORK / "bad-role.sh"
+    script.write_text("#!/bin/sh\n#SBATCH --dask-role=nope\nexec dask-spank attach\n")
+    os.chmod(script, 0o755)
+    p = sb.as_user(["sbatch", str(script)], check=False)
+    assert p.returncode != 0
+    assert "--dask-role=nope: must be one of scheduler, worker" in p.stderr
+
+
+def test_cluster_runs_as_the_user_logs_in_log_dir_and_computes(cluster_name):
+    import dask.array as da
+
+    sched, arr, c = start_cluster(cluster_name, 2)
+    u = sb.user()
+    groups = sorted(os.getgrouplist(u.pw_name, u.pw_gid))
+    procs = [p for p in sb.dask_processes() if f"/clusters/{cluster_name}/" in " ".join(p["args"])]
+    assert sorted(p["role"] for p in procs) == ["scheduler", "worker", "worker"]
+    for p in procs:
+        assert p["uid"] == [u.pw_uid] * 4, p
+        assert p["gid"] == [u.pw_gid] * 4, p
+        assert sorted(p["groups"]) == groups, p
+        assert p["CapEff"] == "0000000000000000" and p["CapPrm"] == "0000000000000000", p
+        assert p["NoNewPrivs"] == "1", p
+
+    x = da.arange(1_000_000, chunks=50_000, dtype="int64")
+    assert int(x.sum().compute()) == 999_999 * 1_000_000 // 2
+    c.close()
+
+    log = sb.WORK / "log"
+    sched_log = (log / f"dask-scheduler-{sched}.log").read_text()
+    assert "scheduler started, pid" in sched_log
+    assert "distributed.scheduler - INFO -   Scheduler at:" in sched_log
+    for t in (1, 2):
+        wlog = (log / f"dask-worker-{arr}_{t}.log").read_text()
+        assert "worker started, pid" in wlog
+        assert f"Worker name:" in wlog and f"{cluster_name}-{arr}_{t}" in wlog
+        assert "Registered to:" in wlog
+        st = os.stat(log / f"dask-worker-{arr}_{t}.log")
+        assert st.st_uid == u.pw_uid, "the log belongs to the user"
+    info = sb.scontrol_job(sched)
+    assert info["JobName"] == f"dask-scheduler-{cluster_name}"
+    assert info["StdOut"] == str(log / f"dask-scheduler-{sched}.log")
+
+
+def test_sigkilled_worker_comes_back_and_reconnects(cluster_name):
+    import dask.array as da
+
+    sched, arr, c = start_cluster(cluster_name, 2)
+    pids = c.run(os.getpid)
+    workers = c.scheduler_info()["workers"]
+    addr, pid = sorted(pids.items())[0]
+    name = workers[addr]["name"]
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+
+    def back():
+        ws = c.scheduler_info()["workers"]
+        return len(ws) == 2 and any(w["name"] == name and a != addr for a, w in ws.items())
+
+    sb.wait_until("the killed worker to re-register", back, timeout=30, interval=0.05)
+    elapsed = time.monotonic() - t0
+    new = [p for p in sb.dask_processes() if p.get("name") == name]
+    assert len(new) == 1 and new[0]["pid"] != pid
+    assert new[0]["uid"][0] == sb.user().pw_uid
+    x = da.ones(100_000, chunks=10_000)
+    assert float(x.sum().compute()) == 100_000.0
+    c.close()
+    task = name.rsplit("_", 1)[1]
+    wlog = (sb.WORK / "log" / f"dask-worker-{arr}_{task}.log").read_text()
+    assert "worker died (killed by SIGKILL); restarting in" in wlog
+    assert "worker restarted, pid" in wlog
+    print(f"restart to re-registered: {elapsed:.2f}s")
+
+
+def test_scancel_of_the_cluster_leaves_no_dask_process(cluster_name):
+    sched, arr, c = start_cluster(cluster_name, 3)
+    c.close()
+    mine = lambda: [p for p in sb.dask_processes() if f"/clusters/{cluster_name}/" in " ".join(p["args"])]
+    assert len(mine()) == 4
+
+    # One worker job first: its process must go, the rest must stay.
+    victim = [p for p in mine() if p.get("name", "").endswith(f"{arr}_2")]
+    assert len(victim) == 1
+    sb.run(["scancel", f"{arr}_2"])
+    sb.wait_until("the cancelled worker's process to exit", lambda: not os.path.exists(f"/proc/{victim[0]['pid']}"), 15)
+    assert len(mine()) == 3
+
+    sb.run(["scancel", sched, arr])
+    sb.wait_until("the jobs to end", lambda: not sb.job_states(sched) and not sb.job_states(arr), 60)
+    sb.wait_until("every dask process of the cluster to exit", lambda: not mine(), 30)
+    slog = (sb.WORK / "log" / f"dask-scheduler-{sched}.log").read_text()
+    assert "scheduler stopped" in slog or "scheduler exited" in slog
+
+
+def test_own_job_script_activating_an_env_runs_dask_in_it(cluster_name):
+    """A user's script: #SBATCH lines, its own environment, then attach."""
+    script = sb.WORK / f"{cluster_name}.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        "#SBATCH --dask-role=worker\n"
+        f"#SBATCH --dask-cluster={cluster_name}\n"
+        f"source {sb.VENV}/bin/activate\n"
+        "export MY_ANALYSIS_SETTING=42\n"
+        "exec dask-spank attach\n"
+    )
+    os.chmod(script, 0o755)
+    sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster_name}")
+    job = sb.sbatch(str(script))
+    sb.wait_scheduler_file(cluster_name, timeout=120)
+    c = sb.client(cluster_name)
+    c.wait_for_workers(1, timeout=120)
+    env = c.run(lambda: (os.environ.get("MY_ANALYSIS_SETTING"), os.environ.get("VIRTUAL_ENV"),
+                         os.environ.get("OMP_NUM_THREADS")))
+    assert list(env.values()) == [("42", str(sb.VENV), "1")]
+    c.close()
+    assert (sb.WORK / "log" / f"dask-worker-{job}.log").exists()
+    assert sb.scontrol_job(job)["JobName"] == f"dask-worker-{cluster_name}"
+
+
+def test_job_fails_with_a_clear_message_when_the_agent_is_down(cluster_name):
+    pidfile = sb.STATE / "run" / "agent-n1.pid"
+    pid = int(pidfile.read_text())
+    os.kill(pid, signal.SIGTERM)
+    sb.wait_until("the agent to exit", lambda: not os.path.exists(f"/proc/{pid}"), 20)
+    try:
+        job = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster_name}")
+        sb.wait_until("the job to end", lambda: not sb.job_states(job), 60)
+        log = (sb.WORK / "log" / f"dask-worker-{job}.log").read_text()
+        assert "dask-spank: the dask-spank node agent on n1 is unavailable" in log
+        assert "dask-node-agent must run on every compute node" in log
+        assert not [p for p in sb.dask_processes() if f"/clusters/{cluster_name}/" in " ".join(p["args"])]
+    finally:
+        sb.sandbox("up")  # restarts the agent
+
+
+def _agent_call(request: dict) -> dict:
+    """Speak the agent's protocol (4-byte big-endian length + JSON) as the test user."""
+    code = (
+        "import json,socket,struct,sys\n"
+        "s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+        "def send(m):\n b=json.dumps(m).encode(); s.sendall(struct.pack('>I',len(b))+b)\n"
+        "def recv():\n n=struct.unpack('>I',s.recv(4))[0]; d=b''\n while len(d)<n: d+=s.recv(n-len(d))\n return json.loads(d)\n"
+        "send({'version':1,'client':'test'}); assert recv()['type']=='welcome'\n"
+        "send(json.loads(sys.argv[2])); print(json.dumps(recv()))\n"
+    )
+    sock = sb.STATE / "run" / "agent" / "agent-n1.sock"
+    p = sb.as_user(["python3", "-c", code, str(sock), json.dumps(request)])
+    return json.loads(p.stdout)
+
+
+def test_unprivileged_user_cannot_register_or_end_jobs():
+    u = sb.user()
+    spec = {
+        "job_id": 999999, "array_job_id": None, "array_task_id": None, "uid": 0, "gid": 0,
+        "groups": [], "user": "root", "role": "worker", "cluster": "evil", "env_prefix": None,
+        "cpus": 1, "mem_mb": 0, "time_limit_s": None, "submit_dir": "/", "node": "n1", "stepd_pid": 1,
+    }
+    r = _agent_call({"type": "register", **spec})
+    assert r["type"] == "error" and f"uid {u.pw_uid}" in r["message"] and "only root" in r["message"]
+    r = _agent_call({"type": "job_end", "job_id": 1, "reason": "x"})
+    assert r["type"] == "error" and "only root" in r["message"]
+    r = _agent_call({"type": "attach", "job_id": 999999, "cwd": "/", "env": [], "cluster_dir": "/tmp"})
+    assert r["type"] == "error" and "not registered" in r["message"]
