@@ -2,12 +2,32 @@
 # shellcheck shell=bash
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-# All sandbox state lives here (git-ignored).
-STATE=${DASK_SPANK_SANDBOX:-$REPO/.sandbox}
+
+# Whether every directory from / down to $1 can be traversed by others.
+traversable() {
+  local d; d=$(readlink -f "$1")
+  while :; do
+    case $(stat -c %A "$d") in *x|*t) ;; *) return 1 ;; esac
+    [ "$d" = / ] && return 0
+    d=$(dirname "$d")
+  done
+}
+
+# All sandbox state lives in one git-ignored directory, .sandbox/. The test
+# user must reach it (venv, plugin, binaries, its home, the munge socket);
+# when the checkout sits under a private directory (a mktemp -d clone, say),
+# .sandbox is a symlink to a directory under /var/tmp instead.
+if [ -z "${DASK_SPANK_SANDBOX:-}" ] && [ ! -e "$REPO/.sandbox" ] && ! traversable "$REPO"; then
+  ext=/var/tmp/dask-spank-sandbox-$(printf %s "$REPO" | sha256sum | cut -c1-12)
+  mkdir -p "$ext" && chmod 755 "$ext" && ln -s "$ext" "$REPO/.sandbox"
+fi
+mkdir -p "${DASK_SPANK_SANDBOX:-$REPO/.sandbox}"
+STATE=$(readlink -f "${DASK_SPANK_SANDBOX:-$REPO/.sandbox}")
 TEST_USER=${DASK_SPANK_TEST_USER:-dasktest}
 NODE=${DASK_SPANK_NODE:-n1}
 VENV=$STATE/venv
-BIN=$REPO/target/release
+# Binaries are installed from target/release into the sandbox, like a package would.
+BIN=$STATE/bin
 export SLURM_CONF=$STATE/etc/slurm.conf
 export PATH=$BIN:$PATH
 

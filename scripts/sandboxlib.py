@@ -14,10 +14,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-STATE = Path(os.environ.get("DASK_SPANK_SANDBOX", REPO / ".sandbox"))
+# .sandbox may be a symlink (see scripts/lib.sh): use the real path, which
+# the test user can reach.
+STATE = Path(os.environ.get("DASK_SPANK_SANDBOX", REPO / ".sandbox")).resolve()
 TEST_USER = os.environ.get("DASK_SPANK_TEST_USER", "dasktest")
 VENV = STATE / "venv"
-BIN = REPO / "target" / "release"
+BIN = STATE / "bin"
 WORK = STATE / "work"
 LOGS = STATE / "log"
 HOME = STATE / "home" / TEST_USER
