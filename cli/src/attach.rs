@@ -7,10 +7,10 @@
 //! its exit code is the outcome of the dask processes. When Slurm kills it
 //! (scancel, walltime), the agent sees the connection close and stops them.
 
-use dask_spank_protocol::client::Client;
-use dask_spank_protocol::messages::Attach;
-use dask_spank_protocol::paths::{cluster_dir, scheduler_file, user_root, vars};
-use dask_spank_protocol::{ClusterName, Request, Response, Role};
+use dask_spank_common::client::Client;
+use dask_spank_common::messages::Attach;
+use dask_spank_common::paths::{cluster_dir, scheduler_file, user_root, vars};
+use dask_spank_common::{ClusterName, Request, Response, Role};
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! The command lines of the dask processes the agent runs.
 
-use dask_spank_protocol::paths::scheduler_file;
-use dask_spank_protocol::{JobSpec, Role};
+use dask_spank_common::paths::scheduler_file;
+use dask_spank_common::{JobSpec, Role};
 use std::path::Path;
 
 /// Agent-wide settings that shape dask command lines.

@@ -1,7 +1,7 @@
 //! The agent's table of jobs on this node: registration by the plugin,
 //! attach by the job's own process, stop and end.
 
-use dask_spank_protocol::JobSpec;
+use dask_spank_common::JobSpec;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;

@@ -11,9 +11,9 @@ mod supervisor;
 mod wire;
 
 use clap::{Parser, Subcommand};
-use dask_spank_protocol::client::Client;
-use dask_spank_protocol::paths::{agent_socket, DEFAULT_AGENT_DIR};
-use dask_spank_protocol::{Request, Response};
+use dask_spank_common::client::Client;
+use dask_spank_common::paths::{agent_socket, DEFAULT_AGENT_DIR};
+use dask_spank_common::{Request, Response};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,7 +1,7 @@
-//! Async side of the framing in `dask_spank_protocol::frame`, and the
+//! Async side of the framing in `dask_spank_common::frame`, and the
 //! receipt of a file descriptor passed with SCM_RIGHTS.
 
-use dask_spank_protocol::frame::{self, FrameError};
+use dask_spank_common::frame::{self, FrameError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::io;

@@ -1,7 +1,7 @@
 //! Allocator and local context (sbatch, salloc, srun on the submit host),
 //! running as the submitting user.
 
-use crate::config::Config;
+use dask_spank_common::config::Config;
 use crate::options::DaskOptions;
 use crate::sbatch_args::{parse_cmdline, parse_script, Request};
 use crate::submit::plan;

@@ -9,13 +9,13 @@
 //! panic would poison slurm-spank's global mutexes inside slurmstepd.
 
 pub mod allocator;
-pub mod config;
+
 pub mod options;
 pub mod remote;
 pub mod sbatch_args;
 pub mod submit;
 
-use config::{Config, ConfigError};
+use dask_spank_common::config::{Config, ConfigError};
 use slurm_spank::{Context, Plugin, SpankHandle, SLURM_VERSION_NUMBER, SPANK_PLUGIN};
 use std::error::Error;
 

@@ -1,7 +1,7 @@
 //! The `--dask-*` options: registration and reading.
 
 use crate::user_error;
-use dask_spank_protocol::{ClusterName, Role};
+use dask_spank_common::{ClusterName, Role};
 use slurm_spank::{SpankHandle, SpankOption};
 use std::error::Error;
 use std::path::PathBuf;

@@ -6,12 +6,12 @@
 //! stdout/stderr already connected to the job's log file, and which then
 //! fails the task.
 
-use crate::config::Config;
+use dask_spank_common::config::Config;
 use crate::options::DaskOptions;
 use crate::user_error;
-use dask_spank_protocol::client::Client;
-use dask_spank_protocol::paths::{agent_socket, vars};
-use dask_spank_protocol::{JobSpec, Request, Response};
+use dask_spank_common::client::Client;
+use dask_spank_common::paths::{agent_socket, vars};
+use dask_spank_common::{JobSpec, Request, Response};
 use slurm_spank::SpankHandle;
 use std::error::Error;
 use std::path::PathBuf;

@@ -4,10 +4,10 @@
 //! the extra arguments inserted right after argv[0], where the user's own
 //! flags, coming later, still win.
 
-use crate::config::Config;
+use dask_spank_common::config::Config;
 use crate::sbatch_args::Request;
-use dask_spank_protocol::paths::log_pattern;
-use dask_spank_protocol::{ClusterName, Role};
+use dask_spank_common::paths::log_pattern;
+use dask_spank_common::{ClusterName, Role};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,10 +10,13 @@
 //! * [`paths`]: where sockets, cluster directories and logs live.
 
 pub mod client;
+pub mod config;
 pub mod frame;
 pub mod messages;
 pub mod names;
 pub mod paths;
+pub mod policy;
+pub mod units;
 
 pub use messages::{JobSpec, Request, Response};
 pub use names::{ClusterName, Role};

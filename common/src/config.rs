@@ -1,0 +1,353 @@
+//! The plugin's arguments in plugstack.conf: `key=value` words after the
+//! plugin's path. Every key has a default (`docs/admin.md` lists them), so a
+//! bare `required /usr/lib64/slurm/spank_dask.so` line works.
+//!
+//! Strict on purpose: an unknown key, a repeated key, a malformed value or
+//! a default above its maximum is an error that names the key, never
+//! something silently ignored.
+
+use crate::paths::DEFAULT_AGENT_DIR;
+use crate::policy::{AccountPolicy, Policy};
+use crate::units::{format_mem_mb, format_time_s, parse_duration_s, parse_mem_mb, parse_time_s};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Directory holding the node agents' sockets (`agent-<node>.sock`).
+    pub agent_dir: PathBuf,
+    /// The `dask-spank` program on compute nodes; the job script the plugin
+    /// supplies runs `<attach_cmd> attach`.
+    pub attach_cmd: PathBuf,
+    /// Directory for job logs, relative to the submit directory.
+    pub log_dir: String,
+    /// Bound on every call to the agent from slurmstepd.
+    pub agent_timeout: Duration,
+    pub policy: Policy,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            agent_dir: PathBuf::from(DEFAULT_AGENT_DIR),
+            attach_cmd: PathBuf::from("/usr/bin/dask-spank"),
+            log_dir: "log".to_string(),
+            agent_timeout: Duration::from_secs(5),
+            policy: Policy::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("plugstack.conf: argument '{0}' is not of the form key=value")]
+    NotKeyValue(String),
+    #[error("plugstack.conf: unknown key '{key}' (known keys: {known})")]
+    UnknownKey { key: String, known: String },
+    #[error("plugstack.conf: key '{0}' is given twice")]
+    Repeated(String),
+    #[error("plugstack.conf: {key}={value}: {why}")]
+    BadValue {
+        key: String,
+        value: String,
+        why: String,
+    },
+    #[error("plugstack.conf: {0}")]
+    Inconsistent(String),
+}
+
+/// Every key, in the order of the admin guide.
+pub const KEYS: &[&str] = &[
+    "scheduler_partition",
+    "worker_partition",
+    "scheduler_licenses",
+    "worker_licenses",
+    "account",
+    "worker_cpus",
+    "worker_cpus_max",
+    "scheduler_mem",
+    "scheduler_mem_max",
+    "worker_mem",
+    "worker_mem_max",
+    "scheduler_time",
+    "scheduler_time_max",
+    "worker_time",
+    "worker_time_max",
+    "max_worker_jobs",
+    "idle_timeout",
+    "log_dir",
+    "agent_dir",
+    "attach_cmd",
+    "agent_timeout",
+];
+
+fn bad(key: &str, value: &str, why: &str) -> ConfigError {
+    ConfigError::BadValue {
+        key: key.to_string(),
+        value: value.to_string(),
+        why: why.to_string(),
+    }
+}
+
+/// Slurm names (partitions, accounts, licences): no separators, no spaces.
+fn slurm_name(key: &str, value: &str) -> Result<String, ConfigError> {
+    if value.is_empty()
+        || !value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(bad(key, value, "must be a Slurm name (letters, digits, '-', '_', '.')"));
+    }
+    Ok(value.to_string())
+}
+
+fn partition(key: &str, value: &str) -> Result<Option<String>, ConfigError> {
+    if value == "none" {
+        Ok(None)
+    } else {
+        slurm_name(key, value).map(Some)
+    }
+}
+
+fn licenses(key: &str, value: &str) -> Result<Vec<String>, ConfigError> {
+    if value == "none" {
+        return Ok(vec![]);
+    }
+    value
+        .split(',')
+        .map(|l| slurm_name(key, l).map_err(|_| bad(key, value, "must be none or a comma-separated list of licence names")))
+        .collect()
+}
+
+fn account(key: &str, value: &str) -> Result<AccountPolicy, ConfigError> {
+    Ok(match value {
+        "primary-group" => AccountPolicy::PrimaryGroup,
+        "none" => AccountPolicy::None,
+        other => AccountPolicy::Fixed(slurm_name(key, other).map_err(|_| {
+            bad(key, value, "must be primary-group, none or a Slurm account name")
+        })?),
+    })
+}
+
+fn count(key: &str, value: &str, max: u64) -> Result<u64, ConfigError> {
+    match value.parse::<u64>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(bad(key, value, &format!("must be a whole number from 1 to {max}"))),
+    }
+}
+
+fn mem(key: &str, value: &str) -> Result<u64, ConfigError> {
+    match parse_mem_mb(value) {
+        Some(m) if m > 0 => Ok(m),
+        _ => Err(bad(key, value, "must be a memory size such as 512M, 3G or 1T")),
+    }
+}
+
+fn time(key: &str, value: &str) -> Result<u64, ConfigError> {
+    match parse_time_s(value) {
+        Some(Some(t)) if t > 0 => Ok(t),
+        _ => Err(bad(
+            key,
+            value,
+            "must be a Slurm time limit such as 30, 2:00:00 or 1-00:00:00 (not UNLIMITED)",
+        )),
+    }
+}
+
+fn absolute_path(key: &str, value: &str) -> Result<PathBuf, ConfigError> {
+    if !value.starts_with('/') {
+        return Err(bad(key, value, "must be an absolute path"));
+    }
+    Ok(PathBuf::from(value))
+}
+
+fn relative_dir(key: &str, value: &str) -> Result<String, ConfigError> {
+    if value.is_empty() || value.starts_with('/') || value.split('/').any(|c| c == "..") {
+        return Err(bad(
+            key,
+            value,
+            "must be a relative directory without '..' (it is created under the submit directory)",
+        ));
+    }
+    if value.contains('%') || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad(key, value, "must not contain '%', spaces or control characters"));
+    }
+    Ok(value.trim_end_matches('/').to_string())
+}
+
+impl Config {
+    pub fn parse<'a, I: IntoIterator<Item = &'a str>>(args: I) -> Result<Config, ConfigError> {
+        let mut c = Config::default();
+        let mut seen: Vec<&str> = Vec::new();
+        for arg in args {
+            let (key, v) = arg
+                .split_once('=')
+                .ok_or_else(|| ConfigError::NotKeyValue(arg.to_string()))?;
+            let Some(known) = KEYS.iter().find(|k| **k == key) else {
+                return Err(ConfigError::UnknownKey {
+                    key: key.to_string(),
+                    known: KEYS.join(", "),
+                });
+            };
+            if seen.contains(known) {
+                return Err(ConfigError::Repeated(key.to_string()));
+            }
+            seen.push(known);
+            let p = &mut c.policy;
+            match key {
+                "scheduler_partition" => p.scheduler.partition = partition(key, v)?,
+                "worker_partition" => p.worker.partition = partition(key, v)?,
+                "scheduler_licenses" => p.scheduler.licenses = licenses(key, v)?,
+                "worker_licenses" => p.worker.licenses = licenses(key, v)?,
+                "account" => p.account = account(key, v)?,
+                "worker_cpus" => p.worker.cpus = count(key, v, 4096)? as u32,
+                "worker_cpus_max" => p.worker.cpus_max = count(key, v, 4096)? as u32,
+                "scheduler_mem" => p.scheduler.mem_mb = mem(key, v)?,
+                "scheduler_mem_max" => p.scheduler.mem_max_mb = mem(key, v)?,
+                "worker_mem" => p.worker.mem_mb = mem(key, v)?,
+                "worker_mem_max" => p.worker.mem_max_mb = mem(key, v)?,
+                "scheduler_time" => p.scheduler.time_s = time(key, v)?,
+                "scheduler_time_max" => p.scheduler.time_max_s = time(key, v)?,
+                "worker_time" => p.worker.time_s = time(key, v)?,
+                "worker_time_max" => p.worker.time_max_s = time(key, v)?,
+                "max_worker_jobs" => p.max_worker_jobs = count(key, v, 1_000_000)? as u32,
+                "idle_timeout" => {
+                    p.idle_timeout_s = parse_duration_s(v)
+                        .filter(|s| *s > 0)
+                        .ok_or_else(|| bad(key, v, "must be a duration such as 2h, 30m or 600s"))?
+                }
+                "log_dir" => c.log_dir = relative_dir(key, v)?,
+                "agent_dir" => c.agent_dir = absolute_path(key, v)?,
+                "attach_cmd" => c.attach_cmd = absolute_path(key, v)?,
+                "agent_timeout" => c.agent_timeout = std::time::Duration::from_secs(count(key, v, 300)?),
+                _ => return Err(ConfigError::Inconsistent(format!("key '{key}' is listed but not handled"))),
+            }
+        }
+        c.check()?;
+        Ok(c)
+    }
+
+    /// Defaults must lie within their maxima.
+    fn check(&self) -> Result<(), ConfigError> {
+        let p = &self.policy;
+        let over = |k: &str, v: String, kmax: &str, vmax: String| {
+            Err(ConfigError::Inconsistent(format!("{k}={v} exceeds {kmax}={vmax}")))
+        };
+        if p.worker.cpus > p.worker.cpus_max {
+            return over("worker_cpus", p.worker.cpus.to_string(), "worker_cpus_max", p.worker.cpus_max.to_string());
+        }
+        for (role, r) in [("scheduler", &p.scheduler), ("worker", &p.worker)] {
+            if r.mem_mb > r.mem_max_mb {
+                return over(
+                    &format!("{role}_mem"),
+                    format_mem_mb(r.mem_mb),
+                    &format!("{role}_mem_max"),
+                    format_mem_mb(r.mem_max_mb),
+                );
+            }
+            if r.time_s > r.time_max_s {
+                return over(
+                    &format!("{role}_time"),
+                    format_time_s(r.time_s),
+                    &format!("{role}_time_max"),
+                    format_time_s(r.time_max_s),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_argument_list_gives_the_documented_defaults() {
+        let c = Config::parse([]).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.agent_dir, PathBuf::from("/run/dask-spank"));
+        assert_eq!(c.log_dir, "log");
+        assert_eq!(c.policy.worker.mem_mb, 3072);
+        assert_eq!(c.policy.max_worker_jobs, 3000);
+    }
+
+    #[test]
+    fn every_key_is_applied() {
+        let c = Config::parse([
+            "scheduler_partition=daemons",
+            "worker_partition=none",
+            "scheduler_licenses=a,b",
+            "worker_licenses=none",
+            "account=dask",
+            "worker_cpus=2",
+            "worker_cpus_max=8",
+            "scheduler_mem=2G",
+            "scheduler_mem_max=4G",
+            "worker_mem=1500M",
+            "worker_mem_max=16G",
+            "scheduler_time=1:00:00",
+            "scheduler_time_max=2:00:00",
+            "worker_time=30",
+            "worker_time_max=1-00:00:00",
+            "max_worker_jobs=10",
+            "idle_timeout=15m",
+            "log_dir=logs/dask/",
+            "agent_dir=/tmp/a",
+            "attach_cmd=/opt/bin/dask-spank",
+            "agent_timeout=9",
+        ])
+        .unwrap();
+        let p = &c.policy;
+        assert_eq!(p.scheduler.partition.as_deref(), Some("daemons"));
+        assert_eq!(p.worker.partition, None);
+        assert_eq!(p.scheduler.licenses, ["a", "b"]);
+        assert!(p.worker.licenses.is_empty());
+        assert_eq!(p.account, AccountPolicy::Fixed("dask".into()));
+        assert_eq!((p.worker.cpus, p.worker.cpus_max), (2, 8));
+        assert_eq!((p.scheduler.mem_mb, p.scheduler.mem_max_mb), (2048, 4096));
+        assert_eq!((p.worker.mem_mb, p.worker.mem_max_mb), (1500, 16384));
+        assert_eq!((p.scheduler.time_s, p.scheduler.time_max_s), (3600, 7200));
+        assert_eq!((p.worker.time_s, p.worker.time_max_s), (1800, 86400));
+        assert_eq!(p.max_worker_jobs, 10);
+        assert_eq!(p.idle_timeout_s, 900);
+        assert_eq!(c.log_dir, "logs/dask");
+        assert_eq!(c.agent_dir, PathBuf::from("/tmp/a"));
+        assert_eq!(c.attach_cmd, PathBuf::from("/opt/bin/dask-spank"));
+        assert_eq!(c.agent_timeout, Duration::from_secs(9));
+        assert_eq!(Config::parse(["account=none"]).unwrap().policy.account, AccountPolicy::None);
+        assert_eq!(
+            Config::parse(["account=primary-group"]).unwrap().policy.account,
+            AccountPolicy::PrimaryGroup
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key_and_value() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["bogus=1"], "plugstack.conf: unknown key 'bogus' (known keys: scheduler_partition, worker_partition, scheduler_licenses, worker_licenses, account, worker_cpus, worker_cpus_max, scheduler_mem, scheduler_mem_max, worker_mem, worker_mem_max, scheduler_time, scheduler_time_max, worker_time, worker_time_max, max_worker_jobs, idle_timeout, log_dir, agent_dir, attach_cmd, agent_timeout)"),
+            (&["agent_dir"], "plugstack.conf: argument 'agent_dir' is not of the form key=value"),
+            (&["agent_dir=rel"], "plugstack.conf: agent_dir=rel: must be an absolute path"),
+            (&["log_dir=../x"], "plugstack.conf: log_dir=../x: must be a relative directory without '..' (it is created under the submit directory)"),
+            (&["log_dir=a%j"], "plugstack.conf: log_dir=a%j: must not contain '%', spaces or control characters"),
+            (&["agent_timeout=0"], "plugstack.conf: agent_timeout=0: must be a whole number from 1 to 300"),
+            (&["log_dir=a", "log_dir=b"], "plugstack.conf: key 'log_dir' is given twice"),
+            (&["worker_mem=3X"], "plugstack.conf: worker_mem=3X: must be a memory size such as 512M, 3G or 1T"),
+            (&["worker_mem=0"], "plugstack.conf: worker_mem=0: must be a memory size such as 512M, 3G or 1T"),
+            (&["worker_time=UNLIMITED"], "plugstack.conf: worker_time=UNLIMITED: must be a Slurm time limit such as 30, 2:00:00 or 1-00:00:00 (not UNLIMITED)"),
+            (&["worker_cpus=0"], "plugstack.conf: worker_cpus=0: must be a whole number from 1 to 4096"),
+            (&["max_worker_jobs=-1"], "plugstack.conf: max_worker_jobs=-1: must be a whole number from 1 to 1000000"),
+            (&["idle_timeout=soon"], "plugstack.conf: idle_timeout=soon: must be a duration such as 2h, 30m or 600s"),
+            (&["worker_partition=a b"], "plugstack.conf: worker_partition=a b: must be a Slurm name (letters, digits, '-', '_', '.')"),
+            (&["worker_licenses=sps,"], "plugstack.conf: worker_licenses=sps,: must be none or a comma-separated list of licence names"),
+            (&["account=a/b"], "plugstack.conf: account=a/b: must be primary-group, none or a Slurm account name"),
+            (&["worker_mem=64G"], "plugstack.conf: worker_mem=64G exceeds worker_mem_max=32G"),
+            (&["worker_cpus=4", "worker_cpus_max=2"], "plugstack.conf: worker_cpus=4 exceeds worker_cpus_max=2"),
+            (&["scheduler_time_max=1:00:00"], "plugstack.conf: scheduler_time=8:00:00 exceeds scheduler_time_max=1:00:00"),
+        ];
+        for (args, want) in cases {
+            let got = Config::parse(args.iter().copied()).unwrap_err().to_string();
+            assert_eq!(&got, want);
+        }
+    }
+}

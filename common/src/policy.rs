@@ -1,0 +1,522 @@
+//! The site policy: what dask-spank jobs may ask for, and the defaults for
+//! what they leave out. Set by the admin in plugstack.conf (see `config`),
+//! applied at submit (the plugin fills in and rejects), and checked again on
+//! the node against what the job really got (the agent, from slurmctld's
+//! view of the job), where a user cannot get around it.
+
+use crate::names::Role;
+use crate::units::{format_mem_mb, format_time_s, parse_mem_mb, parse_time_s};
+use serde::{Deserialize, Serialize};
+
+/// Limits and defaults of one role.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolePolicy {
+    /// Partition the role's jobs must run in (`None`: not enforced).
+    pub partition: Option<String>,
+    /// Licences the role's jobs must request (names, e.g. `sps`).
+    pub licenses: Vec<String>,
+    pub cpus: u32,
+    pub cpus_max: u32,
+    pub mem_mb: u64,
+    pub mem_max_mb: u64,
+    pub time_s: u64,
+    pub time_max_s: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "name", rename_all = "kebab-case")]
+pub enum AccountPolicy {
+    /// The user's primary group name (CC-IN2P3's rule).
+    PrimaryGroup,
+    /// One fixed account for every dask job.
+    Fixed(String),
+    /// Not set, not checked.
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    pub scheduler: RolePolicy,
+    pub worker: RolePolicy,
+    pub account: AccountPolicy,
+    /// Worker jobs (array tasks count one each) per user and cluster.
+    pub max_worker_jobs: u32,
+    /// The scheduler ends after this long with no tasks and no clients.
+    pub idle_timeout_s: u64,
+}
+
+const GIB: u64 = 1024;
+const HOUR: u64 = 3600;
+
+impl Default for Policy {
+    /// CC-IN2P3's dask4in2p3 values.
+    fn default() -> Self {
+        Policy {
+            scheduler: RolePolicy {
+                partition: Some("htc_daemon".into()),
+                licenses: vec![],
+                cpus: 1,
+                cpus_max: 1,
+                mem_mb: GIB,
+                mem_max_mb: 32 * GIB,
+                time_s: 8 * HOUR,
+                time_max_s: 8 * HOUR,
+            },
+            worker: RolePolicy {
+                partition: Some("htc".into()),
+                licenses: vec!["sps".into()],
+                cpus: 1,
+                cpus_max: 32,
+                mem_mb: 3 * GIB,
+                mem_max_mb: 32 * GIB,
+                time_s: 2 * HOUR,
+                time_max_s: 8 * HOUR,
+            },
+            account: AccountPolicy::PrimaryGroup,
+            max_worker_jobs: 3000,
+            idle_timeout_s: 2 * HOUR,
+        }
+    }
+}
+
+impl Policy {
+    pub fn role(&self, role: Role) -> &RolePolicy {
+        match role {
+            Role::Scheduler => &self.scheduler,
+            Role::Worker => &self.worker,
+        }
+    }
+
+    /// The account a user's dask jobs must use, if any.
+    pub fn expected_account(&self, primary_group: &str) -> Option<String> {
+        match &self.account {
+            AccountPolicy::PrimaryGroup => Some(primary_group.to_string()),
+            AccountPolicy::Fixed(a) => Some(a.clone()),
+            AccountPolicy::None => None,
+        }
+    }
+}
+
+/// What a job asked for at submission: option name (sbatch's long name) to
+/// value, command line over environment over `#SBATCH` lines.
+pub trait Asked {
+    fn get(&self, option: &str) -> Option<&str>;
+    fn has(&self, option: &str) -> bool;
+}
+
+/// Number of tasks an `--array` specification creates (`1-100`, `1,3,5-9`,
+/// `0-99:2`, `1-3000%50`).
+pub fn array_task_count(spec: &str) -> Option<u64> {
+    let spec = spec.split('%').next()?;
+    let mut n = 0u64;
+    for part in spec.split(',') {
+        let (range, step) = match part.split_once(':') {
+            Some((r, s)) => (r, s.parse::<u64>().ok().filter(|s| *s > 0)?),
+            None => (part, 1),
+        };
+        let (a, b) = match range.split_once('-') {
+            Some((a, b)) => (a.parse::<u64>().ok()?, b.parse::<u64>().ok()?),
+            None => {
+                let v = range.parse::<u64>().ok()?;
+                (v, v)
+            }
+        };
+        if b < a {
+            return None;
+        }
+        n += (b - a) / step + 1;
+    }
+    Some(n)
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Scheduler => "dask schedulers",
+        Role::Worker => "dask workers",
+    }
+}
+
+/// Check a submission against the policy and return the sbatch arguments
+/// that fill in what the user left out. Errors are one line that names the
+/// option, the value and the limit.
+pub fn check_submit(
+    role: Role,
+    asked: &dyn Asked,
+    policy: &Policy,
+    primary_group: &str,
+) -> Result<Vec<String>, String> {
+    let p = policy.role(role);
+    let key = role.as_str();
+    let mut insert = Vec::new();
+
+    match (asked.get("partition"), &p.partition) {
+        (Some(v), Some(want)) if v != want => {
+            return Err(format!(
+                "--partition={v} is not allowed for {}: {key}_partition={want}",
+                role_name(role)
+            ))
+        }
+        (None, Some(want)) => insert.push(format!("--partition={want}")),
+        _ => {}
+    }
+
+    if let Some(want) = policy.expected_account(primary_group) {
+        match asked.get("account") {
+            Some(v) if v != want => {
+                return Err(format!(
+                    "--account={v} is not allowed for dask jobs: they are charged to account {want} ({})",
+                    match policy.account {
+                        AccountPolicy::PrimaryGroup => "account=primary-group".to_string(),
+                        _ => format!("account={want}"),
+                    }
+                ))
+            }
+            Some(_) => {}
+            None => insert.push(format!("--account={want}")),
+        }
+    }
+
+    if !p.licenses.is_empty() {
+        match asked.get("licenses") {
+            Some(v) => {
+                let names: Vec<&str> = v
+                    .split(',')
+                    .map(|l| l.split([':', '@']).next().unwrap_or(""))
+                    .collect();
+                if let Some(missing) = p.licenses.iter().find(|l| !names.contains(&l.as_str())) {
+                    return Err(format!(
+                        "--licenses={v} must include {missing} for {}: {key}_licenses={}",
+                        role_name(role),
+                        p.licenses.join(",")
+                    ));
+                }
+            }
+            None => insert.push(format!("--licenses={}", p.licenses.join(","))),
+        }
+    }
+
+    if let Some(n) = asked.get("ntasks") {
+        if n != "1" {
+            return Err(format!("--ntasks={n} is not allowed: a dask-spank job runs 1 task"));
+        }
+    } else {
+        insert.push("--ntasks=1".into());
+    }
+    if let Some(n) = asked.get("nodes") {
+        if n != "1" && n != "1-1" {
+            return Err(format!("--nodes={n} is not allowed: a dask-spank job runs on 1 node"));
+        }
+    }
+
+    let cpus = match asked.get("cpus-per-task") {
+        Some(v) => {
+            let c: u32 = v
+                .parse()
+                .ok()
+                .filter(|c| *c > 0)
+                .ok_or_else(|| format!("--cpus-per-task={v}: not a positive whole number"))?;
+            if c > p.cpus_max {
+                return Err(match role {
+                    Role::Scheduler => {
+                        format!("--cpus-per-task={v} is not allowed: the dask scheduler runs on {} cpu", p.cpus_max)
+                    }
+                    Role::Worker => format!("--cpus-per-task={v} exceeds {key}_cpus_max={}", p.cpus_max),
+                });
+            }
+            c
+        }
+        None => {
+            insert.push(format!("--cpus-per-task={}", p.cpus));
+            p.cpus
+        }
+    };
+
+    let mem_max = format_mem_mb(p.mem_max_mb);
+    if let Some(v) = asked.get("mem") {
+        let m = parse_mem_mb(v).ok_or_else(|| format!("--mem={v}: not a memory size (e.g. 3G)"))?;
+        if m == 0 {
+            return Err(format!("--mem={v} (all of the node's memory) exceeds {key}_mem_max={mem_max}"));
+        }
+        if m > p.mem_max_mb {
+            return Err(format!("--mem={v} exceeds {key}_mem_max={mem_max}"));
+        }
+    } else if let Some(v) = asked.get("mem-per-cpu") {
+        let m = parse_mem_mb(v).ok_or_else(|| format!("--mem-per-cpu={v}: not a memory size (e.g. 3G)"))?;
+        if m == 0 || m.saturating_mul(cpus as u64) > p.mem_max_mb {
+            return Err(format!(
+                "--mem-per-cpu={v} with {cpus} cpus exceeds {key}_mem_max={mem_max}"
+            ));
+        }
+    } else if asked.has("mem-per-gpu") {
+        return Err("--mem-per-gpu is not allowed for dask-spank jobs: use --mem".into());
+    } else {
+        insert.push(format!("--mem={}", format_mem_mb(p.mem_mb)));
+    }
+
+    let time_max = format_time_s(p.time_max_s);
+    if let Some(v) = asked.get("time") {
+        match parse_time_s(v) {
+            None => return Err(format!("--time={v}: not a Slurm time (e.g. 2:00:00)")),
+            Some(None) => return Err(format!("--time={v} exceeds {key}_time_max={time_max}")),
+            Some(Some(t)) if t > p.time_max_s => {
+                return Err(format!("--time={v} exceeds {key}_time_max={time_max}"))
+            }
+            Some(Some(_)) => {}
+        }
+    } else {
+        insert.push(format!("--time={}", format_time_s(p.time_s)));
+    }
+
+    if let Some(a) = asked.get("array") {
+        match role {
+            Role::Scheduler => {
+                return Err(format!(
+                    "--array={a} is not allowed for the scheduler: a dask cluster has one scheduler job"
+                ))
+            }
+            Role::Worker => {
+                let n = array_task_count(a)
+                    .ok_or_else(|| format!("--array={a}: not an array specification (e.g. 1-100)"))?;
+                if n > policy.max_worker_jobs as u64 {
+                    return Err(format!(
+                        "--array={a} asks for {n} worker jobs, more than max_worker_jobs={}",
+                        policy.max_worker_jobs
+                    ));
+                }
+            }
+        }
+    }
+    Ok(insert)
+}
+
+/// What slurmctld granted a job (from `scontrol show job` on the node).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobFacts {
+    pub partition: String,
+    pub account: String,
+    pub licenses: Vec<String>,
+    pub num_tasks: u32,
+    pub num_nodes: u32,
+    pub cpus: u32,
+    /// Memory per node in MiB; 0 means the whole node (no limit).
+    pub mem_mb: u64,
+    /// None: unlimited.
+    pub time_limit_s: Option<u64>,
+}
+
+/// The authoritative check, on the node. `Err` is the reason, one line.
+pub fn check_job(role: Role, facts: &JobFacts, policy: &Policy, primary_group: &str) -> Result<(), String> {
+    let p = policy.role(role);
+    let key = role.as_str();
+    if let Some(want) = &p.partition {
+        if &facts.partition != want {
+            return Err(format!(
+                "partition {} is not allowed for {}: {key}_partition={want}",
+                facts.partition,
+                role_name(role)
+            ));
+        }
+    }
+    if let Some(want) = policy.expected_account(primary_group) {
+        if facts.account != want {
+            return Err(format!(
+                "account {} is not allowed: dask jobs of this user are charged to account {want}",
+                if facts.account.is_empty() { "(none)" } else { &facts.account }
+            ));
+        }
+    }
+    for l in &p.licenses {
+        if !facts.licenses.iter().any(|have| have == l) {
+            return Err(format!(
+                "licence {l} is missing: {key}_licenses={}",
+                p.licenses.join(",")
+            ));
+        }
+    }
+    if facts.num_tasks != 1 {
+        return Err(format!("{} tasks: a dask-spank job runs 1 task", facts.num_tasks));
+    }
+    if facts.num_nodes != 1 {
+        return Err(format!("{} nodes: a dask-spank job runs on 1 node", facts.num_nodes));
+    }
+    if facts.cpus > p.cpus_max {
+        return Err(format!("{} cpus exceed {key}_cpus_max={}", facts.cpus, p.cpus_max));
+    }
+    let mem_max = format_mem_mb(p.mem_max_mb);
+    if facts.mem_mb == 0 {
+        return Err(format!("no memory limit (all of the node's memory) exceeds {key}_mem_max={mem_max}"));
+    }
+    if facts.mem_mb > p.mem_max_mb {
+        return Err(format!(
+            "memory {} exceeds {key}_mem_max={mem_max}",
+            format_mem_mb(facts.mem_mb)
+        ));
+    }
+    let time_max = format_time_s(p.time_max_s);
+    match facts.time_limit_s {
+        None => return Err(format!("time limit UNLIMITED exceeds {key}_time_max={time_max}")),
+        Some(t) if t > p.time_max_s => {
+            return Err(format!(
+                "time limit {} exceeds {key}_time_max={time_max}",
+                format_time_s(t)
+            ))
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct Map(HashMap<&'static str, &'static str>);
+    impl Asked for Map {
+        fn get(&self, o: &str) -> Option<&str> {
+            self.0.get(o).copied()
+        }
+        fn has(&self, o: &str) -> bool {
+            self.0.contains_key(o)
+        }
+    }
+    fn asked(pairs: &[(&'static str, &'static str)]) -> Map {
+        Map(pairs.iter().copied().collect())
+    }
+
+    #[test]
+    fn defaults_fill_in_everything() {
+        let ins = check_submit(Role::Worker, &asked(&[]), &Policy::default(), "phys").unwrap();
+        assert_eq!(
+            ins,
+            [
+                "--partition=htc",
+                "--account=phys",
+                "--licenses=sps",
+                "--ntasks=1",
+                "--cpus-per-task=1",
+                "--mem=3G",
+                "--time=2:00:00"
+            ]
+        );
+        let ins = check_submit(Role::Scheduler, &asked(&[]), &Policy::default(), "phys").unwrap();
+        assert_eq!(
+            ins,
+            [
+                "--partition=htc_daemon",
+                "--account=phys",
+                "--ntasks=1",
+                "--cpus-per-task=1",
+                "--mem=1G",
+                "--time=8:00:00"
+            ]
+        );
+    }
+
+    #[test]
+    fn allowed_user_values_are_kept() {
+        let a = asked(&[
+            ("partition", "htc"),
+            ("account", "phys"),
+            ("licenses", "sps:2,other"),
+            ("cpus-per-task", "4"),
+            ("mem", "32G"),
+            ("time", "8:00:00"),
+            ("array", "1-3000%100"),
+        ]);
+        let ins = check_submit(Role::Worker, &a, &Policy::default(), "phys").unwrap();
+        assert_eq!(ins, ["--ntasks=1"]);
+    }
+
+    #[test]
+    fn violations_name_option_value_and_limit() {
+        let p = Policy::default();
+        let cases: &[(Role, &[(&str, &str)], &str)] = &[
+            (Role::Worker, &[("mem", "64G")], "--mem=64G exceeds worker_mem_max=32G"),
+            (Role::Scheduler, &[("mem", "33G")], "--mem=33G exceeds scheduler_mem_max=32G"),
+            (Role::Worker, &[("mem", "0")], "--mem=0 (all of the node's memory) exceeds worker_mem_max=32G"),
+            (Role::Worker, &[("mem-per-cpu", "9G"), ("cpus-per-task", "4")], "--mem-per-cpu=9G with 4 cpus exceeds worker_mem_max=32G"),
+            (Role::Worker, &[("cpus-per-task", "33")], "--cpus-per-task=33 exceeds worker_cpus_max=32"),
+            (Role::Scheduler, &[("cpus-per-task", "2")], "--cpus-per-task=2 is not allowed: the dask scheduler runs on 1 cpu"),
+            (Role::Worker, &[("time", "8:00:01")], "--time=8:00:01 exceeds worker_time_max=8:00:00"),
+            (Role::Worker, &[("time", "UNLIMITED")], "--time=UNLIMITED exceeds worker_time_max=8:00:00"),
+            (Role::Worker, &[("partition", "debug")], "--partition=debug is not allowed for dask workers: worker_partition=htc"),
+            (Role::Scheduler, &[("partition", "htc")], "--partition=htc is not allowed for dask schedulers: scheduler_partition=htc_daemon"),
+            (Role::Worker, &[("account", "other")], "--account=other is not allowed for dask jobs: they are charged to account phys (account=primary-group)"),
+            (Role::Worker, &[("licenses", "foo")], "--licenses=foo must include sps for dask workers: worker_licenses=sps"),
+            (Role::Worker, &[("ntasks", "2")], "--ntasks=2 is not allowed: a dask-spank job runs 1 task"),
+            (Role::Worker, &[("nodes", "2")], "--nodes=2 is not allowed: a dask-spank job runs on 1 node"),
+            (Role::Worker, &[("array", "1-3001")], "--array=1-3001 asks for 3001 worker jobs, more than max_worker_jobs=3000"),
+            (Role::Scheduler, &[("array", "1-2")], "--array=1-2 is not allowed for the scheduler: a dask cluster has one scheduler job"),
+            (Role::Worker, &[("mem", "lots")], "--mem=lots: not a memory size (e.g. 3G)"),
+            (Role::Worker, &[("time", "2h")], "--time=2h: not a Slurm time (e.g. 2:00:00)"),
+            (Role::Worker, &[("cpus-per-task", "0")], "--cpus-per-task=0: not a positive whole number"),
+        ];
+        for (role, pairs, want) in cases {
+            let got = check_submit(*role, &asked(pairs), &p, "phys").unwrap_err();
+            assert_eq!(&got, want);
+        }
+    }
+
+    #[test]
+    fn unset_partition_and_account_are_not_enforced() {
+        let mut p = Policy::default();
+        p.worker.partition = None;
+        p.account = AccountPolicy::None;
+        let ins = check_submit(Role::Worker, &asked(&[("partition", "any"), ("account", "x")]), &p, "g").unwrap();
+        assert!(!ins.iter().any(|a| a.starts_with("--partition") || a.starts_with("--account")));
+        p.account = AccountPolicy::Fixed("dask".into());
+        let ins = check_submit(Role::Worker, &asked(&[]), &p, "g").unwrap();
+        assert!(ins.contains(&"--account=dask".to_string()));
+    }
+
+    #[test]
+    fn array_counts() {
+        assert_eq!(array_task_count("1-100"), Some(100));
+        assert_eq!(array_task_count("0-99:2"), Some(50));
+        assert_eq!(array_task_count("1,3,5-9%2"), Some(7));
+        assert_eq!(array_task_count("5-1"), None);
+        assert_eq!(array_task_count("x"), None);
+    }
+
+    fn good_facts() -> JobFacts {
+        JobFacts {
+            partition: "htc".into(),
+            account: "phys".into(),
+            licenses: vec!["sps".into()],
+            num_tasks: 1,
+            num_nodes: 1,
+            cpus: 1,
+            mem_mb: 3072,
+            time_limit_s: Some(7200),
+        }
+    }
+
+    #[test]
+    fn node_check_accepts_a_conforming_job() {
+        assert_eq!(check_job(Role::Worker, &good_facts(), &Policy::default(), "phys"), Ok(()));
+    }
+
+    #[test]
+    fn node_check_refuses_each_violation() {
+        let p = Policy::default();
+        type Edit = fn(&mut JobFacts);
+        let cases: &[(Edit, &str)] = &[
+            (|f| f.partition = "debug".into(), "partition debug is not allowed for dask workers: worker_partition=htc"),
+            (|f| f.account = "other".into(), "account other is not allowed: dask jobs of this user are charged to account phys"),
+            (|f| f.licenses.clear(), "licence sps is missing: worker_licenses=sps"),
+            (|f| f.num_tasks = 2, "2 tasks: a dask-spank job runs 1 task"),
+            (|f| f.num_nodes = 2, "2 nodes: a dask-spank job runs on 1 node"),
+            (|f| f.cpus = 64, "64 cpus exceed worker_cpus_max=32"),
+            (|f| f.mem_mb = 0, "no memory limit (all of the node's memory) exceeds worker_mem_max=32G"),
+            (|f| f.mem_mb = 65536, "memory 64G exceeds worker_mem_max=32G"),
+            (|f| f.time_limit_s = None, "time limit UNLIMITED exceeds worker_time_max=8:00:00"),
+            (|f| f.time_limit_s = Some(9 * 3600), "time limit 9:00:00 exceeds worker_time_max=8:00:00"),
+        ];
+        for (edit, want) in cases {
+            let mut f = good_facts();
+            edit(&mut f);
+            assert_eq!(check_job(Role::Worker, &f, &p, "phys").unwrap_err(), *want);
+        }
+    }
+}
