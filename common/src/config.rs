@@ -96,7 +96,11 @@ fn slurm_name(key: &str, value: &str) -> Result<String, ConfigError> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     {
-        return Err(bad(key, value, "must be a Slurm name (letters, digits, '-', '_', '.')"));
+        return Err(bad(
+            key,
+            value,
+            "must be a Slurm name (letters, digits, '-', '_', '.')",
+        ));
     }
     Ok(value.to_string())
 }
@@ -115,7 +119,15 @@ fn licenses(key: &str, value: &str) -> Result<Vec<String>, ConfigError> {
     }
     value
         .split(',')
-        .map(|l| slurm_name(key, l).map_err(|_| bad(key, value, "must be none or a comma-separated list of licence names")))
+        .map(|l| {
+            slurm_name(key, l).map_err(|_| {
+                bad(
+                    key,
+                    value,
+                    "must be none or a comma-separated list of licence names",
+                )
+            })
+        })
         .collect()
 }
 
@@ -124,7 +136,11 @@ fn account(key: &str, value: &str) -> Result<AccountPolicy, ConfigError> {
         "primary-group" => AccountPolicy::PrimaryGroup,
         "none" => AccountPolicy::None,
         other => AccountPolicy::Fixed(slurm_name(key, other).map_err(|_| {
-            bad(key, value, "must be primary-group, none or a Slurm account name")
+            bad(
+                key,
+                value,
+                "must be primary-group, none or a Slurm account name",
+            )
         })?),
     })
 }
@@ -132,14 +148,22 @@ fn account(key: &str, value: &str) -> Result<AccountPolicy, ConfigError> {
 fn count(key: &str, value: &str, max: u64) -> Result<u64, ConfigError> {
     match value.parse::<u64>() {
         Ok(n) if (1..=max).contains(&n) => Ok(n),
-        _ => Err(bad(key, value, &format!("must be a whole number from 1 to {max}"))),
+        _ => Err(bad(
+            key,
+            value,
+            &format!("must be a whole number from 1 to {max}"),
+        )),
     }
 }
 
 fn mem(key: &str, value: &str) -> Result<u64, ConfigError> {
     match parse_mem_mb(value) {
         Some(m) if m > 0 => Ok(m),
-        _ => Err(bad(key, value, "must be a memory size such as 512M, 3G or 1T")),
+        _ => Err(bad(
+            key,
+            value,
+            "must be a memory size such as 512M, 3G or 1T",
+        )),
     }
 }
 
@@ -170,7 +194,11 @@ fn relative_dir(key: &str, value: &str) -> Result<String, ConfigError> {
         ));
     }
     if value.contains('%') || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(bad(key, value, "must not contain '%', spaces or control characters"));
+        return Err(bad(
+            key,
+            value,
+            "must not contain '%', spaces or control characters",
+        ));
     }
     Ok(value.trim_end_matches('/').to_string())
 }
@@ -219,8 +247,14 @@ impl Config {
                 "log_dir" => c.log_dir = relative_dir(key, v)?,
                 "agent_dir" => c.agent_dir = absolute_path(key, v)?,
                 "attach_cmd" => c.attach_cmd = absolute_path(key, v)?,
-                "agent_timeout" => c.agent_timeout = std::time::Duration::from_secs(count(key, v, 300)?),
-                _ => return Err(ConfigError::Inconsistent(format!("key '{key}' is listed but not handled"))),
+                "agent_timeout" => {
+                    c.agent_timeout = std::time::Duration::from_secs(count(key, v, 300)?)
+                }
+                _ => {
+                    return Err(ConfigError::Inconsistent(format!(
+                        "key '{key}' is listed but not handled"
+                    )))
+                }
             }
         }
         c.check()?;
@@ -231,10 +265,17 @@ impl Config {
     fn check(&self) -> Result<(), ConfigError> {
         let p = &self.policy;
         let over = |k: &str, v: String, kmax: &str, vmax: String| {
-            Err(ConfigError::Inconsistent(format!("{k}={v} exceeds {kmax}={vmax}")))
+            Err(ConfigError::Inconsistent(format!(
+                "{k}={v} exceeds {kmax}={vmax}"
+            )))
         };
         if p.worker.cpus > p.worker.cpus_max {
-            return over("worker_cpus", p.worker.cpus.to_string(), "worker_cpus_max", p.worker.cpus_max.to_string());
+            return over(
+                "worker_cpus",
+                p.worker.cpus.to_string(),
+                "worker_cpus_max",
+                p.worker.cpus_max.to_string(),
+            );
         }
         for (role, r) in [("scheduler", &p.scheduler), ("worker", &p.worker)] {
             if r.mem_mb > r.mem_max_mb {
@@ -315,9 +356,15 @@ mod tests {
         assert_eq!(c.agent_dir, PathBuf::from("/tmp/a"));
         assert_eq!(c.attach_cmd, PathBuf::from("/opt/bin/dask-spank"));
         assert_eq!(c.agent_timeout, Duration::from_secs(9));
-        assert_eq!(Config::parse(["account=none"]).unwrap().policy.account, AccountPolicy::None);
         assert_eq!(
-            Config::parse(["account=primary-group"]).unwrap().policy.account,
+            Config::parse(["account=none"]).unwrap().policy.account,
+            AccountPolicy::None
+        );
+        assert_eq!(
+            Config::parse(["account=primary-group"])
+                .unwrap()
+                .policy
+                .account,
             AccountPolicy::PrimaryGroup
         );
     }

@@ -2,6 +2,7 @@
 //! [`crate::frame`]). Every connection starts with [`Hello`].
 
 use crate::names::{ClusterName, Role};
+use crate::policy::Policy;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -40,6 +41,9 @@ pub struct JobSpec {
     /// The slurmstepd that owns the job: user requests must come from one of
     /// its descendants.
     pub stepd_pid: i32,
+    /// The node's site policy (from its root-owned plugstack.conf), which
+    /// the agent checks the job against before starting anything.
+    pub policy: Policy,
 }
 
 impl JobSpec {
@@ -70,7 +74,7 @@ pub struct Attach {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
     /// Root only: a job step with `--dask-role` started on this node.
-    Register(JobSpec),
+    Register(Box<JobSpec>),
     /// Root only: the job step ended; stop everything it owns.
     JobEnd { job_id: u32, reason: String },
     /// The job's own user, from inside the job: start the dask processes.
@@ -126,6 +130,7 @@ mod tests {
             submit_dir: "/home/alice".into(),
             node: "n1".into(),
             stepd_pid: 4242,
+            policy: Policy::default(),
         }
     }
 
@@ -140,7 +145,7 @@ mod tests {
 
     #[test]
     fn requests_round_trip_as_tagged_json() {
-        let r = Request::Register(sample_spec());
+        let r = Request::Register(Box::new(sample_spec()));
         let j = serde_json::to_string(&r).unwrap();
         assert!(j.starts_with("{\"type\":\"register\""), "{j}");
         assert_eq!(serde_json::from_str::<Request>(&j).unwrap(), r);

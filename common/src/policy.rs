@@ -197,14 +197,18 @@ pub fn check_submit(
 
     if let Some(n) = asked.get("ntasks") {
         if n != "1" {
-            return Err(format!("--ntasks={n} is not allowed: a dask-spank job runs 1 task"));
+            return Err(format!(
+                "--ntasks={n} is not allowed: a dask-spank job runs 1 task"
+            ));
         }
     } else {
         insert.push("--ntasks=1".into());
     }
     if let Some(n) = asked.get("nodes") {
         if n != "1" && n != "1-1" {
-            return Err(format!("--nodes={n} is not allowed: a dask-spank job runs on 1 node"));
+            return Err(format!(
+                "--nodes={n} is not allowed: a dask-spank job runs on 1 node"
+            ));
         }
     }
 
@@ -218,9 +222,14 @@ pub fn check_submit(
             if c > p.cpus_max {
                 return Err(match role {
                     Role::Scheduler => {
-                        format!("--cpus-per-task={v} is not allowed: the dask scheduler runs on {} cpu", p.cpus_max)
+                        format!(
+                            "--cpus-per-task={v} is not allowed: the dask scheduler runs on {} cpu",
+                            p.cpus_max
+                        )
                     }
-                    Role::Worker => format!("--cpus-per-task={v} exceeds {key}_cpus_max={}", p.cpus_max),
+                    Role::Worker => {
+                        format!("--cpus-per-task={v} exceeds {key}_cpus_max={}", p.cpus_max)
+                    }
                 });
             }
             c
@@ -235,13 +244,16 @@ pub fn check_submit(
     if let Some(v) = asked.get("mem") {
         let m = parse_mem_mb(v).ok_or_else(|| format!("--mem={v}: not a memory size (e.g. 3G)"))?;
         if m == 0 {
-            return Err(format!("--mem={v} (all of the node's memory) exceeds {key}_mem_max={mem_max}"));
+            return Err(format!(
+                "--mem={v} (all of the node's memory) exceeds {key}_mem_max={mem_max}"
+            ));
         }
         if m > p.mem_max_mb {
             return Err(format!("--mem={v} exceeds {key}_mem_max={mem_max}"));
         }
     } else if let Some(v) = asked.get("mem-per-cpu") {
-        let m = parse_mem_mb(v).ok_or_else(|| format!("--mem-per-cpu={v}: not a memory size (e.g. 3G)"))?;
+        let m = parse_mem_mb(v)
+            .ok_or_else(|| format!("--mem-per-cpu={v}: not a memory size (e.g. 3G)"))?;
         if m == 0 || m.saturating_mul(cpus as u64) > p.mem_max_mb {
             return Err(format!(
                 "--mem-per-cpu={v} with {cpus} cpus exceeds {key}_mem_max={mem_max}"
@@ -305,7 +317,12 @@ pub struct JobFacts {
 }
 
 /// The authoritative check, on the node. `Err` is the reason, one line.
-pub fn check_job(role: Role, facts: &JobFacts, policy: &Policy, primary_group: &str) -> Result<(), String> {
+pub fn check_job(
+    role: Role,
+    facts: &JobFacts,
+    policy: &Policy,
+    primary_group: &str,
+) -> Result<(), String> {
     let p = policy.role(role);
     let key = role.as_str();
     if let Some(want) = &p.partition {
@@ -321,7 +338,11 @@ pub fn check_job(role: Role, facts: &JobFacts, policy: &Policy, primary_group: &
         if facts.account != want {
             return Err(format!(
                 "account {} is not allowed: dask jobs of this user are charged to account {want}",
-                if facts.account.is_empty() { "(none)" } else { &facts.account }
+                if facts.account.is_empty() {
+                    "(none)"
+                } else {
+                    &facts.account
+                }
             ));
         }
     }
@@ -334,17 +355,28 @@ pub fn check_job(role: Role, facts: &JobFacts, policy: &Policy, primary_group: &
         }
     }
     if facts.num_tasks != 1 {
-        return Err(format!("{} tasks: a dask-spank job runs 1 task", facts.num_tasks));
+        return Err(format!(
+            "{} tasks: a dask-spank job runs 1 task",
+            facts.num_tasks
+        ));
     }
     if facts.num_nodes != 1 {
-        return Err(format!("{} nodes: a dask-spank job runs on 1 node", facts.num_nodes));
+        return Err(format!(
+            "{} nodes: a dask-spank job runs on 1 node",
+            facts.num_nodes
+        ));
     }
     if facts.cpus > p.cpus_max {
-        return Err(format!("{} cpus exceed {key}_cpus_max={}", facts.cpus, p.cpus_max));
+        return Err(format!(
+            "{} cpus exceed {key}_cpus_max={}",
+            facts.cpus, p.cpus_max
+        ));
     }
     let mem_max = format_mem_mb(p.mem_max_mb);
     if facts.mem_mb == 0 {
-        return Err(format!("no memory limit (all of the node's memory) exceeds {key}_mem_max={mem_max}"));
+        return Err(format!(
+            "no memory limit (all of the node's memory) exceeds {key}_mem_max={mem_max}"
+        ));
     }
     if facts.mem_mb > p.mem_max_mb {
         return Err(format!(
@@ -354,7 +386,11 @@ pub fn check_job(role: Role, facts: &JobFacts, policy: &Policy, primary_group: &
     }
     let time_max = format_time_s(p.time_max_s);
     match facts.time_limit_s {
-        None => return Err(format!("time limit UNLIMITED exceeds {key}_time_max={time_max}")),
+        None => {
+            return Err(format!(
+                "time limit UNLIMITED exceeds {key}_time_max={time_max}"
+            ))
+        }
         Some(t) if t > p.time_max_s => {
             return Err(format!(
                 "time limit {} exceeds {key}_time_max={time_max}",
@@ -431,7 +467,8 @@ mod tests {
     #[test]
     fn violations_name_option_value_and_limit() {
         let p = Policy::default();
-        let cases: &[(Role, &[(&str, &str)], &str)] = &[
+        type Case<'a> = (Role, &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
             (Role::Worker, &[("mem", "64G")], "--mem=64G exceeds worker_mem_max=32G"),
             (Role::Scheduler, &[("mem", "33G")], "--mem=33G exceeds scheduler_mem_max=32G"),
             (Role::Worker, &[("mem", "0")], "--mem=0 (all of the node's memory) exceeds worker_mem_max=32G"),
@@ -463,8 +500,16 @@ mod tests {
         let mut p = Policy::default();
         p.worker.partition = None;
         p.account = AccountPolicy::None;
-        let ins = check_submit(Role::Worker, &asked(&[("partition", "any"), ("account", "x")]), &p, "g").unwrap();
-        assert!(!ins.iter().any(|a| a.starts_with("--partition") || a.starts_with("--account")));
+        let ins = check_submit(
+            Role::Worker,
+            &asked(&[("partition", "any"), ("account", "x")]),
+            &p,
+            "g",
+        )
+        .unwrap();
+        assert!(!ins
+            .iter()
+            .any(|a| a.starts_with("--partition") || a.starts_with("--account")));
         p.account = AccountPolicy::Fixed("dask".into());
         let ins = check_submit(Role::Worker, &asked(&[]), &p, "g").unwrap();
         assert!(ins.contains(&"--account=dask".to_string()));
@@ -494,7 +539,10 @@ mod tests {
 
     #[test]
     fn node_check_accepts_a_conforming_job() {
-        assert_eq!(check_job(Role::Worker, &good_facts(), &Policy::default(), "phys"), Ok(()));
+        assert_eq!(
+            check_job(Role::Worker, &good_facts(), &Policy::default(), "phys"),
+            Ok(())
+        );
     }
 
     #[test]
@@ -502,16 +550,40 @@ mod tests {
         let p = Policy::default();
         type Edit = fn(&mut JobFacts);
         let cases: &[(Edit, &str)] = &[
-            (|f| f.partition = "debug".into(), "partition debug is not allowed for dask workers: worker_partition=htc"),
-            (|f| f.account = "other".into(), "account other is not allowed: dask jobs of this user are charged to account phys"),
-            (|f| f.licenses.clear(), "licence sps is missing: worker_licenses=sps"),
+            (
+                |f| f.partition = "debug".into(),
+                "partition debug is not allowed for dask workers: worker_partition=htc",
+            ),
+            (
+                |f| f.account = "other".into(),
+                "account other is not allowed: dask jobs of this user are charged to account phys",
+            ),
+            (
+                |f| f.licenses.clear(),
+                "licence sps is missing: worker_licenses=sps",
+            ),
             (|f| f.num_tasks = 2, "2 tasks: a dask-spank job runs 1 task"),
-            (|f| f.num_nodes = 2, "2 nodes: a dask-spank job runs on 1 node"),
+            (
+                |f| f.num_nodes = 2,
+                "2 nodes: a dask-spank job runs on 1 node",
+            ),
             (|f| f.cpus = 64, "64 cpus exceed worker_cpus_max=32"),
-            (|f| f.mem_mb = 0, "no memory limit (all of the node's memory) exceeds worker_mem_max=32G"),
-            (|f| f.mem_mb = 65536, "memory 64G exceeds worker_mem_max=32G"),
-            (|f| f.time_limit_s = None, "time limit UNLIMITED exceeds worker_time_max=8:00:00"),
-            (|f| f.time_limit_s = Some(9 * 3600), "time limit 9:00:00 exceeds worker_time_max=8:00:00"),
+            (
+                |f| f.mem_mb = 0,
+                "no memory limit (all of the node's memory) exceeds worker_mem_max=32G",
+            ),
+            (
+                |f| f.mem_mb = 65536,
+                "memory 64G exceeds worker_mem_max=32G",
+            ),
+            (
+                |f| f.time_limit_s = None,
+                "time limit UNLIMITED exceeds worker_time_max=8:00:00",
+            ),
+            (
+                |f| f.time_limit_s = Some(9 * 3600),
+                "time limit 9:00:00 exceeds worker_time_max=8:00:00",
+            ),
         ];
         for (edit, want) in cases {
             let mut f = good_facts();

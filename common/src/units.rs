@@ -21,9 +21,9 @@ pub fn parse_mem_mb(s: &str) -> Option<u64> {
 
 /// Format MiB the short way (`3G`, `1536M`).
 pub fn format_mem_mb(mb: u64) -> String {
-    if mb > 0 && mb % (1024 * 1024) == 0 {
+    if mb > 0 && mb.is_multiple_of(1024 * 1024) {
         format!("{}T", mb / (1024 * 1024))
-    } else if mb > 0 && mb % 1024 == 0 {
+    } else if mb > 0 && mb.is_multiple_of(1024) {
         format!("{}G", mb / 1024)
     } else {
         format!("{mb}M")

@@ -45,6 +45,10 @@ pub fn command(spec: &JobSpec, cluster_dir: &Path, s: &DaskSettings) -> (String,
                 None => ":0".into(),
             };
             args.extend(["--dashboard-address".into(), dash]);
+            args.extend([
+                "--idle-timeout".into(),
+                format!("{}s", spec.policy.idle_timeout_s),
+            ]);
         }
         Role::Worker => {
             args.push("distributed.cli.dask_worker".into());
@@ -93,6 +97,7 @@ mod tests {
             submit_dir: "/w".into(),
             node: "n1".into(),
             stepd_pid: 1,
+            policy: Default::default(),
         }
     }
 
@@ -119,7 +124,7 @@ mod tests {
         assert_eq!(p, "python3");
         assert_eq!(
             a.join(" "),
-            "-m distributed.cli.dask_scheduler --scheduler-file /c/scheduler.json --port 0 --dashboard-address :0"
+            "-m distributed.cli.dask_scheduler --scheduler-file /c/scheduler.json --port 0 --dashboard-address :0 --idle-timeout 7200s"
         );
     }
 }

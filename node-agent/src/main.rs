@@ -1,11 +1,13 @@
 //! dask-node-agent: the per-node root daemon of dask-spank.
 
+mod admission;
 mod dask_cmd;
 mod joblog;
 mod jobs;
 mod peer;
 mod restart;
 mod server;
+mod slurm;
 mod spawn;
 mod supervisor;
 mod wire;

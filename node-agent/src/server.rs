@@ -115,7 +115,7 @@ async fn handle(mut s: UnixStream, agent: Arc<Agent>) -> Result<(), String> {
                 .await;
             }
             tracing::info!(job = spec.job_id, label = %spec.label(), user = %spec.user, role = %spec.role, cluster = %spec.cluster, "registered");
-            agent.jobs.register(spec);
+            agent.jobs.register(*spec);
             reply(&mut s, &Response::Ok).await
         }
         Request::JobEnd { job_id, reason } => {
@@ -178,6 +178,19 @@ async fn attach(
         spec.cpus,
         spec.mem_mb
     ));
+    if let Err(why) = crate::admission::admit(&spec).await {
+        let reason = format!("refused by the site policy before any dask process started: {why}");
+        log.line(&reason);
+        let _ = reply(
+            &mut s,
+            &Response::Finished {
+                exit_code: 1,
+                reason,
+            },
+        )
+        .await;
+        return Ok(());
+    }
     let run = JobRun {
         spec,
         attach: a,

@@ -1,11 +1,11 @@
 //! Allocator and local context (sbatch, salloc, srun on the submit host),
 //! running as the submitting user.
 
-use dask_spank_common::config::Config;
 use crate::options::DaskOptions;
-use crate::sbatch_args::{parse_cmdline, parse_script, Request};
+use crate::sbatch_args::{parse_cmdline, parse_env, parse_script, Request};
 use crate::submit::plan;
 use crate::user_error;
+use dask_spank_common::config::Config;
 use std::error::Error;
 use std::ffi::CString;
 use std::io::Read;
@@ -30,6 +30,16 @@ pub fn validate(opts: &DaskOptions) -> Result<(), Box<dyn Error>> {
         }
     }
     Ok(())
+}
+
+/// Name of the submitting user's primary group (the default account).
+fn primary_group() -> String {
+    let gid = nix::unistd::getgid();
+    nix::unistd::Group::from_gid(gid)
+        .ok()
+        .flatten()
+        .map(|g| g.name)
+        .unwrap_or_else(|| gid.to_string())
 }
 
 fn read_script(path: &str) -> String {
@@ -70,8 +80,10 @@ pub fn maybe_reexec(cfg: &Config) -> Result<(), Box<dyn Error>> {
         .as_deref()
         .map(|s| parse_script(&read_script(s)))
         .unwrap_or_default();
+    let vars: Vec<(String, String)> = std::env::vars().collect();
     let req = Request {
         cmdline,
+        env_opts: parse_env(vars.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
         script_opts,
     };
     // sbatch reads the job script before the plugin's init_post_opt runs,
@@ -86,7 +98,7 @@ pub fn maybe_reexec(cfg: &Config) -> Result<(), Box<dyn Error>> {
         return Ok(());
     };
     let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());
-    let p = plan(&req, cfg, role, &cluster, &cwd);
+    let p = plan(&req, cfg, role, &cluster, &cwd, &primary_group()).map_err(user_error)?;
     if p.insert.is_empty() {
         return Ok(());
     }

@@ -6,10 +6,10 @@
 //! stdout/stderr already connected to the job's log file, and which then
 //! fails the task.
 
-use dask_spank_common::config::Config;
 use crate::options::DaskOptions;
 use crate::user_error;
 use dask_spank_common::client::Client;
+use dask_spank_common::config::Config;
 use dask_spank_common::paths::{agent_socket, vars};
 use dask_spank_common::{JobSpec, Request, Response};
 use slurm_spank::SpankHandle;
@@ -54,7 +54,11 @@ fn node_name(spank: &SpankHandle) -> String {
         .unwrap_or_default()
 }
 
-fn build_spec(spank: &SpankHandle, opts: &DaskOptions) -> Result<JobSpec, Box<dyn Error>> {
+fn build_spec(
+    spank: &SpankHandle,
+    opts: &DaskOptions,
+    cfg: &Config,
+) -> Result<JobSpec, Box<dyn Error>> {
     let job_id = spank.job_id()?;
     let uid = spank.job_uid()?;
     let array_id = spank.job_array_id().unwrap_or(0);
@@ -94,6 +98,7 @@ fn build_spec(spank: &SpankHandle, opts: &DaskOptions) -> Result<JobSpec, Box<dy
         submit_dir,
         node: node_name(spank),
         stepd_pid: std::process::id() as i32,
+        policy: cfg.policy.clone(),
     })
 }
 
@@ -122,7 +127,7 @@ impl RemoteState {
         opts: &DaskOptions,
     ) -> Result<(), Box<dyn Error>> {
         let cfg = cfg?;
-        let spec = build_spec(spank, opts)?;
+        let spec = build_spec(spank, opts, &cfg)?;
         let socket = agent_socket(&cfg.agent_dir, &spec.node);
         let job_id = spec.job_id;
         let node = spec.node.clone();
@@ -133,7 +138,7 @@ impl RemoteState {
         };
         let mut client =
             Client::connect(&socket, "spank", cfg.agent_timeout).map_err(|e| unavailable(&e))?;
-        match client.call(&Request::Register(spec)) {
+        match client.call(&Request::Register(Box::new(spec))) {
             Ok(Response::Ok) => {}
             Ok(other) => {
                 return Err(user_error(format!(

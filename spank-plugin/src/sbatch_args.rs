@@ -346,34 +346,71 @@ pub fn parse_script(body: &str) -> Vec<Opt> {
     parse_cmdline(&words).opts
 }
 
-/// The options in force: command line first, then the script's lines
-/// (sbatch gives the command line precedence).
+/// Input environment variables of sbatch 22.05 that set options the
+/// policy cares about. They rank between the command line and the script.
+const ENV_OPTIONS: &[(&str, &str)] = &[
+    ("SBATCH_ACCOUNT", "account"),
+    ("SBATCH_ARRAY_INX", "array"),
+    ("SBATCH_JOB_NAME", "job-name"),
+    ("SBATCH_MEM_PER_CPU", "mem-per-cpu"),
+    ("SBATCH_MEM_PER_GPU", "mem-per-gpu"),
+    ("SBATCH_MEM_PER_NODE", "mem"),
+    ("SBATCH_PARTITION", "partition"),
+    ("SBATCH_TIMELIMIT", "time"),
+];
+
+/// Options set through sbatch's input environment variables.
+pub fn parse_env<'a>(vars: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<Opt> {
+    vars.filter_map(|(k, v)| {
+        ENV_OPTIONS
+            .iter()
+            .find(|(e, _)| *e == k)
+            .map(|(_, name)| Opt {
+                name: name.to_string(),
+                value: Some(v.to_string()),
+            })
+    })
+    .collect()
+}
+
+/// The options in force, with sbatch's precedence: command line, then
+/// input environment variables, then the script's `#SBATCH` lines.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Request {
     pub cmdline: CmdLine,
+    pub env_opts: Vec<Opt>,
     pub script_opts: Vec<Opt>,
 }
 
 impl Request {
-    /// The last value of `name` on the command line, else in the script.
+    fn layers(&self) -> [&[Opt]; 3] {
+        [&self.cmdline.opts, &self.env_opts, &self.script_opts]
+    }
+
+    /// The value of `name` in force (the last one of the strongest layer).
     pub fn get(&self, name: &str) -> Option<&str> {
-        fn last<'a>(v: &'a [Opt], name: &str) -> Option<Option<&'a str>> {
-            v.iter()
+        self.layers().into_iter().find_map(|layer| {
+            layer
+                .iter()
                 .rev()
                 .find(|o| o.name == name)
                 .map(|o| o.value.as_deref())
-        }
-        last(&self.cmdline.opts, name)
-            .or_else(|| last(&self.script_opts, name))
-            .flatten()
+        })?
     }
 
     pub fn has(&self, name: &str) -> bool {
-        self.cmdline
-            .opts
+        self.layers()
             .iter()
-            .chain(&self.script_opts)
-            .any(|o| o.name == name)
+            .any(|l| l.iter().any(|o| o.name == name))
+    }
+}
+
+impl dask_spank_common::policy::Asked for Request {
+    fn get(&self, option: &str) -> Option<&str> {
+        Request::get(self, option)
+    }
+    fn has(&self, option: &str) -> bool {
+        Request::has(self, option)
     }
 }
 
@@ -391,7 +428,7 @@ mod tests {
         assert_eq!(c.script, None);
         let r = Request {
             cmdline: c,
-            script_opts: vec![],
+            ..Default::default()
         };
         assert_eq!(r.get("dask-role"), Some("worker"));
         assert_eq!(r.get("dask-cluster"), Some("x"));
@@ -455,8 +492,10 @@ mod tests {
         let s = parse_script(body);
         let r = Request {
             cmdline: parse_cmdline(&argv("--mem=2G job.sh")),
+            env_opts: parse_env([("SBATCH_TIMELIMIT", "1:00:00"), ("HOME", "/h")].into_iter()),
             script_opts: s,
         };
+        assert_eq!(r.get("time"), Some("1:00:00"));
         assert_eq!(r.get("dask-role"), Some("worker"));
         assert_eq!(r.get("cpus-per-task"), Some("4"));
         assert_eq!(r.get("job-name"), Some("a b"));

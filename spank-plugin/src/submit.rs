@@ -4,9 +4,10 @@
 //! the extra arguments inserted right after argv[0], where the user's own
 //! flags, coming later, still win.
 
-use dask_spank_common::config::Config;
 use crate::sbatch_args::Request;
+use dask_spank_common::config::Config;
 use dask_spank_common::paths::log_pattern;
+use dask_spank_common::policy::check_submit;
 use dask_spank_common::{ClusterName, Role};
 use std::path::{Path, PathBuf};
 
@@ -38,17 +39,27 @@ pub fn supplied_script(cfg: &Config) -> String {
     )
 }
 
+/// Plan the submission, or explain in one line why it is refused.
 pub fn plan(
     req: &Request,
     cfg: &Config,
     role: Role,
     cluster: &ClusterName,
     cwd: &Path,
-) -> SubmitPlan {
+    primary_group: &str,
+) -> Result<SubmitPlan, String> {
     let mut insert = Vec::new();
     let mut log_dir = None;
-    if !req.has("job-name") {
-        insert.push(format!("--job-name=dask-{role}-{cluster}"));
+    // The job name identifies the cluster's jobs (squeue -n, max_worker_jobs).
+    let name = format!("dask-{role}-{cluster}");
+    match req.get("job-name") {
+        Some(n) if n != name => {
+            return Err(format!(
+                "--job-name={n} is not allowed: dask-spank names this job {name} (it identifies the cluster's jobs)"
+            ))
+        }
+        Some(_) => {}
+        None => insert.push(format!("--job-name={name}")),
     }
     if !req.has("output") {
         let array = req.has("array");
@@ -63,10 +74,11 @@ pub fn plan(
         };
         log_dir = Some(base.join(&cfg.log_dir));
     }
+    insert.extend(check_submit(role, req, &cfg.policy, primary_group)?);
     if req.cmdline.script.is_none() && !req.has("wrap") {
         insert.push(format!("--wrap={}", supplied_script(cfg)));
     }
-    SubmitPlan { insert, log_dir }
+    Ok(SubmitPlan { insert, log_dir })
 }
 
 #[cfg(test)]
@@ -78,12 +90,13 @@ mod tests {
         let args: Vec<String> = cmd.split_whitespace().map(String::from).collect();
         Request {
             cmdline: parse_cmdline(&args),
+            env_opts: vec![],
             script_opts: parse_script(script),
         }
     }
 
     #[test]
-    fn bare_worker_array_gets_name_log_and_script() {
+    fn bare_worker_array_gets_name_log_policy_and_script() {
         let cfg = Config::default();
         let r = req("--dask-role=worker --dask-cluster=ana --array=1-100", "");
         let p = plan(
@@ -92,12 +105,21 @@ mod tests {
             Role::Worker,
             &"ana".parse().unwrap(),
             Path::new("/home/u"),
-        );
+            "phys",
+        )
+        .unwrap();
         assert_eq!(
             p.insert,
             [
                 "--job-name=dask-worker-ana",
                 "--output=log/dask-worker-%A_%a.log",
+                "--partition=htc",
+                "--account=phys",
+                "--licenses=sps",
+                "--ntasks=1",
+                "--cpus-per-task=1",
+                "--mem=3G",
+                "--time=2:00:00",
                 "--wrap=exec /usr/bin/dask-spank attach"
             ]
         );
@@ -107,20 +129,68 @@ mod tests {
     #[test]
     fn user_choices_are_kept() {
         let cfg = Config::default();
-        let r = req("-D sub --dask-role=scheduler my.sh", "#SBATCH -J mine\n");
+        let r = req(
+            "-D sub --dask-role=scheduler --mem=2G my.sh",
+            "#SBATCH -J dask-scheduler-default\n#SBATCH -t 1:00:00 -A g -p htc_daemon\n",
+        );
         let p = plan(
             &r,
             &cfg,
             Role::Scheduler,
             &Default::default(),
             Path::new("/w"),
+            "g",
+        )
+        .unwrap();
+        assert_eq!(
+            p.insert,
+            [
+                "--output=log/dask-scheduler-%j.log",
+                "--ntasks=1",
+                "--cpus-per-task=1"
+            ]
         );
-        assert_eq!(p.insert, ["--output=log/dask-scheduler-%j.log"]);
         assert_eq!(p.log_dir, Some(PathBuf::from("/w/sub/log")));
         let r = req("-o out.txt --wrap=true", "");
-        let p = plan(&r, &cfg, Role::Worker, &Default::default(), Path::new("/w"));
-        assert_eq!(p.insert, ["--job-name=dask-worker-default"]);
+        let p = plan(
+            &r,
+            &cfg,
+            Role::Worker,
+            &Default::default(),
+            Path::new("/w"),
+            "g",
+        )
+        .unwrap();
+        assert_eq!(p.insert[0], "--job-name=dask-worker-default");
         assert_eq!(p.log_dir, None);
+        assert!(!p.insert.iter().any(|a| a.starts_with("--wrap")));
+    }
+
+    #[test]
+    fn refusals() {
+        let cfg = Config::default();
+        let r = req("--dask-role=worker -J mine", "");
+        let e = plan(
+            &r,
+            &cfg,
+            Role::Worker,
+            &"ana".parse().unwrap(),
+            Path::new("/w"),
+            "g",
+        )
+        .unwrap_err();
+        assert_eq!(e, "--job-name=mine is not allowed: dask-spank names this job dask-worker-ana (it identifies the cluster's jobs)");
+        let r = req("--dask-role=worker", "#SBATCH --mem=64G\n");
+        let e = plan(
+            &r,
+            &cfg,
+            Role::Worker,
+            &"ana".parse().unwrap(),
+            Path::new("/w"),
+            "g",
+        )
+        .unwrap_err();
+        assert_eq!(e, "--mem=64G exceeds worker_mem_max=32G");
     }
 
     #[test]
