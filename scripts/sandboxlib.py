@@ -38,13 +38,16 @@ def run(args, check=True, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(args, env=ENV, text=True, capture_output=True, check=check, **kw)
 
 
-def as_user(args, check=True, cwd: Path | None = None, **kw) -> subprocess.CompletedProcess:
+def as_user(args, check=True, cwd: Path | None = None, env: dict | None = None,
+            **kw) -> subprocess.CompletedProcess:
     """Run a command as the unprivileged test user, like a user's shell would."""
-    env = [
-        f"HOME={HOME}", f"USER={TEST_USER}", f"LOGNAME={TEST_USER}",
-        f"SLURM_CONF={ENV['SLURM_CONF']}",
-        f"PATH={VENV}/bin:{BIN}:/usr/local/bin:/usr/bin:/bin",
-    ]
+    base = {
+        "HOME": str(HOME), "USER": TEST_USER, "LOGNAME": TEST_USER,
+        "SLURM_CONF": ENV["SLURM_CONF"],
+        "PATH": f"{VENV}/bin:{BIN}:/usr/local/bin:/usr/bin:/bin",
+    }
+    base.update(env or {})
+    env = [f"{k}={v}" for k, v in base.items()]
     cmd = ["runuser", "-u", TEST_USER, "--", "env", "-C", str(cwd or WORK), *env, *args]
     return subprocess.run(cmd, text=True, capture_output=True, check=check, **kw)
 
@@ -53,9 +56,9 @@ def user() -> pwd.struct_passwd:
     return pwd.getpwnam(TEST_USER)
 
 
-def sbatch(*args: str, cwd: Path | None = None) -> str:
+def sbatch(*args: str, cwd: Path | None = None, env: dict | None = None) -> str:
     """Submit as the test user; return the job id (the array id for arrays)."""
-    p = as_user(["sbatch", "--parsable", *args], cwd=cwd, check=False)
+    p = as_user(["sbatch", "--parsable", *args], cwd=cwd, env=env, check=False)
     if p.returncode != 0:
         raise RuntimeError(f"sbatch {' '.join(args)} failed ({p.returncode}): {p.stderr.strip()}")
     return p.stdout.strip().split(";")[0]
@@ -157,3 +160,18 @@ def wait_scheduler_file(name: str, timeout: float = 60.0) -> dict:
 
 def worker_names(c) -> set[str]:
     return {w.get("name") for w in c.scheduler_info(n_workers=-1)["workers"].values()}
+
+
+def set_policy(args: str) -> None:
+    """Run the sandbox with extra plugstack.conf policy keys ("" for none).
+    Restarts slurmd when plugstack.conf changes."""
+    f = STATE / "etc" / "policy.args"
+    if args:
+        f.write_text(args + "\n")
+    elif f.exists():
+        f.unlink()
+    sandbox("up")
+
+
+def wait_job_gone(job: str, timeout: float = 60.0) -> None:
+    wait_until(f"job {job} to end", lambda: not job_states(job), timeout)

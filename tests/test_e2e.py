@@ -199,6 +199,13 @@ def test_unprivileged_user_cannot_register_or_end_jobs():
         "job_id": 999999, "array_job_id": None, "array_task_id": None, "uid": 0, "gid": 0,
         "groups": [], "user": "root", "role": "worker", "cluster": "evil", "env_prefix": None,
         "cpus": 1, "mem_mb": 0, "time_limit_s": None, "submit_dir": "/", "node": "n1", "stepd_pid": 1,
+        "policy": {
+            "scheduler": {"partition": None, "licenses": [], "cpus": 1, "cpus_max": 1, "mem_mb": 1,
+                          "mem_max_mb": 1 << 30, "time_s": 60, "time_max_s": 1 << 30},
+            "worker": {"partition": None, "licenses": [], "cpus": 1, "cpus_max": 4096, "mem_mb": 1,
+                       "mem_max_mb": 1 << 30, "time_s": 60, "time_max_s": 1 << 30},
+            "account": {"kind": "none"}, "max_worker_jobs": 1000000, "idle_timeout_s": 1 << 30,
+        },
     }
     r = _agent_call({"type": "register", **spec})
     assert r["type"] == "error" and f"uid {u.pw_uid}" in r["message"] and "only root" in r["message"]

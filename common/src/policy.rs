@@ -367,10 +367,13 @@ pub fn check_job(
         ));
     }
     if facts.cpus > p.cpus_max {
-        return Err(format!(
-            "{} cpus exceed {key}_cpus_max={}",
-            facts.cpus, p.cpus_max
-        ));
+        return Err(match role {
+            Role::Scheduler => format!(
+                "{} cpus: the dask scheduler runs on {} cpu",
+                facts.cpus, p.cpus_max
+            ),
+            Role::Worker => format!("{} cpus exceed {key}_cpus_max={}", facts.cpus, p.cpus_max),
+        });
     }
     let mem_max = format_mem_mb(p.mem_max_mb);
     if facts.mem_mb == 0 {
@@ -590,5 +593,13 @@ mod tests {
             edit(&mut f);
             assert_eq!(check_job(Role::Worker, &f, &p, "phys").unwrap_err(), *want);
         }
+        let mut f = good_facts();
+        f.partition = "htc_daemon".into();
+        f.licenses.clear();
+        f.cpus = 2;
+        assert_eq!(
+            check_job(Role::Scheduler, &f, &p, "phys").unwrap_err(),
+            "2 cpus: the dask scheduler runs on 1 cpu"
+        );
     }
 }

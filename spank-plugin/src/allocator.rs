@@ -54,7 +54,7 @@ fn read_script(path: &str) -> String {
 /// defaults inserted after argv[0] (see `submit.rs`). This runs in `init`,
 /// before sbatch parses anything. Any failure to plan leaves sbatch alone:
 /// option errors are then reported by `init_post_opt` with a clear message.
-pub fn maybe_reexec(cfg: &Config) -> Result<(), Box<dyn Error>> {
+pub fn maybe_reexec(cfg: Result<&Config, Box<dyn Error>>) -> Result<(), Box<dyn Error>> {
     if std::env::var_os(GUARD).is_some() {
         std::env::remove_var(GUARD);
         return Ok(());
@@ -97,6 +97,8 @@ pub fn maybe_reexec(cfg: &Config) -> Result<(), Box<dyn Error>> {
     let Some(DaskOptions { role, cluster, .. }) = opts else {
         return Ok(());
     };
+    // A broken plugstack.conf fails dask jobs loudly, and only them.
+    let cfg = cfg?;
     let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());
     let p = plan(&req, cfg, role, &cluster, &cwd, &primary_group()).map_err(user_error)?;
     if p.insert.is_empty() {

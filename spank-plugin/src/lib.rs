@@ -87,10 +87,7 @@ unsafe impl Plugin for DaskSpank {
         }
         options::register(spank)?;
         if context == Context::Allocator {
-            if let Ok(cfg) = self.config() {
-                let cfg = cfg.clone();
-                allocator::maybe_reexec(&cfg)?;
-            }
+            allocator::maybe_reexec(self.config())?;
         }
         Ok(())
     }
