@@ -197,3 +197,24 @@ def test_bad_configuration_is_loud_and_fails_only_dask_jobs():
         assert "started, pid" not in log
     finally:
         sb.set_policy("")
+
+
+def test_scheduler_licenses():
+    """scheduler_licenses defaults to none; set it and check the three outcomes."""
+    job = sb.sbatch("--dask-role=scheduler", "--dask-cluster=pol-lic", "--hold")
+    assert sb.scontrol_job(job)["Licenses"] == "(null)"
+    sb.run(["scancel", job])
+    sb.set_policy("scheduler_licenses=other")
+    try:
+        job = sb.sbatch("--dask-role=scheduler", "--dask-cluster=pol-lic", "--hold")
+        assert sb.scontrol_job(job)["Licenses"] == "other"
+        sb.run(["scancel", job])
+        p = sb.as_user(["sbatch", "--dask-role=scheduler", "--dask-cluster=pol-lic", "-L", "sps"], check=False)
+        assert p.returncode != 0
+        assert "dask-spank: --licenses=sps must include other for dask schedulers: scheduler_licenses=other" in p.stderr
+        job = submit_bypass("scheduler", "pol-lic", CONFORMING["scheduler"] + ["-L", "sps"])
+        sb.wait_job_gone(job, 60)
+        log = (sb.WORK / "log" / f"bypass-{job}.log").read_text()
+        assert "refused by the site policy before any dask process started: licence other is missing: scheduler_licenses=other" in log
+    finally:
+        sb.set_policy("")
