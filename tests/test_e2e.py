@@ -205,6 +205,8 @@ def test_unprivileged_user_cannot_register_or_end_jobs():
             "worker": {"partition": None, "licenses": [], "cpus": 1, "cpus_max": 4096, "mem_mb": 1,
                        "mem_max_mb": 1 << 30, "time_s": 60, "time_max_s": 1 << 30},
             "account": {"kind": "none"}, "max_worker_jobs": 1000000, "idle_timeout_s": 1 << 30,
+            "nanny": {"death_timeout_s": 60, "restart_max": 5, "restart_window_s": 60,
+                      "lifetime_margin_s": 300, "memory_kill_percent": 95},
         },
     }
     r = _agent_call({"type": "register", **spec})

@@ -8,7 +8,7 @@
 //! (scancel, walltime), the agent sees the connection close and stops them.
 
 use dask_spank_common::client::Client;
-use dask_spank_common::messages::Attach;
+use dask_spank_common::messages::{Attach, Rlimit};
 use dask_spank_common::paths::{cluster_dir, scheduler_file, user_root, vars};
 use dask_spank_common::{ClusterName, Request, Response, Role};
 use std::path::PathBuf;
@@ -53,6 +53,7 @@ pub fn run() -> Result<i32, String> {
         cwd,
         env,
         cluster_dir: dir,
+        rlimits: rlimits(),
     });
     match c.call(&req).map_err(|e| e.to_string())? {
         Response::SendLogFd => {}
@@ -73,4 +74,29 @@ pub fn run() -> Result<i32, String> {
         Ok(other) => Err(format!("node agent: unexpected reply {other:?}")),
         Err(e) => Err(format!("lost the node agent: {e}")),
     }
+}
+
+/// This job's resource limits, for the dask processes the agent starts.
+fn rlimits() -> Vec<Rlimit> {
+    use nix::sys::resource::{getrlimit, Resource};
+    let all = [
+        Resource::RLIMIT_AS,
+        Resource::RLIMIT_CORE,
+        Resource::RLIMIT_CPU,
+        Resource::RLIMIT_DATA,
+        Resource::RLIMIT_FSIZE,
+        Resource::RLIMIT_MEMLOCK,
+        Resource::RLIMIT_NOFILE,
+        Resource::RLIMIT_NPROC,
+        Resource::RLIMIT_STACK,
+    ];
+    all.iter()
+        .filter_map(|r| {
+            getrlimit(*r).ok().map(|(soft, hard)| Rlimit {
+                resource: *r as i32,
+                soft,
+                hard,
+            })
+        })
+        .collect()
 }

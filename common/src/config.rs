@@ -75,6 +75,11 @@ pub const KEYS: &[&str] = &[
     "worker_time_max",
     "max_worker_jobs",
     "idle_timeout",
+    "worker_death_timeout",
+    "worker_restart_max",
+    "worker_restart_window",
+    "worker_lifetime_margin",
+    "worker_memory_kill",
     "log_dir",
     "agent_dir",
     "attach_cmd",
@@ -178,6 +183,12 @@ fn time(key: &str, value: &str) -> Result<u64, ConfigError> {
     }
 }
 
+fn duration(key: &str, value: &str) -> Result<u64, ConfigError> {
+    parse_duration_s(value)
+        .filter(|s| *s > 0)
+        .ok_or_else(|| bad(key, value, "must be a duration such as 2h, 30m or 600s"))
+}
+
 fn absolute_path(key: &str, value: &str) -> Result<PathBuf, ConfigError> {
     if !value.starts_with('/') {
         return Err(bad(key, value, "must be an absolute path"));
@@ -239,10 +250,17 @@ impl Config {
                 "worker_time" => p.worker.time_s = time(key, v)?,
                 "worker_time_max" => p.worker.time_max_s = time(key, v)?,
                 "max_worker_jobs" => p.max_worker_jobs = count(key, v, 1_000_000)? as u32,
-                "idle_timeout" => {
-                    p.idle_timeout_s = parse_duration_s(v)
-                        .filter(|s| *s > 0)
-                        .ok_or_else(|| bad(key, v, "must be a duration such as 2h, 30m or 600s"))?
+                "idle_timeout" => p.idle_timeout_s = duration(key, v)?,
+                "worker_death_timeout" => p.nanny.death_timeout_s = duration(key, v)?,
+                "worker_restart_max" => p.nanny.restart_max = count(key, v, 1000)? as u32,
+                "worker_restart_window" => p.nanny.restart_window_s = duration(key, v)?,
+                "worker_lifetime_margin" => p.nanny.lifetime_margin_s = duration(key, v)?,
+                "worker_memory_kill" => {
+                    p.nanny.memory_kill_percent =
+                        match v.strip_suffix('%').map(|n| n.parse::<u32>()) {
+                            Some(Ok(n)) if (50..=100).contains(&n) => n,
+                            _ => return Err(bad(key, v, "must be a percentage from 50% to 100%")),
+                        }
                 }
                 "log_dir" => c.log_dir = relative_dir(key, v)?,
                 "agent_dir" => c.agent_dir = absolute_path(key, v)?,
@@ -333,6 +351,11 @@ mod tests {
             "worker_time_max=1-00:00:00",
             "max_worker_jobs=10",
             "idle_timeout=15m",
+            "worker_death_timeout=30s",
+            "worker_restart_max=3",
+            "worker_restart_window=2m",
+            "worker_lifetime_margin=90",
+            "worker_memory_kill=90%",
             "log_dir=logs/dask/",
             "agent_dir=/tmp/a",
             "attach_cmd=/opt/bin/dask-spank",
@@ -352,6 +375,10 @@ mod tests {
         assert_eq!((p.worker.time_s, p.worker.time_max_s), (1800, 86400));
         assert_eq!(p.max_worker_jobs, 10);
         assert_eq!(p.idle_timeout_s, 900);
+        assert_eq!(p.nanny.death_timeout_s, 30);
+        assert_eq!((p.nanny.restart_max, p.nanny.restart_window_s), (3, 120));
+        assert_eq!(p.nanny.lifetime_margin_s, 90);
+        assert_eq!(p.nanny.memory_kill_percent, 90);
         assert_eq!(c.log_dir, "logs/dask");
         assert_eq!(c.agent_dir, PathBuf::from("/tmp/a"));
         assert_eq!(c.attach_cmd, PathBuf::from("/opt/bin/dask-spank"));
@@ -372,7 +399,8 @@ mod tests {
     #[test]
     fn errors_name_the_key_and_value() {
         let cases: &[(&[&str], &str)] = &[
-            (&["bogus=1"], "plugstack.conf: unknown key 'bogus' (known keys: scheduler_partition, worker_partition, scheduler_licenses, worker_licenses, account, worker_cpus, worker_cpus_max, scheduler_mem, scheduler_mem_max, worker_mem, worker_mem_max, scheduler_time, scheduler_time_max, worker_time, worker_time_max, max_worker_jobs, idle_timeout, log_dir, agent_dir, attach_cmd, agent_timeout)"),
+            (&["bogus=1"], "plugstack.conf: unknown key 'bogus' (known keys: scheduler_partition, worker_partition, scheduler_licenses, worker_licenses, account, worker_cpus, worker_cpus_max, scheduler_mem, scheduler_mem_max, worker_mem, worker_mem_max, scheduler_time, scheduler_time_max, worker_time, worker_time_max, max_worker_jobs, idle_timeout, worker_death_timeout, worker_restart_max, worker_restart_window, worker_lifetime_margin, worker_memory_kill, log_dir, agent_dir, attach_cmd, agent_timeout)"),
+            (&["worker_memory_kill=95"], "plugstack.conf: worker_memory_kill=95: must be a percentage from 50% to 100%"),
             (&["agent_dir"], "plugstack.conf: argument 'agent_dir' is not of the form key=value"),
             (&["agent_dir=rel"], "plugstack.conf: agent_dir=rel: must be an absolute path"),
             (&["log_dir=../x"], "plugstack.conf: log_dir=../x: must be a relative directory without '..' (it is created under the submit directory)"),

@@ -57,6 +57,23 @@ impl JobSpec {
     }
 }
 
+/// What the agent knows about one job, for `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub job_id: u32,
+    pub label: String,
+    pub user: String,
+    pub role: Role,
+    pub cluster: ClusterName,
+    /// registered, running, restarting, stopping, finished, failed, refused
+    pub state: String,
+    pub pid: Option<i32>,
+    pub restarts: u32,
+    pub memory_kills: u32,
+    /// Why the job is finished, failed or refused (or the last crash).
+    pub reason: Option<String>,
+}
+
 /// Sent by `dask-spank attach`, running as the user inside the job's batch
 /// script. Its environment and cwd are those of the job script, so a script
 /// that activated a conda env hands that env to the dask processes.
@@ -68,6 +85,17 @@ pub struct Attach {
     /// The per-user cluster directory, created by the attaching process (root
     /// may not be able to write into a home on NFS).
     pub cluster_dir: PathBuf,
+    /// The job's resource limits, applied to the dask processes.
+    #[serde(default)]
+    pub rlimits: Vec<Rlimit>,
+}
+
+/// One resource limit (`RLIMIT_*` number, soft and hard values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    pub resource: i32,
+    pub soft: u64,
+    pub hard: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +111,10 @@ pub enum Request {
     Attach(Attach),
     /// Anybody: liveness check.
     Ping,
+    /// The jobs on this node: all of them for root, one's own otherwise.
+    Status,
+    /// Root only: Prometheus text metrics.
+    Metrics,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,6 +137,12 @@ pub enum Response {
     Finished {
         exit_code: i32,
         reason: String,
+    },
+    Status {
+        jobs: Vec<JobStatus>,
+    },
+    Metrics {
+        text: String,
     },
 }
 

@@ -43,6 +43,35 @@ pub struct Policy {
     pub max_worker_jobs: u32,
     /// The scheduler ends after this long with no tasks and no clients.
     pub idle_timeout_s: u64,
+    /// Nanny duties of the agent for workers.
+    pub nanny: NannyPolicy,
+}
+
+/// How the agent supervises worker processes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NannyPolicy {
+    /// A worker that cannot reach its scheduler leaves after this long.
+    pub death_timeout_s: u64,
+    /// Give up after this many crashes within `restart_window_s`.
+    pub restart_max: u32,
+    pub restart_window_s: u64,
+    /// Workers retire this long before their job's walltime (`--lifetime`).
+    pub lifetime_margin_s: u64,
+    /// Memory use, in percent of the job's memory, at which a worker is
+    /// terminated and restarted (the Nanny's 95%).
+    pub memory_kill_percent: u32,
+}
+
+impl Default for NannyPolicy {
+    fn default() -> Self {
+        NannyPolicy {
+            death_timeout_s: 60,
+            restart_max: 5,
+            restart_window_s: 60,
+            lifetime_margin_s: 300,
+            memory_kill_percent: 95,
+        }
+    }
 }
 
 const GIB: u64 = 1024;
@@ -75,6 +104,7 @@ impl Default for Policy {
             account: AccountPolicy::PrimaryGroup,
             max_worker_jobs: 3000,
             idle_timeout_s: 2 * HOUR,
+            nanny: NannyPolicy::default(),
         }
     }
 }

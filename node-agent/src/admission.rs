@@ -5,10 +5,20 @@
 
 use crate::slurm;
 use dask_spank_common::policy::check_job;
+use dask_spank_common::units::parse_time_s;
 use dask_spank_common::{JobSpec, Role};
 
+/// What the agent needs to know about an admitted job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted {
+    /// Memory granted on this node, MiB.
+    pub mem_mb: u64,
+    /// Walltime left, seconds (None: unlimited).
+    pub remaining_s: Option<u64>,
+}
+
 /// `Ok` to start, `Err(reason)` to refuse.
-pub async fn admit(spec: &JobSpec) -> Result<(), String> {
+pub async fn admit(spec: &JobSpec) -> Result<Admitted, String> {
     let fields = slurm::show_job(spec.job_id).await?;
     let (facts, name) = slurm::facts(&fields)?;
     let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(spec.gid))
@@ -36,5 +46,12 @@ pub async fn admit(spec: &JobSpec) -> Result<(), String> {
             ));
         }
     }
-    Ok(())
+    let run_s = fields
+        .get("RunTime")
+        .and_then(|r| parse_time_s(r).flatten())
+        .unwrap_or(0);
+    Ok(Admitted {
+        mem_mb: facts.mem_mb,
+        remaining_s: facts.time_limit_s.map(|t| t.saturating_sub(run_s)),
+    })
 }

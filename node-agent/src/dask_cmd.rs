@@ -5,74 +5,93 @@ use dask_spank_common::{JobSpec, Role};
 use std::path::Path;
 
 /// Agent-wide settings that shape dask command lines.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DaskSettings {
     /// Address dask servers bind to (`--host`); `None` lets dask choose.
     pub host: Option<String>,
-    /// Seconds a worker waits for an unreachable scheduler before leaving.
-    pub death_timeout_s: u64,
 }
 
-impl Default for DaskSettings {
-    fn default() -> Self {
-        DaskSettings {
-            host: None,
-            death_timeout_s: 60,
-        }
-    }
+/// Per-start values the agent computes from what Slurm granted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// The job's memory in MiB (0: unknown, dask picks).
+    pub mem_mb: u64,
+    /// Seconds before the worker retires (before the walltime).
+    pub lifetime_s: Option<u64>,
 }
 
 /// Program and arguments. The program is `<env>/bin/python` for
 /// `--dask-env`, else `python3` looked up on the job's PATH.
-pub fn command(spec: &JobSpec, cluster_dir: &Path, s: &DaskSettings) -> (String, Vec<String>) {
+pub fn command(
+    spec: &JobSpec,
+    cluster_dir: &Path,
+    s: &DaskSettings,
+    limits: Limits,
+) -> (String, Vec<String>) {
     let python = match &spec.env_prefix {
         Some(p) => p.join("bin/python").to_string_lossy().into_owned(),
         None => "python3".to_string(),
     };
     let sched_file = scheduler_file(cluster_dir).to_string_lossy().into_owned();
     let mut args: Vec<String> = vec!["-m".into()];
+    let mut push = |a: &[&str]| args.extend(a.iter().map(|x| x.to_string()));
     match spec.role {
         Role::Scheduler => {
-            args.push("distributed.cli.dask_scheduler".into());
-            args.extend([
-                "--scheduler-file".into(),
-                sched_file,
-                "--port".into(),
-                "0".into(),
+            push(&[
+                "distributed.cli.dask_scheduler",
+                "--scheduler-file",
+                &sched_file,
             ]);
+            push(&["--port", "0"]);
             let dash = match &s.host {
                 Some(h) => format!("{h}:0"),
                 None => ":0".into(),
             };
-            args.extend(["--dashboard-address".into(), dash]);
-            args.extend([
-                "--idle-timeout".into(),
-                format!("{}s", spec.policy.idle_timeout_s),
+            push(&["--dashboard-address", &dash]);
+            push(&[
+                "--idle-timeout",
+                &format!("{}s", spec.policy.idle_timeout_s),
             ]);
         }
         Role::Worker => {
-            args.push("distributed.cli.dask_worker".into());
-            args.extend(["--scheduler-file".into(), sched_file]);
-            args.extend([
-                "--name".into(),
-                format!("{}-{}", spec.cluster, spec.label()),
+            push(&[
+                "distributed.cli.dask_worker",
+                "--scheduler-file",
+                &sched_file,
             ]);
-            args.extend(["--nthreads".into(), spec.cpus.max(1).to_string()]);
-            let mem = if spec.mem_mb > 0 {
-                format!("{}MiB", spec.mem_mb)
+            push(&["--name", &format!("{}-{}", spec.cluster, spec.label())]);
+            push(&["--nthreads", &spec.cpus.max(1).to_string()]);
+            let mem = if limits.mem_mb > 0 {
+                format!("{}MiB", limits.mem_mb)
             } else {
                 "auto".into()
             };
-            args.extend(["--memory-limit".into(), mem]);
+            push(&["--memory-limit", &mem]);
             // The agent is the nanny.
-            args.push("--no-nanny".into());
-            args.extend(["--death-timeout".into(), s.death_timeout_s.to_string()]);
+            push(&["--no-nanny"]);
+            push(&[
+                "--death-timeout",
+                &spec.policy.nanny.death_timeout_s.to_string(),
+            ]);
+            if let Some(l) = limits.lifetime_s {
+                push(&["--lifetime", &format!("{l}s")]);
+            }
         }
     }
     if let Some(h) = &s.host {
         args.extend(["--host".into(), h.clone()]);
     }
     (python, args)
+}
+
+/// When a worker should retire, given the job's remaining walltime: a
+/// margin before the end, or half the remaining time for short jobs.
+pub fn lifetime(remaining_s: u64, margin_s: u64) -> u64 {
+    if remaining_s > 2 * margin_s {
+        remaining_s - margin_s
+    } else {
+        remaining_s / 2
+    }
 }
 
 #[cfg(test)]
@@ -92,7 +111,7 @@ mod tests {
             cluster: "ana".parse().unwrap(),
             env_prefix: Some("/opt/env".into()),
             cpus: 2,
-            mem_mb: 3072,
+            mem_mb: 0,
             time_limit_s: None,
             submit_dir: "/w".into(),
             node: "n1".into(),
@@ -105,14 +124,17 @@ mod tests {
     fn worker_command() {
         let s = DaskSettings {
             host: Some("127.0.0.1".into()),
-            death_timeout_s: 30,
         };
-        let (p, a) = command(&spec(Role::Worker), Path::new("/c"), &s);
+        let l = Limits {
+            mem_mb: 3072,
+            lifetime_s: Some(6900),
+        };
+        let (p, a) = command(&spec(Role::Worker), Path::new("/c"), &s, l);
         assert_eq!(p, "/opt/env/bin/python");
         assert_eq!(
             a.join(" "),
             "-m distributed.cli.dask_worker --scheduler-file /c/scheduler.json --name ana-5_2 \
-             --nthreads 2 --memory-limit 3072MiB --no-nanny --death-timeout 30 --host 127.0.0.1"
+             --nthreads 2 --memory-limit 3072MiB --no-nanny --death-timeout 60 --lifetime 6900s --host 127.0.0.1"
         );
     }
 
@@ -120,11 +142,23 @@ mod tests {
     fn scheduler_command() {
         let mut sp = spec(Role::Scheduler);
         sp.env_prefix = None;
-        let (p, a) = command(&sp, Path::new("/c"), &DaskSettings::default());
+        let (p, a) = command(
+            &sp,
+            Path::new("/c"),
+            &DaskSettings::default(),
+            Limits::default(),
+        );
         assert_eq!(p, "python3");
         assert_eq!(
             a.join(" "),
             "-m distributed.cli.dask_scheduler --scheduler-file /c/scheduler.json --port 0 --dashboard-address :0 --idle-timeout 7200s"
         );
+    }
+
+    #[test]
+    fn lifetimes() {
+        assert_eq!(lifetime(7200, 300), 6900);
+        assert_eq!(lifetime(400, 300), 200);
+        assert_eq!(lifetime(0, 300), 0);
     }
 }

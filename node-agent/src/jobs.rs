@@ -1,6 +1,9 @@
 //! The agent's table of jobs on this node: registration by the plugin,
-//! attach by the job's own process, stop and end.
+//! attach by the job's own process, live status, stop and end. Mirrored on
+//! disk (`statefile`) so that a restarted agent can clean up after a crash.
 
+use crate::statefile::{Record, StateDir};
+use dask_spank_common::messages::JobStatus;
 use dask_spank_common::JobSpec;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -8,9 +11,10 @@ use std::sync::Mutex;
 use tokio::sync::watch;
 
 struct Entry {
-    spec: JobSpec,
+    record: Record,
     stop: watch::Sender<Option<String>>,
     attached: bool,
+    status: JobStatus,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -29,32 +33,62 @@ pub enum AttachError {
 
 pub struct Jobs {
     proc_root: PathBuf,
+    state: Option<StateDir>,
     table: Mutex<HashMap<u32, Entry>>,
 }
 
+fn initial_status(spec: &JobSpec) -> JobStatus {
+    JobStatus {
+        job_id: spec.job_id,
+        label: spec.label(),
+        user: spec.user.clone(),
+        role: spec.role,
+        cluster: spec.cluster.clone(),
+        state: "registered".into(),
+        pid: None,
+        restarts: 0,
+        memory_kills: 0,
+        reason: None,
+    }
+}
+
 impl Jobs {
-    pub fn new(proc_root: PathBuf) -> Jobs {
+    pub fn new(proc_root: PathBuf, state: Option<StateDir>) -> Jobs {
         Jobs {
             proc_root,
+            state,
             table: Mutex::new(HashMap::new()),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Entry>> {
-        // A poisoned table is still consistent: every update is one insert
-        // or remove.
+        // A poisoned table is still consistent: every update is one insert,
+        // remove or field assignment.
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Register (or re-register, e.g. after a requeue) a job.
     pub fn register(&self, spec: JobSpec) {
+        self.insert(Record {
+            spec,
+            pgids: vec![],
+        });
+    }
+
+    /// Restore a registration read back from disk after an agent restart.
+    pub fn insert(&self, record: Record) {
         let (tx, _rx) = watch::channel(None);
+        if let Some(s) = &self.state {
+            s.save(&record);
+        }
+        let status = initial_status(&record.spec);
         let old = self.lock().insert(
-            spec.job_id,
+            record.spec.job_id,
             Entry {
-                spec,
+                record,
                 stop: tx,
                 attached: false,
+                status,
             },
         );
         if let Some(old) = old {
@@ -71,14 +105,15 @@ impl Jobs {
     ) -> Result<(JobSpec, watch::Receiver<Option<String>>), AttachError> {
         let mut t = self.lock();
         let e = t.get_mut(&job_id).ok_or(AttachError::Unknown(job_id))?;
-        if e.spec.uid != peer_uid {
+        let spec = &e.record.spec;
+        if spec.uid != peer_uid {
             return Err(AttachError::NotOwner {
                 job: job_id,
-                owner: e.spec.uid,
+                owner: spec.uid,
                 peer: peer_uid,
             });
         }
-        if !crate::peer::is_descendant(&self.proc_root, peer_pid, e.spec.stepd_pid) {
+        if !crate::peer::is_descendant(&self.proc_root, peer_pid, spec.stepd_pid) {
             return Err(AttachError::NotInJob {
                 job: job_id,
                 pid: peer_pid,
@@ -88,7 +123,37 @@ impl Jobs {
             return Err(AttachError::AlreadyAttached(job_id));
         }
         e.attached = true;
-        Ok((e.spec.clone(), e.stop.subscribe()))
+        Ok((spec.clone(), e.stop.subscribe()))
+    }
+
+    /// Remember a process group started for the job (for crash recovery).
+    pub fn add_pgid(&self, job_id: u32, pgid: i32) {
+        let mut t = self.lock();
+        if let Some(e) = t.get_mut(&job_id) {
+            e.record.pgids.push(pgid);
+            if let Some(s) = &self.state {
+                s.save(&e.record);
+            }
+        }
+    }
+
+    /// Change the job's status.
+    pub fn update(&self, job_id: u32, f: impl FnOnce(&mut JobStatus)) {
+        if let Some(e) = self.lock().get_mut(&job_id) {
+            f(&mut e.status);
+        }
+    }
+
+    /// Status of the jobs of `uid` (all jobs for `None`).
+    pub fn statuses(&self, uid: Option<u32>) -> Vec<JobStatus> {
+        let mut v: Vec<JobStatus> = self
+            .lock()
+            .values()
+            .filter(|e| uid.is_none_or(|u| e.record.spec.uid == u))
+            .map(|e| e.status.clone())
+            .collect();
+        v.sort_by_key(|s| s.job_id);
+        v
     }
 
     /// Ask the job's processes to stop, keeping the registration.
@@ -108,6 +173,9 @@ impl Jobs {
     /// The job ended: stop its processes and forget it.
     pub fn end(&self, job_id: u32, reason: &str) -> bool {
         self.stop(job_id, reason);
+        if let Some(s) = &self.state {
+            s.remove(job_id);
+        }
         self.lock().remove(&job_id).is_some()
     }
 

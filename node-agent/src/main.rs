@@ -1,14 +1,18 @@
 //! dask-node-agent: the per-node root daemon of dask-spank.
 
 mod admission;
+mod cgroup;
 mod dask_cmd;
 mod joblog;
 mod jobs;
+mod metrics;
 mod peer;
+mod privileges;
 mod restart;
 mod server;
 mod slurm;
 mod spawn;
+mod statefile;
 mod supervisor;
 mod wire;
 
@@ -50,9 +54,19 @@ enum Cmd {
         /// Address dask schedulers and workers bind to (default: dask's choice).
         #[arg(long)]
         dask_host: Option<String>,
-        /// Seconds a worker waits for an unreachable scheduler before leaving.
-        #[arg(long, default_value_t = 60)]
-        death_timeout: u64,
+        /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9817).
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
+    },
+    /// Show the jobs this agent runs (all for root, your own otherwise).
+    Status {
+        #[command(flatten)]
+        at: Where,
+    },
+    /// Print the agent's metrics in Prometheus text format (root).
+    Metrics {
+        #[command(flatten)]
+        at: Where,
     },
     /// Check that the agent answers on its socket (exit 0 if it does).
     Check {
@@ -104,10 +118,50 @@ fn main() -> std::process::ExitCode {
                 }
             }
         }
+        Cmd::Status { at } => match call(&at, Request::Status) {
+            Ok(Response::Status { jobs }) => {
+                println!(
+                    "{:<10} {:<12} {:<10} {:<9} {:<16} {:<10} {:>7} {:>8} {:>8}  REASON",
+                    "JOBID",
+                    "LABEL",
+                    "USER",
+                    "ROLE",
+                    "CLUSTER",
+                    "STATE",
+                    "PID",
+                    "RESTARTS",
+                    "MEMKILLS"
+                );
+                for j in jobs {
+                    println!(
+                        "{:<10} {:<12} {:<10} {:<9} {:<16} {:<10} {:>7} {:>8} {:>8}  {}",
+                        j.job_id,
+                        j.label,
+                        j.user,
+                        j.role,
+                        j.cluster,
+                        j.state,
+                        j.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                        j.restarts,
+                        j.memory_kills,
+                        j.reason.unwrap_or_default()
+                    );
+                }
+                std::process::ExitCode::SUCCESS
+            }
+            other => fail(other),
+        },
+        Cmd::Metrics { at } => match call(&at, Request::Metrics) {
+            Ok(Response::Metrics { text }) => {
+                print!("{text}");
+                std::process::ExitCode::SUCCESS
+            }
+            other => fail(other),
+        },
         Cmd::Run {
             at,
             dask_host,
-            death_timeout,
+            metrics_addr,
         } => {
             // One thread: PR_SET_PDEATHSIG is tied to the thread that forked,
             // so children must be forked by a thread that lives as long as
@@ -122,11 +176,8 @@ fn main() -> std::process::ExitCode {
                     return std::process::ExitCode::FAILURE;
                 }
             };
-            let settings = dask_cmd::DaskSettings {
-                host: dask_host,
-                death_timeout_s: death_timeout,
-            };
-            match rt.block_on(run(at, settings)) {
+            let settings = dask_cmd::DaskSettings { host: dask_host };
+            match rt.block_on(run(at, settings, metrics_addr)) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("dask-node-agent: {e}");
@@ -137,10 +188,69 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(at: Where, settings: dask_cmd::DaskSettings) -> Result<(), String> {
+fn call(at: &Where, req: Request) -> Result<Response, String> {
+    let sock = agent_socket(&at.agent_dir, &node_name(at.node.clone()));
+    Client::connect(&sock, "cli", Duration::from_secs(10))
+        .and_then(|mut c| c.call(&req))
+        .map_err(|e| e.to_string())
+}
+
+fn fail(r: Result<Response, String>) -> std::process::ExitCode {
+    match r {
+        Ok(other) => eprintln!("dask-node-agent: unexpected reply {other:?}"),
+        Err(e) => eprintln!("dask-node-agent: {e}"),
+    }
+    std::process::ExitCode::FAILURE
+}
+
+/// After a crash of the previous agent: kill what its jobs left behind
+/// (PR_SET_PDEATHSIG reaches only direct children) and keep the
+/// registrations of jobs whose slurmstepd still runs.
+fn reconcile(state: &statefile::StateDir, jobs: &jobs::Jobs) {
+    let records = state.load_all();
+    if records.is_empty() {
+        return;
+    }
+    let procs = statefile::processes();
+    for r in records {
+        let id = r.spec.job_id;
+        let mut killed = 0;
+        for (pid, pgid, uid) in &procs {
+            if r.pgids.contains(pgid) && *uid == r.spec.uid && *uid != 0 {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                killed += 1;
+            }
+        }
+        if killed > 0 {
+            tracing::warn!(
+                job = id,
+                "killed {killed} processes left by the previous agent"
+            );
+        }
+        if statefile::is_slurmstepd(r.spec.stepd_pid) {
+            tracing::info!(job = id, "job still running: registration kept (its dask processes, if any, were lost with the previous agent)");
+            jobs.insert(statefile::Record {
+                spec: r.spec,
+                pgids: vec![],
+            });
+        } else {
+            state.remove(id);
+        }
+    }
+}
+
+async fn run(
+    at: Where,
+    settings: dask_cmd::DaskSettings,
+    metrics_addr: Option<std::net::SocketAddr>,
+) -> Result<(), String> {
     if !nix::unistd::geteuid().is_root() {
         return Err("must run as root (it starts processes as the jobs' users)".into());
     }
+    privileges::drop_unneeded()?;
     let node = node_name(at.node);
     std::fs::create_dir_all(&at.agent_dir)
         .map_err(|e| format!("cannot create {}: {e}", at.agent_dir.display()))?;
@@ -160,11 +270,34 @@ async fn run(at: Where, settings: dask_cmd::DaskSettings) -> Result<(), String> 
     // from its kernel-provided credentials.
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666))
         .map_err(|e| format!("{}: {e}", sock.display()))?;
+    let state =
+        statefile::StateDir::open(&at.agent_dir.join(format!("state-{node}"))).map_err(|e| {
+            format!(
+                "cannot create the state directory under {}: {e}",
+                at.agent_dir.display()
+            )
+        })?;
+    let jobs = jobs::Jobs::new(PathBuf::from("/proc"), Some(state));
+    if let Ok(st) = statefile::StateDir::open(&at.agent_dir.join(format!("state-{node}"))) {
+        reconcile(&st, &jobs);
+    }
     let agent = Arc::new(server::Agent {
-        jobs: jobs::Jobs::new(PathBuf::from("/proc")),
+        jobs,
         settings,
-        policy: restart::RestartPolicy::default(),
+        metrics: metrics::Metrics::default(),
     });
+    if let Some(addr) = metrics_addr {
+        if !addr.ip().is_loopback() {
+            return Err(format!(
+                "--metrics-addr {addr}: only loopback addresses are allowed"
+            ));
+        }
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        tokio::spawn(metrics::serve(l, agent.clone()));
+        tracing::info!(%addr, "metrics served");
+    }
     tracing::info!(node = %node, socket = %sock.display(), "dask-node-agent ready");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| e.to_string())?;

@@ -5,16 +5,18 @@
 //! * `Register` and `JobEnd`: root only (the plugin, inside slurmstepd).
 //! * `Attach`: the job's own user, from a process of that job (a descendant
 //!   of the job's slurmstepd).
-//! * `Ping`: anybody.
+//! * `Ping`: anybody. `Status`: anybody, for their own jobs (root: all).
+//! * `Metrics`: root only.
 
 use crate::dask_cmd::DaskSettings;
 use crate::joblog::JobLog;
 use crate::jobs::Jobs;
-use crate::restart::RestartPolicy;
+use crate::metrics::Metrics;
 use crate::supervisor::{self, JobRun};
 use crate::wire;
 use dask_spank_common::messages::{Attach, Hello};
 use dask_spank_common::{Request, Response, PROTOCOL_VERSION};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
@@ -26,7 +28,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Agent {
     pub jobs: Jobs,
     pub settings: DaskSettings,
-    pub policy: RestartPolicy,
+    pub metrics: Metrics,
 }
 
 pub async fn serve(listener: UnixListener, agent: Arc<Agent>) {
@@ -104,6 +106,23 @@ async fn handle(mut s: UnixStream, agent: Arc<Agent>) -> Result<(), String> {
     };
     match req {
         Request::Ping => reply(&mut s, &Response::Ok).await,
+        Request::Status => {
+            let jobs = agent.jobs.statuses(if uid == 0 { None } else { Some(uid) });
+            reply(&mut s, &Response::Status { jobs }).await
+        }
+        Request::Metrics => {
+            if uid != 0 {
+                return refuse(
+                    &mut s,
+                    format!(
+                        "uid {uid} (pid {pid}) may not read metrics over the socket: only root may"
+                    ),
+                )
+                .await;
+            }
+            let text = agent.metrics.render(agent.jobs.len());
+            reply(&mut s, &Response::Metrics { text }).await
+        }
         Request::Register(spec) => {
             if uid != 0 {
                 return refuse(
@@ -115,6 +134,7 @@ async fn handle(mut s: UnixStream, agent: Arc<Agent>) -> Result<(), String> {
                 .await;
             }
             tracing::info!(job = spec.job_id, label = %spec.label(), user = %spec.user, role = %spec.role, cluster = %spec.cluster, "registered");
+            agent.metrics.registrations.fetch_add(1, Relaxed);
             agent.jobs.register(*spec);
             reply(&mut s, &Response::Ok).await
         }
@@ -178,27 +198,42 @@ async fn attach(
         spec.cpus,
         spec.mem_mb
     ));
-    if let Err(why) = crate::admission::admit(&spec).await {
-        let reason = format!("refused by the site policy before any dask process started: {why}");
-        log.line(&reason);
-        let _ = reply(
-            &mut s,
-            &Response::Finished {
-                exit_code: 1,
-                reason,
-            },
-        )
-        .await;
-        return Ok(());
-    }
+    let admitted = match crate::admission::admit(&spec).await {
+        Ok(a) => a,
+        Err(why) => {
+            let reason =
+                format!("refused by the site policy before any dask process started: {why}");
+            log.line(&reason);
+            agent.metrics.refused.fetch_add(1, Relaxed);
+            agent.jobs.update(job_id, |st| {
+                st.state = "refused".into();
+                st.reason = Some(reason.clone());
+            });
+            let _ = reply(
+                &mut s,
+                &Response::Finished {
+                    exit_code: 1,
+                    reason,
+                },
+            )
+            .await;
+            return Ok(());
+        }
+    };
     let run = JobRun {
+        retire_at: supervisor::retire_at(admitted.remaining_s, spec.policy.nanny.lifetime_margin_s),
+        mem_mb: if admitted.mem_mb > 0 {
+            admitted.mem_mb
+        } else {
+            spec.mem_mb
+        },
+        cgroup_procs: crate::cgroup::job_cgroup_procs(pid),
         spec,
         attach: a,
         log,
         settings: agent.settings.clone(),
-        policy: agent.policy,
     };
-    let mut task = tokio::spawn(supervisor::run(run, stop));
+    let mut task = tokio::spawn(supervisor::run(agent.clone(), run, stop));
     let mut byte = [0u8; 1];
     let outcome = tokio::select! {
         res = &mut task => res.map_err(|e| e.to_string())?,

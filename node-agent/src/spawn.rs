@@ -15,6 +15,7 @@
 //!   6. `chdir` to the job's directory, as the user (root may not be allowed
 //!      into a home on NFS with root_squash).
 
+use dask_spank_common::messages::Rlimit;
 use std::ffi::CString;
 use std::io;
 use std::os::fd::OwnedFd;
@@ -37,6 +38,10 @@ pub struct SpawnRequest<'a> {
     pub identity: &'a Identity,
     /// stdout and stderr of the child (the job's log file).
     pub output: &'a OwnedFd,
+    /// The job's resource limits.
+    pub rlimits: &'a [Rlimit],
+    /// `cgroup.procs` of the job's cgroup, to join before dropping root.
+    pub cgroup_procs: Option<&'a Path>,
 }
 
 /// Refuse to run anything as root: the agent only ever starts user code.
@@ -73,6 +78,26 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<tokio::process::Child> {
     let groups: Vec<libc::gid_t> = req.identity.groups.clone();
     let cwd = CString::new(req.cwd.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let rlimits: Vec<(i32, libc::rlimit)> = req
+        .rlimits
+        .iter()
+        .map(|r| {
+            (
+                r.resource,
+                libc::rlimit {
+                    rlim_cur: r.soft,
+                    rlim_max: r.hard,
+                },
+            )
+        })
+        .collect();
+    let cgroup = match req.cgroup_procs {
+        Some(p) => Some(
+            CString::new(p.as_os_str().as_bytes())
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+        ),
+        None => None,
+    };
     // SAFETY: getpid has no preconditions.
     let agent_pid = unsafe { libc::getpid() };
     // SAFETY: the closure runs in the forked child before exec. It only
@@ -91,6 +116,19 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<tokio::process::Child> {
             if libc::getppid() != agent_pid {
                 // The agent died between fork and prctl.
                 return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            if let Some(path) = &cgroup {
+                // Writing "0" moves the writing process. Best effort: a job
+                // without a writable cgroup still runs.
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd >= 0 {
+                    libc::write(fd, b"0".as_ptr().cast(), 1);
+                    libc::close(fd);
+                }
+            }
+            for (res, lim) in &rlimits {
+                // Unknown resources (EINVAL) are skipped.
+                libc::setrlimit(*res as _, lim);
             }
             for cap in 0..64 {
                 // EINVAL past the last capability the kernel knows.

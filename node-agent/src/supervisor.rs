@@ -1,22 +1,32 @@
 //! The nanny: runs one job's dask process, restarts a crashed worker with
-//! capped exponential backoff, gives up on a crash loop, and stops
-//! everything when told to. One task per job; each child is reaped through
-//! its own handle (tokio), never with a blanket `waitpid(-1)`.
+//! capped exponential backoff, gives up on a crash loop, terminates a
+//! worker over its memory limit, retires workers before the walltime, and
+//! stops everything when told to. One task per job; each child is reaped
+//! through its own handle (tokio), never with a blanket `waitpid(-1)`.
 
-use crate::dask_cmd::{command, DaskSettings};
+use crate::dask_cmd::{command, lifetime, DaskSettings, Limits};
 use crate::joblog::JobLog;
 use crate::restart::{CrashLog, Decision, RestartPolicy};
+use crate::server::Agent;
 use crate::spawn::{spawn, Identity, SpawnRequest};
 use dask_spank_common::messages::Attach;
+use dask_spank_common::paths::scheduler_file;
 use dask_spank_common::{JobSpec, Role};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-/// How long a process gets between SIGTERM and SIGKILL.
+/// How long a process gets between SIGTERM and SIGKILL when its job stops.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
+/// The same after a memory kill (the process is already misbehaving).
+const MEMORY_KILL_GRACE: Duration = Duration::from_secs(2);
+/// RSS polling period of the memory watchdog.
+const MEMORY_POLL: Duration = Duration::from_millis(200);
 
 /// Environment the Nanny sets before starting a worker; a value the job
 /// already has wins.
@@ -32,7 +42,11 @@ pub struct JobRun {
     pub attach: Attach,
     pub log: JobLog,
     pub settings: DaskSettings,
-    pub policy: RestartPolicy,
+    /// The job's memory in MiB, as Slurm granted it (0: unknown).
+    pub mem_mb: u64,
+    /// When workers must have retired (walltime minus a margin).
+    pub retire_at: Option<Instant>,
+    pub cgroup_procs: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,8 +85,7 @@ fn job_env(run: &JobRun) -> Vec<(String, String)> {
 }
 
 /// Signal a process group until it is gone: SIGTERM, then SIGKILL after
-/// `grace`. Returns once no process of the group is left (or after a last
-/// bounded wait, logging what survived).
+/// `grace`, then whatever is left of the group.
 pub async fn stop_group(
     pgid: i32,
     child: &mut tokio::process::Child,
@@ -111,9 +124,53 @@ pub async fn reap_group(pgid: i32, log: &JobLog) {
     log.line(&format!("process group {pgid} survived SIGKILL for 5s"));
 }
 
+/// Resident memory of a process in MiB.
+fn rss_mb(pid: i32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    Some(pages * page / (1024 * 1024))
+}
+
+/// Whether the scheduler in the cluster's scheduler file accepts TCP
+/// connections. A worker that fails while its scheduler is gone is not
+/// restarted: it would only wait out its death timeout again.
+async fn scheduler_reachable(cluster_dir: &Path) -> bool {
+    let Ok(text) = tokio::fs::read_to_string(scheduler_file(cluster_dir)).await else {
+        return false;
+    };
+    let Some(addr) = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("address")?.as_str().map(str::to_string))
+    else {
+        return false;
+    };
+    let Some(hostport) = addr.strip_prefix("tcp://") else {
+        return true; // not TCP: cannot tell, assume reachable
+    };
+    matches!(
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect(hostport)
+        )
+        .await,
+        Ok(Ok(_))
+    )
+}
+
+enum Ended {
+    Exited(std::io::Result<ExitStatus>),
+    Stopped(String),
+    MemoryKill(u64),
+}
+
 /// Run the job's dask process until it ends for good or `stop` fires.
-pub async fn run(run: JobRun, mut stop: watch::Receiver<Option<String>>) -> Outcome {
-    let (program, args) = command(&run.spec, &run.attach.cluster_dir, &run.settings);
+pub async fn run(
+    agent: Arc<Agent>,
+    run: JobRun,
+    mut stop: watch::Receiver<Option<String>>,
+) -> Outcome {
     let env = job_env(&run);
     let identity = Identity {
         uid: run.spec.uid,
@@ -121,24 +178,58 @@ pub async fn run(run: JobRun, mut stop: watch::Receiver<Option<String>>) -> Outc
         groups: run.spec.groups.clone(),
     };
     let role = run.spec.role;
+    let job_id = run.spec.job_id;
+    let nanny = &run.spec.policy.nanny;
+    let policy = RestartPolicy {
+        max_crashes: nanny.restart_max as usize,
+        window: Duration::from_secs(nanny.restart_window_s),
+        ..RestartPolicy::default()
+    };
+    let mem_kill_mb = (role == Role::Worker && run.mem_mb > 0)
+        .then(|| run.mem_mb * nanny.memory_kill_percent as u64 / 100);
     let log = &run.log;
+    let running_gauge = match role {
+        Role::Scheduler => &agent.metrics.schedulers_running,
+        Role::Worker => &agent.metrics.workers_running,
+    };
     let mut crashes = CrashLog::default();
     let mut starts = 0u32;
+    let finish = |state: &str, exit_code: i32, reason: String| {
+        agent.jobs.update(job_id, |s| {
+            s.state = state.into();
+            s.pid = None;
+            s.reason = Some(reason.clone());
+        });
+        Outcome { exit_code, reason }
+    };
     loop {
         if let Some(reason) = stop.borrow().clone() {
-            return Outcome {
-                exit_code: 0,
-                reason,
-            };
+            return finish("finished", 0, reason);
         }
+        let lifetime_s = match run.retire_at {
+            Some(t) if role == Role::Worker => {
+                let left = t.saturating_duration_since(Instant::now()).as_secs();
+                if left < 5 {
+                    let reason = "the job's walltime is near: worker not restarted".to_string();
+                    log.line(&reason);
+                    return finish("finished", 0, reason);
+                }
+                Some(left)
+            }
+            _ => None,
+        };
+        let (program, args) = command(
+            &run.spec,
+            &run.attach.cluster_dir,
+            &run.settings,
+            Limits {
+                mem_mb: run.mem_mb,
+                lifetime_s,
+            },
+        );
         let output = match log.fd() {
             Ok(fd) => fd,
-            Err(e) => {
-                return Outcome {
-                    exit_code: 1,
-                    reason: format!("cannot use the job log: {e}"),
-                }
-            }
+            Err(e) => return finish("failed", 1, format!("cannot use the job log: {e}")),
         };
         let spawned = spawn(&SpawnRequest {
             program: &program,
@@ -147,6 +238,8 @@ pub async fn run(run: JobRun, mut stop: watch::Receiver<Option<String>>) -> Outc
             cwd: &run.attach.cwd,
             identity: &identity,
             output: &output,
+            rlimits: &run.attach.rlimits,
+            cgroup_procs: run.cgroup_procs.as_deref(),
         });
         drop(output);
         let mut child = match spawned {
@@ -154,13 +247,16 @@ pub async fn run(run: JobRun, mut stop: watch::Receiver<Option<String>>) -> Outc
             Err(e) => {
                 let reason = format!("cannot start {program}: {e}");
                 log.line(&reason);
-                return Outcome {
-                    exit_code: 1,
-                    reason,
-                };
+                return finish("failed", 1, reason);
             }
         };
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        agent.jobs.add_pgid(job_id, pid);
+        agent.jobs.update(job_id, |s| {
+            s.state = "running".into();
+            s.pid = Some(pid);
+        });
+        running_gauge.fetch_add(1, Relaxed);
         starts += 1;
         let what = if starts == 1 { "started" } else { "restarted" };
         log.line(&format!(
@@ -168,43 +264,102 @@ pub async fn run(run: JobRun, mut stop: watch::Receiver<Option<String>>) -> Outc
             args.join(" ")
         ));
         let started = Instant::now();
-        tokio::select! {
-            status = child.wait() => {
-                let desc = status.as_ref().map(describe).unwrap_or_else(|e| e.to_string());
+        let mut tick = tokio::time::interval(MEMORY_POLL);
+        let ended = loop {
+            tokio::select! {
+                status = child.wait() => break Ended::Exited(status),
+                _ = stop.changed() => {
+                    break Ended::Stopped(stop.borrow().clone().unwrap_or_else(|| "stopped".into()))
+                }
+                _ = tick.tick(), if mem_kill_mb.is_some() => {
+                    if let (Some(limit), Some(rss)) = (mem_kill_mb, rss_mb(pid)) {
+                        if rss > limit {
+                            break Ended::MemoryKill(rss);
+                        }
+                    }
+                }
+            }
+        };
+        let desc = match ended {
+            Ended::Stopped(reason) => {
+                log.line(&format!("stopping {role} (pid {pid}): {reason}"));
+                agent.jobs.update(job_id, |s| s.state = "stopping".into());
+                stop_group(pid, &mut child, STOP_GRACE, log).await;
+                running_gauge.fetch_sub(1, Relaxed);
+                log.line(&format!("{role} stopped"));
+                return finish("finished", 0, reason);
+            }
+            Ended::MemoryKill(rss) => {
+                let desc = format!(
+                    "memory kill: {rss} MiB resident exceeds {}% of the job's {} MiB",
+                    nanny.memory_kill_percent, run.mem_mb
+                );
+                log.line(&format!("{desc}: terminating the worker"));
+                stop_group(pid, &mut child, MEMORY_KILL_GRACE, log).await;
+                agent.metrics.memory_kills.fetch_add(1, Relaxed);
+                agent.jobs.update(job_id, |s| s.memory_kills += 1);
+                running_gauge.fetch_sub(1, Relaxed);
+                desc
+            }
+            Ended::Exited(status) => {
+                running_gauge.fetch_sub(1, Relaxed);
+                let desc = status
+                    .as_ref()
+                    .map(describe)
+                    .unwrap_or_else(|e| e.to_string());
                 reap_group(pid, log).await;
                 if let Some(reason) = stop.borrow().clone() {
                     log.line(&format!("{role} exited ({desc}) while stopping: {reason}"));
-                    return Outcome { exit_code: 0, reason };
+                    return finish("finished", 0, reason);
                 }
                 let ok = status.as_ref().map(|s| s.success()).unwrap_or(false);
                 if role == Role::Scheduler || ok {
-                    let reason = format!("{role} exited ({desc}) after {}s", started.elapsed().as_secs());
+                    let reason = format!(
+                        "{role} exited ({desc}) after {}s",
+                        started.elapsed().as_secs()
+                    );
                     log.line(&reason);
-                    let exit_code = status.ok().and_then(|s| s.code()).unwrap_or(1);
-                    return Outcome { exit_code, reason };
+                    let code = status.ok().and_then(|s| s.code()).unwrap_or(1);
+                    return finish(if code == 0 { "finished" } else { "failed" }, code, reason);
                 }
-                match crashes.record(&run.policy, Instant::now()) {
-                    Decision::Restart(delay) => {
-                        log.line(&format!("worker died ({desc}); restarting in {:.1}s", delay.as_secs_f64()));
-                        tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
-                            _ = stop.changed() => {}
-                        }
-                    }
-                    Decision::GiveUp(why) => {
-                        let reason = format!("worker died ({desc}); {why}; not restarting");
-                        log.line(&reason);
-                        return Outcome { exit_code: 1, reason };
-                    }
+                if !scheduler_reachable(&run.attach.cluster_dir).await {
+                    let reason = format!("worker exited ({desc}) and its scheduler is unreachable: the worker leaves");
+                    log.line(&reason);
+                    return finish("finished", 0, reason);
+                }
+                format!("worker died ({desc})")
+            }
+        };
+        match crashes.record(&policy, Instant::now()) {
+            Decision::Restart(delay) => {
+                log.line(&format!(
+                    "{desc}; restarting in {:.1}s",
+                    delay.as_secs_f64()
+                ));
+                agent.metrics.restarts.fetch_add(1, Relaxed);
+                agent.jobs.update(job_id, |s| {
+                    s.state = "restarting".into();
+                    s.pid = None;
+                    s.restarts += 1;
+                    s.reason = Some(desc.clone());
+                });
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.changed() => {}
                 }
             }
-            _ = stop.changed() => {
-                let reason = stop.borrow().clone().unwrap_or_else(|| "stopped".into());
-                log.line(&format!("stopping {role} (pid {pid}): {reason}"));
-                stop_group(pid, &mut child, STOP_GRACE, log).await;
-                log.line(&format!("{role} stopped"));
-                return Outcome { exit_code: 0, reason };
+            Decision::GiveUp(why) => {
+                let reason = format!("{desc}; {why}; not restarting");
+                log.line(&reason);
+                agent.metrics.crash_loop_giveups.fetch_add(1, Relaxed);
+                return finish("failed", 1, reason);
             }
         }
     }
+}
+
+/// When workers of a job must retire: its remaining walltime less the
+/// policy's margin (see `dask_cmd::lifetime`).
+pub fn retire_at(remaining_s: Option<u64>, margin_s: u64) -> Option<Instant> {
+    remaining_s.map(|r| Instant::now() + Duration::from_secs(lifetime(r, margin_s)))
 }
