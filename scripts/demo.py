@@ -31,6 +31,7 @@ def main() -> int:
     uid = sb.user().pw_uid
 
     step(f"submit as {sb.TEST_USER}: a scheduler job and a {N}-task worker array")
+    sb.forget_cluster(CLUSTER)
     t0 = time.monotonic()
     sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={CLUSTER}")
     workers = sb.sbatch("--dask-role=worker", f"--dask-cluster={CLUSTER}", f"--array=1-{N}")

@@ -52,15 +52,23 @@ wait_for() {
   done
 }
 
+# Whether the process in pid file $1 runs. A zombie does not count: a daemon
+# killed while re-parented to a PID 1 that does not reap stays a zombie.
+running() {
+  local pid
+  [ -f "$1" ] && pid=$(cat "$1") && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  case $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) in Z|X|"") return 1 ;; esac
+}
+
 # Stop a process we started, by the PID in its pid file: TERM, then KILL.
 stop_pidfile() {
   local f=$1 pid
   [ -f "$f" ] || return 0
   pid=$(cat "$f")
-  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+  if running "$f"; then
     kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then
+    for _ in $(seq 1 100); do running "$f" || break; sleep 0.1; done
+    if running "$f"; then
       log "pid $pid ($f) ignored SIGTERM for 10s: SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
     fi
@@ -68,4 +76,3 @@ stop_pidfile() {
   rm -f "$f"
 }
 
-running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }

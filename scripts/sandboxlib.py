@@ -152,6 +152,12 @@ def client(name: str, timeout: float = 30):
     return Client(scheduler_file=str(scheduler_file(name)), timeout=timeout)
 
 
+def forget_cluster(name: str) -> None:
+    """Remove a scheduler file left by an earlier cluster of the same name, so
+    that waiting for the file waits for the new scheduler."""
+    scheduler_file(name).unlink(missing_ok=True)
+
+
 def wait_scheduler_file(name: str, timeout: float = 60.0) -> dict:
     f = scheduler_file(name)
     wait_until(f"{f}", lambda: f.exists() and f.stat().st_size > 0, timeout)
@@ -175,3 +181,20 @@ def set_policy(args: str) -> None:
 
 def wait_job_gone(job: str, timeout: float = 60.0) -> None:
     wait_until(f"job {job} to end", lambda: not job_states(job), timeout)
+
+
+def agent_status(as_root: bool = False) -> list[dict]:
+    """The node agent's job table (`dask-node-agent status --json`)."""
+    args = [str(BIN / "dask-node-agent"), "status", "--json",
+            "--agent-dir", str(STATE / "run" / "agent"), "--node", "n1"]
+    p = run(args) if as_root else as_user(args)
+    return json.loads(p.stdout)
+
+
+def agent_pid() -> int:
+    return int((STATE / "run" / "agent-n1.pid").read_text())
+
+
+def job_state(job: str) -> str:
+    """JobState from scontrol (works for a while after the job ended)."""
+    return scontrol_job(job).get("JobState", "")

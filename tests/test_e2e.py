@@ -11,6 +11,7 @@ import sandboxlib as sb
 
 
 def start_cluster(name: str, workers: int, *extra: str):
+    sb.forget_cluster(name)
     sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={name}", *extra)
     arr = sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", f"--array=1-{workers}", *extra)
     sb.wait_scheduler_file(name, timeout=120)

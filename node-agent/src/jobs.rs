@@ -5,9 +5,10 @@
 use crate::statefile::{Record, StateDir};
 use dask_spank_common::messages::JobStatus;
 use dask_spank_common::JobSpec;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 struct Entry {
@@ -35,7 +36,14 @@ pub struct Jobs {
     proc_root: PathBuf,
     state: Option<StateDir>,
     table: Mutex<HashMap<u32, Entry>>,
+    /// Status of ended jobs, kept a while so that `status` can still say
+    /// why a job failed after Slurm forgot it.
+    ended: Mutex<VecDeque<(Instant, u32, JobStatus)>>,
 }
+
+/// How long and how many ended jobs `status` remembers.
+const ENDED_KEEP: Duration = Duration::from_secs(3600);
+const ENDED_MAX: usize = 5000;
 
 fn initial_status(spec: &JobSpec) -> JobStatus {
     JobStatus {
@@ -58,6 +66,7 @@ impl Jobs {
             proc_root,
             state,
             table: Mutex::new(HashMap::new()),
+            ended: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -152,6 +161,13 @@ impl Jobs {
             .filter(|e| uid.is_none_or(|u| e.record.spec.uid == u))
             .map(|e| e.status.clone())
             .collect();
+        let ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        v.extend(
+            ended
+                .iter()
+                .filter(|(_, owner, _)| uid.is_none_or(|u| *owner == u))
+                .map(|(_, _, s)| s.clone()),
+        );
         v.sort_by_key(|s| s.job_id);
         v
     }
@@ -176,7 +192,24 @@ impl Jobs {
         if let Some(s) = &self.state {
             s.remove(job_id);
         }
-        self.lock().remove(&job_id).is_some()
+        let Some(e) = self.lock().remove(&job_id) else {
+            return false;
+        };
+        let mut status = e.status;
+        if !matches!(status.state.as_str(), "failed" | "refused") {
+            status.state = "ended".into();
+        }
+        status.pid = None;
+        status.reason.get_or_insert_with(|| reason.to_string());
+        let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        while ended.front().is_some_and(|(t, _, _)| {
+            now.duration_since(*t) > ENDED_KEEP || ended.len() >= ENDED_MAX
+        }) {
+            ended.pop_front();
+        }
+        ended.push_back((now, e.record.spec.uid, status));
+        true
     }
 
     pub fn stop_all(&self, reason: &str) {

@@ -62,6 +62,9 @@ enum Cmd {
     Status {
         #[command(flatten)]
         at: Where,
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the agent's metrics in Prometheus text format (root).
     Metrics {
@@ -118,7 +121,14 @@ fn main() -> std::process::ExitCode {
                 }
             }
         }
-        Cmd::Status { at } => match call(&at, Request::Status) {
+        Cmd::Status { at, json } => match call(&at, Request::Status) {
+            Ok(Response::Status { jobs }) if json => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&jobs).unwrap_or_default()
+                );
+                std::process::ExitCode::SUCCESS
+            }
             Ok(Response::Status { jobs }) => {
                 println!(
                     "{:<10} {:<12} {:<10} {:<9} {:<16} {:<10} {:>7} {:>8} {:>8}  REASON",

@@ -38,7 +38,8 @@ pub const KEEP: &[(Capability, &str)] = &[
 ];
 
 pub fn drop_unneeded() -> Result<(), String> {
-    let have = caps::read(None, CapSet::Permitted).map_err(|e| format!("reading capabilities: {e}"))?;
+    let have =
+        caps::read(None, CapSet::Permitted).map_err(|e| format!("reading capabilities: {e}"))?;
     // Keep what is wanted and available (a container may lack some).
     let keep: CapsHashSet = KEEP
         .iter()

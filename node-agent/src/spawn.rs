@@ -4,15 +4,17 @@
 //! every step is explicit. In the child, between fork and exec:
 //!   1. `setsid`: own session and process group, so the whole group can be
 //!      signalled and checked for leftovers.
-//!   2. `PR_SET_PDEATHSIG(SIGKILL)`: if the agent dies, its children die.
-//!      (The agent runs a single-threaded runtime, so the "parent thread"
-//!      that this signal is tied to is the agent's main thread.)
+//!   2. Join the job's cgroup and take the job's resource limits (as root).
 //!   3. Drop every capability from the bounding set while still root.
 //!   4. `setgroups`, `setresgid`, `setresuid`: the job's identity. Leaving
 //!      uid 0 clears the permitted, effective and ambient capability sets.
-//!   5. `PR_SET_NO_NEW_PRIVS`: no setuid binary or file capability can give
+//!   5. `PR_SET_PDEATHSIG(SIGKILL)`: if the agent dies, its children die.
+//!      Set after the credential change, which would clear it. (The agent
+//!      runs a single-threaded runtime, so the "parent thread" this signal
+//!      is tied to is the agent's main thread.)
+//!   6. `PR_SET_NO_NEW_PRIVS`: no setuid binary or file capability can give
 //!      anything back.
-//!   6. `chdir` to the job's directory, as the user (root may not be allowed
+//!   7. `chdir` to the job's directory, as the user (root may not be allowed
 //!      into a home on NFS with root_squash).
 
 use dask_spank_common::messages::Rlimit;
@@ -106,17 +108,6 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<tokio::process::Child> {
     unsafe {
         cmd.pre_exec(move || {
             errno_check(libc::setsid())?;
-            errno_check(libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ))?;
-            if libc::getppid() != agent_pid {
-                // The agent died between fork and prctl.
-                return Err(io::Error::from_raw_os_error(libc::ESRCH));
-            }
             if let Some(path) = &cgroup {
                 // Writing "0" moves the writing process. Best effort: a job
                 // without a writable cgroup still runs.
@@ -139,6 +130,19 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<tokio::process::Child> {
             errno_check(libc::setresuid(uid, uid, uid))?;
             if libc::geteuid() != uid || libc::getegid() != gid {
                 return Err(io::Error::from_raw_os_error(libc::EPERM));
+            }
+            // After the credential change, which clears the parent-death
+            // signal (prctl(2)).
+            errno_check(libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ))?;
+            if libc::getppid() != agent_pid {
+                // The agent died between fork and prctl.
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
             }
             errno_check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
             errno_check(libc::chdir(cwd.as_ptr()))?;

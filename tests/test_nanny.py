@@ -1,0 +1,262 @@
+"""The node agent as a nanny: fault injection on the real sandbox.
+
+Each case breaks something for real (signals, memory, a missing env, the
+agent itself) and asserts what a user or an admin would check afterwards.
+"""
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+import sandboxlib as sb
+
+
+def mine(cluster: str) -> list[dict]:
+    return [p for p in sb.dask_processes() if f"/clusters/{cluster}/" in " ".join(p["args"])]
+
+
+def start(cluster: str, workers: int, *extra: str, worker_args=()):
+    sb.forget_cluster(cluster)
+    sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster}", *extra)
+    arr = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster}", f"--array=1-{workers}",
+                    *extra, *worker_args)
+    sb.wait_scheduler_file(cluster, timeout=120)
+    c = sb.client(cluster)
+    c.wait_for_workers(workers, timeout=120)
+    return sched, arr, c
+
+
+def worker_log(arr: str, task) -> str:
+    return (sb.WORK / "log" / f"dask-worker-{arr}_{task}.log").read_text()
+
+
+def test_1_sigkill_during_a_computation_result_correct_and_back_within_2s(cluster_name):
+    import dask.array as da
+
+    sched, arr, c = start(cluster_name, 2)
+
+    def slow_square(b):
+        import time as t
+        t.sleep(0.05)
+        return b * b
+
+    n = 400_000
+    x = da.arange(n, chunks=n // 200, dtype="int64")
+    fut = c.compute(x.map_blocks(slow_square).sum())
+    time.sleep(1.0)
+    assert not fut.done(), "the computation must still be running when the worker is killed"
+    pids = c.run(os.getpid)
+    addr, pid = sorted(pids.items())[0]
+    name = c.scheduler_info()["workers"][addr]["name"]
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    sb.wait_until("the killed worker to re-register", lambda: any(
+        w["name"] == name and a != addr for a, w in c.scheduler_info()["workers"].items()), 10, 0.02)
+    back = time.monotonic() - t0
+    assert int(fut.result(timeout=120)) == sum(i * i for i in range(n))
+    assert back < 2.0, f"worker back after {back:.2f}s"
+    print(f"worker back after {back:.2f}s")
+    c.close()
+
+
+def test_2_crash_looping_worker_is_given_up_with_the_reason(cluster_name):
+    env = sb.WORK / "env-without-distributed"
+    if not (env / "bin" / "python").exists():
+        sb.as_user(["/usr/bin/python3", "-m", "venv", "--without-pip", str(env)])
+    sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster_name}")
+    sb.wait_scheduler_file(cluster_name)
+    job = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster_name}", f"--dask-env={env}")
+    sb.wait_job_gone(job, 90)
+    log = (sb.WORK / "log" / f"dask-worker-{job}.log").read_text()
+    assert "No module named 'distributed'" in log
+    assert log.count("worker died (exit code 1); restarting in") == 4
+    assert "worker died (exit code 1); gave up after 5 crashes within 60s; not restarting" in log
+    assert sb.job_state(job) == "FAILED"
+    st = [j for j in sb.agent_status() if j["job_id"] == int(job)]
+    assert st and st[0]["state"] == "failed", st
+    assert "gave up after 5 crashes within 60s" in st[0]["reason"]
+    assert st[0]["restarts"] == 4
+    sb.run(["scancel", sched])
+
+
+def test_3_worker_over_its_memory_limit_is_killed_and_restarted(cluster_name):
+    sched, arr, c = start(cluster_name, 1, worker_args=("--mem=600M",))
+    addr = next(iter(c.scheduler_info()["workers"]))
+
+    def hog():
+        import numpy as np
+        a = np.ones(100 * 1024 * 1024, dtype=np.int64)  # 800 MiB, touched
+        import time as t
+        t.sleep(30)
+        return int(a[0])
+
+    fut = c.submit(hog, pure=False)
+    sb.wait_until("a memory kill in the worker's log", lambda: "memory kill:" in worker_log(arr, 1), 60)
+    sb.wait_until("the worker to come back", lambda: any(
+        a != addr for a in c.scheduler_info()["workers"]), 60)
+    fut.cancel()
+    log = worker_log(arr, 1)
+    assert "exceeds 95% of the job's 600 MiB: terminating the worker" in log
+    assert "worker restarted, pid" in log
+    metrics = sb.run([str(sb.BIN / "dask-node-agent"), "metrics", "--agent-dir",
+                      str(sb.STATE / "run" / "agent"), "--node", "n1"]).stdout
+    values = dict(l.split() for l in metrics.splitlines() if l and not l.startswith("#"))
+    assert int(values["dask_spank_memory_kills_total"]) >= 1
+    assert int(values["dask_spank_worker_restarts_total"]) >= 1
+    st = [j for j in sb.agent_status() if j["label"] == f"{arr}_1"][0]
+    assert st["memory_kills"] >= 1
+    c.close()
+
+
+def test_4_scancel_the_scheduler_ends_every_worker_job(cluster_name):
+    sched, arr, c = start(cluster_name, 3)
+    c.close()
+    t0 = time.monotonic()
+    sb.run(["scancel", sched])
+    sb.wait_job_gone(arr, 70)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 60 + 10, elapsed
+    sb.wait_until("no dask process of the cluster", lambda: not mine(cluster_name), 10)
+    for t in (1, 2, 3):
+        assert "worker exited (exit code 0)" in worker_log(arr, t) or "worker leaves" in worker_log(arr, t)
+        assert sb.job_state(f"{arr}_{t}") == "COMPLETED"
+
+
+def test_5_scancel_a_worker_job_kills_its_processes_within_5s(cluster_name):
+    sched, arr, c = start(cluster_name, 2)
+    c.close()
+    victim = [p for p in mine(cluster_name) if p.get("name", "").endswith(f"{arr}_1")][0]
+    t0 = time.monotonic()
+    sb.run(["scancel", f"{arr}_1"])
+    sb.wait_until("the worker's process to exit", lambda: not os.path.exists(f"/proc/{victim['pid']}"), 5, 0.05)
+    print(f"gone after {time.monotonic() - t0:.2f}s")
+    assert len([p for p in mine(cluster_name) if p["role"] == "worker"]) == 1
+
+
+def test_6_agent_killed_mid_run_jobs_fail_cleanly_no_orphans_then_it_computes_again(cluster_name):
+    import dask.array as da
+
+    sched, arr, c = start(cluster_name, 2)
+    c.close()
+    before = mine(cluster_name)
+    assert len(before) == 3
+    os.kill(sb.agent_pid(), signal.SIGKILL)
+    sb.wait_until("no dask process left (PR_SET_PDEATHSIG)", lambda: not mine(cluster_name), 10)
+    sb.wait_job_gone(sched, 60)
+    sb.wait_job_gone(arr, 60)
+    for log in [(sb.WORK / "log" / f"dask-scheduler-{sched}.log").read_text(), worker_log(arr, 1)]:
+        assert "dask-spank attach: lost the node agent" in log
+    assert sb.job_state(sched) == "FAILED"
+    sb.sandbox("up")  # restarts the agent
+    # Nothing is left, and a new cluster computes.
+    assert not mine(cluster_name)
+    name2 = cluster_name + "-2"
+    s2, a2, c2 = start(name2, 1)
+    assert int(da.arange(1000, chunks=100).sum().compute()) == 499500
+    c2.close()
+
+
+def test_6b_restarted_agent_kills_leftovers_and_keeps_live_registrations(cluster_name):
+    """PR_SET_PDEATHSIG reaches only direct children: a process a worker
+    started in its own group survives the agent. The restarted agent kills it
+    from its state, and keeps the registration of a job still running."""
+    sched, arr, c = start(cluster_name, 1)
+
+    def spawn_grandchild():
+        import subprocess
+        return subprocess.Popen(["sleep", "300"]).pid
+
+    gpid = c.submit(spawn_grandchild, pure=False).result()
+    c.close()
+    os.kill(sb.agent_pid(), signal.SIGKILL)
+    time.sleep(1)
+    assert os.path.exists(f"/proc/{gpid}"), "the grandchild outlives the killed agent"
+    sb.sandbox("up")
+    sb.wait_until("the leftover to be killed", lambda: not os.path.exists(f"/proc/{gpid}"), 10)
+    sb.wait_job_gone(sched, 60)
+    sb.wait_job_gone(arr, 60)
+
+
+def test_7_users_cannot_touch_other_jobs():
+    u2 = "dasktest2"
+    if subprocess.run(["id", u2], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "-M", "-d", "/nonexistent", "-s", "/bin/sh", u2], check=True)
+    job = sb.sbatch("--dask-role=scheduler", "--dask-cluster=nanny-7")
+    sb.wait_scheduler_file("nanny-7")
+    sock = str(sb.STATE / "run" / "agent" / "agent-n1.sock")
+    code = (
+        "import json,socket,struct,sys\n"
+        "s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+        "def send(m):\n b=json.dumps(m).encode(); s.sendall(struct.pack('>I',len(b))+b)\n"
+        "def recv():\n n=struct.unpack('>I',s.recv(4))[0]; d=b''\n while len(d)<n: d+=s.recv(n-len(d))\n return json.loads(d)\n"
+        "send({'version':1,'client':'test'}); recv()\n"
+        "send(json.loads(sys.argv[2])); print(json.dumps(recv()))\n"
+    )
+    attach = json.dumps({"type": "attach", "job_id": int(job), "cwd": "/", "env": [], "cluster_dir": "/tmp"})
+    # Another user: refused, the job belongs to someone else.
+    p = subprocess.run(["runuser", "-u", u2, "--", "/usr/bin/python3", "-c", code, sock, attach],
+                       capture_output=True, text=True, check=True)
+    r = json.loads(p.stdout)
+    assert r["type"] == "error" and f"job {job} belongs to uid {sb.user().pw_uid}" in r["message"], r
+    # The owner, but from outside the job: refused too.
+    p = sb.as_user(["/usr/bin/python3", "-c", code, sock, attach])
+    r = json.loads(p.stdout)
+    assert r["type"] == "error" and "is not a process of job" in r["message"], r
+    # Status shows a user only their own jobs; metrics are root's.
+    p = subprocess.run(["runuser", "-u", u2, "--", str(sb.BIN / "dask-node-agent"), "status", "--json",
+                        "--agent-dir", str(sb.STATE / "run" / "agent"), "--node", "n1"],
+                       capture_output=True, text=True, check=True)
+    assert json.loads(p.stdout) == []
+    assert any(j["job_id"] == int(job) for j in sb.agent_status())
+    p = sb.as_user([str(sb.BIN / "dask-node-agent"), "metrics", "--agent-dir",
+                    str(sb.STATE / "run" / "agent"), "--node", "n1"], check=False)
+    assert p.returncode != 0 and "only root" in p.stderr
+    # And the job still runs, untouched.
+    assert sb.job_states(job)
+    sb.run(["scancel", job])
+
+
+def test_8_dask_processes_have_no_privileges(cluster_name):
+    sched, arr, c = start(cluster_name, 1)
+    c.close()
+    u = sb.user()
+    for p in mine(cluster_name):
+        status = dict(l.split(":", 1) for l in open(f"/proc/{p['pid']}/status").read().splitlines() if ":" in l)
+        status = {k: v.strip() for k, v in status.items()}
+        assert status["CapEff"] == "0000000000000000"
+        assert status["CapPrm"] == "0000000000000000"
+        assert status["CapBnd"] == "0000000000000000"
+        assert status["CapAmb"] == "0000000000000000"
+        assert status["NoNewPrivs"] == "1"
+        assert status["Uid"].split() == [str(u.pw_uid)] * 4
+        assert status["Gid"].split() == [str(u.pw_gid)] * 4
+        assert sorted(int(g) for g in status["Groups"].split()) == sorted(os.getgrouplist(u.pw_name, u.pw_gid))
+    agent = open(f"/proc/{sb.agent_pid()}/status").read()
+    capeff = [l.split()[1] for l in agent.splitlines() if l.startswith("CapEff")][0]
+    assert int(capeff, 16) & ~0x1ff == 0, f"the agent keeps only what it needs, got {capeff}"
+
+
+def test_9_worker_near_its_walltime_retires_and_no_task_is_lost(cluster_name):
+    import dask.array as da
+
+    # A long-lived worker, and a worker job with 2 minutes of walltime: with
+    # the default 5-minute margin it retires at half of it (60 s).
+    sched, arr, c = start(cluster_name, 1)
+    short = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster_name}", "-t", "2")
+    c.wait_for_workers(2, timeout=60)
+    assert "--lifetime" in (sb.WORK / "log" / f"dask-worker-{short}.log").read_text()
+    x = da.random.RandomState(0).random(2_000_000, chunks=20_000)
+    xs = c.persist(x)  # data on both workers
+    sb.wait_until("the short worker to retire", lambda: len(c.scheduler_info()["workers"]) == 1, 100, 1)
+    total = float(xs.sum().compute())
+    assert total == pytest.approx(float(x.sum().compute()))
+    sb.wait_job_gone(short, 30)
+    assert sb.job_state(short) == "COMPLETED", "the job ended before Slurm's time limit"
+    log = (sb.WORK / "log" / f"dask-worker-{short}.log").read_text()
+    assert "worker exited (exit code 0)" in log
+    c.close()
+
+
+import json  # noqa: E402  (used by test_7)
