@@ -252,6 +252,27 @@ fn reconcile(state: &statefile::StateDir, jobs: &jobs::Jobs) {
     }
 }
 
+/// Tell systemd (Type=notify) that the agent serves, and keep its watchdog
+/// fed from the event loop, so a wedged agent gets restarted. Outside
+/// systemd (no NOTIFY_SOCKET) this does nothing.
+fn systemd_ready() {
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!("sd_notify READY failed: {e}");
+    }
+    let mut usec = 0u64;
+    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
+        let every = Duration::from_micros(usec / 2);
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(every);
+            loop {
+                t.tick().await;
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+        tracing::info!("systemd watchdog fed every {every:?}");
+    }
+}
+
 async fn run(
     at: Where,
     settings: dask_cmd::DaskSettings,
@@ -309,6 +330,7 @@ async fn run(
         tracing::info!(%addr, "metrics served");
     }
     tracing::info!(node = %node, socket = %sock.display(), "dask-node-agent ready");
+    systemd_ready();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| e.to_string())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
@@ -318,6 +340,7 @@ async fn run(
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     tracing::info!(
         "shutting down: stopping the dask processes of {} jobs",
         agent.jobs.len()
