@@ -30,7 +30,7 @@ ENV["PATH"] = f"{VENV}/bin:{BIN}:" + ENV.get("PATH", "/usr/bin:/bin")
 
 
 def sandbox(cmd: str) -> None:
-    subprocess.run([str(REPO / "scripts" / "sandbox"), cmd], check=True)
+    subprocess.run([str(REPO / "scripts" / "sandbox"), cmd], check=True, env=os.environ)
 
 
 def run(args, check=True, **kw) -> subprocess.CompletedProcess:
