@@ -7,6 +7,7 @@
 //! its exit code is the outcome of the dask processes. When Slurm kills it
 //! (scancel, walltime), the agent sees the connection close and stops them.
 
+use crate::record::{now, state_file, write_json, write_report, ClusterState, JobReport};
 use dask_spank_common::client::Client;
 use dask_spank_common::messages::{Attach, Rlimit};
 use dask_spank_common::paths::{cluster_dir, scheduler_file, user_root, vars};
@@ -37,6 +38,7 @@ pub fn run() -> Result<i32, String> {
     if role == Role::Scheduler {
         // A file left by an earlier scheduler of this cluster would send
         // workers to a dead address.
+        let _ = std::fs::remove_file(state_file(&dir));
         let f = scheduler_file(&dir);
         match std::fs::remove_file(&f) {
             Ok(()) => {}
@@ -52,7 +54,7 @@ pub fn run() -> Result<i32, String> {
         job_id,
         cwd,
         env,
-        cluster_dir: dir,
+        cluster_dir: dir.clone(),
         rlimits: rlimits(),
     });
     match c.call(&req).map_err(|e| e.to_string())? {
@@ -65,14 +67,101 @@ pub fn run() -> Result<i32, String> {
         Response::Error { message } => return Err(format!("node agent refused: {message}")),
         other => return Err(format!("node agent: unexpected reply {other:?}")),
     }
+    let mut report = JobReport {
+        job_id,
+        label: job_label(job_id),
+        role: role.to_string(),
+        state: "running".into(),
+        reason: None,
+        node: std::env::var("SLURMD_NODENAME").unwrap_or_default(),
+        log: std::fs::read_link("/proc/self/fd/1")
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned()),
+        updated: now(),
+    };
+    write_report(&dir, &report);
+    if role == Role::Scheduler {
+        let (dir, cluster, job) = (dir.clone(), cluster.to_string(), job_id.to_string());
+        std::thread::spawn(move || keep_state(&dir, &cluster, &job));
+    }
     c.wait_forever().map_err(|e| e.to_string())?;
-    match c.recv() {
-        Ok(Response::Finished { exit_code, reason }) => {
-            eprintln!("dask-spank: {role} finished: {reason}");
-            Ok(exit_code)
-        }
-        Ok(other) => Err(format!("node agent: unexpected reply {other:?}")),
-        Err(e) => Err(format!("lost the node agent: {e}")),
+    let (code, reason) = match c.recv() {
+        Ok(Response::Finished { exit_code, reason }) => (exit_code, reason),
+        Ok(other) => (1, format!("node agent: unexpected reply {other:?}")),
+        Err(e) => (1, format!("lost the node agent: {e}")),
+    };
+    report.state = if code == 0 { "ended" } else { "failed" }.into();
+    report.reason = Some(reason.clone());
+    report.updated = now();
+    write_report(&dir, &report);
+    if code == 0 {
+        eprintln!("dask-spank: {role} finished: {reason}");
+        Ok(0)
+    } else if reason.starts_with("lost the node agent") {
+        Err(reason)
+    } else {
+        eprintln!("dask-spank: {role} finished: {reason}");
+        Ok(code)
+    }
+}
+
+/// `1234_5` for an array task, else the job id: the label used everywhere.
+fn job_label(job_id: u32) -> String {
+    match (
+        std::env::var("SLURM_ARRAY_JOB_ID"),
+        std::env::var("SLURM_ARRAY_TASK_ID"),
+    ) {
+        (Ok(a), Ok(t)) if !a.is_empty() && !t.is_empty() => format!("{a}_{t}"),
+        _ => job_id.to_string(),
+    }
+}
+
+/// The scheduler job's side of the cluster state record: every 2 s, the
+/// scheduler's address and its connected workers into `state.json`.
+fn keep_state(dir: &std::path::Path, cluster: &str, job: &str) {
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(3))
+        .build();
+    let sched_file = scheduler_file(dir);
+    loop {
+        std::thread::sleep(Duration::from_secs(2));
+        let Ok(text) = std::fs::read_to_string(&sched_file) else {
+            continue;
+        };
+        let Ok(info) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
+        let address = info["address"].as_str().unwrap_or_default().to_string();
+        let host = address
+            .trim_start_matches("tcp://")
+            .rsplit_once(':')
+            .map(|(h, _)| h.to_string())
+            .unwrap_or_default();
+        let dashboard = info["services"]["dashboard"]
+            .as_u64()
+            .map(|p| format!("http://{host}:{p}"));
+        let connected: Vec<String> = dashboard
+            .as_ref()
+            .and_then(|d| agent.get(&format!("{d}/json/identity.json")).call().ok())
+            .and_then(|r| r.into_json::<serde_json::Value>().ok())
+            .and_then(|v| {
+                v["workers"].as_object().map(|ws| {
+                    ws.values()
+                        .filter_map(|w| w["name"].as_str().map(str::to_string))
+                        .collect()
+                })
+            })
+            .unwrap_or_default();
+        let state = ClusterState {
+            cluster: cluster.to_string(),
+            scheduler_job: job.to_string(),
+            scheduler_address: address,
+            dashboard_address: dashboard,
+            scheduler_file: sched_file.clone(),
+            connected,
+            updated: now(),
+        };
+        let _ = write_json(&state_file(dir), &state);
     }
 }
 

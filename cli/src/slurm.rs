@@ -1,0 +1,135 @@
+//! The Slurm commands the CLI uses: plain sbatch, squeue and scancel, so
+//! that everything it does can also be done by hand.
+
+use std::process::Command;
+
+/// One line of squeue about a dask-spank job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedJob {
+    /// `1234` or `1234_5` (array task), as squeue -r prints it.
+    pub label: String,
+    pub name: String,
+    pub state: String,
+    pub node: String,
+    pub reason: String,
+    pub submit: String,
+}
+
+pub fn job_names(cluster: &str) -> [String; 2] {
+    [
+        format!("dask-scheduler-{cluster}"),
+        format!("dask-worker-{cluster}"),
+    ]
+}
+
+fn user() -> String {
+    std::env::var("USER")
+        .ok()
+        .or_else(|| {
+            nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+        })
+        .unwrap_or_default()
+}
+
+pub fn parse_squeue(out: &str) -> Vec<QueuedJob> {
+    out.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('|').collect();
+            (f.len() >= 6).then(|| QueuedJob {
+                label: f[0].trim().into(),
+                name: f[1].trim().into(),
+                state: f[2].trim().into(),
+                node: f[3].trim().into(),
+                reason: f[4].trim().into(),
+                submit: f[5].trim().into(),
+            })
+        })
+        .collect()
+}
+
+/// The user's dask-spank jobs, of one cluster or all (`None`).
+pub fn squeue(cluster: Option<&str>) -> Result<Vec<QueuedJob>, String> {
+    let mut cmd = Command::new("squeue");
+    cmd.args(["-h", "-r", "-u", &user(), "-o", "%i|%j|%T|%N|%r|%V"]);
+    if let Some(c) = cluster {
+        cmd.args(["-n", &job_names(c).join(",")]);
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run squeue: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "squeue failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let jobs = parse_squeue(&String::from_utf8_lossy(&out.stdout));
+    Ok(jobs
+        .into_iter()
+        .filter(|j| j.name.starts_with("dask-scheduler-") || j.name.starts_with("dask-worker-"))
+        .collect())
+}
+
+/// Submit with sbatch; returns the job id. sbatch's (or the plugin's) own
+/// message reaches the user on failure.
+pub fn sbatch(args: &[String]) -> Result<String, String> {
+    let out = Command::new("sbatch")
+        .arg("--parsable")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run sbatch: {e}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = err
+            .lines()
+            .filter(|l| {
+                !l.contains("required plugin") && !l.contains("Failed to initialize plugin stack")
+            })
+            .collect();
+        return Err(format!(
+            "sbatch {} failed: {}",
+            args.join(" "),
+            lines.join("; ")
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .to_string())
+}
+
+pub fn scancel(ids: &[String]) -> Result<(), String> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let out = Command::new("scancel")
+        .args(ids)
+        .output()
+        .map_err(|e| format!("cannot run scancel: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "scancel failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn squeue_lines() {
+        let j = parse_squeue("12_3|dask-worker-ana|RUNNING|n1|None|2026-11-22T23:00:00\nbad\n");
+        assert_eq!(j.len(), 1);
+        assert_eq!(j[0].label, "12_3");
+        assert_eq!(j[0].state, "RUNNING");
+        assert_eq!(job_names("ana")[1], "dask-worker-ana");
+    }
+}

@@ -1,0 +1,226 @@
+//! What the user sees of a cluster: one row per job, from squeue (pending
+//! and running jobs), the jobs' own reports (failures and ends, also after
+//! Slurm forgot the job) and the scheduler's list of connected workers.
+
+use crate::record::{ClusterState, JobReport};
+use crate::slurm::QueuedJob;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Row {
+    pub job: String,
+    pub role: String,
+    /// pending, running, connected, failed, ended
+    pub state: String,
+    pub node: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClusterView {
+    pub cluster: String,
+    pub scheduler: Option<Row>,
+    pub workers: Vec<Row>,
+    pub connected: usize,
+    pub pending: usize,
+    pub running: usize,
+    pub failed: usize,
+    pub ended: usize,
+    pub scheduler_address: Option<String>,
+    pub dashboard_address: Option<String>,
+    pub scheduler_file: String,
+}
+
+impl ClusterView {
+    /// Worker jobs that count towards the cluster's size: all but those that
+    /// ended normally (cancelled by `scale`, retired at their walltime).
+    /// Failed jobs count: they are workers the user asked for and lacks.
+    pub fn total(&self) -> usize {
+        self.workers.len() - self.ended
+    }
+
+    pub fn percent_connected(&self) -> f64 {
+        if self.total() == 0 {
+            0.0
+        } else {
+            100.0 * self.connected as f64 / self.total() as f64
+        }
+    }
+}
+
+fn role_of(name: &str) -> &'static str {
+    if name.starts_with("dask-scheduler-") {
+        "scheduler"
+    } else {
+        "worker"
+    }
+}
+
+pub fn build(
+    cluster: &str,
+    queued: &[QueuedJob],
+    reports: &[JobReport],
+    state: Option<&ClusterState>,
+    scheduler_file: String,
+) -> ClusterView {
+    let connected: Vec<&str> = state
+        .map(|s| s.connected.iter().map(String::as_str).collect())
+        .unwrap_or_default();
+    let mut rows: BTreeMap<String, Row> = BTreeMap::new();
+    for r in reports {
+        rows.insert(
+            r.label.clone(),
+            Row {
+                job: r.label.clone(),
+                role: r.role.clone(),
+                state: if r.state == "running" {
+                    "ended".into()
+                } else {
+                    r.state.clone()
+                },
+                node: r.node.clone(),
+                reason: r.reason.clone().unwrap_or_default(),
+            },
+        );
+    }
+    for q in queued {
+        let role = role_of(&q.name).to_string();
+        let report = reports.iter().find(|r| r.label == q.label);
+        let (state, reason) = match q.state.as_str() {
+            "PENDING" => ("pending".to_string(), q.reason.clone()),
+            "RUNNING" | "COMPLETING" | "CONFIGURING" => {
+                let name = format!("{cluster}-{}", q.label);
+                match report {
+                    Some(r) if r.state == "failed" => {
+                        ("failed".into(), r.reason.clone().unwrap_or_default())
+                    }
+                    _ if role == "worker" && connected.contains(&name.as_str()) => {
+                        ("connected".into(), String::new())
+                    }
+                    _ => ("running".into(), String::new()),
+                }
+            }
+            other => (other.to_lowercase(), q.reason.clone()),
+        };
+        let reason = if reason == "None" {
+            String::new()
+        } else {
+            reason
+        };
+        rows.insert(
+            q.label.clone(),
+            Row {
+                job: q.label.clone(),
+                role,
+                state,
+                node: q.node.clone(),
+                reason,
+            },
+        );
+    }
+    let mut scheduler = None;
+    let mut workers = Vec::new();
+    for (_, r) in rows {
+        if r.role == "scheduler" {
+            // The newest scheduler job is the cluster's.
+            scheduler = Some(r);
+        } else {
+            workers.push(r);
+        }
+    }
+    let count = |s: &str| workers.iter().filter(|r| r.state == s).count();
+    ClusterView {
+        cluster: cluster.to_string(),
+        connected: count("connected"),
+        pending: count("pending"),
+        running: count("running"),
+        failed: count("failed"),
+        ended: count("ended"),
+        scheduler,
+        workers,
+        scheduler_address: state.map(|s| s.scheduler_address.clone()),
+        dashboard_address: state.and_then(|s| s.dashboard_address.clone()),
+        scheduler_file,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(label: &str, name: &str, state: &str, reason: &str) -> QueuedJob {
+        QueuedJob {
+            label: label.into(),
+            name: name.into(),
+            state: state.into(),
+            node: if state == "RUNNING" {
+                "n1".into()
+            } else {
+                String::new()
+            },
+            reason: reason.into(),
+            submit: String::new(),
+        }
+    }
+
+    #[test]
+    fn merges_queue_reports_and_connections() {
+        let queued = vec![
+            q("10", "dask-scheduler-ana", "RUNNING", "None"),
+            q("11_1", "dask-worker-ana", "RUNNING", "None"),
+            q("11_2", "dask-worker-ana", "RUNNING", "None"),
+            q("11_3", "dask-worker-ana", "PENDING", "Resources"),
+        ];
+        let reports = vec![
+            JobReport {
+                job_id: 14,
+                label: "11_2".into(),
+                role: "worker".into(),
+                state: "failed".into(),
+                reason: Some("worker died (exit code 1); gave up".into()),
+                node: "n1".into(),
+                log: None,
+                updated: 0,
+            },
+            JobReport {
+                job_id: 15,
+                label: "11_4".into(),
+                role: "worker".into(),
+                state: "failed".into(),
+                reason: Some("refused".into()),
+                node: "n2".into(),
+                log: None,
+                updated: 0,
+            },
+        ];
+        let state = ClusterState {
+            cluster: "ana".into(),
+            scheduler_job: "10".into(),
+            scheduler_address: "tcp://x:1".into(),
+            dashboard_address: Some("http://x:2".into()),
+            scheduler_file: "/f".into(),
+            connected: vec!["ana-11_1".into()],
+            updated: 0,
+        };
+        let v = build("ana", &queued, &reports, Some(&state), "/f".into());
+        let states: Vec<(&str, &str)> = v
+            .workers
+            .iter()
+            .map(|r| (r.job.as_str(), r.state.as_str()))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("11_1", "connected"),
+                ("11_2", "failed"),
+                ("11_3", "pending"),
+                ("11_4", "failed")
+            ]
+        );
+        assert_eq!(v.workers[2].reason, "Resources");
+        assert_eq!((v.connected, v.pending, v.failed, v.total()), (1, 1, 2, 4));
+        assert_eq!(v.percent_connected(), 25.0);
+        assert_eq!(v.scheduler.unwrap().state, "running");
+    }
+}

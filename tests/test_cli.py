@@ -1,0 +1,151 @@
+"""The dask-spank user command on the sandbox: every subcommand, human and
+--json output, readiness and failure reasons."""
+import json
+import os
+import subprocess
+import time
+
+import sandboxlib as sb
+
+
+def ds(*args, check=True, timeout=300):
+    return sb.as_user(["dask-spank", *args], check=check, timeout=timeout)
+
+
+def connected(name):
+    c = sb.client(name)
+    n = len(c.scheduler_info()["workers"])
+    c.close()
+    return n
+
+
+def test_help_is_clear_and_shows_examples():
+    out = ds("--help").stdout
+    assert "Dask clusters as Slurm jobs" in out and "Examples:" in out
+    for sub in ["up", "ls", "status", "wait", "scale", "logs", "down", "attach"]:
+        assert sub in out
+        h = ds(sub, "--help").stdout
+        assert "Example" in h, sub
+
+
+def test_up_wait_status_ls_logs_down(cluster_name):
+    name = cluster_name
+    p = ds("up", name, "--workers", "2", "--worker-mem", "2G", "--wait", "100", "--timeout", "180")
+    assert f"cluster '{name}': scheduler job" in p.stdout
+    assert f"client = Client(scheduler_file=\"{sb.scheduler_file(name)}\")" in p.stdout
+    assert f"cluster '{name}': 2 of 2 worker jobs connected (100%)" in p.stdout
+    assert connected(name) == 2
+
+    st = json.loads(ds("status", name, "--json").stdout)
+    assert st["connected"] == 2 and st["pending"] == 0 and st["failed"] == 0
+    assert st["scheduler"]["state"] == "running"
+    assert st["scheduler_address"].startswith("tcp://127.0.0.1:")
+    assert [w["state"] for w in st["workers"]] == ["connected", "connected"]
+    human = ds("status", name).stdout
+    assert f"cluster '{name}': 2 of 2 worker jobs connected" in human
+    assert "JOB          ROLE       STATE      NODE      REASON" in human
+    sched = st["scheduler"]["job"]
+    assert sb.scontrol_job(sched)["MinMemoryNode"] == "1G"
+    assert sb.scontrol_job(st["workers"][0]["job"])["MinMemoryNode"] == "2G"
+
+    ls = json.loads(ds("ls", "--json").stdout)
+    mine = [c for c in ls if c["cluster"] == name]
+    assert mine and mine[0]["connected"] == 2 and mine[0]["workers"] == 2
+    assert name in ds("ls").stdout
+
+    logs = ds("logs", name, "--job", st["workers"][0]["job"]).stdout
+    assert f"==> {st['workers'][0]['job']}:" in logs and "worker started, pid" in logs
+
+    p = ds("up", name, "--workers", "1", check=False)
+    assert p.returncode != 0 and f"dask-spank: cluster '{name}' is already in use by jobs" in p.stderr
+
+    out = ds("down", name).stdout
+    assert f"cluster '{name}' is down: 3 jobs cancelled, none left in the queue" in out
+    assert not sb.run(["squeue", "-h", "-n", f"dask-worker-{name},dask-scheduler-{name}"]).stdout.strip()
+    sb.wait_until("no dask process of the cluster", lambda: not [
+        p for p in sb.dask_processes() if f"/clusters/{name}/" in " ".join(p["args"])], 20)
+
+
+def test_wait_percent_returns_at_half_and_not_earlier(cluster_name):
+    name = cluster_name
+    sb.forget_cluster(name)
+    sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={name}")
+    held = [sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", "--hold") for _ in range(2)]
+    sb.wait_scheduler_file(name)
+    # --percent 0 returns at once.
+    t0 = time.monotonic()
+    ds("wait", name, "--percent", "0")
+    assert time.monotonic() - t0 < 5
+    w = subprocess.Popen(
+        ["runuser", "-u", sb.TEST_USER, "--", "env", "-C", str(sb.WORK), f"HOME={sb.HOME}", f"USER={sb.TEST_USER}",
+         f"SLURM_CONF={sb.ENV['SLURM_CONF']}", f"PATH={sb.VENV}/bin:{sb.BIN}:/usr/bin:/bin",
+         "dask-spank", "wait", name, "--percent", "50", "--timeout", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)
+    assert w.poll() is None, "wait returned before any worker was connected"
+    sb.run(["scontrol", "release", held[0]])
+    out, err = w.communicate(timeout=120)
+    assert w.returncode == 0, err
+    assert f"cluster '{name}': 1 of 2 worker jobs connected (50%), 1 pending" in out
+    assert connected(name) == 1
+    # Plain lines when not on a terminal.
+    assert "dask-spank: 0 of 2 worker jobs connected (0%), 2 pending" in err
+    # A timeout names what the pending job waits for.
+    p = ds("wait", name, "--percent", "100", "--timeout", "3", check=False)
+    assert p.returncode != 0
+    assert "timed out after 3s: 1 of 2 worker jobs connected (50%), 1 pending (wanted 100%)" in p.stderr
+    assert "pending jobs wait for: JobHeldUser" in p.stderr
+    sb.run(["scancel", sched, *held])
+
+
+def test_status_and_wait_report_a_failed_worker(cluster_name):
+    name = cluster_name
+    env = sb.WORK / "env-without-distributed"
+    if not (env / "bin" / "python").exists():
+        sb.as_user(["/usr/bin/python3", "-m", "venv", "--without-pip", str(env)])
+    ds("up", name, "--workers", "0")
+    sb.wait_scheduler_file(name)
+    job = sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", f"--dask-env={env}")
+    p = ds("wait", name, "--percent", "100", "--timeout", "120", check=False)
+    assert p.returncode != 0
+    assert "only 0 of 1 worker jobs are left, fewer than 100%" in p.stderr
+    assert "gave up after 5 crashes within 60s" in p.stderr
+    sb.wait_job_gone(job)
+    st = json.loads(ds("status", name, "--json").stdout)
+    row = [w for w in st["workers"] if w["job"] == job][0]
+    assert row["state"] == "failed"
+    assert "worker died (exit code 1); gave up after 5 crashes within 60s; not restarting" in row["reason"]
+    assert "failed" in ds("status", name).stdout
+    ds("down", name)
+
+
+def test_scale_up_and_down_changes_connected_workers(cluster_name):
+    name = cluster_name
+    ds("up", name, "--workers", "1", "--wait", "100", "--timeout", "120")
+    out = ds("scale", name, "3").stdout
+    assert f"cluster '{name}': 1 -> 3 worker jobs (submitted array" in out
+    ds("wait", name, "--percent", "100", "--timeout", "120")
+    assert connected(name) == 3
+    out = ds("scale", name, "1").stdout
+    assert f"cluster '{name}': 3 -> 1 worker jobs (cancelled" in out
+    sb.wait_until("2 workers to leave", lambda: connected(name) == 1, 60)
+    # The state record follows within a few seconds (refreshed every 2 s).
+    st = sb.wait_until("status to show 1 connected worker", lambda: (lambda s: s if s["connected"] == 1 else None)(
+        json.loads(ds("status", name, "--json").stdout)), 15)
+    assert st["ended"] == 2 and st["pending"] == 0
+    assert "already 1 worker jobs" in ds("scale", name, "1").stdout
+    ds("down", name)
+
+
+def test_errors_are_clear(cluster_name):
+    p = ds("status", "no-such-cluster", check=False)
+    assert p.returncode != 0
+    assert "dask-spank: unknown cluster 'no-such-cluster': no job and no record of it" in p.stderr
+    p = ds("wait", "bad/name", check=False)
+    assert p.returncode != 0 and "--dask-cluster=bad/name: may only contain" in p.stderr
+    # sbatch's (here the plugin's) own message reaches the user.
+    p = ds("up", cluster_name, "--worker-mem", "64G", check=False)
+    assert p.returncode != 0
+    assert "dask-spank: --mem=64G exceeds worker_mem_max=32G" in p.stderr
+    assert not sb.run(["squeue", "-h", "-n", f"dask-scheduler-{cluster_name}"]).stdout.strip(), \
+        "the scheduler job of a failed up is cancelled"
