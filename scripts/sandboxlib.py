@@ -198,3 +198,26 @@ def agent_pid() -> int:
 def job_state(job: str) -> str:
     """JobState from scontrol (works for a while after the job ended)."""
     return scontrol_job(job).get("JobState", "")
+
+
+# Speaks the agent's protocol (4-byte big-endian length + JSON, handshake
+# first) with nothing but the standard library, run as whatever user calls it.
+_AGENT_CLIENT = (
+    "import json,socket,struct,sys\n"
+    "s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+    "def send(m):\n b=json.dumps(m).encode(); s.sendall(struct.pack('>I',len(b))+b)\n"
+    "def recv():\n n=struct.unpack('>I',s.recv(4))[0]; d=b''\n while len(d)<n: d+=s.recv(n-len(d))\n return json.loads(d)\n"
+    "send({'version':1,'client':'test'}); assert recv()['type']=='welcome'\n"
+    "send(json.loads(sys.argv[2])); print(json.dumps(recv()))\n"
+)
+
+
+def agent_request(request: dict, user: str | None = None) -> dict:
+    """Send one request to the node agent as `user` (default: the test user)."""
+    sock = str(STATE / "run" / "agent" / "agent-n1.sock")
+    args = ["/usr/bin/python3", "-c", _AGENT_CLIENT, sock, json.dumps(request)]
+    if user is None:
+        p = as_user(args)
+    else:
+        p = subprocess.run(["runuser", "-u", user, "--", *args], capture_output=True, text=True, check=True)
+    return json.loads(p.stdout)

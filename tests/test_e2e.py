@@ -1,10 +1,7 @@
 """End to end: `sbatch --dask-role=...` starts a real dask cluster through the
 SPANK plugin and the node agent, on the real Slurm sandbox."""
-import json
 import os
 import signal
-import socket
-import struct
 import time
 
 import sandboxlib as sb
@@ -179,21 +176,6 @@ def test_job_fails_with_a_clear_message_when_the_agent_is_down(cluster_name):
         sb.sandbox("up")  # restarts the agent
 
 
-def _agent_call(request: dict) -> dict:
-    """Speak the agent's protocol (4-byte big-endian length + JSON) as the test user."""
-    code = (
-        "import json,socket,struct,sys\n"
-        "s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
-        "def send(m):\n b=json.dumps(m).encode(); s.sendall(struct.pack('>I',len(b))+b)\n"
-        "def recv():\n n=struct.unpack('>I',s.recv(4))[0]; d=b''\n while len(d)<n: d+=s.recv(n-len(d))\n return json.loads(d)\n"
-        "send({'version':1,'client':'test'}); assert recv()['type']=='welcome'\n"
-        "send(json.loads(sys.argv[2])); print(json.dumps(recv()))\n"
-    )
-    sock = sb.STATE / "run" / "agent" / "agent-n1.sock"
-    p = sb.as_user(["python3", "-c", code, str(sock), json.dumps(request)])
-    return json.loads(p.stdout)
-
-
 def test_unprivileged_user_cannot_register_or_end_jobs():
     u = sb.user()
     spec = {
@@ -210,9 +192,9 @@ def test_unprivileged_user_cannot_register_or_end_jobs():
                       "lifetime_margin_s": 300, "memory_kill_percent": 95},
         },
     }
-    r = _agent_call({"type": "register", **spec})
+    r = sb.agent_request({"type": "register", **spec})
     assert r["type"] == "error" and f"uid {u.pw_uid}" in r["message"] and "only root" in r["message"]
-    r = _agent_call({"type": "job_end", "job_id": 1, "reason": "x"})
+    r = sb.agent_request({"type": "job_end", "job_id": 1, "reason": "x"})
     assert r["type"] == "error" and "only root" in r["message"]
-    r = _agent_call({"type": "attach", "job_id": 999999, "cwd": "/", "env": [], "cluster_dir": "/tmp"})
+    r = sb.agent_request({"type": "attach", "job_id": 999999, "cwd": "/", "env": [], "cluster_dir": "/tmp"})
     assert r["type"] == "error" and "not registered" in r["message"]

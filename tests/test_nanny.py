@@ -3,6 +3,7 @@
 Each case breaks something for real (signals, memory, a missing env, the
 agent itself) and asserts what a user or an admin would check afterwards.
 """
+import json
 import os
 import signal
 import subprocess
@@ -185,24 +186,12 @@ def test_7_users_cannot_touch_other_jobs():
         subprocess.run(["useradd", "-M", "-d", "/nonexistent", "-s", "/bin/sh", u2], check=True)
     job = sb.sbatch("--dask-role=scheduler", "--dask-cluster=nanny-7")
     sb.wait_scheduler_file("nanny-7")
-    sock = str(sb.STATE / "run" / "agent" / "agent-n1.sock")
-    code = (
-        "import json,socket,struct,sys\n"
-        "s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
-        "def send(m):\n b=json.dumps(m).encode(); s.sendall(struct.pack('>I',len(b))+b)\n"
-        "def recv():\n n=struct.unpack('>I',s.recv(4))[0]; d=b''\n while len(d)<n: d+=s.recv(n-len(d))\n return json.loads(d)\n"
-        "send({'version':1,'client':'test'}); recv()\n"
-        "send(json.loads(sys.argv[2])); print(json.dumps(recv()))\n"
-    )
-    attach = json.dumps({"type": "attach", "job_id": int(job), "cwd": "/", "env": [], "cluster_dir": "/tmp"})
+    attach = {"type": "attach", "job_id": int(job), "cwd": "/", "env": [], "cluster_dir": "/tmp"}
     # Another user: refused, the job belongs to someone else.
-    p = subprocess.run(["runuser", "-u", u2, "--", "/usr/bin/python3", "-c", code, sock, attach],
-                       capture_output=True, text=True, check=True)
-    r = json.loads(p.stdout)
+    r = sb.agent_request(attach, user=u2)
     assert r["type"] == "error" and f"job {job} belongs to uid {sb.user().pw_uid}" in r["message"], r
     # The owner, but from outside the job: refused too.
-    p = sb.as_user(["/usr/bin/python3", "-c", code, sock, attach])
-    r = json.loads(p.stdout)
+    r = sb.agent_request(attach)
     assert r["type"] == "error" and "is not a process of job" in r["message"], r
     # Status shows a user only their own jobs; metrics are root's.
     p = subprocess.run(["runuser", "-u", u2, "--", str(sb.BIN / "dask-node-agent"), "status", "--json",
@@ -258,5 +247,3 @@ def test_9_worker_near_its_walltime_retires_and_no_task_is_lost(cluster_name):
     assert "worker exited (exit code 0)" in log
     c.close()
 
-
-import json  # noqa: E402  (used by test_7)

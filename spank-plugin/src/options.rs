@@ -85,8 +85,8 @@ mod tests {
     fn parse_options() {
         assert_eq!(DaskOptions::parse(None, None, None), Ok(None));
         let o = DaskOptions::parse(Some("worker"), Some("ana"), Some("/opt/env"))
-            .unwrap()
-            .unwrap();
+            .unwrap() // ok: test
+            .unwrap(); // ok: test
         assert_eq!(o.role, Role::Worker);
         assert_eq!(o.cluster.as_str(), "ana");
         assert_eq!(o.env, Some(PathBuf::from("/opt/env")));

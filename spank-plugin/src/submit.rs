@@ -103,11 +103,11 @@ mod tests {
             &r,
             &cfg,
             Role::Worker,
-            &"ana".parse().unwrap(),
+            &"ana".parse().unwrap(), // ok: test
             Path::new("/home/u"),
             "phys",
         )
-        .unwrap();
+        .unwrap(); // ok: test
         assert_eq!(
             p.insert,
             [
@@ -141,7 +141,7 @@ mod tests {
             Path::new("/w"),
             "g",
         )
-        .unwrap();
+        .unwrap(); // ok: test
         assert_eq!(
             p.insert,
             [
@@ -160,7 +160,7 @@ mod tests {
             Path::new("/w"),
             "g",
         )
-        .unwrap();
+        .unwrap(); // ok: test
         assert_eq!(p.insert[0], "--job-name=dask-worker-default");
         assert_eq!(p.log_dir, None);
         assert!(!p.insert.iter().any(|a| a.starts_with("--wrap")));
@@ -174,7 +174,7 @@ mod tests {
             &r,
             &cfg,
             Role::Worker,
-            &"ana".parse().unwrap(),
+            &"ana".parse().unwrap(), // ok: test
             Path::new("/w"),
             "g",
         )
@@ -185,7 +185,7 @@ mod tests {
             &r,
             &cfg,
             Role::Worker,
-            &"ana".parse().unwrap(),
+            &"ana".parse().unwrap(), // ok: test
             Path::new("/w"),
             "g",
         )
