@@ -221,3 +221,14 @@ def agent_request(request: dict, user: str | None = None) -> dict:
     else:
         p = subprocess.run(["runuser", "-u", user, "--", *args], capture_output=True, text=True, check=True)
     return json.loads(p.stdout)
+
+
+def sandbox_up(nodes: int) -> None:
+    """Bring the sandbox up with this many nodes (n1..nN)."""
+    subprocess.run([str(REPO / "scripts" / "sandbox"), "up", "--nodes", str(nodes)], check=True, env=os.environ)
+
+
+def agent_status_of(node: str) -> list[dict]:
+    args = [str(BIN / "dask-node-agent"), "status", "--json",
+            "--agent-dir", str(STATE / "run" / "agent"), "--node", node]
+    return json.loads(run(args).stdout)

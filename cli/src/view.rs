@@ -69,18 +69,27 @@ pub fn build(
         .unwrap_or_default();
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
     for r in reports {
+        // A job that left the queue while its report still says "running"
+        // never said goodbye: its node (or its batch script) died with it.
+        let (state, reason) = if r.state == "running" {
+            (
+                "failed".to_string(),
+                format!(
+                    "lost: the job ended without a report from {} (node failure?)",
+                    r.node
+                ),
+            )
+        } else {
+            (r.state.clone(), r.reason.clone().unwrap_or_default())
+        };
         rows.insert(
             r.label.clone(),
             Row {
                 job: r.label.clone(),
                 role: r.role.clone(),
-                state: if r.state == "running" {
-                    "ended".into()
-                } else {
-                    r.state.clone()
-                },
+                state,
                 node: r.node.clone(),
-                reason: r.reason.clone().unwrap_or_default(),
+                reason,
             },
         );
     }

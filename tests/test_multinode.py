@@ -1,0 +1,100 @@
+"""Three slurmd on one host (slurmd -N n1..n3, one port and one node agent
+each): the scheduler on one node, workers on the others, and the loss of a
+node in the middle of a computation."""
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+import sandboxlib as sb
+
+
+@pytest.fixture(scope="module", autouse=True)
+def three_nodes():
+    sb.sandbox_up(nodes=3)
+    yield
+    sb.cancel_all_user_jobs()
+    sb.sandbox_up(nodes=1)
+
+
+def node_pids(name: str) -> list[int]:
+    """Every process of one node's jobs: slurmstepd puts SLURMD_NODENAME in
+    its own environment and in its tasks' (batch script, dask-spank attach)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = (d / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"SLURMD_NODENAME={name}".encode() in env:
+            out.append(int(d.name))
+    return out
+
+
+def test_one_agent_per_node_and_workers_spread(cluster_name):
+    for n in ("n1", "n2", "n3"):
+        assert (sb.STATE / "run" / "agent" / f"agent-{n}.sock").exists()
+    name = cluster_name
+    sb.forget_cluster(name)
+    sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={name}", "-w", "n1")
+    w2 = sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", "--array=1-2", "-w", "n2")
+    w3 = sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", "--array=1-2", "-w", "n3")
+    sb.wait_scheduler_file(name)
+    c = sb.client(name)
+    c.wait_for_workers(4, timeout=120)
+    # Each node's agent runs exactly the jobs of its node.
+    running = {n: sorted(j["label"] for j in sb.agent_status_of(n) if j["state"] == "running")
+               for n in ("n1", "n2", "n3")}
+    assert running == {"n1": [sched], "n2": [f"{w2}_1", f"{w2}_2"], "n3": [f"{w3}_1", f"{w3}_2"]}
+    c.close()
+    sb.as_user(["dask-spank", "down", name])
+
+
+def test_node_loss_mid_computation(cluster_name):
+    import dask.array as da
+
+    name = cluster_name
+    sb.forget_cluster(name)
+    sb.sbatch("--dask-role=scheduler", f"--dask-cluster={name}", "-w", "n1")
+    w2 = sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", "--array=1-2", "-w", "n2")
+    # Without requeue, a job of a lost node ends (NODE_FAIL) instead of waiting for the node.
+    w3 = sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", "--array=1-2", "-w", "n3", "--no-requeue")
+    sb.wait_scheduler_file(name)
+    c = sb.client(name)
+    c.wait_for_workers(4, timeout=120)
+
+    def slow(b):
+        import time as t
+        t.sleep(0.05)
+        return b + 1
+
+    n = 200_000
+    x = da.arange(n, chunks=n // 200, dtype="int64")
+    fut = c.compute(x.map_blocks(slow).sum())
+    time.sleep(1.5)
+    assert not fut.done()
+    # Lose n3 as a power cut would: its agent (its dask processes die with
+    # it), its slurmd, and every process of its jobs, all by PID.
+    for pid in node_pids("n3"):
+        os.kill(pid, signal.SIGKILL)
+    os.kill(int((sb.STATE / "run" / "agent-n3.pid").read_text()), signal.SIGKILL)
+    os.kill(int((sb.STATE / "run" / "slurmd-n3.pid").read_text()), signal.SIGKILL)
+    assert int(fut.result(timeout=180)) == sum(range(1, n + 1)), "dask recomputed the lost tasks elsewhere"
+    assert len(c.scheduler_info()["workers"]) == 2
+    c.close()
+    # Slurm declares n3 down; status reports the dead workers and why.
+    def lost():
+        st = __import__("json").loads(sb.as_user(["dask-spank", "status", name, "--json"]).stdout)
+        rows = {w["job"]: w for w in st["workers"]}
+        dead = [rows.get(f"{w3}_{t}") for t in (1, 2)]
+        return st if all(r and r["state"] == "failed" for r in dead) else None
+    st = sb.wait_until("status to report the lost workers", lost, 90, 1)
+    for t in (1, 2):
+        row = [w for w in st["workers"] if w["job"] == f"{w3}_{t}"][0]
+        assert row["reason"] == "lost: the job ended without a report from n3 (node failure?)", row
+    assert [w["state"] for w in st["workers"] if w["job"].startswith(f"{w2}_")] == ["connected", "connected"]
+    sb.as_user(["dask-spank", "down", name])
