@@ -153,9 +153,14 @@ def client(name: str, timeout: float = 30):
 
 
 def forget_cluster(name: str) -> None:
-    """Remove a scheduler file left by an earlier cluster of the same name, so
-    that waiting for the file waits for the new scheduler."""
+    """Remove what an earlier cluster of the same name left (scheduler file,
+    state record, job reports), as `dask-spank down` does, so that waiting
+    for the scheduler file waits for the new scheduler."""
+    import shutil
+    d = cluster_dir(name)
     scheduler_file(name).unlink(missing_ok=True)
+    (d / "state.json").unlink(missing_ok=True)
+    shutil.rmtree(d / "jobs", ignore_errors=True)
 
 
 def wait_scheduler_file(name: str, timeout: float = 60.0) -> dict:

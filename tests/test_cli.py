@@ -82,7 +82,7 @@ def test_wait_percent_returns_at_half_and_not_earlier(cluster_name):
          "dask-spank", "wait", name, "--percent", "50", "--timeout", "120"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(4)
-    assert w.poll() is None, "wait returned before any worker was connected"
+    assert w.poll() is None, ("wait returned before any worker was connected", w.communicate())
     sb.run(["scontrol", "release", held[0]])
     out, err = w.communicate(timeout=120)
     assert w.returncode == 0, err
@@ -100,6 +100,7 @@ def test_wait_percent_returns_at_half_and_not_earlier(cluster_name):
 
 def test_status_and_wait_report_a_failed_worker(cluster_name):
     name = cluster_name
+    sb.forget_cluster(name)
     env = sb.WORK / "env-without-distributed"
     if not (env / "bin" / "python").exists():
         sb.as_user(["/usr/bin/python3", "-m", "venv", "--without-pip", str(env)])
@@ -130,9 +131,10 @@ def test_scale_up_and_down_changes_connected_workers(cluster_name):
     assert f"cluster '{name}': 3 -> 1 worker jobs (cancelled" in out
     sb.wait_until("2 workers to leave", lambda: connected(name) == 1, 60)
     # The state record follows within a few seconds (refreshed every 2 s).
-    st = sb.wait_until("status to show 1 connected worker", lambda: (lambda s: s if s["connected"] == 1 else None)(
-        json.loads(ds("status", name, "--json").stdout)), 15)
-    assert st["ended"] == 2 and st["pending"] == 0
+    st = sb.wait_until("status to show 1 connected and 2 ended workers",
+                       lambda: (lambda s: s if (s["connected"], s["ended"]) == (1, 2) else None)(
+                           json.loads(ds("status", name, "--json").stdout)), 30)
+    assert st["pending"] == 0
     assert "already 1 worker jobs" in ds("scale", name, "1").stdout
     ds("down", name)
 

@@ -80,6 +80,7 @@ pub fn run() -> Result<i32, String> {
         updated: now(),
     };
     write_report(&dir, &report);
+    on_signal_report_end(&dir, &report);
     if role == Role::Scheduler {
         let (dir, cluster, job) = (dir.clone(), cluster.to_string(), job_id.to_string());
         std::thread::spawn(move || keep_state(&dir, &cluster, &job));
@@ -103,6 +104,34 @@ pub fn run() -> Result<i32, String> {
         eprintln!("dask-spank: {role} finished: {reason}");
         Ok(code)
     }
+}
+
+/// scancel and the time limit reach this process (the job's batch process)
+/// as SIGTERM: record that the job ended, then exit. Closing the agent
+/// connection on exit makes the agent stop the dask processes.
+fn on_signal_report_end(dir: &std::path::Path, report: &JobReport) {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(s);
+    }
+    // Blocked here, before any other thread exists, so that only the
+    // waiting thread below receives them.
+    if set.thread_block().is_err() {
+        return;
+    }
+    let (dir, mut report) = (dir.to_path_buf(), report.clone());
+    std::thread::spawn(move || {
+        if let Ok(sig) = set.wait() {
+            report.state = "ended".into();
+            report.reason = Some(format!(
+                "the job was cancelled or reached its time limit ({sig})"
+            ));
+            report.updated = now();
+            write_report(&dir, &report);
+            std::process::exit(128 + sig as i32);
+        }
+    });
 }
 
 /// `1234_5` for an array task, else the job id: the label used everywhere.

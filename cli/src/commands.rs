@@ -497,8 +497,9 @@ pub fn down(name: &str, timeout_s: u64) -> Res {
         }
         std::thread::sleep(Duration::from_millis(300));
     }
+    // A later cluster of the same name starts from a clean record.
     let _ = std::fs::remove_file(scheduler_file(&dir));
-    let _ = std::fs::remove_file(record::state_file(&dir));
+    record::clear(&dir);
     println!(
         "cluster '{c}' is down: {} jobs cancelled, none left in the queue",
         ids.len()

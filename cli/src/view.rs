@@ -98,7 +98,9 @@ pub fn build(
         let report = reports.iter().find(|r| r.label == q.label);
         let (state, reason) = match q.state.as_str() {
             "PENDING" => ("pending".to_string(), q.reason.clone()),
-            "RUNNING" | "COMPLETING" | "CONFIGURING" => {
+            // Leaving the queue: counts as ended, like the job it will be.
+            "COMPLETING" => ("ended".to_string(), "completing".to_string()),
+            "RUNNING" | "CONFIGURING" => {
                 let name = format!("{cluster}-{}", q.label);
                 match report {
                     Some(r) if r.state == "failed" => {

@@ -1,0 +1,133 @@
+"""Side-by-side figures: dask-spank against dask-jobqueue and the Nanny, in
+one run on the same sandbox (run through scripts/bench)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sandboxlib as sb  # noqa: E402
+
+SIZES = [int(x) for x in os.environ.get("BENCH_SIZES", "8,32,64").split(",")]
+
+
+def rss_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def attach_pids() -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if len(cmd) > 1 and cmd[0].endswith(b"dask-spank") and cmd[1] == b"attach":
+                out.append(int(d))
+    return out
+
+
+def ours(n: int, figures: dict) -> float:
+    name = f"bench-{n}"
+    sb.forget_cluster(name)
+    agent = sb.agent_pid()
+    rss0 = rss_mib(agent)
+    t0 = time.monotonic()
+    sb.sbatch("--dask-role=scheduler", f"--dask-cluster={name}")
+    sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", f"--array=1-{n}")
+    sb.wait_scheduler_file(name, 300)
+    c = sb.client(name)
+    c.wait_for_workers(n, timeout=900)
+    dt = time.monotonic() - t0
+    if n == SIZES[-1]:
+        attach = [rss_mib(p) for p in attach_pids()]
+        figures["agent_rss_delta_per_worker_mib"] = (rss_mib(agent) - rss0) / (n + 1)
+        figures["attach_rss_mib"] = statistics.median(attach) if attach else 0.0
+    if n == SIZES[0]:
+        lat = []
+        for _ in range(5):
+            ws = c.scheduler_info()["workers"]
+            addr, pid = sorted(c.run(os.getpid).items())[0]
+            wname = ws[addr]["name"]
+            t1 = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            while not any(w["name"] == wname and a != addr for a, w in c.scheduler_info()["workers"].items()):
+                time.sleep(0.01)
+            lat.append(time.monotonic() - t1)
+            c.wait_for_workers(n, timeout=60)
+        figures["restart_s"] = statistics.median(lat)
+    c.close()
+    sb.cancel_all_user_jobs(120)
+    return dt
+
+
+def sbatch_cost(reps: int = 30) -> tuple[float, float, float]:
+    """Median wall time of one sbatch: plain job with the plugin, plain job
+    without it (a slurm.conf whose plugstack.conf is empty), and a dask job
+    (--dask-role, re-exec with the site defaults)."""
+    d = sb.WORK / "bench-noplugin"
+    d.mkdir(exist_ok=True)
+    (d / "plugstack.conf").write_text("")
+    conf = [l for l in (sb.STATE / "etc" / "slurm.conf").read_text().splitlines() if not l.startswith("PlugStackConfig=")]
+    conf.append(f"PlugStackConfig={d / 'plugstack.conf'}")
+    (d / "slurm.conf").write_text("\n".join(conf) + "\n")
+    os.system(f"chown -R {sb.TEST_USER}: {d}")
+
+    def timed(args, env=None):
+        ts = []
+        for _ in range(reps):
+            t = time.monotonic()
+            sb.as_user(["sbatch", "--hold", "-o", "/dev/null", *args], env=env)
+            ts.append(time.monotonic() - t)
+        return statistics.median(ts)
+
+    with_plugin = timed(["--wrap=true"])
+    without = timed(["--wrap=true"], env={"SLURM_CONF": str(d / "slurm.conf")})
+    dask_job = timed(["--dask-role=worker", "--dask-cluster=bench-sbatch"])
+    sb.cancel_all_user_jobs(120)
+    return with_plugin, without, dask_job
+
+
+def main() -> int:
+    sb.sandbox("up")
+    figures: dict = {}
+    rows = []
+    ready_ours = {n: ours(n, figures) for n in SIZES}
+    p = sb.as_user([str(sb.VENV / "bin" / "python"), str(sb.REPO / "scripts" / "bench_jobqueue.py"),
+                    ",".join(map(str, SIZES))], timeout=3600)
+    jq = json.loads(p.stdout.strip().splitlines()[-1])
+    sb.cancel_all_user_jobs(120)
+    for n in SIZES:
+        rows.append((f"time_to_ready_s_N{n}", ready_ours[n], jq["ready"][str(n)]))
+    ours_mem = figures["agent_rss_delta_per_worker_mib"] + figures["attach_rss_mib"]
+    rows.append(("supervision_rss_mib_per_worker", ours_mem, jq["nanny_rss_mib"]))
+    rows.append(("restart_to_registered_s_median", figures["restart_s"], statistics.median(jq["restart"])))
+    w, wo, dj = sbatch_cost()
+    rows.append(("sbatch_s_plain_job", w, wo))
+    rows.append(("sbatch_s_dask_job_vs_plain_without_plugin", dj, wo))
+    print(f"{'name':45s} {'ours':>10s} {'reference':>10s} {'ratio':>7s}")
+    out = []
+    for name, o, r in rows:
+        ratio = o / r if r else float("nan")
+        print(f"{name:45s} {o:10.3f} {r:10.3f} {ratio:7.3f}")
+        out.append({"name": name, "ours": o, "reference": r, "ratio": ratio})
+    detail = {"figures": out, "ours_detail": figures, "jobqueue_detail": jq, "sizes": SIZES,
+              "machine": {"nproc": os.cpu_count(), "uname": os.uname().release}}
+    path = sb.REPO / "target" / "bench.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(detail, indent=2))
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
