@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RestartPolicy {
-    /// Delay before the first restart; doubled after each further crash.
+    /// The first crash in the window restarts at once (as the Nanny does);
+    /// the second waits `base`, then the delay doubles.
     pub base: Duration,
     /// Upper bound of the delay.
     pub cap: Duration,
@@ -52,7 +53,10 @@ impl CrashLog {
                 policy.window.as_secs()
             ));
         }
-        let factor = 1u32 << (n.saturating_sub(1)).min(16);
+        if n <= 1 {
+            return Decision::Restart(Duration::ZERO);
+        }
+        let factor = 1u32 << (n - 2).min(16);
         Decision::Restart(policy.base.saturating_mul(factor).min(policy.cap))
     }
 }
@@ -69,9 +73,9 @@ mod tests {
         let ds: Vec<_> = (0..5)
             .map(|i| log.record(&p, t0 + Duration::from_secs(i)))
             .collect();
-        assert_eq!(ds[0], Decision::Restart(Duration::from_millis(100)));
-        assert_eq!(ds[1], Decision::Restart(Duration::from_millis(200)));
-        assert_eq!(ds[3], Decision::Restart(Duration::from_millis(800)));
+        assert_eq!(ds[0], Decision::Restart(Duration::ZERO));
+        assert_eq!(ds[1], Decision::Restart(Duration::from_millis(100)));
+        assert_eq!(ds[3], Decision::Restart(Duration::from_millis(400)));
         assert_eq!(
             ds[4],
             Decision::GiveUp("gave up after 5 crashes within 60s".into())
@@ -83,20 +87,21 @@ mod tests {
         let p = RestartPolicy {
             base: Duration::from_secs(10),
             cap: Duration::from_secs(15),
-            max_crashes: 3,
+            max_crashes: 4,
             window: Duration::from_secs(60),
         };
         let mut log = CrashLog::default();
         let t0 = Instant::now();
         log.record(&p, t0);
+        log.record(&p, t0 + Duration::from_secs(1));
         assert_eq!(
-            log.record(&p, t0 + Duration::from_secs(1)),
+            log.record(&p, t0 + Duration::from_secs(2)),
             Decision::Restart(Duration::from_secs(15))
         );
         // Two minutes later the window is empty again.
         assert_eq!(
             log.record(&p, t0 + Duration::from_secs(121)),
-            Decision::Restart(Duration::from_secs(10))
+            Decision::Restart(Duration::ZERO)
         );
     }
 }
