@@ -126,7 +126,7 @@ impl Client {
     }
 
     pub fn recv(&mut self) -> Result<Response, ClientError> {
-        frame::read_frame(&mut self.stream).map_err(|e| map_timeout(e, self.timeout))
+        frame::read_reply(&mut self.stream).map_err(|e| map_timeout(e, self.timeout))
     }
 
     /// Send a request and read one reply; `Error` replies become `Refused`.

@@ -2,6 +2,8 @@
 //!
 //! Frames above [`MAX_FRAME`] are refused before any allocation, so a
 //! hostile or broken peer cannot make the agent allocate unbounded memory.
+//! Replies of the agent, which clients trust, may be larger
+//! ([`MAX_REPLY`]): the status of thousands of jobs exceeds 1 MiB.
 //! Readers consume exactly one frame and never read ahead: a file descriptor
 //! sent with SCM_RIGHTS right after a frame is not swallowed by a buffer.
 
@@ -11,6 +13,9 @@ use std::io::{self, Read, Write};
 
 /// Largest frame accepted, in bytes (1 MiB: a job environment fits easily).
 pub const MAX_FRAME: usize = 1 << 20;
+/// Largest reply a client accepts from the agent, in bytes (32 MiB: the
+/// status of 100 000 jobs).
+pub const MAX_REPLY: usize = 32 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -27,10 +32,10 @@ pub enum FrameError {
 /// Encode one message as a complete frame (header included).
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let body = serde_json::to_vec(msg)?;
-    if body.len() > MAX_FRAME {
+    if body.len() > MAX_REPLY {
         return Err(FrameError::TooLarge {
             len: body.len(),
-            max: MAX_FRAME,
+            max: MAX_REPLY,
         });
     }
     let mut out = Vec::with_capacity(4 + body.len());
@@ -39,14 +44,12 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     Ok(out)
 }
 
-/// Check a frame header and return the body length it announces.
-pub fn body_len(header: [u8; 4]) -> Result<usize, FrameError> {
+/// Check a frame header and return the body length it announces, at most
+/// `max`.
+pub fn body_len(header: [u8; 4], max: usize) -> Result<usize, FrameError> {
     let len = u32::from_be_bytes(header) as usize;
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLarge {
-            len,
-            max: MAX_FRAME,
-        });
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
     }
     Ok(len)
 }
@@ -62,7 +65,7 @@ pub fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<T, FrameError> {
     if buf.len() < 4 {
         return Err(FrameError::Closed);
     }
-    let len = body_len([buf[0], buf[1], buf[2], buf[3]])?;
+    let len = body_len([buf[0], buf[1], buf[2], buf[3]], MAX_FRAME)?;
     if buf.len() - 4 != len {
         return Err(FrameError::Io(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -78,7 +81,17 @@ pub fn write_frame<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), Fra
     Ok(())
 }
 
+/// Read one frame of at most [`MAX_FRAME`] bytes (a request).
 pub fn read_frame<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<T, FrameError> {
+    read_frame_max(r, MAX_FRAME)
+}
+
+/// Read one frame of at most [`MAX_REPLY`] bytes (a reply of the agent).
+pub fn read_reply<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<T, FrameError> {
+    read_frame_max(r, MAX_REPLY)
+}
+
+fn read_frame_max<R: Read, T: DeserializeOwned>(r: &mut R, max: usize) -> Result<T, FrameError> {
     let mut header = [0u8; 4];
     if let Err(e) = r.read_exact(&mut header) {
         return Err(match e.kind() {
@@ -86,7 +99,7 @@ pub fn read_frame<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<T, FrameErr
             _ => FrameError::Io(e),
         });
     }
-    let len = body_len(header)?;
+    let len = body_len(header, max)?;
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).map_err(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof => FrameError::Closed,
@@ -126,6 +139,17 @@ mod tests {
                 MAX_FRAME + 1
             )
         );
+    }
+
+    #[test]
+    fn replies_may_exceed_the_request_limit() {
+        let big = Response::Error {
+            message: "x".repeat(MAX_FRAME + 10),
+        };
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &big).unwrap();
+        assert!(read_frame::<_, Response>(&mut &buf[..]).is_err());
+        assert_eq!(read_reply::<_, Response>(&mut &buf[..]).unwrap(), big);
     }
 
     #[test]

@@ -55,3 +55,12 @@ pub async fn admit(spec: &JobSpec) -> Result<Admitted, String> {
         remaining_s: facts.time_limit_s.map(|t| t.saturating_sub(run_s)),
     })
 }
+
+/// Control-plane benchmarks only (`run --stub-command`): the facts the
+/// plugin registered, without asking slurmctld about a job it never saw.
+pub fn from_registration(spec: &JobSpec) -> Admitted {
+    Admitted {
+        mem_mb: spec.mem_mb,
+        remaining_s: spec.time_limit_s,
+    }
+}

@@ -9,6 +9,10 @@ use std::path::Path;
 pub struct DaskSettings {
     /// Address dask servers bind to (`--host`); `None` lets dask choose.
     pub host: Option<String>,
+    /// Benchmarks and tests of the control plane only (`run --stub-command`):
+    /// run this program and arguments instead of dask, and take the job's
+    /// facts from its registration instead of asking slurmctld.
+    pub stub: Option<Vec<String>>,
 }
 
 /// Per-start values the agent computes from what Slurm granted.
@@ -28,6 +32,9 @@ pub fn command(
     s: &DaskSettings,
     limits: Limits,
 ) -> (String, Vec<String>) {
+    if let Some([program, args @ ..]) = s.stub.as_deref() {
+        return (program.clone(), args.to_vec());
+    }
     let python = match &spec.env_prefix {
         Some(p) => p.join("bin/python").to_string_lossy().into_owned(),
         None => "python3".to_string(),
@@ -124,6 +131,7 @@ mod tests {
     fn worker_command() {
         let s = DaskSettings {
             host: Some("127.0.0.1".into()),
+            stub: None,
         };
         let l = Limits {
             mem_mb: 3072,
@@ -152,6 +160,19 @@ mod tests {
         assert_eq!(
             a.join(" "),
             "-m distributed.cli.dask_scheduler --scheduler-file /c/scheduler.json --port 0 --dashboard-address :0 --idle-timeout 7200s"
+        );
+    }
+
+    #[test]
+    fn stub_command_replaces_dask() {
+        let s = DaskSettings {
+            host: None,
+            stub: Some(vec!["/bin/sleep".into(), "infinity".into()]),
+        };
+        let (p, a) = command(&spec(Role::Worker), Path::new("/c"), &s, Limits::default());
+        assert_eq!(
+            (p.as_str(), a),
+            ("/bin/sleep", vec!["infinity".to_string()])
         );
     }
 

@@ -3,8 +3,10 @@
 mod admission;
 mod cgroup;
 mod dask_cmd;
+mod jobenv;
 mod joblog;
 mod jobs;
+mod memwatch;
 mod metrics;
 mod peer;
 mod privileges;
@@ -57,6 +59,11 @@ enum Cmd {
         /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9817).
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// Benchmarks of the control plane only, never on a production
+        /// node: run this command (split on spaces) instead of dask, and
+        /// trust registrations without asking slurmctld.
+        #[arg(long, hide = true, value_name = "COMMAND")]
+        stub_command: Option<String>,
     },
     /// Show the jobs this agent runs (all for root, your own otherwise).
     Status {
@@ -172,6 +179,7 @@ fn main() -> std::process::ExitCode {
             at,
             dask_host,
             metrics_addr,
+            stub_command,
         } => {
             // One thread: PR_SET_PDEATHSIG is tied to the thread that forked,
             // so children must be forked by a thread that lives as long as
@@ -186,7 +194,16 @@ fn main() -> std::process::ExitCode {
                     return std::process::ExitCode::FAILURE;
                 }
             };
-            let settings = dask_cmd::DaskSettings { host: dask_host };
+            let stub =
+                stub_command.map(|c| c.split_whitespace().map(String::from).collect::<Vec<_>>());
+            if stub.as_ref().is_some_and(|s| s.is_empty()) {
+                eprintln!("dask-node-agent: --stub-command: empty command");
+                return std::process::ExitCode::FAILURE;
+            }
+            let settings = dask_cmd::DaskSettings {
+                host: dask_host,
+                stub,
+            };
             match rt.block_on(run(at, settings, metrics_addr)) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
@@ -252,6 +269,23 @@ fn reconcile(state: &statefile::StateDir, jobs: &jobs::Jobs) {
     }
 }
 
+/// Every supervised job holds a few descriptors (its attach connection, its
+/// log, its child): a thousand jobs need more than the usual soft limit of
+/// 1024. Raise the soft limit to the hard one. Children get the job's own
+/// limits (`spawn`), not this one.
+fn raise_nofile() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!("cannot raise the open files limit from {soft} to {hard}: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot read the open files limit: {e}"),
+    }
+}
+
 /// Tell systemd (Type=notify) that the agent serves, and keep its watchdog
 /// fed from the event loop, so a wedged agent gets restarted. Outside
 /// systemd (no NOTIFY_SOCKET) this does nothing.
@@ -282,6 +316,13 @@ async fn run(
         return Err("must run as root (it starts processes as the jobs' users)".into());
     }
     privileges::drop_unneeded()?;
+    raise_nofile();
+    if let Some(stub) = &settings.stub {
+        tracing::warn!(
+            "BENCHMARK MODE: running `{}` instead of dask and trusting registrations without slurmctld; never use --stub-command on a production node",
+            stub.join(" ")
+        );
+    }
     let node = node_name(at.node);
     std::fs::create_dir_all(&at.agent_dir)
         .map_err(|e| format!("cannot create {}: {e}", at.agent_dir.display()))?;
@@ -316,7 +357,9 @@ async fn run(
         jobs,
         settings,
         metrics: metrics::Metrics::default(),
+        memwatch: Arc::default(),
     });
+    tokio::spawn(agent.memwatch.clone().run());
     if let Some(addr) = metrics_addr {
         if !addr.ip().is_loopback() {
             return Err(format!(

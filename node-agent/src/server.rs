@@ -9,6 +9,7 @@
 //! * `Metrics`: root only.
 
 use crate::dask_cmd::DaskSettings;
+use crate::jobenv::JobEnv;
 use crate::joblog::JobLog;
 use crate::jobs::Jobs;
 use crate::metrics::Metrics;
@@ -29,6 +30,7 @@ pub struct Agent {
     pub jobs: Jobs,
     pub settings: DaskSettings,
     pub metrics: Metrics,
+    pub memwatch: Arc<crate::memwatch::MemWatch>,
 }
 
 pub async fn serve(listener: UnixListener, agent: Arc<Agent>) {
@@ -150,7 +152,7 @@ async fn handle(mut s: UnixStream, agent: Arc<Agent>) -> Result<(), String> {
             tracing::info!(job = job_id, known, "job ended: {reason}");
             reply(&mut s, &Response::Ok).await
         }
-        Request::Attach(a) => attach(s, agent, a, uid, pid).await,
+        Request::Attach(a) => Box::pin(attach(s, agent, a, uid, pid)).await,
     }
 }
 
@@ -198,7 +200,13 @@ async fn attach(
         spec.cpus,
         spec.mem_mb
     ));
-    let admitted = match crate::admission::admit(&spec).await {
+    let admitted = match if agent.settings.stub.is_some() {
+        Ok(crate::admission::from_registration(&spec))
+    } else {
+        // Boxed: the admission's futures (scontrol, squeue) would
+        // otherwise be part of this job's task for its whole life.
+        Box::pin(crate::admission::admit(&spec)).await
+    } {
         Ok(a) => a,
         Err(why) => {
             let reason =
@@ -220,7 +228,10 @@ async fn attach(
             return Ok(());
         }
     };
+    let mut a = a;
+    let env = JobEnv::new(std::mem::take(&mut a.env), spec.env_prefix.as_deref());
     let run = JobRun {
+        env,
         retire_at: supervisor::retire_at(admitted.remaining_s, spec.policy.nanny.lifetime_margin_s),
         mem_mb: if admitted.mem_mb > 0 {
             admitted.mem_mb

@@ -35,7 +35,7 @@ pub struct Identity {
 pub struct SpawnRequest<'a> {
     pub program: &'a str,
     pub args: &'a [String],
-    pub env: &'a [(String, String)],
+    pub env: &'a crate::jobenv::JobEnv,
     pub cwd: &'a Path,
     pub identity: &'a Identity,
     /// stdout and stderr of the child (the job's log file).
@@ -70,7 +70,7 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<tokio::process::Child> {
     let mut cmd = tokio::process::Command::new(req.program);
     cmd.args(req.args)
         .env_clear()
-        .envs(req.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .envs(req.env.vars())
         .stdin(Stdio::null())
         .stdout(Stdio::from(req.output.try_clone()?))
         .stderr(Stdio::from(req.output.try_clone()?))

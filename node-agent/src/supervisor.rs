@@ -5,6 +5,7 @@
 //! through its own handle (tokio), never with a blanket `waitpid(-1)`.
 
 use crate::dask_cmd::{command, lifetime, DaskSettings, Limits};
+use crate::jobenv::JobEnv;
 use crate::joblog::JobLog;
 use crate::restart::{CrashLog, Decision, RestartPolicy};
 use crate::server::Agent;
@@ -25,21 +26,12 @@ use tokio::sync::watch;
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
 /// The same after a memory kill (the process is already misbehaving).
 const MEMORY_KILL_GRACE: Duration = Duration::from_secs(2);
-/// RSS polling period of the memory watchdog.
-const MEMORY_POLL: Duration = Duration::from_millis(200);
-
-/// Environment the Nanny sets before starting a worker; a value the job
-/// already has wins.
-const SPAWN_DEFAULTS: &[(&str, &str)] = &[
-    ("MALLOC_TRIM_THRESHOLD_", "65536"),
-    ("OMP_NUM_THREADS", "1"),
-    ("MKL_NUM_THREADS", "1"),
-    ("OPENBLAS_NUM_THREADS", "1"),
-];
 
 pub struct JobRun {
     pub spec: JobSpec,
+    /// What `dask-spank attach` sent, its environment taken out into `env`.
     pub attach: Attach,
+    pub env: JobEnv,
     pub log: JobLog,
     pub settings: DaskSettings,
     /// The job's memory in MiB, as Slurm granted it (0: unknown).
@@ -65,23 +57,6 @@ pub fn describe(st: &ExitStatus) -> String {
         },
         _ => "unknown status".into(),
     }
-}
-
-fn job_env(run: &JobRun) -> Vec<(String, String)> {
-    let mut env = run.attach.env.clone();
-    for (k, v) in SPAWN_DEFAULTS {
-        if !env.iter().any(|(ek, _)| ek == k) {
-            env.push((k.to_string(), v.to_string()));
-        }
-    }
-    if let Some(prefix) = &run.spec.env_prefix {
-        let bin = prefix.join("bin").to_string_lossy().into_owned();
-        match env.iter_mut().find(|(k, _)| k == "PATH") {
-            Some((_, p)) => *p = format!("{bin}:{p}"),
-            None => env.push(("PATH".into(), bin)),
-        }
-    }
-    env
 }
 
 /// Signal a process group until it is gone: SIGTERM, then SIGKILL after
@@ -124,15 +99,6 @@ pub async fn reap_group(pgid: i32, log: &JobLog) {
     log.line(&format!("process group {pgid} survived SIGKILL for 5s"));
 }
 
-/// Resident memory of a process in MiB.
-fn rss_mb(pid: i32) -> Option<u64> {
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-    Some(pages * page / (1024 * 1024))
-}
-
 /// Whether the scheduler in the cluster's scheduler file accepts TCP
 /// connections. A worker that fails while its scheduler is gone is not
 /// restarted: it would only wait out its death timeout again.
@@ -171,7 +137,6 @@ pub async fn run(
     run: JobRun,
     mut stop: watch::Receiver<Option<String>>,
 ) -> Outcome {
-    let env = job_env(&run);
     let identity = Identity {
         uid: run.spec.uid,
         gid: run.spec.gid,
@@ -234,7 +199,7 @@ pub async fn run(
         let spawned = spawn(&SpawnRequest {
             program: &program,
             args: &args,
-            env: &env,
+            env: &run.env,
             cwd: &run.attach.cwd,
             identity: &identity,
             output: &output,
@@ -264,27 +229,28 @@ pub async fn run(
             args.join(" ")
         ));
         let started = Instant::now();
-        let mut tick = tokio::time::interval(MEMORY_POLL);
-        let ended = loop {
-            tokio::select! {
-                status = child.wait() => break Ended::Exited(status),
-                _ = stop.changed() => {
-                    break Ended::Stopped(stop.borrow().clone().unwrap_or_else(|| "stopped".into()))
-                }
-                _ = tick.tick(), if mem_kill_mb.is_some() => {
-                    if let (Some(limit), Some(rss)) = (mem_kill_mb, rss_mb(pid)) {
-                        if rss > limit {
-                            break Ended::MemoryKill(rss);
-                        }
-                    }
-                }
+        // Watched by the node's one memory watchdog until this start ends.
+        let (_watching, mut over) = match mem_kill_mb {
+            Some(limit) => {
+                let (g, rx) = agent.memwatch.watch(pid, limit);
+                (Some(g), Some(rx))
+            }
+            None => (None, None),
+        };
+        let ended = tokio::select! {
+            status = child.wait() => Ended::Exited(status),
+            _ = stop.changed() => {
+                Ended::Stopped(stop.borrow().clone().unwrap_or_else(|| "stopped".into()))
+            }
+            Some(Ok(rss)) = async { match over.as_mut() { Some(rx) => Some(rx.await), None => None } } => {
+                Ended::MemoryKill(rss)
             }
         };
         let desc = match ended {
             Ended::Stopped(reason) => {
                 log.line(&format!("stopping {role} (pid {pid}): {reason}"));
                 agent.jobs.update(job_id, |s| s.state = "stopping".into());
-                stop_group(pid, &mut child, STOP_GRACE, log).await;
+                Box::pin(stop_group(pid, &mut child, STOP_GRACE, log)).await;
                 running_gauge.fetch_sub(1, Relaxed);
                 log.line(&format!("{role} stopped"));
                 return finish("finished", 0, reason);
@@ -295,7 +261,7 @@ pub async fn run(
                     nanny.memory_kill_percent, run.mem_mb
                 );
                 log.line(&format!("{desc}: terminating the worker"));
-                stop_group(pid, &mut child, MEMORY_KILL_GRACE, log).await;
+                Box::pin(stop_group(pid, &mut child, MEMORY_KILL_GRACE, log)).await;
                 agent.metrics.memory_kills.fetch_add(1, Relaxed);
                 agent.jobs.update(job_id, |s| s.memory_kills += 1);
                 running_gauge.fetch_sub(1, Relaxed);
@@ -307,7 +273,7 @@ pub async fn run(
                     .as_ref()
                     .map(describe)
                     .unwrap_or_else(|e| e.to_string());
-                reap_group(pid, log).await;
+                Box::pin(reap_group(pid, log)).await;
                 if let Some(reason) = stop.borrow().clone() {
                     log.line(&format!("{role} exited ({desc}) while stopping: {reason}"));
                     return finish("finished", 0, reason);
@@ -322,7 +288,7 @@ pub async fn run(
                     let code = status.ok().and_then(|s| s.code()).unwrap_or(1);
                     return finish(if code == 0 { "finished" } else { "failed" }, code, reason);
                 }
-                if !scheduler_reachable(&run.attach.cluster_dir).await {
+                if !Box::pin(scheduler_reachable(&run.attach.cluster_dir)).await {
                     let reason = format!("worker exited ({desc}) and its scheduler is unreachable: the worker leaves");
                     log.line(&reason);
                     return finish("finished", 0, reason);

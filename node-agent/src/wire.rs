@@ -13,7 +13,7 @@ use tokio::net::UnixStream;
 pub async fn read<T: DeserializeOwned>(s: &mut UnixStream) -> Result<T, FrameError> {
     let mut header = [0u8; 4];
     s.read_exact(&mut header).await.map_err(eof)?;
-    let len = frame::body_len(header)?;
+    let len = frame::body_len(header, frame::MAX_FRAME)?;
     let mut body = vec![0u8; len];
     s.read_exact(&mut body).await.map_err(eof)?;
     frame::decode(&body)

@@ -1,0 +1,282 @@
+"""Figure 5 of scripts/bench: the control plane at scale. One node agent
+supervises BENCH_STUB_JOBS (3000) worker jobs whose process is a stub
+(`sleep`) instead of dask, through the agent's benchmark mode
+(`run --stub-command`, which also takes the job facts from the registration
+instead of slurmctld: 3000 real Slurm jobs need 3000 slurmstepds, more
+memory than this machine has).
+
+Everything else is the real agent on its real socket: root registers each
+job as the plugin does (one connection per job), a process of the test user
+attaches to each job as `dask-spank attach` does (handshake, request, log
+file descriptor passed with SCM_RIGHTS, connection held for the job's life),
+the agent starts and supervises each stub as the user (with its memory
+watchdog: each job has 3 GiB), answers `status` for all of them, and stops
+them all when the attach connections close.
+
+Run alone: scripts/bench --control (or through scripts/bench).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import time
+
+import sandboxlib as sb
+
+N = int(os.environ.get("BENCH_STUB_JOBS", "3000"))
+IDLE_S = float(os.environ.get("BENCH_IDLE_S", "30"))
+NODE = "stub"
+FIRST_JOB = 1_000_000
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+# The default site policy (common/src/policy.rs, Policy::default()), as the
+# plugin sends it in every registration.
+GIB = 1024
+POLICY = {
+    "scheduler": {"partition": "htc_daemon", "licenses": [], "cpus": 1, "cpus_max": 1,
+                  "mem_mb": GIB, "mem_max_mb": 32 * GIB, "time_s": 8 * 3600, "time_max_s": 8 * 3600},
+    "worker": {"partition": "htc", "licenses": ["sps"], "cpus": 1, "cpus_max": 32,
+               "mem_mb": 3 * GIB, "mem_max_mb": 32 * GIB, "time_s": 2 * 3600, "time_max_s": 8 * 3600},
+    "account": {"kind": "primary-group"},
+    "max_worker_jobs": 3000,
+    "idle_timeout_s": 7200,
+    "nanny": {"death_timeout_s": 60, "restart_max": 5, "restart_window_s": 60,
+              "lifetime_margin_s": 300, "memory_kill_percent": 95},
+}
+
+# The user side: attaches to jobs FIRST..FIRST+n-1 like `dask-spank attach`,
+# one connection per job, held open; prints one JSON line when all are
+# attached, then closes them all when its stdin closes (the jobs end).
+ATTACHER = r'''
+import json, os, resource, socket, struct, sys, time
+sock, first, n, cluster_dir, log = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+logfd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+# A batch job's environment: the user's, plus what Slurm sets (about 60
+# SLURM_* variables, 3 KiB).
+env = dict(os.environ)
+for i in range(int(os.environ.get("BENCH_ENV_VARS", "60"))):
+    env[f"SLURM_BENCH_VAR_{i:02d}"] = "x" * 40
+env = sorted(env.items())
+rlimits = [{"resource": r, "soft": max(0, s) if s >= 0 else 2**64 - 1, "hard": h if h >= 0 else 2**64 - 1}
+           for r in (resource.RLIMIT_NOFILE, resource.RLIMIT_CORE)
+           for s, h in [resource.getrlimit(r)]]
+rlimits[0]["soft"] = 1024
+def send(s, m):
+    b = json.dumps(m).encode(); s.sendall(struct.pack(">I", len(b)) + b)
+def recv(s):
+    h = b""
+    while len(h) < 4:
+        c = s.recv(4 - len(h))
+        if not c: raise SystemExit("agent closed the connection")
+        h += c
+    k = struct.unpack(">I", h)[0]; d = b""
+    while len(d) < k: d += s.recv(k - len(d))
+    return json.loads(d)
+conns = []
+t0 = time.monotonic()
+for i in range(n):
+    s = socket.socket(socket.AF_UNIX); s.connect(sock)
+    send(s, {"version": 1, "client": "attach"}); assert recv(s)["type"] == "welcome"
+    send(s, {"type": "attach", "job_id": first + i, "cwd": os.getcwd(), "env": env,
+             "cluster_dir": cluster_dir, "rlimits": rlimits})
+    r = recv(s)
+    if r["type"] != "send_log_fd": raise SystemExit(f"job {first + i}: {r}")
+    socket.send_fds(s, [b"\0"], [logfd])
+    r = recv(s)
+    if r["type"] != "attached": raise SystemExit(f"job {first + i}: {r}")
+    conns.append(s)
+print(json.dumps({"attached": n, "seconds": time.monotonic() - t0}), flush=True)
+sys.stdin.read()
+for s in conns:
+    s.close()
+'''
+
+
+def cpu_s(pid: int) -> float:
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / CLOCK_TICKS
+
+
+def rss_mib(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) in MiB."""
+    v = {}
+    for line in open(f"/proc/{pid}/status"):
+        k, _, rest = line.partition(":")
+        if k in ("VmRSS", "VmHWM"):
+            v[k] = int(rest.split()[0]) / 1024
+    return v["VmRSS"], v["VmHWM"]
+
+
+class Agent:
+    """The agent's socket, spoken as root with the standard library."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def call(self, req: dict) -> dict:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(60)
+        s.connect(self.path)
+        try:
+            for m in ({"version": 1, "client": "bench"}, req):
+                b = json.dumps(m).encode()
+                s.sendall(struct.pack(">I", len(b)) + b)
+                h = self._exact(s, 4)
+                r = json.loads(self._exact(s, struct.unpack(">I", h)[0]))
+            return r
+        finally:
+            s.close()
+
+    @staticmethod
+    def _exact(s: socket.socket, n: int) -> bytes:
+        d = b""
+        while len(d) < n:
+            c = s.recv(n - len(d))
+            if not c:
+                raise RuntimeError("agent closed the connection")
+            d += c
+        return d
+
+
+def spec(i: int, u, stepd: int) -> dict:
+    return {
+        "type": "register", "job_id": FIRST_JOB + i, "array_job_id": FIRST_JOB, "array_task_id": i,
+        "uid": u.pw_uid, "gid": u.pw_gid, "groups": [u.pw_gid], "user": u.pw_name, "role": "worker",
+        "cluster": "stub-bench", "env_prefix": None, "cpus": 1, "mem_mb": int(os.environ.get("BENCH_JOB_MEM_MB", 3 * GIB)),
+        "time_limit_s": 7200, "submit_dir": str(sb.HOME), "node": NODE, "stepd_pid": stepd,
+        "policy": POLICY,
+    }
+
+
+def wait_states(agent: Agent, want: str, n: int, timeout: float) -> list[dict]:
+    end = time.monotonic() + timeout
+    while True:
+        jobs = agent.call({"type": "status"})["jobs"]
+        if sum(j["state"] == want for j in jobs if j["job_id"] >= FIRST_JOB) >= n:
+            return jobs
+        if time.monotonic() > end:
+            states: dict = {}
+            for j in jobs:
+                states[j["state"]] = states.get(j["state"], 0) + 1
+            raise RuntimeError(f"{n} jobs not {want} after {timeout}s: {states}")
+        time.sleep(0.5)
+
+
+def alive(pids: list[int]) -> int:
+    n = 0
+    for p in pids:
+        try:
+            os.kill(p, 0)
+            n += 1
+        except ProcessLookupError:
+            pass
+    return n
+
+
+def control_plane() -> dict:
+    """Run figure 5; return its measurements."""
+    base = sb.STATE / "bench-control"
+    shutil.rmtree(base, ignore_errors=True)
+    agent_dir = base / "agent"
+    agent_dir.mkdir(parents=True)
+    u = sb.user()
+    user_dir = sb.WORK / "bench-control"
+    shutil.rmtree(user_dir, ignore_errors=True)
+    user_dir.mkdir()
+    os.chown(user_dir, u.pw_uid, u.pw_gid)
+    sock = str(agent_dir / f"agent-{NODE}.sock")
+    log = open(base / "agent.log", "w")
+    proc = subprocess.Popen(
+        [str(sb.BIN / "dask-node-agent"), "run", "--agent-dir", str(agent_dir), "--node", NODE,
+         "--stub-command", "/bin/sleep infinity"],
+        stdout=log, stderr=subprocess.STDOUT, env=sb.ENV)
+    agent = Agent(sock)
+    attacher = None
+    out: dict = {"jobs": N}
+    try:
+        sb.wait_until("the benchmark agent's socket", lambda: os.path.exists(sock), 30)
+        out["agent_rss_empty_mib"] = rss_mib(proc.pid)[0]
+
+        # Registrations, one connection each, as the plugin does.
+        c0, t0 = cpu_s(proc.pid), time.monotonic()
+        for i in range(N):
+            r = agent.call(spec(i, u, os.getpid()))
+            if r["type"] != "ok":
+                raise RuntimeError(f"registration {i} refused: {r}")
+        dt = time.monotonic() - t0
+        out["registrations_per_s"] = N / dt
+        out["agent_cpu_ms_per_registration"] = (cpu_s(proc.pid) - c0) * 1000 / N
+        out["agent_rss_registered_mib"] = rss_mib(proc.pid)[0]
+
+        # Attach as the user; the agent starts one stub per job.
+        c0, t0 = cpu_s(proc.pid), time.monotonic()
+        attacher = subprocess.Popen(
+            ["runuser", "-u", u.pw_name, "--", "/usr/bin/python3", "-c", ATTACHER, sock,
+             str(FIRST_JOB), str(N), str(sb.HOME / ".dask-spank" / "clusters" / "stub-bench"),
+             str(user_dir / "jobs.log")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=user_dir)
+        line = attacher.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the attaching process failed (exit {attacher.wait()})")
+        jobs = wait_states(agent, "running", N, 600)
+        dt = time.monotonic() - t0
+        out["starts_per_s"] = N / dt
+        out["agent_cpu_ms_per_start"] = (cpu_s(proc.pid) - c0) * 1000 / N
+        pids = [j["pid"] for j in jobs if j["job_id"] >= FIRST_JOB and j["pid"]]
+        out["stubs_alive"] = alive(pids)
+
+        # Readiness aggregation: `status` for all jobs, as `dask-node-agent
+        # status` and the CLI ask it.
+        lat = []
+        for _ in range(5):
+            t = time.monotonic()
+            jobs = agent.call({"type": "status"})["jobs"]
+            lat.append(time.monotonic() - t)
+        out["status_jobs"] = len(jobs)
+        out["status_running"] = sum(j["state"] == "running" for j in jobs)
+        out["status_s_median"] = sorted(lat)[len(lat) // 2]
+        out["status_bytes"] = len(json.dumps({"type": "status", "jobs": jobs}))
+
+        # Idle: nothing happens but supervision (memory watchdog included).
+        time.sleep(2)
+        c0, t0 = cpu_s(proc.pid), time.monotonic()
+        time.sleep(IDLE_S)
+        out["agent_idle_cpu_percent"] = (cpu_s(proc.pid) - c0) * 100 / (time.monotonic() - t0)
+        out["agent_rss_mib"], out["agent_hwm_mib"] = rss_mib(proc.pid)
+        out["agent_fds"] = len(os.listdir(f"/proc/{proc.pid}/fd"))
+
+        # The jobs end (attach connections close): every stub must be gone.
+        c0, t0 = cpu_s(proc.pid), time.monotonic()
+        attacher.stdin.close()
+        attacher.wait(120)
+        attacher = None
+        wait_states(agent, "finished", N, 600)
+        sb.wait_until("every stub process gone", lambda: alive(pids) == 0, 120)
+        out["teardown_s"] = time.monotonic() - t0
+        out["agent_cpu_ms_per_stop"] = (cpu_s(proc.pid) - c0) * 1000 / N
+        for i in range(N):
+            agent.call({"type": "job_end", "job_id": FIRST_JOB + i, "reason": "benchmark over"})
+        out["agent_rss_after_mib"] = rss_mib(proc.pid)[0]
+    finally:
+        if attacher is not None:
+            attacher.kill()
+            attacher.wait()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(control_plane(), indent=2))
