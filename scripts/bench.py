@@ -12,6 +12,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sandboxlib as sb  # noqa: E402
+from bench_control import control_plane  # noqa: E402
 
 SIZES = [int(x) for x in os.environ.get("BENCH_SIZES", "8,32,64").split(",")]
 
@@ -97,14 +98,14 @@ def sbatch_cost(reps: int = 30) -> tuple[float, float, float]:
     return with_plugin, without, dask_job
 
 
-def main() -> int:
-    sb.sandbox("up")
-    figures: dict = {}
+def comparison_rows(figures: dict) -> list[tuple]:
+    """Figures 1-4: dask-spank against dask-jobqueue and the Nanny."""
     rows = []
     ready_ours = {n: ours(n, figures) for n in SIZES}
     p = sb.as_user([str(sb.VENV / "bin" / "python"), str(sb.REPO / "scripts" / "bench_jobqueue.py"),
                     ",".join(map(str, SIZES))], timeout=3600)
     jq = json.loads(p.stdout.strip().splitlines()[-1])
+    figures["jobqueue"] = jq
     sb.cancel_all_user_jobs(120)
     for n in SIZES:
         rows.append((f"time_to_ready_s_N{n}", ready_ours[n], jq["ready"][str(n)]))
@@ -117,15 +118,43 @@ def main() -> int:
     w, wo, dj = sbatch_cost()
     rows.append(("sbatch_s_plain_job", w, wo))
     rows.append(("sbatch_s_dask_job_vs_plain_without_plugin", dj, wo))
+    return rows
+
+
+def control_rows(figures: dict) -> list[tuple]:
+    """Figure 5: one agent, BENCH_STUB_JOBS stub worker jobs. The reference
+    is the target where the issue sets one; throughput and latency have no
+    reference run (no other tool has a node agent) and print '-'."""
+    c = control_plane()
+    figures["control"] = c
+    n = c["jobs"]
+    return [
+        (f"control_agent_rss_mib_{n}_jobs_vs_64", c["agent_rss_mib"], 64.0),
+        (f"control_agent_idle_cpu_percent_{n}_jobs_vs_1", c["agent_idle_cpu_percent"], 1.0),
+        ("control_registrations_per_s", c["registrations_per_s"], None),
+        ("control_starts_per_s", c["starts_per_s"], None),
+        (f"control_status_{n}_jobs_s_median", c["status_s_median"], None),
+        (f"control_teardown_{n}_jobs_s", c["teardown_s"], None),
+    ]
+
+
+def main() -> int:
+    only_control = "--control" in sys.argv[1:]
+    sb.sandbox("up")
+    figures: dict = {}
+    rows = [] if only_control else comparison_rows(figures)
+    rows += control_rows(figures)
     print(f"{'name':45s} {'ours':>10s} {'reference':>10s} {'ratio':>7s}")
     out = []
     for name, o, r in rows:
-        ratio = o / r if r else float("nan")
-        print(f"{name:45s} {o:10.3f} {r:10.3f} {ratio:7.3f}")
+        ratio = o / r if r else None
+        ref = f"{r:10.3f}" if r is not None else f"{'-':>10s}"
+        rat = f"{ratio:7.3f}" if ratio is not None else f"{'-':>7s}"
+        print(f"{name:45s} {o:10.3f} {ref} {rat}")
         out.append({"name": name, "ours": o, "reference": r, "ratio": ratio})
-    detail = {"figures": out, "ours_detail": figures, "jobqueue_detail": jq, "sizes": SIZES,
+    detail = {"figures": out, "detail": figures, "sizes": SIZES,
               "machine": {"nproc": os.cpu_count(), "uname": os.uname().release}}
-    path = sb.REPO / "target" / "bench.json"
+    path = sb.REPO / "target" / ("bench-control.json" if only_control else "bench.json")
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(detail, indent=2))
     print(f"\nwrote {path}")

@@ -180,8 +180,15 @@ def alive(pids: list[int]) -> int:
     return n
 
 
-def control_plane() -> dict:
-    """Run figure 5; return its measurements."""
+def uid_of(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    return -1
+
+
+def control_plane(n: int = N, idle_s: float = IDLE_S) -> dict:
+    """Run figure 5 with `n` jobs; return its measurements."""
     base = sb.STATE / "bench-control"
     shutil.rmtree(base, ignore_errors=True)
     agent_dir = base / "agent"
@@ -199,38 +206,39 @@ def control_plane() -> dict:
         stdout=log, stderr=subprocess.STDOUT, env=sb.ENV)
     agent = Agent(sock)
     attacher = None
-    out: dict = {"jobs": N}
+    out: dict = {"jobs": n}
     try:
         sb.wait_until("the benchmark agent's socket", lambda: os.path.exists(sock), 30)
         out["agent_rss_empty_mib"] = rss_mib(proc.pid)[0]
 
         # Registrations, one connection each, as the plugin does.
         c0, t0 = cpu_s(proc.pid), time.monotonic()
-        for i in range(N):
+        for i in range(n):
             r = agent.call(spec(i, u, os.getpid()))
             if r["type"] != "ok":
                 raise RuntimeError(f"registration {i} refused: {r}")
         dt = time.monotonic() - t0
-        out["registrations_per_s"] = N / dt
-        out["agent_cpu_ms_per_registration"] = (cpu_s(proc.pid) - c0) * 1000 / N
+        out["registrations_per_s"] = n / dt
+        out["agent_cpu_ms_per_registration"] = (cpu_s(proc.pid) - c0) * 1000 / n
         out["agent_rss_registered_mib"] = rss_mib(proc.pid)[0]
 
         # Attach as the user; the agent starts one stub per job.
         c0, t0 = cpu_s(proc.pid), time.monotonic()
         attacher = subprocess.Popen(
             ["runuser", "-u", u.pw_name, "--", "/usr/bin/python3", "-c", ATTACHER, sock,
-             str(FIRST_JOB), str(N), str(sb.HOME / ".dask-spank" / "clusters" / "stub-bench"),
+             str(FIRST_JOB), str(n), str(sb.HOME / ".dask-spank" / "clusters" / "stub-bench"),
              str(user_dir / "jobs.log")],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=user_dir)
         line = attacher.stdout.readline()
         if not line:
             raise RuntimeError(f"the attaching process failed (exit {attacher.wait()})")
-        jobs = wait_states(agent, "running", N, 600)
+        jobs = wait_states(agent, "running", n, 600)
         dt = time.monotonic() - t0
-        out["starts_per_s"] = N / dt
-        out["agent_cpu_ms_per_start"] = (cpu_s(proc.pid) - c0) * 1000 / N
+        out["starts_per_s"] = n / dt
+        out["agent_cpu_ms_per_start"] = (cpu_s(proc.pid) - c0) * 1000 / n
         pids = [j["pid"] for j in jobs if j["job_id"] >= FIRST_JOB and j["pid"]]
         out["stubs_alive"] = alive(pids)
+        out["stubs_as_user"] = sum(uid_of(p) == u.pw_uid for p in pids)
 
         # Readiness aggregation: `status` for all jobs, as `dask-node-agent
         # status` and the CLI ask it.
@@ -247,7 +255,7 @@ def control_plane() -> dict:
         # Idle: nothing happens but supervision (memory watchdog included).
         time.sleep(2)
         c0, t0 = cpu_s(proc.pid), time.monotonic()
-        time.sleep(IDLE_S)
+        time.sleep(idle_s)
         out["agent_idle_cpu_percent"] = (cpu_s(proc.pid) - c0) * 100 / (time.monotonic() - t0)
         out["agent_rss_mib"], out["agent_hwm_mib"] = rss_mib(proc.pid)
         out["agent_fds"] = len(os.listdir(f"/proc/{proc.pid}/fd"))
@@ -257,11 +265,11 @@ def control_plane() -> dict:
         attacher.stdin.close()
         attacher.wait(120)
         attacher = None
-        wait_states(agent, "finished", N, 600)
+        wait_states(agent, "finished", n, 600)
         sb.wait_until("every stub process gone", lambda: alive(pids) == 0, 120)
         out["teardown_s"] = time.monotonic() - t0
-        out["agent_cpu_ms_per_stop"] = (cpu_s(proc.pid) - c0) * 1000 / N
-        for i in range(N):
+        out["agent_cpu_ms_per_stop"] = (cpu_s(proc.pid) - c0) * 1000 / n
+        for i in range(n):
             agent.call({"type": "job_end", "job_id": FIRST_JOB + i, "reason": "benchmark over"})
         out["agent_rss_after_mib"] = rss_mib(proc.pid)[0]
     finally:

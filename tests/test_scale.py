@@ -1,0 +1,53 @@
+"""The control plane at scale, small enough for CI: one node agent in its
+benchmark mode supervises many stub worker jobs (the code of figure 5 of
+scripts/bench, with 200 jobs instead of 3000). And the benchmark mode's
+shortcut stays out of the production agent: there, a registration for a job
+slurmctld does not know is refused when its process attaches."""
+import json
+import os
+import socket
+import struct
+
+import bench_control
+import sandboxlib as sb
+
+
+def test_agent_supervises_200_stub_jobs_and_leaves_nothing_behind():
+    out = bench_control.control_plane(n=200, idle_s=3)
+    assert out["stubs_alive"] == 200
+    # Started as the job's user, never as root.
+    assert out["stubs_as_user"] == 200
+    assert out["status_jobs"] == 200 and out["status_running"] == 200
+    # teardown_s is only set once every stub process is gone.
+    assert out["teardown_s"] < 120
+    # A few descriptors per job, and no leak once the jobs ended.
+    assert out["agent_fds"] >= 3 * 200
+
+
+def test_production_agent_refuses_a_job_slurmctld_does_not_know():
+    u = sb.user()
+    spec = bench_control.spec(0, u, os.getpid())
+    spec["job_id"] = 999_999
+    spec["node"] = "n1"
+    spec["cluster"] = "ghost"
+    sock = str(sb.STATE / "run" / "agent" / "agent-n1.sock")
+    assert bench_control.Agent(sock).call(spec)["type"] == "ok"
+    attach = (
+        "import json,os,socket,struct,sys\n"
+        "s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+        "def send(m):\n b=json.dumps(m).encode(); s.sendall(struct.pack('>I',len(b))+b)\n"
+        "def recv():\n n=struct.unpack('>I',s.recv(4))[0]; d=b''\n"
+        " while len(d)<n: d+=s.recv(n-len(d))\n return json.loads(d)\n"
+        "send({'version':1,'client':'attach'}); recv()\n"
+        "send({'type':'attach','job_id':999999,'cwd':'/','env':[],'cluster_dir':'/tmp','rlimits':[]})\n"
+        "assert recv()['type']=='send_log_fd'\n"
+        "socket.send_fds(s,[b'\\0'],[os.open('/dev/null',os.O_WRONLY)])\n"
+        "assert recv()['type']=='attached'\n"
+        "print(json.dumps(recv()))\n"
+    )
+    p = sb.as_user(["/usr/bin/python3", "-c", attach, sock], timeout=60)
+    finished = json.loads(p.stdout)
+    assert finished["type"] == "finished" and finished["exit_code"] == 1, finished
+    assert "refused by the site policy" in finished["reason"], finished
+    bench_control.Agent(sock).call({"type": "job_end", "job_id": 999_999, "reason": "test over"})
+    assert not [p for p in sb.dask_processes(u.pw_uid) if "ghost" in " ".join(p["args"])]
