@@ -76,11 +76,13 @@ def ours(n: int, figures: dict) -> float:
 # kinds alternate, so that drift of the machine hits them alike.
 _SBATCH_TIMER = r"""
 import json, statistics, subprocess, sys, time
-reps, noplugin = int(sys.argv[1]), sys.argv[2]
+reps, noplugin, noop_c, noop_rust = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 kinds = {
     "with_plugin": (["--wrap=true"], {}),
     "without": (["--wrap=true"], {"SLURM_CONF": noplugin}),
     "dask_job": (["--dask-role=worker", "--dask-cluster=bench-sbatch"], {}),
+    "noop_c": (["--wrap=true"], {"SLURM_CONF": noop_c}),
+    "noop_rust": (["--wrap=true"], {"SLURM_CONF": noop_rust}),
 }
 import os
 ts = {k: [] for k in kinds}
@@ -96,20 +98,62 @@ print(json.dumps({k: statistics.median(v) for k, v in ts.items()}))
 """
 
 
-def sbatch_cost(reps: int = 60) -> tuple[float, float, float, float]:
-    """Median wall time of one sbatch: plain job with the plugin, plain job
-    without it (a slurm.conf whose plugstack.conf is empty), and a dask job
-    (--dask-role, re-exec with the site defaults). And the user-space
-    instructions of one plain sbatch with the plugin over those without it,
-    counted by callgrind: unlike wall time, repeatable to the instruction."""
-    d = sb.WORK / "bench-noplugin"
-    d.mkdir(exist_ok=True)
-    (d / "plugstack.conf").write_text("")
+# Two SPANK plugins that do nothing, to tell the cost of loading any
+# plugin, and any Rust cdylib (std, libgcc_s), from the cost of ours.
+_NOOP_C = """
+#include <slurm/spank.h>
+SPANK_PLUGIN(noop, 1);
+int slurm_spank_init(spank_t sp, int ac, char **av) { return 0; }
+"""
+_NOOP_RUST = """
+use std::os::raw::{c_char, c_int, c_uint, c_void};
+#[no_mangle] pub static plugin_name: [u8; 5] = *b"noop\\0";
+#[no_mangle] pub static plugin_type: [u8; 6] = *b"spank\\0";
+#[no_mangle] pub static plugin_version: c_uint = VERSION;
+#[no_mangle] pub static spank_plugin_version: c_uint = 1;
+#[no_mangle]
+pub extern "C" fn slurm_spank_init(_sp: *mut c_void, _ac: c_int, _av: *mut *mut c_char) -> c_int {
+    std::env::args().count() as c_int * 0
+}
+"""
+
+
+def _slurm_conf_with(d, plugstack: str) -> str:
+    """A copy of the sandbox's slurm.conf whose plugstack.conf is `plugstack`."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "plugstack.conf").write_text(plugstack)
     conf = [l for l in (sb.STATE / "etc" / "slurm.conf").read_text().splitlines() if not l.startswith("PlugStackConfig=")]
     conf.append(f"PlugStackConfig={d / 'plugstack.conf'}")
     (d / "slurm.conf").write_text("\n".join(conf) + "\n")
-    os.system(f"chown -R {sb.TEST_USER}: {d}")
-    p = sb.as_user(["/usr/bin/python3", "-c", _SBATCH_TIMER, str(reps), str(d / "slurm.conf")], timeout=1800)
+    return str(d / "slurm.conf")
+
+
+def _noop_plugins() -> tuple[str, str]:
+    d = sb.WORK / "bench-noop"
+    d.mkdir(exist_ok=True)
+    (d / "noop.c").write_text(_NOOP_C)
+    sb.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(d / "noop_c.so"), str(d / "noop.c")])
+    version = next(l.split()[2] for l in open("/usr/include/slurm/slurm_version.h")
+                   if l.startswith("#define SLURM_VERSION_NUMBER"))
+    (d / "noop.rs").write_text(_NOOP_RUST.replace("VERSION", version))
+    sb.run(["rustc", "--edition=2021", "--crate-type=cdylib", "-C", "opt-level=3", "-C", "panic=unwind",
+            "-o", str(d / "noop_rust.so"), str(d / "noop.rs")])
+    return (_slurm_conf_with(d / "c", f"required {d / 'noop_c.so'}\n"),
+            _slurm_conf_with(d / "rust", f"required {d / 'noop_rust.so'}\n"))
+
+
+def sbatch_cost(reps: int = 60) -> tuple[dict, float]:
+    """Median wall time of one sbatch: plain job with the plugin, plain job
+    without it (a slurm.conf whose plugstack.conf is empty), a dask job
+    (--dask-role, re-exec with the site defaults), and plain jobs with a
+    do-nothing plugin in C and in Rust. And the user-space instructions of
+    one plain sbatch with the plugin over those without it, counted by
+    callgrind: unlike wall time, repeatable to the instruction."""
+    noplugin = _slurm_conf_with(sb.WORK / "bench-noplugin", "")
+    noop_c, noop_rust = _noop_plugins()
+    os.system(f"chown -R {sb.TEST_USER}: {sb.WORK / 'bench-noplugin'} {sb.WORK / 'bench-noop'}")
+    p = sb.as_user(["/usr/bin/python3", "-c", _SBATCH_TIMER, str(reps), noplugin, noop_c, noop_rust],
+                   timeout=1800)
     t = json.loads(p.stdout)
 
     def instructions(env=None) -> int:
@@ -117,9 +161,9 @@ def sbatch_cost(reps: int = 60) -> tuple[float, float, float, float]:
                         "sbatch", "--hold", "-o", "/dev/null", "--wrap=true"], env=env)
         return int(p.stderr.split("Collected :")[1].split()[0])
 
-    ratio = instructions() / instructions({"SLURM_CONF": str(d / "slurm.conf")})
+    ratio = instructions() / instructions({"SLURM_CONF": noplugin})
     sb.cancel_all_user_jobs(120)
-    return t["with_plugin"], t["without"], t["dask_job"], ratio
+    return t, ratio
 
 
 def comparison_rows(figures: dict) -> list[tuple]:
@@ -139,10 +183,14 @@ def comparison_rows(figures: dict) -> list[tuple]:
     # reported beside the Nanny for the whole picture.
     rows.append(("attach_rss_mib_per_job_vs_nanny", figures["attach_rss_mib"], jq["nanny_rss_mib"]))
     rows.append(("restart_to_registered_s_median", figures["restart_s"], statistics.median(jq["restart"])))
-    w, wo, dj, instr = sbatch_cost()
-    rows.append(("sbatch_s_plain_job", w, wo))
+    t, instr = sbatch_cost()
+    figures["sbatch"] = t
+    wo = t["without"]
+    rows.append(("sbatch_s_plain_job", t["with_plugin"], wo))
     rows.append(("sbatch_instructions_plain_job_ratio", instr, 1.0))
-    rows.append(("sbatch_s_dask_job_vs_plain_without_plugin", dj, wo))
+    rows.append(("sbatch_s_plain_job_noop_c_plugin", t["noop_c"], wo))
+    rows.append(("sbatch_s_plain_job_noop_rust_plugin", t["noop_rust"], wo))
+    rows.append(("sbatch_s_dask_job_vs_plain_without_plugin", t["dask_job"], wo))
     return rows
 
 
