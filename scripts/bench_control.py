@@ -46,7 +46,7 @@ POLICY = {
     "max_worker_jobs": 3000,
     "idle_timeout_s": 7200,
     "nanny": {"death_timeout_s": 60, "restart_max": 5, "restart_window_s": 60,
-              "lifetime_margin_s": 300, "memory_kill_percent": 95},
+              "lifetime_margin_s": 300, "memory_kill_percent": 95, "start": "exec"},
 }
 
 # The user side: attaches to jobs FIRST..FIRST+n-1 like `dask-spank attach`,

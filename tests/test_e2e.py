@@ -189,7 +189,7 @@ def test_unprivileged_user_cannot_register_or_end_jobs():
                        "mem_max_mb": 1 << 30, "time_s": 60, "time_max_s": 1 << 30},
             "account": {"kind": "none"}, "max_worker_jobs": 1000000, "idle_timeout_s": 1 << 30,
             "nanny": {"death_timeout_s": 60, "restart_max": 5, "restart_window_s": 60,
-                      "lifetime_margin_s": 300, "memory_kill_percent": 95},
+                      "lifetime_margin_s": 300, "memory_kill_percent": 95, "start": "exec"},
         },
     }
     r = sb.agent_request({"type": "register", **spec})

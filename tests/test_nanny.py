@@ -247,3 +247,87 @@ def test_9_worker_near_its_walltime_retires_and_no_task_is_lost(cluster_name):
     assert "worker exited (exit code 0)" in log
     c.close()
 
+
+
+def forkserver_processes(uid: int) -> list[dict]:
+    """Fork servers and the workers forked from them (their command line is
+    the server's), from /proc."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            args = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
+            comm = open(f"/proc/{d}/comm").read().strip()
+            status = open(f"/proc/{d}/status").read()
+        except OSError:
+            continue
+        st = dict(l.split(":", 1) for l in status.splitlines() if ":" in l)
+        if b"dask-spank-forkserver" in args and int(st["Uid"].split()[0]) == uid \
+                and not st["State"].strip().startswith("Z"):
+            out.append({"pid": int(d), "comm": comm, "CapEff": st["CapEff"].strip(),
+                        "NoNewPrivs": st["NoNewPrivs"].strip()})
+    return out
+
+
+def test_10_forkserver_restarts_a_killed_worker_fast_and_leaves_nothing(cluster_name):
+    import dask.array as da
+
+    uid = sb.user().pw_uid
+    sb.set_policy("worker_start=forkserver")
+    try:
+        sched, arr, c = start(cluster_name, 2)
+        procs = forkserver_processes(uid)
+        assert sorted(p["comm"] for p in procs) == ["dask-forkserver"] * 2 + ["dask-worker"] * 2, procs
+        assert all(p["CapEff"] == "0000000000000000" and p["NoNewPrivs"] == "1" for p in procs), procs
+
+        def slow_square(b):
+            import time as t
+            t.sleep(0.05)
+            return b * b
+
+        n = 400_000
+        x = da.arange(n, chunks=n // 200, dtype="int64")
+        fut = c.compute(x.map_blocks(slow_square).sum())
+        time.sleep(1.0)
+        assert not fut.done()
+        addr, pid = sorted(c.run(os.getpid).items())[0]
+        name = c.scheduler_info()["workers"][addr]["name"]
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        sb.wait_until("the killed worker to re-register", lambda: any(
+            w["name"] == name and a != addr for a, w in c.scheduler_info()["workers"].items()), 10, 0.01)
+        back = time.monotonic() - t0
+        assert int(fut.result(timeout=120)) == sum(i * i for i in range(n))
+        log = worker_log(arr, name.rsplit("_", 1)[1])
+        assert "fork server started, pid" in log
+        assert "worker restarted, pid" in log and "forked by the fork server" in log
+        # A fork skips the interpreter start and the imports of a cold start.
+        assert back < 1.0, f"worker back after {back:.2f}s"
+        print(f"forked worker back after {back:.3f}s")
+        c.close()
+        sb.run(["scancel", sched, arr])
+        sb.wait_until("no fork server or forked worker left",
+                      lambda: not forkserver_processes(uid), 30)
+    finally:
+        sb.set_policy("")
+
+
+def test_10b_forkserver_without_distributed_fails_at_once_with_the_traceback(cluster_name):
+    env = sb.WORK / "env-without-distributed"
+    if not (env / "bin" / "python").exists():
+        sb.as_user(["/usr/bin/python3", "-m", "venv", "--without-pip", str(env)])
+    sb.set_policy("worker_start=forkserver")
+    try:
+        sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster_name}")
+        sb.wait_scheduler_file(cluster_name)
+        job = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster_name}", f"--dask-env={env}")
+        sb.wait_job_gone(job, 60)
+        log = (sb.WORK / "log" / f"dask-worker-{job}.log").read_text()
+        assert "No module named 'distributed'" in log
+        assert "the fork server died (see its traceback above in this log)" in log
+        assert "restarting in" not in log
+        assert sb.job_state(job) == "FAILED"
+        sb.run(["scancel", sched])
+    finally:
+        sb.set_policy("")

@@ -7,7 +7,7 @@
 //! something silently ignored.
 
 use crate::paths::DEFAULT_AGENT_DIR;
-use crate::policy::{AccountPolicy, Policy};
+use crate::policy::{AccountPolicy, Policy, WorkerStart};
 use crate::units::{format_mem_mb, format_time_s, parse_duration_s, parse_mem_mb, parse_time_s};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -80,6 +80,7 @@ pub const KEYS: &[&str] = &[
     "worker_restart_window",
     "worker_lifetime_margin",
     "worker_memory_kill",
+    "worker_start",
     "log_dir",
     "agent_dir",
     "attach_cmd",
@@ -262,6 +263,13 @@ impl Config {
                             _ => return Err(bad(key, v, "must be a percentage from 50% to 100%")),
                         }
                 }
+                "worker_start" => {
+                    p.nanny.start = match v {
+                        "exec" => WorkerStart::Exec,
+                        "forkserver" => WorkerStart::Forkserver,
+                        _ => return Err(bad(key, v, "must be exec or forkserver")),
+                    }
+                }
                 "log_dir" => c.log_dir = relative_dir(key, v)?,
                 "agent_dir" => c.agent_dir = absolute_path(key, v)?,
                 "attach_cmd" => c.attach_cmd = absolute_path(key, v)?,
@@ -356,6 +364,7 @@ mod tests {
             "worker_restart_window=2m",
             "worker_lifetime_margin=90",
             "worker_memory_kill=90%",
+            "worker_start=forkserver",
             "log_dir=logs/dask/",
             "agent_dir=/tmp/a",
             "attach_cmd=/opt/bin/dask-spank",
@@ -379,6 +388,7 @@ mod tests {
         assert_eq!((p.nanny.restart_max, p.nanny.restart_window_s), (3, 120));
         assert_eq!(p.nanny.lifetime_margin_s, 90);
         assert_eq!(p.nanny.memory_kill_percent, 90);
+        assert_eq!(p.nanny.start, WorkerStart::Forkserver);
         assert_eq!(c.log_dir, "logs/dask");
         assert_eq!(c.agent_dir, PathBuf::from("/tmp/a"));
         assert_eq!(c.attach_cmd, PathBuf::from("/opt/bin/dask-spank"));
@@ -399,8 +409,9 @@ mod tests {
     #[test]
     fn errors_name_the_key_and_value() {
         let cases: &[(&[&str], &str)] = &[
-            (&["bogus=1"], "plugstack.conf: unknown key 'bogus' (known keys: scheduler_partition, worker_partition, scheduler_licenses, worker_licenses, account, worker_cpus, worker_cpus_max, scheduler_mem, scheduler_mem_max, worker_mem, worker_mem_max, scheduler_time, scheduler_time_max, worker_time, worker_time_max, max_worker_jobs, idle_timeout, worker_death_timeout, worker_restart_max, worker_restart_window, worker_lifetime_margin, worker_memory_kill, log_dir, agent_dir, attach_cmd, agent_timeout)"),
+            (&["bogus=1"], "plugstack.conf: unknown key 'bogus' (known keys: scheduler_partition, worker_partition, scheduler_licenses, worker_licenses, account, worker_cpus, worker_cpus_max, scheduler_mem, scheduler_mem_max, worker_mem, worker_mem_max, scheduler_time, scheduler_time_max, worker_time, worker_time_max, max_worker_jobs, idle_timeout, worker_death_timeout, worker_restart_max, worker_restart_window, worker_lifetime_margin, worker_memory_kill, worker_start, log_dir, agent_dir, attach_cmd, agent_timeout)"),
             (&["worker_memory_kill=95"], "plugstack.conf: worker_memory_kill=95: must be a percentage from 50% to 100%"),
+            (&["worker_start=fork"], "plugstack.conf: worker_start=fork: must be exec or forkserver"),
             (&["agent_dir"], "plugstack.conf: argument 'agent_dir' is not of the form key=value"),
             (&["agent_dir=rel"], "plugstack.conf: agent_dir=rel: must be an absolute path"),
             (&["log_dir=../x"], "plugstack.conf: log_dir=../x: must be a relative directory without '..' (it is created under the submit directory)"),

@@ -60,6 +60,33 @@ pub struct NannyPolicy {
     /// Memory use, in percent of the job's memory, at which a worker is
     /// terminated and restarted (the Nanny's 95%).
     pub memory_kill_percent: u32,
+    /// How worker processes start. Defaulted when absent, so that the
+    /// state files of an older agent still load after an upgrade.
+    #[serde(default)]
+    pub start: WorkerStart,
+}
+
+/// How the agent starts a worker process (`worker_start`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerStart {
+    /// A fresh `python -m distributed.cli.dask_worker` each time: nothing
+    /// but the worker stays resident.
+    #[default]
+    Exec,
+    /// A per-job fork server imports distributed once and forks each
+    /// worker: restarts skip the cold start, at the price of the server's
+    /// memory (about that of an idle Python with distributed imported).
+    Forkserver,
+}
+
+impl std::fmt::Display for WorkerStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WorkerStart::Exec => "exec",
+            WorkerStart::Forkserver => "forkserver",
+        })
+    }
 }
 
 impl Default for NannyPolicy {
@@ -70,6 +97,7 @@ impl Default for NannyPolicy {
             restart_window_s: 60,
             lifetime_margin_s: 300,
             memory_kill_percent: 95,
+            start: WorkerStart::Exec,
         }
     }
 }

@@ -3,6 +3,7 @@
 mod admission;
 mod cgroup;
 mod dask_cmd;
+mod forkserver;
 mod jobenv;
 mod joblog;
 mod jobs;

@@ -44,6 +44,10 @@ pub struct SpawnRequest<'a> {
     pub rlimits: &'a [Rlimit],
     /// `cgroup.procs` of the job's cgroup, to join before dropping root.
     pub cgroup_procs: Option<&'a Path>,
+    /// stdin of the child (default: /dev/null).
+    pub stdin: Option<OwnedFd>,
+    /// Variables set on top of `env`.
+    pub extra_env: &'a [(&'a str, &'a str)],
 }
 
 /// Refuse to run anything as root: the agent only ever starts user code.
@@ -71,7 +75,11 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<tokio::process::Child> {
     cmd.args(req.args)
         .env_clear()
         .envs(req.env.vars())
-        .stdin(Stdio::null())
+        .envs(req.extra_env.iter().copied())
+        .stdin(match &req.stdin {
+            Some(fd) => Stdio::from(fd.try_clone()?),
+            None => Stdio::null(),
+        })
         .stdout(Stdio::from(req.output.try_clone()?))
         .stderr(Stdio::from(req.output.try_clone()?))
         .kill_on_drop(false);

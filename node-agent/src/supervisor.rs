@@ -5,6 +5,7 @@
 //! through its own handle (tokio), never with a blanket `waitpid(-1)`.
 
 use crate::dask_cmd::{command, lifetime, DaskSettings, Limits};
+use crate::forkserver::ForkServer;
 use crate::jobenv::JobEnv;
 use crate::joblog::JobLog;
 use crate::restart::{CrashLog, Decision, RestartPolicy};
@@ -12,6 +13,7 @@ use crate::server::Agent;
 use crate::spawn::{spawn, Identity, SpawnRequest};
 use dask_spank_common::messages::Attach;
 use dask_spank_common::paths::scheduler_file;
+use dask_spank_common::policy::WorkerStart;
 use dask_spank_common::{JobSpec, Role};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -59,14 +61,28 @@ pub fn describe(st: &ExitStatus) -> String {
     }
 }
 
+/// The running dask process of one start: a child of the agent, or a
+/// worker forked by the job's fork server.
+pub enum Proc<'a> {
+    Exec(tokio::process::Child),
+    Forked {
+        pid: i32,
+        server: &'a mut ForkServer,
+    },
+}
+
+impl Proc<'_> {
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        match self {
+            Proc::Exec(c) => c.wait().await,
+            Proc::Forked { pid, server } => server.wait(*pid).await,
+        }
+    }
+}
+
 /// Signal a process group until it is gone: SIGTERM, then SIGKILL after
 /// `grace`, then whatever is left of the group.
-pub async fn stop_group(
-    pgid: i32,
-    child: &mut tokio::process::Child,
-    grace: Duration,
-    log: &JobLog,
-) {
+pub async fn stop_group(pgid: i32, child: &mut Proc<'_>, grace: Duration, log: &JobLog) {
     let pg = Pid::from_raw(pgid);
     let _ = killpg(pg, Signal::SIGTERM);
     if tokio::time::timeout(grace, child.wait()).await.is_err() {
@@ -131,11 +147,61 @@ enum Ended {
     MemoryKill(u64),
 }
 
+/// Fork a worker from the job's fork server, starting the server first if
+/// there is none or it died. Arguments: those after `-m <module>`.
+async fn start_forked<'s>(
+    agent: &Agent,
+    job_id: u32,
+    server: &'s mut Option<ForkServer>,
+    req: &SpawnRequest<'_>,
+    log: &JobLog,
+) -> std::io::Result<Proc<'s>> {
+    if let Some(dead) = server.take_if(|s| !s.alive()) {
+        log.line("the fork server died: starting a new one");
+        shutdown_server(dead, log).await;
+    }
+    if server.is_none() {
+        let s = ForkServer::spawn(req)?;
+        agent.jobs.add_pgid(job_id, s.pid);
+        log.line(&format!(
+            "fork server started, pid {}: {} (imports distributed once; workers are forked from it)",
+            s.pid, req.program
+        ));
+        *server = Some(s);
+    }
+    let Some(s) = server.as_mut() else {
+        return Err(std::io::Error::other("no fork server"));
+    };
+    let pid = s.fork(req.args.get(2..).unwrap_or_default()).await?;
+    Ok(Proc::Forked { pid, server: s })
+}
+
 /// Run the job's dask process until it ends for good or `stop` fires.
 pub async fn run(
     agent: Arc<Agent>,
     run: JobRun,
     mut stop: watch::Receiver<Option<String>>,
+) -> Outcome {
+    let mut server = None;
+    let outcome = supervise(&agent, &run, &mut stop, &mut server).await;
+    if let Some(s) = server {
+        shutdown_server(s, &run.log).await;
+    }
+    outcome
+}
+
+/// Stop a fork server: closing its socket makes it kill what it forked and
+/// leave; its process group gets the usual SIGTERM, grace, SIGKILL.
+async fn shutdown_server(s: ForkServer, log: &JobLog) {
+    let (child, pid) = s.close();
+    Box::pin(stop_group(pid, &mut Proc::Exec(child), STOP_GRACE, log)).await;
+}
+
+async fn supervise(
+    agent: &Arc<Agent>,
+    run: &JobRun,
+    stop: &mut watch::Receiver<Option<String>>,
+    server: &mut Option<ForkServer>,
 ) -> Outcome {
     let identity = Identity {
         uid: run.spec.uid,
@@ -159,6 +225,10 @@ pub async fn run(
     };
     let mut crashes = CrashLog::default();
     let mut starts = 0u32;
+    // Benchmark stubs (`--stub-command`) are not Python: always exec them.
+    let forked = role == Role::Worker
+        && nanny.start == WorkerStart::Forkserver
+        && run.settings.stub.is_none();
     let finish = |state: &str, exit_code: i32, reason: String| {
         agent.jobs.update(job_id, |s| {
             s.state = state.into();
@@ -196,7 +266,7 @@ pub async fn run(
             Ok(fd) => fd,
             Err(e) => return finish("failed", 1, format!("cannot use the job log: {e}")),
         };
-        let spawned = spawn(&SpawnRequest {
+        let req = SpawnRequest {
             program: &program,
             args: &args,
             env: &run.env,
@@ -205,9 +275,17 @@ pub async fn run(
             output: &output,
             rlimits: &run.attach.rlimits,
             cgroup_procs: run.cgroup_procs.as_deref(),
-        });
+            stdin: None,
+            extra_env: &[],
+        };
+        let started = if forked {
+            start_forked(agent, job_id, server, &req, log).await
+        } else {
+            spawn(&req).map(Proc::Exec)
+        };
+        drop(req);
         drop(output);
-        let mut child = match spawned {
+        let mut child = match started {
             Ok(c) => c,
             Err(e) => {
                 let reason = format!("cannot start {program}: {e}");
@@ -215,7 +293,10 @@ pub async fn run(
                 return finish("failed", 1, reason);
             }
         };
-        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        let pid = match &child {
+            Proc::Exec(c) => c.id().map(|p| p as i32).unwrap_or(0),
+            Proc::Forked { pid, .. } => *pid,
+        };
         agent.jobs.add_pgid(job_id, pid);
         agent.jobs.update(job_id, |s| {
             s.state = "running".into();
@@ -224,10 +305,17 @@ pub async fn run(
         running_gauge.fetch_add(1, Relaxed);
         starts += 1;
         let what = if starts == 1 { "started" } else { "restarted" };
-        log.line(&format!(
-            "{role} {what}, pid {pid}: {program} {}",
-            args.join(" ")
-        ));
+        match &child {
+            Proc::Exec(_) => log.line(&format!(
+                "{role} {what}, pid {pid}: {program} {}",
+                args.join(" ")
+            )),
+            Proc::Forked { server, .. } => log.line(&format!(
+                "{role} {what}, pid {pid}, forked by the fork server (pid {}): dask-worker {}",
+                server.pid,
+                args.get(2..).unwrap_or_default().join(" ")
+            )),
+        }
         let started = Instant::now();
         // Watched by the node's one memory watchdog until this start ends.
         let (_watching, mut over) = match mem_kill_mb {
