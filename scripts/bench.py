@@ -13,15 +13,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sandboxlib as sb  # noqa: E402
 from bench_control import control_plane  # noqa: E402
+from benchlib import median, restart_latencies, rss_mib, uss_mib  # noqa: E402
 
 SIZES = [int(x) for x in os.environ.get("BENCH_SIZES", "8,32,64").split(",")]
-
-
-def rss_mib(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def attach_pids() -> list[int]:
@@ -54,21 +48,51 @@ def ours(n: int, figures: dict) -> float:
         figures["agent_rss_delta_per_worker_mib"] = (rss_mib(agent) - rss0) / (n + 1)
         figures["attach_rss_mib"] = statistics.median(attach) if attach else 0.0
     if n == SIZES[0]:
-        lat = []
-        for _ in range(5):
-            ws = c.scheduler_info()["workers"]
-            addr, pid = sorted(c.run(os.getpid).items())[0]
-            wname = ws[addr]["name"]
-            t1 = time.monotonic()
-            os.kill(pid, signal.SIGKILL)
-            while not any(w["name"] == wname and a != addr for a, w in c.scheduler_info()["workers"].items()):
-                time.sleep(0.01)
-            lat.append(time.monotonic() - t1)
-            c.wait_for_workers(n, timeout=60)
-        figures["restart_s"] = statistics.median(lat)
+        figures["restart_s_all"] = restart_latencies(c, n)
+        figures["restart_s"] = median(figures["restart_s_all"])
     c.close()
     sb.cancel_all_user_jobs(120)
     return dt
+
+
+def forkserver_pids(kind: str) -> list[int]:
+    """The fork servers (`dask-forkserver`) or the workers forked from them
+    (`dask-worker`), by their process name."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if open(f"/proc/{d}/comm").read().strip() == kind:
+                    out.append(int(d))
+            except OSError:
+                pass
+    return out
+
+
+def ours_forkserver(n: int, figures: dict) -> None:
+    """Figures 2 and 3 again with the policy worker_start=forkserver: the
+    restart latency, and the memory of the fork server that each worker
+    job keeps beside its worker."""
+    name = f"bench-fs-{n}"
+    sb.forget_cluster(name)
+    sb.set_policy("worker_start=forkserver")
+    try:
+        t0 = time.monotonic()
+        sb.sbatch("--dask-role=scheduler", f"--dask-cluster={name}")
+        sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", f"--array=1-{n}")
+        sb.wait_scheduler_file(name, 300)
+        c = sb.client(name)
+        c.wait_for_workers(n, timeout=900)
+        figures["forkserver_ready_s"] = time.monotonic() - t0
+        servers = forkserver_pids("dask-forkserver")
+        figures["forkserver_rss_mib"] = median([rss_mib(p) for p in servers])
+        figures["forkserver_uss_mib"] = median([uss_mib(p) for p in servers])
+        figures["forkserver_restart_s_all"] = restart_latencies(c, n)
+        figures["forkserver_restart_s"] = median(figures["forkserver_restart_s_all"])
+        c.close()
+        sb.cancel_all_user_jobs(120)
+    finally:
+        sb.set_policy("")
 
 
 # Times sbatch from inside the user's own process, so that the cost of
@@ -183,6 +207,12 @@ def comparison_rows(figures: dict) -> list[tuple]:
     # reported beside the Nanny for the whole picture.
     rows.append(("attach_rss_mib_per_job_vs_nanny", figures["attach_rss_mib"], jq["nanny_rss_mib"]))
     rows.append(("restart_to_registered_s_median", figures["restart_s"], statistics.median(jq["restart"])))
+    ours_forkserver(SIZES[0], figures)
+    rows.append(("restart_s_median_forkserver", figures["forkserver_restart_s"], statistics.median(jq["restart"])))
+    # What worker_start=forkserver costs: the server each job keeps (RSS,
+    # and its private pages, the rest being shared with its worker).
+    rows.append(("forkserver_rss_mib_per_job_vs_nanny", figures["forkserver_rss_mib"], jq["nanny_rss_mib"]))
+    rows.append(("forkserver_uss_mib_per_job_vs_nanny", figures["forkserver_uss_mib"], jq["nanny_rss_mib"]))
     t, instr = sbatch_cost()
     figures["sbatch"] = t
     wo = t["without"]

@@ -3,17 +3,11 @@ its default Nanny) on the same sandbox, run as the test user. Prints one
 JSON document."""
 import json
 import os
-import signal
 import statistics
 import sys
 import time
 
-
-def rss_mib(pid):
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+from benchlib import restart_latencies, rss_mib
 
 
 def children(pid):
@@ -62,17 +56,8 @@ def main():
                 tracker = [c for c in children(nanny) if "resource_tracker" in cmdline(c)]
                 per.append(rss_mib(nanny) + sum(rss_mib(t) for t in tracker))
             res["nanny_rss_mib"] = statistics.median(per)
-            # Restart latency: SIGKILL the worker under a Nanny, time to re-registration.
-            for _ in range(5):
-                ws = client.scheduler_info()["workers"]
-                addr, pid = sorted(client.run(os.getpid).items())[0]
-                name = ws[addr]["name"]
-                t1 = time.monotonic()
-                os.kill(pid, signal.SIGKILL)
-                while not any(w["name"] == name and a != addr for a, w in client.scheduler_info()["workers"].items()):
-                    time.sleep(0.01)
-                res["restart"].append(time.monotonic() - t1)
-                client.wait_for_workers(n, timeout=60)
+            # Restart latency: SIGKILL a worker under its Nanny, time to re-registration.
+            res["restart"] = restart_latencies(client, n)
         client.close()
         cluster.close()
         time.sleep(2)

@@ -1,0 +1,52 @@
+"""Measurements shared by both sides of scripts/bench (ours, run as root,
+and dask-jobqueue's, run as the test user): only the standard library."""
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import time
+
+
+def rss_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def uss_mib(pid: int) -> float:
+    """Memory only this process holds (private pages): what it costs beyond
+    the pages it shares with others, such as a parent it was forked from."""
+    kib = 0
+    for line in open(f"/proc/{pid}/smaps_rollup"):
+        if line.startswith(("Private_Clean:", "Private_Dirty:")):
+            kib += int(line.split()[1])
+    return kib / 1024
+
+
+def restart_latencies(client, n: int, kills: int = 5) -> list[float]:
+    """SIGKILL a worker, time until a worker of the same name registers
+    again; `kills` times, a different worker each time (while there are any
+    left), so that what is timed is the restart itself, not a crash-loop
+    backoff. Waits for all `n` workers between kills."""
+    killed: set[str] = set()
+    lat = []
+    for _ in range(kills):
+        ws = client.scheduler_info()["workers"]
+        pids = client.run(os.getpid)
+        fresh = sorted(a for a in pids if ws[a]["name"] not in killed) or sorted(pids)
+        addr = fresh[0]
+        name = ws[addr]["name"]
+        killed.add(name)
+        t0 = time.monotonic()
+        os.kill(pids[addr], signal.SIGKILL)
+        while not any(w["name"] == name and a != addr for a, w in client.scheduler_info()["workers"].items()):
+            time.sleep(0.005)
+        lat.append(time.monotonic() - t0)
+        client.wait_for_workers(n, timeout=60)
+    return lat
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else 0.0
