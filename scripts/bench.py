@@ -31,18 +31,23 @@ def attach_pids() -> list[int]:
     return out
 
 
-def ours(n: int, figures: dict) -> float:
-    name = f"bench-{n}"
+def start_cluster(name: str, n: int):
+    """Submit a scheduler and n worker jobs; the client once all n are
+    connected, and the seconds from the first sbatch."""
     sb.forget_cluster(name)
-    agent = sb.agent_pid()
-    rss0 = rss_mib(agent)
     t0 = time.monotonic()
     sb.sbatch("--dask-role=scheduler", f"--dask-cluster={name}")
     sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", f"--array=1-{n}")
     sb.wait_scheduler_file(name, 300)
     c = sb.client(name)
     c.wait_for_workers(n, timeout=900)
-    dt = time.monotonic() - t0
+    return c, time.monotonic() - t0
+
+
+def ours(n: int, figures: dict) -> float:
+    agent = sb.agent_pid()
+    rss0 = rss_mib(agent)
+    c, dt = start_cluster(f"bench-{n}", n)
     if n == SIZES[-1]:
         attach = [rss_mib(p) for p in attach_pids()]
         figures["agent_rss_delta_per_worker_mib"] = (rss_mib(agent) - rss0) / (n + 1)
@@ -73,17 +78,9 @@ def ours_forkserver(n: int, figures: dict) -> None:
     """Figures 2 and 3 again with the policy worker_start=forkserver: the
     restart latency, and the memory of the fork server that each worker
     job keeps beside its worker."""
-    name = f"bench-fs-{n}"
-    sb.forget_cluster(name)
     sb.set_policy("worker_start=forkserver")
     try:
-        t0 = time.monotonic()
-        sb.sbatch("--dask-role=scheduler", f"--dask-cluster={name}")
-        sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", f"--array=1-{n}")
-        sb.wait_scheduler_file(name, 300)
-        c = sb.client(name)
-        c.wait_for_workers(n, timeout=900)
-        figures["forkserver_ready_s"] = time.monotonic() - t0
+        c, figures["forkserver_ready_s"] = start_cluster(f"bench-fs-{n}", n)
         servers = forkserver_pids("dask-forkserver")
         figures["forkserver_rss_mib"] = median([rss_mib(p) for p in servers])
         figures["forkserver_uss_mib"] = median([uss_mib(p) for p in servers])

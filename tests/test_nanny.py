@@ -33,10 +33,11 @@ def worker_log(arr: str, task) -> str:
     return (sb.WORK / "log" / f"dask-worker-{arr}_{task}.log").read_text()
 
 
-def test_1_sigkill_during_a_computation_result_correct_and_back_within_2s(cluster_name):
+def kill_a_worker_mid_computation(c) -> tuple[float, str]:
+    """SIGKILL a worker in the middle of a computation; the seconds until a
+    worker of the same name registers again, and that name. Asserts that
+    the computation's result is still right."""
     import dask.array as da
-
-    sched, arr, c = start(cluster_name, 2)
 
     def slow_square(b):
         import time as t
@@ -48,29 +49,40 @@ def test_1_sigkill_during_a_computation_result_correct_and_back_within_2s(cluste
     fut = c.compute(x.map_blocks(slow_square).sum())
     time.sleep(1.0)
     assert not fut.done(), "the computation must still be running when the worker is killed"
-    pids = c.run(os.getpid)
-    addr, pid = sorted(pids.items())[0]
+    addr, pid = sorted(c.run(os.getpid).items())[0]
     name = c.scheduler_info()["workers"][addr]["name"]
     t0 = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     sb.wait_until("the killed worker to re-register", lambda: any(
-        w["name"] == name and a != addr for a, w in c.scheduler_info()["workers"].items()), 10, 0.02)
+        w["name"] == name and a != addr for a, w in c.scheduler_info()["workers"].items()), 10, 0.01)
     back = time.monotonic() - t0
     assert int(fut.result(timeout=120)) == sum(i * i for i in range(n))
+    return back, name
+
+
+def test_1_sigkill_during_a_computation_result_correct_and_back_within_2s(cluster_name):
+    sched, arr, c = start(cluster_name, 2)
+    back, _ = kill_a_worker_mid_computation(c)
     assert back < 2.0, f"worker back after {back:.2f}s"
     print(f"worker back after {back:.2f}s")
     c.close()
 
 
-def test_2_crash_looping_worker_is_given_up_with_the_reason(cluster_name):
+def worker_in_env_without_distributed(cluster: str, timeout: float) -> tuple[str, str, str]:
+    """A scheduler, and one worker job whose --dask-env has no distributed,
+    run to its end: the two job ids and the worker's log."""
     env = sb.WORK / "env-without-distributed"
     if not (env / "bin" / "python").exists():
         sb.as_user(["/usr/bin/python3", "-m", "venv", "--without-pip", str(env)])
-    sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster_name}")
-    sb.wait_scheduler_file(cluster_name)
-    job = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster_name}", f"--dask-env={env}")
-    sb.wait_job_gone(job, 90)
-    log = (sb.WORK / "log" / f"dask-worker-{job}.log").read_text()
+    sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster}")
+    sb.wait_scheduler_file(cluster)
+    job = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster}", f"--dask-env={env}")
+    sb.wait_job_gone(job, timeout)
+    return sched, job, (sb.WORK / "log" / f"dask-worker-{job}.log").read_text()
+
+
+def test_2_crash_looping_worker_is_given_up_with_the_reason(cluster_name):
+    sched, job, log = worker_in_env_without_distributed(cluster_name, 90)
     assert "No module named 'distributed'" in log
     assert log.count("worker died (exit code 1); restarting in") == 4
     assert "worker died (exit code 1); gave up after 5 crashes within 60s; not restarting" in log
@@ -271,8 +283,6 @@ def forkserver_processes(uid: int) -> list[dict]:
 
 
 def test_10_forkserver_restarts_a_killed_worker_fast_and_leaves_nothing(cluster_name):
-    import dask.array as da
-
     uid = sb.user().pw_uid
     sb.set_policy("worker_start=forkserver")
     try:
@@ -280,25 +290,7 @@ def test_10_forkserver_restarts_a_killed_worker_fast_and_leaves_nothing(cluster_
         procs = forkserver_processes(uid)
         assert sorted(p["comm"] for p in procs) == ["dask-forkserver"] * 2 + ["dask-worker"] * 2, procs
         assert all(p["CapEff"] == "0000000000000000" and p["NoNewPrivs"] == "1" for p in procs), procs
-
-        def slow_square(b):
-            import time as t
-            t.sleep(0.05)
-            return b * b
-
-        n = 400_000
-        x = da.arange(n, chunks=n // 200, dtype="int64")
-        fut = c.compute(x.map_blocks(slow_square).sum())
-        time.sleep(1.0)
-        assert not fut.done()
-        addr, pid = sorted(c.run(os.getpid).items())[0]
-        name = c.scheduler_info()["workers"][addr]["name"]
-        t0 = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
-        sb.wait_until("the killed worker to re-register", lambda: any(
-            w["name"] == name and a != addr for a, w in c.scheduler_info()["workers"].items()), 10, 0.01)
-        back = time.monotonic() - t0
-        assert int(fut.result(timeout=120)) == sum(i * i for i in range(n))
+        back, name = kill_a_worker_mid_computation(c)
         log = worker_log(arr, name.rsplit("_", 1)[1])
         assert "fork server started, pid" in log
         assert "worker restarted, pid" in log and "forked by the fork server" in log
@@ -314,16 +306,9 @@ def test_10_forkserver_restarts_a_killed_worker_fast_and_leaves_nothing(cluster_
 
 
 def test_10b_forkserver_without_distributed_fails_at_once_with_the_traceback(cluster_name):
-    env = sb.WORK / "env-without-distributed"
-    if not (env / "bin" / "python").exists():
-        sb.as_user(["/usr/bin/python3", "-m", "venv", "--without-pip", str(env)])
     sb.set_policy("worker_start=forkserver")
     try:
-        sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster_name}")
-        sb.wait_scheduler_file(cluster_name)
-        job = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster_name}", f"--dask-env={env}")
-        sb.wait_job_gone(job, 60)
-        log = (sb.WORK / "log" / f"dask-worker-{job}.log").read_text()
+        sched, job, log = worker_in_env_without_distributed(cluster_name, 60)
         assert "No module named 'distributed'" in log
         assert "the fork server died (see its traceback above in this log)" in log
         assert "restarting in" not in log
