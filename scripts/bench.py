@@ -238,21 +238,49 @@ def control_rows(figures: dict) -> list[tuple]:
     ]
 
 
-def main() -> int:
-    only_control = "--control" in sys.argv[1:]
-    sb.sandbox("up")
-    figures: dict = {}
-    rows = [] if only_control else comparison_rows(figures)
-    rows += control_rows(figures)
+def print_rows(rows: list[dict]) -> None:
     print(f"{'name':45s} {'ours':>10s} {'reference':>10s} {'ratio':>7s}")
-    out = []
-    for name, o, r in rows:
-        ratio = o / r if r else None
+    for row in rows:
+        r, ratio = row["reference"], row["ratio"]
         ref = f"{r:10.3f}" if r is not None else f"{'-':>10s}"
         rat = f"{ratio:7.3f}" if ratio is not None else f"{'-':>7s}"
-        print(f"{name:45s} {o:10.3f} {ref} {rat}")
-        out.append({"name": name, "ours": o, "reference": r, "ratio": ratio})
-    detail = {"figures": out, "detail": figures, "sizes": SIZES,
+        print(f"{row['name']:45s} {row['ours']:10.3f} {ref} {rat}")
+
+
+def medians(runs: list[list[dict]]) -> list[dict]:
+    """Per figure, the median over runs of ours, of the reference and of the
+    ratio (each ratio taken within its own run)."""
+    out = []
+    for i, row in enumerate(runs[0]):
+        col = [run[i] for run in runs]
+        med = {"name": row["name"], "ours": median([c["ours"] for c in col])}
+        for k in ("reference", "ratio"):
+            vals = [c[k] for c in col if c[k] is not None]
+            med[k] = median(vals) if vals else None
+        out.append(med)
+    return out
+
+
+def main() -> int:
+    """One run, or BENCH_RUNS runs and the medians of their figures."""
+    only_control = "--control" in sys.argv[1:]
+    n_runs = int(os.environ.get("BENCH_RUNS", "1"))
+    sb.sandbox("up")
+    runs, details = [], []
+    for i in range(n_runs):
+        figures: dict = {}
+        rows = [] if only_control else comparison_rows(figures)
+        rows += control_rows(figures)
+        rows = [{"name": n, "ours": o, "reference": r, "ratio": o / r if r else None} for n, o, r in rows]
+        if n_runs > 1:
+            print(f"\nrun {i + 1} of {n_runs}")
+        print_rows(rows)
+        runs.append(rows)
+        details.append(figures)
+    if n_runs > 1:
+        print(f"\nmedians of {n_runs} runs")
+        print_rows(medians(runs))
+    detail = {"figures": medians(runs), "runs": runs, "detail": details, "sizes": SIZES,
               "machine": {"nproc": os.cpu_count(), "uname": os.uname().release}}
     path = sb.REPO / "target" / ("bench-control.json" if only_control else "bench.json")
     path.parent.mkdir(exist_ok=True)

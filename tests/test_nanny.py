@@ -68,12 +68,16 @@ def test_1_sigkill_during_a_computation_result_correct_and_back_within_2s(cluste
     c.close()
 
 
-def worker_in_env_without_distributed(cluster: str, timeout: float) -> tuple[str, str, str]:
-    """A scheduler, and one worker job whose --dask-env has no distributed,
-    run to its end: the two job ids and the worker's log."""
+def env_without_distributed():
     env = sb.WORK / "env-without-distributed"
     if not (env / "bin" / "python").exists():
         sb.as_user(["/usr/bin/python3", "-m", "venv", "--without-pip", str(env)])
+    return env
+
+
+def worker_in_env(cluster: str, env, timeout: float) -> tuple[str, str, str]:
+    """A scheduler, and one worker job with this --dask-env, run to the
+    worker's end: the two job ids and the worker's log."""
     sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster}")
     sb.wait_scheduler_file(cluster)
     job = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster}", f"--dask-env={env}")
@@ -82,7 +86,7 @@ def worker_in_env_without_distributed(cluster: str, timeout: float) -> tuple[str
 
 
 def test_2_crash_looping_worker_is_given_up_with_the_reason(cluster_name):
-    sched, job, log = worker_in_env_without_distributed(cluster_name, 90)
+    sched, job, log = worker_in_env(cluster_name, env_without_distributed(), 90)
     assert "No module named 'distributed'" in log
     assert log.count("worker died (exit code 1); restarting in") == 4
     assert "worker died (exit code 1); gave up after 5 crashes within 60s; not restarting" in log
@@ -308,7 +312,7 @@ def test_10_forkserver_restarts_a_killed_worker_fast_and_leaves_nothing(cluster_
 def test_10b_forkserver_without_distributed_fails_at_once_with_the_traceback(cluster_name):
     sb.set_policy("worker_start=forkserver")
     try:
-        sched, job, log = worker_in_env_without_distributed(cluster_name, 60)
+        sched, job, log = worker_in_env(cluster_name, env_without_distributed(), 60)
         assert "No module named 'distributed'" in log
         assert "the fork server died (see its traceback above in this log)" in log
         assert "restarting in" not in log
@@ -316,3 +320,43 @@ def test_10b_forkserver_without_distributed_fails_at_once_with_the_traceback(clu
         sb.run(["scancel", sched])
     finally:
         sb.set_policy("")
+
+
+def test_10c_a_lying_fork_server_cannot_make_the_agent_signal_others(cluster_name):
+    """The fork server runs the user's code. A user whose env makes it
+    claim to have forked another process (here a root process) only fails
+    their own job: the agent signals nothing it cannot verify."""
+    victim = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    env = sb.WORK / f"env-lying-{cluster_name}"
+    try:
+        sb.as_user(["/usr/bin/python3", "-m", "venv", "--without-pip", str(env)])
+        site = next((env / "lib").glob("python3*/site-packages"))
+        pkg = site / "distributed" / "cli"
+        attack = (
+            "import json, os, socket, time\n"
+            "for fd in range(3, 64):\n"
+            "    try:\n"
+            "        s = socket.socket(fileno=os.dup(fd))\n"
+            "    except OSError:\n"
+            "        continue\n"
+            "    if s.family == socket.AF_UNIX:\n"
+            f"        s.sendall(json.dumps({{'event': 'forked', 'pid': {victim.pid}}}).encode() + b'\\n')\n"
+            "        break\n"
+            "time.sleep(60)\n"
+        )
+        sb.as_user(["mkdir", "-p", str(pkg)])
+        for f, text in [(site / "distributed" / "__init__.py", ""), (pkg / "__init__.py", ""),
+                        (pkg / "dask_worker.py", attack)]:
+            sb.as_user(["/usr/bin/python3", "-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2])",
+                        str(f), text])
+        sb.set_policy("worker_start=forkserver")
+        sched, job, log = worker_in_env(cluster_name, env, 60)
+        assert f"the fork server reported pid {victim.pid}, which is not a worker it forked" in log, log
+        assert sb.job_state(job) == "FAILED"
+        time.sleep(1)
+        assert victim.poll() is None, "the agent signalled a process that is not the job's"
+        sb.run(["scancel", sched])
+    finally:
+        sb.set_policy("")
+        victim.kill()
+        victim.wait()

@@ -109,6 +109,12 @@ def main() -> None:
                     pid = os.fork()
                     if pid == 0:
                         worker(args)
+                    # Here too (the child does it as well): the agent checks
+                    # that the pid leads its own group as soon as it hears.
+                    try:
+                        os.setpgid(pid, pid)
+                    except OSError:
+                        pass
                     children.add(pid)
                     send({"event": "forked", "pid": pid})
             else:

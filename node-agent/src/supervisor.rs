@@ -5,7 +5,7 @@
 //! through its own handle (tokio), never with a blanket `waitpid(-1)`.
 
 use crate::dask_cmd::{command, lifetime, DaskSettings, Limits};
-use crate::forkserver::ForkServer;
+use crate::forkserver::{self, ForkServer};
 use crate::jobenv::JobEnv;
 use crate::joblog::JobLog;
 use crate::restart::{CrashLog, Decision, RestartPolicy};
@@ -75,7 +75,26 @@ impl Proc<'_> {
     pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
         match self {
             Proc::Exec(c) => c.wait().await,
-            Proc::Forked { pid, server } => server.wait(*pid).await,
+            Proc::Forked { pid, server } => {
+                let pid = *pid;
+                // The server reports how its worker ended; one that does not
+                // (it runs user code) is not waited for forever.
+                tokio::select! {
+                    st = server.wait(pid) => st,
+                    _ = forkserver::gone_for(pid, Duration::from_secs(2)) => Err(std::io::Error::other(format!(
+                        "worker pid {pid} is gone and the fork server did not report how it ended"
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// Signal a process group of this start: any for our own child; for a
+    /// forked worker, only while it is one (see `ForkServer::owns`).
+    fn signal_group(&self, pgid: i32, sig: Signal) -> nix::Result<()> {
+        match self {
+            Proc::Forked { server, .. } if !server.owns(pgid) => Err(nix::errno::Errno::ESRCH),
+            _ => killpg(Pid::from_raw(pgid), sig),
         }
     }
 }
@@ -83,31 +102,27 @@ impl Proc<'_> {
 /// Signal a process group until it is gone: SIGTERM, then SIGKILL after
 /// `grace`, then whatever is left of the group.
 pub async fn stop_group(pgid: i32, child: &mut Proc<'_>, grace: Duration, log: &JobLog) {
-    let pg = Pid::from_raw(pgid);
-    let _ = killpg(pg, Signal::SIGTERM);
+    let _ = child.signal_group(pgid, Signal::SIGTERM);
     if tokio::time::timeout(grace, child.wait()).await.is_err() {
         log.line(&format!(
             "process group {pgid} still running {}s after SIGTERM: sending SIGKILL",
             grace.as_secs()
         ));
-        let _ = killpg(pg, Signal::SIGKILL);
+        let _ = child.signal_group(pgid, Signal::SIGKILL);
         let _ = child.wait().await;
     }
-    reap_group(pgid, log).await;
+    reap_group(pgid, child, log).await;
 }
 
 /// Kill what is left of a process group after its leader exited.
-pub async fn reap_group(pgid: i32, log: &JobLog) {
-    let pg = Pid::from_raw(pgid);
+pub async fn reap_group(pgid: i32, child: &Proc<'_>, log: &JobLog) {
     for i in 0..100 {
-        match killpg(
-            pg,
-            if i == 0 {
-                Signal::SIGTERM
-            } else {
-                Signal::SIGKILL
-            },
-        ) {
+        let sig = if i == 0 {
+            Signal::SIGTERM
+        } else {
+            Signal::SIGKILL
+        };
+        match child.signal_group(pgid, sig) {
             Err(nix::errno::Errno::ESRCH) => return,
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
@@ -361,7 +376,7 @@ async fn supervise(
                     .as_ref()
                     .map(describe)
                     .unwrap_or_else(|e| e.to_string());
-                Box::pin(reap_group(pid, log)).await;
+                Box::pin(reap_group(pid, &child, log)).await;
                 if let Some(reason) = stop.borrow().clone() {
                     log.line(&format!("{role} exited ({desc}) while stopping: {reason}"));
                     return finish("finished", 0, reason);
