@@ -98,7 +98,16 @@ def test_2_crash_looping_worker_is_given_up_with_the_reason(cluster_name):
     sb.run(["scancel", sched])
 
 
-def test_3_worker_over_its_memory_limit_is_killed_and_restarted(cluster_name):
+@pytest.mark.parametrize("worker_start", ["exec", "forkserver"])
+def test_3_worker_over_its_memory_limit_is_killed_and_restarted(cluster_name, worker_start):
+    sb.set_policy(f"worker_start={worker_start}")
+    try:
+        memory_kill_and_restart(cluster_name, worker_start)
+    finally:
+        sb.set_policy("")
+
+
+def memory_kill_and_restart(cluster_name: str, worker_start: str) -> None:
     sched, arr, c = start(cluster_name, 1, worker_args=("--mem=600M",))
     addr = next(iter(c.scheduler_info()["workers"]))
 
@@ -117,6 +126,7 @@ def test_3_worker_over_its_memory_limit_is_killed_and_restarted(cluster_name):
     log = worker_log(arr, 1)
     assert "exceeds 95% of the job's 600 MiB: terminating the worker" in log
     assert "worker restarted, pid" in log
+    assert ("forked by the fork server" in log) == (worker_start == "forkserver")
     metrics = sb.run([str(sb.BIN / "dask-node-agent"), "metrics", "--agent-dir",
                       str(sb.STATE / "run" / "agent"), "--node", "n1"]).stdout
     values = dict(l.split() for l in metrics.splitlines() if l and not l.startswith("#"))
