@@ -190,6 +190,11 @@ def sbatch_cost(reps: int = 60) -> tuple[dict, float]:
 def comparison_rows(figures: dict) -> list[tuple]:
     """Figures 1-4: dask-spank against dask-jobqueue and the Nanny."""
     rows = []
+    # Warm-up, not measured: the first cluster after slurmd (re)started pays
+    # cold caches that no later one does (N=8 measured 1.3x cold, 0.5x warm).
+    c, _ = start_cluster("bench-warmup", 2)
+    c.close()
+    sb.cancel_all_user_jobs(120)
     ready_ours = {n: ours(n, figures) for n in SIZES}
     p = sb.as_user([str(sb.VENV / "bin" / "python"), str(sb.REPO / "scripts" / "bench_jobqueue.py"),
                     ",".join(map(str, SIZES))], timeout=3600)
