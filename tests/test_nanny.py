@@ -162,33 +162,53 @@ def test_5_scancel_a_worker_job_kills_its_processes_within_5s(cluster_name):
     assert len([p for p in mine(cluster_name) if p["role"] == "worker"]) == 1
 
 
-def test_6_agent_killed_mid_run_jobs_fail_cleanly_no_orphans_then_it_computes_again(cluster_name):
+@pytest.mark.parametrize("worker_start", ["exec", "forkserver"])
+def test_6_agent_killed_mid_run_jobs_fail_cleanly_no_orphans_then_it_computes_again(cluster_name, worker_start):
     import dask.array as da
 
-    sched, arr, c = start(cluster_name, 2)
-    c.close()
-    before = mine(cluster_name)
-    assert len(before) == 3
-    os.kill(sb.agent_pid(), signal.SIGKILL)
-    sb.wait_until("no dask process left (PR_SET_PDEATHSIG)", lambda: not mine(cluster_name), 10)
-    sb.wait_job_gone(sched, 60)
-    sb.wait_job_gone(arr, 60)
-    for log in [(sb.WORK / "log" / f"dask-scheduler-{sched}.log").read_text(), worker_log(arr, 1)]:
-        assert "dask-spank attach: lost the node agent" in log
-    assert sb.job_state(sched) == "FAILED"
-    sb.sandbox("up")  # restarts the agent
-    # Nothing is left, and a new cluster computes.
-    assert not mine(cluster_name)
-    name2 = cluster_name + "-2"
-    s2, a2, c2 = start(name2, 1)
-    assert int(da.arange(1000, chunks=100).sum().compute()) == 499500
-    c2.close()
+    uid = sb.user().pw_uid
+
+    def left() -> list:
+        # Forked workers carry their fork server's command line.
+        return mine(cluster_name) + forkserver_processes(uid)
+
+    sb.set_policy(f"worker_start={worker_start}")
+    try:
+        sched, arr, c = start(cluster_name, 2)
+        c.close()
+        # The scheduler and 2 workers, and with a fork server per worker job.
+        assert len(left()) == (3 if worker_start == "exec" else 5), left()
+        os.kill(sb.agent_pid(), signal.SIGKILL)
+        sb.wait_until("no dask process left (PR_SET_PDEATHSIG)", lambda: not left(), 10)
+        sb.wait_job_gone(sched, 60)
+        sb.wait_job_gone(arr, 60)
+        for log in [(sb.WORK / "log" / f"dask-scheduler-{sched}.log").read_text(), worker_log(arr, 1)]:
+            assert "dask-spank attach: lost the node agent" in log
+        assert sb.job_state(sched) == "FAILED"
+        sb.sandbox("up")  # restarts the agent
+        # Nothing is left, and a new cluster computes.
+        assert not left()
+        name2 = cluster_name + "-2"
+        s2, a2, c2 = start(name2, 1)
+        assert int(da.arange(1000, chunks=100).sum().compute()) == 499500
+        c2.close()
+    finally:
+        sb.set_policy("")
 
 
-def test_6b_restarted_agent_kills_leftovers_and_keeps_live_registrations(cluster_name):
+@pytest.mark.parametrize("worker_start", ["exec", "forkserver"])
+def test_6b_restarted_agent_kills_leftovers_and_keeps_live_registrations(cluster_name, worker_start):
     """PR_SET_PDEATHSIG reaches only direct children: a process a worker
     started in its own group survives the agent. The restarted agent kills it
     from its state, and keeps the registration of a job still running."""
+    sb.set_policy(f"worker_start={worker_start}")
+    try:
+        leftover_killed_by_restarted_agent(cluster_name)
+    finally:
+        sb.set_policy("")
+
+
+def leftover_killed_by_restarted_agent(cluster_name: str) -> None:
     sched, arr, c = start(cluster_name, 1)
 
     def spawn_grandchild():
