@@ -97,12 +97,13 @@ def ours_forkserver(n: int, figures: dict) -> None:
 # kinds alternate, so that drift of the machine hits them alike.
 _SBATCH_TIMER = r"""
 import json, statistics, subprocess, sys, time
-reps, noplugin, noop_c, noop_rust = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+reps, noplugin, noop_c, noop_c_gcc_s, noop_rust = int(sys.argv[1]), *sys.argv[2:6]
 kinds = {
     "with_plugin": (["--wrap=true"], {}),
     "without": (["--wrap=true"], {"SLURM_CONF": noplugin}),
     "dask_job": (["--dask-role=worker", "--dask-cluster=bench-sbatch"], {}),
     "noop_c": (["--wrap=true"], {"SLURM_CONF": noop_c}),
+    "noop_c_gcc_s": (["--wrap=true"], {"SLURM_CONF": noop_c_gcc_s}),
     "noop_rust": (["--wrap=true"], {"SLURM_CONF": noop_rust}),
 }
 import os
@@ -149,17 +150,22 @@ def _slurm_conf_with(d, plugstack: str) -> str:
     return str(d / "slurm.conf")
 
 
-def _noop_plugins() -> tuple[str, str]:
+def _noop_plugins() -> tuple[str, str, str]:
+    """Do-nothing plugins: in C, in C but loading libgcc_s (which every Rust
+    cdylib needs, for unwinding), and in Rust."""
     d = sb.WORK / "bench-noop"
     d.mkdir(exist_ok=True)
     (d / "noop.c").write_text(_NOOP_C)
     sb.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(d / "noop_c.so"), str(d / "noop.c")])
+    sb.run(["gcc", "-shared", "-fPIC", "-O2", "-Wl,--no-as-needed", "-o", str(d / "noop_c_gcc_s.so"),
+            str(d / "noop.c"), "-lgcc_s"])
     version = next(l.split()[2] for l in open("/usr/include/slurm/slurm_version.h")
                    if l.startswith("#define SLURM_VERSION_NUMBER"))
     (d / "noop.rs").write_text(_NOOP_RUST.replace("VERSION", version))
     sb.run(["rustc", "--edition=2021", "--crate-type=cdylib", "-C", "opt-level=3", "-C", "panic=unwind",
             "-o", str(d / "noop_rust.so"), str(d / "noop.rs")])
     return (_slurm_conf_with(d / "c", f"required {d / 'noop_c.so'}\n"),
+            _slurm_conf_with(d / "c_gcc_s", f"required {d / 'noop_c_gcc_s.so'}\n"),
             _slurm_conf_with(d / "rust", f"required {d / 'noop_rust.so'}\n"))
 
 
@@ -171,9 +177,9 @@ def sbatch_cost(reps: int = 60) -> tuple[dict, float]:
     one plain sbatch with the plugin over those without it, counted by
     callgrind: unlike wall time, repeatable to the instruction."""
     noplugin = _slurm_conf_with(sb.WORK / "bench-noplugin", "")
-    noop_c, noop_rust = _noop_plugins()
+    noop_c, noop_c_gcc_s, noop_rust = _noop_plugins()
     os.system(f"chown -R {sb.TEST_USER}: {sb.WORK / 'bench-noplugin'} {sb.WORK / 'bench-noop'}")
-    p = sb.as_user(["/usr/bin/python3", "-c", _SBATCH_TIMER, str(reps), noplugin, noop_c, noop_rust],
+    p = sb.as_user(["/usr/bin/python3", "-c", _SBATCH_TIMER, str(reps), noplugin, noop_c, noop_c_gcc_s, noop_rust],
                    timeout=1800)
     t = json.loads(p.stdout)
 
@@ -221,6 +227,7 @@ def comparison_rows(figures: dict) -> list[tuple]:
     rows.append(("sbatch_s_plain_job", t["with_plugin"], wo))
     rows.append(("sbatch_instructions_plain_job_ratio", instr, 1.0))
     rows.append(("sbatch_s_plain_job_noop_c_plugin", t["noop_c"], wo))
+    rows.append(("sbatch_s_plain_job_noop_c_plugin_with_libgcc_s", t["noop_c_gcc_s"], wo))
     rows.append(("sbatch_s_plain_job_noop_rust_plugin", t["noop_rust"], wo))
     rows.append(("sbatch_s_dask_job_vs_plain_without_plugin", t["dask_job"], wo))
     return rows
