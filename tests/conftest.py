@@ -27,6 +27,16 @@ def sandbox():
 
 
 @pytest.fixture
+def policy():
+    """Run one test with extra plugstack.conf policy keys: call it with
+    them ("worker_start=forkserver"); the default policy is back afterwards.
+    List it before cluster_name, so that the test's jobs are cancelled
+    first."""
+    yield sb.set_policy
+    sb.set_policy("")
+
+
+@pytest.fixture
 def cluster_name(request):
     """A cluster name unique to the test; its jobs are cancelled afterwards."""
     name = request.node.name.replace("test_", "").replace("_", "-")[:40]

@@ -99,12 +99,9 @@ def test_2_crash_looping_worker_is_given_up_with_the_reason(cluster_name):
 
 
 @pytest.mark.parametrize("worker_start", ["exec", "forkserver"])
-def test_3_worker_over_its_memory_limit_is_killed_and_restarted(cluster_name, worker_start):
-    sb.set_policy(f"worker_start={worker_start}")
-    try:
-        memory_kill_and_restart(cluster_name, worker_start)
-    finally:
-        sb.set_policy("")
+def test_3_worker_over_its_memory_limit_is_killed_and_restarted(policy, cluster_name, worker_start):
+    policy(f"worker_start={worker_start}")
+    memory_kill_and_restart(cluster_name, worker_start)
 
 
 def memory_kill_and_restart(cluster_name: str, worker_start: str) -> None:
@@ -163,7 +160,7 @@ def test_5_scancel_a_worker_job_kills_its_processes_within_5s(cluster_name):
 
 
 @pytest.mark.parametrize("worker_start", ["exec", "forkserver"])
-def test_6_agent_killed_mid_run_jobs_fail_cleanly_no_orphans_then_it_computes_again(cluster_name, worker_start):
+def test_6_agent_killed_mid_run_jobs_fail_cleanly_no_orphans_then_it_computes_again(policy, cluster_name, worker_start):
     import dask.array as da
 
     uid = sb.user().pw_uid
@@ -172,40 +169,34 @@ def test_6_agent_killed_mid_run_jobs_fail_cleanly_no_orphans_then_it_computes_ag
         # Forked workers carry their fork server's command line.
         return mine(cluster_name) + forkserver_processes(uid)
 
-    sb.set_policy(f"worker_start={worker_start}")
-    try:
-        sched, arr, c = start(cluster_name, 2)
-        c.close()
-        # The scheduler and 2 workers, and with a fork server per worker job.
-        assert len(left()) == (3 if worker_start == "exec" else 5), left()
-        os.kill(sb.agent_pid(), signal.SIGKILL)
-        sb.wait_until("no dask process left (PR_SET_PDEATHSIG)", lambda: not left(), 10)
-        sb.wait_job_gone(sched, 60)
-        sb.wait_job_gone(arr, 60)
-        for log in [(sb.WORK / "log" / f"dask-scheduler-{sched}.log").read_text(), worker_log(arr, 1)]:
-            assert "dask-spank attach: lost the node agent" in log
-        assert sb.job_state(sched) == "FAILED"
-        sb.sandbox("up")  # restarts the agent
-        # Nothing is left, and a new cluster computes.
-        assert not left()
-        name2 = cluster_name + "-2"
-        s2, a2, c2 = start(name2, 1)
-        assert int(da.arange(1000, chunks=100).sum().compute()) == 499500
-        c2.close()
-    finally:
-        sb.set_policy("")
+    policy(f"worker_start={worker_start}")
+    sched, arr, c = start(cluster_name, 2)
+    c.close()
+    # The scheduler and 2 workers, and with a fork server per worker job.
+    assert len(left()) == (3 if worker_start == "exec" else 5), left()
+    os.kill(sb.agent_pid(), signal.SIGKILL)
+    sb.wait_until("no dask process left (PR_SET_PDEATHSIG)", lambda: not left(), 10)
+    sb.wait_job_gone(sched, 60)
+    sb.wait_job_gone(arr, 60)
+    for log in [(sb.WORK / "log" / f"dask-scheduler-{sched}.log").read_text(), worker_log(arr, 1)]:
+        assert "dask-spank attach: lost the node agent" in log
+    assert sb.job_state(sched) == "FAILED"
+    sb.sandbox("up")  # restarts the agent
+    # Nothing is left, and a new cluster computes.
+    assert not left()
+    name2 = cluster_name + "-2"
+    s2, a2, c2 = start(name2, 1)
+    assert int(da.arange(1000, chunks=100).sum().compute()) == 499500
+    c2.close()
 
 
 @pytest.mark.parametrize("worker_start", ["exec", "forkserver"])
-def test_6b_restarted_agent_kills_leftovers_and_keeps_live_registrations(cluster_name, worker_start):
+def test_6b_restarted_agent_kills_leftovers_and_keeps_live_registrations(policy, cluster_name, worker_start):
     """PR_SET_PDEATHSIG reaches only direct children: a process a worker
     started in its own group survives the agent. The restarted agent kills it
     from its state, and keeps the registration of a job still running."""
-    sb.set_policy(f"worker_start={worker_start}")
-    try:
-        leftover_killed_by_restarted_agent(cluster_name)
-    finally:
-        sb.set_policy("")
+    policy(f"worker_start={worker_start}")
+    leftover_killed_by_restarted_agent(cluster_name)
 
 
 def leftover_killed_by_restarted_agent(cluster_name: str) -> None:
@@ -316,43 +307,37 @@ def forkserver_processes(uid: int) -> list[dict]:
     return out
 
 
-def test_10_forkserver_restarts_a_killed_worker_fast_and_leaves_nothing(cluster_name):
+def test_10_forkserver_restarts_a_killed_worker_fast_and_leaves_nothing(policy, cluster_name):
     uid = sb.user().pw_uid
-    sb.set_policy("worker_start=forkserver")
-    try:
-        sched, arr, c = start(cluster_name, 2)
-        procs = forkserver_processes(uid)
-        assert sorted(p["comm"] for p in procs) == ["dask-forkserver"] * 2 + ["dask-worker"] * 2, procs
-        assert all(p["CapEff"] == "0000000000000000" and p["NoNewPrivs"] == "1" for p in procs), procs
-        back, name = kill_a_worker_mid_computation(c)
-        log = worker_log(arr, name.rsplit("_", 1)[1])
-        assert "fork server started, pid" in log
-        assert "worker restarted, pid" in log and "forked by the fork server" in log
-        # A fork skips the interpreter start and the imports of a cold start.
-        assert back < 1.0, f"worker back after {back:.2f}s"
-        print(f"forked worker back after {back:.3f}s")
-        c.close()
-        sb.run(["scancel", sched, arr])
-        sb.wait_until("no fork server or forked worker left",
-                      lambda: not forkserver_processes(uid), 30)
-    finally:
-        sb.set_policy("")
+    policy("worker_start=forkserver")
+    sched, arr, c = start(cluster_name, 2)
+    procs = forkserver_processes(uid)
+    assert sorted(p["comm"] for p in procs) == ["dask-forkserver"] * 2 + ["dask-worker"] * 2, procs
+    assert all(p["CapEff"] == "0000000000000000" and p["NoNewPrivs"] == "1" for p in procs), procs
+    back, name = kill_a_worker_mid_computation(c)
+    log = worker_log(arr, name.rsplit("_", 1)[1])
+    assert "fork server started, pid" in log
+    assert "worker restarted, pid" in log and "forked by the fork server" in log
+    # A fork skips the interpreter start and the imports of a cold start.
+    assert back < 1.0, f"worker back after {back:.2f}s"
+    print(f"forked worker back after {back:.3f}s")
+    c.close()
+    sb.run(["scancel", sched, arr])
+    sb.wait_until("no fork server or forked worker left",
+                  lambda: not forkserver_processes(uid), 30)
 
 
-def test_10b_forkserver_without_distributed_fails_at_once_with_the_traceback(cluster_name):
-    sb.set_policy("worker_start=forkserver")
-    try:
-        sched, job, log = worker_in_env(cluster_name, env_without_distributed(), 60)
-        assert "No module named 'distributed'" in log
-        assert "the fork server died (see its traceback above in this log)" in log
-        assert "restarting in" not in log
-        assert sb.job_state(job) == "FAILED"
-        sb.run(["scancel", sched])
-    finally:
-        sb.set_policy("")
+def test_10b_forkserver_without_distributed_fails_at_once_with_the_traceback(policy, cluster_name):
+    policy("worker_start=forkserver")
+    sched, job, log = worker_in_env(cluster_name, env_without_distributed(), 60)
+    assert "No module named 'distributed'" in log
+    assert "the fork server died (see its traceback above in this log)" in log
+    assert "restarting in" not in log
+    assert sb.job_state(job) == "FAILED"
+    sb.run(["scancel", sched])
 
 
-def test_10c_a_lying_fork_server_cannot_make_the_agent_signal_others(cluster_name):
+def test_10c_a_lying_fork_server_cannot_make_the_agent_signal_others(policy, cluster_name):
     """The fork server runs the user's code. A user whose env makes it
     claim to have forked another process (here a root process) only fails
     their own job: the agent signals nothing it cannot verify."""
@@ -379,7 +364,7 @@ def test_10c_a_lying_fork_server_cannot_make_the_agent_signal_others(cluster_nam
                         (pkg / "dask_worker.py", attack)]:
             sb.as_user(["/usr/bin/python3", "-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2])",
                         str(f), text])
-        sb.set_policy("worker_start=forkserver")
+        policy("worker_start=forkserver")
         sched, job, log = worker_in_env(cluster_name, env, 60)
         assert f"the fork server reported pid {victim.pid}, which is not a worker it forked" in log, log
         assert sb.job_state(job) == "FAILED"
@@ -387,6 +372,5 @@ def test_10c_a_lying_fork_server_cannot_make_the_agent_signal_others(cluster_nam
         assert victim.poll() is None, "the agent signalled a process that is not the job's"
         sb.run(["scancel", sched])
     finally:
-        sb.set_policy("")
         victim.kill()
         victim.wait()

@@ -143,78 +143,69 @@ def test_bypass_is_refused_on_the_node(key, role, field, default, bad, submit_ms
     assert not [p for p in sb.dask_processes() if f"/clusters/{cluster}/" in " ".join(p["args"])]
 
 
-def test_max_worker_jobs_idle_timeout_and_log_dir():
-    sb.set_policy("max_worker_jobs=2 idle_timeout=15s log_dir=dask-logs")
-    try:
-        cluster = "pol-max"
-        # At submit: an array larger than the limit.
-        p = sb.as_user(["sbatch", "--dask-role=worker", f"--dask-cluster={cluster}", "--array=1-3"], check=False)
-        assert p.returncode != 0
-        assert "dask-spank: --array=1-3 asks for 3 worker jobs, more than max_worker_jobs=2" in p.stderr
-        # Default applied: log_dir.
-        sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster}")
-        assert sb.scontrol_job(sched)["StdOut"] == str(sb.WORK / "dask-logs" / f"dask-scheduler-{sched}.log")
-        sb.wait_scheduler_file(cluster)
-        w1 = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster}", "--array=1-2")
-        c = sb.client(cluster)
-        c.wait_for_workers(2, timeout=60)
-        # On the node: the third worker job, submitted on its own, is one past the limit.
-        w3 = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster}")
-        sb.wait_job_gone(w3, 60)
-        log = (sb.WORK / "dask-logs" / f"dask-worker-{w3}.log").read_text()
-        assert "max_worker_jobs=2 reached: 2 other worker jobs of cluster pol-max are running" in log
-        assert len(c.scheduler_info()["workers"]) == 2
-        c.close()
-        # idle_timeout: no client and no task for 15 s ends the scheduler, and the workers follow.
-        t0 = time.monotonic()
-        sb.wait_job_gone(sched, 90)
-        sb.wait_job_gone(w1, 90)
-        elapsed = time.monotonic() - t0
-        assert elapsed < 75, elapsed
-        slog = (sb.WORK / "dask-logs" / f"dask-scheduler-{sched}.log").read_text()
-        assert "idle" in slog.lower()
-        assert not [p for p in sb.dask_processes() if f"/clusters/{cluster}/" in " ".join(p["args"])]
-    finally:
-        sb.set_policy("")
+def test_max_worker_jobs_idle_timeout_and_log_dir(policy):
+    policy("max_worker_jobs=2 idle_timeout=15s log_dir=dask-logs")
+    cluster = "pol-max"
+    # At submit: an array larger than the limit.
+    p = sb.as_user(["sbatch", "--dask-role=worker", f"--dask-cluster={cluster}", "--array=1-3"], check=False)
+    assert p.returncode != 0
+    assert "dask-spank: --array=1-3 asks for 3 worker jobs, more than max_worker_jobs=2" in p.stderr
+    # Default applied: log_dir.
+    sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster}")
+    assert sb.scontrol_job(sched)["StdOut"] == str(sb.WORK / "dask-logs" / f"dask-scheduler-{sched}.log")
+    sb.wait_scheduler_file(cluster)
+    w1 = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster}", "--array=1-2")
+    c = sb.client(cluster)
+    c.wait_for_workers(2, timeout=60)
+    # On the node: the third worker job, submitted on its own, is one past the limit.
+    w3 = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster}")
+    sb.wait_job_gone(w3, 60)
+    log = (sb.WORK / "dask-logs" / f"dask-worker-{w3}.log").read_text()
+    assert "max_worker_jobs=2 reached: 2 other worker jobs of cluster pol-max are running" in log
+    assert len(c.scheduler_info()["workers"]) == 2
+    c.close()
+    # idle_timeout: no client and no task for 15 s ends the scheduler, and the workers follow.
+    t0 = time.monotonic()
+    sb.wait_job_gone(sched, 90)
+    sb.wait_job_gone(w1, 90)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 75, elapsed
+    slog = (sb.WORK / "dask-logs" / f"dask-scheduler-{sched}.log").read_text()
+    assert "idle" in slog.lower()
+    assert not [p for p in sb.dask_processes() if f"/clusters/{cluster}/" in " ".join(p["args"])]
 
 
-def test_bad_configuration_is_loud_and_fails_only_dask_jobs():
-    sb.set_policy("worker_mem=3G bogus_key=1")
-    try:
-        p = sb.as_user(["sbatch", "--dask-role=worker", "--dask-cluster=pol-bad"], check=False)
-        assert p.returncode != 0
-        assert "dask-spank: plugstack.conf: unknown key 'bogus_key'" in p.stderr
-        # Ordinary jobs still run.
-        job = sb.sbatch("--wrap=true", "-o", "/dev/null")
-        sb.wait_job_gone(job, 60)
-        slurmd_log = (sb.LOGS / "slurmd-n1.log").read_text()
-        assert "dask-spank: plugstack.conf: unknown key 'bogus_key'" in slurmd_log
-        # A job that reaches the node anyway (bypass) fails there with the reason.
-        job = submit_bypass("worker", "pol-bad", CONFORMING["worker"])
-        sb.wait_job_gone(job, 60)
-        log = (sb.WORK / "log" / f"bypass-{job}.log").read_text()
-        assert "plugstack.conf: unknown key 'bogus_key'" in log
-        assert "started, pid" not in log
-    finally:
-        sb.set_policy("")
+def test_bad_configuration_is_loud_and_fails_only_dask_jobs(policy):
+    policy("worker_mem=3G bogus_key=1")
+    p = sb.as_user(["sbatch", "--dask-role=worker", "--dask-cluster=pol-bad"], check=False)
+    assert p.returncode != 0
+    assert "dask-spank: plugstack.conf: unknown key 'bogus_key'" in p.stderr
+    # Ordinary jobs still run.
+    job = sb.sbatch("--wrap=true", "-o", "/dev/null")
+    sb.wait_job_gone(job, 60)
+    slurmd_log = (sb.LOGS / "slurmd-n1.log").read_text()
+    assert "dask-spank: plugstack.conf: unknown key 'bogus_key'" in slurmd_log
+    # A job that reaches the node anyway (bypass) fails there with the reason.
+    job = submit_bypass("worker", "pol-bad", CONFORMING["worker"])
+    sb.wait_job_gone(job, 60)
+    log = (sb.WORK / "log" / f"bypass-{job}.log").read_text()
+    assert "plugstack.conf: unknown key 'bogus_key'" in log
+    assert "started, pid" not in log
 
 
-def test_scheduler_licenses():
+def test_scheduler_licenses(policy):
     """scheduler_licenses defaults to none; set it and check the three outcomes."""
     job = sb.sbatch("--dask-role=scheduler", "--dask-cluster=pol-lic", "--hold")
     assert sb.scontrol_job(job)["Licenses"] == "(null)"
     sb.run(["scancel", job])
-    sb.set_policy("scheduler_licenses=other")
-    try:
-        job = sb.sbatch("--dask-role=scheduler", "--dask-cluster=pol-lic", "--hold")
-        assert sb.scontrol_job(job)["Licenses"] == "other"
-        sb.run(["scancel", job])
-        p = sb.as_user(["sbatch", "--dask-role=scheduler", "--dask-cluster=pol-lic", "-L", "sps"], check=False)
-        assert p.returncode != 0
-        assert "dask-spank: --licenses=sps must include other for dask schedulers: scheduler_licenses=other" in p.stderr
-        job = submit_bypass("scheduler", "pol-lic", CONFORMING["scheduler"] + ["-L", "sps"])
-        sb.wait_job_gone(job, 60)
-        log = (sb.WORK / "log" / f"bypass-{job}.log").read_text()
-        assert "refused by the site policy before any dask process started: licence other is missing: scheduler_licenses=other" in log
-    finally:
-        sb.set_policy("")
+    policy("scheduler_licenses=other")
+    job = sb.sbatch("--dask-role=scheduler", "--dask-cluster=pol-lic", "--hold")
+    assert sb.scontrol_job(job)["Licenses"] == "other"
+    sb.run(["scancel", job])
+    p = sb.as_user(["sbatch", "--dask-role=scheduler", "--dask-cluster=pol-lic", "-L", "sps"], check=False)
+    assert p.returncode != 0
+    assert "dask-spank: --licenses=sps must include other for dask schedulers: scheduler_licenses=other" in p.stderr
+    job = submit_bypass("scheduler", "pol-lic", CONFORMING["scheduler"] + ["-L", "sps"])
+    sb.wait_job_gone(job, 60)
+    log = (sb.WORK / "log" / f"bypass-{job}.log").read_text()
+    assert "refused by the site policy before any dask process started: licence other is missing: scheduler_licenses=other" in log
