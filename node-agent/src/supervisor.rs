@@ -26,6 +26,10 @@ use tokio::sync::watch;
 
 /// How long a process gets between SIGTERM and SIGKILL when its job stops.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long a stopping worker may outlive its scheduler, and how often the
+/// scheduler is looked for meanwhile.
+const ORPHAN_GRACE: Duration = Duration::from_secs(1);
+const ORPHAN_POLL: Duration = Duration::from_millis(250);
 /// The same after a memory kill (the process is already misbehaving).
 const MEMORY_KILL_GRACE: Duration = Duration::from_secs(2);
 
@@ -100,13 +104,38 @@ impl Proc<'_> {
 }
 
 /// Signal a process group until it is gone: SIGTERM, then SIGKILL after
-/// `grace`, then whatever is left of the group.
-pub async fn stop_group(pgid: i32, child: &mut Proc<'_>, grace: Duration, log: &JobLog) {
+/// `grace`, then whatever is left of the group. With `cluster_dir` (a
+/// worker's), SIGKILL also comes once its scheduler has been unreachable
+/// for `ORPHAN_GRACE`: a worker hands its data to the others as it closes,
+/// and with its scheduler gone (a whole cluster cancelled at once) there is
+/// nothing to hand over and its close can hang on the lost connection.
+pub async fn stop_group(
+    pgid: i32,
+    child: &mut Proc<'_>,
+    grace: Duration,
+    cluster_dir: Option<&Path>,
+    log: &JobLog,
+) {
     let _ = child.signal_group(pgid, Signal::SIGTERM);
-    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+    let orphaned = async {
+        match cluster_dir {
+            Some(dir) => loop {
+                tokio::time::sleep(ORPHAN_POLL).await;
+                if !Box::pin(scheduler_reachable(dir)).await {
+                    tokio::time::sleep(ORPHAN_GRACE).await;
+                    return format!("outlived its scheduler by {}s", ORPHAN_GRACE.as_secs());
+                }
+            },
+            None => std::future::pending().await,
+        }
+    };
+    let why = tokio::select! {
+        r = tokio::time::timeout(grace, child.wait()) => r.err().map(|_| format!("still running {}s", grace.as_secs())),
+        why = orphaned => Some(why),
+    };
+    if let Some(why) = why {
         log.line(&format!(
-            "process group {pgid} still running {}s after SIGTERM: sending SIGKILL",
-            grace.as_secs()
+            "process group {pgid} {why} after SIGTERM: sending SIGKILL"
         ));
         let _ = child.signal_group(pgid, Signal::SIGKILL);
         let _ = child.wait().await;
@@ -209,7 +238,14 @@ pub async fn run(
 /// leave; its process group gets the usual SIGTERM, grace, SIGKILL.
 async fn shutdown_server(s: ForkServer, log: &JobLog) {
     let (child, pid) = s.close();
-    Box::pin(stop_group(pid, &mut Proc::Exec(child), STOP_GRACE, log)).await;
+    Box::pin(stop_group(
+        pid,
+        &mut Proc::Exec(child),
+        STOP_GRACE,
+        None,
+        log,
+    ))
+    .await;
 }
 
 async fn supervise(
@@ -353,7 +389,16 @@ async fn supervise(
             Ended::Stopped(reason) => {
                 log.line(&format!("stopping {role} (pid {pid}): {reason}"));
                 agent.jobs.update(job_id, |s| s.state = "stopping".into());
-                Box::pin(stop_group(pid, &mut child, STOP_GRACE, log)).await;
+                let workers_scheduler =
+                    (role == Role::Worker).then_some(run.attach.cluster_dir.as_path());
+                Box::pin(stop_group(
+                    pid,
+                    &mut child,
+                    STOP_GRACE,
+                    workers_scheduler,
+                    log,
+                ))
+                .await;
                 running_gauge.fetch_sub(1, Relaxed);
                 log.line(&format!("{role} stopped"));
                 return finish("finished", 0, reason);
@@ -364,7 +409,7 @@ async fn supervise(
                     nanny.memory_kill_percent, run.mem_mb
                 );
                 log.line(&format!("{desc}: terminating the worker"));
-                Box::pin(stop_group(pid, &mut child, MEMORY_KILL_GRACE, log)).await;
+                Box::pin(stop_group(pid, &mut child, MEMORY_KILL_GRACE, None, log)).await;
                 agent.metrics.memory_kills.fetch_add(1, Relaxed);
                 agent.jobs.update(job_id, |s| s.memory_kills += 1);
                 running_gauge.fetch_sub(1, Relaxed);
