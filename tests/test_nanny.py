@@ -159,6 +159,23 @@ def test_5_scancel_a_worker_job_kills_its_processes_within_5s(cluster_name):
     assert len([p for p in mine(cluster_name) if p["role"] == "worker"]) == 1
 
 
+def test_5b_cancelling_a_whole_cluster_ends_every_process_within_3s(cluster_name):
+    """The scheduler and its workers get SIGTERM together; a worker whose
+    close hangs on the lost scheduler is killed 1 s after the scheduler
+    went, not after the full 5 s grace."""
+    sched, arr, c = start(cluster_name, 4)
+    c.close()
+    assert len(mine(cluster_name)) == 5
+    t0 = time.monotonic()
+    sb.run(["scancel", sched, arr])
+    sb.wait_until("no dask process of the cluster", lambda: not mine(cluster_name), 10, 0.05)
+    gone = time.monotonic() - t0
+    print(f"all gone after {gone:.2f}s")
+    assert gone < 3.5, f"cluster processes gone after {gone:.2f}s"
+    for t in range(1, 5):
+        assert "still running 5s after SIGTERM" not in worker_log(arr, t)
+
+
 @pytest.mark.parametrize("worker_start", ["exec", "forkserver"])
 def test_6_agent_killed_mid_run_jobs_fail_cleanly_no_orphans_then_it_computes_again(policy, cluster_name, worker_start):
     import dask.array as da
