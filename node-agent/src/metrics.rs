@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 pub struct Metrics {
     pub workers_running: AtomicI64,
     pub schedulers_running: AtomicI64,
+    pub forkservers_running: AtomicI64,
     pub restarts: AtomicU64,
     pub memory_kills: AtomicU64,
     pub crash_loop_giveups: AtomicU64,
@@ -40,6 +41,12 @@ impl Metrics {
             "gauge",
             "Dask scheduler processes running.",
             self.schedulers_running.load(Relaxed),
+        );
+        put(
+            "forkservers_running",
+            "gauge",
+            "Fork servers running (worker_start=forkserver), one per worker job.",
+            self.forkservers_running.load(Relaxed),
         );
         put(
             "worker_restarts_total",

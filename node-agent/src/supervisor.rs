@@ -202,11 +202,12 @@ async fn start_forked<'s>(
 ) -> std::io::Result<Proc<'s>> {
     if let Some(dead) = server.take_if(|s| !s.alive()) {
         log.line("the fork server died: starting a new one");
-        shutdown_server(dead, log).await;
+        shutdown_server(agent, dead, log).await;
     }
     if server.is_none() {
         let s = ForkServer::spawn(req)?;
         agent.jobs.add_pgid(job_id, s.pid);
+        agent.metrics.forkservers_running.fetch_add(1, Relaxed);
         log.line(&format!(
             "fork server started, pid {}: {} (imports distributed once; workers are forked from it)",
             s.pid, req.program
@@ -229,14 +230,15 @@ pub async fn run(
     let mut server = None;
     let outcome = supervise(&agent, &run, &mut stop, &mut server).await;
     if let Some(s) = server {
-        shutdown_server(s, &run.log).await;
+        shutdown_server(&agent, s, &run.log).await;
     }
     outcome
 }
 
 /// Stop a fork server: closing its socket makes it kill what it forked and
 /// leave; its process group gets the usual SIGTERM, grace, SIGKILL.
-async fn shutdown_server(s: ForkServer, log: &JobLog) {
+async fn shutdown_server(agent: &Agent, s: ForkServer, log: &JobLog) {
+    agent.metrics.forkservers_running.fetch_sub(1, Relaxed);
     let (child, pid) = s.close();
     Box::pin(stop_group(
         pid,
