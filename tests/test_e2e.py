@@ -160,6 +160,36 @@ def test_own_job_script_activating_an_env_runs_dask_in_it(cluster_name):
     assert sb.scontrol_job(job)["JobName"] == f"dask-worker-{cluster_name}"
 
 
+def test_srun_and_salloc_refuse_dask_role_but_srun_inside_a_dask_job_runs(cluster_name):
+    """--dask-role makes a batch job; srun and salloc would run the user's
+    command instead, so they fail with one clear line rather than ignore it.
+    Inside a dask job's own script, srun (which sees the job's options in
+    its environment) runs as usual."""
+    for cmd in ("srun", "salloc"):
+        p = sb.as_user([cmd, "--dask-role=worker", f"--dask-cluster={cluster_name}", "true"], check=False)
+        assert p.returncode != 0
+        assert (f"dask-spank: --dask-role works with sbatch only: {cmd} would run your command, not dask; "
+                "submit with sbatch --dask-role=...") in p.stderr, p.stderr
+    marker = sb.WORK / f"{cluster_name}.srun"
+    script = sb.WORK / f"{cluster_name}-srun.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        "#SBATCH --dask-role=worker\n"
+        f"#SBATCH --dask-cluster={cluster_name}\n"
+        f"srun bash -c 'echo step $SLURM_STEP_ID > {marker}' || exit 3\n"
+        "exec dask-spank attach\n"
+    )
+    os.chmod(script, 0o755)
+    sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster_name}")
+    job = sb.sbatch(str(script))
+    sb.wait_scheduler_file(cluster_name, timeout=120)
+    c = sb.client(cluster_name)
+    c.wait_for_workers(1, timeout=120)
+    assert marker.read_text().strip() == "step 0"
+    c.close()
+    assert sb.scontrol_job(job)["JobName"] == f"dask-worker-{cluster_name}"
+
+
 def test_job_fails_with_a_clear_message_when_the_agent_is_down(cluster_name):
     pidfile = sb.STATE / "run" / "agent-n1.pid"
     pid = int(pidfile.read_text())

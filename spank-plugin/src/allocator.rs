@@ -17,8 +17,36 @@ const GUARD: &str = "DASK_SPANK_REEXEC";
 /// Largest script read for `#SBATCH` lines.
 const MAX_SCRIPT: u64 = 4 << 20;
 
+/// `--dask-role` makes a batch job whose script the plugin supplies. srun
+/// and salloc run the user's own command, so they refuse the option rather
+/// than ignore it. Inside a job (`in_job`) an srun sees the job's options
+/// through its environment (an srun in a dask job's own script); those are
+/// left alone. (srun itself puts the options of its command line into its
+/// environment before the plugin looks, so that cannot tell them apart.)
+pub fn check_program(program: &[u8], in_job: bool) -> Result<(), String> {
+    let name = program.rsplit(|b| *b == b'/').next().unwrap_or(program);
+    if name == b"sbatch" || in_job {
+        return Ok(());
+    }
+    Err(format!(
+        "--dask-role works with sbatch only: {} would run your command, not dask; submit with sbatch --dask-role=...",
+        String::from_utf8_lossy(name)
+    ))
+}
+
+/// The program running the plugin (argv[0]), empty if unknown.
+fn program() -> Vec<u8> {
+    std::fs::read("/proc/self/cmdline")
+        .map(|raw| raw.split(|b| *b == 0).next().unwrap_or_default().to_vec())
+        .unwrap_or_default()
+}
+
 /// Check option values where the user can see the answer at once.
 pub fn validate(opts: &DaskOptions) -> Result<(), Box<dyn Error>> {
+    let program = program();
+    if !program.is_empty() {
+        check_program(&program, std::env::var_os("SLURM_JOB_ID").is_some()).map_err(user_error)?;
+    }
     if let Some(env) = &opts.env {
         let py = env.join("bin/python");
         if !py.exists() {
@@ -134,4 +162,23 @@ pub fn maybe_reexec(cfg: Result<&Config, Box<dyn Error>>) -> Result<(), Box<dyn 
         "cannot re-execute sbatch with site defaults: {}",
         err.map(|e| e.to_string()).unwrap_or_default()
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_sbatch_takes_dask_role_unless_inherited_from_a_job() {
+        assert!(check_program(b"sbatch", false).is_ok());
+        assert!(check_program(b"/usr/bin/sbatch", false).is_ok());
+        assert!(check_program(b"srun", true).is_ok());
+        assert_eq!(
+            check_program(b"/usr/bin/srun", false).unwrap_err(), // ok: test
+            "--dask-role works with sbatch only: srun would run your command, not dask; submit with sbatch --dask-role=..."
+        );
+        assert!(check_program(b"salloc", false)
+            .unwrap_err() // ok: test
+            .contains("salloc would run your command"));
+    }
 }
