@@ -165,8 +165,10 @@ def test_srun_and_salloc_refuse_dask_role_but_srun_inside_a_dask_job_runs(cluste
     command instead, so they fail with one clear line rather than ignore it.
     Inside a dask job's own script, srun (which sees the job's options in
     its environment) runs as usual."""
-    for cmd in ("srun", "salloc"):
-        p = sb.as_user([cmd, "--dask-role=worker", f"--dask-cluster={cluster_name}", "true"], check=False)
+    # srun and salloc from a login shell, and srun in an ordinary allocation.
+    for prefix, cmd in ((), "srun"), ((), "salloc"), (("salloc",), "srun"):
+        p = sb.as_user([*prefix, cmd, "--dask-role=worker", f"--dask-cluster={cluster_name}", "true"],
+                       check=False)
         assert p.returncode != 0
         assert (f"dask-spank: --dask-role works with sbatch only: {cmd} would run your command, not dask; "
                 "submit with sbatch --dask-role=...") in p.stderr, p.stderr

@@ -19,13 +19,16 @@ const MAX_SCRIPT: u64 = 4 << 20;
 
 /// `--dask-role` makes a batch job whose script the plugin supplies. srun
 /// and salloc run the user's own command, so they refuse the option rather
-/// than ignore it. Inside a job (`in_job`) an srun sees the job's options
-/// through its environment (an srun in a dask job's own script); those are
-/// left alone. (srun itself puts the options of its command line into its
-/// environment before the plugin looks, so that cannot tell them apart.)
-pub fn check_program(program: &[u8], in_job: bool) -> Result<(), String> {
+/// than ignore it. Inside a dask job (`job_name` is a dask-spank job name)
+/// an srun sees the job's options through its environment (an srun in a
+/// dask job's own script); those are left alone. (srun itself puts the
+/// options of its command line into its environment before the plugin
+/// looks, so the environment cannot tell them apart.)
+pub fn check_program(program: &[u8], job_name: Option<&str>) -> Result<(), String> {
     let name = program.rsplit(|b| *b == b'/').next().unwrap_or(program);
-    if name == b"sbatch" || in_job {
+    let in_dask_job =
+        job_name.is_some_and(|n| n.starts_with("dask-scheduler-") || n.starts_with("dask-worker-"));
+    if name == b"sbatch" || in_dask_job {
         return Ok(());
     }
     Err(format!(
@@ -45,7 +48,8 @@ fn program() -> Vec<u8> {
 pub fn validate(opts: &DaskOptions) -> Result<(), Box<dyn Error>> {
     let program = program();
     if !program.is_empty() {
-        check_program(&program, std::env::var_os("SLURM_JOB_ID").is_some()).map_err(user_error)?;
+        let job_name = std::env::var("SLURM_JOB_NAME").ok();
+        check_program(&program, job_name.as_deref()).map_err(user_error)?;
     }
     if let Some(env) = &opts.env {
         let py = env.join("bin/python");
@@ -170,14 +174,17 @@ mod tests {
 
     #[test]
     fn only_sbatch_takes_dask_role_unless_inherited_from_a_job() {
-        assert!(check_program(b"sbatch", false).is_ok());
-        assert!(check_program(b"/usr/bin/sbatch", false).is_ok());
-        assert!(check_program(b"srun", true).is_ok());
+        assert!(check_program(b"sbatch", None).is_ok());
+        assert!(check_program(b"/usr/bin/sbatch", Some("analysis")).is_ok());
+        assert!(check_program(b"srun", Some("dask-worker-ana")).is_ok());
+        assert!(check_program(b"srun", Some("dask-scheduler-ana")).is_ok());
+        // srun in an ordinary allocation (a salloc shell, a batch job).
+        assert!(check_program(b"srun", Some("interactive")).is_err());
         assert_eq!(
-            check_program(b"/usr/bin/srun", false).unwrap_err(), // ok: test
+            check_program(b"/usr/bin/srun", None).unwrap_err(), // ok: test
             "--dask-role works with sbatch only: srun would run your command, not dask; submit with sbatch --dask-role=..."
         );
-        assert!(check_program(b"salloc", false)
+        assert!(check_program(b"salloc", None)
             .unwrap_err() // ok: test
             .contains("salloc would run your command"));
     }
