@@ -238,15 +238,15 @@ fn proc_stat(pid: i32) -> io::Result<Stat> {
     let dir = format!("/proc/{pid}");
     let uid = std::fs::metadata(&dir)?.uid();
     let text = std::fs::read_to_string(format!("{dir}/stat"))?;
-    // After the command name, which may hold anything: state ppid pgrp session.
-    let rest = text.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let num = |i: usize| f.get(i).and_then(|v| v.parse::<i32>().ok());
-    match (f.first(), num(2), num(3)) {
+    match crate::procfs::parse_stat(&text) {
         // A zombie is gone for our purposes: only its group may remain.
-        (Some(&"Z"), _, _) => Err(io::Error::from(io::ErrorKind::NotFound)),
-        (Some(_), Some(pgrp), Some(session)) => Ok(Stat { pgrp, session, uid }),
-        _ => Err(io::Error::new(
+        Some(st) if st.state == 'Z' => Err(io::Error::from(io::ErrorKind::NotFound)),
+        Some(st) => Ok(Stat {
+            pgrp: st.pgrp,
+            session: st.session,
+            uid,
+        }),
+        None => Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("{dir}/stat: unexpected format"),
         )),

@@ -11,6 +11,7 @@ mod memwatch;
 mod metrics;
 mod peer;
 mod privileges;
+mod procfs;
 mod restart;
 mod server;
 mod slurm;

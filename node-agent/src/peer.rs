@@ -2,14 +2,9 @@
 
 use std::path::Path;
 
-/// Parent pid from the text of `/proc/<pid>/stat`. The command name is in
-/// parentheses and may itself contain spaces and parentheses, so parsing
-/// starts after the last ')'.
+/// Parent pid from the text of `/proc/<pid>/stat`.
 pub fn ppid_from_stat(stat: &str) -> Option<i32> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    let _state = fields.next()?;
-    fields.next()?.parse().ok()
+    crate::procfs::parse_stat(stat).map(|s| s.ppid)
 }
 
 fn ppid(proc_root: &Path, pid: i32) -> Option<i32> {

@@ -159,7 +159,7 @@ async fn handle(mut s: UnixStream, agent: Arc<Agent>) -> Result<(), String> {
 async fn attach(
     mut s: UnixStream,
     agent: Arc<Agent>,
-    a: Attach,
+    mut a: Attach,
     uid: u32,
     pid: i32,
 ) -> Result<(), String> {
@@ -228,7 +228,6 @@ async fn attach(
             return Ok(());
         }
     };
-    let mut a = a;
     let env = JobEnv::new(std::mem::take(&mut a.env), spec.env_prefix.as_deref());
     let run = JobRun {
         env,

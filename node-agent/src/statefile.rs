@@ -87,11 +87,7 @@ pub fn processes() -> Vec<(i32, i32, u32)> {
         let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
             continue;
         };
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            continue;
-        };
-        // state ppid pgrp ...
-        let pgid = rest.split_whitespace().nth(2).and_then(|x| x.parse().ok());
+        let pgid = crate::procfs::parse_stat(&stat).map(|s| s.pgrp);
         let uid = std::fs::read_to_string(e.path().join("status"))
             .ok()
             .and_then(|s| {
