@@ -1,6 +1,8 @@
 //! The Slurm commands the CLI uses: plain sbatch, squeue and scancel, so
 //! that everything it does can also be done by hand.
 
+use dask_spank_common::names::{is_job_name, job_name};
+use dask_spank_common::Role;
 use std::process::Command;
 
 /// One line of squeue about a dask-spank job.
@@ -16,10 +18,7 @@ pub struct QueuedJob {
 }
 
 pub fn job_names(cluster: &str) -> [String; 2] {
-    [
-        format!("dask-scheduler-{cluster}"),
-        format!("dask-worker-{cluster}"),
-    ]
+    Role::ALL.map(|r| job_name(r, cluster))
 }
 
 fn user() -> String {
@@ -67,10 +66,7 @@ pub fn squeue(cluster: Option<&str>) -> Result<Vec<QueuedJob>, String> {
         ));
     }
     let jobs = parse_squeue(&String::from_utf8_lossy(&out.stdout));
-    Ok(jobs
-        .into_iter()
-        .filter(|j| j.name.starts_with("dask-scheduler-") || j.name.starts_with("dask-worker-"))
-        .collect())
+    Ok(jobs.into_iter().filter(|j| is_job_name(&j.name)).collect())
 }
 
 /// Submit with sbatch; returns the job id. sbatch's (or the plugin's) own

@@ -23,6 +23,19 @@ impl Role {
     }
 }
 
+/// The Slurm job name of a cluster's jobs of one role,
+/// `dask-<role>-<cluster>`: it identifies them in squeue and on the node.
+pub fn job_name(role: Role, cluster: &str) -> String {
+    format!("dask-{role}-{cluster}")
+}
+
+/// Whether a Slurm job name is one that dask-spank gives its jobs.
+pub fn is_job_name(name: &str) -> bool {
+    Role::ALL
+        .iter()
+        .any(|r| name.starts_with(&format!("dask-{r}-")))
+}
+
 impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -114,6 +127,13 @@ impl fmt::Display for ClusterName {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn job_names_name_role_and_cluster() {
+        assert_eq!(job_name(Role::Worker, "ana"), "dask-worker-ana");
+        assert!(is_job_name("dask-scheduler-ana") && is_job_name("dask-worker-x"));
+        assert!(!is_job_name("interactive") && !is_job_name("dask-other-x"));
+    }
 
     #[test]
     fn roles_parse_and_reject_with_the_allowed_values() {

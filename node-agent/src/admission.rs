@@ -28,7 +28,7 @@ pub async fn admit(spec: &JobSpec) -> Result<Admitted, String> {
         .unwrap_or_else(|| spec.gid.to_string());
     check_job(spec.role, &facts, &spec.policy, &group)?;
     // The job name identifies a cluster's jobs in squeue (and below).
-    let want = format!("dask-{}-{}", spec.role, spec.cluster);
+    let want = dask_spank_common::names::job_name(spec.role, spec.cluster.as_str());
     if name != want {
         return Err(format!(
             "job name {name} is not allowed: dask-spank jobs of cluster {} are named {want}",

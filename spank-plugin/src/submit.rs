@@ -51,7 +51,7 @@ pub fn plan(
     let mut insert = Vec::new();
     let mut log_dir = None;
     // The job name identifies the cluster's jobs (squeue -n, max_worker_jobs).
-    let name = format!("dask-{role}-{cluster}");
+    let name = dask_spank_common::names::job_name(role, cluster.as_str());
     match req.get("job-name") {
         Some(n) if n != name => {
             return Err(format!(
