@@ -138,6 +138,7 @@ def control_plane(n: int = N, idle_s: float = IDLE_S) -> dict:
     try:
         sb.wait_until("the benchmark agent's socket", lambda: os.path.exists(sock), 30)
         out["agent_rss_empty_mib"] = rss_mib(proc.pid)[0]
+        out["agent_fds_empty"] = len(os.listdir(f"/proc/{proc.pid}/fd"))
 
         # Registrations, one connection each, as the plugin does.
         c0, t0 = cpu_s(proc.pid), time.monotonic()
@@ -201,6 +202,11 @@ def control_plane(n: int = N, idle_s: float = IDLE_S) -> dict:
         for i in range(n):
             agent.call({"type": "job_end", "job_id": FIRST_JOB + i, "reason": "benchmark over"})
         out["agent_rss_after_mib"] = rss_mib(proc.pid)[0]
+        # Descriptors of finished jobs are all closed (the log writers may
+        # still be draining the last lines: give them a moment).
+        sb.wait_until("the agent's descriptors back to an empty agent's",
+                      lambda: len(os.listdir(f"/proc/{proc.pid}/fd")) <= out["agent_fds_empty"], 30, 0.5)
+        out["agent_fds_after"] = len(os.listdir(f"/proc/{proc.pid}/fd"))
     finally:
         if attacher is not None:
             attacher.kill()

@@ -50,10 +50,18 @@ def test_bad_value_in_a_script_line_is_rejected_too(tmp_path):
     assert "--dask-role=nope: must be one of scheduler, worker" in p.stderr
 
 
+def slurm_calls() -> int:
+    f = sb.LOGS / "agent-slurm-calls.log"
+    return len(f.read_text().splitlines()) if f.exists() else 0
+
+
 def test_cluster_runs_as_the_user_logs_in_log_dir_and_computes(cluster_name):
     import dask.array as da
 
+    calls = slurm_calls()
     sched, arr, c = start_cluster(cluster_name, 2)
+    # One controller call per job start, no more (three jobs started).
+    assert slurm_calls() - calls == 3
     u = sb.user()
     groups = sorted(os.getgrouplist(u.pw_name, u.pw_gid))
     procs = [p for p in sb.dask_processes() if f"/clusters/{cluster_name}/" in " ".join(p["args"])]
@@ -135,26 +143,42 @@ def test_scancel_of_the_cluster_leaves_no_dask_process(cluster_name):
     assert "scheduler stopped" in slog or "scheduler exited" in slog
 
 
+def second_venv(name: str):
+    """A venv of the test user's own, other than the sandbox's, whose
+    Python finds distributed through a .pth file."""
+    env = sb.WORK / f"venv-{name}"
+    sb.as_user(["rm", "-rf", str(env)])
+    sb.as_user(["/usr/bin/python3", "-m", "venv", "--without-pip", str(env)])
+    site = next((env / "lib").glob("python3*/site-packages"))
+    base = next((sb.VENV / "lib").glob("python3*/site-packages"))
+    sb.as_user(["/usr/bin/python3", "-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2])",
+                str(site / "sandbox.pth"), str(base)])
+    return env
+
+
 def test_own_job_script_activating_an_env_runs_dask_in_it(cluster_name):
     """A user's script: #SBATCH lines, its own environment, then attach."""
+    env2 = second_venv(cluster_name)
     script = sb.WORK / f"{cluster_name}.sh"
     script.write_text(
         "#!/bin/bash\n"
         "#SBATCH --dask-role=worker\n"
         f"#SBATCH --dask-cluster={cluster_name}\n"
-        f"source {sb.VENV}/bin/activate\n"
+        f"source {env2}/bin/activate\n"
         "export MY_ANALYSIS_SETTING=42\n"
         "exec dask-spank attach\n"
     )
     os.chmod(script, 0o755)
+    sb.forget_cluster(cluster_name)
     sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster_name}")
     job = sb.sbatch(str(script))
     sb.wait_scheduler_file(cluster_name, timeout=120)
     c = sb.client(cluster_name)
     c.wait_for_workers(1, timeout=120)
+    import sys
     env = c.run(lambda: (os.environ.get("MY_ANALYSIS_SETTING"), os.environ.get("VIRTUAL_ENV"),
-                         os.environ.get("OMP_NUM_THREADS")))
-    assert list(env.values()) == [("42", str(sb.VENV), "1")]
+                         os.environ.get("OMP_NUM_THREADS"), sys.prefix))
+    assert list(env.values()) == [("42", str(env2), "1", str(env2))]
     c.close()
     assert (sb.WORK / "log" / f"dask-worker-{job}.log").exists()
     assert sb.scontrol_job(job)["JobName"] == f"dask-worker-{cluster_name}"

@@ -216,6 +216,59 @@ def test_4_text_fields_and_the_environment_cannot_fake_job_facts(cluster_name):
     assert not [p for p in sb.dask_processes() if f"/clusters/{cluster_name}/" in " ".join(p["args"])]
 
 
+def cgroups_of(pid: int) -> dict[str, str]:
+    """Controller (or "" for v2) -> cgroup path, from /proc/<pid>/cgroup."""
+    out = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for c in controllers.split(",") if controllers else [""]:
+            out[c] = path
+    return out
+
+
+def test_5_dask_runs_in_the_jobs_cgroups_and_their_memory_limit_holds(cluster_name):
+    """Slurm gives the job cgroups (proctrack/cgroup, task/cgroup). The
+    dask worker is started inside them, not in the agent's, so the job's
+    memory limit holds for it: a task that grabs 1 GiB in a 600 MiB job is
+    killed by the kernel, inside the job, and the worker comes back."""
+    import dask
+
+    sb.forget_cluster(cluster_name)
+    sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster_name}")
+    arr = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster_name}", "--mem=600M")
+    sb.wait_scheduler_file(cluster_name, timeout=120)
+    c = sb.client(cluster_name)
+    try:
+        c.wait_for_workers(1, timeout=120)
+        (pid,) = c.run(os.getpid).values()
+        mine, agent = cgroups_of(pid), cgroups_of(sb.agent_pid())
+        for controller in ("memory", "freezer"):
+            assert f"/job_{arr}/" in mine[controller], (controller, mine)
+            assert mine[controller] != agent[controller]
+        # Slurm sets the limit on the job's and the step's cgroups; the
+        # worker sits below them.
+        memcg = Path("/sys/fs/cgroup/memory") / mine["memory"].lstrip("/")
+        job_cg = next(p for p in [memcg, *memcg.parents] if p.name == f"job_{arr}")
+        assert int((job_cg / "memory.limit_in_bytes").read_text()) == 600 << 20
+
+        def oom_kills() -> int:
+            return sum(int(dict(l.split() for l in (p / "memory.oom_control").read_text().splitlines())["oom_kill"])
+                       for p in [memcg, *memcg.parents] if p == job_cg or job_cg in p.parents)
+
+        def grab():
+            b = bytearray(1 << 30)
+            return len(b)
+
+        fut = c.submit(grab, pure=False)
+        sb.wait_until("the kernel to kill the worker in the job's cgroup", lambda: oom_kills() >= 1, 60)
+        fut.cancel()
+        c.wait_for_workers(1, timeout=60)
+        assert dask.__version__  # the client still works with a worker back
+    finally:
+        c.close()
+        sb.run(["scancel", sched, arr])
+
+
 FLOOD = r"""
 import json, os, socket, struct, sys, time
 path, n = sys.argv[1], int(sys.argv[2])

@@ -19,8 +19,10 @@ def test_agent_supervises_200_stub_jobs_and_leaves_nothing_behind():
     assert out["status_jobs"] == 200 and out["status_running"] == 200
     # teardown_s is only set once every stub process is gone.
     assert out["teardown_s"] < 120
-    # A few descriptors per job, and no leak once the jobs ended.
+    # A few descriptors per job while they run, and none left once they
+    # ended: as many as the agent had before any job.
     assert out["agent_fds"] >= 3 * 200
+    assert out["agent_fds_after"] == out["agent_fds_empty"], out
 
 
 def test_production_agent_refuses_a_job_slurmctld_does_not_know():

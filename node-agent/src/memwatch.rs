@@ -22,12 +22,14 @@ pub const MAX_PERIOD: Duration = Duration::from_secs(2);
 /// threshold by up to one period; Slurm's cgroup limit stays the hard stop.
 const GROWTH_MIB_PER_S: u64 = 1024;
 
+/// The processes of one job whose resident memory counts together (a
+/// worker, and its fork server, which shares the job's memory).
 struct Watched {
-    pid: i32,
-    /// `/proc/<pid>/statm`, opened at the first look and read with pread:
-    /// one system call per look, and it keeps naming this process even if
-    /// the pid is reused.
-    statm: Option<std::fs::File>,
+    /// Each pid with its `/proc/<pid>/statm`, opened when the watch starts
+    /// (the process is then alive and cannot have been reaped) and read
+    /// with pread: one system call per look, and it keeps naming this
+    /// process even if the pid is reused.
+    procs: Vec<(i32, Option<std::fs::File>)>,
     limit_mb: u64,
     due: Instant,
     over: Option<oneshot::Sender<u64>>,
@@ -87,10 +89,12 @@ impl MemWatch {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Watch `pid` until the guard is dropped; the receiver gets its
-    /// resident size once it exceeds `limit_mb`. The first look is at the
-    /// next tick.
-    pub fn watch(self: &Arc<Self>, pid: i32, limit_mb: u64) -> (Guard, oneshot::Receiver<u64>) {
+    /// Watch `pids` until the guard is dropped; the receiver gets their
+    /// resident size together once it exceeds `limit_mb`. Shared pages
+    /// count once per process, so a worker and its fork server are killed
+    /// a little early rather than left to the kernel's OOM killer. The
+    /// first look is at the next tick.
+    pub fn watch(self: &Arc<Self>, pids: &[i32], limit_mb: u64) -> (Guard, oneshot::Receiver<u64>) {
         let (tx, rx) = oneshot::channel();
         let mut inner = self.lock();
         inner.next_id += 1;
@@ -98,8 +102,7 @@ impl MemWatch {
         inner.watched.insert(
             id,
             Watched {
-                pid,
-                statm: None,
+                procs: pids.iter().map(|&p| (p, open_statm(p))).collect(),
                 limit_mb,
                 due: Instant::now(),
                 over: Some(tx),
@@ -137,7 +140,12 @@ impl MemWatch {
                 continue;
             }
             reads += 1;
-            match read(&mut w.statm, w.pid) {
+            let rss: Vec<u64> = w
+                .procs
+                .iter_mut()
+                .filter_map(|(pid, statm)| read(statm, *pid))
+                .collect();
+            match (!rss.is_empty()).then(|| rss.iter().sum::<u64>()) {
                 Some(rss) if rss > w.limit_mb => {
                     if let Some(tx) = w.over.take() {
                         let _ = tx.send(rss);
@@ -158,12 +166,7 @@ impl MemWatch {
         loop {
             tick.tick().await;
             if !self.is_empty() {
-                self.check(Instant::now(), |statm, pid| {
-                    if statm.is_none() {
-                        *statm = open_statm(pid);
-                    }
-                    rss_mb(statm.as_ref()?)
-                });
+                self.check(Instant::now(), |statm, _| rss_mb(statm.as_ref()?));
             }
         }
     }
@@ -184,8 +187,8 @@ mod tests {
     #[test]
     fn reports_once_over_the_limit_and_forgets_on_drop() {
         let w = Arc::new(MemWatch::default());
-        let (g1, mut over1) = w.watch(1, 100);
-        let (g2, mut over2) = w.watch(2, 100);
+        let (g1, mut over1) = w.watch(&[1], 100);
+        let (g2, mut over2) = w.watch(&[2], 100);
         let t0 = Instant::now();
         let rss = |_: &mut _, pid: i32| Some(if pid == 1 { 150 } else { 10 });
         assert_eq!(w.check(t0, rss), 2);
@@ -201,9 +204,22 @@ mod tests {
     }
 
     #[test]
+    fn a_jobs_processes_count_together() {
+        let w = Arc::new(MemWatch::default());
+        let (_g, mut over) = w.watch(&[1, 2], 100);
+        let t0 = Instant::now();
+        // 60 + 60 MiB: over 100 together. A gone process counts nothing.
+        assert_eq!(w.check(t0, |_, pid| (pid != 3).then_some(60)), 1);
+        assert_eq!(over.try_recv(), Ok(120));
+        let (_g, mut over) = w.watch(&[1, 3], 100);
+        w.check(t0, |_, pid| (pid != 3).then_some(60));
+        assert!(over.try_recv().is_err());
+    }
+
+    #[test]
     fn a_gone_process_is_looked_at_rarely() {
         let w = Arc::new(MemWatch::default());
-        let (_g, _over) = w.watch(1, 100);
+        let (_g, _over) = w.watch(&[1], 100);
         let t0 = Instant::now();
         assert_eq!(w.check(t0, |_, _| None), 1);
         assert_eq!(w.check(t0 + MIN_PERIOD, |_, _| None), 0);

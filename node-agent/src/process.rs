@@ -39,6 +39,15 @@ impl Proc<'_> {
         }
     }
 
+    /// The processes whose memory is this start's: the worker, and the
+    /// fork server it shares the job's memory with.
+    pub fn job_pids(&self) -> Vec<i32> {
+        match self {
+            Proc::Exec(c) => vec![c.pid()],
+            Proc::Forked { id, server, .. } => vec![id.pid, server.pid()],
+        }
+    }
+
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
         match self {
             Proc::Exec(c) => c.exited().await,

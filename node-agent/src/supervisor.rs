@@ -337,7 +337,7 @@ async fn watch_until_end(
     // Watched by the node's one memory watchdog until this start ends.
     let (_watching, mut over) = match limit {
         Some(l) => {
-            let (g, rx) = ctx.memwatch.watch(proc.pid(), l);
+            let (g, rx) = ctx.memwatch.watch(&proc.job_pids(), l);
             (Some(g), Some(rx))
         }
         None => (None, None),
