@@ -2,7 +2,8 @@
 
 As the unprivileged test user: submit a dask scheduler and 4 worker jobs
 with nothing but `sbatch --dask-role=...`, compute with dask through the
-scheduler file, SIGKILL a worker and watch the agent bring it back, then
+scheduler file, connect from the user's Python with `dask_spank.connect`
+(TLS, the cluster's own credentials), SIGKILL a worker and watch the agent bring it back, then
 scancel and check that no dask process is left. Exits non-zero on any
 failure.
 """
@@ -59,6 +60,19 @@ def main() -> int:
         print("FAIL: wrong result")
         return 1
     print("OK: result verified")
+
+    step(f"the user's notebook: dask_spank.connect('{CLUSTER}') (TLS with the cluster's own credentials)")
+    nb = ("import dask_spank, sys\n"
+          f"client = dask_spank.connect({CLUSTER!r})\n"
+          "print('address', client.scheduler.address)\n"
+          "print('sum', client.submit(sum, range(1000)).result())\n"
+          "client.close()\n")
+    p = sb.as_user([str(sb.VENV / "bin" / "python"), "-c", nb], check=False, timeout=120)
+    print(p.stdout.strip())
+    if p.returncode != 0 or "sum 499500" not in p.stdout or "address tls://" not in p.stdout:
+        print(f"FAIL: the notebook could not compute:\n{p.stderr[-2000:]}")
+        return 1
+    print("OK: computed from the user's Python over TLS")
 
     step("SIGKILL one worker process; the node agent restarts it")
     pids = c.run(os.getpid)  # worker address -> pid

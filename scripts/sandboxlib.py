@@ -148,10 +148,22 @@ def cancel_all_user_jobs(timeout: float = 60.0) -> None:
         True for _ in run(["squeue", "-h", "-u", TEST_USER, "-o", "%i"]).stdout.split()), timeout)
 
 
+def security(name: str):
+    """The cluster's TLS credentials, as the test user's own processes use
+    them (root reads them here: this is the test harness)."""
+    from distributed.security import Security
+    d = cluster_dir(name)
+    if (d / "tls.pem").exists():
+        return Security(tls_ca_file=str(d / "ca.pem"), tls_client_cert=str(d / "tls.pem"),
+                        tls_client_key=str(d / "tls.key"), require_encryption=True)
+    return Security()
+
+
 def client(name: str, timeout: float = 30):
-    """A distributed.Client connected through the cluster's scheduler file."""
+    """A distributed.Client connected through the cluster's scheduler file,
+    with the cluster's credentials."""
     from distributed import Client
-    return Client(scheduler_file=str(scheduler_file(name)), timeout=timeout)
+    return Client(scheduler_file=str(scheduler_file(name)), timeout=timeout, security=security(name))
 
 
 def forget_cluster(name: str) -> None:

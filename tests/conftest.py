@@ -40,5 +40,7 @@ def policy():
 def cluster_name(request):
     """A cluster name unique to the test; its jobs are cancelled afterwards."""
     name = request.node.name.replace("test_", "").replace("_", "-")[:40]
+    # What an earlier run left (a scheduler file with a dead address).
+    sb.forget_cluster(name)
     yield name
     sb.cancel_all_user_jobs()

@@ -11,7 +11,9 @@ use crate::record::{now, state_file, write_report, ClusterState, JobReport};
 use dask_spank_common::client::{Client, ClientError};
 use dask_spank_common::files::write_json_atomic;
 use dask_spank_common::messages::Attach;
-use dask_spank_common::paths::{cluster_dir, scheduler_file, user_root, vars};
+use dask_spank_common::paths::{
+    cluster_dir, make_private_dir, scheduler_file, tls_files, vars, TlsFiles,
+};
 use dask_spank_common::schedfile::SchedulerInfo;
 use dask_spank_common::{ClusterName, Request, Response, Role};
 use std::path::PathBuf;
@@ -30,13 +32,10 @@ pub fn run() -> Result<i32, String> {
     let role: Role = need(vars::ROLE)?.parse().map_err(|e| format!("{e}"))?;
     let cluster: ClusterName = need(vars::CLUSTER)?.parse().map_err(|e| format!("{e}"))?;
     let socket = PathBuf::from(need(vars::AGENT_SOCKET)?);
-    let root = user_root(
-        std::env::var(vars::HOME).ok().as_deref(),
-        std::env::var("HOME").ok().as_deref(),
-    )
-    .ok_or("neither DASK_SPANK_HOME nor HOME is set: cannot place the cluster directory")?;
+    let root = crate::cluster::root()?;
     let dir = cluster_dir(&root, &cluster);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    make_private_dir(&root, &dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let tls = std::env::var(vars::TLS).map_or(true, |v| v != "off");
     if role == Role::Scheduler {
         // A file left by an earlier scheduler of this cluster would send
         // workers to a dead address.
@@ -47,6 +46,11 @@ pub fn run() -> Result<i32, String> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(format!("cannot remove the old {}: {e}", f.display())),
         }
+        if tls {
+            crate::tls::ensure(&tls_files(&dir), cluster.as_str())?;
+        }
+    } else if tls {
+        wait_for_credentials(&tls_files(&dir));
     }
     let cwd = std::env::current_dir().map_err(|e| format!("no working directory: {e}"))?;
     let env: Vec<(String, String)> = std::env::vars().collect();
@@ -142,6 +146,22 @@ fn on_signal_report_end(dir: &std::path::Path, report: &JobReport) {
     });
 }
 
+/// A worker job may start before its scheduler job made the cluster's
+/// credentials: wait for them (the job can be cancelled meanwhile).
+fn wait_for_credentials(files: &TlsFiles) {
+    let mut said = false;
+    while !files.all_exist() {
+        if !said {
+            eprintln!(
+                "dask-spank: waiting for the cluster's TLS credentials ({}), made by its scheduler job",
+                files.cert.display()
+            );
+            said = true;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 fn env_id(name: &str) -> Option<u32> {
     std::env::var(name).ok()?.parse().ok()
 }
@@ -180,6 +200,12 @@ fn keep_state(dir: &std::path::Path, cluster: &str, job: &str) {
         let Some(info) = SchedulerInfo::read(&sched_file) else {
             continue;
         };
+        // dask writes it with the umask's mode; the directory is private
+        // anyway, the file is made so too.
+        let _ = std::fs::set_permissions(
+            &sched_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        );
         let dashboard = info.dashboard_url();
         let connected: Vec<String> = dashboard
             .as_ref()

@@ -1,9 +1,11 @@
 //! dask-spank: the user command.
 
 mod attach;
-mod commands;
+mod cluster;
+mod cmd;
 mod record;
 mod slurm;
+mod tls;
 mod view;
 
 use clap::{Parser, Subcommand};
@@ -23,88 +25,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Start a cluster: one scheduler job and N worker jobs.
-    #[command(
-        after_help = "Example:\n  dask-spank up ana --workers 100 --worker-mem 3G --wait 80"
-    )]
-    Up {
-        /// Cluster name (letters, digits, '-', '_', '.').
-        name: String,
-        /// Number of worker jobs (an sbatch array).
-        #[arg(long, default_value_t = 1)]
-        workers: u32,
-        /// Memory of each worker job (--mem), e.g. 3G.
-        #[arg(long)]
-        worker_mem: Option<String>,
-        /// Cpus of each worker job (--cpus-per-task) = dask threads.
-        #[arg(long)]
-        worker_cpus: Option<u32>,
-        /// Time limit of worker jobs (--time), e.g. 2:00:00.
-        #[arg(long)]
-        worker_time: Option<String>,
-        /// Memory of the scheduler job.
-        #[arg(long)]
-        scheduler_mem: Option<String>,
-        /// venv or conda prefix whose python has distributed (--dask-env).
-        #[arg(long)]
-        env: Option<String>,
-        /// Wait until this percentage of worker jobs is connected.
-        #[arg(long, value_name = "PERCENT")]
-        wait: Option<f64>,
-        /// Give up waiting after this many seconds.
-        #[arg(long, default_value_t = 3600)]
-        timeout: u64,
-        #[arg(long)]
-        json: bool,
-    },
-    /// List your clusters, with job counts and age.
-    #[command(after_help = "Example:\n  dask-spank ls")]
-    Ls {
-        #[arg(long)]
-        json: bool,
-    },
-    /// One row per job: pending, running, connected, failed (with the reason), ended.
-    #[command(after_help = "Example:\n  dask-spank status ana --json")]
-    Status {
-        name: String,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Wait until a percentage of the worker jobs is connected to the scheduler.
-    #[command(
-        after_help = "Example:\n  dask-spank wait ana --percent 80 --timeout 600\n\nExits non-zero with the reason on a timeout, or when the cluster failed.\n--percent 0 returns at once."
-    )]
-    Wait {
-        name: String,
-        #[arg(long, default_value_t = 100.0)]
-        percent: f64,
-        /// Seconds.
-        #[arg(long, default_value_t = 3600)]
-        timeout: u64,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Submit or cancel worker jobs to have N of them.
-    #[command(after_help = "Example:\n  dask-spank scale ana 200")]
-    Scale { name: String, workers: u32 },
-    /// Print the cluster's job logs (--follow to keep printing).
-    #[command(after_help = "Example:\n  dask-spank logs ana --job 1234_7 --follow")]
-    Logs {
-        name: String,
-        /// One job (id or array task, e.g. 1234_7).
-        #[arg(long)]
-        job: Option<String>,
-        #[arg(long, short)]
-        follow: bool,
-    },
-    /// Cancel every job of the cluster and check that none is left.
-    #[command(after_help = "Example:\n  dask-spank down ana")]
-    Down {
-        name: String,
-        /// Seconds to wait for the jobs to leave the queue.
-        #[arg(long, default_value_t = 120)]
-        timeout: u64,
-    },
+    Up(cmd::up::Args),
+    Ls(cmd::ls::Args),
+    Status(cmd::status::Args),
+    Wait(cmd::wait::Args),
+    Scale(cmd::scale::Args),
+    Logs(cmd::logs::Args),
+    Down(cmd::down::Args),
     /// Hand this job over to the node agent and wait (last line of a job script).
     ///
     /// The agent starts the job's dask scheduler or worker as you, with this
@@ -114,6 +41,9 @@ enum Cmd {
         after_help = "Example (job script):\n  #!/bin/bash\n  #SBATCH --dask-role=worker\n  #SBATCH --dask-cluster=ana\n  source ~/envs/analysis/bin/activate\n  exec dask-spank attach"
     )]
     Attach,
+    /// The files of a cluster directory, as JSON (for the Python package).
+    #[command(hide = true)]
+    Layout(cmd::layout::Args),
 }
 
 fn main() -> ExitCode {
@@ -126,40 +56,14 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
-        Cmd::Up {
-            name,
-            workers,
-            worker_mem,
-            worker_cpus,
-            worker_time,
-            scheduler_mem,
-            env,
-            wait,
-            timeout,
-            json,
-        } => commands::up(commands::Up {
-            name,
-            workers,
-            worker_mem,
-            worker_cpus,
-            worker_time,
-            scheduler_mem,
-            env,
-            wait,
-            timeout,
-            json,
-        }),
-        Cmd::Ls { json } => commands::ls(json),
-        Cmd::Status { name, json } => commands::status(&name, json),
-        Cmd::Wait {
-            name,
-            percent,
-            timeout,
-            json,
-        } => commands::wait(&name, percent, timeout, json),
-        Cmd::Scale { name, workers } => commands::scale(&name, workers),
-        Cmd::Logs { name, job, follow } => commands::logs(&name, job.as_deref(), follow),
-        Cmd::Down { name, timeout } => commands::down(&name, timeout),
+        Cmd::Up(a) => cmd::up::run(a),
+        Cmd::Ls(a) => cmd::ls::run(a),
+        Cmd::Status(a) => cmd::status::run(a),
+        Cmd::Wait(a) => cmd::wait::run(a),
+        Cmd::Scale(a) => cmd::scale::run(a),
+        Cmd::Logs(a) => cmd::logs::run(a),
+        Cmd::Down(a) => cmd::down::run(a),
+        Cmd::Layout(a) => cmd::layout::run(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

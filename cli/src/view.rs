@@ -50,10 +50,9 @@ impl ClusterView {
 }
 
 fn role_of(name: &str) -> &'static str {
-    if name.starts_with("dask-scheduler-") {
-        "scheduler"
-    } else {
-        "worker"
+    match dask_spank_common::names::parse_job_name(name) {
+        Some((role, _)) => role.as_str(),
+        None => "worker",
     }
 }
 

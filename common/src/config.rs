@@ -75,6 +75,7 @@ pub const KEYS: &[&str] = &[
     "worker_time_max",
     "max_worker_jobs",
     "idle_timeout",
+    "tls",
     "worker_death_timeout",
     "worker_restart_max",
     "worker_restart_window",
@@ -252,6 +253,7 @@ impl Config {
                 "worker_time_max" => p.worker.time_max_s = time(key, v)?,
                 "max_worker_jobs" => p.max_worker_jobs = count(key, v, 1_000_000)? as u32,
                 "idle_timeout" => p.idle_timeout_s = duration(key, v)?,
+                "tls" => p.tls = v.parse().map_err(|why: String| bad(key, v, &why))?,
                 "worker_death_timeout" => p.nanny.death_timeout_s = duration(key, v)?,
                 "worker_restart_max" => p.nanny.restart_max = count(key, v, 1000)? as u32,
                 "worker_restart_window" => p.nanny.restart_window_s = duration(key, v)?,
@@ -328,6 +330,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::TlsMode;
 
     #[test]
     fn empty_argument_list_gives_the_documented_defaults() {
@@ -397,6 +400,8 @@ mod tests {
             Config::parse(["account=none"]).unwrap().policy.account,
             AccountPolicy::None
         );
+        assert_eq!(Config::default().policy.tls, TlsMode::Required);
+        assert_eq!(Config::parse(["tls=off"]).unwrap().policy.tls, TlsMode::Off);
         assert_eq!(
             Config::parse(["account=primary-group"])
                 .unwrap()
@@ -409,9 +414,10 @@ mod tests {
     #[test]
     fn errors_name_the_key_and_value() {
         let cases: &[(&[&str], &str)] = &[
-            (&["bogus=1"], "plugstack.conf: unknown key 'bogus' (known keys: scheduler_partition, worker_partition, scheduler_licenses, worker_licenses, account, worker_cpus, worker_cpus_max, scheduler_mem, scheduler_mem_max, worker_mem, worker_mem_max, scheduler_time, scheduler_time_max, worker_time, worker_time_max, max_worker_jobs, idle_timeout, worker_death_timeout, worker_restart_max, worker_restart_window, worker_lifetime_margin, worker_memory_kill, worker_start, log_dir, agent_dir, attach_cmd, agent_timeout)"),
+            (&["bogus=1"], "plugstack.conf: unknown key 'bogus' (known keys: scheduler_partition, worker_partition, scheduler_licenses, worker_licenses, account, worker_cpus, worker_cpus_max, scheduler_mem, scheduler_mem_max, worker_mem, worker_mem_max, scheduler_time, scheduler_time_max, worker_time, worker_time_max, max_worker_jobs, idle_timeout, tls, worker_death_timeout, worker_restart_max, worker_restart_window, worker_lifetime_margin, worker_memory_kill, worker_start, log_dir, agent_dir, attach_cmd, agent_timeout)"),
             (&["worker_memory_kill=95"], "plugstack.conf: worker_memory_kill=95: must be a percentage from 50% to 100%"),
             (&["worker_start=fork"], "plugstack.conf: worker_start=fork: must be exec or forkserver"),
+            (&["tls=yes"], "plugstack.conf: tls=yes: must be required or off"),
             (&["agent_dir"], "plugstack.conf: argument 'agent_dir' is not of the form key=value"),
             (&["agent_dir=rel"], "plugstack.conf: agent_dir=rel: must be an absolute path"),
             (&["log_dir=../x"], "plugstack.conf: log_dir=../x: must be a relative directory without '..' (it is created under the submit directory)"),

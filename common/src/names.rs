@@ -38,11 +38,20 @@ pub fn job_label(job_id: u32, array_job_id: Option<u32>, array_task_id: Option<u
     }
 }
 
+/// The role and cluster of a dask-spank job name (`job_name`'s inverse).
+pub fn parse_job_name(name: &str) -> Option<(Role, &str)> {
+    Role::ALL.iter().find_map(|r| {
+        name.strip_prefix("dask-")?
+            .strip_prefix(r.as_str())?
+            .strip_prefix('-')
+            .filter(|c| !c.is_empty())
+            .map(|c| (*r, c))
+    })
+}
+
 /// Whether a Slurm job name is one that dask-spank gives its jobs.
 pub fn is_job_name(name: &str) -> bool {
-    Role::ALL
-        .iter()
-        .any(|r| name.starts_with(&format!("dask-{r}-")))
+    parse_job_name(name).is_some()
 }
 
 impl fmt::Display for Role {
@@ -142,6 +151,15 @@ mod tests {
         assert_eq!(job_name(Role::Worker, "ana"), "dask-worker-ana");
         assert!(is_job_name("dask-scheduler-ana") && is_job_name("dask-worker-x"));
         assert!(!is_job_name("interactive") && !is_job_name("dask-other-x"));
+        assert_eq!(
+            parse_job_name("dask-worker-a-b"),
+            Some((Role::Worker, "a-b"))
+        );
+        assert_eq!(
+            parse_job_name("dask-scheduler-ana"),
+            Some((Role::Scheduler, "ana"))
+        );
+        assert_eq!(parse_job_name("dask-worker-"), None);
     }
 
     #[test]

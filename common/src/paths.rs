@@ -17,6 +17,8 @@ pub mod vars {
     pub const LOG: &str = "DASK_SPANK_LOG";
     /// Overrides `$HOME/.dask-spank` as the root of per-user cluster state.
     pub const HOME: &str = "DASK_SPANK_HOME";
+    /// `required` or `off`: the site's `tls` policy, for the job's attach.
+    pub const TLS: &str = "DASK_SPANK_TLS";
 }
 
 /// The agent's socket for `node`. Keyed by node name because several slurmd
@@ -38,9 +40,106 @@ pub fn cluster_dir(user_root: &Path, cluster: &ClusterName) -> PathBuf {
     user_root.join("clusters").join(cluster.as_str())
 }
 
+/// The files of a cluster directory, by name: the one definition of its
+/// layout, which the Python package checks it follows (`dask-spank
+/// layout`). The directory is private to its owner (0700), its files 0600.
+pub mod layout {
+    /// The dask-format scheduler file (`Client(scheduler_file=...)`),
+    /// written by the dask scheduler.
+    pub const SCHEDULER_FILE: &str = "scheduler.json";
+    /// The cluster's state (`ClusterState`), kept by the scheduler job.
+    pub const STATE_FILE: &str = "state.json";
+    /// One report per job (`JobReport`), written by each job.
+    pub const JOBS_DIR: &str = "jobs";
+    /// The worker submission options of `up`, reused by `scale`.
+    pub const WORKER_ARGS: &str = "worker-args.json";
+    /// The cluster's own certificate authority (its key is not kept), and
+    /// the certificate and key it signed, made by the scheduler job:
+    /// scheduler, workers and clients all present that certificate and
+    /// accept only peers signed by that authority.
+    pub const TLS_CA: &str = "ca.pem";
+    pub const TLS_CERT: &str = "tls.pem";
+    pub const TLS_KEY: &str = "tls.key";
+    /// Every entry, for `dask-spank layout`.
+    pub const ALL: &[(&str, &str)] = &[
+        ("scheduler_file", SCHEDULER_FILE),
+        ("state_file", STATE_FILE),
+        ("jobs_dir", JOBS_DIR),
+        ("worker_args", WORKER_ARGS),
+        ("tls_ca", TLS_CA),
+        ("tls_cert", TLS_CERT),
+        ("tls_key", TLS_KEY),
+    ];
+}
+
 /// The dask-format scheduler file (`Client(scheduler_file=...)`).
 pub fn scheduler_file(cluster_dir: &Path) -> PathBuf {
-    cluster_dir.join("scheduler.json")
+    cluster_dir.join(layout::SCHEDULER_FILE)
+}
+
+/// The cluster's TLS files: authority, certificate, key.
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+pub fn tls_files(cluster_dir: &Path) -> TlsFiles {
+    TlsFiles {
+        ca: cluster_dir.join(layout::TLS_CA),
+        cert: cluster_dir.join(layout::TLS_CERT),
+        key: cluster_dir.join(layout::TLS_KEY),
+    }
+}
+
+impl TlsFiles {
+    /// The dask configuration, as environment variables, that makes a
+    /// scheduler, worker or client talk TLS with these credentials only.
+    pub fn dask_env(&self) -> Vec<(String, String)> {
+        let mut v = vec![
+            (
+                "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION".to_string(),
+                "True".to_string(),
+            ),
+            (
+                "DASK_DISTRIBUTED__COMM__TLS__CA_FILE".to_string(),
+                self.ca.to_string_lossy().into_owned(),
+            ),
+        ];
+        for who in ["SCHEDULER", "WORKER", "CLIENT"] {
+            v.push((
+                format!("DASK_DISTRIBUTED__COMM__TLS__{who}__CERT"),
+                self.cert.to_string_lossy().into_owned(),
+            ));
+            v.push((
+                format!("DASK_DISTRIBUTED__COMM__TLS__{who}__KEY"),
+                self.key.to_string_lossy().into_owned(),
+            ));
+        }
+        v
+    }
+
+    pub fn all_exist(&self) -> bool {
+        [&self.ca, &self.cert, &self.key]
+            .iter()
+            .all(|p| p.is_file())
+    }
+}
+
+/// Create a cluster directory (and the dask-spank directories above it,
+/// under `user_root`), private to its owner whatever the umask: another
+/// user must not read its scheduler file or its key.
+pub fn make_private_dir(user_root: &Path, cluster_dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(cluster_dir)?;
+    let mut d = cluster_dir;
+    loop {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
+        match d.parent() {
+            Some(p) if d != user_root && p.starts_with(user_root) => d = p,
+            _ => return Ok(()),
+        }
+    }
 }
 
 /// Job output pattern given to sbatch (`--output`), relative to the submit
@@ -53,6 +152,23 @@ pub fn log_pattern(log_dir: &str, role: Role, array: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_directories_are_private_whatever_the_umask() {
+        use std::os::unix::fs::MetadataExt;
+        let root = std::env::temp_dir().join(format!("dsp-paths-{}", std::process::id()));
+        let dir = cluster_dir(&root, &"ana".parse().unwrap());
+        make_private_dir(&root, &dir).unwrap();
+        for d in [&dir, &root.join("clusters"), &root] {
+            assert_eq!(
+                std::fs::metadata(d).unwrap().mode() & 0o777,
+                0o700,
+                "{}",
+                d.display()
+            );
+        }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn user_root_prefers_the_override() {
@@ -76,6 +192,15 @@ mod tests {
             scheduler_file(&d),
             PathBuf::from("/h/.dask-spank/clusters/ana/scheduler.json")
         );
+        assert_eq!(
+            tls_files(&d).key,
+            PathBuf::from("/h/.dask-spank/clusters/ana/tls.key")
+        );
+        let env = tls_files(&d).dask_env();
+        assert!(env.contains(&(
+            "DASK_DISTRIBUTED__COMM__TLS__WORKER__KEY".into(),
+            "/h/.dask-spank/clusters/ana/tls.key".into()
+        )));
         assert_eq!(
             agent_socket(Path::new("/run/dask-spank"), "n1"),
             PathBuf::from("/run/dask-spank/agent-n1.sock")

@@ -45,6 +45,43 @@ pub struct Policy {
     pub idle_timeout_s: u64,
     /// Nanny duties of the agent for workers.
     pub nanny: NannyPolicy,
+    /// Whether clusters talk TLS with per-cluster credentials. Defaulted
+    /// when absent, so that registrations of an older plugin still load.
+    #[serde(default)]
+    pub tls: TlsMode,
+}
+
+/// How a cluster's scheduler, workers and clients talk (`tls`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// TLS with a certificate made for each cluster by its scheduler job:
+    /// only its owner can connect a client or a worker.
+    #[default]
+    Required,
+    /// Plain TCP: anybody who reaches the scheduler's port can run code as
+    /// the cluster's owner.
+    Off,
+}
+
+impl TlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Required => "required",
+            TlsMode::Off => "off",
+        }
+    }
+}
+
+impl std::str::FromStr for TlsMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "required" => Ok(TlsMode::Required),
+            "off" => Ok(TlsMode::Off),
+            _ => Err("must be required or off".into()),
+        }
+    }
 }
 
 /// How the agent supervises worker processes.
@@ -133,6 +170,7 @@ impl Default for Policy {
             max_worker_jobs: 3000,
             idle_timeout_s: 2 * HOUR,
             nanny: NannyPolicy::default(),
+            tls: TlsMode::Required,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The command lines of the dask processes the agent runs.
 
-use dask_spank_common::paths::scheduler_file;
+use dask_spank_common::paths::{scheduler_file, tls_files};
+use dask_spank_common::policy::TlsMode;
 use dask_spank_common::{JobSpec, Role};
 use std::path::Path;
 
@@ -85,10 +86,24 @@ pub fn command(
             }
         }
     }
+    if spec.policy.tls == TlsMode::Required {
+        args.extend(["--protocol".into(), "tls".into()]);
+    }
     if let Some(h) = &s.host {
         args.extend(["--host".into(), h.clone()]);
     }
     (python, args)
+}
+
+/// Environment that makes dask use the cluster's TLS credentials (and
+/// nothing but TLS), set by the agent over the job's own: the site's `tls`
+/// policy is not the user's to turn off. The agent only names the files;
+/// dask reads them, as the user.
+pub fn tls_env(spec: &JobSpec, cluster_dir: &Path) -> Vec<(String, String)> {
+    match spec.policy.tls {
+        TlsMode::Required => tls_files(cluster_dir).dask_env(),
+        TlsMode::Off => vec![],
+    }
 }
 
 /// When a worker should retire, given the job's remaining walltime: a
@@ -142,7 +157,7 @@ mod tests {
         assert_eq!(
             a.join(" "),
             "-m distributed.cli.dask_worker --scheduler-file /c/scheduler.json --name ana-5_2 \
-             --nthreads 2 --memory-limit 3072MiB --no-nanny --death-timeout 60 --lifetime 6900s --host 127.0.0.1"
+             --nthreads 2 --memory-limit 3072MiB --no-nanny --death-timeout 60 --lifetime 6900s --protocol tls --host 127.0.0.1"
         );
     }
 
@@ -159,8 +174,31 @@ mod tests {
         assert_eq!(p, "python3");
         assert_eq!(
             a.join(" "),
-            "-m distributed.cli.dask_scheduler --scheduler-file /c/scheduler.json --port 0 --dashboard-address :0 --idle-timeout 7200s"
+            "-m distributed.cli.dask_scheduler --scheduler-file /c/scheduler.json --port 0 --dashboard-address :0 --idle-timeout 7200s --protocol tls"
         );
+    }
+
+    #[test]
+    fn tls_off_is_plain_tcp_and_required_names_the_cluster_files() {
+        let mut sp = spec(Role::Worker);
+        let env = tls_env(&sp, Path::new("/c"));
+        assert!(env.contains(&(
+            "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION".into(),
+            "True".into()
+        )));
+        assert!(env.contains(&(
+            "DASK_DISTRIBUTED__COMM__TLS__CA_FILE".into(),
+            "/c/ca.pem".into()
+        )));
+        sp.policy.tls = TlsMode::Off;
+        assert!(tls_env(&sp, Path::new("/c")).is_empty());
+        let (_, a) = command(
+            &sp,
+            Path::new("/c"),
+            &DaskSettings::default(),
+            Limits::default(),
+        );
+        assert!(!a.contains(&"tls".to_string()));
     }
 
     #[test]

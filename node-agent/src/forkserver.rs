@@ -118,10 +118,12 @@ impl ForkServer {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
         ours.set_nonblocking(true)?;
         let args = boot_args();
+        let mut env = req.extra_env.to_vec();
+        env.push((PROGRAM_VAR, PROGRAM));
         let child = spawn(&SpawnRequest {
             args: &args,
             stdin: Some(OwnedFd::from(theirs)),
-            extra_env: &[(PROGRAM_VAR, PROGRAM)],
+            extra_env: &env,
             ..*req
         })?;
         let (rx, tx) = UnixStream::from_std(ours)?.into_split();

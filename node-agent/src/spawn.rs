@@ -53,6 +53,8 @@ pub struct SpawnRequest<'a> {
     pub stdin: Option<OwnedFd>,
     /// Variables set on top of `env`.
     pub extra_env: &'a [(&'a str, &'a str)],
+    /// The file mode creation mask, if not the agent's (022).
+    pub umask: Option<u32>,
 }
 
 /// Refuse to run anything as root: the agent only ever starts user code.
@@ -89,6 +91,7 @@ struct ChildSetup {
     gid: u32,
     cwd: CString,
     agent_pid: i32,
+    umask: Option<u32>,
 }
 
 impl ChildSetup {
@@ -152,6 +155,9 @@ impl ChildSetup {
             }
             errno_check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
             errno_check(libc::chdir(self.cwd.as_ptr()))?;
+            if let Some(mask) = self.umask {
+                libc::umask(mask as libc::mode_t);
+            }
         }
         Ok(())
     }
@@ -183,6 +189,7 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<Child> {
         cwd: c_path(req.cwd)?,
         // SAFETY: getpid has no preconditions.
         agent_pid: unsafe { libc::getpid() },
+        umask: req.umask,
     };
     // SAFETY: `apply` runs in the forked child before exec and only makes
     // async-signal-safe system calls on values prepared before the fork.

@@ -8,7 +8,7 @@
 //! job's attach process reported. Starting, waiting for and stopping
 //! processes is `process`'s business; when to restart is `restart`'s.
 
-use crate::dask_cmd::{command, lifetime, DaskSettings, Limits};
+use crate::dask_cmd::{command, lifetime, tls_env, DaskSettings, Limits};
 use crate::forkserver::ForkServer;
 use crate::jobenv::JobEnv;
 use crate::joblog::JobLog;
@@ -204,6 +204,8 @@ async fn one_start(
     let output = log
         .fd()
         .map_err(|e| finished(JobState::Failed, 1, format!("cannot use the job log: {e}")))?;
+    let tls = tls_env(&run.spec, &run.cluster_dir);
+    let extra_env: Vec<(&str, &str)> = tls.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let identity = Identity {
         uid: run.spec.uid,
         gid: run.spec.gid,
@@ -219,7 +221,9 @@ async fn one_start(
         rlimits: &run.rlimits,
         cgroup_procs: &run.cgroups,
         stdin: None,
-        extra_env: &[],
+        extra_env: &extra_env,
+        // The scheduler writes the scheduler file: private to the user.
+        umask: (run.spec.role == Role::Scheduler).then_some(0o077),
     };
     let mut proc = match start(ctx, run, &req, server).await {
         Ok(p) => p,

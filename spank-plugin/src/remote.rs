@@ -130,6 +130,7 @@ impl RemoteState {
             (vars::ROLE, opts.role.as_str().to_string()),
             (vars::CLUSTER, opts.cluster.to_string()),
             (vars::AGENT_SOCKET, socket.to_string_lossy().into_owned()),
+            (vars::TLS, cfg.policy.tls.as_str().to_string()),
         ];
         for (k, v) in env {
             spank.setenv(k, v, true)?;

@@ -1,0 +1,54 @@
+//! `dask-spank down`: cancel every job of a cluster, and check.
+
+use crate::cluster::{dir_of, parse_name, unknown, Res};
+use crate::record::{self, read_reports};
+use crate::slurm::{self, squeue};
+use dask_spank_common::paths::scheduler_file;
+use std::time::{Duration, Instant};
+
+/// Cancel every job of the cluster and check that none is left.
+#[derive(clap::Args, Debug, Clone)]
+#[command(after_help = "Example:\n  dask-spank down ana")]
+pub struct Args {
+    pub name: String,
+    /// Seconds to wait for the jobs to leave the queue.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+}
+
+pub fn run(a: Args) -> Res {
+    let (c, timeout_s) = (parse_name(&a.name)?, a.timeout);
+    let queued = squeue(Some(c.as_str()))?;
+    let dir = dir_of(&c)?;
+    if queued.is_empty() && read_reports(&dir).is_empty() {
+        return Err(unknown(&c));
+    }
+    let ids: Vec<String> = queued.iter().map(|q| q.label.clone()).collect();
+    slurm::scancel(&ids)?;
+    let start = Instant::now();
+    loop {
+        let left = squeue(Some(c.as_str()))?;
+        if left.is_empty() {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(timeout_s) {
+            let l: Vec<String> = left
+                .iter()
+                .map(|q| format!("{} ({})", q.label, q.state))
+                .collect();
+            return Err(format!(
+                "cluster '{c}': jobs still in the queue after {timeout_s}s: {}",
+                l.join(", ")
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // A later cluster of the same name starts from a clean record.
+    let _ = std::fs::remove_file(scheduler_file(&dir));
+    record::clear(&dir);
+    println!(
+        "cluster '{c}' is down: {} jobs cancelled, none left in the queue",
+        ids.len()
+    );
+    Ok(())
+}

@@ -1,0 +1,10 @@
+//! One module per user command.
+
+pub mod down;
+pub mod layout;
+pub mod logs;
+pub mod ls;
+pub mod scale;
+pub mod status;
+pub mod up;
+pub mod wait;

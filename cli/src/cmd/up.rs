@@ -1,0 +1,131 @@
+//! `dask-spank up`: one scheduler job and N worker jobs, with plain sbatch.
+
+use crate::cluster::{dir_of, parse_name, print_connect, private_dir_of, Res};
+use crate::record;
+use crate::slurm::{self, squeue};
+use dask_spank_common::paths::{layout, scheduler_file};
+use dask_spank_common::ClusterName;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Worker submission options remembered by `up`, reused by `scale`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WorkerArgs {
+    pub args: Vec<String>,
+}
+
+pub fn worker_args_file(c: &ClusterName) -> Result<PathBuf, String> {
+    Ok(dir_of(c)?.join(layout::WORKER_ARGS))
+}
+
+/// Start a cluster: one scheduler job and N worker jobs.
+#[derive(clap::Args, Debug, Clone)]
+#[command(after_help = "Example:\n  dask-spank up ana --workers 100 --worker-mem 3G --wait 80")]
+pub struct Args {
+    /// Cluster name (letters, digits, '-', '_', '.').
+    pub name: String,
+    /// Number of worker jobs (an sbatch array).
+    #[arg(long, default_value_t = 1)]
+    pub workers: u32,
+    /// Memory of each worker job (--mem), e.g. 3G.
+    #[arg(long)]
+    pub worker_mem: Option<String>,
+    /// Cpus of each worker job (--cpus-per-task) = dask threads.
+    #[arg(long)]
+    pub worker_cpus: Option<u32>,
+    /// Time limit of worker jobs (--time), e.g. 2:00:00.
+    #[arg(long)]
+    pub worker_time: Option<String>,
+    /// Memory of the scheduler job.
+    #[arg(long)]
+    pub scheduler_mem: Option<String>,
+    /// venv or conda prefix whose python has distributed (--dask-env).
+    #[arg(long)]
+    pub env: Option<String>,
+    /// Wait until this percentage of worker jobs is connected.
+    #[arg(long, value_name = "PERCENT")]
+    pub wait: Option<f64>,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The sbatch options of the scheduler job and of the worker jobs.
+fn submission(u: &Args, c: &ClusterName) -> (Vec<String>, Vec<String>) {
+    let mut common = vec![format!("--dask-cluster={c}")];
+    if let Some(e) = &u.env {
+        common.push(format!("--dask-env={e}"));
+    }
+    let mut sargs = vec!["--dask-role=scheduler".to_string()];
+    sargs.extend(common.clone());
+    if let Some(m) = &u.scheduler_mem {
+        sargs.push(format!("--mem={m}"));
+    }
+    let mut wargs = vec!["--dask-role=worker".to_string()];
+    wargs.extend(common);
+    if let Some(m) = &u.worker_mem {
+        wargs.push(format!("--mem={m}"));
+    }
+    if let Some(n) = u.worker_cpus {
+        wargs.push(format!("--cpus-per-task={n}"));
+    }
+    if let Some(t) = &u.worker_time {
+        wargs.push(format!("--time={t}"));
+    }
+    (sargs, wargs)
+}
+
+pub fn run(u: Args) -> Res {
+    let c = parse_name(&u.name)?;
+    let queued = squeue(Some(c.as_str()))?;
+    if !queued.is_empty() {
+        let ids: Vec<&str> = queued.iter().map(|q| q.label.as_str()).collect();
+        return Err(format!(
+            "cluster '{c}' is already in use by jobs {} (dask-spank down {c} first, or pick another name)",
+            ids.join(", ")
+        ));
+    }
+    let dir = private_dir_of(&c)?;
+    record::clear(&dir);
+    let _ = std::fs::remove_file(scheduler_file(&dir));
+    let (sargs, wargs) = submission(&u, &c);
+    let sched = slurm::sbatch(&sargs)?;
+    let workers = if u.workers > 0 {
+        let mut a = wargs.clone();
+        a.push(format!("--array=1-{}", u.workers));
+        match slurm::sbatch(&a) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                let _ = slurm::scancel(std::slice::from_ref(&sched));
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
+    let _ = record::write_json(&worker_args_file(&c)?, &WorkerArgs { args: wargs });
+    let sf = scheduler_file(&dir);
+    if u.json {
+        println!(
+            "{}",
+            serde_json::json!({"cluster": c.as_str(), "scheduler_job": sched, "worker_array": workers, "scheduler_file": sf})
+        );
+    } else {
+        println!(
+            "cluster '{c}': scheduler job {sched}, worker array {}",
+            workers.as_deref().unwrap_or("-")
+        );
+        print_connect(&c, &sf.to_string_lossy());
+    }
+    match u.wait {
+        Some(p) => super::wait::run(super::wait::Args {
+            name: u.name,
+            percent: p,
+            timeout: u.timeout,
+            json: u.json,
+        }),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,140 @@
+//! `dask-spank wait`: a progress bar until enough workers are connected.
+
+use crate::cluster::{known, parse_name, print_connect, unknown, view, Res};
+use crate::view::ClusterView;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+/// Why the wanted share can no longer be reached, if so.
+fn hopeless(v: &ClusterView, percent: f64) -> Option<String> {
+    match &v.scheduler {
+        None => return Some(format!("cluster '{}' has no scheduler job", v.cluster)),
+        Some(s) if s.state == "failed" || s.state == "ended" => {
+            return Some(format!(
+                "the scheduler job {} {}: {}",
+                s.job, s.state, s.reason
+            ))
+        }
+        _ => {}
+    }
+    let alive = v.total() - v.failed;
+    if v.total() > 0 && (alive as f64) * 100.0 < percent * v.total() as f64 {
+        let reasons: Vec<String> = v
+            .workers
+            .iter()
+            .filter(|r| r.state == "failed" || r.state == "ended")
+            .take(3)
+            .map(|r| format!("{}: {}", r.job, r.reason))
+            .collect();
+        return Some(format!(
+            "only {alive} of {} worker jobs are left, fewer than {percent}%; {}",
+            v.total(),
+            reasons.join("; ")
+        ));
+    }
+    None
+}
+
+/// Wait until a percentage of the worker jobs is connected to the scheduler.
+#[derive(clap::Args, Debug, Clone)]
+#[command(
+    after_help = "Example:\n  dask-spank wait ana --percent 80 --timeout 600\n\nExits non-zero with the reason on a timeout, or when the cluster failed.\n--percent 0 returns at once."
+)]
+pub struct Args {
+    pub name: String,
+    #[arg(long, default_value_t = 100.0)]
+    pub percent: f64,
+    /// Seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: Args) -> Res {
+    let (name, percent, timeout_s, json) = (a.name.as_str(), a.percent, a.timeout, a.json);
+    if !(0.0..=100.0).contains(&percent) {
+        return Err(format!("--percent={percent}: must be between 0 and 100"));
+    }
+    let c = parse_name(name)?;
+    let start = Instant::now();
+    let tty = std::io::stderr().is_terminal() && !json;
+    let bar = tty.then(|| {
+        let b = ProgressBar::new(0);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} workers connected {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let mut last = String::new();
+    loop {
+        let v = view(&c)?;
+        if !known(&v) {
+            return Err(unknown(&c));
+        }
+        let line = format!(
+            "{} of {} worker jobs connected ({:.0}%), {} pending",
+            v.connected,
+            v.total(),
+            v.percent_connected(),
+            v.pending
+        );
+        match &bar {
+            Some(b) => {
+                b.set_length(v.total() as u64);
+                b.set_position(v.connected as u64);
+                b.set_message(format!("({} pending, {} failed)", v.pending, v.failed));
+                b.tick();
+            }
+            None if line != last && !json => eprintln!("dask-spank: {line}"),
+            None => {}
+        }
+        last = line.clone();
+        let done = percent == 0.0 || (v.total() > 0 && v.percent_connected() >= percent);
+        if done {
+            if let Some(b) = &bar {
+                b.finish();
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"cluster": c.as_str(), "connected": v.connected, "workers": v.total(), "scheduler_file": v.scheduler_file})
+                );
+            } else {
+                println!("cluster '{c}': {line}");
+                print_connect(&c, &v.scheduler_file);
+            }
+            return Ok(());
+        }
+        if let Some(why) = hopeless(&v, percent) {
+            if let Some(b) = &bar {
+                b.abandon();
+            }
+            return Err(why);
+        }
+        if start.elapsed() >= Duration::from_secs(timeout_s) {
+            if let Some(b) = &bar {
+                b.abandon();
+            }
+            let pending: Vec<String> = v
+                .workers
+                .iter()
+                .filter(|r| r.state == "pending")
+                .take(1)
+                .map(|r| r.reason.clone())
+                .collect();
+            return Err(format!(
+                "timed out after {timeout_s}s: {line} (wanted {percent}%){}",
+                pending
+                    .first()
+                    .map(|r| format!("; pending jobs wait for: {r}"))
+                    .unwrap_or_default()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

@@ -1,0 +1,14 @@
+"""Dask clusters as Slurm jobs, through dask-spank.
+
+* :class:`SpankCluster` follows ``distributed.deploy.Cluster``:
+  ``Client(cluster)``, ``cluster.scale(n)``, ``cluster.dashboard_link``,
+  ``cluster.get_logs()``, ``cluster.close()``, its notebook widget.
+* :func:`connect` returns a ``Client`` of an existing cluster.
+* :func:`security` returns the ``Security`` of a cluster (its TLS
+  credentials); :func:`security_loader` makes plain
+  ``Client(scheduler_file=...)`` find them (``distributed.client.security-loader``).
+"""
+from .cluster import SpankCluster, connect, layout, security, security_loader
+
+__all__ = ["SpankCluster", "connect", "layout", "security", "security_loader"]
+__version__ = "0.1.0"

@@ -1,0 +1,179 @@
+"""SpankCluster: a dask-spank cluster as a ``distributed.deploy.Cluster``.
+
+The cluster's jobs are the site's business (sbatch, through the
+``dask-spank`` command, so the site policy applies as to any submission);
+this class records intentions through that command (``up``, ``scale``,
+``down``) and talks to the scheduler with the cluster's TLS credentials.
+Where the files are comes from the command too (``dask-spank layout``): one
+definition of the cluster directory, in the Rust code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from distributed.core import rpc
+from distributed.deploy.cluster import Cluster
+from distributed.security import Security
+
+#: Largest scheduler file read (dask writes a few hundred bytes).
+MAX_SCHEDULER_FILE = 64 * 1024
+
+
+class DaskSpankError(RuntimeError):
+    """A dask-spank command failed; the message is its own."""
+
+
+def _cli(*args: str) -> str:
+    exe = shutil.which(os.environ.get("DASK_SPANK_CLI", "dask-spank"))
+    if exe is None:
+        raise DaskSpankError("the dask-spank command is not on PATH (install the site's dask-spank package)")
+    p = subprocess.run([exe, *args], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise DaskSpankError(p.stderr.strip() or f"dask-spank {' '.join(args)} failed ({p.returncode})")
+    return p.stdout
+
+
+def layout(name: str) -> dict[str, str]:
+    """The paths of cluster ``name``'s files (``dask-spank layout``)."""
+    return json.loads(_cli("layout", name))
+
+
+def _read_small(path: str) -> bytes | None:
+    """A small regular file, or None (missing, not a file, too large)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not (st.st_mode & 0o170000 == 0o100000) or st.st_size > MAX_SCHEDULER_FILE:
+            return None
+        return os.read(fd, MAX_SCHEDULER_FILE + 1)[:MAX_SCHEDULER_FILE]
+    finally:
+        os.close(fd)
+
+
+def _address(paths: dict[str, str]) -> str | None:
+    text = _read_small(paths["scheduler_file"])
+    try:
+        return json.loads(text)["address"] if text else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def security(name_or_paths: str | dict[str, str]) -> Security:
+    """The ``Security`` that lets this user's processes into the cluster:
+    its TLS credentials where it has them, plain TCP otherwise (a site
+    with ``tls=off``)."""
+    paths = layout(name_or_paths) if isinstance(name_or_paths, str) else name_or_paths
+    if all(Path(paths[k]).is_file() for k in ("tls_ca", "tls_cert", "tls_key")):
+        return Security(tls_ca_file=paths["tls_ca"], tls_client_cert=paths["tls_cert"],
+                        tls_client_key=paths["tls_key"], require_encryption=True)
+    return Security()
+
+
+def security_loader(info: dict) -> Security | None:
+    """For ``distributed.client.security-loader``: the credentials of the
+    user's cluster whose scheduler is at ``info["address"]``, so that a
+    plain ``Client(scheduler_file=...)`` or ``Client("tls://...")`` works."""
+    home = os.environ.get("DASK_SPANK_HOME") or os.path.join(os.path.expanduser("~"), ".dask-spank")
+    clusters = Path(home) / "clusters"
+    for d in sorted(clusters.iterdir()) if clusters.is_dir() else []:
+        paths = layout(d.name)
+        if _address(paths) == info.get("address"):
+            return security(paths)
+    return None
+
+
+def _wait_address(name: str, paths: dict[str, str], timeout: float) -> str:
+    end = time.monotonic() + timeout
+    while True:
+        address = _address(paths)
+        if address:
+            return address
+        if time.monotonic() > end:
+            raise TimeoutError(f"cluster {name!r} has no scheduler after {timeout:.0f}s "
+                               f"(dask-spank status {name} says why)")
+        time.sleep(0.5)
+
+
+class SpankCluster(Cluster):
+    """A dask-spank cluster.
+
+    ``SpankCluster("ana")`` attaches to an existing cluster;
+    ``SpankCluster("ana", workers=20, worker_mem="3G")`` starts one (``dask-spank
+    up``) and, by default, stops it on ``close()``.
+    """
+
+    def __init__(self, name: str, *, workers: int | None = None, worker_mem: str | None = None,
+                 worker_cpus: int | None = None, worker_time: str | None = None,
+                 scheduler_mem: str | None = None, env: str | None = None, timeout: float = 600,
+                 shutdown_on_close: bool | None = None, asynchronous: bool = False, loop=None,
+                 quiet: bool = True):
+        self.paths = layout(name)
+        if workers is not None:
+            args = ["up", name, "--workers", str(workers)]
+            for flag, value in (("--worker-mem", worker_mem), ("--worker-cpus", worker_cpus),
+                                ("--worker-time", worker_time), ("--scheduler-mem", scheduler_mem),
+                                ("--env", env)):
+                if value is not None:
+                    args += [flag, str(value)]
+            _cli(*args)
+        self.shutdown_on_close = workers is not None if shutdown_on_close is None else shutdown_on_close
+        address = _wait_address(name, self.paths, timeout)
+        self.security = security(self.paths)
+        super().__init__(asynchronous=asynchronous, loop=loop, name=name, quiet=quiet)
+        self.scheduler_comm = rpc(address, connection_args=self.security.get_connection_args("client"))
+        if not self.called_from_running_loop:
+            self._loop_runner.start()
+            self.sync(self._start)
+
+    def scale(self, n: int) -> None:
+        """Have ``n`` worker jobs (``dask-spank scale``)."""
+        self._log(_cli("scale", self.name, str(int(n))).strip())
+
+    def adapt(self, *args, **kwargs):
+        raise NotImplementedError(
+            "adaptive scaling is not offered yet: it will run in the scheduler job, not in the "
+            "notebook; use scale(n)")
+
+    def status_jobs(self) -> dict:
+        """Every job of the cluster and its state (``dask-spank status --json``)."""
+        return json.loads(_cli("status", self.name, "--json"))
+
+    def job_logs(self) -> dict[str, str]:
+        """The job logs (dask output and the agent's lifecycle lines), by job."""
+        out = {}
+        jobs = Path(self.paths["jobs_dir"])
+        for report in sorted(jobs.glob("*.json")) if jobs.is_dir() else []:
+            try:
+                r = json.loads(report.read_text())
+                out[f"job {r['label']}"] = Path(r["log"]).read_text(errors="replace")
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return out
+
+    async def _get_logs(self, cluster=True, scheduler=True, workers=True):
+        logs = await super()._get_logs(cluster=cluster, scheduler=scheduler, workers=workers)
+        if cluster:
+            logs.update(self.job_logs())
+        return logs
+
+    async def _close(self):
+        if self.shutdown_on_close:
+            import asyncio
+
+            await asyncio.get_running_loop().run_in_executor(None, _cli, "down", self.name)
+        await super()._close()
+
+
+def connect(name: str, **kwargs):
+    """A ``distributed.Client`` of the existing cluster ``name``."""
+    from distributed import Client
+
+    return Client(SpankCluster(name, shutdown_on_close=False), **kwargs)

@@ -1,0 +1,164 @@
+"""Clusters closed to everybody but their owner (issue 13), and the Python
+way users work: SpankCluster, Client(cluster), scale, logs, close.
+
+Every cluster talks TLS with credentials of its own, made by its scheduler
+job in its private directory. Another user cannot read them, and without
+them (or with another cluster's) neither a client nor a worker gets in.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import textwrap
+
+import pytest
+
+import sandboxlib as sb
+
+OTHER = sb.TEST_USER + "-other"
+
+
+@pytest.fixture(scope="module")
+def other_user():
+    if subprocess.run(["id", OTHER], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "-M", "-d", "/nonexistent", "-s", "/bin/sh", OTHER], check=True)
+    return OTHER
+
+
+def run_as(user: str, code: str, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """Python code run as `user` with the sandbox's venv."""
+    return subprocess.run(["runuser", "-u", user, "--", str(sb.VENV / "bin" / "python"), "-c", code, *args],
+                          capture_output=True, text=True, check=check, cwd="/", timeout=120)
+
+
+def test_files_are_private_and_another_user_cannot_run_code_on_the_cluster(cluster_name, other_user):
+    sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster_name}")
+    info = sb.wait_scheduler_file(cluster_name)
+    d = sb.cluster_dir(cluster_name)
+    assert info["address"].startswith("tls://"), info
+    for p in [d, *d.iterdir()]:
+        if p.name == "jobs":
+            continue
+        mode = p.stat().st_mode & 0o777
+        assert mode == (0o700 if p.is_dir() else 0o600), (p, oct(mode))
+    # Another user: the scheduler file (and the key) cannot be read...
+    r = run_as(other_user, "import sys; open(sys.argv[1]).read()", str(d / "scheduler.json"))
+    assert r.returncode != 0 and "Permission denied" in r.stderr, r.stderr
+    # ... and the address, found anyway (ss, a port scan), runs nothing:
+    # plain TCP is refused, and so is TLS without this cluster's credentials.
+    attack = textwrap.dedent("""
+        import sys
+        from distributed import Client
+        for address in (sys.argv[1], sys.argv[1].replace("tls://", "tcp://")):
+            try:
+                c = Client(address, timeout=5)
+            except Exception as e:
+                print("refused", type(e).__name__)
+                continue
+            print("RAN", c.submit(lambda: __import__("os").getuid()).result(timeout=10))
+    """)
+    r = run_as(other_user, attack, info["address"])
+    assert "RAN" not in r.stdout and r.stdout.count("refused") == 2, (r.stdout, r.stderr[-2000:])
+    sb.run(["scancel", sched])
+
+
+def test_a_worker_without_the_clusters_certificate_is_refused(cluster_name, other_user):
+    """Two clusters of the test user: a worker holding the credentials of
+    one cannot join the other (nor can another user holding them)."""
+    a, b = cluster_name + "-a", cluster_name + "-b"
+    for n in (a, b):
+        sb.forget_cluster(n)
+    sa = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={a}")
+    sbj = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={b}")
+    addr_a = sb.wait_scheduler_file(a)["address"]
+    sb.wait_scheduler_file(b)
+    creds = sb.WORK / f"creds-of-{b}"
+    shutil.rmtree(creds, ignore_errors=True)
+    creds.mkdir()
+    for f in ("ca.pem", "tls.pem", "tls.key"):
+        shutil.copy(sb.cluster_dir(b) / f, creds / f)
+    os.system(f"chown -R {other_user}: {creds}")
+    worker = textwrap.dedent("""
+        import asyncio, sys
+        from distributed import Worker
+        from distributed.security import Security
+        d = sys.argv[2]
+        sec = Security(tls_ca_file=f"{d}/ca.pem", tls_worker_cert=f"{d}/tls.pem",
+                       tls_worker_key=f"{d}/tls.key", require_encryption=True)
+        async def main():
+            try:
+                w = await asyncio.wait_for(Worker(sys.argv[1], security=sec, nthreads=1), 15)
+                print("JOINED")
+                await w.close()
+            except Exception as e:
+                print("refused", type(e).__name__)
+        asyncio.run(main())
+    """)
+    r = run_as(other_user, worker, addr_a, str(creds))
+    assert "JOINED" not in r.stdout and "refused" in r.stdout, (r.stdout, r.stderr[-2000:])
+    c = sb.client(a)
+    assert c.scheduler_info()["workers"] == {}
+    c.close()
+    sb.run(["scancel", sa, sbj])
+
+
+NOTEBOOK = """
+import os, sys, time
+from distributed import Client
+from dask_spank import SpankCluster
+
+name = sys.argv[1]
+cluster = SpankCluster(name, workers=1, worker_mem="1G", timeout=120)
+client = Client(cluster)
+client.wait_for_workers(1, timeout=120)
+assert client.submit(sum, range(100)).result() == 4950
+assert client.run(os.getuid) and set(client.run(os.getuid).values()) == {os.getuid()}
+print("repr", repr(cluster))
+assert "SpankCluster" in cluster._repr_html_()
+print("dashboard", cluster.dashboard_link)
+cluster.scale(2)
+client.wait_for_workers(2, timeout=120)
+logs = cluster.get_logs()
+print("logs", sorted(logs))
+assert any("worker started, pid" in text for text in logs.values())
+client.close()
+cluster.close()
+print("closed")
+"""
+
+
+def test_the_notebook_flow(cluster_name):
+    """The user guide's notebook, run as the test user."""
+    r = sb.as_user([str(sb.VENV / "bin" / "python"), "-c", NOTEBOOK, cluster_name], check=False, timeout=600)
+    assert r.returncode == 0, (r.stdout, r.stderr[-3000:])
+    assert "dashboard http://127.0.0.1:" in r.stdout
+    assert "closed" in r.stdout
+    # close() took the cluster down: no job, no process.
+    assert not sb.run(["squeue", "-h", "-n", f"dask-scheduler-{cluster_name},dask-worker-{cluster_name}"]).stdout.strip()
+    sb.wait_until("no dask process of the cluster", lambda: not [
+        p for p in sb.dask_processes() if f"/clusters/{cluster_name}/" in " ".join(p["args"])], 15)
+
+
+def test_python_reads_the_layout_the_cli_defines(cluster_name):
+    """One definition of the cluster directory: the Python package asks the
+    command, and finds there what the jobs wrote."""
+    sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster_name}")
+    sb.wait_scheduler_file(cluster_name)
+    code = textwrap.dedent("""
+        import json, sys
+        import dask_spank
+        paths = dask_spank.layout(sys.argv[1])
+        client = dask_spank.connect(sys.argv[1])
+        print(json.dumps({"paths": paths, "address": client.scheduler.address}))
+        client.close()
+    """)
+    r = sb.as_user([str(sb.VENV / "bin" / "python"), "-c", code, cluster_name], check=False, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    d = sb.cluster_dir(cluster_name)
+    assert out["paths"]["cluster_dir"] == str(d)
+    assert out["paths"]["scheduler_file"] == str(d / "scheduler.json")
+    assert out["address"] == json.loads((d / "scheduler.json").read_text())["address"]
+    sb.run(["scancel", sched])
