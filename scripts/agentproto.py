@@ -39,7 +39,10 @@ class Conn:
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.settimeout(timeout)
         self.sock.connect(path)
-        self.send({"version": VERSION, "client": client})
+        try:
+            self.send({"version": VERSION, "client": client})
+        except OSError:
+            pass  # refused at once: the agent's reason is still to be read
         welcome = self.recv()
         if welcome.get("type") != "welcome":
             self.sock.close()
@@ -134,7 +137,7 @@ def _main(argv: list[str]) -> int:
     if cmd == "call":
         try:
             reply = call(path, json.loads(argv[2]))
-        except AgentError as e:
+        except (AgentError, OSError) as e:
             reply = {"type": "error", "message": str(e)}
         print(json.dumps(reply))
     elif cmd == "attach":

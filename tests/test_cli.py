@@ -32,14 +32,14 @@ def test_up_wait_status_ls_logs_down(cluster_name):
     name = cluster_name
     p = ds("up", name, "--workers", "2", "--worker-mem", "2G", "--wait", "100", "--timeout", "180")
     assert f"cluster '{name}': scheduler job" in p.stdout
-    assert f"client = Client(scheduler_file=\"{sb.scheduler_file(name)}\")" in p.stdout
+    assert f"client = connect(\"{name}\")" in p.stdout and f"scheduler file: {sb.scheduler_file(name)}" in p.stdout
     assert f"cluster '{name}': 2 of 2 worker jobs connected (100%)" in p.stdout
     assert connected(name) == 2
 
     st = json.loads(ds("status", name, "--json").stdout)
     assert st["connected"] == 2 and st["pending"] == 0 and st["failed"] == 0
     assert st["scheduler"]["state"] == "running"
-    assert st["scheduler_address"].startswith("tcp://127.0.0.1:")
+    assert st["scheduler_address"].startswith("tls://127.0.0.1:")
     assert [w["state"] for w in st["workers"]] == ["connected", "connected"]
     human = ds("status", name).stdout
     assert f"cluster '{name}': 2 of 2 worker jobs connected" in human

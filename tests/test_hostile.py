@@ -130,10 +130,12 @@ def test_1_a_full_pipe_as_the_job_output_cannot_freeze_the_agent(cluster_name):
 
 
 @pytest.mark.parametrize("trap", ["dev-zero", "fifo", "sparse"])
-def test_2_root_never_reads_a_scheduler_file_trap(trap, cluster_name):
+def test_2_root_never_reads_a_scheduler_file_trap(policy, trap, cluster_name):
     """The cluster's scheduler file is a symlink to /dev/zero, a FIFO or a
     sparse 100 GB file. The worker dies and its job is stopped, the two
-    moments the agent used to read that file as root; it must not."""
+    moments the agent used to read that file as root; it must not. (TLS
+    off: a TLS worker would wait for its scheduler's credentials.)"""
+    policy("tls=off")
     name = f"{cluster_name}-{trap}"
     d = sb.cluster_dir(name)
     sb.as_user(["mkdir", "-p", str(d)])
@@ -154,9 +156,11 @@ def test_2_root_never_reads_a_scheduler_file_trap(trap, cluster_name):
     assert not [p for p in sb.dask_processes() if f"/clusters/{name}/" in " ".join(p["args"])]
 
 
-def test_3_a_forged_attach_cannot_raise_the_jobs_limits(cluster_name):
+def test_3_a_forged_attach_cannot_raise_the_jobs_limits(policy, cluster_name):
     """The job script lowers its own limits, then attaches with a message
-    asking for much higher ones: dask gets exactly the job's limits."""
+    asking for much higher ones: dask gets exactly the job's limits. (TLS
+    off: this hand-made attach does not make the cluster's credentials.)"""
+    policy("tls=off")
     proto = user_file("agentproto.py", Path(agentproto.__file__).read_text())
     ask = [{"resource": r, "soft": 2**64 - 1, "hard": 2**64 - 1} for r in range(16)]
     s = script("forged-limits", f"""
@@ -355,7 +359,8 @@ def test_7_a_fork_server_flooding_exit_reports_is_bounded(policy, cluster_name):
     done = sb.HOME / "flood-done"
     done.unlink(missing_ok=True)
     env = fake_distributed_env(cluster_name, flood)
-    policy("worker_start=forkserver")
+    # TLS off: a TLS worker would wait for its scheduler's credentials.
+    policy("worker_start=forkserver tls=off")
     with AgentWatch() as w:
         job = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster_name}", f"--dask-env={env}",
                         "-o", "log/hostile-%j.log")

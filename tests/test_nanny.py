@@ -263,6 +263,7 @@ def test_7_users_cannot_touch_other_jobs():
     u2 = "dasktest2"
     if subprocess.run(["id", u2], capture_output=True).returncode != 0:
         subprocess.run(["useradd", "-M", "-d", "/nonexistent", "-s", "/bin/sh", u2], check=True)
+    sb.forget_cluster("nanny-7")
     job = sb.sbatch("--dask-role=scheduler", "--dask-cluster=nanny-7")
     sb.wait_scheduler_file("nanny-7")
     attach = {"type": "attach", "job_id": int(job), "cwd": "/", "env": [], "cluster_dir": "/tmp"}

@@ -125,6 +125,7 @@ def test_the_bypass_itself_reaches_the_node():
     """Control: without violations the bypass submission runs dask, so the
     refusals below are the policy's doing."""
     cluster = "pol-bypass-ok"
+    sb.forget_cluster(cluster)
     job = submit_bypass("scheduler", cluster, CONFORMING["scheduler"])
     sb.wait_scheduler_file(cluster, timeout=60)
     sb.run(["scancel", job])
@@ -146,6 +147,7 @@ def test_bypass_is_refused_on_the_node(key, role, field, default, bad, submit_ms
 def test_max_worker_jobs_idle_timeout_and_log_dir(policy):
     policy("max_worker_jobs=2 idle_timeout=15s log_dir=dask-logs")
     cluster = "pol-max"
+    sb.forget_cluster(cluster)
     # At submit: an array larger than the limit.
     p = sb.as_user(["sbatch", "--dask-role=worker", f"--dask-cluster={cluster}", "--array=1-3"], check=False)
     assert p.returncode != 0

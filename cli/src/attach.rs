@@ -49,8 +49,6 @@ pub fn run() -> Result<i32, String> {
         if tls {
             crate::tls::ensure(&tls_files(&dir), cluster.as_str())?;
         }
-    } else if tls {
-        wait_for_credentials(&tls_files(&dir));
     }
     let cwd = std::env::current_dir().map_err(|e| format!("no working directory: {e}"))?;
     let env: Vec<(String, String)> = std::env::vars().collect();
@@ -94,8 +92,8 @@ pub fn run() -> Result<i32, String> {
         let (dir, cluster, job) = (dir.clone(), cluster.to_string(), job_id.to_string());
         std::thread::spawn(move || keep_state(&dir, &cluster, &job));
     } else if let Ok(tx) = c.try_clone() {
-        let f = scheduler_file(&dir);
-        std::thread::spawn(move || report_scheduler(tx, &f));
+        let (f, creds) = (scheduler_file(&dir), tls.then(|| tls_files(&dir)));
+        std::thread::spawn(move || report_scheduler(tx, &f, creds.as_ref()));
     }
     c.wait_forever().map_err(|e| e.to_string())?;
     let (code, reason) = match c.recv() {
@@ -146,22 +144,6 @@ fn on_signal_report_end(dir: &std::path::Path, report: &JobReport) {
     });
 }
 
-/// A worker job may start before its scheduler job made the cluster's
-/// credentials: wait for them (the job can be cancelled meanwhile).
-fn wait_for_credentials(files: &TlsFiles) {
-    let mut said = false;
-    while !files.all_exist() {
-        if !said {
-            eprintln!(
-                "dask-spank: waiting for the cluster's TLS credentials ({}), made by its scheduler job",
-                files.cert.display()
-            );
-            said = true;
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    }
-}
-
 fn env_id(name: &str) -> Option<u32> {
     std::env::var(name).ok()?.parse().ok()
 }
@@ -169,11 +151,14 @@ fn env_id(name: &str) -> Option<u32> {
 /// A worker job's side: tell the agent where the scheduler is, each time
 /// the scheduler file names a new address. The file is the user's, read by
 /// the user (this process); the agent only connects to the address to
-/// know whether the scheduler is still there.
-fn report_scheduler(mut agent: Client, sched_file: &std::path::Path) {
+/// know whether the scheduler is still there. With TLS, the address is
+/// sent once the cluster's credentials exist too (the scheduler job makes
+/// them): the agent starts the worker only then.
+fn report_scheduler(mut agent: Client, sched_file: &std::path::Path, creds: Option<&TlsFiles>) {
     let mut last = String::new();
     loop {
-        if let Some(info) = SchedulerInfo::read(sched_file) {
+        let ready = creds.is_none_or(TlsFiles::all_exist);
+        if let Some(info) = ready.then(|| SchedulerInfo::read(sched_file)).flatten() {
             if info.address != last {
                 let req = Request::SchedulerAddress {
                     address: info.address.clone(),

@@ -20,7 +20,7 @@ use crate::procfs;
 use crate::restart::{CrashLog, Decision, RestartPolicy};
 use crate::rlimits::Rlimit;
 use crate::spawn::{spawn, Identity, SpawnRequest};
-use dask_spank_common::policy::WorkerStart;
+use dask_spank_common::policy::{TlsMode, WorkerStart};
 use dask_spank_common::{JobSpec, JobState, Role};
 use nix::sys::signal::Signal;
 use std::path::PathBuf;
@@ -398,8 +398,43 @@ fn finished(state: JobState, exit_code: i32, reason: String) -> (JobState, Outco
     (state, Outcome { exit_code, reason })
 }
 
+/// A TLS worker needs the cluster's credentials, which its scheduler job
+/// makes: wait until the job's attach reports the scheduler (it does once
+/// the credentials exist), or the job is stopped (the reason).
+async fn wait_for_scheduler(
+    ctx: &mut Context,
+    run: &JobRun,
+    stop: &mut StopRx,
+) -> Result<(), String> {
+    if run.spec.role != Role::Worker
+        || run.spec.policy.tls != TlsMode::Required
+        || run.settings.stub.is_some()
+    {
+        return Ok(());
+    }
+    if ctx.scheduler.borrow().is_none() {
+        run.log.line("waiting for the cluster's scheduler and TLS credentials (made by its scheduler job) before starting the worker");
+    }
+    loop {
+        if ctx.scheduler.borrow().is_some() {
+            return Ok(());
+        }
+        tokio::select! {
+            r = ctx.scheduler.changed() => if r.is_err() { return Err("the job's attach connection ended".into()) },
+            _ = stop.changed() => return Err(stop.borrow().clone().unwrap_or_else(|| "stopped".into())),
+        }
+    }
+}
+
 /// Run the job's dask process until it ends for good or `stop` fires.
-pub async fn run(ctx: Context, run: JobRun, mut stop: StopRx) -> Outcome {
+pub async fn run(mut ctx: Context, run: JobRun, mut stop: StopRx) -> Outcome {
+    if let Err(reason) = wait_for_scheduler(&mut ctx, &run, &mut stop).await {
+        ctx.job.finished(JobState::Finished, &reason);
+        return Outcome {
+            exit_code: 0,
+            reason,
+        };
+    }
     let nanny = &run.spec.policy.nanny;
     let policy = RestartPolicy {
         max_crashes: nanny.restart_max as usize,
