@@ -24,6 +24,13 @@ fi
 mkdir -p "${DASK_SPANK_SANDBOX:-$REPO/.sandbox}"
 STATE=$(readlink -f "${DASK_SPANK_SANDBOX:-$REPO/.sandbox}")
 TEST_USER=${DASK_SPANK_TEST_USER:-dasktest}
+# Ports: slurmctld listens on PORT_BASE, slurmd of node nI on PORT_BASE+3+I
+# (6817 and 6821.. by default). Two sandboxes on one machine need different
+# bases, and different test users (each sandbox re-homes its test user into
+# its own state directory).
+PORT_BASE=${DASK_SPANK_PORT_BASE:-6817}
+[[ "$PORT_BASE" =~ ^[1-9][0-9]{2,4}$ ]] && [ "$PORT_BASE" -le 65000 ] \
+  || { echo "DASK_SPANK_PORT_BASE=$PORT_BASE: want a port number up to 65000" >&2; exit 2; }
 NODE=${DASK_SPANK_NODE:-n1}
 VENV=$STATE/venv
 # Binaries are installed from target/release into the sandbox, like a package would.

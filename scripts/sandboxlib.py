@@ -18,6 +18,12 @@ REPO = Path(__file__).resolve().parent.parent
 # the test user can reach.
 STATE = Path(os.environ.get("DASK_SPANK_SANDBOX", REPO / ".sandbox")).resolve()
 TEST_USER = os.environ.get("DASK_SPANK_TEST_USER", "dasktest")
+# A second unprivileged user for tests of what one user cannot do to
+# another's jobs; derived from TEST_USER so that two sandboxes never share it.
+OTHER_USER = TEST_USER + "b"
+# Same variable and default as scripts/lib.sh: slurmctld's port; slurmd of nI
+# listens on PORT_BASE + 3 + I.
+PORT_BASE = int(os.environ.get("DASK_SPANK_PORT_BASE", "6817"))
 VENV = STATE / "venv"
 BIN = STATE / "bin"
 WORK = STATE / "work"

@@ -240,7 +240,7 @@ def leftover_killed_by_restarted_agent(cluster_name: str) -> None:
 
 
 def test_7_users_cannot_touch_other_jobs():
-    u2 = "dasktest2"
+    u2 = sb.OTHER_USER
     if subprocess.run(["id", u2], capture_output=True).returncode != 0:
         subprocess.run(["useradd", "-M", "-d", "/nonexistent", "-s", "/bin/sh", u2], check=True)
     job = sb.sbatch("--dask-role=scheduler", "--dask-cluster=nanny-7")
