@@ -91,8 +91,14 @@ run_in_root() {
   cargo_home=$(readlink -f "${CARGO_HOME:-$HOME/.cargo}")
   rustup_home=$(readlink -f "${RUSTUP_HOME:-$HOME/.rustup}")
   cargo_bin=$(dirname "$(readlink -f "$(command -v cargo 2>/dev/null || echo "$cargo_home/bin/cargo")")")
+  # A git worktree keeps its repository elsewhere: the build names the commit.
+  local gitdir gitcommon
+  gitdir=$(git -C "$REPO" rev-parse --absolute-git-dir 2>/dev/null || true)
+  gitcommon=$(cd "$REPO" && readlink -f "$(git rev-parse --git-common-dir 2>/dev/null || echo .)")
   local d
-  for d in "$cargo_home" "$rustup_home" "$cargo_bin"; do
+  for d in "$cargo_home" "$rustup_home" "$cargo_bin" "$gitdir" "$gitcommon"; do
+    [ -n "$d" ] || continue
+    case $d in "$REPO"|"$REPO"/*) continue ;; esac
     [ -d "$d" ] && binds+=("$d")
   done
   unshare --mount --propagation private -- bash -euc '

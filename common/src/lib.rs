@@ -9,6 +9,7 @@
 //!   inside slurmstepd, where no async runtime may run.
 //! * [`paths`]: where sockets, cluster directories and logs live.
 
+pub mod build_info;
 pub mod client;
 pub mod config;
 pub mod frame;
