@@ -112,7 +112,7 @@ def test_tied_to_the_slurm_release(rpms):
     # Every Slurm version named is this release's.
     for r in plugin + agent:
         if "slurm" in r:
-            for v in re.findall(r"\b(\d+\.\d+)(?:\.\d+)?\b", r.replace("0.1.0-1.", "")):
+            for v in re.findall(r"(?<![\d.])(\d+\.\d+)(?:\.\d+)*", r.replace("0.1.0-1.", "")):
                 assert v in (major, nxt), r
 
 
@@ -190,12 +190,18 @@ def test_payload_runs_a_dask_cluster(payload):
 
 
 def commits_with_packaging(n: int) -> list[str]:
-    """The newest n commits whose tree has the offline packaging (COMMIT)."""
+    """The newest n commits whose tree has the offline packaging (COMMIT,
+    vendored crates)."""
     out = subprocess.run(["git", "-C", str(sb.REPO), "log", "--format=%H", "-n", "40", "HEAD"],
                          capture_output=True, text=True).stdout.split()
-    have = [c for c in out if subprocess.run(["git", "-C", str(sb.REPO), "cat-file", "-e", f"{c}:COMMIT"],
-                                             capture_output=True).returncode == 0]
-    return have[:n]
+
+    def offline(c):
+        spec = subprocess.run(["git", "-C", str(sb.REPO), "show", f"{c}:packaging/dask-spank.spec"],
+                              capture_output=True, text=True).stdout
+        has_commit = subprocess.run(["git", "-C", str(sb.REPO), "cat-file", "-e", f"{c}:COMMIT"],
+                                    capture_output=True).returncode == 0
+        return has_commit and "--offline" in spec
+    return [c for c in out if offline(c)][:n]
 
 
 def test_two_commits_package_their_own_code(payload):
