@@ -40,6 +40,11 @@ ensure_root() {
   log "making the Debian $SUITE root of Slurm $SLURM_RELEASE in $ROOT (first use only: about a minute)"
   mkdir -p "$ROOTS"
   chmod 755 "$ROOTS"
+  # Never remove a directory something is mounted under (a failed
+  # mmdebstrap could leave /proc or /dev there).
+  if awk -v d="$ROOT.new/" '$5 ~ "^" d || $5"/" == d {f = 1} END {exit !f}' /proc/self/mountinfo; then
+    die "something is still mounted under $ROOT.new: unmount it first"
+  fi
   rm -rf "$ROOT.new"
   local t0=$SECONDS
   mmdebstrap --variant=apt --aptopt="$ROOT_APTOPT" --include="$ROOT_PKGS" "$SUITE" "$ROOT.new" \
