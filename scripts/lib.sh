@@ -65,13 +65,15 @@ export DASK_SPANK_SANDBOX=$STATE
 if [ "$SLURM_RELEASE" = "$HOST_SLURM" ]; then TARGET=$REPO/target
 else TARGET=$REPO/target/slurm-$SLURM_RELEASE; fi
 TEST_USER=${DASK_SPANK_TEST_USER:-dasktest}
-# Ports: slurmctld listens on PORT_BASE, slurmd of node nI on PORT_BASE+3+I
-# (6817 and 6821.. by default). Two sandboxes on one machine need different
-# bases, and different test users (each sandbox re-homes its test user into
-# its own state directory).
+# Ports: slurmctld of Slurm 22.05 listens on PORT_BASE, slurmd of node nI on
+# PORT_BASE+3+I (6817 and 6821.. by default); 24.11 and 26.05 add 200 and 400,
+# so that the sandboxes of the releases never collide. Two checkouts on one
+# machine need different bases, and different test users (each sandbox
+# re-homes its test user into its own state directory).
 PORT_BASE=${DASK_SPANK_PORT_BASE:-6817}
 [[ "$PORT_BASE" =~ ^[1-9][0-9]{2,4}$ ]] && [ "$PORT_BASE" -le 65000 ] \
   || { echo "DASK_SPANK_PORT_BASE=$PORT_BASE: want a port number up to 65000" >&2; exit 2; }
+case $SLURM_RELEASE in 22.05) CTLD_PORT=$PORT_BASE ;; 24.11) CTLD_PORT=$((PORT_BASE + 200)) ;; *) CTLD_PORT=$((PORT_BASE + 400)) ;; esac
 NODE=${DASK_SPANK_NODE:-n1}
 VENV=$STATE/venv
 # Binaries are installed from target/release into the sandbox, like a package would.

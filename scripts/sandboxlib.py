@@ -27,9 +27,10 @@ TEST_USER = os.environ.get("DASK_SPANK_TEST_USER", "dasktest")
 # A second unprivileged user for tests of what one user cannot do to
 # another's jobs; derived from TEST_USER so that two sandboxes never share it.
 OTHER_USER = TEST_USER + "b"
-# Same variable and default as scripts/lib.sh: slurmctld's port; slurmd of nI
-# listens on PORT_BASE + 3 + I.
+# Same variable, default and rule as scripts/lib.sh: slurmctld's port (plus
+# 200 for 24.11, 400 for 26.05); slurmd of nI listens on CTLD_PORT + 3 + I.
 PORT_BASE = int(os.environ.get("DASK_SPANK_PORT_BASE", "6817"))
+CTLD_PORT = PORT_BASE + {"22.05": 0, "24.11": 200}.get(SLURM_RELEASE, 400)
 VENV = STATE / "venv"
 BIN = STATE / "bin"
 WORK = STATE / "work"
