@@ -21,11 +21,10 @@ import json
 import os
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import time
 
+import agentproto
 import sandboxlib as sb
 
 N = int(os.environ.get("BENCH_STUB_JOBS", "3000"))
@@ -49,56 +48,6 @@ POLICY = {
               "lifetime_margin_s": 300, "memory_kill_percent": 95, "start": "exec"},
 }
 
-# The user side: attaches to jobs FIRST..FIRST+n-1 like `dask-spank attach`,
-# one connection per job, held open; prints one JSON line when all are
-# attached, then closes them all when its stdin closes (the jobs end).
-ATTACHER = r'''
-import json, os, resource, socket, struct, sys, time
-sock, first, n, cluster_dir, log = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-logfd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-# A batch job's environment: the user's, plus what Slurm sets (about 60
-# SLURM_* variables, 3 KiB).
-env = dict(os.environ)
-for i in range(int(os.environ.get("BENCH_ENV_VARS", "60"))):
-    env[f"SLURM_BENCH_VAR_{i:02d}"] = "x" * 40
-env = sorted(env.items())
-rlimits = [{"resource": r, "soft": max(0, s) if s >= 0 else 2**64 - 1, "hard": h if h >= 0 else 2**64 - 1}
-           for r in (resource.RLIMIT_NOFILE, resource.RLIMIT_CORE)
-           for s, h in [resource.getrlimit(r)]]
-rlimits[0]["soft"] = 1024
-def send(s, m):
-    b = json.dumps(m).encode(); s.sendall(struct.pack(">I", len(b)) + b)
-def recv(s):
-    h = b""
-    while len(h) < 4:
-        c = s.recv(4 - len(h))
-        if not c: raise SystemExit("agent closed the connection")
-        h += c
-    k = struct.unpack(">I", h)[0]; d = b""
-    while len(d) < k: d += s.recv(k - len(d))
-    return json.loads(d)
-conns = []
-t0 = time.monotonic()
-for i in range(n):
-    s = socket.socket(socket.AF_UNIX); s.connect(sock)
-    send(s, {"version": 1, "client": "attach"}); assert recv(s)["type"] == "welcome"
-    send(s, {"type": "attach", "job_id": first + i, "cwd": os.getcwd(), "env": env,
-             "cluster_dir": cluster_dir, "rlimits": rlimits})
-    r = recv(s)
-    if r["type"] != "send_log_fd": raise SystemExit(f"job {first + i}: {r}")
-    socket.send_fds(s, [b"\0"], [logfd])
-    r = recv(s)
-    if r["type"] != "attached": raise SystemExit(f"job {first + i}: {r}")
-    conns.append(s)
-print(json.dumps({"attached": n, "seconds": time.monotonic() - t0}), flush=True)
-sys.stdin.read()
-for s in conns:
-    s.close()
-'''
-
-
 def cpu_s(pid: int) -> float:
     f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return (int(f[11]) + int(f[12])) / CLOCK_TICKS
@@ -115,34 +64,13 @@ def rss_mib(pid: int) -> tuple[float, float]:
 
 
 class Agent:
-    """The agent's socket, spoken as root with the standard library."""
+    """The agent's socket, spoken as root (scripts/agentproto.py)."""
 
     def __init__(self, path: str):
         self.path = path
 
     def call(self, req: dict) -> dict:
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(60)
-        s.connect(self.path)
-        try:
-            for m in ({"version": 1, "client": "bench"}, req):
-                b = json.dumps(m).encode()
-                s.sendall(struct.pack(">I", len(b)) + b)
-                h = self._exact(s, 4)
-                r = json.loads(self._exact(s, struct.unpack(">I", h)[0]))
-            return r
-        finally:
-            s.close()
-
-    @staticmethod
-    def _exact(s: socket.socket, n: int) -> bytes:
-        d = b""
-        while len(d) < n:
-            c = s.recv(n - len(d))
-            if not c:
-                raise RuntimeError("agent closed the connection")
-            d += c
-        return d
+        return agentproto.call(self.path, req, client="bench")
 
 
 def spec(i: int, u, stepd: int) -> dict:
@@ -225,9 +153,10 @@ def control_plane(n: int = N, idle_s: float = IDLE_S) -> dict:
         # Attach as the user; the agent starts one stub per job.
         c0, t0 = cpu_s(proc.pid), time.monotonic()
         attacher = subprocess.Popen(
-            ["runuser", "-u", u.pw_name, "--", "/usr/bin/python3", "-c", ATTACHER, sock,
-             str(FIRST_JOB), str(n), str(sb.HOME / ".dask-spank" / "clusters" / "stub-bench"),
-             str(user_dir / "jobs.log")],
+            ["runuser", "-u", u.pw_name, "--",
+             *agentproto.as_command("attach-many", sock, str(FIRST_JOB), str(n),
+                                    str(sb.HOME / ".dask-spank" / "clusters" / "stub-bench"),
+                                    str(user_dir / "jobs.log"))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=user_dir)
         line = attacher.stdout.readline()
         if not line:

@@ -13,6 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import agentproto
+
 REPO = Path(__file__).resolve().parent.parent
 # .sandbox may be a symlink (see scripts/lib.sh): use the real path, which
 # the test user can reach.
@@ -221,6 +223,14 @@ def agent_status(as_root: bool = False) -> list[dict]:
     return json.loads(p.stdout)
 
 
+def agent_metrics() -> dict[str, int]:
+    """The node agent's metrics (`dask-node-agent metrics`, as root)."""
+    text = run([str(BIN / "dask-node-agent"), "metrics", "--agent-dir",
+                str(STATE / "run" / "agent"), "--node", "n1"]).stdout
+    return {k: int(v) for k, v in (l.rsplit(" ", 1) for l in text.splitlines() if l and not l.startswith("#"))
+            if "{" not in k}
+
+
 def agent_pid() -> int:
     return int((STATE / "run" / "agent-n1.pid").read_text())
 
@@ -230,22 +240,13 @@ def job_state(job: str) -> str:
     return scontrol_job(job).get("JobState", "")
 
 
-# Speaks the agent's protocol (4-byte big-endian length + JSON, handshake
-# first) with nothing but the standard library, run as whatever user calls it.
-_AGENT_CLIENT = (
-    "import json,socket,struct,sys\n"
-    "s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
-    "def send(m):\n b=json.dumps(m).encode(); s.sendall(struct.pack('>I',len(b))+b)\n"
-    "def recv():\n n=struct.unpack('>I',s.recv(4))[0]; d=b''\n while len(d)<n: d+=s.recv(n-len(d))\n return json.loads(d)\n"
-    "send({'version':1,'client':'test'}); assert recv()['type']=='welcome'\n"
-    "send(json.loads(sys.argv[2])); print(json.dumps(recv()))\n"
-)
+def agent_socket(node: str = "n1") -> str:
+    return str(STATE / "run" / "agent" / f"agent-{node}.sock")
 
 
 def agent_request(request: dict, user: str | None = None) -> dict:
     """Send one request to the node agent as `user` (default: the test user)."""
-    sock = str(STATE / "run" / "agent" / "agent-n1.sock")
-    args = ["/usr/bin/python3", "-c", _AGENT_CLIENT, sock, json.dumps(request)]
+    args = agentproto.as_command("call", agent_socket(), json.dumps(request))
     if user is None:
         p = as_user(args)
     else:

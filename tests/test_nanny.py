@@ -29,13 +29,6 @@ def start(cluster: str, workers: int, *extra: str, worker_args=()):
     return sched, arr, c
 
 
-def agent_metrics() -> dict[str, int]:
-    """The node agent's metrics (`dask-node-agent metrics`, as root)."""
-    text = sb.run([str(sb.BIN / "dask-node-agent"), "metrics", "--agent-dir",
-                   str(sb.STATE / "run" / "agent"), "--node", "n1"]).stdout
-    return {k: int(v) for k, v in (l.split() for l in text.splitlines() if l and not l.startswith("#"))}
-
-
 def worker_log(arr: str, task) -> str:
     return (sb.WORK / "log" / f"dask-worker-{arr}_{task}.log").read_text()
 
@@ -131,7 +124,7 @@ def memory_kill_and_restart(cluster_name: str, worker_start: str) -> None:
     assert "exceeds 95% of the job's 600 MiB: terminating the worker" in log
     assert "worker restarted, pid" in log
     assert ("forked by the fork server" in log) == (worker_start == "forkserver")
-    values = agent_metrics()
+    values = sb.agent_metrics()
     assert int(values["dask_spank_memory_kills_total"]) >= 1
     assert int(values["dask_spank_worker_restarts_total"]) >= 1
     st = [j for j in sb.agent_status() if j["label"] == f"{arr}_1"][0]
@@ -336,7 +329,7 @@ def test_10_forkserver_restarts_a_killed_worker_fast_and_leaves_nothing(policy, 
     procs = forkserver_processes(uid)
     assert sorted(p["comm"] for p in procs) == ["dask-forkserver"] * 2 + ["dask-worker"] * 2, procs
     assert all(p["CapEff"] == "0000000000000000" and p["NoNewPrivs"] == "1" for p in procs), procs
-    assert agent_metrics()["dask_spank_forkservers_running"] == 2
+    assert sb.agent_metrics()["dask_spank_forkservers_running"] == 2
     back, name = kill_a_worker_mid_computation(c)
     log = worker_log(arr, name.rsplit("_", 1)[1])
     assert "fork server started, pid" in log
@@ -348,7 +341,7 @@ def test_10_forkserver_restarts_a_killed_worker_fast_and_leaves_nothing(policy, 
     sb.run(["scancel", sched, arr])
     sb.wait_until("no fork server or forked worker left",
                   lambda: not forkserver_processes(uid), 30)
-    assert agent_metrics()["dask_spank_forkservers_running"] == 0
+    assert sb.agent_metrics()["dask_spank_forkservers_running"] == 0
 
 
 def test_10b_forkserver_without_distributed_fails_at_once_with_the_traceback(policy, cluster_name):

@@ -157,21 +157,15 @@ def test_max_worker_jobs_idle_timeout_and_log_dir(policy):
     w1 = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster}", "--array=1-2")
     c = sb.client(cluster)
     c.wait_for_workers(2, timeout=60)
-    # On the node: the third worker job, submitted on its own, is one past the limit.
-    w3 = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster}")
-    sb.wait_job_gone(w3, 60)
-    log = (sb.WORK / "dask-logs" / f"dask-worker-{w3}.log").read_text()
-    assert "max_worker_jobs=2 reached: 2 other worker jobs of cluster pol-max are running" in log
-    assert len(c.scheduler_info()["workers"]) == 2
     c.close()
     # idle_timeout: no client and no task for 15 s ends the scheduler, and the workers follow.
     t0 = time.monotonic()
     sb.wait_job_gone(sched, 90)
     sb.wait_job_gone(w1, 90)
     elapsed = time.monotonic() - t0
-    assert elapsed < 75, elapsed
+    assert 10 < elapsed < 75, elapsed
     slog = (sb.WORK / "dask-logs" / f"dask-scheduler-{sched}.log").read_text()
-    assert "idle" in slog.lower()
+    assert "Scheduler closing after being idle for 15" in slog, slog
     assert not [p for p in sb.dask_processes() if f"/clusters/{cluster}/" in " ".join(p["args"])]
 
 

@@ -5,9 +5,8 @@ shortcut stays out of the production agent: there, a registration for a job
 slurmctld does not know is refused when its process attaches."""
 import json
 import os
-import socket
-import struct
 
+import agentproto
 import bench_control
 import sandboxlib as sb
 
@@ -32,22 +31,9 @@ def test_production_agent_refuses_a_job_slurmctld_does_not_know():
     spec["cluster"] = "ghost"
     sock = str(sb.STATE / "run" / "agent" / "agent-n1.sock")
     assert bench_control.Agent(sock).call(spec)["type"] == "ok"
-    attach = (
-        "import json,os,socket,struct,sys\n"
-        "s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
-        "def send(m):\n b=json.dumps(m).encode(); s.sendall(struct.pack('>I',len(b))+b)\n"
-        "def recv():\n n=struct.unpack('>I',s.recv(4))[0]; d=b''\n"
-        " while len(d)<n: d+=s.recv(n-len(d))\n return json.loads(d)\n"
-        "send({'version':1,'client':'attach'}); recv()\n"
-        "send({'type':'attach','job_id':999999,'cwd':'/','env':[],'cluster_dir':'/tmp','rlimits':[]})\n"
-        "assert recv()['type']=='send_log_fd'\n"
-        "socket.send_fds(s,[b'\\0'],[os.open('/dev/null',os.O_WRONLY)])\n"
-        "assert recv()['type']=='attached'\n"
-        "print(json.dumps(recv()))\n"
-    )
-    p = sb.as_user(["/usr/bin/python3", "-c", attach, sock], timeout=60)
-    finished = json.loads(p.stdout)
+    p = sb.as_user(agentproto.as_command("attach", sock, "999999", "/tmp"), timeout=60)
+    finished = json.loads(p.stdout.splitlines()[-1])
     assert finished["type"] == "finished" and finished["exit_code"] == 1, finished
-    assert "refused by the site policy" in finished["reason"], finished
+    assert "slurmctld does not know job" in finished["reason"], finished
     bench_control.Agent(sock).call({"type": "job_end", "job_id": 999_999, "reason": "test over"})
     assert not [p for p in sb.dask_processes(u.pw_uid) if "ghost" in " ".join(p["args"])]

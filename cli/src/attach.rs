@@ -7,10 +7,12 @@
 //! its exit code is the outcome of the dask processes. When Slurm kills it
 //! (scancel, walltime), the agent sees the connection close and stops them.
 
-use crate::record::{now, state_file, write_json, write_report, ClusterState, JobReport};
-use dask_spank_common::client::Client;
-use dask_spank_common::messages::{Attach, Rlimit};
+use crate::record::{now, state_file, write_report, ClusterState, JobReport};
+use dask_spank_common::client::{Client, ClientError};
+use dask_spank_common::files::write_json_atomic;
+use dask_spank_common::messages::Attach;
 use dask_spank_common::paths::{cluster_dir, scheduler_file, user_root, vars};
+use dask_spank_common::schedfile::SchedulerInfo;
 use dask_spank_common::{ClusterName, Request, Response, Role};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -55,21 +57,24 @@ pub fn run() -> Result<i32, String> {
         cwd,
         env,
         cluster_dir: dir.clone(),
-        rlimits: rlimits(),
     });
     match c.call(&req).map_err(|e| e.to_string())? {
         Response::SendLogFd => {}
-        other => return Err(format!("node agent: unexpected reply {other:?}")),
+        other => return Err(ClientError::unexpected(other).to_string()),
     }
     c.send_fd(1).map_err(|e| e.to_string())?;
     match c.recv().map_err(|e| e.to_string())? {
         Response::Attached => {}
         Response::Error { message } => return Err(format!("node agent refused: {message}")),
-        other => return Err(format!("node agent: unexpected reply {other:?}")),
+        other => return Err(ClientError::unexpected(other).to_string()),
     }
     let mut report = JobReport {
         job_id,
-        label: job_label(job_id),
+        label: dask_spank_common::names::job_label(
+            job_id,
+            env_id("SLURM_ARRAY_JOB_ID"),
+            env_id("SLURM_ARRAY_TASK_ID"),
+        ),
         role: role.to_string(),
         state: "running".into(),
         reason: None,
@@ -84,11 +89,14 @@ pub fn run() -> Result<i32, String> {
     if role == Role::Scheduler {
         let (dir, cluster, job) = (dir.clone(), cluster.to_string(), job_id.to_string());
         std::thread::spawn(move || keep_state(&dir, &cluster, &job));
+    } else if let Ok(tx) = c.try_clone() {
+        let f = scheduler_file(&dir);
+        std::thread::spawn(move || report_scheduler(tx, &f));
     }
     c.wait_forever().map_err(|e| e.to_string())?;
     let (code, reason) = match c.recv() {
         Ok(Response::Finished { exit_code, reason }) => (exit_code, reason),
-        Ok(other) => (1, format!("node agent: unexpected reply {other:?}")),
+        Ok(other) => (1, ClientError::unexpected(other).to_string()),
         Err(e) => (1, format!("lost the node agent: {e}")),
     };
     report.state = if code == 0 { "ended" } else { "failed" }.into();
@@ -134,14 +142,29 @@ fn on_signal_report_end(dir: &std::path::Path, report: &JobReport) {
     });
 }
 
-/// `1234_5` for an array task, else the job id: the label used everywhere.
-fn job_label(job_id: u32) -> String {
-    match (
-        std::env::var("SLURM_ARRAY_JOB_ID"),
-        std::env::var("SLURM_ARRAY_TASK_ID"),
-    ) {
-        (Ok(a), Ok(t)) if !a.is_empty() && !t.is_empty() => format!("{a}_{t}"),
-        _ => job_id.to_string(),
+fn env_id(name: &str) -> Option<u32> {
+    std::env::var(name).ok()?.parse().ok()
+}
+
+/// A worker job's side: tell the agent where the scheduler is, each time
+/// the scheduler file names a new address. The file is the user's, read by
+/// the user (this process); the agent only connects to the address to
+/// know whether the scheduler is still there.
+fn report_scheduler(mut agent: Client, sched_file: &std::path::Path) {
+    let mut last = String::new();
+    loop {
+        if let Some(info) = SchedulerInfo::read(sched_file) {
+            if info.address != last {
+                let req = Request::SchedulerAddress {
+                    address: info.address.clone(),
+                };
+                if agent.send(&req).is_err() {
+                    return;
+                }
+                last = info.address;
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
     }
 }
 
@@ -154,21 +177,10 @@ fn keep_state(dir: &std::path::Path, cluster: &str, job: &str) {
     let sched_file = scheduler_file(dir);
     loop {
         std::thread::sleep(Duration::from_secs(2));
-        let Ok(text) = std::fs::read_to_string(&sched_file) else {
+        let Some(info) = SchedulerInfo::read(&sched_file) else {
             continue;
         };
-        let Ok(info) = serde_json::from_str::<serde_json::Value>(&text) else {
-            continue;
-        };
-        let address = info["address"].as_str().unwrap_or_default().to_string();
-        let host = address
-            .trim_start_matches("tcp://")
-            .rsplit_once(':')
-            .map(|(h, _)| h.to_string())
-            .unwrap_or_default();
-        let dashboard = info["services"]["dashboard"]
-            .as_u64()
-            .map(|p| format!("http://{host}:{p}"));
+        let dashboard = info.dashboard_url();
         let connected: Vec<String> = dashboard
             .as_ref()
             .and_then(|d| agent.get(&format!("{d}/json/identity.json")).call().ok())
@@ -184,37 +196,12 @@ fn keep_state(dir: &std::path::Path, cluster: &str, job: &str) {
         let state = ClusterState {
             cluster: cluster.to_string(),
             scheduler_job: job.to_string(),
-            scheduler_address: address,
+            scheduler_address: info.address,
             dashboard_address: dashboard,
             scheduler_file: sched_file.clone(),
             connected,
             updated: now(),
         };
-        let _ = write_json(&state_file(dir), &state);
+        let _ = write_json_atomic(&state_file(dir), &state, 0o600);
     }
-}
-
-/// This job's resource limits, for the dask processes the agent starts.
-fn rlimits() -> Vec<Rlimit> {
-    use nix::sys::resource::{getrlimit, Resource};
-    let all = [
-        Resource::RLIMIT_AS,
-        Resource::RLIMIT_CORE,
-        Resource::RLIMIT_CPU,
-        Resource::RLIMIT_DATA,
-        Resource::RLIMIT_FSIZE,
-        Resource::RLIMIT_MEMLOCK,
-        Resource::RLIMIT_NOFILE,
-        Resource::RLIMIT_NPROC,
-        Resource::RLIMIT_STACK,
-    ];
-    all.iter()
-        .filter_map(|r| {
-            getrlimit(*r).ok().map(|(soft, hard)| Rlimit {
-                resource: *r as i32,
-                soft,
-                hard,
-            })
-        })
-        .collect()
 }

@@ -45,17 +45,12 @@ pub fn now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Write JSON atomically (temporary file in the same directory, rename).
+/// Write a record atomically, private to the user, creating its directory.
 pub fn write_json<T: Serialize>(path: &Path, v: &T) -> std::io::Result<()> {
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d)?;
     }
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec_pretty(v).map_err(std::io::Error::other)?,
-    )?;
-    std::fs::rename(&tmp, path)
+    dask_spank_common::files::write_json_atomic(path, v, 0o600)
 }
 
 pub fn jobs_dir(cluster_dir: &Path) -> PathBuf {

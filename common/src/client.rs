@@ -10,7 +10,7 @@ use crate::messages::{Hello, Request, Response};
 use crate::PROTOCOL_VERSION;
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
 use std::io::{self, IoSlice};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -27,6 +27,13 @@ pub enum ClientError {
     Refused(String),
     #[error("node agent sent an unexpected reply: {0:?}")]
     Unexpected(Box<Response>),
+}
+
+impl ClientError {
+    /// A reply that does not fit the request (a version mismatch or a bug).
+    pub fn unexpected(r: Response) -> ClientError {
+        ClientError::Unexpected(Box::new(r))
+    }
 }
 
 pub struct Client {
@@ -93,7 +100,7 @@ impl Client {
         match c.recv()? {
             Response::Welcome { .. } => Ok(c),
             Response::Error { message } => Err(ClientError::Refused(message)),
-            other => Err(ClientError::Unexpected(Box::new(other))),
+            other => Err(ClientError::unexpected(other)),
         }
     }
 
@@ -138,6 +145,19 @@ impl Client {
         }
     }
 
+    /// A second handle on the same connection (to write from another thread
+    /// while this one waits for replies).
+    pub fn try_clone(&self) -> Result<Client, ClientError> {
+        let stream = self
+            .stream
+            .try_clone()
+            .map_err(|e| ClientError::Frame(FrameError::Io(e)))?;
+        Ok(Client {
+            stream,
+            timeout: self.timeout,
+        })
+    }
+
     /// Pass a file descriptor to the agent (SCM_RIGHTS, one payload byte).
     pub fn send_fd(&mut self, fd: RawFd) -> Result<(), ClientError> {
         let fds = [fd];
@@ -152,20 +172,6 @@ impl Client {
         )
         .map_err(|e| ClientError::Frame(FrameError::Io(e.into())))?;
         Ok(())
-    }
-
-    pub fn into_raw_fd(self) -> RawFd {
-        self.stream.into_raw_fd()
-    }
-
-    /// # Safety
-    /// `fd` must be an open, connected Unix stream socket owned by the caller.
-    pub unsafe fn from_raw_fd(fd: RawFd, timeout: Duration) -> Client {
-        Client {
-            // SAFETY: guaranteed by the caller (see the doc comment).
-            stream: unsafe { UnixStream::from_raw_fd(fd) },
-            timeout,
-        }
     }
 }
 

@@ -8,20 +8,39 @@
 //! * [`client`]: a blocking client with timeouts. It is what the plugin uses
 //!   inside slurmstepd, where no async runtime may run.
 //! * [`paths`]: where sockets, cluster directories and logs live.
+//! * [`files`], [`schedfile`], [`sys`]: small helpers every side needs once.
 
 pub mod build_info;
 pub mod client;
 pub mod config;
+pub mod files;
 pub mod frame;
 pub mod messages;
 pub mod names;
 pub mod paths;
 pub mod policy;
+pub mod schedfile;
+pub mod sys;
 pub mod units;
 
-pub use messages::{JobSpec, Request, Response};
+pub use messages::{JobSpec, JobState, Request, Response};
 pub use names::{ClusterName, Role};
 
 /// Protocol version spoken by this build. A peer with another version is
 /// refused during the handshake with a message naming both versions.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version 2: the agent takes the job's resource limits from the attaching
+/// process itself, which sends it the scheduler's address.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_python_protocol_module_speaks_this_version() {
+        let py = include_str!("../../scripts/agentproto.py");
+        assert!(
+            py.contains(&format!("\nVERSION = {}\n", super::PROTOCOL_VERSION)),
+            "scripts/agentproto.py must set VERSION = {}",
+            super::PROTOCOL_VERSION
+        );
+    }
+}

@@ -50,10 +50,55 @@ impl JobSpec {
     /// `1234_5` for an array task, `1234` otherwise: the name used in logs,
     /// in dask worker names and in file names.
     pub fn label(&self) -> String {
-        match (self.array_job_id, self.array_task_id) {
-            (Some(a), Some(t)) => format!("{a}_{t}"),
-            _ => self.job_id.to_string(),
+        crate::names::job_label(self.job_id, self.array_job_id, self.array_task_id)
+    }
+}
+
+/// Where a job stands on its node, as the agent sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Registered by the plugin; its job script has not attached yet.
+    Registered,
+    /// The dask process runs.
+    Running,
+    /// The worker died and is about to be started again.
+    Restarting,
+    /// Its processes are being stopped.
+    Stopping,
+    /// Its dask process ended normally or was stopped.
+    Finished,
+    /// Its dask process failed for good (crash loop, could not start).
+    Failed,
+    /// The site policy refused it before anything started.
+    Refused,
+    /// Slurm ended the job step.
+    Ended,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Registered => "registered",
+            JobState::Running => "running",
+            JobState::Restarting => "restarting",
+            JobState::Stopping => "stopping",
+            JobState::Finished => "finished",
+            JobState::Failed => "failed",
+            JobState::Refused => "refused",
+            JobState::Ended => "ended",
         }
+    }
+
+    /// Whether the job failed (for good) rather than ended.
+    pub fn is_failure(self) -> bool {
+        matches!(self, JobState::Failed | JobState::Refused)
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -65,8 +110,7 @@ pub struct JobStatus {
     pub user: String,
     pub role: Role,
     pub cluster: ClusterName,
-    /// registered, running, restarting, stopping, finished, failed, refused
-    pub state: String,
+    pub state: JobState,
     pub pid: Option<i32>,
     pub restarts: u32,
     pub memory_kills: u32,
@@ -83,19 +127,9 @@ pub struct Attach {
     pub cwd: PathBuf,
     pub env: Vec<(String, String)>,
     /// The per-user cluster directory, created by the attaching process (root
-    /// may not be able to write into a home on NFS).
+    /// may not be able to write into a home on NFS). The agent passes it to
+    /// dask on the command line and never opens anything in it.
     pub cluster_dir: PathBuf,
-    /// The job's resource limits, applied to the dask processes.
-    #[serde(default)]
-    pub rlimits: Vec<Rlimit>,
-}
-
-/// One resource limit (`RLIMIT_*` number, soft and hard values).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Rlimit {
-    pub resource: i32,
-    pub soft: u64,
-    pub hard: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,6 +143,11 @@ pub enum Request {
     /// After `Response::SendLogFd` the client passes the job's log file
     /// descriptor with SCM_RIGHTS.
     Attach(Attach),
+    /// On an attached connection, from the attaching process whenever it
+    /// finds a new address in the cluster's scheduler file: it reads the
+    /// file as the user; root never does. The agent only connects to it to
+    /// tell whether the scheduler is still there.
+    SchedulerAddress { address: String },
     /// Anybody: liveness check.
     Ping,
     /// The jobs on this node: all of them for root, one's own otherwise.

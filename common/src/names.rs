@@ -29,6 +29,15 @@ pub fn job_name(role: Role, cluster: &str) -> String {
     format!("dask-{role}-{cluster}")
 }
 
+/// `1234_5` for an array task (array job id and task id), the job id
+/// otherwise: the name of a job in logs, dask worker names and file names.
+pub fn job_label(job_id: u32, array_job_id: Option<u32>, array_task_id: Option<u32>) -> String {
+    match (array_job_id, array_task_id) {
+        (Some(a), Some(t)) => format!("{a}_{t}"),
+        _ => job_id.to_string(),
+    }
+}
+
 /// Whether a Slurm job name is one that dask-spank gives its jobs.
 pub fn is_job_name(name: &str) -> bool {
     Role::ALL

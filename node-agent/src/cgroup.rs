@@ -1,63 +1,180 @@
-//! Putting dask processes into the job's cgroup, where the job has one, so
-//! that Slurm's accounting and limits (and its cleanup) cover them.
+//! Putting dask processes into the job's cgroups, so that Slurm's limits,
+//! accounting and cleanup at job end cover them.
 //!
-//! The job's cgroup is that of the `dask-spank attach` process, which runs
-//! inside the job. Only the unified (v2) hierarchy is handled: on a v1-only
-//! node the processes stay in the agent's cgroup and are bounded by the
-//! agent's own memory watchdog.
+//! The job's cgroups are those of its `dask-spank attach` process, read when
+//! it attaches (the agent holds a pidfd to it and checks it is still alive
+//! after reading). Every hierarchy counts: the unified (v2) one and each v1
+//! hierarchy (memory, cpuset, freezer, pids, ...) where the job sits
+//! elsewhere than the agent. A process is started in all of them or not at
+//! all (`spawn`).
 
 use std::path::{Path, PathBuf};
 
-/// The v2 path (`0::/path`) from the text of `/proc/<pid>/cgroup`.
-pub fn v2_path(proc_cgroup: &str) -> Option<String> {
-    proc_cgroup
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(str::to_string)
+/// One line of `/proc/<pid>/cgroup`: hierarchy id, controllers (empty for
+/// v2), path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    pub hierarchy: u32,
+    pub controllers: String,
+    pub path: String,
 }
 
-/// The mount point of the cgroup2 file system, from `/proc/self/mountinfo`.
-pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+/// Parse the text of `/proc/<pid>/cgroup`.
+pub fn memberships(text: &str) -> Vec<Membership> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.splitn(3, ':');
+            Some(Membership {
+                hierarchy: f.next()?.parse().ok()?,
+                controllers: f.next()?.to_string(),
+                path: f.next()?.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// The mount point of the hierarchy with these controllers (v2 for an
+/// empty list), from `/proc/self/mountinfo`.
+pub fn mount_point(mountinfo: &str, controllers: &str) -> Option<PathBuf> {
     mountinfo.lines().find_map(|l| {
         let (pre, post) = l.split_once(" - ")?;
-        (post.split_whitespace().next()? == "cgroup2")
-            .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
+        let mut post = post.split_whitespace();
+        let fstype = post.next()?;
+        let options = post.nth(1).unwrap_or("");
+        let found = if controllers.is_empty() {
+            fstype == "cgroup2"
+        } else {
+            fstype == "cgroup"
+                && controllers
+                    .split(',')
+                    .all(|c| options.split(',').any(|o| o == c))
+        };
+        found
+            .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))
+            .flatten()
     })
 }
 
-/// `cgroup.procs` of `pid`'s cgroup when it differs from the agent's own.
-pub fn job_cgroup_procs(pid: i32) -> Option<PathBuf> {
-    let theirs = v2_path(&std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?)?;
-    let mine = v2_path(&std::fs::read_to_string("/proc/self/cgroup").ok()?)?;
-    if theirs == mine {
-        return None;
+/// The `cgroup.procs` files to join to be where the job is, given the
+/// job's and the agent's memberships. Hierarchies where both are in the
+/// same cgroup (no job cgroup there) are left alone.
+pub fn join_targets(
+    job: &[Membership],
+    agent: &[Membership],
+    mountinfo: &str,
+) -> Result<Vec<PathBuf>, String> {
+    let mut out = Vec::new();
+    for m in job {
+        let same = agent.iter().any(|a| {
+            a.hierarchy == m.hierarchy && a.controllers == m.controllers && a.path == m.path
+        });
+        if same || m.path.contains("..") {
+            continue;
+        }
+        let what = if m.controllers.is_empty() {
+            "cgroup2".to_string()
+        } else {
+            format!("cgroup v1 ({})", m.controllers)
+        };
+        let mount = mount_point(mountinfo, &m.controllers)
+            .ok_or_else(|| format!("the job's {what} hierarchy is not mounted here"))?;
+        out.push(
+            mount
+                .join(m.path.trim_start_matches('/'))
+                .join("cgroup.procs"),
+        );
     }
-    let mount = cgroup2_mount(&std::fs::read_to_string("/proc/self/mountinfo").ok()?)?;
-    let p = mount
-        .join(Path::new(theirs.trim_start_matches('/')))
-        .join("cgroup.procs");
-    p.exists().then_some(p)
+    Ok(out)
+}
+
+/// The `cgroup.procs` files of process `pid`'s cgroups that differ from
+/// the agent's own (empty where the job has no cgroup of its own).
+pub fn job_cgroups(proc_root: &Path, pid: i32) -> Result<Vec<PathBuf>, String> {
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(&p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+    };
+    let job = memberships(&read(proc_root.join(pid.to_string()).join("cgroup"))?);
+    let agent = memberships(&read(proc_root.join("self/cgroup"))?);
+    let mountinfo = read(proc_root.join("self/mountinfo"))?;
+    let targets = join_targets(&job, &agent, &mountinfo)?;
+    for t in &targets {
+        if !t.exists() {
+            return Err(format!("the job's cgroup {} does not exist", t.display()));
+        }
+    }
+    Ok(targets)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const MOUNTINFO: &str = "\
+35 24 0:30 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw\n\
+36 24 0:31 / /sys/fs/cgroup/memory rw shared:11 - cgroup cgroup rw,memory\n\
+37 24 0:32 / /sys/fs/cgroup/cpu,cpuacct rw shared:12 - cgroup cgroup rw,cpu,cpuacct\n\
+38 24 0:33 / /sys/fs/cgroup/systemd rw shared:13 - cgroup cgroup rw,xattr,name=systemd\n";
+
     #[test]
     fn parse_proc_files() {
+        let m = memberships("12:memory:/x\n0::/system.slice/job_7/step_batch\nbad\n");
+        assert_eq!(m.len(), 2);
         assert_eq!(
-            v2_path(
-                "12:memory:/x\n0::/system.slice/slurmstepd.scope/job_7/step_batch/user/task_0\n"
+            (
+                m[0].hierarchy,
+                m[0].controllers.as_str(),
+                m[0].path.as_str()
             ),
-            Some("/system.slice/slurmstepd.scope/job_7/step_batch/user/task_0".into())
+            (12, "memory", "/x")
         );
-        assert_eq!(v2_path("4:cpu:/a\n"), None);
-        let mi = "35 24 0:30 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw\n\
-                  36 24 0:31 / /sys/fs/cgroup/memory rw shared:11 - cgroup cgroup rw,memory\n";
+        assert_eq!(m[1].controllers, "");
         assert_eq!(
-            cgroup2_mount(mi),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+            mount_point(MOUNTINFO, ""),
+            Some("/sys/fs/cgroup/unified".into())
         );
-        assert_eq!(cgroup2_mount("1 2 0:1 / / rw - ext4 /dev/vda rw\n"), None);
+        assert_eq!(
+            mount_point(MOUNTINFO, "memory"),
+            Some("/sys/fs/cgroup/memory".into())
+        );
+        assert_eq!(
+            mount_point(MOUNTINFO, "cpu,cpuacct"),
+            Some("/sys/fs/cgroup/cpu,cpuacct".into())
+        );
+        assert_eq!(
+            mount_point(MOUNTINFO, "name=systemd"),
+            Some("/sys/fs/cgroup/systemd".into())
+        );
+        assert_eq!(mount_point(MOUNTINFO, "pids"), None);
+    }
+
+    #[test]
+    fn only_hierarchies_where_the_job_has_its_own_cgroup_are_joined() {
+        let agent = memberships("4:memory:/\n3:cpu,cpuacct:/\n0::/\n");
+        let job = memberships(
+            "4:memory:/slurm/uid_1000/job_7/step_batch/task_0\n3:cpu,cpuacct:/\n0::/\n",
+        );
+        assert_eq!(
+            join_targets(&job, &agent, MOUNTINFO).unwrap(),
+            vec![PathBuf::from(
+                "/sys/fs/cgroup/memory/slurm/uid_1000/job_7/step_batch/task_0/cgroup.procs"
+            )]
+        );
+        assert!(join_targets(&agent, &agent, MOUNTINFO).unwrap().is_empty());
+        let v2 = memberships("0::/system.slice/slurmstepd.scope/job_7/step_batch/user/task_0\n");
+        assert_eq!(
+            join_targets(&v2, &memberships("0::/\n"), MOUNTINFO).unwrap(),
+            vec![PathBuf::from("/sys/fs/cgroup/unified/system.slice/slurmstepd.scope/job_7/step_batch/user/task_0/cgroup.procs")]
+        );
+        let unmounted = memberships("9:pids:/slurm/job_7\n");
+        assert!(join_targets(&unmounted, &agent, MOUNTINFO)
+            .unwrap_err()
+            .contains("pids"));
+    }
+
+    #[test]
+    fn this_process_has_no_cgroup_of_its_own() {
+        assert!(job_cgroups(Path::new("/proc"), std::process::id() as i32)
+            .unwrap()
+            .is_empty());
     }
 }

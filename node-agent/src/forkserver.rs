@@ -8,17 +8,23 @@
 //! the server's own group holds only the server.
 //!
 //! The server runs the user's code (their Python, their site packages), so
-//! nothing it says is trusted: lines are bounded, and a pid it reports is
-//! signalled only while it is a process of the server's session, leading
-//! its own group, owned by the job's user (`owns`). Otherwise a user could
-//! make the agent, which holds CAP_KILL, signal anybody's processes.
+//! nothing it says is trusted: lines are bounded; a pid it reports as forked
+//! is accepted only if it is a live process of the server's session, leading
+//! its own group, owned by the job's user; exit reports are kept only for
+//! workers the agent asked for, at most a few; and its workers' groups are
+//! signalled member by member after the same checks (`process::Proc`).
+//! Otherwise a user could make the agent, which holds CAP_KILL, signal
+//! anybody's processes, or fill its memory.
 
+use crate::child::Child;
+use crate::procfs::{self, ProcId};
 use crate::spawn::{spawn, SpawnRequest};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::process::ExitStatus;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -35,6 +41,9 @@ const MAX_LINE: usize = 4096;
 /// Longest wait for the server to import distributed and fork (a cold
 /// import from a slow shared file system included).
 const FORK_TIMEOUT: Duration = Duration::from_secs(300);
+/// Workers of one server whose end is remembered before anybody waits for
+/// it (one runs at a time; a few allow for races).
+const MAX_EXITED: usize = 8;
 
 #[derive(Debug, Deserialize, PartialEq, Eq)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -44,17 +53,48 @@ enum Event {
     Exited { pid: i32, status: i32 },
 }
 
+/// The exit reports a server may make: only of workers it forked for us,
+/// each once, a few at a time.
+#[derive(Debug, Default)]
+struct Exits {
+    /// Forked and not reported yet.
+    running: Vec<i32>,
+    /// Reported and not waited for yet: raw wait status.
+    ended: HashMap<i32, i32>,
+}
+
+impl Exits {
+    fn forked(&mut self, pid: i32) {
+        if self.running.len() >= MAX_EXITED {
+            self.running.remove(0);
+        }
+        self.running.push(pid);
+    }
+
+    fn record(&mut self, pid: i32, status: i32) {
+        if let Some(i) = self.running.iter().position(|&p| p == pid) {
+            self.running.swap_remove(i);
+            if self.ended.len() < MAX_EXITED {
+                self.ended.insert(pid, status);
+            }
+        }
+    }
+
+    fn take(&mut self, pid: i32) -> Option<i32> {
+        self.ended.remove(&pid)
+    }
+}
+
 pub struct ForkServer {
-    child: tokio::process::Child,
-    pub pid: i32,
+    child: Child,
     /// The job's user: the only owner a worker may have.
     uid: u32,
+    /// Exit reports of the workers it forked for us.
+    exits: Exits,
     rx: BufReader<OwnedReadHalf>,
     /// A line read in part by a `wait` that was cancelled (in a select).
     partial: Vec<u8>,
     tx: OwnedWriteHalf,
-    /// Workers that exited before anybody waited for them: raw wait status.
-    exited: HashMap<i32, i32>,
     /// The server closed its end (it died).
     gone: bool,
 }
@@ -84,24 +124,27 @@ impl ForkServer {
             extra_env: &[(PROGRAM_VAR, PROGRAM)],
             ..*req
         })?;
-        let pid = child.id().map(|p| p as i32).unwrap_or(0);
         let (rx, tx) = UnixStream::from_std(ours)?.into_split();
         Ok(ForkServer {
             child,
-            pid,
             uid: req.identity.uid,
+            exits: Exits::default(),
             rx: BufReader::new(rx),
             partial: Vec::new(),
             tx,
-            exited: HashMap::new(),
             gone: false,
         })
     }
 
+    /// The server's pid (its process group and session id too).
+    pub fn pid(&self) -> i32 {
+        self.child.pid()
+    }
+
     /// Close the socket (the server then kills its workers and exits);
-    /// the server's process and pid, to reap it.
-    pub fn close(self) -> (tokio::process::Child, i32) {
-        (self.child, self.pid)
+    /// the server's process, to stop and reap it.
+    pub fn close(self) -> Child {
+        self.child
     }
 
     pub fn alive(&self) -> bool {
@@ -143,17 +186,8 @@ impl ForkServer {
         })
     }
 
-    /// Whether `pid` may be signalled as one of this server's workers: a
-    /// live process of the server's session that leads its own process
-    /// group and belongs to the job's user, or no process at all (a pid is
-    /// not reused while its process group has members, so its group, if
-    /// any, is still the worker's).
-    pub fn owns(&self, pid: i32) -> bool {
-        owned(proc_stat(pid), pid, self.pid, self.uid)
-    }
-
-    /// Fork a worker with these dask-worker arguments; its pid.
-    pub async fn fork(&mut self, args: &[String]) -> io::Result<i32> {
+    /// Fork a worker with these dask-worker arguments; its identity.
+    pub async fn fork(&mut self, args: &[String]) -> io::Result<ProcId> {
         let mut line = serde_json::to_vec(&serde_json::json!({ "args": args }))?;
         line.push(b'\n');
         self.tx.write_all(&line).await.map_err(|_| died())?;
@@ -162,18 +196,17 @@ impl ForkServer {
                 match self.next_event().await? {
                     Event::Forked { pid } => {
                         // Its parent made it a group leader before saying so.
-                        if !self.owns(pid) || proc_stat(pid).is_err() {
+                        let Some(id) = self.worker_id(pid) else {
                             self.gone = true;
                             return Err(io::Error::new(
                                 io::ErrorKind::InvalidData,
                                 format!("the fork server reported pid {pid}, which is not a worker it forked"),
                             ));
-                        }
-                        return Ok(pid);
+                        };
+                        self.exits.forked(pid);
+                        return Ok(id);
                     }
-                    Event::Exited { pid, status } => {
-                        self.exited.insert(pid, status);
-                    }
+                    Event::Exited { pid, status } => self.exits.record(pid, status),
                     Event::Ready => {}
                 }
             }
@@ -191,65 +224,34 @@ impl ForkServer {
             })?
     }
 
+    /// The identity of a reported worker, if it really is one: a live
+    /// process of the server's session that leads its own group and belongs
+    /// to the job's user.
+    fn worker_id(&self, pid: i32) -> Option<ProcId> {
+        let proc_root = Path::new("/proc");
+        let st = procfs::stat(proc_root, pid).ok()?;
+        let ok = pid > 1
+            && st.state != 'Z'
+            && st.session == self.pid()
+            && st.pgrp == pid
+            && procfs::owner(proc_root, pid).ok()? == self.uid;
+        ok.then_some(ProcId {
+            pid,
+            start: st.start,
+        })
+    }
+
     /// Wait until worker `pid` exits.
     pub async fn wait(&mut self, pid: i32) -> io::Result<ExitStatus> {
         loop {
-            if let Some(st) = self.exited.remove(&pid) {
+            if let Some(st) = self.exits.take(pid) {
                 return Ok(ExitStatus::from_raw(st));
             }
             match self.next_event().await? {
-                Event::Exited { pid: p, status } => {
-                    self.exited.insert(p, status);
-                }
+                Event::Exited { pid: p, status } => self.exits.record(p, status),
                 Event::Forked { .. } | Event::Ready => {}
             }
         }
-    }
-}
-
-fn owned(st: io::Result<Stat>, pid: i32, server: i32, uid: u32) -> bool {
-    pid > 1
-        && match st {
-            Ok(st) => st.session == server && st.pgrp == pid && st.uid == uid,
-            Err(e) => e.kind() == io::ErrorKind::NotFound,
-        }
-}
-
-/// Resolves once `pid` is gone (or a zombie), plus `grace`.
-pub async fn gone_for(pid: i32, grace: Duration) {
-    loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        if matches!(proc_stat(pid), Err(e) if e.kind() == io::ErrorKind::NotFound) {
-            tokio::time::sleep(grace).await;
-            return;
-        }
-    }
-}
-
-/// What `owns` needs from `/proc/<pid>/stat` and the owner of `/proc/<pid>`.
-struct Stat {
-    pgrp: i32,
-    session: i32,
-    uid: u32,
-}
-
-fn proc_stat(pid: i32) -> io::Result<Stat> {
-    use std::os::unix::fs::MetadataExt;
-    let dir = format!("/proc/{pid}");
-    let uid = std::fs::metadata(&dir)?.uid();
-    let text = std::fs::read_to_string(format!("{dir}/stat"))?;
-    match crate::procfs::parse_stat(&text) {
-        // A zombie is gone for our purposes: only its group may remain.
-        Some(st) if st.state == 'Z' => Err(io::Error::from(io::ErrorKind::NotFound)),
-        Some(st) => Ok(Stat {
-            pgrp: st.pgrp,
-            session: st.session,
-            uid,
-        }),
-        None => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{dir}/stat: unexpected format"),
-        )),
     }
 }
 
@@ -268,30 +270,20 @@ mod tests {
     }
 
     #[test]
-    fn only_group_leaders_of_the_servers_session_and_user_are_owned() {
-        let st = |pgrp, session, uid| Ok(Stat { pgrp, session, uid });
-        assert!(owned(st(50, 10, 1000), 50, 10, 1000));
-        // Another session (any process of the node), not a group leader,
-        // another user, pid 1: never.
-        assert!(!owned(st(50, 11, 1000), 50, 10, 1000));
-        assert!(!owned(st(49, 10, 1000), 50, 10, 1000));
-        assert!(!owned(st(50, 10, 0), 50, 10, 1000));
-        assert!(!owned(st(1, 10, 1000), 1, 10, 1000));
-        // Gone: only its group can remain, which cannot have been reused.
-        assert!(owned(Err(io::ErrorKind::NotFound.into()), 50, 10, 1000));
-        assert!(!owned(
-            Err(io::ErrorKind::PermissionDenied.into()),
-            50,
-            10,
-            1000
-        ));
-    }
-
-    #[test]
-    fn proc_stat_reads_this_process() {
-        let me = proc_stat(std::process::id() as i32).expect("own stat"); // ok: test
-        assert_eq!(me.uid, nix::unistd::getuid().as_raw());
-        assert!(proc_stat(-5).is_err());
+    fn exit_reports_are_kept_only_for_workers_we_asked_for() {
+        let mut e = Exits::default();
+        e.record(1, 9);
+        assert_eq!(e.take(1), None, "never forked");
+        e.forked(50);
+        e.record(50, 9);
+        e.record(50, 0);
+        assert_eq!(e.take(50), Some(9));
+        assert_eq!(e.take(50), None);
+        for pid in 0..1000 {
+            e.forked(pid);
+            e.record(pid + 1, 0);
+        }
+        assert!(e.running.len() <= MAX_EXITED && e.ended.len() <= MAX_EXITED);
     }
 
     #[test]

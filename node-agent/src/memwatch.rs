@@ -119,6 +119,10 @@ impl MemWatch {
         self.lock().watched.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Look at every process that is due at `now`; returns how many were
     /// read (for tests).
     pub fn check(
@@ -153,7 +157,7 @@ impl MemWatch {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if self.len() > 0 {
+            if !self.is_empty() {
                 self.check(Instant::now(), |statm, pid| {
                     if statm.is_none() {
                         *statm = open_statm(pid);

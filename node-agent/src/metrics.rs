@@ -1,8 +1,13 @@
-//! Node metrics in Prometheus text format, served on a loopback address
-//! (`--metrics-addr`) and through the agent socket (`dask-node-agent metrics`).
+//! Node metrics in Prometheus text format, served through the agent socket
+//! (`dask-node-agent metrics`, root only) and, if the admin asks for it with
+//! `--metrics-addr`, over HTTP on a loopback address. These are node-wide
+//! counts with no user's names in them; the admin guide says that every
+//! local user can read them over HTTP.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Default)]
 pub struct Metrics {
@@ -14,6 +19,33 @@ pub struct Metrics {
     pub crash_loop_giveups: AtomicU64,
     pub refused: AtomicU64,
     pub registrations: AtomicU64,
+    pub connections_refused: AtomicU64,
+}
+
+/// Which gauge a [`Gauge`] holds up.
+pub type Which = fn(&Metrics) -> &AtomicI64;
+
+/// One unit of a gauge for as long as it lives: whatever path a supervisor
+/// takes out, the gauge comes down exactly once.
+pub struct Gauge {
+    metrics: Arc<Metrics>,
+    which: Which,
+}
+
+impl Gauge {
+    pub fn up(metrics: &Arc<Metrics>, which: Which) -> Gauge {
+        which(metrics).fetch_add(1, Relaxed);
+        Gauge {
+            metrics: metrics.clone(),
+            which,
+        }
+    }
+}
+
+impl Drop for Gauge {
+    fn drop(&mut self) {
+        (self.which)(&self.metrics).fetch_sub(1, Relaxed);
+    }
 }
 
 impl Metrics {
@@ -78,30 +110,73 @@ impl Metrics {
             "Job registrations received.",
             self.registrations.load(Relaxed) as i64,
         );
+        put(
+            "connections_refused_total",
+            "counter",
+            "Socket connections refused for exceeding the connection limits.",
+            self.connections_refused.load(Relaxed) as i64,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP dask_spank_build_info The agent's version and commit."
+        );
+        let _ = writeln!(out, "# TYPE dask_spank_build_info gauge");
+        let _ = writeln!(
+            out,
+            "dask_spank_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
         out
     }
 }
 
+/// Concurrent HTTP scrapes served at most; more wait in the backlog.
+const MAX_SCRAPES: usize = 8;
+
 /// Answer every connection with the metrics (HTTP/1.0, any path): enough
-/// for Prometheus, curl and node_exporter-style scrapers.
-pub async fn serve(listener: tokio::net::TcpListener, agent: std::sync::Arc<crate::server::Agent>) {
+/// for Prometheus, curl and node_exporter-style scrapers. Bounded: a few
+/// scrapes at a time, each with a deadline; accept errors back off.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    jobs: crate::jobs::Jobs,
+) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
+    let mut backoff = Duration::from_millis(10);
     loop {
-        let Ok((mut s, _)) = listener.accept().await else {
-            continue;
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
         };
-        let agent = agent.clone();
+        let mut s = match listener.accept().await {
+            Ok((s, _)) => {
+                backoff = Duration::from_millis(10);
+                s
+            }
+            Err(e) => {
+                // EMFILE and friends: do not spin.
+                tracing::warn!("metrics: accept failed: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let (metrics, jobs) = (metrics.clone(), jobs.clone());
         tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            // Read the request head (bounded), then answer.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), s.read(&mut buf)).await;
-            let body = agent.metrics.render(agent.jobs.len());
-            let head = format!(
-                "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            );
-            let _ = s.write_all(head.as_bytes()).await;
-            let _ = s.write_all(body.as_bytes()).await;
+            let _permit = permit;
+            let answer = async {
+                let mut buf = [0u8; 2048];
+                // Read the request head (bounded), then answer.
+                let _ = s.read(&mut buf).await;
+                let body = metrics.render(jobs.len());
+                let head = format!(
+                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(body.as_bytes()).await;
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), answer).await;
         });
     }
 }
@@ -121,5 +196,17 @@ mod tests {
         ));
         assert!(t.contains("dask_spank_workers_running 3\n"));
         assert!(t.contains("dask_spank_jobs 4\n"));
+        assert!(t.contains("dask_spank_build_info{version="));
+    }
+
+    #[test]
+    fn gauges_come_down_when_their_guard_goes() {
+        let m = Arc::new(Metrics::default());
+        let g = Gauge::up(&m, |m| &m.workers_running);
+        let h = Gauge::up(&m, |m| &m.workers_running);
+        assert_eq!(m.workers_running.load(Relaxed), 2);
+        drop(g);
+        drop(h);
+        assert_eq!(m.workers_running.load(Relaxed), 0);
     }
 }

@@ -28,12 +28,8 @@ pub const KEEP: &[(Capability, &str)] = &[
         "apply the job's resource limits when they exceed the agent's own",
     ),
     (
-        Capability::CAP_DAC_READ_SEARCH,
-        "read a cluster's scheduler file in a home directory the agent may not traverse",
-    ),
-    (
         Capability::CAP_DAC_OVERRIDE,
-        "move processes into the job's cgroup, whose files Slurm may have delegated",
+        "move processes into the job's cgroups, whose files Slurm may have delegated",
     ),
 ];
 

@@ -1,13 +1,38 @@
-//! The fields of `/proc/<pid>/stat` the agent reads: one parser for the
-//! peer check, crash recovery and the fork server's workers.
+//! Everything the agent reads about processes, in one place: `/proc/<pid>/stat`
+//! and the owner of `/proc/<pid>`, process identities that survive pid
+//! reuse (pid and start time), and pidfds to signal exactly the process
+//! that was checked.
+//!
+//! A pid alone names nothing: once its process is reaped, the number can
+//! be given to anybody's new process. The agent holds CAP_KILL, so every
+//! signal it sends to a process it did not just fork goes through
+//! [`signal_if`]: open a pidfd, check the process, signal through the pidfd.
+//! If the pid was reused between the check and the signal, the pidfd still
+//! names the old (dead) process and the signal fails.
 
-/// State, parent, process group and session of a process.
+use serde::{Deserialize, Serialize};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// The fields of `/proc/<pid>/stat` the agent uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProcStat {
     pub state: char,
     pub ppid: i32,
     pub pgrp: i32,
     pub session: i32,
+    /// Start time after boot, in clock ticks: with the pid, a name that no
+    /// other process will ever have.
+    pub start: u64,
+}
+
+/// A process, named so that pid reuse cannot confuse it with another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ProcId {
+    pub pid: i32,
+    pub start: u64,
 }
 
 /// Parse the text of `/proc/<pid>/stat`. The command name is in
@@ -15,33 +40,216 @@ pub struct ProcStat {
 /// starts after the last ')'.
 pub fn parse_stat(stat: &str) -> Option<ProcStat> {
     let rest = &stat[stat.rfind(')')? + 1..];
-    let mut f = rest.split_whitespace();
-    let state = f.next()?.chars().next()?;
-    let mut num = || f.next()?.parse::<i32>().ok();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| f.get(i)?.parse::<i64>().ok();
     Some(ProcStat {
-        state,
-        ppid: num()?,
-        pgrp: num()?,
-        session: num()?,
+        state: f.first()?.chars().next()?,
+        ppid: num(1)? as i32,
+        pgrp: num(2)? as i32,
+        session: num(3)? as i32,
+        // Field 22 of stat(5); the fields after the name start at 3.
+        start: num(19)? as u64,
     })
+}
+
+/// `/proc/<pid>/stat` of a live process (zombies included).
+pub fn stat(proc_root: &Path, pid: i32) -> io::Result<ProcStat> {
+    if pid <= 0 {
+        return Err(io::ErrorKind::NotFound.into());
+    }
+    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat"))?;
+    parse_stat(&text).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("/proc/{pid}/stat: unexpected format"),
+        )
+    })
+}
+
+/// The real uid owning a process (the owner of its `/proc` directory).
+pub fn owner(proc_root: &Path, pid: i32) -> io::Result<u32> {
+    Ok(std::fs::metadata(proc_root.join(pid.to_string()))?.uid())
+}
+
+/// The identity of a live process.
+pub fn proc_id(pid: i32) -> io::Result<ProcId> {
+    let st = stat(Path::new("/proc"), pid)?;
+    Ok(ProcId {
+        pid,
+        start: st.start,
+    })
+}
+
+/// Whether `id` still names a process that has not been reaped (a zombie
+/// counts: its pid cannot be reused yet).
+pub fn exists(id: ProcId) -> bool {
+    stat(Path::new("/proc"), id.pid).is_ok_and(|s| s.start == id.start)
+}
+
+/// Every pid in `/proc`.
+pub fn pids() -> Vec<i32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// A pidfd naming process `pid` from now on, whatever happens to the number.
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
+    // or -1; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Send `sig` (0: only check that it lives) to the process of `pidfd`.
+pub fn pidfd_signal(pidfd: &OwnedFd, sig: i32) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal with a valid descriptor, a signal number, a
+    // null siginfo (the kernel fills in the usual kill() siginfo) and no flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Signal `pid` with `sig` only if `check` accepts its stat and owner, and
+/// only the very process that was checked. `Ok(false)`: not signalled
+/// (gone, or not accepted).
+pub fn signal_if(pid: i32, sig: i32, check: impl Fn(&ProcStat, u32) -> bool) -> io::Result<bool> {
+    let fd = match pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let proc_root = Path::new("/proc");
+    let (Ok(st), Ok(uid)) = (stat(proc_root, pid), owner(proc_root, pid)) else {
+        return Ok(false);
+    };
+    if !check(&st, uid) {
+        return Ok(false);
+    }
+    // Alive now means alive since the pidfd was opened: what was read is
+    // this process's.
+    match pidfd_signal(&fd, sig) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Signal every process of group `pgrp` that `check` accepts, each through
+/// [`signal_if`]. How many were signalled.
+pub fn signal_group_if(pgrp: i32, sig: i32, check: impl Fn(&ProcStat, u32) -> bool) -> usize {
+    pids()
+        .into_iter()
+        .filter(|&pid| {
+            signal_if(pid, sig, |st, uid| {
+                st.pgrp == pgrp && st.state != 'Z' && check(st, uid)
+            })
+            .unwrap_or(false)
+        })
+        .count()
+}
+
+/// Live members of group `pgrp` other than `except` (zombies do not count).
+pub fn group_members(pgrp: i32, except: i32) -> usize {
+    let proc_root = Path::new("/proc");
+    pids()
+        .into_iter()
+        .filter(|&p| p != except)
+        .filter(|&p| stat(proc_root, p).is_ok_and(|s| s.pgrp == pgrp && s.state != 'Z'))
+        .count()
+}
+
+/// Whether `pid` is `ancestor` or one of its descendants.
+pub fn is_descendant(proc_root: &Path, pid: i32, ancestor: i32) -> bool {
+    let mut cur = pid;
+    for _ in 0..128 {
+        if cur == ancestor {
+            return true;
+        }
+        if cur <= 1 {
+            return false;
+        }
+        match stat(proc_root, cur) {
+            Ok(s) => cur = s.ppid,
+            Err(_) => return false,
+        }
+    }
+    false
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const STAT: &str =
+        "123 (a) b) (c) R 7 1 2 0 -1 4194304 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 50";
+
     #[test]
     fn parses_past_odd_command_names() {
         assert_eq!(
-            parse_stat("123 (a) b) (c) R 7 1 2 0"),
+            parse_stat(STAT),
             Some(ProcStat {
                 state: 'R',
                 ppid: 7,
                 pgrp: 1,
-                session: 2
+                session: 2,
+                start: 98765,
             })
         );
         assert_eq!(parse_stat("123 (bash) S 45"), None);
         assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn this_process_has_an_identity_and_descends_from_its_parent() {
+        let me = std::process::id() as i32;
+        let id = proc_id(me).unwrap();
+        assert!(exists(id));
+        assert!(!exists(ProcId {
+            pid: me,
+            start: id.start + 1
+        }));
+        assert_eq!(
+            owner(Path::new("/proc"), me).unwrap(),
+            nix::unistd::getuid().as_raw()
+        );
+        let parent = nix::unistd::getppid().as_raw();
+        let proc_root = Path::new("/proc");
+        assert!(is_descendant(proc_root, me, me));
+        assert!(is_descendant(proc_root, me, parent));
+        assert!(!is_descendant(proc_root, parent, me));
+        assert!(!is_descendant(proc_root, 1, me));
+    }
+
+    #[test]
+    fn signals_reach_only_checked_processes() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        assert!(!signal_if(pid, libc::SIGKILL, |_, _| false).unwrap());
+        assert!(signal_if(pid, 0, |st, _| st.ppid == std::process::id() as i32).unwrap());
+        assert!(signal_if(pid, libc::SIGKILL, |_, _| true).unwrap());
+        child.wait().unwrap();
+        assert!(!signal_if(pid, libc::SIGKILL, |_, _| true).unwrap());
+        assert!(!signal_if(-3, 0, |_, _| true).unwrap_or(false));
     }
 }

@@ -1,266 +1,138 @@
-//! The agent's Unix socket: handshake, authentication by peer credentials,
-//! and dispatch of requests.
+//! The agent's Unix socket: accepting connections within bounds, the
+//! handshake, the access rule of each request (`access`), and dispatch to
+//! one handler per request (`handlers`, `attach`).
 //!
-//! Who may do what:
-//! * `Register` and `JobEnd`: root only (the plugin, inside slurmstepd).
-//! * `Attach`: the job's own user, from a process of that job (a descendant
-//!   of the job's slurmstepd).
-//! * `Ping`: anybody. `Status`: anybody, for their own jobs (root: all).
-//! * `Metrics`: root only.
+//! Nothing a peer sends can make the agent wait or allocate without bound:
+//! a connection has `OPEN_TIMEOUT` for its handshake and first request,
+//! frames are capped (`MAX_HELLO`, `MAX_REQUEST`, or the full `MAX_FRAME`
+//! for root and for a user with a job that waits for its attach), and
+//! unauthenticated connections are bounded per uid and in total.
 
-use crate::dask_cmd::DaskSettings;
-use crate::jobenv::JobEnv;
-use crate::joblog::JobLog;
-use crate::jobs::Jobs;
-use crate::metrics::Metrics;
-use crate::supervisor::{self, JobRun};
-use crate::wire;
-use dask_spank_common::messages::{Attach, Hello};
+use crate::access::{self, Peer};
+use crate::agent::Agent;
+use crate::conn::{refuse, reply, MAX_HELLO, MAX_REQUEST, OPEN_TIMEOUT};
+use crate::connlimit::{ConnLimits, Permit};
+use crate::joblog::escape;
+use crate::{attach, handlers, wire};
+use dask_spank_common::frame::MAX_FRAME;
+use dask_spank_common::messages::Hello;
 use dask_spank_common::{Request, Response, PROTOCOL_VERSION};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
 use tokio::net::{UnixListener, UnixStream};
 
-/// Bound on every read of a request and on the handshake.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-
-pub struct Agent {
-    pub jobs: Jobs,
-    pub settings: DaskSettings,
-    pub metrics: Metrics,
-    pub memwatch: Arc<crate::memwatch::MemWatch>,
-}
-
 pub async fn serve(listener: UnixListener, agent: Arc<Agent>) {
+    let limits = Arc::new(ConnLimits::default());
+    let mut backoff = Duration::from_millis(10);
     loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let agent = agent.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = handle(stream, agent).await {
-                        tracing::debug!("connection ended: {e}");
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = agent.shutdown.cancelled() => return,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => {
+                backoff = Duration::from_millis(10);
+                s
+            }
+            Err(e) => {
+                // EMFILE and friends: do not spin.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(cred) = stream.peer_cred() else {
+            continue;
+        };
+        let peer = Peer {
+            uid: cred.uid(),
+            pid: cred.pid().unwrap_or(0),
+        };
+        match limits.try_acquire(peer.uid) {
+            Ok(permit) => {
+                let agent2 = agent.clone();
+                agent.tasks.spawn(async move {
+                    if let Err(e) = handle(stream, peer, permit, agent2).await {
+                        tracing::debug!("connection of {peer} ended: {}", escape(&e));
                     }
                 });
             }
-            Err(e) => {
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            Err(why) => {
+                agent.metrics.connections_refused.fetch_add(1, Relaxed);
+                tracing::warn!("refused a connection: {why}");
+                // Best effort, never waiting: the socket buffer of a new
+                // connection is empty.
+                if let Ok(frame) =
+                    dask_spank_common::frame::encode(&Response::Error { message: why })
+                {
+                    let _ = stream.try_write(&frame);
+                }
             }
         }
     }
 }
 
-async fn reply(s: &mut UnixStream, r: &Response) -> Result<(), String> {
-    wire::write(s, r).await.map_err(|e| e.to_string())
-}
-
-async fn refuse(s: &mut UnixStream, msg: String) -> Result<(), String> {
-    tracing::warn!("refused: {msg}");
-    reply(
-        s,
-        &Response::Error {
-            message: msg.clone(),
-        },
-    )
-    .await?;
-    Err(msg)
-}
-
-async fn handle(mut s: UnixStream, agent: Arc<Agent>) -> Result<(), String> {
-    let cred = s.peer_cred().map_err(|e| e.to_string())?;
-    let (uid, pid) = (cred.uid(), cred.pid().unwrap_or(0));
-    let hello: Hello = match tokio::time::timeout(REQUEST_TIMEOUT, wire::read(&mut s)).await {
-        Ok(Ok(h)) => h,
-        Ok(Err(e)) => {
-            return refuse(
-                &mut s,
-                format!("bad handshake from uid {uid} pid {pid}: {e}"),
-            )
-            .await
-        }
-        Err(_) => return Err(format!("no handshake from uid {uid} pid {pid}")),
-    };
+/// Handshake, then the first request, capped by who the peer is.
+async fn open(s: &mut UnixStream, peer: &Peer, agent: &Agent) -> Result<Request, String> {
+    let hello: Hello = wire::read(s, MAX_HELLO)
+        .await
+        .map_err(|e| format!("bad handshake from {peer}: {e}"))?;
     if hello.version != PROTOCOL_VERSION {
-        return refuse(
-            &mut s,
-            format!(
-                "protocol version {} is not supported (this agent speaks version {PROTOCOL_VERSION}); install matching dask-spank versions",
-                hello.version
-            ),
-        )
-        .await;
+        return Err(format!(
+            "protocol version {} is not supported (this agent speaks version {PROTOCOL_VERSION}); install matching dask-spank versions",
+            hello.version
+        ));
     }
     reply(
-        &mut s,
+        s,
         &Response::Welcome {
             version: PROTOCOL_VERSION,
         },
     )
     .await?;
-    let req: Request = match tokio::time::timeout(REQUEST_TIMEOUT, wire::read(&mut s)).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            return refuse(&mut s, format!("bad request from uid {uid} pid {pid}: {e}")).await
-        }
-        Err(_) => return Err(format!("no request from uid {uid} pid {pid}")),
+    let max = if peer.uid == 0 || agent.jobs.awaits_attach(peer.uid) {
+        MAX_FRAME
+    } else {
+        MAX_REQUEST
     };
-    match req {
-        Request::Ping => reply(&mut s, &Response::Ok).await,
-        Request::Status => {
-            let jobs = agent.jobs.statuses(if uid == 0 { None } else { Some(uid) });
-            reply(&mut s, &Response::Status { jobs }).await
-        }
-        Request::Metrics => {
-            if uid != 0 {
-                return refuse(
-                    &mut s,
-                    format!(
-                        "uid {uid} (pid {pid}) may not read metrics over the socket: only root may"
-                    ),
-                )
-                .await;
-            }
-            let text = agent.metrics.render(agent.jobs.len());
-            reply(&mut s, &Response::Metrics { text }).await
-        }
-        Request::Register(spec) => {
-            if uid != 0 {
-                return refuse(
-                    &mut s,
-                    format!(
-                        "uid {uid} (pid {pid}) may not register jobs: only root (slurmstepd) may"
-                    ),
-                )
-                .await;
-            }
-            tracing::info!(job = spec.job_id, label = %spec.label(), user = %spec.user, role = %spec.role, cluster = %spec.cluster, "registered");
-            agent.metrics.registrations.fetch_add(1, Relaxed);
-            agent.jobs.register(*spec);
-            reply(&mut s, &Response::Ok).await
-        }
-        Request::JobEnd { job_id, reason } => {
-            if uid != 0 {
-                return refuse(
-                    &mut s,
-                    format!("uid {uid} (pid {pid}) may not end jobs: only root (slurmstepd) may"),
-                )
-                .await;
-            }
-            let known = agent.jobs.end(job_id, &reason);
-            tracing::info!(job = job_id, known, "job ended: {reason}");
-            reply(&mut s, &Response::Ok).await
-        }
-        Request::Attach(a) => Box::pin(attach(s, agent, a, uid, pid)).await,
-    }
+    wire::read(s, max)
+        .await
+        .map_err(|e| format!("bad request from {peer}: {e}"))
 }
 
-async fn attach(
+pub async fn handle(
     mut s: UnixStream,
+    peer: Peer,
+    permit: Permit,
     agent: Arc<Agent>,
-    mut a: Attach,
-    uid: u32,
-    pid: i32,
 ) -> Result<(), String> {
-    let job_id = a.job_id;
-    let (spec, stop) = match agent.jobs.attach(job_id, uid, pid) {
-        Ok(x) => x,
-        Err(e) => return refuse(&mut s, e.to_string()).await,
+    let opened = tokio::select! {
+        r = tokio::time::timeout(OPEN_TIMEOUT, open(&mut s, &peer, &agent)) => r,
+        _ = agent.shutdown.cancelled() => return Ok(()),
     };
-    reply(&mut s, &Response::SendLogFd).await?;
-    let fd = match tokio::time::timeout(REQUEST_TIMEOUT, wire::recv_fd(&s)).await {
-        Ok(Ok(fd)) => fd,
-        Ok(Err(e)) => {
-            agent.jobs.stop(job_id, "attach failed");
-            return refuse(
-                &mut s,
-                format!("job {job_id}: no log file descriptor received: {e}"),
-            )
-            .await;
-        }
+    let req = match opened {
+        Ok(Ok(req)) => req,
+        Ok(Err(msg)) => return refuse(&mut s, msg).await,
         Err(_) => {
-            agent.jobs.stop(job_id, "attach failed");
-            return refuse(
-                &mut s,
-                format!("job {job_id}: no log file descriptor received in time"),
-            )
-            .await;
+            return Err(format!(
+                "no request from {peer} within {}s",
+                OPEN_TIMEOUT.as_secs()
+            ))
         }
     };
-    reply(&mut s, &Response::Attached).await?;
-    let log = JobLog::new(fd, spec.label());
-    log.line(&format!(
-        "{} job {} of cluster '{}' on {} (user {}, {} cpus, {} MiB)",
-        spec.role,
-        spec.label(),
-        spec.cluster,
-        spec.node,
-        spec.user,
-        spec.cpus,
-        spec.mem_mb
-    ));
-    let admitted = match if agent.settings.stub.is_some() {
-        Ok(crate::admission::from_registration(&spec))
-    } else {
-        // Boxed: the admission's futures (scontrol, squeue) would
-        // otherwise be part of this job's task for its whole life.
-        Box::pin(crate::admission::admit(&spec)).await
-    } {
-        Ok(a) => a,
-        Err(why) => {
-            let reason =
-                format!("refused by the site policy before any dask process started: {why}");
-            log.line(&reason);
-            agent.metrics.refused.fetch_add(1, Relaxed);
-            agent.jobs.update(job_id, |st| {
-                st.state = "refused".into();
-                st.reason = Some(reason.clone());
-            });
-            let _ = reply(
-                &mut s,
-                &Response::Finished {
-                    exit_code: 1,
-                    reason,
-                },
-            )
-            .await;
-            return Ok(());
+    if let Err(msg) = access::check(&req, &peer) {
+        return refuse(&mut s, msg).await;
+    }
+    match req {
+        Request::Attach(a) => Box::pin(attach::run(s, agent, a, peer, permit)).await,
+        other => {
+            drop(permit);
+            match handlers::handle(other, &peer, &agent) {
+                Ok(r) => reply(&mut s, &r).await,
+                Err(msg) => refuse(&mut s, msg).await,
+            }
         }
-    };
-    let env = JobEnv::new(std::mem::take(&mut a.env), spec.env_prefix.as_deref());
-    let run = JobRun {
-        env,
-        retire_at: supervisor::retire_at(admitted.remaining_s, spec.policy.nanny.lifetime_margin_s),
-        mem_mb: if admitted.mem_mb > 0 {
-            admitted.mem_mb
-        } else {
-            spec.mem_mb
-        },
-        cgroup_procs: crate::cgroup::job_cgroup_procs(pid),
-        spec,
-        attach: a,
-        log,
-        settings: agent.settings.clone(),
-    };
-    let mut task = tokio::spawn(supervisor::run(agent.clone(), run, stop));
-    let mut byte = [0u8; 1];
-    let outcome = tokio::select! {
-        res = &mut task => res.map_err(|e| e.to_string())?,
-        _ = s.read(&mut byte) => {
-            // The job script (hence attach) is gone: scancel, walltime, or
-            // the user killed it. Stop the dask processes.
-            agent.jobs.stop(job_id, "the job script ended (cancelled, timed out or killed)");
-            task.await.map_err(|e| e.to_string())?
-        }
-    };
-    let _ = reply(
-        &mut s,
-        &Response::Finished {
-            exit_code: outcome.exit_code,
-            reason: outcome.reason,
-        },
-    )
-    .await;
-    Ok(())
+    }
 }

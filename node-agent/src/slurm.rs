@@ -1,178 +1,276 @@
-//! What slurmctld says about a job, read with `scontrol` and `squeue`.
+//! What slurmctld says about a job: one `squeue` call per job start.
 //!
 //! SPANK does not expose a job's partition, account, licences or time limit
-//! to slurmstepd, so the agent asks the controller: the answer reflects what
-//! the job was really granted, whatever the submit side did.
+//! to slurmstepd, so the agent asks the controller. The answer must not be
+//! forgeable by the job's owner, who controls free-text fields (job name,
+//! comment, command, work dir, and the account where no accounting
+//! database checks it). So the agent asks for exactly the fields it needs,
+//! separated by `|`, with the admin-defined fields first (numbers, state,
+//! partition and licence names, which Slurm validates) and the only two
+//! free-text fields last: the account, then the job name. The job name is
+//! known in advance (`dask-<role>-<cluster>`), so it is checked as the
+//! suffix of the line, and the account is what lies between the fixed
+//! fields and the name. No user text can shift a field.
+//!
+//! Memory and cpus come from slurmstepd itself (the registration), not
+//! from here.
 
-use dask_spank_common::policy::JobFacts;
-use dask_spank_common::units::{parse_mem_mb, parse_time_s};
-use std::collections::HashMap;
+use dask_spank_common::units::parse_time_s;
 use std::time::Duration;
 use tokio::process::Command;
 
-/// Bound on one scontrol/squeue call.
+/// Bound on one squeue call.
 const SLURM_CMD_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Split `scontrol -o show job` output into fields. Values may contain
-/// spaces (paths); a word that does not look like `Key=` continues the
-/// previous value.
-pub fn parse_show_job(line: &str) -> HashMap<String, String> {
-    let mut out: HashMap<String, String> = HashMap::new();
-    let mut last: Option<String> = None;
-    for word in line.trim().split(' ') {
-        let key = word.split_once('=').map(|(k, _)| k).filter(|k| {
-            !k.is_empty()
-                && k.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "/:_".contains(c))
-        });
-        match (key, &last) {
-            (Some(k), _) => {
-                let v = &word[k.len() + 1..];
-                out.insert(k.to_string(), v.to_string());
-                last = Some(k.to_string());
-            }
-            (None, Some(k)) => {
-                if let Some(v) = out.get_mut(k) {
-                    v.push(' ');
-                    v.push_str(word);
-                }
-            }
-            (None, None) => {}
-        }
+/// The fields asked for, in this order; the last two are free text.
+pub const FIELDS: &[&str] = &[
+    "JobID",
+    "UserId",
+    "NumNodes",
+    "NumTasks",
+    "TimeLimit",
+    "TimeLeft",
+    "State",
+    "Partition",
+    "Licenses",
+    "Account",
+    "Name",
+];
+const FIXED: usize = FIELDS.len() - 2;
+
+/// What the controller says about one job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerFacts {
+    pub job_id: u32,
+    pub uid: u32,
+    pub num_nodes: u32,
+    pub num_tasks: u32,
+    /// None: unlimited.
+    pub time_limit_s: Option<u64>,
+    /// None: unlimited.
+    pub time_left_s: Option<u64>,
+    pub state: String,
+    pub partition: String,
+    /// Licence names (counts dropped).
+    pub licenses: Vec<String>,
+    /// Empty when the job has none.
+    pub account: String,
+}
+
+/// Why the controller's answer cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FactsError {
+    /// The job's name is not the one its role and cluster give it.
+    #[error(
+        "job name is not {expected} (the name of cluster {cluster}'s {role} jobs): got `{got}`"
+    )]
+    Name {
+        expected: String,
+        cluster: String,
+        role: String,
+        got: String,
+    },
+    /// The controller could not be asked, or answered nonsense.
+    #[error("{0}")]
+    Slurm(String),
+}
+
+/// The `-O` argument of squeue.
+pub fn format_arg() -> String {
+    FIELDS
+        .iter()
+        .map(|f| format!("{f}:|"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn time(field: &str, v: &str) -> Result<Option<u64>, FactsError> {
+    parse_time_s(v)
+        .ok_or_else(|| FactsError::Slurm(format!("squeue shows an unreadable {field} {v}")))
+}
+
+fn num<T: std::str::FromStr>(field: &str, v: &str) -> Result<T, FactsError> {
+    v.parse()
+        .map_err(|_| FactsError::Slurm(format!("squeue shows an unreadable {field} {v}")))
+}
+
+/// Parse squeue's line for a job that must be named `expected_name`.
+/// `what` names the role and cluster for the error.
+pub fn parse(
+    line: &str,
+    expected_name: &str,
+    what: (&str, &str),
+) -> Result<ControllerFacts, FactsError> {
+    // Every field ends with `|`, the last one too.
+    let line = line.strip_suffix('\n').unwrap_or(line);
+    let line = line.strip_suffix('|').unwrap_or(line);
+    let mut fixed = line.splitn(FIXED + 1, '|');
+    let f: Vec<&str> = fixed.by_ref().take(FIXED).collect();
+    let rest = fixed.next().unwrap_or("");
+    if f.len() != FIXED || line.is_empty() {
+        return Err(FactsError::Slurm(format!(
+            "squeue printed an unexpected line: {line}"
+        )));
     }
-    out
-}
-
-fn num<T: std::str::FromStr>(f: &HashMap<String, String>, k: &str) -> Result<T, String> {
-    f.get(k)
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("scontrol shows no usable {k}"))
-}
-
-/// The policy-relevant facts, and the job name.
-pub fn facts(f: &HashMap<String, String>) -> Result<(JobFacts, String), String> {
-    let cpus: u32 = num(f, "NumCPUs")?;
-    let mem_mb = match (f.get("MinMemoryNode"), f.get("MinMemoryCPU")) {
-        (Some(v), _) => parse_mem_mb(v).ok_or_else(|| format!("unreadable MinMemoryNode={v}"))?,
-        (None, Some(v)) => {
-            parse_mem_mb(v).ok_or_else(|| format!("unreadable MinMemoryCPU={v}"))? * cpus as u64
-        }
-        (None, None) => 0,
+    let Some(account) = rest
+        .strip_suffix(expected_name)
+        .and_then(|r| r.strip_suffix('|'))
+    else {
+        return Err(FactsError::Name {
+            expected: expected_name.to_string(),
+            cluster: what.1.to_string(),
+            role: what.0.to_string(),
+            got: rest.to_string(),
+        });
     };
-    let licenses = match f.get("Licenses").map(String::as_str) {
-        None | Some("(null)") | Some("") => vec![],
-        Some(l) => l
-            .split(',')
-            .map(|x| x.split([':', '*', '@']).next().unwrap_or("").to_string())
-            .collect(),
-    };
-    let time_limit_s = match f.get("TimeLimit") {
-        Some(t) => parse_time_s(t).flatten(),
-        None => None,
-    };
-    let account = match f.get("Account").map(String::as_str) {
-        None | Some("(null)") => String::new(),
-        Some(a) => a.to_string(),
-    };
-    Ok((
-        JobFacts {
-            partition: f.get("Partition").cloned().unwrap_or_default(),
-            account,
-            licenses,
-            num_tasks: num(f, "NumTasks")?,
-            num_nodes: f
-                .get("NumNodes")
-                .and_then(|n| n.split('-').next().and_then(|x| x.parse().ok()))
-                .ok_or("scontrol shows no usable NumNodes")?,
-            cpus,
-            mem_mb,
-            time_limit_s,
+    let nodes: String = f[2].split('-').next().unwrap_or("").to_string();
+    Ok(ControllerFacts {
+        job_id: num("JobID", f[0])?,
+        uid: num("UserId", f[1])?,
+        num_nodes: num("NumNodes", &nodes)?,
+        num_tasks: num("NumTasks", f[3])?,
+        time_limit_s: time("TimeLimit", f[4])?,
+        time_left_s: time("TimeLeft", f[5])?,
+        state: f[6].to_string(),
+        partition: f[7].to_string(),
+        licenses: match f[8] {
+            "" | "(null)" => vec![],
+            l => l
+                .split(',')
+                .map(|x| x.split([':', '*', '@']).next().unwrap_or("").to_string())
+                .collect(),
         },
-        f.get("JobName").cloned().unwrap_or_default(),
-    ))
+        account: match account {
+            "(null)" => String::new(),
+            a => a.to_string(),
+        },
+    })
 }
 
-async fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
+/// Ask the controller about one job (one squeue call). `label` names it
+/// as squeue does: `1234_5` for an array task (the array's own id would
+/// list all its tasks), the job id otherwise.
+pub async fn job_facts(
+    label: &str,
+    expected_name: &str,
+    what: (&str, &str),
+) -> Result<ControllerFacts, FactsError> {
+    let args = ["-h", "-j", label, "-O", &format_arg()].map(String::from);
     let out = tokio::time::timeout(
         SLURM_CMD_TIMEOUT,
-        Command::new(cmd).args(args).kill_on_drop(true).output(),
+        Command::new("squeue")
+            .args(&args)
+            .kill_on_drop(true)
+            .output(),
     )
     .await
     .map_err(|_| {
-        format!(
-            "{cmd} did not answer within {}s",
+        FactsError::Slurm(format!(
+            "squeue did not answer within {}s",
             SLURM_CMD_TIMEOUT.as_secs()
-        )
+        ))
     })?
-    .map_err(|e| format!("cannot run {cmd}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{cmd} {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+    .map_err(|e| FactsError::Slurm(format!("cannot run squeue: {e}")))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    if text.trim().is_empty() && (out.status.success() || err.contains("Invalid job id")) {
+        return Err(FactsError::Slurm(format!(
+            "slurmctld does not know job {label}"
+        )));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-pub async fn show_job(job_id: u32) -> Result<HashMap<String, String>, String> {
-    let out = run("scontrol", &["-o", "show", "job", &job_id.to_string()]).await?;
-    Ok(parse_show_job(out.lines().next().unwrap_or("")))
-}
-
-/// Number of RUNNING jobs of `user` named `name` (array tasks counted one by one).
-pub async fn running_jobs_named(user: &str, name: &str) -> Result<usize, String> {
-    let out = run(
-        "squeue",
-        &[
-            "-h", "-r", "-u", user, "-n", name, "-t", "RUNNING", "-o", "%i",
-        ],
-    )
-    .await?;
-    Ok(out.lines().filter(|l| !l.trim().is_empty()).count())
+    if !out.status.success() {
+        return Err(FactsError::Slurm(format!(
+            "squeue -j {label} failed: {}",
+            err.trim()
+        )));
+    }
+    parse(&text, expected_name, what)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const LINE: &str = "JobId=31 JobName=dask-worker-ana UserId=u(1001) GroupId=u(1001) Account=phys QOS=(null) JobState=RUNNING TimeLimit=02:00:00 Partition=htc NumNodes=1 NumCPUs=2 NumTasks=1 CPUs/Task=2 TRES=cpu=2,mem=3G,node=1 MinMemoryNode=3G Licenses=sps:2,other Command=/home/u/my job.sh WorkDir=/home/u/a b StdOut=/x";
+    const NAME: &str = "dask-worker-ana";
+    const WHAT: (&str, &str) = ("worker", "ana");
 
     #[test]
-    fn fields_with_spaces() {
-        let f = parse_show_job(LINE);
-        assert_eq!(f["Command"], "/home/u/my job.sh");
-        assert_eq!(f["WorkDir"], "/home/u/a b");
-        assert_eq!(f["TRES"], "cpu=2,mem=3G,node=1");
-        assert_eq!(f["CPUs/Task"], "2");
+    fn the_format_asks_for_every_field_with_a_separator() {
+        assert!(format_arg().starts_with("JobID:|,UserId:|,"));
+        assert!(format_arg().ends_with("Account:|,Name:|"));
     }
 
     #[test]
-    fn facts_from_scontrol() {
-        let (got, name) = facts(&parse_show_job(LINE)).unwrap();
-        assert_eq!(name, "dask-worker-ana");
-        assert_eq!(
-            got,
-            JobFacts {
-                partition: "htc".into(),
-                account: "phys".into(),
-                licenses: vec!["sps".into(), "other".into()],
-                num_tasks: 1,
-                num_nodes: 1,
-                cpus: 2,
-                mem_mb: 3072,
-                time_limit_s: Some(7200),
-            }
-        );
-        let (f2, _) = facts(&parse_show_job(
-            "JobName=x Account=(null) TimeLimit=UNLIMITED Partition=p NumNodes=1 NumCPUs=4 NumTasks=1 MinMemoryCPU=1G Licenses=(null)",
-        ))
+    fn parses_a_line() {
+        let f = parse(
+            "31|1001|1|1|2:00:00|1:59:30|RUNNING|htc|sps:2,other|phys|dask-worker-ana\n",
+            NAME,
+            WHAT,
+        )
         .unwrap();
         assert_eq!(
-            (f2.mem_mb, f2.time_limit_s, f2.account.as_str()),
-            (4096, None, "")
+            f,
+            ControllerFacts {
+                job_id: 31,
+                uid: 1001,
+                num_nodes: 1,
+                num_tasks: 1,
+                time_limit_s: Some(7200),
+                time_left_s: Some(7170),
+                state: "RUNNING".into(),
+                partition: "htc".into(),
+                licenses: vec!["sps".into(), "other".into()],
+                account: "phys".into(),
+            }
         );
-        assert!(f2.licenses.is_empty());
-        assert!(facts(&parse_show_job("JobName=x")).is_err());
+        let g = parse(
+            "7|1|1|1|UNLIMITED|UNLIMITED|RUNNING|p|(null)|(null)|dask-worker-ana",
+            NAME,
+            WHAT,
+        )
+        .unwrap();
+        assert_eq!(
+            (g.time_limit_s, g.licenses.len(), g.account.as_str()),
+            (None, 0, "")
+        );
+    }
+
+    #[test]
+    fn free_text_cannot_shift_or_forge_fields() {
+        // An account and a job name full of separators and key=value words.
+        let acct = "a|b NumCPUs=1|Partition=htc";
+        let line = format!("31|1001|1|1|2:00:00|1:00:00|RUNNING|other|(null)|{acct}|{NAME}");
+        let f = parse(&line, NAME, WHAT).unwrap();
+        assert_eq!((f.partition.as_str(), f.account.as_str()), ("other", acct));
+        // A name with a line break cannot forge a second record.
+        let nl = format!("31|1001|1|1|2:00:00|1:00:00|RUNNING|p|(null)|a|x\n31|1001|1|1|2:00:00|1:00:00|RUNNING|htc|sps|a|{NAME}|\n");
+        let f = parse(&nl, NAME, WHAT).unwrap();
+        assert_eq!((f.partition.as_str(), f.licenses.len()), ("p", 0));
+        assert!(f.account.contains('\n'));
+        // A name that merely starts with the expected one is refused.
+        let forged = "31|1001|1|1|2:00:00|1:00:00|RUNNING|p|(null)|x|dask-worker-ana|htc";
+        assert!(matches!(
+            parse(forged, NAME, WHAT),
+            Err(FactsError::Name { .. })
+        ));
+        let other = "31|1001|1|1|2:00:00|1:00:00|RUNNING|p|(null)|x|dask-worker-bob";
+        let e = parse(other, NAME, WHAT).unwrap_err().to_string();
+        assert!(
+            e.contains("dask-worker-ana") && e.contains("x|dask-worker-bob"),
+            "{e}"
+        );
+        assert!(matches!(parse("", NAME, WHAT), Err(FactsError::Slurm(_))));
+        assert!(matches!(
+            parse("1|2|3", NAME, WHAT),
+            Err(FactsError::Slurm(_))
+        ));
+        assert!(matches!(
+            parse(
+                "x|1001|1|1|2:00:00|1:00:00|RUNNING|p|(null)|a|dask-worker-ana",
+                NAME,
+                WHAT
+            ),
+            Err(FactsError::Slurm(_))
+        ));
     }
 }

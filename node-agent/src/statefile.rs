@@ -1,17 +1,50 @@
 //! The agent's state on disk (under --agent-dir, a tmpfs /run on real
-//! sites): one file per registered job with its process groups. After a
+//! sites): one file per registered job with the identities of its
+//! slurmstepd and of the process-group leaders started for it. After a
 //! crash, the restarted agent reads it to kill whatever the old agent's
-//! processes left behind and to keep the registrations of live jobs.
+//! processes left behind and to keep the registrations of live jobs
+//! (`recovery`).
+//!
+//! The format is versioned: a file of a newer format than this agent
+//! knows is left alone with a warning, never misread.
 
+use crate::procfs::ProcId;
+use dask_spank_common::files::write_json_atomic;
 use dask_spank_common::JobSpec;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// The state format this agent writes and reads.
+pub const FORMAT: u32 = 2;
+/// Leaders remembered per job (the current ones; older ones are gone).
+const MAX_LEADERS: usize = 8;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
+    pub format: u32,
     pub spec: JobSpec,
-    /// Process groups started for the job (all of them, past and present).
-    pub pgids: Vec<i32>,
+    /// The job's slurmstepd.
+    pub stepd: ProcId,
+    /// Process-group leaders started for the job, newest last.
+    pub leaders: Vec<ProcId>,
+}
+
+impl Record {
+    pub fn new(spec: JobSpec, stepd: ProcId) -> Record {
+        Record {
+            format: FORMAT,
+            spec,
+            stepd,
+            leaders: vec![],
+        }
+    }
+
+    pub fn add_leader(&mut self, id: ProcId) {
+        if self.leaders.len() >= MAX_LEADERS {
+            self.leaders.remove(0);
+        }
+        self.leaders.push(id);
+    }
 }
 
 pub struct StateDir {
@@ -32,15 +65,8 @@ impl StateDir {
         self.dir.join(format!("job-{job_id}.json"))
     }
 
-    /// Write atomically (temporary file, then rename).
     pub fn save(&self, r: &Record) {
-        let p = self.path(r.spec.job_id);
-        let tmp = p.with_extension("tmp");
-        let res = serde_json::to_vec(r)
-            .map_err(std::io::Error::other)
-            .and_then(|b| std::fs::write(&tmp, b))
-            .and_then(|_| std::fs::rename(&tmp, &p));
-        if let Err(e) = res {
+        if let Err(e) = write_json_atomic(&self.path(r.spec.job_id), r, 0o600) {
             tracing::warn!("cannot save state of job {}: {e}", r.spec.job_id);
         }
     }
@@ -59,13 +85,26 @@ impl StateDir {
             if p.extension().and_then(|x| x.to_str()) != Some("json") {
                 continue;
             }
-            match std::fs::read(&p)
+            let Ok(bytes) = std::fs::read(&p) else {
+                continue;
+            };
+            let format = serde_json::from_slice::<serde_json::Value>(&bytes)
                 .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-            {
-                Some(r) => out.push(r),
-                None => {
-                    tracing::warn!("ignoring unreadable state file {}", p.display());
+                .and_then(|v| v.get("format")?.as_u64());
+            match format {
+                Some(f) if f > FORMAT as u64 => {
+                    tracing::warn!(
+                        "state file {} has format {f}, newer than this agent's {FORMAT}: left alone (downgrade the agent only with no jobs running)",
+                        p.display()
+                    );
+                    continue;
+                }
+                _ => {}
+            }
+            match serde_json::from_slice(&bytes) {
+                Ok(r) => out.push(r),
+                Err(e) => {
+                    tracing::warn!("ignoring unreadable state file {}: {e}", p.display());
                     let _ = std::fs::remove_file(&p);
                 }
             }
@@ -74,70 +113,31 @@ impl StateDir {
     }
 }
 
-/// Processes (pid, pgid, uid) from /proc.
-pub fn processes() -> Vec<(i32, i32, u32)> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        let pgid = crate::procfs::parse_stat(&stat).map(|s| s.pgrp);
-        let uid = std::fs::read_to_string(e.path().join("status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("Uid:"))
-                    .and_then(|l| l.split_whitespace().nth(1).and_then(|u| u.parse().ok()))
-            });
-        if let (Some(pgid), Some(uid)) = (pgid, uid) {
-            out.push((pid, pgid, uid));
-        }
-    }
-    out
-}
-
-/// Whether `pid` is a live slurmstepd.
-pub fn is_slurmstepd(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|c| c.trim() == "slurmstepd")
-        .unwrap_or(false)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn save_load_remove() {
+    fn save_load_remove_and_newer_formats_left_alone() {
         let dir = std::env::temp_dir().join(format!("dsp-state-{}", std::process::id()));
         let sd = StateDir::open(&dir).unwrap();
         let spec: JobSpec = serde_json::from_str(include_str!("../testdata/spec.json")).unwrap();
-        let r = Record {
-            spec,
-            pgids: vec![10, 11],
-        };
+        let mut r = Record::new(spec, ProcId { pid: 10, start: 5 });
+        for i in 0..20 {
+            r.add_leader(ProcId { pid: i, start: 1 });
+        }
+        assert_eq!(r.leaders.len(), MAX_LEADERS);
         sd.save(&r);
         std::fs::write(dir.join("job-9.json"), b"garbage").unwrap();
+        std::fs::write(dir.join("job-8.json"), br#"{"format": 99, "whatever": 1}"#).unwrap();
         assert_eq!(sd.load_all(), vec![r.clone()]);
         assert!(
             !dir.join("job-9.json").exists(),
             "unreadable files are dropped"
         );
+        assert!(dir.join("job-8.json").exists(), "newer formats are kept");
         sd.remove(r.spec.job_id);
         assert!(sd.load_all().is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn process_table_has_this_process() {
-        let me = std::process::id() as i32;
-        let uid = nix::unistd::getuid().as_raw();
-        assert!(processes().iter().any(|(p, _, u)| *p == me && *u == uid));
     }
 }

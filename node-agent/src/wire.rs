@@ -1,21 +1,36 @@
 //! Async side of the framing in `dask_spank_common::frame`, and the
 //! receipt of a file descriptor passed with SCM_RIGHTS.
+//!
+//! Peers may be hostile: a frame is read with a size cap chosen by the
+//! caller, and its body is read as it arrives (no buffer of the announced
+//! size up front), so a peer that announces 1 MiB and sends nothing costs
+//! nothing. Every write to a peer is bounded in time by the caller.
 
 use dask_spank_common::frame::{self, FrameError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 
-/// Read exactly one frame (no read-ahead, see `frame`).
-pub async fn read<T: DeserializeOwned>(s: &mut UnixStream) -> Result<T, FrameError> {
+/// Read exactly one frame of at most `max` bytes (no read-ahead, see `frame`).
+pub async fn read<T: DeserializeOwned, R: AsyncRead + Unpin>(
+    s: &mut R,
+    max: usize,
+) -> Result<T, FrameError> {
     let mut header = [0u8; 4];
     s.read_exact(&mut header).await.map_err(eof)?;
-    let len = frame::body_len(header, frame::MAX_FRAME)?;
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).await.map_err(eof)?;
+    let len = frame::body_len(header, max)?;
+    let mut body = Vec::with_capacity(len.min(4096));
+    (&mut *s)
+        .take(len as u64)
+        .read_to_end(&mut body)
+        .await
+        .map_err(eof)?;
+    if body.len() != len {
+        return Err(FrameError::Closed);
+    }
     frame::decode(&body)
 }
 
@@ -27,7 +42,10 @@ fn eof(e: io::Error) -> FrameError {
     }
 }
 
-pub async fn write<T: Serialize>(s: &mut UnixStream, msg: &T) -> Result<(), FrameError> {
+pub async fn write<T: Serialize, W: AsyncWrite + Unpin>(
+    s: &mut W,
+    msg: &T,
+) -> Result<(), FrameError> {
     s.write_all(&frame::encode(msg)?).await?;
     Ok(())
 }
@@ -75,5 +93,37 @@ pub async fn recv_fd(s: &UnixStream) -> io::Result<OwnedFd> {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             other => return other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dask_spank_common::Request;
+
+    #[tokio::test]
+    async fn frames_are_capped_and_read_as_they_arrive() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        write(&mut a, &Request::Ping).await.unwrap();
+        assert_eq!(
+            read::<Request, _>(&mut b, 100).await.unwrap(),
+            Request::Ping
+        );
+        // Over the cap: refused from the header alone.
+        a.write_all(&100_000u32.to_be_bytes()).await.unwrap();
+        assert!(matches!(
+            read::<Request, _>(&mut b, 1000).await,
+            Err(FrameError::TooLarge { .. })
+        ));
+        // Announced but never sent: the reader waits without allocating it;
+        // a closed peer ends it.
+        let (mut c, mut d) = UnixStream::pair().unwrap();
+        c.write_all(&(1u32 << 20).to_be_bytes()).await.unwrap();
+        c.write_all(b"{").await.unwrap();
+        drop(c);
+        assert!(matches!(
+            read::<Request, _>(&mut d, 1 << 20).await,
+            Err(FrameError::Closed)
+        ));
     }
 }

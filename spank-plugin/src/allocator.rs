@@ -63,16 +63,6 @@ pub fn validate(opts: &DaskOptions) -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
-/// Name of the submitting user's primary group (the default account).
-fn primary_group() -> String {
-    let gid = nix::unistd::getgid();
-    nix::unistd::Group::from_gid(gid)
-        .ok()
-        .flatten()
-        .map(|g| g.name)
-        .unwrap_or_else(|| gid.to_string())
-}
-
 fn read_script(path: &str) -> String {
     let mut body = String::new();
     if let Ok(f) = std::fs::File::open(path) {
@@ -131,7 +121,15 @@ pub fn maybe_reexec(cfg: Result<&Config, Box<dyn Error>>) -> Result<(), Box<dyn 
     // A broken plugstack.conf fails dask jobs loudly, and only them.
     let cfg = cfg?;
     let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());
-    let p = plan(&req, cfg, role, &cluster, &cwd, &primary_group()).map_err(user_error)?;
+    let p = plan(
+        &req,
+        cfg,
+        role,
+        &cluster,
+        &cwd,
+        &dask_spank_common::sys::primary_group_name(),
+    )
+    .map_err(user_error)?;
     if p.insert.is_empty() {
         return Ok(());
     }

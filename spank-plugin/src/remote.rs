@@ -8,7 +8,7 @@
 
 use crate::options::DaskOptions;
 use crate::user_error;
-use dask_spank_common::client::Client;
+use dask_spank_common::client::{Client, ClientError};
 use dask_spank_common::config::Config;
 use dask_spank_common::paths::{agent_socket, vars};
 use dask_spank_common::{JobSpec, Request, Response};
@@ -29,29 +29,14 @@ pub struct RemoteState {
     registered: Option<(u32, PathBuf, std::time::Duration)>,
 }
 
-/// The Slurm node name: slurmstepd puts it in its own environment (the
-/// job's copy only appears at task launch). It differs from the hostname
-/// when several slurmd share a host (`slurmd -N`).
-fn node_name(spank: &SpankHandle) -> String {
-    if let Ok(n) = std::env::var("SLURMD_NODENAME") {
-        if !n.is_empty() {
-            return n;
-        }
+/// The Slurm node name: slurmstepd puts it in its own environment. It
+/// differs from the hostname when several slurmd share a host (`slurmd
+/// -N`). Never from the job's environment, which the user sets.
+fn node_name() -> String {
+    match std::env::var("SLURMD_NODENAME") {
+        Ok(n) if !n.is_empty() => n,
+        _ => dask_spank_common::sys::short_hostname(),
     }
-    if let Ok(Some(n)) = spank.getenv("SLURMD_NODENAME") {
-        if !n.is_empty() {
-            return n;
-        }
-    }
-    nix::unistd::gethostname()
-        .map(|h| {
-            h.to_string_lossy()
-                .split('.')
-                .next()
-                .unwrap_or("")
-                .to_string()
-        })
-        .unwrap_or_default()
 }
 
 fn build_spec(
@@ -69,14 +54,9 @@ fn build_spec(
     } else {
         (None, None)
     };
-    let user = match spank.getenv("SLURM_JOB_USER") {
-        Ok(Some(u)) if !u.is_empty() => u,
-        _ => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-            .ok()
-            .flatten()
-            .map(|u| u.name)
-            .unwrap_or_else(|| uid.to_string()),
-    };
+    // From the uid: SLURM_JOB_USER is in the job's environment, which the
+    // submitter controls.
+    let user = dask_spank_common::sys::user_name(uid);
     let submit_dir = match spank.getenv("SLURM_SUBMIT_DIR") {
         Ok(Some(d)) if d.starts_with('/') => PathBuf::from(d),
         _ => PathBuf::from("/"),
@@ -96,7 +76,7 @@ fn build_spec(
         mem_mb: spank.job_alloc_mem().unwrap_or(0),
         time_limit_s: None,
         submit_dir,
-        node: node_name(spank),
+        node: node_name(),
         stepd_pid: std::process::id() as i32,
         policy: cfg.policy.clone(),
     })
@@ -141,9 +121,7 @@ impl RemoteState {
         match client.call(&Request::Register(Box::new(spec))) {
             Ok(Response::Ok) => {}
             Ok(other) => {
-                return Err(user_error(format!(
-                    "node agent: unexpected reply {other:?}"
-                )))
+                return Err(user_error(ClientError::unexpected(other).to_string()));
             }
             Err(e) => return Err(user_error(format!("node agent refused the job: {e}"))),
         }

@@ -1,0 +1,248 @@
+//! The `Attach` request: the job's own `dask-spank attach` (as the user,
+//! inside the job) hands the job over. In order:
+//!   1. the job's rule: its user, from a process of the job (`Jobs::attach`);
+//!   2. what the agent takes from the attaching process itself, never from
+//!      the message: the job's cgroups and resource limits (a pidfd proves
+//!      they were read from that very process);
+//!   3. the job's log descriptor, which must be a file;
+//!   4. the site policy against what Slurm granted (`admission`);
+//!   5. the supervisor runs while this connection relays the scheduler
+//!      addresses the job reports; the connection's end (the job script is
+//!      gone: scancel, walltime) stops the job's processes.
+
+use crate::access::Peer;
+use crate::admission::{self, Admitted, Refusal};
+use crate::agent::Agent;
+use crate::conn::{refuse, reply, MAX_REQUEST, OPEN_TIMEOUT};
+use crate::connlimit::Permit;
+use crate::jobenv::JobEnv;
+use crate::joblog::{check_descriptor, JobLog};
+use crate::jobs::JobHandle;
+use crate::rlimits::{self, Rlimit};
+use crate::supervisor::{self, Context, JobRun, Outcome};
+use crate::{cgroup, procfs, wire};
+use dask_spank_common::messages::Attach;
+use dask_spank_common::{JobSpec, JobState, Request, Response};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+
+/// Longest scheduler address accepted from a job.
+const MAX_ADDRESS: usize = 256;
+
+/// What the agent reads from the attaching process itself.
+struct Captured {
+    cgroups: Vec<PathBuf>,
+    rlimits: Vec<Rlimit>,
+}
+
+/// The job's cgroups and limits, read from the attaching process, which
+/// `pidfd` names: if it is still alive after the reads, they were its own
+/// (its pid cannot have been reused meanwhile).
+fn capture(pidfd: &std::os::fd::OwnedFd, peer: &Peer) -> Result<Captured, String> {
+    let cgroups = cgroup::job_cgroups(Path::new("/proc"), peer.pid)?;
+    let rlimits = rlimits::of_process(peer.pid)
+        .map_err(|e| format!("cannot read the resource limits of pid {}: {e}", peer.pid))?;
+    procfs::pidfd_signal(pidfd, 0)
+        .map_err(|_| format!("the attaching process (pid {}) is gone", peer.pid))?;
+    Ok(Captured { cgroups, rlimits })
+}
+
+/// The job's log descriptor, passed with SCM_RIGHTS after `SendLogFd`.
+async fn receive_log(s: &mut UnixStream, spec: &JobSpec) -> Result<JobLog, String> {
+    reply(s, &Response::SendLogFd).await?;
+    let fd = match tokio::time::timeout(OPEN_TIMEOUT, wire::recv_fd(s)).await {
+        Ok(Ok(fd)) => fd,
+        Ok(Err(e)) => {
+            return Err(format!(
+                "job {}: no log file descriptor received: {e}",
+                spec.job_id
+            ))
+        }
+        Err(_) => {
+            return Err(format!(
+                "job {}: no log file descriptor received in time",
+                spec.job_id
+            ))
+        }
+    };
+    check_descriptor(&fd).map_err(|e| format!("job {}: {e}", spec.job_id))?;
+    Ok(JobLog::new(fd, spec.label()))
+}
+
+/// A scheduler address as dask writes it, of a sane length.
+fn valid_address(a: &str) -> bool {
+    a.len() <= MAX_ADDRESS
+        && (a.starts_with("tcp://") || a.starts_with("tls://"))
+        && a.rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        && !a.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+pub async fn run(
+    mut s: UnixStream,
+    agent: Arc<Agent>,
+    a: Attach,
+    peer: Peer,
+    permit: Permit,
+) -> Result<(), String> {
+    let Ok(pidfd) = procfs::pidfd_open(peer.pid) else {
+        return refuse(
+            &mut s,
+            format!("the attaching process (pid {}) is gone", peer.pid),
+        )
+        .await;
+    };
+    let (spec, job, stop) = match agent.jobs.attach(a.job_id, peer.uid, peer.pid) {
+        Ok(x) => x,
+        Err(e) => return refuse(&mut s, e.to_string()).await,
+    };
+    // From here on the connection is the job's, bounded by Slurm's jobs.
+    drop(permit);
+    let prepared = match capture(&pidfd, &peer) {
+        Ok(c) => receive_log(&mut s, &spec).await.map(|log| (c, log)),
+        Err(e) => Err(format!("job {}: {e}", spec.job_id)),
+    };
+    let (captured, log) = match prepared {
+        Ok(x) => x,
+        Err(e) => {
+            job.finished(JobState::Failed, &e);
+            agent.jobs.stop(spec.job_id, "attach failed");
+            return refuse(&mut s, e).await;
+        }
+    };
+    reply(&mut s, &Response::Attached).await?;
+    log.line(&format!(
+        "{} job {} of cluster '{}' on {} (user {}, {} cpus, {} MiB)",
+        spec.role,
+        spec.label(),
+        spec.cluster,
+        spec.node,
+        spec.user,
+        spec.cpus,
+        spec.mem_mb
+    ));
+    let admitted = if agent.settings.stub.is_some() {
+        Ok(admission::from_registration(&spec))
+    } else {
+        // Boxed: the admission's futures would otherwise be part of this
+        // job's task for its whole life.
+        Box::pin(admission::admit(&spec)).await
+    };
+    match admitted {
+        Ok(admitted) => supervise(s, agent, a, spec, job, stop, captured, log, admitted).await,
+        Err(refusal) => refused(s, &agent, &job, &log, refusal).await,
+    }
+}
+
+async fn refused(
+    mut s: UnixStream,
+    agent: &Agent,
+    job: &JobHandle,
+    log: &JobLog,
+    refusal: Refusal,
+) -> Result<(), String> {
+    let reason = refusal.to_string();
+    log.line(&reason);
+    if matches!(refusal, Refusal::Policy(_)) {
+        agent.metrics.refused.fetch_add(1, Relaxed);
+    }
+    job.finished(JobState::Refused, &reason);
+    let _ = reply(
+        &mut s,
+        &Response::Finished {
+            exit_code: 1,
+            reason,
+        },
+    )
+    .await;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn supervise(
+    mut s: UnixStream,
+    agent: Arc<Agent>,
+    a: Attach,
+    spec: JobSpec,
+    job: JobHandle,
+    stop: crate::jobs::StopRx,
+    captured: Captured,
+    log: JobLog,
+    admitted: Admitted,
+) -> Result<(), String> {
+    let job_id = spec.job_id;
+    let (addr_tx, addr_rx) = watch::channel(None);
+    let run = JobRun {
+        env: JobEnv::new(a.env, spec.env_prefix.as_deref()),
+        cwd: a.cwd,
+        cluster_dir: a.cluster_dir,
+        retire_at: supervisor::retire_at(admitted.remaining_s, spec.policy.nanny.lifetime_margin_s),
+        mem_mb: if admitted.mem_mb > 0 {
+            admitted.mem_mb
+        } else {
+            spec.mem_mb
+        },
+        cgroups: captured.cgroups,
+        rlimits: captured.rlimits,
+        spec,
+        log,
+        settings: agent.settings.clone(),
+    };
+    let ctx = Context {
+        job,
+        metrics: agent.metrics.clone(),
+        memwatch: agent.memwatch.clone(),
+        scheduler: addr_rx,
+    };
+    let mut task = agent.tasks.spawn(supervisor::run(ctx, run, stop));
+    let mut open = true;
+    let outcome = loop {
+        tokio::select! {
+            res = &mut task => break res.unwrap_or_else(|e| Outcome { exit_code: 1, reason: format!("the supervisor failed: {e}") }),
+            msg = wire::read::<Request, _>(&mut s, MAX_REQUEST), if open => match msg {
+                Ok(Request::SchedulerAddress { address }) if valid_address(&address) => {
+                    addr_tx.send_replace(Some(address));
+                }
+                other => {
+                    // The job script (hence attach) is gone: scancel,
+                    // walltime, or the user killed it; or it talks nonsense.
+                    open = false;
+                    let why = match other {
+                        Err(dask_spank_common::frame::FrameError::Closed) => "the job script ended (cancelled, timed out or killed)".to_string(),
+                        Err(e) => format!("the job's attach connection broke: {e}"),
+                        Ok(_) => "the job's attach process sent an invalid message".to_string(),
+                    };
+                    agent.jobs.stop(job_id, &why);
+                }
+            },
+        }
+    };
+    let _ = reply(
+        &mut s,
+        &Response::Finished {
+            exit_code: outcome.exit_code,
+            reason: outcome.reason,
+        },
+    )
+    .await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scheduler_addresses() {
+        assert!(valid_address("tcp://127.0.0.1:40123"));
+        assert!(valid_address("tls://n1.example.org:8786"));
+        assert!(valid_address("tcp://[::1]:8786"));
+        assert!(!valid_address("tcp://127.0.0.1"));
+        assert!(!valid_address("http://x:80"));
+        assert!(!valid_address("tcp://a b:80"));
+        assert!(!valid_address(&format!("tcp://{}:80", "x".repeat(300))));
+    }
+}

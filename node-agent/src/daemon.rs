@@ -1,0 +1,162 @@
+//! Running the agent: privileges, the socket, recovery after a crash, the
+//! optional metrics listener, systemd notification, and an orderly
+//! shutdown that waits for every supervisor.
+
+use crate::agent::Agent;
+use crate::dask_cmd::DaskSettings;
+use crate::jobs::Jobs;
+use crate::supervisor::STOP_GRACE;
+use crate::{metrics, privileges, recovery, server, statefile};
+use dask_spank_common::client::Client;
+use dask_spank_common::paths::agent_socket;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct Options {
+    /// Directory of the socket and the state (`--agent-dir`).
+    pub agent_dir: PathBuf,
+    /// The Slurm node name this agent serves.
+    pub node: String,
+    pub settings: DaskSettings,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// Every supervised job holds a few descriptors (its attach connection, its
+/// log, its child): a thousand jobs need more than the usual soft limit of
+/// 1024. Raise the soft limit to the hard one. Children get the job's own
+/// limits (`spawn`), not this one.
+fn raise_nofile() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!("cannot raise the open files limit from {soft} to {hard}: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot read the open files limit: {e}"),
+    }
+}
+
+/// Tell systemd (Type=notify) that the agent serves, and keep its watchdog
+/// fed from the event loop, so a wedged agent gets restarted. Outside
+/// systemd (no NOTIFY_SOCKET) this does nothing.
+fn systemd_ready() {
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!("sd_notify READY failed: {e}");
+    }
+    let mut usec = 0u64;
+    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
+        let every = Duration::from_micros(usec / 2);
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(every);
+            loop {
+                t.tick().await;
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+        tracing::info!("systemd watchdog fed every {every:?}");
+    }
+}
+
+/// The socket, world-writable: what each peer may do is decided per
+/// request from its kernel-provided credentials.
+fn listen(o: &Options) -> Result<tokio::net::UnixListener, String> {
+    std::fs::create_dir_all(&o.agent_dir)
+        .map_err(|e| format!("cannot create {}: {e}", o.agent_dir.display()))?;
+    std::fs::set_permissions(&o.agent_dir, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("{}: {e}", o.agent_dir.display()))?;
+    let sock = agent_socket(&o.agent_dir, &o.node);
+    if Client::connect(&sock, "probe", Duration::from_millis(500)).is_ok() {
+        return Err(format!(
+            "another agent already answers on {}",
+            sock.display()
+        ));
+    }
+    let _ = std::fs::remove_file(&sock);
+    let listener = tokio::net::UnixListener::bind(&sock)
+        .map_err(|e| format!("cannot listen on {}: {e}", sock.display()))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666))
+        .map_err(|e| format!("{}: {e}", sock.display()))?;
+    Ok(listener)
+}
+
+async fn serve_metrics(addr: std::net::SocketAddr, agent: &Agent) -> Result<(), String> {
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "--metrics-addr {addr}: only loopback addresses are allowed"
+        ));
+    }
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    tokio::spawn(metrics::serve(l, agent.metrics.clone(), agent.jobs.clone()));
+    tracing::info!(%addr, "metrics served over HTTP to every local user (--metrics-addr)");
+    Ok(())
+}
+
+pub async fn run(o: Options) -> Result<(), String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err("must run as root (it starts processes as the jobs' users)".into());
+    }
+    privileges::drop_unneeded()?;
+    raise_nofile();
+    if let Some(stub) = &o.settings.stub {
+        tracing::warn!(
+            "BENCHMARK MODE: running `{}` instead of dask and trusting registrations without slurmctld; never use --stub-command on a production node",
+            stub.join(" ")
+        );
+    }
+    let listener = listen(&o)?;
+    let state_dir = o.agent_dir.join(format!("state-{}", o.node));
+    let state = statefile::StateDir::open(&state_dir).map_err(|e| {
+        format!(
+            "cannot create the state directory {}: {e}",
+            state_dir.display()
+        )
+    })?;
+    let jobs = Jobs::new(PathBuf::from("/proc"), Some(state));
+    if let Ok(st) = statefile::StateDir::open(&state_dir) {
+        recovery::recover(&st, &jobs);
+    }
+    let agent = Agent::new(jobs, o.settings);
+    tokio::spawn(agent.memwatch.clone().run());
+    if let Some(addr) = o.metrics_addr {
+        serve_metrics(addr, &agent).await?;
+    }
+    let sock = agent_socket(&o.agent_dir, &o.node);
+    tracing::info!(node = %o.node, socket = %sock.display(), "dask-node-agent ready");
+    systemd_ready();
+    wait_for_signal(listener, agent.clone()).await?;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    tracing::info!(
+        "shutting down: stopping the dask processes of {} jobs",
+        agent.jobs.len()
+    );
+    if !agent
+        .shut_down("the node agent is shutting down", STOP_GRACE * 2)
+        .await
+    {
+        tracing::warn!("some jobs' processes did not stop in time");
+    }
+    let _ = std::fs::remove_file(&sock);
+    Ok(())
+}
+
+/// Serve until SIGTERM or SIGINT.
+async fn wait_for_signal(
+    listener: tokio::net::UnixListener,
+    agent: Arc<Agent>,
+) -> Result<(), String> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    tokio::select! {
+        _ = server::serve(listener, agent) => {}
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

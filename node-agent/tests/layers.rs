@@ -1,0 +1,144 @@
+//! The agent's shape, checked: its modules use each other without a
+//! circle (each module only uses modules of lower layers), and no function
+//! is longer than a screen. Run `cargo test -p dask-node-agent --test
+//! layers -- --nocapture` to see the layers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+/// Longest function body allowed, in lines.
+const MAX_FN_LINES: usize = 80;
+
+fn sources() -> BTreeMap<String, String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    std::fs::read_dir(&dir)
+        .expect("src")
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "rs"))
+        .map(|e| {
+            let name = e
+                .path()
+                .file_stem()
+                .expect("stem")
+                .to_string_lossy()
+                .into_owned();
+            (name, std::fs::read_to_string(e.path()).expect("read"))
+        })
+        .collect()
+}
+
+/// The code of a file before its tests.
+fn code(text: &str) -> &str {
+    text.split("#[cfg(test)]").next().unwrap_or(text)
+}
+
+/// The agent's modules that `text` uses (`crate::x`, `use crate::{x, y}`).
+fn uses(text: &str, modules: &BTreeSet<String>) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let code = code(text);
+    for (i, _) in code.match_indices("crate::") {
+        let rest = &code[i + 7..];
+        let names: Vec<&str> = if let Some(group) = rest.strip_prefix('{') {
+            group.split('}').next().unwrap_or("").split(',').collect()
+        } else {
+            vec![rest]
+        };
+        for n in names {
+            let n: String = n
+                .trim()
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            if modules.contains(&n) {
+                out.insert(n);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn modules_form_layers_without_a_circle() {
+    let src = sources();
+    let modules: BTreeSet<String> = src
+        .keys()
+        .filter(|m| *m != "lib" && *m != "main")
+        .cloned()
+        .collect();
+    let graph: BTreeMap<String, BTreeSet<String>> = modules
+        .iter()
+        .map(|m| {
+            let mut u = uses(&src[m], &modules);
+            u.remove(m);
+            (m.clone(), u)
+        })
+        .collect();
+    // Peel off layers: modules whose uses are all in lower layers.
+    let mut placed: BTreeSet<String> = BTreeSet::new();
+    let mut layer = 0;
+    while placed.len() < modules.len() {
+        let next: Vec<String> = modules
+            .iter()
+            .filter(|m| !placed.contains(*m) && graph[*m].iter().all(|d| placed.contains(d)))
+            .cloned()
+            .collect();
+        if next.is_empty() {
+            let left: Vec<_> = modules.difference(&placed).collect();
+            let edges: Vec<String> = left
+                .iter()
+                .map(|m| {
+                    format!(
+                        "{m} -> {:?}",
+                        graph[*m]
+                            .iter()
+                            .filter(|d| !placed.contains(*d))
+                            .collect::<Vec<_>>()
+                    )
+                })
+                .collect();
+            panic!(
+                "the modules {left:?} use each other in a circle:\n{}",
+                edges.join("\n")
+            );
+        }
+        println!("layer {layer}: {}", next.join(", "));
+        placed.extend(next);
+        layer += 1;
+    }
+}
+
+#[test]
+fn no_function_is_longer_than_a_screen() {
+    let mut long = Vec::new();
+    for (name, text) in sources() {
+        let lines: Vec<&str> = code(&text).lines().collect();
+        for (i, l) in lines.iter().enumerate() {
+            let t = l.trim_start();
+            let is_fn = t.starts_with("fn ")
+                || t.starts_with("pub fn ")
+                || t.starts_with("async fn ")
+                || t.starts_with("pub async fn ")
+                || t.starts_with("pub(crate) fn ");
+            if !is_fn {
+                continue;
+            }
+            let indent = l.len() - t.len();
+            // The body ends at the first `}` at the function's indentation.
+            let end = lines[i + 1..]
+                .iter()
+                .position(|x| {
+                    x.len() > indent && x[..indent + 1] == format!("{}}}", " ".repeat(indent))
+                })
+                .map(|p| p + 1)
+                .unwrap_or(0);
+            if end > MAX_FN_LINES {
+                long.push(format!("{name}.rs:{}: {} lines: {}", i + 1, end, t));
+            }
+        }
+    }
+    assert!(
+        long.is_empty(),
+        "functions over {MAX_FN_LINES} lines:\n{}",
+        long.join("\n")
+    );
+}

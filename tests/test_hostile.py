@@ -1,0 +1,373 @@
+"""Hostile users against the root node agent (issue 12).
+
+Each test runs an attack as the unprivileged test user, with nothing but
+job scripts, Python and the agent's public socket, on the real sandbox.
+While it runs, a watcher pings the agent as root every 100 ms and samples
+its resident memory: the agent must answer every ping within a second and
+stay bounded, and nothing past the job's own limits may be granted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import agentproto
+import sandboxlib as sb
+
+# Generous for a loaded 2-core machine; a blocked agent misses it by far.
+PING_BOUND_S = 1.0
+RSS_GROWTH_BOUND_MIB = 40
+
+
+def agent_rss_mib() -> float:
+    for line in open(f"/proc/{sb.agent_pid()}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+class AgentWatch:
+    """Ping the agent as root every 100 ms; keep the slowest answer (a
+    failed or missing answer counts as infinitely slow) and the largest RSS."""
+
+    def __init__(self):
+        self.worst = 0.0
+        self.failures: list[str] = []
+        self.rss0 = agent_rss_mib()
+        self.rss_max = self.rss0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                c = agentproto.Conn(sb.agent_socket(), "watch", timeout=5)
+                r = c.call({"type": "ping"})
+                c.close()
+                if r.get("type") != "ok":
+                    self.failures.append(json.dumps(r))
+            except Exception as e:  # noqa: BLE001 - any failure is the finding
+                self.failures.append(repr(e))
+            self.worst = max(self.worst, time.monotonic() - t0)
+            try:
+                self.rss_max = max(self.rss_max, agent_rss_mib())
+            except (OSError, RuntimeError) as e:
+                self.failures.append(repr(e))
+            self._stop.wait(0.1)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join(10)
+
+    def check(self):
+        assert not self.failures, f"the agent did not answer: {self.failures[:3]}"
+        assert self.worst < PING_BOUND_S, f"the agent took {self.worst:.2f}s to answer a ping"
+        growth = self.rss_max - self.rss0
+        assert growth < RSS_GROWTH_BOUND_MIB, f"the agent grew by {growth:.0f} MiB"
+
+
+def script(name: str, body: str) -> Path:
+    """A job script in the test user's work directory."""
+    p = sb.WORK / f"{name}.sh"
+    p.write_text("#!/bin/bash\n" + body)
+    os.chmod(p, 0o755)
+    shutil.chown(p, sb.TEST_USER, sb.TEST_USER)
+    return p
+
+
+def user_file(name: str, text: str) -> Path:
+    p = sb.WORK / name
+    p.write_text(text)
+    shutil.chown(p, sb.TEST_USER, sb.TEST_USER)
+    return p
+
+
+def job_log(job: str) -> str:
+    f = sb.WORK / "log" / f"hostile-{job}.log"
+    return f.read_text() if f.exists() else ""
+
+
+def computes(cluster: str) -> None:
+    """A normal cluster of the test user computes a verified result."""
+    sb.forget_cluster(cluster)
+    sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster}")
+    sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster}")
+    sb.wait_scheduler_file(cluster, timeout=120)
+    c = sb.client(cluster)
+    try:
+        c.wait_for_workers(1, timeout=120)
+        assert c.submit(sum, range(1000)).result(timeout=60) == 499500
+    finally:
+        c.close()
+        sb.run(["scancel", sched])
+
+
+def test_1_a_full_pipe_as_the_job_output_cannot_freeze_the_agent(cluster_name):
+    """The job hands over a pipe that nobody reads, full: refused, and the
+    agent never writes to it, so every other job goes on."""
+    s = script("full-pipe", "{ head -c 65536 /dev/zero; exec dask-spank attach; } | sleep 600\n")
+    with AgentWatch() as w:
+        job = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster_name}-x",
+                        "-o", "log/hostile-%j.log", str(s))
+        sb.wait_until("the refusal in the job log", lambda: "is a pipe" in job_log(job), 60)
+        computes(cluster_name)
+    w.check()
+    assert "it must be the job's log file" in job_log(job)
+    sb.run(["scancel", job])
+
+
+@pytest.mark.parametrize("trap", ["dev-zero", "fifo", "sparse"])
+def test_2_root_never_reads_a_scheduler_file_trap(trap, cluster_name):
+    """The cluster's scheduler file is a symlink to /dev/zero, a FIFO or a
+    sparse 100 GB file. The worker dies and its job is stopped, the two
+    moments the agent used to read that file as root; it must not."""
+    name = f"{cluster_name}-{trap}"
+    d = sb.cluster_dir(name)
+    sb.as_user(["mkdir", "-p", str(d)])
+    f = d / "scheduler.json"
+    sb.as_user(["rm", "-f", str(f)])
+    make = {"dev-zero": ["ln", "-s", "/dev/zero", str(f)], "fifo": ["mkfifo", str(f)],
+            "sparse": ["truncate", "-s", "100G", str(f)]}[trap]
+    sb.as_user(make)
+    with AgentWatch() as w:
+        job = sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", "-o", "log/hostile-%j.log")
+        pid = sb.wait_until("the worker to run", lambda: next(
+            (j["pid"] for j in sb.agent_status() if str(j["job_id"]) == job and j["state"] == "running"), None), 60)
+        sb.as_user(["kill", "-9", str(pid)])
+        sb.wait_until("the worker to be restarted", lambda: "worker restarted" in job_log(job), 30)
+        sb.run(["scancel", job])
+        sb.wait_job_gone(job)
+    w.check()
+    assert not [p for p in sb.dask_processes() if f"/clusters/{name}/" in " ".join(p["args"])]
+
+
+def test_3_a_forged_attach_cannot_raise_the_jobs_limits(cluster_name):
+    """The job script lowers its own limits, then attaches with a message
+    asking for much higher ones: dask gets exactly the job's limits."""
+    proto = user_file("agentproto.py", Path(agentproto.__file__).read_text())
+    ask = [{"resource": r, "soft": 2**64 - 1, "hard": 2**64 - 1} for r in range(16)]
+    s = script("forged-limits", f"""
+mkdir -p "$HOME/.dask-spank/clusters/{cluster_name}"
+ulimit -Hn 4000 && ulimit -Sn 3000
+cat /proc/$$/limits > limits-$SLURM_JOB_ID.txt
+exec python3 {proto} attach "$DASK_SPANK_AGENT_SOCKET" "$SLURM_JOB_ID" \\
+  "$HOME/.dask-spank/clusters/{cluster_name}" /dev/stdout '{json.dumps({"rlimits": ask})}'
+""")
+    sb.forget_cluster(cluster_name)
+    job = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster_name}", "-o", "log/hostile-%j.log", str(s))
+    sb.wait_scheduler_file(cluster_name, timeout=60)
+    [sched] = [p for p in sb.dask_processes() if f"/clusters/{cluster_name}/" in " ".join(p["args"])]
+    job_limits = (sb.WORK / f"limits-{job}.txt").read_text()
+    dask_limits = open(f"/proc/{sched['pid']}/limits").read()
+    assert "Max open files            3000                 4000" in dask_limits, dask_limits
+    # Every limit, not only the one lowered, is the job's.
+    assert dask_limits.splitlines()[1:-1] == job_limits.splitlines()[1:-1]
+    sb.run(["scancel", job])
+
+
+def bypass_env() -> dict:
+    """A client-side slurm.conf whose plugstack.conf lacks the plugin: the
+    submit-side checks are skipped, only the node can catch the job."""
+    d = sb.WORK / "hostile-bypass"
+    d.mkdir(exist_ok=True)
+    (d / "plugstack.conf").write_text("# no dask-spank here\n")
+    conf = [l for l in (sb.STATE / "etc" / "slurm.conf").read_text().splitlines()
+            if not l.startswith("PlugStackConfig=")]
+    (d / "slurm.conf").write_text("\n".join(conf + [f"PlugStackConfig={d / 'plugstack.conf'}"]) + "\n")
+    shutil.chown(d, sb.TEST_USER, sb.TEST_USER)
+    return {"SLURM_CONF": str(d / "slurm.conf")}
+
+
+def test_4_text_fields_and_the_environment_cannot_fake_job_facts(cluster_name):
+    """A 64 GB worker submitted past the submit-side checks, with key=value
+    words and separators in its comment and account, and a faked
+    SLURM_JOB_USER: refused on the node with the real reason."""
+    env = bypass_env()
+    env.update({"_SLURM_SPANK_OPTION_dask_spank_dask_role": "worker",
+                "_SLURM_SPANK_OPTION_dask_spank_dask_cluster": cluster_name,
+                "SLURM_JOB_USER": "root"})
+    s = script("faked", "exec dask-spank attach\n")
+    fake = "x Partition=htc NumCPUs=1 MinMemoryNode=3G Licenses=sps"
+    common = ["-p", "htc", "-L", "sps", "-n", "1", "-t", "1:00:00", f"--job-name=dask-worker-{cluster_name}",
+              "-o", "log/hostile-%j.log", f"--comment={fake}"]
+    big = sb.sbatch(*common, "-A", sb.TEST_USER, "-c", "8", "--mem=64G", str(s), env=env)
+    acct = sb.sbatch(*common, "-A", f"x|htc|sps|{sb.TEST_USER}", "-c", "1", "--mem=3G", str(s), env=env)
+    for job in (big, acct):
+        sb.wait_job_gone(job, 60)
+    assert "refused by the site policy before any dask process started: memory 64G exceeds worker_mem_max=32G" \
+        in job_log(big), job_log(big)
+    assert f"account x|htc|sps|{sb.TEST_USER} is not allowed" in job_log(acct), job_log(acct)
+    # The name comes from the uid, not from the job's environment.
+    ended = {j["job_id"]: j for j in sb.agent_status(as_root=True)}
+    assert ended[int(big)]["user"] == sb.TEST_USER
+    assert not [p for p in sb.dask_processes() if f"/clusters/{cluster_name}/" in " ".join(p["args"])]
+
+
+FLOOD = r"""
+import json, os, socket, struct, sys, time
+path, n = sys.argv[1], int(sys.argv[2])
+conns = []
+for i in range(n):
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+    except OSError:
+        break
+    if i % 2:
+        # Announce the largest frame, send nothing more.
+        b = json.dumps({"version": 2, "client": "flood"}).encode()
+        try:
+            s.sendall(struct.pack(">I", len(b)) + b + struct.pack(">I", 1 << 20))
+        except OSError:
+            pass  # refused and closed by the agent: keep it open anyway
+    conns.append(s)
+print(len(conns), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_6_a_connection_flood_before_authentication_is_bounded(cluster_name):
+    """One user opens hundreds of connections and announces 1 MiB frames
+    without sending them: the agent refuses what is over the per-user
+    bound, allocates nothing for the announced frames, and serves others."""
+    before = sb.agent_metrics()
+    with AgentWatch() as w:
+        flood = subprocess.Popen(["runuser", "-u", sb.TEST_USER, "--", "/usr/bin/python3", "-c", FLOOD,
+                                  sb.agent_socket(), "600"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True)
+        try:
+            opened = int(flood.stdout.readline())
+            assert opened > 16
+            # The flooding user is refused meanwhile, with the reason.
+            r = sb.agent_request({"type": "ping"})
+            assert r["type"] == "error" and "connections in progress" in r["message"], r
+            # Others are not.
+            assert agentproto.call(sb.agent_socket(), {"type": "status"})["type"] == "status"
+        finally:
+            flood.stdin.close()
+            flood.wait(30)
+        assert sb.agent_request({"type": "ping"})["type"] == "ok"
+        computes(cluster_name)
+    w.check()
+    after = sb.agent_metrics()
+    assert after["dask_spank_connections_refused_total"] > before["dask_spank_connections_refused_total"]
+
+
+def fake_distributed_env(name: str, worker_module: str) -> Path:
+    """A venv of the test user whose `distributed.cli.dask_worker` is ours."""
+    env = sb.WORK / f"env-{name}"
+    sb.as_user(["rm", "-rf", str(env)])
+    sb.as_user(["/usr/bin/python3", "-m", "venv", "--without-pip", str(env)])
+    site = next((env / "lib").glob("python3*/site-packages"))
+    pkg = site / "distributed" / "cli"
+    sb.as_user(["mkdir", "-p", str(pkg)])
+    for f, text in [(site / "distributed" / "__init__.py", ""), (pkg / "__init__.py", ""),
+                    (pkg / "dask_worker.py", worker_module)]:
+        sb.as_user(["/usr/bin/python3", "-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2])",
+                    str(f), text])
+    return env
+
+
+def test_7_a_fork_server_flooding_exit_reports_is_bounded(policy, cluster_name):
+    """The fork server runs the user's code: it floods the agent with
+    `exited` events for pids it never forked. The agent keeps none."""
+    flood = (
+        "import json, os, socket, time\n"
+        "for fd in range(3, 64):\n"
+        "    try:\n"
+        "        s = socket.socket(fileno=os.dup(fd))\n"
+        "    except OSError:\n"
+        "        continue\n"
+        "    if s.family == socket.AF_UNIX:\n"
+        "        break\n"
+        "for k in range(3000):\n"
+        "    s.sendall(''.join(json.dumps({'event': 'exited', 'pid': 1000 * k + i, 'status': 0}) + '\\n'\n"
+        "                      for i in range(1000)).encode())\n"
+        "open(os.path.join(os.environ['HOME'], 'flood-done'), 'w').close()\n"
+        "time.sleep(600)\n"
+    )
+    done = sb.HOME / "flood-done"
+    done.unlink(missing_ok=True)
+    env = fake_distributed_env(cluster_name, flood)
+    policy("worker_start=forkserver")
+    with AgentWatch() as w:
+        job = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster_name}", f"--dask-env={env}",
+                        "-o", "log/hostile-%j.log")
+        sb.wait_until("the fork server to send 3 million exit reports", done.exists, 300, 0.5)
+        time.sleep(1)
+        sb.run(["scancel", job])
+        sb.wait_job_gone(job)
+    w.check()
+
+
+def pid_to(pid: int, fn) -> int:
+    """Run `fn` in a forked child that gets pid `pid` (root's
+    ns_last_pid, standing in for a patient attacker cycling pids). The
+    child's pid, or -1 when another process took the pid first."""
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(pid - 1))
+    child = os.fork()
+    if child == 0:
+        try:
+            fn()
+        finally:
+            os._exit(0)
+    if child != pid:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        return -1
+    return child
+
+
+def test_9_a_fake_slurmstepd_cannot_keep_a_stale_registration(cluster_name):
+    """The agent is down while a job ends; the user puts a process named
+    slurmstepd at the job's old slurmstepd pid. The restarted agent must
+    see that it is not the job's slurmstepd and forget the job, so that
+    nothing can attach to it outside any Slurm job."""
+    sb.forget_cluster(cluster_name)
+    job = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster_name}")
+    sb.wait_scheduler_file(cluster_name, timeout=60)
+    state = sb.STATE / "run" / "agent" / "state-n1" / f"job-{job}.json"
+    stepd = json.loads(state.read_text())["spec"]["stepd_pid"]
+    os.kill(sb.agent_pid(), signal.SIGKILL)
+    sb.run(["scancel", job])
+    sb.wait_job_gone(job)
+    sb.wait_until("the old slurmstepd to be gone", lambda: not Path(f"/proc/{stepd}").exists(), 30)
+    fake_bin = sb.WORK / "slurmstepd"
+    shutil.copy("/bin/sleep", fake_bin)
+    shutil.chown(fake_bin, sb.TEST_USER, sb.TEST_USER)
+    u = sb.user()
+
+    def fake():
+        os.setgid(u.pw_gid)
+        os.setuid(u.pw_uid)
+        os.execv(str(fake_bin), [str(fake_bin), "300"])
+
+    pid = -1
+    for _ in range(20):
+        pid = pid_to(stepd, fake)
+        if pid == stepd:
+            break
+    assert pid == stepd, "could not place the fake slurmstepd"
+    try:
+        sb.wait_until("the fake to be named slurmstepd",
+                      lambda: Path(f"/proc/{pid}/comm").read_text().strip() == "slurmstepd", 10)
+        sb.sandbox("up")
+        assert int(job) not in [j["job_id"] for j in sb.agent_status(as_root=True)]
+        assert not state.exists()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
