@@ -213,6 +213,9 @@ fn run_with_defaults(
             let _ = writeln!(std::io::stderr(), "sbatch: error: dask-spank: {why}");
         }
     }
+    // sbatch registers its atexit(spank_fini) only after spank_init_allocator
+    // returns, so exiting here runs no plugin callback (nothing can wait on
+    // slurm-spank's lock, which this init holds).
     std::process::exit(code)
 }
 
