@@ -115,9 +115,12 @@ pub fn maybe_reexec(cfg: Result<&Config, Box<dyn Error>>) -> Result<(), Box<dyn 
         req.get("dask-env"),
     )
     .map_err(user_error)?;
-    let Some(DaskOptions { role, cluster, .. }) = opts else {
+    let Some(opts) = opts else {
         return Ok(());
     };
+    // --dask-env too, here rather than in init_post_opt: one line, no more.
+    validate(&opts)?;
+    let DaskOptions { role, cluster, .. } = opts;
     // A broken plugstack.conf fails dask jobs loudly, and only them.
     let cfg = cfg?;
     let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());

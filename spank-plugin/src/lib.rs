@@ -128,7 +128,14 @@ unsafe impl Plugin for DaskSpank {
         }
         options::register(spank)?;
         if context == Context::Allocator {
-            allocator::maybe_reexec(self.config())?;
+            if let Err(e) = allocator::maybe_reexec(self.config()) {
+                // One line for the user and no more: returning the error
+                // would add sbatch's own "init() failed" lines. Exiting is
+                // safe here: sbatch registers atexit(spank_fini) only after
+                // this init returns, and nothing has been submitted.
+                self.report_error(spank, e.as_ref());
+                std::process::exit(1);
+            }
         }
         Ok(())
     }
