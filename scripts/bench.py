@@ -221,6 +221,12 @@ def comparison_rows(figures: dict) -> list[tuple]:
     # and its private pages, the rest being shared with its worker).
     rows.append(("forkserver_rss_mib_per_job_vs_nanny", figures["forkserver_rss_mib"], jq["nanny_rss_mib"]))
     rows.append(("forkserver_uss_mib_per_job_vs_nanny", figures["forkserver_uss_mib"], jq["nanny_rss_mib"]))
+    return rows + sbatch_rows(figures)
+
+
+def sbatch_rows(figures: dict) -> list[tuple]:
+    """Figure 5: what the plugin costs sbatch (`scripts/bench --sbatch` alone)."""
+    rows = []
     t, instr = sbatch_cost()
     figures["sbatch"] = t
     wo = t["without"]
@@ -306,13 +312,17 @@ def medians(runs: list[list[dict]]) -> list[dict]:
 def main() -> int:
     """One run, or BENCH_RUNS runs and the medians of their figures."""
     only_control = "--control" in sys.argv[1:]
+    only_sbatch = "--sbatch" in sys.argv[1:]
     n_runs = int(os.environ.get("BENCH_RUNS", "1"))
     sb.sandbox("up")
     runs, details = [], []
     for i in range(n_runs):
         figures: dict = {}
-        rows = [] if only_control else comparison_rows(figures)
-        rows += control_rows(figures)
+        if only_sbatch:
+            rows = sbatch_rows(figures)
+        else:
+            rows = [] if only_control else comparison_rows(figures)
+            rows += control_rows(figures)
         rows = [{"name": n, "ours": o, "reference": r, "ratio": o / r if r else None} for n, o, r in rows]
         if n_runs > 1:
             print(f"\nrun {i + 1} of {n_runs}")
@@ -323,8 +333,12 @@ def main() -> int:
         print(f"\nmedians of {n_runs} runs")
         print_rows(medians(runs))
     detail = {"figures": medians(runs), "runs": runs, "detail": details, "sizes": SIZES,
-              "machine": {"nproc": os.cpu_count(), "uname": os.uname().release}}
-    path = sb.REPO / "target" / ("bench-control.json" if only_control else "bench.json")
+              "machine": {"nproc": os.cpu_count(), "uname": os.uname().release},
+              "slurm": sb.run(["sinfo", "-V"]).stdout.split()[1]}
+    name = "bench-control" if only_control else "bench-sbatch" if only_sbatch else "bench"
+    if sb.SLURM_RELEASE != sb.HOST_SLURM:
+        name += f"-slurm-{sb.SLURM_RELEASE}"
+    path = sb.REPO / "target" / f"{name}.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(detail, indent=2))
     print(f"\nwrote {path}")

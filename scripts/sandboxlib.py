@@ -18,8 +18,21 @@ import agentproto
 REPO = Path(__file__).resolve().parent.parent
 # .sandbox may be a symlink (see scripts/lib.sh): use the real path, which
 # the test user can reach.
-STATE = Path(os.environ.get("DASK_SPANK_SANDBOX", REPO / ".sandbox")).resolve()
+# The Slurm release (scripts/lib.sh: --slurm V or DASK_SPANK_SLURM) and its
+# state directory, by the same rule as lib.sh. The scripts run Python inside
+# the release's root for 24.11 and 26.05, with both variables set.
+HOST_SLURM = "22.05"
+SLURM_RELEASE = os.environ.get("DASK_SPANK_SLURM") or HOST_SLURM
+_DEFAULT_STATE = REPO / ".sandbox" if SLURM_RELEASE == HOST_SLURM else REPO / ".sandbox" / f"slurm-{SLURM_RELEASE}"
+STATE = Path(os.environ.get("DASK_SPANK_SANDBOX") or _DEFAULT_STATE).resolve()
 TEST_USER = os.environ.get("DASK_SPANK_TEST_USER", "dasktest")
+# A second unprivileged user for tests of what one user cannot do to
+# another's jobs; derived from TEST_USER so that two sandboxes never share it.
+OTHER_USER = TEST_USER + "b"
+# Same variable, default and rule as scripts/lib.sh: slurmctld's port (plus
+# 200 for 24.11, 400 for 26.05); slurmd of nI listens on CTLD_PORT + 3 + I.
+PORT_BASE = int(os.environ.get("DASK_SPANK_PORT_BASE", "6817"))
+CTLD_PORT = PORT_BASE + {"22.05": 0, "24.11": 200}.get(SLURM_RELEASE, 400)
 VENV = STATE / "venv"
 BIN = STATE / "bin"
 WORK = STATE / "work"
@@ -195,6 +208,18 @@ def set_policy(args: str) -> None:
         f.write_text(args + "\n")
     elif f.exists():
         f.unlink()
+    sandbox("up")
+
+
+def set_site(args: str | None) -> None:
+    """The site's policy keys: None for the sandbox's default (the example
+    site policy, packaging/examples/cc-in2p3.conf), "" for none at all (a
+    site-neutral line). Restarts slurmd when plugstack.conf changes."""
+    f = STATE / "etc" / "site.args"
+    if args is None:
+        f.unlink(missing_ok=True)
+    else:
+        f.write_text(args + "\n")
     sandbox("up")
 
 

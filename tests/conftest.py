@@ -15,7 +15,12 @@ import sandboxlib as sb  # noqa: E402
 
 @pytest.fixture(scope="session", autouse=True)
 def sandbox():
-    sb.sandbox("up")
+    try:
+        sb.sandbox("up")
+    except Exception:
+        # Stop whatever a half-done `up` started (munged, say), by PID.
+        sb.sandbox("down")
+        raise
     try:
         yield sb
     finally:

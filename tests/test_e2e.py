@@ -38,6 +38,7 @@ def test_bad_option_values_fail_sbatch_with_one_clear_line():
         p = sb.as_user(["sbatch", *args], check=False)
         assert p.returncode != 0, args
         assert msg in p.stderr, (args, p.stderr)
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert set(sb.squeue_ids()) == before, "a rejected submission must not create a job"
 
 

@@ -260,7 +260,7 @@ def test_6b_restarted_agent_kills_leftovers_and_keeps_live_registrations(cluster
 
 
 def test_7_users_cannot_touch_other_jobs():
-    u2 = "dasktest2"
+    u2 = sb.OTHER_USER
     if subprocess.run(["id", u2], capture_output=True).returncode != 0:
         subprocess.run(["useradd", "-M", "-d", "/nonexistent", "-s", "/bin/sh", u2], check=True)
     sb.forget_cluster("nanny-7")

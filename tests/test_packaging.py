@@ -1,6 +1,9 @@
-"""The RPM: built from a clean tree by scripts/package, inspected with rpm,
-and its payload run for real on the sandbox."""
+"""The RPMs of one Slurm release (the sandbox's, scripts/test --slurm V):
+an SRPM made by scripts/package from a commit, rebuilt here with no network
+and an empty CARGO_HOME, inspected with rpm, and its payload run for real on
+the sandbox. Then two commits packaged and compared."""
 import os
+import re
 import shutil
 import subprocess
 
@@ -8,70 +11,147 @@ import pytest
 
 import sandboxlib as sb
 
-SLURM = "22.05.8"
+
+def slurm_version() -> str:
+    return sb.run(["sinfo", "-V"]).stdout.split()[1]
+
+
+def rebuild_offline(srpm: str, top) -> list[str]:
+    """rpmbuild --rebuild in a network namespace of its own, CARGO_HOME empty."""
+    shutil.rmtree(top, ignore_errors=True)
+    (top / "cargo-home").mkdir(parents=True)
+    p = subprocess.run(
+        ["unshare", "--net", "--", "env", f"CARGO_HOME={top / 'cargo-home'}",
+         "rpmbuild", "--rebuild", "--nodeps", "--define", f"_topdir {top}",
+         "--define", "_build_id_links none", "--define", "debug_package %{nil}",
+         "--define", "_rpmformat 4", srpm],
+        capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert not os.listdir(top / "cargo-home")
+    return sorted(str(f) for f in (top / "RPMS").rglob("*.rpm"))
+
+
+def package(*args) -> list[str]:
+    p = subprocess.run([str(sb.REPO / "scripts" / "package"), *args], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return [l for l in p.stdout.splitlines() if l.endswith(".rpm")]
 
 
 @pytest.fixture(scope="module")
-def rpm_file():
-    p = subprocess.run([str(sb.REPO / "scripts" / "package")], capture_output=True, text=True, check=True)
-    path = p.stdout.strip().splitlines()[-1]
-    assert path.endswith(".rpm") and os.path.exists(path), p.stdout + p.stderr
-    return path
+def srpm():
+    out = package("--srpm", str(sb.STATE / "rpm"))
+    assert len(out) == 1 and out[0].endswith(".src.rpm"), out
+    return out[0]
+
+
+@pytest.fixture(scope="module")
+def rpms(srpm):
+    """The binary RPMs, rebuilt from the SRPM alone, offline."""
+    built = rebuild_offline(srpm, sb.STATE / "rpm-rebuild")
+    byname = {rpmq(f, "--qf", "%{NAME}"): f for f in built}
+    assert set(byname) == {"dask-spank", "dask-spank-agent"}, built
+    return byname
 
 
 def rpmq(rpm_file, *args) -> str:
     return subprocess.run(["rpm", "-qp", *args, rpm_file], capture_output=True, text=True, check=True).stdout
 
 
-@pytest.fixture(scope="module")
-def payload(rpm_file):
-    d = sb.STATE / "payload"
+def unpack(rpm_files, d):
     shutil.rmtree(d, ignore_errors=True)
-    d.mkdir()
-    subprocess.run(f"rpm2cpio '{rpm_file}' | cpio -idm --quiet", shell=True, cwd=d, check=True)
+    d.mkdir(parents=True)
+    for f in rpm_files:
+        subprocess.run(f"rpm2cpio '{f}' | cpio -idm --quiet", shell=True, cwd=d, check=True)
     os.chmod(d, 0o755)
     return d
 
 
-def test_file_list(rpm_file):
-    files = set(rpmq(rpm_file, "-l").split())
-    assert files == {
+@pytest.fixture(scope="module")
+def payload(rpms):
+    return unpack(rpms.values(), sb.STATE / "payload")
+
+
+def test_packages_are_format_v4(srpm, rpms):
+    """rpm 6 (Debian sid) writes v6 packages by default, which the rpm of
+    EL8/EL9 cannot read. Older rpm does not know the tag: nothing to check."""
+    for f in [srpm, *rpms.values()]:
+        p = subprocess.run(["rpm", "-qp", "--qf", "%{RPMFORMAT}", f], capture_output=True, text=True)
+        if p.returncode != 0 and "unknown tag" in p.stderr:
+            pytest.skip(f"this rpm ({subprocess.run(['rpm', '--version'], capture_output=True, text=True).stdout.strip()}) has no RPMFORMAT tag")
+        assert p.stdout == "4", (f, p.stdout, p.stderr)
+
+
+def test_srpm_carries_the_source_and_its_crates(srpm):
+    files = set(rpmq(srpm, "-l").split())
+    assert files == {"dask-spank.spec", "dask-spank-0.1.0.tar.gz", "dask-spank-0.1.0-vendor.tar.gz"}, files
+    assert rpmq(srpm, "--qf", "%{RELEASE}") == f"1.slurm{slurm_version()}"
+
+
+def test_file_lists(rpms):
+    assert set(rpmq(rpms["dask-spank"], "-l").split()) == {
         "/etc/slurm/plugstack.conf.d",
-        "/etc/slurm/plugstack.conf.d/dask-spank.conf",
+        "/etc/slurm/plugstack.conf.d/dask-spank.conf.example",
         "/usr/bin/dask-spank",
-        "/usr/lib/systemd/system/dask-node-agent.service",
         "/usr/lib64/slurm/spank_dask.so",
-        "/usr/sbin/dask-node-agent",
         "/usr/share/doc/dask-spank",
         "/usr/share/doc/dask-spank/README.md",
         "/usr/share/doc/dask-spank/admin.md",
         "/usr/share/doc/dask-spank/user.md",
+        "/usr/share/doc/dask-spank/examples",
+        "/usr/share/doc/dask-spank/examples/cc-in2p3.conf",
         "/usr/share/licenses/dask-spank",
         "/usr/share/licenses/dask-spank/LICENSE",
     }
+    assert set(rpmq(rpms["dask-spank-agent"], "-l").split()) == {
+        "/usr/lib/systemd/system/dask-node-agent.service",
+        "/usr/sbin/dask-node-agent",
+    }
 
 
-def test_tied_to_the_slurm_release(rpm_file):
-    assert rpmq(rpm_file, "--qf", "%{RELEASE}") == f"1.slurm{SLURM}"
-    requires = rpmq(rpm_file, "--requires").splitlines()
-    assert "(slurm >= 22.05 with slurm < 22.06)" in requires
-    assert "slurm-slurmd" in requires
+def test_tied_to_the_slurm_release(rpms):
+    full = slurm_version()
+    major = ".".join(full.split(".")[:2])
+    nxt = f"{major.split('.')[0]}.{int(major.split('.')[1]) + 1:02d}"
+    for rpm in rpms.values():
+        assert rpmq(rpm, "--qf", "%{RELEASE}") == f"1.slurm{full}"
+    plugin = rpmq(rpms["dask-spank"], "--requires").splitlines()
+    agent = rpmq(rpms["dask-spank-agent"], "--requires").splitlines()
+    assert f"(slurm >= {major} with slurm < {nxt})" in plugin, plugin
+    assert not [r for r in plugin if "slurmd" in r], plugin  # login nodes run no slurmd
+    assert f"(slurm-slurmd >= {major} with slurm-slurmd < {nxt})" in agent, agent
+    assert f"dask-spank = 0.1.0-1.slurm{full}" in agent, agent
+    # Every Slurm version named is this release's.
+    for r in plugin + agent:
+        if "slurm" in r:
+            for v in re.findall(r"(?<![\d.])(\d+\.\d+)(?:\.\d+)*", r.replace("0.1.0-1.", "")):
+                assert v in (major, nxt), r
 
 
-def test_config_flags_and_scriptlets(rpm_file):
+def test_config_flags_and_scriptlets(rpms):
+    rpm = rpms["dask-spank"]
     flags = dict(l.rsplit(" ", 1) if " " in l else (l, "") for l in
-                 rpmq(rpm_file, "--qf", "[%{FILENAMES} %{FILEFLAGS:fflags}\n]").splitlines())
-    assert flags["/etc/slurm/plugstack.conf.d/dask-spank.conf"] == "cn", "config(noreplace)"
-    assert rpmq(rpm_file, "--configfiles").split() == ["/etc/slurm/plugstack.conf.d/dask-spank.conf"]
-    scripts = rpmq(rpm_file, "--scripts")
+                 rpmq(rpm, "--qf", "[%{FILENAMES} %{FILEFLAGS:fflags}\n]").splitlines())
+    assert flags["/etc/slurm/plugstack.conf.d/dask-spank.conf.example"] == "cn", "config(noreplace)"
+    assert rpmq(rpm, "--configfiles").split() == ["/etc/slurm/plugstack.conf.d/dask-spank.conf.example"]
+    assert rpmq(rpm, "--scripts").strip() == ""
+    scripts = rpmq(rpms["dask-spank-agent"], "--scripts")
     assert "systemctl --no-reload preset dask-node-agent.service" in scripts
     assert "systemctl --no-reload disable --now dask-node-agent.service" in scripts
     assert "systemctl try-restart dask-node-agent.service" in scripts
 
 
-def test_snippet_and_unit(payload):
-    snippet = (payload / "etc/slurm/plugstack.conf.d/dask-spank.conf").read_text()
-    assert "required /usr/lib64/slurm/spank_dask.so" in snippet
+def test_snippet_is_inactive_and_the_example_policy_is_shipped(payload):
+    snippet = (payload / "etc/slurm/plugstack.conf.d/dask-spank.conf.example").read_text()
+    lines = [l for l in snippet.splitlines() if l.strip() and not l.lstrip().startswith("#")]
+    assert lines == [], lines
+    assert "#required /usr/lib64/slurm/spank_dask.so" in snippet
+    example = (payload / "usr/share/doc/dask-spank/examples/cc-in2p3.conf").read_text()
+    line = [l for l in example.splitlines() if l.startswith("required ")]
+    assert len(line) == 1 and line[0].startswith("required /usr/lib64/slurm/spank_dask.so ")
+    assert "worker_partition=htc" in line[0] and "worker_licenses=sps" in line[0]
+
+
+def test_unit(payload):
     unit = (payload / "usr/lib/systemd/system/dask-node-agent.service").read_text()
     assert "Type=notify" in unit and "Restart=on-failure" in unit and "WatchdogSec=" in unit
     if not shutil.which("systemd-analyze"):
@@ -101,6 +181,8 @@ def test_payload_runs_a_dask_cluster(payload):
         out = sb.run([str(payload / "usr/sbin/dask-node-agent"), "check", "--agent-dir",
                       str(sb.STATE / "run" / "agent"), "--node", "n1"]).stdout
         assert "answers" in out
+        log = (sb.LOGS / "slurmd-n1.log").read_text().splitlines()
+        assert f"built for Slurm {slurm_version()}, commit " in [l for l in log if "dask-spank plugin" in l][-1]
         name = "rpm-payload"
         sb.forget_cluster(name)
         sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={name}")
@@ -116,3 +198,35 @@ def test_payload_runs_a_dask_cluster(payload):
     finally:
         del os.environ["DASK_SPANK_PAYLOAD"]
         sb.sandbox("up")  # back to the build tree's binaries
+
+
+def commits_with_packaging(n: int) -> list[str]:
+    """The newest n commits whose tree has the offline packaging (COMMIT,
+    vendored crates)."""
+    out = subprocess.run(["git", "-C", str(sb.REPO), "log", "--format=%H", "-n", "40", "HEAD"],
+                         capture_output=True, text=True).stdout.split()
+
+    def offline(c):
+        spec = subprocess.run(["git", "-C", str(sb.REPO), "show", f"{c}:packaging/dask-spank.spec"],
+                              capture_output=True, text=True).stdout
+        has_commit = subprocess.run(["git", "-C", str(sb.REPO), "cat-file", "-e", f"{c}:COMMIT"],
+                                    capture_output=True).returncode == 0
+        return has_commit and "--offline" in spec
+    return [c for c in out if offline(c)][:n]
+
+
+def test_two_commits_package_their_own_code(payload):
+    """A second commit, packaged after HEAD, ships its own binaries: each
+    names its commit in --version, and the plugin names it too."""
+    commits = commits_with_packaging(2)
+    if len(commits) < 2:
+        pytest.skip("fewer than two commits with the packaging in this checkout")
+    head, older = commits
+    out = package("--commit", older, str(sb.STATE / "rpm-older"))
+    older_payload = unpack([f for f in out if not f.endswith(".src.rpm")], sb.STATE / "payload-older")
+    for d, commit in [(payload, head), (older_payload, older)]:
+        for b in ("usr/bin/dask-spank", "usr/sbin/dask-node-agent"):
+            v = subprocess.run([str(d / b), "--version"], capture_output=True, text=True, check=True).stdout
+            assert f"(commit {commit})" in v, (b, v, commit)
+        assert commit.encode() in (d / "usr/lib64/slurm/spank_dask.so").read_bytes()
+    assert (payload / "usr/bin/dask-spank").read_bytes() != (older_payload / "usr/bin/dask-spank").read_bytes()

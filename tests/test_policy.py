@@ -91,7 +91,7 @@ def test_over_the_limit_is_rejected_at_sbatch(key, role, field, default, bad, su
             p = sb.as_user(["sbatch", str(script)], check=False)
         assert p.returncode != 0, where
         assert f"dask-spank: {submit_msg}" in p.stderr, (where, p.stderr)
-        assert len([l for l in p.stderr.splitlines() if "dask-spank:" in l]) == 1, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert set(sb.squeue_ids()) == before
 
 
@@ -176,9 +176,13 @@ def test_bad_configuration_is_loud_and_fails_only_dask_jobs(policy):
     p = sb.as_user(["sbatch", "--dask-role=worker", "--dask-cluster=pol-bad"], check=False)
     assert p.returncode != 0
     assert "dask-spank: plugstack.conf: unknown key 'bogus_key'" in p.stderr
-    # Ordinary jobs still run.
-    job = sb.sbatch("--wrap=true", "-o", "/dev/null")
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    # Ordinary jobs still run, and their users hear nothing about it.
+    p = sb.as_user(["sbatch", "--parsable", "--wrap=true", "-o", "/dev/null"])
+    assert "dask-spank" not in p.stderr, p.stderr
+    job = p.stdout.strip()
     sb.wait_job_gone(job, 60)
+    assert sb.job_state(job) == "COMPLETED"
     slurmd_log = (sb.LOGS / "slurmd-n1.log").read_text()
     assert "dask-spank: plugstack.conf: unknown key 'bogus_key'" in slurmd_log
     # A job that reaches the node anyway (bypass) fails there with the reason.
@@ -187,6 +191,10 @@ def test_bad_configuration_is_loud_and_fails_only_dask_jobs(policy):
     log = (sb.WORK / "log" / f"bypass-{job}.log").read_text()
     assert "plugstack.conf: unknown key 'bogus_key'" in log
     assert "started, pid" not in log
+    # No node was drained or downed by it (from Slurm 25.05 on, a plugin
+    # whose init fails drains the node unless it opts out: see test_releases).
+    states = sb.run(["sinfo", "-h", "-N", "-o", "%N %t"]).stdout.split("\n")
+    assert all(l.split()[1] in ("idle", "mix", "alloc") for l in states if l.strip()), states
 
 
 def test_scheduler_licenses(policy):
@@ -205,3 +213,48 @@ def test_scheduler_licenses(policy):
     sb.wait_job_gone(job, 60)
     log = (sb.WORK / "log" / f"bypass-{job}.log").read_text()
     assert "refused by the site policy before any dask process started: licence other is missing: scheduler_licenses=other" in log
+
+@pytest.fixture
+def site():
+    """Run one test with other site keys (sb.set_site); the sandbox's
+    default site policy is back afterwards."""
+    yield sb.set_site
+    sb.set_site(None)
+
+
+def test_site_neutral_line_gives_what_slurm_gives_any_job(site):
+    """No site keys at all: dask jobs get the partition, licences and
+    account Slurm gives any job, and run."""
+    site("")
+    cluster = "pol-neutral"
+    sb.forget_cluster(cluster)
+    plain = sb.sbatch("--hold", "--wrap=true", "-o", "/dev/null")
+    sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster}")
+    worker = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster}")
+    try:
+        want = sb.scontrol_job(plain)
+        for job in (sched, worker):
+            got = sb.scontrol_job(job)
+            for field in ("Partition", "Account", "Licenses"):
+                assert got[field] == want[field], (field, got[field], want[field])
+        assert want["Partition"] == "htc" and want["Licenses"] == "(null)", want
+        sb.wait_scheduler_file(cluster)
+        c = sb.client(cluster)
+        c.wait_for_workers(1, timeout=60)
+        c.close()
+    finally:
+        sb.run(["scancel", plain, sched, worker])
+    sb.wait_job_gone(sched)
+    sb.wait_job_gone(worker)
+
+
+def test_a_value_slurm_rejects_names_the_key_that_set_it(site):
+    site("worker_partition=nosuch scheduler_licenses=nolicence")
+    before = set(sb.squeue_ids())
+    for role, key, value, opt in [("worker", "worker_partition", "nosuch", "--partition"),
+                                  ("scheduler", "scheduler_licenses", "nolicence", "--licenses")]:
+        p = sb.as_user(["sbatch", f"--dask-role={role}", "--dask-cluster=pol-reject"], check=False)
+        assert p.returncode != 0, p.stderr
+        assert f"dask-spank: {opt}={value} was set by dask-spank's {key}" in p.stderr, p.stderr
+        assert len([l for l in p.stderr.splitlines() if "dask-spank:" in l]) == 1, p.stderr
+    assert set(sb.squeue_ids()) == before

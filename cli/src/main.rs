@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 #[derive(Parser)]
 #[command(
-    version,
+    version = dask_spank_common::build_info::VERSION,
     about = "Dask clusters as Slurm jobs",
     long_about = "Dask clusters as Slurm jobs. A cluster is one scheduler job and worker jobs, submitted\nwith plain sbatch; this command wraps sbatch, squeue and scancel, so each step can also be\ndone by hand.",
     after_help = "Examples:\n  dask-spank up ana --workers 100 --worker-mem 3G --wait 80\n  dask-spank status ana\n  dask-spank scale ana 200\n  dask-spank down ana\n\nBy hand:\n  sbatch --dask-role=scheduler --dask-cluster=ana\n  sbatch --dask-role=worker --dask-cluster=ana --array=1-100\n  dask-spank wait ana --percent 80\n\nIn your own job script, end with:\n  #SBATCH --dask-role=worker\n  source activate myenv\n  exec dask-spank attach"

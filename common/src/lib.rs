@@ -10,6 +10,7 @@
 //! * [`paths`]: where sockets, cluster directories and logs live.
 //! * [`files`], [`schedfile`], [`sys`]: small helpers every side needs once.
 
+pub mod build_info;
 pub mod client;
 pub mod config;
 pub mod files;

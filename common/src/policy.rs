@@ -143,11 +143,14 @@ const GIB: u64 = 1024;
 const HOUR: u64 = 3600;
 
 impl Default for Policy {
-    /// CC-IN2P3's dask4in2p3 values.
+    /// Site-neutral: no partition, licence or account is set or checked
+    /// (a job gets what Slurm gives any job); one cpu, modest memory and
+    /// time. CC-IN2P3's dask4in2p3 policy is an example configuration
+    /// (packaging/examples/cc-in2p3.conf).
     fn default() -> Self {
         Policy {
             scheduler: RolePolicy {
-                partition: Some("htc_daemon".into()),
+                partition: None,
                 licenses: vec![],
                 cpus: 1,
                 cpus_max: 1,
@@ -157,8 +160,8 @@ impl Default for Policy {
                 time_max_s: 8 * HOUR,
             },
             worker: RolePolicy {
-                partition: Some("htc".into()),
-                licenses: vec!["sps".into()],
+                partition: None,
+                licenses: vec![],
                 cpus: 1,
                 cpus_max: 32,
                 mem_mb: 3 * GIB,
@@ -166,7 +169,7 @@ impl Default for Policy {
                 time_s: 2 * HOUR,
                 time_max_s: 8 * HOUR,
             },
-            account: AccountPolicy::PrimaryGroup,
+            account: AccountPolicy::None,
             max_worker_jobs: 3000,
             idle_timeout_s: 2 * HOUR,
             nanny: NannyPolicy::default(),
@@ -519,9 +522,35 @@ mod tests {
         Map(pairs.iter().copied().collect())
     }
 
+    /// The example site policy (packaging/examples/cc-in2p3.conf).
+    fn cc_in2p3() -> Policy {
+        let mut p = Policy::default();
+        p.scheduler.partition = Some("htc_daemon".into());
+        p.worker.partition = Some("htc".into());
+        p.worker.licenses = vec!["sps".into()];
+        p.account = AccountPolicy::PrimaryGroup;
+        p
+    }
+
+    #[test]
+    fn site_neutral_defaults_set_no_partition_licence_or_account() {
+        let ins = check_submit(Role::Worker, &asked(&[]), &Policy::default(), "phys").unwrap();
+        assert_eq!(
+            ins,
+            [
+                "--ntasks=1",
+                "--cpus-per-task=1",
+                "--mem=3G",
+                "--time=2:00:00"
+            ]
+        );
+        let any = asked(&[("partition", "any"), ("account", "x"), ("licenses", "y")]);
+        assert!(check_submit(Role::Scheduler, &any, &Policy::default(), "g").is_ok());
+    }
+
     #[test]
     fn defaults_fill_in_everything() {
-        let ins = check_submit(Role::Worker, &asked(&[]), &Policy::default(), "phys").unwrap();
+        let ins = check_submit(Role::Worker, &asked(&[]), &cc_in2p3(), "phys").unwrap();
         assert_eq!(
             ins,
             [
@@ -534,7 +563,7 @@ mod tests {
                 "--time=2:00:00"
             ]
         );
-        let ins = check_submit(Role::Scheduler, &asked(&[]), &Policy::default(), "phys").unwrap();
+        let ins = check_submit(Role::Scheduler, &asked(&[]), &cc_in2p3(), "phys").unwrap();
         assert_eq!(
             ins,
             [
@@ -559,13 +588,13 @@ mod tests {
             ("time", "8:00:00"),
             ("array", "1-3000%100"),
         ]);
-        let ins = check_submit(Role::Worker, &a, &Policy::default(), "phys").unwrap();
+        let ins = check_submit(Role::Worker, &a, &cc_in2p3(), "phys").unwrap();
         assert_eq!(ins, ["--ntasks=1"]);
     }
 
     #[test]
     fn violations_name_option_value_and_limit() {
-        let p = Policy::default();
+        let p = cc_in2p3();
         type Case<'a> = (Role, &'a [(&'a str, &'a str)], &'a str);
         let cases: &[Case] = &[
             (Role::Worker, &[("mem", "64G")], "--mem=64G exceeds worker_mem_max=32G"),
@@ -596,7 +625,7 @@ mod tests {
 
     #[test]
     fn unset_partition_and_account_are_not_enforced() {
-        let mut p = Policy::default();
+        let mut p = cc_in2p3();
         p.worker.partition = None;
         p.account = AccountPolicy::None;
         let ins = check_submit(
@@ -639,14 +668,14 @@ mod tests {
     #[test]
     fn node_check_accepts_a_conforming_job() {
         assert_eq!(
-            check_job(Role::Worker, &good_facts(), &Policy::default(), "phys"),
+            check_job(Role::Worker, &good_facts(), &cc_in2p3(), "phys"),
             Ok(())
         );
     }
 
     #[test]
     fn node_check_refuses_each_violation() {
-        let p = Policy::default();
+        let p = cc_in2p3();
         type Edit = fn(&mut JobFacts);
         let cases: &[(Edit, &str)] = &[
             (

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
-    version,
+    version = dask_spank_common::build_info::VERSION,
     about = "dask-spank node agent: runs dask schedulers and workers for Slurm jobs as their users"
 )]
 struct Cli {

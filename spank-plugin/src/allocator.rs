@@ -7,7 +7,6 @@ use crate::submit::plan;
 use crate::user_error;
 use dask_spank_common::config::Config;
 use std::error::Error;
-use std::ffi::CString;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 
@@ -116,9 +115,12 @@ pub fn maybe_reexec(cfg: Result<&Config, Box<dyn Error>>) -> Result<(), Box<dyn 
         req.get("dask-env"),
     )
     .map_err(user_error)?;
-    let Some(DaskOptions { role, cluster, .. }) = opts else {
+    let Some(opts) = opts else {
         return Ok(());
     };
+    // --dask-env too, here rather than in init_post_opt: one line, no more.
+    validate(&opts)?;
+    let DaskOptions { role, cluster, .. } = opts;
     // A broken plugstack.conf fails dask jobs loudly, and only them.
     let cfg = cfg?;
     let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());
@@ -142,28 +144,82 @@ pub fn maybe_reexec(cfg: Result<&Config, Box<dyn Error>>) -> Result<(), Box<dyn 
             )));
         }
     }
-    let mut new_argv: Vec<CString> = Vec::with_capacity(words.len() + p.insert.len());
-    let to_c = |b: &[u8]| CString::new(b.to_vec()).map_err(|e| user_error(e.to_string()));
-    new_argv.push(to_c(argv0)?);
-    for a in &p.insert {
-        new_argv.push(to_c(a.as_bytes())?);
+    run_with_defaults(argv0, &p.insert, rest, role)
+}
+
+/// Run sbatch again with the site's defaults inserted after argv[0], wait
+/// for it and exit with its status: this sbatch never goes on. The child's
+/// stderr passes through line by line; when it fails because Slurm rejected
+/// a value the site policy inserted (a partition, licence or account this
+/// cluster lacks), one more line names the plugstack.conf key that set it.
+/// stdin and stdout are the user's, untouched (`--parsable`, a script on
+/// stdin).
+fn run_with_defaults(
+    argv0: &[u8],
+    insert: &[String],
+    rest: &[&[u8]],
+    role: dask_spank_common::Role,
+) -> Result<(), Box<dyn Error>> {
+    use std::io::{BufRead, Write};
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    cmd.arg0(std::ffi::OsStr::from_bytes(argv0))
+        .args(insert)
+        .args(rest.iter().map(|w| std::ffi::OsStr::from_bytes(w)))
+        .env(GUARD, "1")
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no
+    // memory of the parent; the closure only runs in the forked child
+    // before exec. If this sbatch is killed, its child goes too.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0);
+            Ok(())
+        });
     }
-    for w in rest {
-        new_argv.push(to_c(w)?);
+    let mut child = cmd.spawn().map_err(|e| {
+        user_error(format!(
+            "cannot run sbatch again with the site defaults: {e}"
+        ))
+    })?;
+    // Forward stderr as it comes; keep its tail (bounded) for the check.
+    const KEEP: usize = 16 << 10;
+    let mut tail = String::new();
+    if let Some(err) = child.stderr.take() {
+        let mut reader = std::io::BufReader::new(err.take(1 << 30));
+        let mut line = Vec::new();
+        let stderr = std::io::stderr();
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let _ = stderr.lock().write_all(&line);
+                    tail.push_str(&String::from_utf8_lossy(&line));
+                    if tail.len() > KEEP {
+                        let cut = tail.len() - KEEP;
+                        let cut = (cut..tail.len())
+                            .find(|i| tail.is_char_boundary(*i))
+                            .unwrap_or(tail.len());
+                        tail.drain(..cut);
+                    }
+                }
+            }
+        }
     }
-    std::env::set_var(GUARD, "1");
-    let exe = to_c(
-        std::path::Path::new("/proc/self/exe")
-            .as_os_str()
-            .as_bytes(),
-    )?;
-    // Only returns on failure.
-    let err = nix::unistd::execv(&exe, &new_argv).err();
-    std::env::remove_var(GUARD);
-    Err(user_error(format!(
-        "cannot re-execute sbatch with site defaults: {}",
-        err.map(|e| e.to_string()).unwrap_or_default()
-    )))
+    let code = match child.wait() {
+        Ok(st) => st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0)),
+        Err(_) => 1,
+    };
+    if code != 0 {
+        if let Some(why) = crate::submit::explain_rejection(role, insert, &tail) {
+            let _ = writeln!(std::io::stderr(), "sbatch: error: dask-spank: {why}");
+        }
+    }
+    // sbatch registers its atexit(spank_fini) only after spank_init_allocator
+    // returns, so exiting here runs no plugin callback (nothing can wait on
+    // slurm-spank's lock, which this init holds).
+    std::process::exit(code)
 }
 
 #[cfg(test)]

@@ -21,6 +21,37 @@ use std::error::Error;
 
 SPANK_PLUGIN!(b"dask-spank", SLURM_VERSION_NUMBER, DaskSpank);
 
+/// The Slurm release whose headers this plugin was built against, e.g.
+/// `26.05.5`. Slurm loads the plugin only into that major release.
+pub const BUILT_FOR: &str = env!("DASK_SPANK_BUILT_FOR");
+
+/// What `strings spank_dask.so | grep 'built for'` and the load line in
+/// slurmd's log show.
+pub const BUILD_LINE: &str = concat!(
+    "dask-spank plugin ",
+    env!("CARGO_PKG_VERSION"),
+    " built for Slurm ",
+    env!("DASK_SPANK_BUILT_FOR")
+);
+
+/// From Slurm 25.05 on, slurmd reads this symbol when it loads a plugin:
+/// with `ESPANK_JOB_FAILURE` a failing `slurm_spank_init` fails the job
+/// instead of draining the node (`ESPANK_NODE_FAILURE`, the default). A
+/// broken dask-spank must never take a compute node out of service. The
+/// slurm-spank crate does not export it; build.rs sets the cfg from the
+/// headers' `SLURM_VERSION_NUMBER`.
+#[cfg(slurm_init_failure_mode)]
+#[no_mangle]
+#[allow(non_upper_case_globals)]
+pub static slurm_spank_init_failure_mode: std::os::raw::c_int =
+    slurm_spank::spank_sys::slurm_err_t_ESPANK_JOB_FAILURE as std::os::raw::c_int;
+
+// build.rs and bindgen must have read the same headers.
+const _: () = assert!(
+    cfg!(slurm_init_failure_mode) == (SLURM_VERSION_NUMBER >= 0x19_05_00),
+    "build.rs and bindgen disagree on the Slurm release of the headers"
+);
+
 /// Per-process plugin state (one instance per sbatch or slurmstepd).
 #[derive(Default)]
 pub struct DaskSpank {
@@ -76,10 +107,20 @@ unsafe impl Plugin for DaskSpank {
         let args = spank.plugin_argv().unwrap_or_default();
         let parsed = Config::parse(args.iter().copied());
         let context = spank.context()?;
+        if context == Context::Slurmd {
+            slurm_spank::spank_log_info!(
+                "{BUILD_LINE}, commit {} loaded",
+                dask_spank_common::build_info::COMMIT
+            );
+        }
         if let Err(e) = &parsed {
-            // Loud in every context, but not fatal here: a bad configuration
-            // must not take slurmd down. Jobs with --dask-role fail instead.
-            slurm_spank::spank_log_error!("dask-spank: {e}");
+            // Loud on the node (slurmd's log, at its start and in every
+            // step), but not fatal: a bad configuration must not take slurmd
+            // down. On the submit host it stays quiet for ordinary jobs;
+            // a job with --dask-role fails with this line (allocator.rs).
+            if !matches!(context, Context::Allocator | Context::Local) {
+                slurm_spank::spank_log_error!("dask-spank: {e}");
+            }
         }
         self.config = Some(parsed);
         if context == Context::Slurmd || context == Context::JobScript {
@@ -87,7 +128,14 @@ unsafe impl Plugin for DaskSpank {
         }
         options::register(spank)?;
         if context == Context::Allocator {
-            allocator::maybe_reexec(self.config())?;
+            if let Err(e) = allocator::maybe_reexec(self.config()) {
+                // One line for the user and no more: returning the error
+                // would add sbatch's own "init() failed" lines. Exiting is
+                // safe here: sbatch registers atexit(spank_fini) only after
+                // this init returns, and nothing has been submitted.
+                self.report_error(spank, e.as_ref());
+                std::process::exit(1);
+            }
         }
         Ok(())
     }

@@ -8,9 +8,10 @@
 //! sbatch uses `getopt_long` with a leading `+`: parsing stops at the first
 //! non-option word, which is the script; the rest are script arguments. Long
 //! options may be abbreviated to a unique prefix. The option table below was
-//! taken from Slurm 22.05's option definitions (has_arg of each option).
+//! taken from Slurm 22.05's option definitions (has_arg of each option), with
+//! the options that 24.11 and 26.05 added (`sbatch --help` of each).
 
-/// Long options of sbatch 22.05 that take a required argument.
+/// Long options of sbatch (22.05 to 26.05) that take a required argument.
 const REQUIRED: &[&str] = &[
     "account",
     "acctg-freq",
@@ -26,6 +27,8 @@ const REQUIRED: &[&str] = &[
     "comment",
     "constraint",
     "container",
+    "container-id",
+    "container-type",
     "context",
     "core-spec",
     "cores-per-socket",
@@ -91,6 +94,8 @@ const REQUIRED: &[&str] = &[
     "time",
     "time-min",
     "tmp",
+    "tres-bind",
+    "tres-per-task",
     "uid",
     "wait-all-nodes",
     "wckey",
@@ -102,7 +107,15 @@ const REQUIRED: &[&str] = &[
 ];
 
 /// Long options whose argument is optional (only `--opt=value` form).
-const OPTIONAL: &[&str] = &["exclusive", "get-user-env", "nice", "no-kill", "propagate"];
+const OPTIONAL: &[&str] = &[
+    "exclusive",
+    "get-user-env",
+    "nice",
+    "no-kill",
+    "oom-kill-step",
+    "propagate",
+    "requeue",
+];
 
 /// Long options without argument.
 const NO_ARG: &[&str] = &[
@@ -116,8 +129,8 @@ const NO_ARG: &[&str] = &[
     "parsable",
     "quiet",
     "reboot",
-    "requeue",
     "spread-job",
+    "spread-segments",
     "test-only",
     "usage",
     "use-min-nodes",

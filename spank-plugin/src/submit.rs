@@ -39,6 +39,58 @@ pub fn supplied_script(cfg: &Config) -> String {
     )
 }
 
+/// The plugstack.conf key that set an argument the plan inserted, for the
+/// options Slurm itself can reject (a partition, licence or account the
+/// cluster does not have, a limit above the partition's).
+pub fn policy_key(role: Role, inserted: &str) -> Option<String> {
+    let (opt, _) = inserted.split_once('=')?;
+    let r = role.as_str();
+    Some(match opt {
+        "--partition" => format!("{r}_partition"),
+        "--licenses" => format!("{r}_licenses"),
+        "--account" => "account".into(),
+        "--mem" => format!("{r}_mem"),
+        "--time" => format!("{r}_time"),
+        "--cpus-per-task" if role == Role::Worker => "worker_cpus".into(),
+        _ => return None,
+    })
+}
+
+/// When sbatch failed with the site's values inserted: the one line that
+/// tells the user which of them Slurm rejected, and which key set it.
+/// `stderr` is what sbatch printed. None when the failure names none of
+/// the inserted values.
+pub fn explain_rejection(role: Role, inserted: &[String], stderr: &str) -> Option<String> {
+    let err = stderr.to_ascii_lowercase();
+    let rejected = |opt: &str| -> bool {
+        let words: &[&str] = match opt {
+            "--partition" => &["invalid partition", "partition not available", "partition"],
+            "--licenses" => &["license"],
+            "--account" => &["account"],
+            "--mem" => &["memory"],
+            "--time" => &["time limit"],
+            "--cpus-per-task" => &["processors", "cpu count"],
+            _ => &[],
+        };
+        words.iter().any(|w| err.contains(w))
+    };
+    let blamed: Vec<String> = inserted
+        .iter()
+        .filter_map(|a| {
+            let key = policy_key(role, a)?;
+            let (opt, _) = a.split_once('=')?;
+            rejected(opt).then(|| format!("{a} was set by dask-spank's {key}"))
+        })
+        .collect();
+    if blamed.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "{} (the site policy in plugstack.conf); tell your site administrator",
+        blamed.join(", ")
+    ))
+}
+
 /// Plan the submission, or explain in one line why it is refused.
 pub fn plan(
     req: &Request,
@@ -95,9 +147,81 @@ mod tests {
         }
     }
 
+    /// The keys of the example site policy (packaging/examples/cc-in2p3.conf).
+    fn cc_in2p3() -> Config {
+        Config::parse([
+            "scheduler_partition=htc_daemon",
+            "worker_partition=htc",
+            "worker_licenses=sps",
+            "account=primary-group",
+        ])
+        .unwrap() // ok: test
+    }
+
+    #[test]
+    fn rejections_by_slurm_name_the_key_that_set_the_value() {
+        let ins: Vec<String> = [
+            "--job-name=dask-worker-a",
+            "--partition=htc",
+            "--licenses=sps",
+            "--mem=3G",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            explain_rejection(
+                Role::Worker,
+                &ins,
+                "sbatch: error: Batch job submission failed: Invalid partition name specified\n"
+            )
+            .as_deref(),
+            Some("--partition=htc was set by dask-spank's worker_partition (the site policy in plugstack.conf); tell your site administrator")
+        );
+        assert_eq!(
+            explain_rejection(Role::Worker, &ins, "sbatch: error: Invalid license specification").as_deref(),
+            Some("--licenses=sps was set by dask-spank's worker_licenses (the site policy in plugstack.conf); tell your site administrator")
+        );
+        // The user's own option, or an unrelated failure: nothing to add.
+        assert_eq!(
+            explain_rejection(Role::Worker, &ins, "sbatch: error: Invalid account"),
+            None
+        );
+        assert_eq!(
+            explain_rejection(
+                Role::Worker,
+                &ins,
+                "sbatch: error: Unable to contact slurm controller"
+            ),
+            None
+        );
+        assert_eq!(
+            policy_key(Role::Scheduler, "--time=8:00:00").as_deref(),
+            Some("scheduler_time")
+        );
+        assert_eq!(policy_key(Role::Scheduler, "--cpus-per-task=1"), None);
+        assert_eq!(policy_key(Role::Worker, "--wrap=x"), None);
+    }
+
+    #[test]
+    fn site_neutral_defaults_insert_no_partition_licence_or_account() {
+        let r = req("--dask-role=worker", "");
+        let p = plan(
+            &r,
+            &Config::default(),
+            Role::Worker,
+            &Default::default(),
+            Path::new("/w"),
+            "g",
+        )
+        .unwrap(); // ok: test
+        assert!(!p.insert.iter().any(|a| a.starts_with("--partition")
+            || a.starts_with("--licenses")
+            || a.starts_with("--account")));
+    }
+
     #[test]
     fn bare_worker_array_gets_name_log_policy_and_script() {
-        let cfg = Config::default();
+        let cfg = cc_in2p3();
         let r = req("--dask-role=worker --dask-cluster=ana --array=1-100", "");
         let p = plan(
             &r,
@@ -128,7 +252,7 @@ mod tests {
 
     #[test]
     fn user_choices_are_kept() {
-        let cfg = Config::default();
+        let cfg = cc_in2p3();
         let r = req(
             "-D sub --dask-role=scheduler --mem=2G my.sh",
             "#SBATCH -J dask-scheduler-default\n#SBATCH -t 1:00:00 -A g -p htc_daemon\n",
@@ -168,7 +292,7 @@ mod tests {
 
     #[test]
     fn refusals() {
-        let cfg = Config::default();
+        let cfg = cc_in2p3();
         let r = req("--dask-role=worker -J mine", "");
         let e = plan(
             &r,
