@@ -16,11 +16,19 @@ def helptext(*cmd: str) -> str:
     return subprocess.run([*cmd, "--help"], capture_output=True, text=True, check=True).stdout
 
 
+def code(doc: str) -> str:
+    """The code of a document: its fenced blocks and its code spans."""
+    blocks = re.findall(r"^```[a-z]*\n(.*?)^```", doc, re.M | re.S)
+    spans = re.findall(r"`([^`\n]+)`", re.sub(r"^```.*?^```", "", doc, flags=re.M | re.S))
+    return "\n".join(blocks + spans)
+
+
 def shown(doc: str, program: str) -> dict[str, set[str]]:
     """Subcommand -> options, as the document shows them (code spans and
     blocks)."""
     out: dict[str, set[str]] = {}
-    for m in re.finditer(rf"{re.escape(program)} ([a-z][a-z-]*)((?:[^`\n#])*)", doc):
+    # Where a line of code (or a code span) runs the program.
+    for m in re.finditer(rf"^\s*(?:\$ |sudo )?{re.escape(program)} ([a-z][a-z-]*)((?:[^`\n#])*)", code(doc), re.M):
         sub, rest = m.group(1), m.group(2)
         out.setdefault(sub, set()).update(re.findall(r"(--[a-z][a-z-]*)", rest))
     return out
