@@ -8,7 +8,9 @@
 
 use crate::paths::DEFAULT_AGENT_DIR;
 use crate::policy::{AccountPolicy, Policy, WorkerStart};
-use crate::units::{format_mem_mb, format_time_s, parse_duration_s, parse_mem_mb, parse_time_s};
+use crate::units::{
+    format_duration_s, format_mem_mb, format_time_s, parse_duration_s, parse_mem_mb, parse_time_s,
+};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -289,6 +291,59 @@ impl Config {
         Ok(c)
     }
 
+    /// What every key resolves to, in `KEYS` order, written as the key
+    /// takes it (`dask-node-agent check-config` prints it; the admin
+    /// guide's defaults are checked against it).
+    pub fn resolved(&self) -> Vec<(&'static str, String)> {
+        let p = &self.policy;
+        let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".into());
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "none".to_string()
+            } else {
+                v.join(",")
+            }
+        };
+        let value = |key: &str| -> String {
+            match key {
+                "scheduler_partition" => opt(&p.scheduler.partition),
+                "worker_partition" => opt(&p.worker.partition),
+                "scheduler_licenses" => list(&p.scheduler.licenses),
+                "worker_licenses" => list(&p.worker.licenses),
+                "account" => match &p.account {
+                    AccountPolicy::PrimaryGroup => "primary-group".into(),
+                    AccountPolicy::None => "none".into(),
+                    AccountPolicy::Fixed(a) => a.clone(),
+                },
+                "worker_cpus" => p.worker.cpus.to_string(),
+                "worker_cpus_max" => p.worker.cpus_max.to_string(),
+                "scheduler_mem" => format_mem_mb(p.scheduler.mem_mb),
+                "scheduler_mem_max" => format_mem_mb(p.scheduler.mem_max_mb),
+                "worker_mem" => format_mem_mb(p.worker.mem_mb),
+                "worker_mem_max" => format_mem_mb(p.worker.mem_max_mb),
+                "scheduler_time" => format_time_s(p.scheduler.time_s),
+                "scheduler_time_max" => format_time_s(p.scheduler.time_max_s),
+                "worker_time" => format_time_s(p.worker.time_s),
+                "worker_time_max" => format_time_s(p.worker.time_max_s),
+                "max_worker_jobs" => p.max_worker_jobs.to_string(),
+                "idle_timeout" => format_duration_s(p.idle_timeout_s),
+                "tls" => p.tls.as_str().into(),
+                "worker_death_timeout" => format_duration_s(p.nanny.death_timeout_s),
+                "worker_restart_max" => p.nanny.restart_max.to_string(),
+                "worker_restart_window" => format_duration_s(p.nanny.restart_window_s),
+                "worker_lifetime_margin" => format_duration_s(p.nanny.lifetime_margin_s),
+                "worker_memory_kill" => format!("{}%", p.nanny.memory_kill_percent),
+                "worker_start" => p.nanny.start.to_string(),
+                "log_dir" => self.log_dir.clone(),
+                "agent_dir" => self.agent_dir.display().to_string(),
+                "attach_cmd" => self.attach_cmd.display().to_string(),
+                "agent_timeout" => self.agent_timeout.as_secs().to_string(),
+                _ => "?".into(),
+            }
+        };
+        KEYS.iter().map(|k| (*k, value(k))).collect()
+    }
+
     /// Defaults must lie within their maxima.
     fn check(&self) -> Result<(), ConfigError> {
         let p = &self.policy;
@@ -408,6 +463,31 @@ mod tests {
                 .policy
                 .account,
             AccountPolicy::PrimaryGroup
+        );
+    }
+
+    #[test]
+    fn every_key_resolves_and_parses_back_to_the_same_config() {
+        let c = Config::parse([
+            "worker_partition=htc",
+            "worker_licenses=sps,x",
+            "account=phys",
+            "tls=off",
+        ])
+        .unwrap();
+        let r = c.resolved();
+        assert_eq!(r.len(), KEYS.len());
+        assert!(r.iter().all(|(_, v)| v != "?"));
+        let args: Vec<String> = r.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        assert_eq!(Config::parse(args.iter().map(String::as_str)).unwrap(), c);
+        let d: Vec<String> = Config::default()
+            .resolved()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        assert_eq!(
+            Config::parse(d.iter().map(String::as_str)).unwrap(),
+            Config::default()
         );
     }
 

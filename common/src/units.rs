@@ -74,6 +74,17 @@ pub fn parse_time_s(s: &str) -> Option<Option<u64>> {
 }
 
 /// Format seconds as Slurm does (`[days-]hours:minutes:seconds`).
+/// A duration in the units the policy keys take: `2h`, `5m`, `60s`.
+pub fn format_duration_s(s: u64) -> String {
+    if s > 0 && s.is_multiple_of(3600) {
+        format!("{}h", s / 3600)
+    } else if s > 60 && s.is_multiple_of(60) {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
 pub fn format_time_s(s: u64) -> String {
     let (d, rem) = (s / 86400, s % 86400);
     let (h, m, sec) = (rem / 3600, rem % 3600 / 60, rem % 60);

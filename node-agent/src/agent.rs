@@ -37,12 +37,12 @@ impl Agent {
         })
     }
 
-    /// Stop every job's processes and wait, at most `bound`, until every
-    /// supervisor has finished (their stops take up to `STOP_GRACE`).
-    /// Whether they all did.
+    /// Stop every job's processes, failing the jobs with `reason`, and
+    /// wait, at most `bound`, until every supervisor has finished (their
+    /// stops take up to `STOP_GRACE`). Whether they all did.
     pub async fn shut_down(&self, reason: &str, bound: Duration) -> bool {
         self.shutdown.cancel();
-        self.jobs.stop_all(reason);
+        self.jobs.fail_all(reason);
         self.tasks.close();
         tokio::time::timeout(bound, self.tasks.wait()).await.is_ok()
     }

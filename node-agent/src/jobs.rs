@@ -18,13 +18,27 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-/// Tells a job's supervisor to stop, with the reason.
-pub type StopRx = watch::Receiver<Option<String>>;
+/// Why a job's processes must stop, and whether that fails the job (the
+/// agent stopping them for its own reasons) or is the job's own end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stop {
+    pub reason: String,
+    pub failure: bool,
+}
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+/// Tells a job's supervisor to stop.
+pub type StopRx = watch::Receiver<Option<Stop>>;
 
 struct Entry {
     record: Record,
     generation: u64,
-    stop: watch::Sender<Option<String>>,
+    stop: watch::Sender<Option<Stop>>,
     attached: bool,
     status: JobStatus,
 }
@@ -189,7 +203,10 @@ impl Jobs {
         };
         let old = self.shared.lock().insert(entry.record.spec.job_id, entry);
         if let Some(old) = old {
-            let _ = old.stop.send(Some("job registered again".into()));
+            let _ = old.stop.send(Some(Stop {
+                reason: "job registered again".into(),
+                failure: false,
+            }));
         }
     }
 
@@ -262,10 +279,22 @@ impl Jobs {
 
     /// Ask the job's processes to stop, keeping the registration.
     pub fn stop(&self, job_id: u32, reason: &str) {
+        self.send_stop(job_id, reason, false);
+    }
+
+    /// Stop the job's processes, failing it: the agent's own reason.
+    pub fn fail(&self, job_id: u32, reason: &str) {
+        self.send_stop(job_id, reason, true);
+    }
+
+    fn send_stop(&self, job_id: u32, reason: &str, failure: bool) {
         if let Some(e) = self.shared.lock().get(&job_id) {
             e.stop.send_if_modified(|cur| {
                 if cur.is_none() {
-                    *cur = Some(reason.to_string());
+                    *cur = Some(Stop {
+                        reason: reason.to_string(),
+                        failure,
+                    });
                     true
                 } else {
                     false
@@ -300,10 +329,11 @@ impl Jobs {
         true
     }
 
-    pub fn stop_all(&self, reason: &str) {
+    /// Stop every job's processes, failing the jobs.
+    pub fn fail_all(&self, reason: &str) {
         let ids: Vec<u32> = self.shared.lock().keys().copied().collect();
         for id in ids {
-            self.stop(id, reason);
+            self.fail(id, reason);
         }
     }
 
@@ -376,7 +406,7 @@ mod tests {
         let (_, old, mut stop) = jobs.attach(5, 1000, pid).expect("attach"); // ok: test
         jobs.register(spec(5, 1000), me());
         assert_eq!(
-            stop.borrow_and_update().as_deref(),
+            stop.borrow_and_update().as_ref().map(|s| s.reason.as_str()),
             Some("job registered again")
         );
         old.finished(JobState::Failed, "late update");

@@ -37,6 +37,7 @@ pub mod recovery;
 pub mod restart;
 pub mod rlimits;
 pub mod server;
+pub mod siteops;
 pub mod slurm;
 pub mod spawn;
 pub mod statefile;

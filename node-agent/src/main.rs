@@ -2,7 +2,7 @@
 //! library for the daemon itself).
 
 use clap::{Parser, Subcommand};
-use dask_node_agent::{daemon, dask_cmd};
+use dask_node_agent::{daemon, dask_cmd, siteops};
 use dask_spank_common::client::{Client, ClientError};
 use dask_spank_common::messages::JobStatus;
 use dask_spank_common::paths::{agent_socket, DEFAULT_AGENT_DIR};
@@ -33,9 +33,16 @@ struct Where {
 }
 
 impl Where {
+    /// --node, else SLURMD_NODENAME (set for slurmd's programs), else the
+    /// short hostname.
     fn node(&self) -> String {
         self.node
             .clone()
+            .or_else(|| {
+                std::env::var("SLURMD_NODENAME")
+                    .ok()
+                    .filter(|n| !n.is_empty())
+            })
             .unwrap_or_else(dask_spank_common::sys::short_hostname)
     }
 
@@ -82,6 +89,35 @@ enum Cmd {
         #[command(flatten)]
         at: Where,
     },
+    /// Slurm's HealthCheckProgram: drain this node while its agent does not
+    /// answer (reason "dask-spank: ..."), resume it when it answers again.
+    Health {
+        #[command(flatten)]
+        at: Where,
+    },
+    /// What the plugstack.conf line resolves to, every key, and whether it
+    /// fits this node: the agent answers on agent_dir, the partitions and
+    /// licences exist in Slurm. Exit 1 on any problem.
+    CheckConfig {
+        #[command(flatten)]
+        at: Where,
+        /// plugstack.conf to read (default: slurm.conf's PlugStackConfig).
+        #[arg(long)]
+        plugstack: Option<PathBuf>,
+    },
+}
+
+/// slurm.conf's PlugStackConfig, else plugstack.conf beside slurm.conf.
+fn default_plugstack() -> PathBuf {
+    let conf = PathBuf::from(
+        std::env::var("SLURM_CONF").unwrap_or_else(|_| "/etc/slurm/slurm.conf".into()),
+    );
+    let text = std::fs::read_to_string(&conf).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split('#').next()?.trim().split_once('='))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("PlugStackConfig"))
+        .map(|(_, v)| PathBuf::from(v.trim()))
+        .unwrap_or_else(|| conf.with_file_name("plugstack.conf"))
 }
 
 fn print_status(jobs: &[JobStatus], json: bool) {
@@ -210,5 +246,22 @@ fn main() -> ExitCode {
             metrics_addr,
             stub_command,
         } => run(at, dask_host, metrics_addr, stub_command),
+        Cmd::Health { at } => {
+            match siteops::health(&agent_socket(&at.agent_dir, &at.node()), &at.node()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("dask-node-agent: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::CheckConfig { at, plugstack } => {
+            let conf = plugstack.unwrap_or_else(default_plugstack);
+            if siteops::check_config(&conf, &at.node()) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
     }
 }

@@ -12,7 +12,7 @@ use crate::dask_cmd::{command, lifetime, tls_env, DaskSettings, Limits};
 use crate::forkserver::ForkServer;
 use crate::jobenv::JobEnv;
 use crate::joblog::JobLog;
-use crate::jobs::{JobHandle, StopRx};
+use crate::jobs::{JobHandle, Stop, StopRx};
 use crate::memwatch::MemWatch;
 use crate::metrics::{Gauge, Metrics};
 use crate::process::Proc;
@@ -177,7 +177,7 @@ async fn start<'s>(
 
 enum Ended {
     Exited(std::io::Result<ExitStatus>),
-    Stopped(String),
+    Stopped(Stop),
     MemoryKill(u64),
 }
 
@@ -263,7 +263,7 @@ async fn conclude(
     let (role, log, pid) = (run.spec.role, &run.log, proc.pid());
     match ended {
         Ended::Stopped(reason) => {
-            log.line(&format!("stopping {role} (pid {pid}): {reason}"));
+            log.line(&format!("stopping {role} (pid {pid}): {}", reason.reason));
             ctx.job.set_state(JobState::Stopping);
             let hurry = async {
                 match role {
@@ -273,7 +273,7 @@ async fn conclude(
             };
             proc.stop(STOP_GRACE, hurry, log).await;
             log.line(&format!("{role} stopped"));
-            Err(finished(JobState::Finished, 0, reason))
+            Err(stopped(reason))
         }
         Ended::MemoryKill(rss) => {
             let desc = format!(
@@ -348,7 +348,7 @@ async fn watch_until_end(
     };
     tokio::select! {
         status = proc.wait() => Ended::Exited(status),
-        _ = stop.changed() => Ended::Stopped(stop.borrow().clone().unwrap_or_else(|| "stopped".into())),
+        _ = stop.changed() => Ended::Stopped(current_stop(stop)),
         Some(Ok(rss)) = async { match over.as_mut() { Some(rx) => Some(rx.await), None => None } } => Ended::MemoryKill(rss),
     }
 }
@@ -367,8 +367,11 @@ async fn exited(
         .map(describe)
         .unwrap_or_else(|e| e.to_string());
     if let Some(reason) = stop.borrow().clone() {
-        log.line(&format!("{role} exited ({desc}) while stopping: {reason}"));
-        return Err(finished(JobState::Finished, 0, reason));
+        log.line(&format!(
+            "{role} exited ({desc}) while stopping: {}",
+            reason.reason
+        ));
+        return Err(stopped(reason));
     }
     let ok = status.as_ref().map(|s| s.success()).unwrap_or(false);
     if role == Role::Scheduler || ok {
@@ -394,6 +397,25 @@ async fn exited(
     Ok(format!("worker died ({desc})"))
 }
 
+/// The stop asked for (a stop without a reason cannot happen: the
+/// channel only ever goes from none to some).
+fn current_stop(stop: &StopRx) -> Stop {
+    stop.borrow().clone().unwrap_or(Stop {
+        reason: "stopped".into(),
+        failure: false,
+    })
+}
+
+/// How a stopped job ends: failed when the agent stopped it for its own
+/// reasons (its jobs must not look COMPLETED), finished otherwise.
+fn stopped(s: Stop) -> (JobState, Outcome) {
+    if s.failure {
+        finished(JobState::Failed, 1, s.reason)
+    } else {
+        finished(JobState::Finished, 0, s.reason)
+    }
+}
+
 fn finished(state: JobState, exit_code: i32, reason: String) -> (JobState, Outcome) {
     (state, Outcome { exit_code, reason })
 }
@@ -405,7 +427,7 @@ async fn wait_for_scheduler(
     ctx: &mut Context,
     run: &JobRun,
     stop: &mut StopRx,
-) -> Result<(), String> {
+) -> Result<(), Stop> {
     if run.spec.role != Role::Worker
         || run.spec.policy.tls != TlsMode::Required
         || run.settings.stub.is_some()
@@ -420,20 +442,20 @@ async fn wait_for_scheduler(
             return Ok(());
         }
         tokio::select! {
-            r = ctx.scheduler.changed() => if r.is_err() { return Err("the job's attach connection ended".into()) },
-            _ = stop.changed() => return Err(stop.borrow().clone().unwrap_or_else(|| "stopped".into())),
+            r = ctx.scheduler.changed() => if r.is_err() {
+                return Err(Stop { reason: "the job's attach connection ended".into(), failure: false });
+            },
+            _ = stop.changed() => return Err(current_stop(stop)),
         }
     }
 }
 
 /// Run the job's dask process until it ends for good or `stop` fires.
 pub async fn run(mut ctx: Context, run: JobRun, mut stop: StopRx) -> Outcome {
-    if let Err(reason) = wait_for_scheduler(&mut ctx, &run, &mut stop).await {
-        ctx.job.finished(JobState::Finished, &reason);
-        return Outcome {
-            exit_code: 0,
-            reason,
-        };
+    if let Err(s) = wait_for_scheduler(&mut ctx, &run, &mut stop).await {
+        let (state, outcome) = stopped(s);
+        ctx.job.finished(state, &outcome.reason);
+        return outcome;
     }
     let nanny = &run.spec.policy.nanny;
     let policy = RestartPolicy {
@@ -446,7 +468,7 @@ pub async fn run(mut ctx: Context, run: JobRun, mut stop: StopRx) -> Outcome {
     let mut starts = 0;
     let (state, outcome) = loop {
         if let Some(reason) = stop.borrow().clone() {
-            break finished(JobState::Finished, 0, reason);
+            break stopped(reason);
         }
         starts += 1;
         let desc = match one_start(&ctx, &run, &mut stop, &mut server, starts).await {

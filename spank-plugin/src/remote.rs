@@ -111,10 +111,20 @@ impl RemoteState {
         let socket = agent_socket(&cfg.agent_dir, &spec.node);
         let job_id = spec.job_id;
         let node = spec.node.clone();
+        let agent_dir = cfg.agent_dir.clone();
+        let no_socket = !socket.exists();
         let unavailable = |e: &dyn Error| {
-            user_error(format!(
-                "the dask-spank node agent on {node} is unavailable ({e}); dask-node-agent must run on every compute node"
-            ))
+            user_error(if no_socket {
+                format!(
+                    "no dask-spank node agent on {node}: {} does not exist (the agent is not running, or its --agent-dir is not agent_dir={}); the node's health check drains it; resubmit the job",
+                    socket.display(),
+                    agent_dir.display()
+                )
+            } else {
+                format!(
+                    "the dask-spank node agent on {node} does not answer ({e}); the node's health check drains it; resubmit the job"
+                )
+            })
         };
         let mut client =
             Client::connect(&socket, "spank", cfg.agent_timeout).map_err(|e| unavailable(&e))?;

@@ -1,0 +1,92 @@
+"""Running it as a site does (issue 18): the health check drains a node
+whose agent is down and resumes it when the agent is back; a job stopped by
+the agent ends FAILED with the reason, never COMPLETED; check-config says
+what the plugstack line resolves to and what is wrong with it."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import sandboxlib as sb
+
+AGENT = str(sb.BIN / "dask-node-agent")
+AGENT_DIR = str(sb.STATE / "run" / "agent")
+
+
+def node_state(node: str = "n1") -> tuple[str, str]:
+    out = sb.run(["sinfo", "-h", "-n", node, "-o", "%t|%E"]).stdout.strip()
+    state, _, reason = out.partition("|")
+    return state, reason
+
+
+def stop_agent() -> None:
+    pid = sb.agent_pid()
+    os.kill(pid, signal.SIGTERM)
+    sb.wait_until("the agent to exit", lambda: not os.path.exists(f"/proc/{pid}"), 30)
+
+
+def test_a_node_whose_agent_is_down_is_drained_and_resumed():
+    stop_agent()
+    try:
+        state, reason = sb.wait_until("the health check to drain n1", lambda: (
+            (s := node_state()) and s[0].startswith("drain") and s), 30, 0.5)
+        assert reason.startswith("dask-spank: the node agent does not answer"), reason
+        # Nothing is sent to a drained node.
+        job = sb.sbatch("--dask-role=scheduler", "--dask-cluster=siteops-drained")
+        assert sb.job_states(job) == {job: "PENDING"}
+        sb.run(["scancel", job])
+    finally:
+        sb.sandbox("up")  # starts the agent
+    sb.wait_until("the health check to resume n1", lambda: not node_state()[0].startswith("drain"), 30, 0.5)
+    # An admin's drain is the admin's: the check leaves it alone.
+    sb.run(["scontrol", "update", "nodename=n1", "state=drain", "reason=maintenance"])
+    try:
+        subprocess.run(["sleep", "12"])  # two health check intervals
+        assert node_state() == ("drain", "maintenance")
+    finally:
+        sb.run(["scontrol", "update", "nodename=n1", "state=resume"])
+
+
+def test_jobs_the_agent_stops_end_failed_with_the_reason(cluster_name):
+    sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster_name}")
+    sb.wait_scheduler_file(cluster_name)
+    stop_agent()
+    try:
+        sb.wait_job_gone(sched, 60)
+        assert sb.job_state(sched) == "FAILED"
+        log = (sb.WORK / "log" / f"dask-scheduler-{sched}.log").read_text()
+        assert "the node agent is shutting down" in log, log
+    finally:
+        sb.sandbox("up")
+
+
+def check_config(*args: str) -> subprocess.CompletedProcess:
+    return sb.run([AGENT, "check-config", "--plugstack", str(sb.STATE / "etc" / "plugstack.conf"),
+                   "--node", "n1", *args], check=False)
+
+
+def test_check_config_prints_every_key_and_names_problems(policy):
+    p = check_config("--agent-dir", AGENT_DIR)
+    assert p.returncode == 0, p.stdout
+    assert "ok    the node agent of n1 answers" in p.stdout
+    assert "  tls                      required  (default)" in p.stdout
+    for key in ("worker_mem", "agent_dir", "worker_start"):
+        assert f"  {key} " in p.stdout
+    # A bad key: a plain sbatch says nothing of dask-spank, a dask sbatch one
+    # line, and check-config names the key.
+    policy("bogus_key=1")
+    plain = sb.as_user(["sbatch", "--wrap", "true", "-o", "/dev/null"], check=False)
+    assert plain.returncode == 0 and "dask-spank" not in plain.stderr, plain.stderr
+    dask = sb.as_user(["sbatch", "--dask-role=worker", "--dask-cluster=siteops-bad"], check=False)
+    assert dask.returncode != 0
+    assert len([l for l in dask.stderr.splitlines() if "dask-spank" in l]) == 1, dask.stderr
+    p = check_config()
+    assert p.returncode == 1 and "unknown key 'bogus_key'" in p.stdout, p.stdout
+
+
+def test_check_config_reports_a_wrong_agent_dir(policy):
+    policy("agent_dir=/run/nowhere")
+    p = check_config()
+    assert p.returncode == 1
+    assert "ERROR agent_dir=/run/nowhere: no node agent of n1 answers on /run/nowhere/agent-n1.sock" in p.stdout, p.stdout
