@@ -13,7 +13,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sandboxlib as sb  # noqa: E402
 from bench_control import control_plane  # noqa: E402
-from benchlib import median, restart_latencies, rss_mib, uss_mib  # noqa: E402
+from benchlib import median, pss_mib, restart_latencies, rss_mib, uss_mib  # noqa: E402
 
 SIZES = [int(x) for x in os.environ.get("BENCH_SIZES", "8,32,64").split(",")]
 
@@ -44,20 +44,39 @@ def start_cluster(name: str, n: int):
     return c, time.monotonic() - t0
 
 
-def ours(n: int, figures: dict) -> float:
+def slurm_calls() -> int:
+    """Calls the node agent made to Slurm's commands so far (the sandbox
+    runs it with counting wrappers on its PATH)."""
+    f = sb.LOGS / "agent-slurm-calls.log"
+    return len(f.read_text().splitlines()) if f.exists() else 0
+
+
+def ours(n: int, figures: dict, measure: bool = True) -> float:
+    """Time to ready of a cluster of n workers; at the last size also the
+    memory each job costs (PSS: the attach process, and the agent's growth
+    shared out per job); at the first, the restart latency."""
     agent = sb.agent_pid()
-    rss0 = rss_mib(agent)
+    pss0, calls0 = pss_mib(agent), slurm_calls()
     c, dt = start_cluster(f"bench-{n}", n)
-    if n == SIZES[-1]:
-        attach = [rss_mib(p) for p in attach_pids()]
-        figures["agent_rss_delta_per_worker_mib"] = (rss_mib(agent) - rss0) / (n + 1)
-        figures["attach_rss_mib"] = statistics.median(attach) if attach else 0.0
-    if n == SIZES[0]:
+    figures.setdefault("controller_calls_per_job_start", []).append((slurm_calls() - calls0) / (n + 1))
+    if measure and n == SIZES[-1]:
+        attach = [pss_mib(p) for p in attach_pids()]
+        figures["agent_pss_delta_per_job_mib"] = (pss_mib(agent) - pss0) / (n + 1)
+        figures["attach_pss_mib"] = statistics.median(attach) if attach else 0.0
+    if measure and n == SIZES[0]:
         figures["restart_s_all"] = restart_latencies(c, n)
         figures["restart_s"] = median(figures["restart_s_all"])
     c.close()
     sb.cancel_all_user_jobs(120)
     return dt
+
+
+def jobqueue(n: int, nanny: bool) -> dict:
+    """The reference: dask-jobqueue for one size, as the test user."""
+    args = [str(sb.VENV / "bin" / "python"), str(sb.REPO / "scripts" / "bench_jobqueue.py"), str(n)]
+    p = sb.as_user(args + ([] if nanny else ["--no-nanny"]), timeout=3600)
+    sb.cancel_all_user_jobs(120)
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def forkserver_pids(kind: str) -> list[int]:
@@ -84,6 +103,7 @@ def ours_forkserver(n: int, figures: dict) -> None:
         servers = forkserver_pids("dask-forkserver")
         figures["forkserver_rss_mib"] = median([rss_mib(p) for p in servers])
         figures["forkserver_uss_mib"] = median([uss_mib(p) for p in servers])
+        figures["forkserver_pss_mib"] = median([pss_mib(p) for p in servers])
         figures["forkserver_restart_s_all"] = restart_latencies(c, n)
         figures["forkserver_restart_s"] = median(figures["forkserver_restart_s_all"])
         c.close()
@@ -194,33 +214,46 @@ def sbatch_cost(reps: int = 60) -> tuple[dict, float]:
 
 
 def comparison_rows(figures: dict) -> list[tuple]:
-    """Figures 1-4: dask-spank against dask-jobqueue and the Nanny."""
+    """Figures 1-4: dask-spank against dask-jobqueue (with its Nanny, and
+    without: the floor of Slurm and a cold Python start). Sizes are
+    interleaved (ours, ours over plain TCP, the Nanny, no Nanny, for one
+    size, then the next), each side cleaned up the same way after each."""
     rows = []
     # Warm-up, not measured: the first cluster after slurmd (re)started pays
     # cold caches that no later one does (N=8 measured 1.3x cold, 0.5x warm).
     c, _ = start_cluster("bench-warmup", 2)
     c.close()
     sb.cancel_all_user_jobs(120)
-    ready_ours = {n: ours(n, figures) for n in SIZES}
-    p = sb.as_user([str(sb.VENV / "bin" / "python"), str(sb.REPO / "scripts" / "bench_jobqueue.py"),
-                    ",".join(map(str, SIZES))], timeout=3600)
-    jq = json.loads(p.stdout.strip().splitlines()[-1])
-    figures["jobqueue"] = jq
-    sb.cancel_all_user_jobs(120)
+    ready: dict[int, dict] = {}
     for n in SIZES:
-        rows.append((f"time_to_ready_s_N{n}", ready_ours[n], jq["ready"][str(n)]))
-    # The agent's share per worker against the Nanny and its resource_tracker.
-    rows.append(("supervision_rss_mib_per_worker", figures["agent_rss_delta_per_worker_mib"], jq["nanny_rss_mib"]))
-    # dask-spank attach replaces the batch shell of the job (bash, ~3 MiB):
-    # reported beside the Nanny for the whole picture.
-    rows.append(("attach_rss_mib_per_job_vs_nanny", figures["attach_rss_mib"], jq["nanny_rss_mib"]))
+        ready[n] = {"ours": ours(n, figures)}
+        sb.set_policy("tls=off")
+        try:
+            ready[n]["ours_tcp"] = ours(n, figures, measure=False)
+        finally:
+            sb.set_policy("")
+        jq, jqn = jobqueue(n, True), jobqueue(n, False)
+        ready[n]["jq"], ready[n]["jq_no_nanny"] = jq["ready"][str(n)], jqn["ready"][str(n)]
+        if n == SIZES[0]:
+            figures["jobqueue"], figures["jobqueue_no_nanny"] = jq, jqn
+    figures["ready"] = ready
+    for n in SIZES:
+        rows.append((f"time_to_ready_s_N{n}", ready[n]["ours"], ready[n]["jq"]))
+        rows.append((f"time_to_ready_s_N{n}_vs_no_nanny", ready[n]["ours"], ready[n]["jq_no_nanny"]))
+        rows.append((f"time_to_ready_s_N{n}_tls_vs_tcp", ready[n]["ours"], ready[n]["ours_tcp"]))
+    rows.append(("controller_calls_per_job_start", max(figures["controller_calls_per_job_start"]), 1.0))
+    jq, jqn = figures["jobqueue"], figures["jobqueue_no_nanny"]
+    # Memory each worker job costs beside its worker, PSS on both sides:
+    # ours, its attach process and its share of the agent; theirs, the
+    # batch shell, the Nanny and its resource_tracker (or the shell alone).
+    per_job = figures["attach_pss_mib"] + figures["agent_pss_delta_per_job_mib"]
+    rows.append(("per_job_pss_mib_vs_nanny", per_job, jq["per_job_pss_mib"]))
+    rows.append(("per_job_pss_mib_vs_no_nanny", per_job, jqn["per_job_pss_mib"]))
     rows.append(("restart_to_registered_s_median", figures["restart_s"], statistics.median(jq["restart"])))
     ours_forkserver(SIZES[0], figures)
     rows.append(("restart_s_median_forkserver", figures["forkserver_restart_s"], statistics.median(jq["restart"])))
-    # What worker_start=forkserver costs: the server each job keeps (RSS,
-    # and its private pages, the rest being shared with its worker).
-    rows.append(("forkserver_rss_mib_per_job_vs_nanny", figures["forkserver_rss_mib"], jq["nanny_rss_mib"]))
-    rows.append(("forkserver_uss_mib_per_job_vs_nanny", figures["forkserver_uss_mib"], jq["nanny_rss_mib"]))
+    # What worker_start=forkserver costs per job: the server it keeps.
+    rows.append(("per_job_pss_mib_forkserver_vs_nanny", per_job + figures["forkserver_pss_mib"], jq["per_job_pss_mib"]))
     return rows + sbatch_rows(figures)
 
 
@@ -266,12 +299,18 @@ def control_rows(figures: dict) -> list[tuple]:
     reference run (no other tool has a node agent) and print '-'."""
     c = control_plane()
     figures["control"] = c
+    # The watchdog at its busiest: every worker at its memory limit (a 2 MiB
+    # job, whose kill threshold of 1 MiB the stub's 1.8 MB sit at, rounded
+    # down), so each is read at every tick, as the Nanny reads each of its
+    # workers.
+    hot = control_plane(job_mem_mb=2)
+    figures["control_at_limit"] = hot
     n = c["jobs"]
     agg = cli_status_of_queued(n)
     figures["cli_status"] = agg
     if agg["workers_listed"] != n or agg["pending"] != n:
         raise RuntimeError(f"dask-spank status did not list {n} pending worker jobs: {agg}")
-    nanny = figures.get("jobqueue", {}).get("nanny_rss_mib")
+    nanny = figures.get("jobqueue", {}).get("per_job_pss_mib")
     return [
         # Figure 2 again, resolved: the growth over 64 jobs is within what
         # the allocator already holds; over 3000 it is not.
@@ -279,6 +318,7 @@ def control_rows(figures: dict) -> list[tuple]:
         (f"cli_status_{n}_queued_worker_jobs_s_median", agg["cli_status_s_median"], None),
         (f"control_agent_rss_mib_{n}_jobs_vs_64", c["agent_rss_mib"], 64.0),
         (f"control_agent_idle_cpu_percent_{n}_jobs_vs_1", c["agent_idle_cpu_percent"], 1.0),
+        (f"control_agent_cpu_percent_{n}_jobs_at_their_memory_limit", hot["agent_idle_cpu_percent"], None),
         ("control_registrations_per_s", c["registrations_per_s"], None),
         ("control_starts_per_s", c["starts_per_s"], None),
         (f"control_status_{n}_jobs_s_median", c["status_s_median"], None),

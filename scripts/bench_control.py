@@ -73,11 +73,11 @@ class Agent:
         return agentproto.call(self.path, req, client="bench")
 
 
-def spec(i: int, u, stepd: int) -> dict:
+def spec(i: int, u, stepd: int, mem_mb: int | None = None) -> dict:
     return {
         "type": "register", "job_id": FIRST_JOB + i, "array_job_id": FIRST_JOB, "array_task_id": i,
         "uid": u.pw_uid, "gid": u.pw_gid, "groups": [u.pw_gid], "user": u.pw_name, "role": "worker",
-        "cluster": "stub-bench", "env_prefix": None, "cpus": 1, "mem_mb": int(os.environ.get("BENCH_JOB_MEM_MB", 3 * GIB)),
+        "cluster": "stub-bench", "env_prefix": None, "cpus": 1, "mem_mb": mem_mb or int(os.environ.get("BENCH_JOB_MEM_MB", 3 * GIB)),
         "time_limit_s": 7200, "submit_dir": str(sb.HOME), "node": NODE, "stepd_pid": stepd,
         "policy": POLICY,
     }
@@ -115,7 +115,7 @@ def uid_of(pid: int) -> int:
     return -1
 
 
-def control_plane(n: int = N, idle_s: float = IDLE_S) -> dict:
+def control_plane(n: int = N, idle_s: float = IDLE_S, job_mem_mb: int | None = None) -> dict:
     """Run figure 5 with `n` jobs; return its measurements."""
     base = sb.STATE / "bench-control"
     shutil.rmtree(base, ignore_errors=True)
@@ -143,7 +143,7 @@ def control_plane(n: int = N, idle_s: float = IDLE_S) -> dict:
         # Registrations, one connection each, as the plugin does.
         c0, t0 = cpu_s(proc.pid), time.monotonic()
         for i in range(n):
-            r = agent.call(spec(i, u, os.getpid()))
+            r = agent.call(spec(i, u, os.getpid(), job_mem_mb))
             if r["type"] != "ok":
                 raise RuntimeError(f"registration {i} refused: {r}")
         dt = time.monotonic() - t0

@@ -1,13 +1,14 @@
 """The reference side of scripts/bench: dask-jobqueue's SLURMCluster (with
-its default Nanny) on the same sandbox, run as the test user. Prints one
-JSON document."""
+its default Nanny, or with nanny=False: the floor of Slurm and a cold
+Python start with no supervision) on the same sandbox, run as the test
+user. Prints one JSON document."""
 import json
 import os
 import statistics
 import sys
 import time
 
-from benchlib import restart_latencies, rss_mib
+from benchlib import parent, pss_mib, restart_latencies, rss_mib
 
 
 def children(pid):
@@ -30,34 +31,56 @@ def cmdline(pid):
         return ""
 
 
+def per_job_pss(client, nanny: bool) -> float:
+    """What each worker job runs beside its worker, PSS: the batch shell,
+    and with the Nanny, the Nanny and its resource_tracker."""
+    per = []
+    for pid in client.run(os.getpid).values():
+        procs = []
+        up = parent(pid)
+        if nanny:
+            procs.append(up)
+            procs += [c for c in children(up) if "resource_tracker" in cmdline(c)]
+            up = parent(up)
+        if "bash" in cmdline(up) or "sh " in cmdline(up):
+            procs.append(up)
+        per.append(sum(pss_mib(p) for p in procs))
+    return statistics.median(per)
+
+
 def main():
+    """jobqueue_bench.py SIZES [--no-nanny]: time to ready per size (and at
+    the first size, the memory per job and the restart latency)."""
     sizes = [int(x) for x in sys.argv[1].split(",")]
+    nanny = "--no-nanny" not in sys.argv[2:]
     from dask_jobqueue import SLURMCluster
     from distributed import Client
 
-    res = {"ready": {}, "restart": [], "nanny_rss_mib": None}
+    res = {"ready": {}, "restart": [], "nanny_rss_mib": None, "per_job_pss_mib": None, "nanny": nanny}
     for n in sizes:
         t0 = time.monotonic()
         cluster = SLURMCluster(
             cores=1, processes=1, memory="3GB", queue="htc", walltime="01:00:00",
             python=sys.executable, log_directory=os.path.join(os.getcwd(), "jq-logs"),
             scheduler_options={"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"},
-            worker_extra_args=["--host", "127.0.0.1"],
+            worker_extra_args=["--host", "127.0.0.1"], nanny=nanny,
         )
         client = Client(cluster)
         cluster.scale(jobs=n)
         client.wait_for_workers(n, timeout=900)
         res["ready"][n] = time.monotonic() - t0
         if n == sizes[0]:
-            # Supervision memory: each Nanny and its resource_tracker.
-            per = []
-            for pid in client.run(os.getpid).values():
-                nanny = int(open(f"/proc/{pid}/stat").read().split(")")[1].split()[1])
-                tracker = [c for c in children(nanny) if "resource_tracker" in cmdline(c)]
-                per.append(rss_mib(nanny) + sum(rss_mib(t) for t in tracker))
-            res["nanny_rss_mib"] = statistics.median(per)
-            # Restart latency: SIGKILL a worker under its Nanny, time to re-registration.
-            res["restart"] = restart_latencies(client, n)
+            res["per_job_pss_mib"] = per_job_pss(client, nanny)
+            if nanny:
+                # Each Nanny and its resource_tracker (RSS, as recorded before).
+                per = []
+                for pid in client.run(os.getpid).values():
+                    up = parent(pid)
+                    tracker = [c for c in children(up) if "resource_tracker" in cmdline(c)]
+                    per.append(rss_mib(up) + sum(rss_mib(t) for t in tracker))
+                res["nanny_rss_mib"] = statistics.median(per)
+                # Restart latency: SIGKILL a worker under its Nanny, time to re-registration.
+                res["restart"] = restart_latencies(client, n)
         client.close()
         cluster.close()
         time.sleep(2)

@@ -25,6 +25,21 @@ def uss_mib(pid: int) -> float:
     return kib / 1024
 
 
+def pss_mib(pid: int) -> float:
+    """Proportional set size: each shared page counted in part, so that the
+    sum over processes is what they cost together. The same measure for
+    both sides of every memory figure."""
+    for line in open(f"/proc/{pid}/smaps_rollup"):
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def parent(pid: int) -> int:
+    stat = open(f"/proc/{pid}/stat").read()
+    return int(stat[stat.rfind(")") + 2:].split()[1])
+
+
 def restart_latencies(client, n: int, kills: int = 5) -> list[float]:
     """SIGKILL a worker, time until a worker of the same name registers
     again; `kills` times, a different worker each time (while there are any
