@@ -89,7 +89,9 @@ pub fn run() -> Result<i32, String> {
     write_report(&dir, &report);
     on_signal_report_end(&dir, &report);
     if role == Role::Scheduler {
+        crate::keeper::start(&cluster, &dir, job_id);
         let (dir, cluster, job) = (dir.clone(), cluster.to_string(), job_id.to_string());
+
         std::thread::spawn(move || keep_state(&dir, &cluster, &job));
     } else if let Ok(tx) = c.try_clone() {
         let (f, creds) = (scheduler_file(&dir), tls.then(|| tls_files(&dir)));

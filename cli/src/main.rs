@@ -3,8 +3,10 @@
 mod attach;
 mod cluster;
 mod cmd;
+mod keeper;
 mod record;
 mod slurm;
+mod target;
 mod tls;
 mod view;
 
@@ -30,6 +32,7 @@ enum Cmd {
     Status(cmd::status::Args),
     Wait(cmd::wait::Args),
     Scale(cmd::scale::Args),
+    Adapt(cmd::adapt::Args),
     Logs(cmd::logs::Args),
     Down(cmd::down::Args),
     /// Hand this job over to the node agent and wait (last line of a job script).
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
         Cmd::Status(a) => cmd::status::run(a),
         Cmd::Wait(a) => cmd::wait::run(a),
         Cmd::Scale(a) => cmd::scale::run(a),
+        Cmd::Adapt(a) => cmd::adapt::run(a),
         Cmd::Logs(a) => cmd::logs::run(a),
         Cmd::Down(a) => cmd::down::run(a),
         Cmd::Layout(a) => cmd::layout::run(a),

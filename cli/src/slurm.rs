@@ -116,6 +116,38 @@ pub fn scancel(ids: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// Why a job that left the queue ended: its state and the last lines of
+/// its log (`scontrol show job` keeps it a few minutes after the end).
+pub fn job_end(job: &str) -> Option<String> {
+    let out = Command::new("scontrol")
+        .args(["-o", "show", "job", job])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |k: &str| {
+        text.split(&format!(" {k}="))
+            .nth(1)
+            .map(|r| r.split(' ').next().unwrap_or("").to_string())
+    };
+    let state = field("JobState")?;
+    if matches!(state.as_str(), "PENDING" | "RUNNING" | "CONFIGURING") {
+        return None;
+    }
+    // The log path is the last field and may hold spaces.
+    let log = text
+        .split(" StdOut=")
+        .nth(1)
+        .map(|r| r.split(" Power=").next().unwrap_or(r).trim().to_string());
+    let tail = log
+        .and_then(|l| std::fs::read_to_string(l).ok())
+        .map(|t| {
+            let lines: Vec<&str> = t.lines().filter(|l| !l.trim().is_empty()).collect();
+            lines[lines.len().saturating_sub(2)..].join(" | ")
+        })
+        .unwrap_or_default();
+    Some(format!("the scheduler job {job} ended {state}: {tail}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

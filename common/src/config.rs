@@ -82,6 +82,7 @@ pub const KEYS: &[&str] = &[
     "worker_restart_max",
     "worker_restart_window",
     "worker_lifetime_margin",
+    "worker_successor_lead",
     "worker_memory_kill",
     "worker_start",
     "log_dir",
@@ -260,6 +261,7 @@ impl Config {
                 "worker_restart_max" => p.nanny.restart_max = count(key, v, 1000)? as u32,
                 "worker_restart_window" => p.nanny.restart_window_s = duration(key, v)?,
                 "worker_lifetime_margin" => p.nanny.lifetime_margin_s = duration(key, v)?,
+                "worker_successor_lead" => p.nanny.successor_lead_s = duration(key, v)?,
                 "worker_memory_kill" => {
                     p.nanny.memory_kill_percent =
                         match v.strip_suffix('%').map(|n| n.parse::<u32>()) {
@@ -332,6 +334,8 @@ impl Config {
                 "worker_restart_max" => p.nanny.restart_max.to_string(),
                 "worker_restart_window" => format_duration_s(p.nanny.restart_window_s),
                 "worker_lifetime_margin" => format_duration_s(p.nanny.lifetime_margin_s),
+                "worker_successor_lead" => format_duration_s(p.nanny.successor_lead_s),
+
                 "worker_memory_kill" => format!("{}%", p.nanny.memory_kill_percent),
                 "worker_start" => p.nanny.start.to_string(),
                 "log_dir" => self.log_dir.clone(),
@@ -494,7 +498,7 @@ mod tests {
     #[test]
     fn errors_name_the_key_and_value() {
         let cases: &[(&[&str], &str)] = &[
-            (&["bogus=1"], "plugstack.conf: unknown key 'bogus' (known keys: scheduler_partition, worker_partition, scheduler_licenses, worker_licenses, account, worker_cpus, worker_cpus_max, scheduler_mem, scheduler_mem_max, worker_mem, worker_mem_max, scheduler_time, scheduler_time_max, worker_time, worker_time_max, max_worker_jobs, idle_timeout, tls, worker_death_timeout, worker_restart_max, worker_restart_window, worker_lifetime_margin, worker_memory_kill, worker_start, log_dir, agent_dir, attach_cmd, agent_timeout)"),
+            (&["bogus=1"], "plugstack.conf: unknown key 'bogus' (known keys: scheduler_partition, worker_partition, scheduler_licenses, worker_licenses, account, worker_cpus, worker_cpus_max, scheduler_mem, scheduler_mem_max, worker_mem, worker_mem_max, scheduler_time, scheduler_time_max, worker_time, worker_time_max, max_worker_jobs, idle_timeout, tls, worker_death_timeout, worker_restart_max, worker_restart_window, worker_lifetime_margin, worker_successor_lead, worker_memory_kill, worker_start, log_dir, agent_dir, attach_cmd, agent_timeout)"),
             (&["worker_memory_kill=95"], "plugstack.conf: worker_memory_kill=95: must be a percentage from 50% to 100%"),
             (&["worker_start=fork"], "plugstack.conf: worker_start=fork: must be exec or forkserver"),
             (&["tls=yes"], "plugstack.conf: tls=yes: must be required or off"),

@@ -19,6 +19,9 @@ pub mod vars {
     pub const HOME: &str = "DASK_SPANK_HOME";
     /// `required` or `off`: the site's `tls` policy, for the job's attach.
     pub const TLS: &str = "DASK_SPANK_TLS";
+    /// The keeper's successor lead and the workers' lifetime margin (s).
+    pub const SUCCESSOR_LEAD: &str = "DASK_SPANK_SUCCESSOR_LEAD";
+    pub const LIFETIME_MARGIN: &str = "DASK_SPANK_LIFETIME_MARGIN";
 }
 
 /// The agent's socket for `node`. Keyed by node name because several slurmd
@@ -51,8 +54,13 @@ pub mod layout {
     pub const STATE_FILE: &str = "state.json";
     /// One report per job (`JobReport`), written by each job.
     pub const JOBS_DIR: &str = "jobs";
-    /// The worker submission options of `up`, reused by `scale`.
+    /// The worker submission options of `up`, reused by the keeper.
     pub const WORKER_ARGS: &str = "worker-args.json";
+    /// The user's intention for the cluster's size (`up`, `scale`,
+    /// `adapt`, `down`), which the scheduler job's keeper holds.
+    pub const TARGET: &str = "target.json";
+    /// What the keeper sees and did last.
+    pub const KEEPER: &str = "keeper.json";
     /// The cluster's own certificate authority (its key is not kept), and
     /// the certificate and key it signed, made by the scheduler job:
     /// scheduler, workers and clients all present that certificate and
@@ -66,6 +74,8 @@ pub mod layout {
         ("state_file", STATE_FILE),
         ("jobs_dir", JOBS_DIR),
         ("worker_args", WORKER_ARGS),
+        ("target", TARGET),
+        ("keeper", KEEPER),
         ("tls_ca", TLS_CA),
         ("tls_cert", TLS_CERT),
         ("tls_key", TLS_KEY),

@@ -94,6 +94,10 @@ pub struct NannyPolicy {
     pub restart_window_s: u64,
     /// Workers retire this long before their job's walltime (`--lifetime`).
     pub lifetime_margin_s: u64,
+    /// The scheduler job's keeper submits a worker's successor this long
+    /// before the worker retires for its walltime. Defaulted when absent.
+    #[serde(default = "default_successor_lead")]
+    pub successor_lead_s: u64,
     /// Memory use, in percent of the job's memory, at which a worker is
     /// terminated and restarted (the Nanny's 95%).
     pub memory_kill_percent: u32,
@@ -101,6 +105,10 @@ pub struct NannyPolicy {
     /// state files of an older agent still load after an upgrade.
     #[serde(default)]
     pub start: WorkerStart,
+}
+
+fn default_successor_lead() -> u64 {
+    600
 }
 
 /// How the agent starts a worker process (`worker_start`).
@@ -133,6 +141,8 @@ impl Default for NannyPolicy {
             restart_max: 5,
             restart_window_s: 60,
             lifetime_margin_s: 300,
+            successor_lead_s: default_successor_lead(),
+
             memory_kill_percent: 95,
             start: WorkerStart::Exec,
         }

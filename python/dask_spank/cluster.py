@@ -137,10 +137,17 @@ class SpankCluster(Cluster):
         """Have ``n`` worker jobs (``dask-spank scale``)."""
         self._log(_cli("scale", self.name, str(int(n))).strip())
 
-    def adapt(self, *args, **kwargs):
-        raise NotImplementedError(
-            "adaptive scaling is not offered yet: it will run in the scheduler job, not in the "
-            "notebook; use scale(n)")
+    def adapt(self, minimum: int = 0, maximum: int | None = None, **kwargs) -> None:
+        """Size the cluster with dask's adaptive target, between `minimum`
+        and `maximum` worker jobs. It runs in the scheduler job (``dask-spank
+        adapt``), not in this process: it goes on when the notebook ends.
+        dask's other Adaptive options are not taken."""
+        if maximum is None:
+            raise ValueError("adapt() needs a maximum number of worker jobs")
+        if kwargs:
+            raise TypeError(f"adapt() takes minimum and maximum only, not {sorted(kwargs)}")
+        self._log(_cli("adapt", self.name, str(int(minimum)), str(int(maximum))).strip())
+
 
     def status_jobs(self) -> dict:
         """Every job of the cluster and its state (``dask-spank status --json``)."""

@@ -141,6 +141,14 @@ impl RemoteState {
             (vars::CLUSTER, opts.cluster.to_string()),
             (vars::AGENT_SOCKET, socket.to_string_lossy().into_owned()),
             (vars::TLS, cfg.policy.tls.as_str().to_string()),
+            (
+                vars::SUCCESSOR_LEAD,
+                cfg.policy.nanny.successor_lead_s.to_string(),
+            ),
+            (
+                vars::LIFETIME_MARGIN,
+                cfg.policy.nanny.lifetime_margin_s.to_string(),
+            ),
         ];
         for (k, v) in env {
             spank.setenv(k, v, true)?;

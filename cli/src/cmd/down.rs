@@ -23,14 +23,24 @@ pub fn run(a: Args) -> Res {
     if queued.is_empty() && read_reports(&dir).is_empty() {
         return Err(unknown(&c));
     }
+    // First: the scheduler job's keeper submits nothing more.
+    let _ = crate::target::record(&dir, &crate::target::Target::Down { down: true });
     let ids: Vec<String> = queued.iter().map(|q| q.label.clone()).collect();
     slurm::scancel(&ids)?;
     let start = Instant::now();
+
     loop {
         let left = squeue(Some(c.as_str()))?;
         if left.is_empty() {
             break;
         }
+        // Anything submitted while we cancelled (a keeper's last step) goes too.
+        let late: Vec<String> = left
+            .iter()
+            .filter(|q| !ids.contains(&q.label) && q.state == "PENDING")
+            .map(|q| q.label.clone())
+            .collect();
+        let _ = slurm::scancel(&late);
         if start.elapsed() > Duration::from_secs(timeout_s) {
             let l: Vec<String> = left
                 .iter()

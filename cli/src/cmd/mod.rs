@@ -1,5 +1,6 @@
 //! One module per user command.
 
+pub mod adapt;
 pub mod down;
 pub mod layout;
 pub mod logs;

@@ -57,6 +57,19 @@ pub fn run(a: Args) -> Res {
         );
     }
     println!("scheduler file: {}", v.scheduler_file);
+    if let Some(k) = crate::target::keeper_status(&crate::cluster::dir_of(&c)?) {
+        let intention = match (&k["intention"]["adapt"], &k["intention"]["workers"]) {
+            (serde_json::Value::Array(r), _) if r.len() == 2 => {
+                format!("adaptive {}..{}", r[0], r[1])
+            }
+            _ => "fixed".into(),
+        };
+        println!(
+            "keeper: target {} ({intention}), {} connected, {} pending, {} retiring for their walltime{}",
+            k["target"], k["connected"], k["pending"], k["retiring"],
+            k["short_reason"].as_str().map(|r| format!("; short: {r}")).unwrap_or_default()
+        );
+    }
     let mut rows: Vec<&Row> = v.scheduler.iter().collect();
     rows.extend(v.workers.iter());
     print_rows(&rows);

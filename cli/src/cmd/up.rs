@@ -3,6 +3,7 @@
 use crate::cluster::{dir_of, parse_name, print_connect, private_dir_of, Res};
 use crate::record;
 use crate::slurm::{self, squeue};
+use crate::target::{parse_range, Target};
 use dask_spank_common::paths::{layout, scheduler_file};
 use dask_spank_common::ClusterName;
 use serde::{Deserialize, Serialize};
@@ -24,9 +25,13 @@ pub fn worker_args_file(c: &ClusterName) -> Result<PathBuf, String> {
 pub struct Args {
     /// Cluster name (letters, digits, '-', '_', '.').
     pub name: String,
-    /// Number of worker jobs (an sbatch array).
+    /// Number of worker jobs (an sbatch array), kept by the scheduler job.
     #[arg(long, default_value_t = 1)]
     pub workers: u32,
+    /// Size the cluster with dask's adaptive target instead, between MIN and
+    /// MAX worker jobs (MIN:MAX), in the scheduler job.
+    #[arg(long, value_name = "MIN:MAX", conflicts_with = "workers")]
+    pub adapt: Option<String>,
     /// Memory of each worker job (--mem), e.g. 3G.
     #[arg(long)]
     pub worker_mem: Option<String>,
@@ -90,11 +95,26 @@ pub fn run(u: Args) -> Res {
     let dir = private_dir_of(&c)?;
     record::clear(&dir);
     let _ = std::fs::remove_file(scheduler_file(&dir));
+    let (target, first) = match &u.adapt {
+        Some(r) => {
+            let (lo, hi) = parse_range(r)?;
+            (Target::Adapt { adapt: [lo, hi] }, lo)
+        }
+        None => (Target::Workers { workers: u.workers }, u.workers),
+    };
+    // Before the jobs: the keeper of the scheduler job reads it.
     let (sargs, wargs) = submission(&u, &c);
+    let _ = record::write_json(
+        &worker_args_file(&c)?,
+        &WorkerArgs {
+            args: wargs.clone(),
+        },
+    );
+    crate::target::record(&dir, &target)?;
     let sched = slurm::sbatch(&sargs)?;
-    let workers = if u.workers > 0 {
+    let workers = if first > 0 {
         let mut a = wargs.clone();
-        a.push(format!("--array=1-{}", u.workers));
+        a.push(format!("--array=1-{first}"));
         match slurm::sbatch(&a) {
             Ok(id) => Some(id),
             Err(e) => {
@@ -105,8 +125,8 @@ pub fn run(u: Args) -> Res {
     } else {
         None
     };
-    let _ = record::write_json(&worker_args_file(&c)?, &WorkerArgs { args: wargs });
     let sf = scheduler_file(&dir);
+
     if u.json {
         println!(
             "{}",
@@ -125,7 +145,9 @@ pub fn run(u: Args) -> Res {
             percent: p,
             timeout: u.timeout,
             json: u.json,
+            scheduler_job: Some(sched),
         }),
+
         None => Ok(()),
     }
 }

@@ -50,6 +50,10 @@ pub struct Args {
     pub timeout: u64,
     #[arg(long)]
     pub json: bool,
+    /// The scheduler job (from `up`): if it ends before the cluster is
+    /// known, its log tells why.
+    #[arg(long, hide = true)]
+    pub scheduler_job: Option<String>,
 }
 
 pub fn run(a: Args) -> Res {
@@ -74,8 +78,14 @@ pub fn run(a: Args) -> Res {
     loop {
         let v = view(&c)?;
         if !known(&v) {
-            return Err(unknown(&c));
+            return Err(
+                match a.scheduler_job.as_deref().and_then(crate::slurm::job_end) {
+                    Some(why) => format!("cluster '{c}' did not start: {why}"),
+                    None => unknown(&c),
+                },
+            );
         }
+
         let line = format!(
             "{} of {} worker jobs connected ({:.0}%), {} pending",
             v.connected,
@@ -114,8 +124,18 @@ pub fn run(a: Args) -> Res {
             if let Some(b) = &bar {
                 b.abandon();
             }
-            return Err(why);
+            // The scheduler job's own log says more, if it ended early.
+            let early = a
+                .scheduler_job
+                .as_deref()
+                .filter(|_| v.connected == 0)
+                .and_then(crate::slurm::job_end);
+            return Err(match early {
+                Some(end) => format!("cluster '{c}' did not start: {end}"),
+                None => why,
+            });
         }
+
         if start.elapsed() >= Duration::from_secs(timeout_s) {
             if let Some(b) = &bar {
                 b.abandon();

@@ -1,0 +1,140 @@
+"""The scheduler job keeps its cluster (issue 14): the target size the user
+recorded (up, scale), walltime successors submitted ahead of time, dask's
+adaptive target between a minimum and a maximum; and two defects around a
+cluster's start."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import sandboxlib as sb
+
+
+def ds(*args: str, check: bool = True, **kw):
+    return sb.as_user(["dask-spank", *args], check=check, **kw)
+
+
+def worker_jobs(name: str, states=("PENDING", "RUNNING", "CONFIGURING")) -> list[str]:
+    out = sb.run(["squeue", "-h", "-r", "-n", f"dask-worker-{name}", "-o", "%i %T"]).stdout.split("\n")
+    return [l.split()[0] for l in out if l.strip() and l.split()[1] in states]
+
+
+def test_the_scheduler_job_keeps_the_target_and_replaces_a_lost_worker(cluster_name):
+    ds("up", cluster_name, "--workers", "2", "--wait", "100", "--timeout", "180")
+    assert json.loads((sb.cluster_dir(cluster_name) / "target.json").read_text()) == {"workers": 2}
+    victim = sorted(worker_jobs(cluster_name))[0]
+    sb.run(["scancel", victim])
+    sb.wait_until("a replacement worker job", lambda: victim not in worker_jobs(cluster_name)
+                  and len(worker_jobs(cluster_name)) == 2, 60, 1)
+    ds("wait", cluster_name, "--percent", "100", "--timeout", "120")
+    # scale records a target; the keeper submits, then cancels.
+    ds("scale", cluster_name, "3")
+    sb.wait_until("3 worker jobs", lambda: len(worker_jobs(cluster_name)) == 3, 60, 1)
+    ds("scale", cluster_name, "1")
+    sb.wait_until("1 worker job", lambda: len(worker_jobs(cluster_name)) == 1, 60, 1)
+    st = ds("status", cluster_name).stdout
+    assert "keeper: target 1 (fixed)" in st, st
+    ds("down", cluster_name)
+    assert not worker_jobs(cluster_name)
+
+
+def test_walltime_successors_keep_the_cluster_at_its_size(policy, cluster_name):
+    """4 workers of 1 minute (they retire at 30 s), a computation of about
+    two minutes: successors start before their predecessors retire, the
+    connected count stays near the target, and the result is right."""
+    import dask.array as da
+
+    policy("worker_successor_lead=25s")
+    ds("up", cluster_name, "--workers", "4", "--worker-time", "1", "--wait", "100", "--timeout", "180")
+    first = set(worker_jobs(cluster_name))
+    c = sb.client(cluster_name)
+    connected, stop = [], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            connected.append(len(c.scheduler_info()["workers"]))
+            stop.wait(1)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+
+    def slow(b):
+        import time as tt
+        tt.sleep(0.5)
+        return b * 2
+
+    n = 240
+    x = da.arange(n, chunks=1, dtype="int64")
+    try:
+        assert int(x.map_blocks(slow).sum().compute()) == n * (n - 1)
+    finally:
+        stop.set()
+        t.join(5)
+        c.close()
+    seen = set(sb.run(["squeue", "-h", "-r", "-n", f"dask-worker-{cluster_name}", "-t", "all", "-o", "%i"]).stdout.split())
+    log = "".join(p.read_text() for p in (sb.WORK / "log").glob("dask-scheduler-*.log")
+                  if f"keeping cluster {cluster_name}" in p.read_text())
+    successors = log.count("retiring for their walltime")
+    assert successors >= 4, log[-3000:]
+    # Through the handovers: never fewer than 3 of the 4 connected (the
+    # first seconds aside, while the first 4 connect).
+    assert min(connected[2:]) >= 3, connected
+    ds("down", cluster_name)
+
+
+def test_adaptive_sizing_runs_in_the_scheduler_job(cluster_name):
+    ds("up", cluster_name, "--adapt", "0:16")
+    sb.wait_scheduler_file(cluster_name, 120)
+    time.sleep(10)
+    assert worker_jobs(cluster_name) == [], "no work, no worker"
+    c = sb.client(cluster_name)
+
+    def nap(i):
+        import time as tt
+        tt.sleep(1)
+        return i
+
+    futs = c.map(nap, range(200))
+    sb.wait_until("16 worker jobs", lambda: len(worker_jobs(cluster_name)) >= 16, 120, 1)
+    assert len(worker_jobs(cluster_name)) <= 16
+    assert sum(c.gather(futs)) == sum(range(200)), "no result lost"
+    del futs
+    sb.wait_until("back to 0 worker jobs", lambda: not worker_jobs(cluster_name), 120, 1)
+    c.close()
+    ds("down", cluster_name)
+
+
+def test_a_worker_killed_before_its_scheduler_is_up_restarts(policy, cluster_name):
+    """The scheduler job is not running yet: a worker that dies waits for
+    it again (restarted), instead of leaving 'scheduler unreachable'."""
+    policy("tls=off")
+    job = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster_name}")
+    pid = sb.wait_until("the worker to run", lambda: next(
+        (j["pid"] for j in sb.agent_status() if str(j["job_id"]) == job and j["state"] == "running"), None), 60)
+    os.kill(pid, signal.SIGKILL)
+    log = sb.WORK / "log" / f"dask-worker-{job}.log"
+    sb.wait_until("the worker restarted", lambda: "worker restarted" in log.read_text(), 30)
+    assert "the worker leaves" not in log.read_text()
+    assert sb.job_states(job) == {job: "RUNNING"}
+    sb.run(["scancel", job])
+
+
+def test_up_wait_says_why_the_scheduler_job_failed(cluster_name):
+    """The scheduler job fails before writing anything (here: the node's
+    agent is down): `up --wait` ends with the job's reason, from its log."""
+    no_check = sb.STATE / "etc" / "no-health-check"
+    no_check.touch()
+    pid = sb.agent_pid()
+    os.kill(pid, signal.SIGTERM)
+    sb.wait_until("the agent to exit", lambda: not os.path.exists(f"/proc/{pid}"), 30)
+    try:
+        p = ds("up", cluster_name, "--workers", "0", "--wait", "100", "--timeout", "60", check=False)
+        assert p.returncode != 0
+        assert f"cluster '{cluster_name}' did not start: the scheduler job" in p.stderr, p.stderr
+        assert "no dask-spank node agent on n1" in p.stderr, p.stderr
+    finally:
+        no_check.unlink()
+        sb.sandbox("up")
