@@ -4,6 +4,7 @@ mod attach;
 mod cluster;
 mod cmd;
 mod record;
+mod session;
 mod slurm;
 mod tls;
 mod view;

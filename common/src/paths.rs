@@ -19,6 +19,9 @@ pub mod vars {
     pub const HOME: &str = "DASK_SPANK_HOME";
     /// `required` or `off`: the site's `tls` policy, for the job's attach.
     pub const TLS: &str = "DASK_SPANK_TLS";
+    /// Seconds the job's attach waits for a restarted node agent before it
+    /// stops the job's dask processes itself (`agent_restart_grace`).
+    pub const AGENT_GRACE: &str = "DASK_SPANK_AGENT_GRACE";
 }
 
 /// The agent's socket for `node`. Keyed by node name because several slurmd

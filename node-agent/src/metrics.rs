@@ -20,6 +20,8 @@ pub struct Metrics {
     pub refused: AtomicU64,
     pub registrations: AtomicU64,
     pub connections_refused: AtomicU64,
+    pub adopted: AtomicU64,
+    pub lost: AtomicU64,
 }
 
 /// Which gauge a [`Gauge`] holds up.
@@ -116,6 +118,18 @@ impl Metrics {
             "Socket connections refused for exceeding the connection limits.",
             self.connections_refused.load(Relaxed) as i64,
         );
+        put(
+            "adopted_total",
+            "counter",
+            "Dask processes adopted from a previous agent (a restart or an upgrade).",
+            self.adopted.load(Relaxed) as i64,
+        );
+        put(
+            "lost_total",
+            "counter",
+            "Dask processes a previous agent left that could not be adopted (expected 0).",
+            self.lost.load(Relaxed) as i64,
+        );
         let _ = writeln!(
             out,
             "# HELP dask_spank_build_info The agent's version and commit."
@@ -124,7 +138,7 @@ impl Metrics {
         let _ = writeln!(
             out,
             "dask_spank_build_info{{version=\"{}\"}} 1",
-            env!("CARGO_PKG_VERSION")
+            dask_spank_common::build_info::VERSION
         );
         out
     }

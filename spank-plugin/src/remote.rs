@@ -141,6 +141,10 @@ impl RemoteState {
             (vars::CLUSTER, opts.cluster.to_string()),
             (vars::AGENT_SOCKET, socket.to_string_lossy().into_owned()),
             (vars::TLS, cfg.policy.tls.as_str().to_string()),
+            (
+                vars::AGENT_GRACE,
+                cfg.agent_restart_grace.as_secs().to_string(),
+            ),
         ];
         for (k, v) in env {
             spank.setenv(k, v, true)?;
