@@ -25,7 +25,7 @@ import struct
 import sys
 import time
 
-VERSION = 2
+VERSION = 3
 
 
 class AgentError(RuntimeError):

@@ -188,75 +188,8 @@ def test_5b_cancelling_a_whole_cluster_ends_every_process_well_before_the_grace(
         assert "still running 5s after SIGTERM" not in worker_log(arr, t)
 
 
-@pytest.mark.parametrize("worker_start", ["exec", "forkserver"])
-def test_6_agent_killed_mid_run_jobs_fail_cleanly_no_orphans_then_it_computes_again(policy, cluster_name, worker_start):
-    import dask.array as da
-
-    uid = sb.user().pw_uid
-
-    def left() -> list:
-        # Forked workers carry their fork server's command line.
-        return mine(cluster_name) + forkserver_processes(uid)
-
-    policy(f"worker_start={worker_start}")
-    sched, arr, c = start(cluster_name, 2)
-    c.close()
-    # The scheduler and 2 workers, and with a fork server per worker job.
-    assert len(left()) == (3 if worker_start == "exec" else 5), left()
-    os.kill(sb.agent_pid(), signal.SIGKILL)
-    sb.wait_until("no dask process left (PR_SET_PDEATHSIG)", lambda: not left(), 10)
-    sb.wait_job_gone(sched, 60)
-    sb.wait_job_gone(arr, 60)
-    for log in [(sb.WORK / "log" / f"dask-scheduler-{sched}.log").read_text(), worker_log(arr, 1)]:
-        assert "dask-spank attach: lost the node agent" in log
-    assert sb.job_state(sched) == "FAILED"
-    sb.sandbox("up")  # restarts the agent
-    # Nothing is left, and a new cluster computes.
-    assert not left()
-    name2 = cluster_name + "-2"
-    s2, a2, c2 = start(name2, 1)
-    assert int(da.arange(1000, chunks=100).sum().compute()) == 499500
-    c2.close()
-
-
-def test_6b_restarted_agent_kills_leftovers_and_keeps_live_registrations(cluster_name):
-    """PR_SET_PDEATHSIG reaches only direct children: a process the
-    scheduler started in its own group survives the agent. Its job goes on
-    (its script does not end with the attach), so only the restarted agent
-    can kill it, from its state. And a job that registered while the agent
-    was up but attaches only after the restart keeps its registration."""
-    a_script = sb.WORK / f"{cluster_name}-a.sh"
-    a_script.write_text("#!/bin/bash\ndask-spank attach\nsleep 300\n")
-    b_script = sb.WORK / f"{cluster_name}-b.sh"
-    b_script.write_text("#!/bin/bash\nsleep 15\nexec dask-spank attach\n")
-    for f in (a_script, b_script):
-        os.chmod(f, 0o755)
-    sb.forget_cluster(cluster_name)
-    a = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster_name}", str(a_script))
-    sb.wait_scheduler_file(cluster_name)
-    c = sb.client(cluster_name)
-
-    def spawn_grandchild():
-        import subprocess
-        return subprocess.Popen(["sleep", "300"]).pid
-
-    gpid = c.run_on_scheduler(spawn_grandchild)
-    c.close()
-    later = cluster_name + "-later"
-    sb.forget_cluster(later)
-    b = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={later}", str(b_script))
-    sb.wait_until("the later job to register", lambda: any(
-        str(j["job_id"]) == b and j["state"] == "registered" for j in sb.agent_status()), 30)
-    os.kill(sb.agent_pid(), signal.SIGKILL)
-    time.sleep(1)
-    assert os.path.exists(f"/proc/{gpid}"), "the grandchild outlives the killed agent"
-    sb.sandbox("up")
-    sb.wait_until("the leftover to be killed", lambda: not os.path.exists(f"/proc/{gpid}"), 10)
-    assert sb.job_states(a) == {a: "RUNNING"}, "the agent, not the job's end, killed it"
-    # The later job's registration survived the restart: it attaches and runs.
-    sb.wait_scheduler_file(later, timeout=60)
-    assert "scheduler started, pid" in (sb.WORK / "log" / f"dask-scheduler-{b}.log").read_text()
-    sb.run(["scancel", a, b])
+# The agent killed or restarted: tests/test_restart.py (its processes run
+# on and are adopted).
 
 
 def test_7_users_cannot_touch_other_jobs():

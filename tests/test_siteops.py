@@ -48,19 +48,6 @@ def test_a_node_whose_agent_is_down_is_drained_and_resumed():
         sb.run(["scontrol", "update", "nodename=n1", "state=resume"])
 
 
-def test_jobs_the_agent_stops_end_failed_with_the_reason(cluster_name):
-    sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster_name}")
-    sb.wait_scheduler_file(cluster_name)
-    stop_agent()
-    try:
-        sb.wait_job_gone(sched, 60)
-        assert sb.job_state(sched) == "FAILED"
-        log = (sb.WORK / "log" / f"dask-scheduler-{sched}.log").read_text()
-        assert "the node agent is shutting down" in log, log
-    finally:
-        sb.sandbox("up")
-
-
 def check_config(*args: str) -> subprocess.CompletedProcess:
     return sb.run([AGENT, "check-config", "--plugstack", str(sb.STATE / "etc" / "plugstack.conf"),
                    "--node", "n1", *args], check=False)

@@ -8,14 +8,15 @@
 //! (scancel, walltime), the agent sees the connection close and stops them.
 
 use crate::record::{now, state_file, write_report, ClusterState, JobReport};
-use dask_spank_common::client::{Client, ClientError};
+use crate::session::Session;
+use dask_spank_common::client::Client;
 use dask_spank_common::files::write_json_atomic;
 use dask_spank_common::messages::Attach;
 use dask_spank_common::paths::{
     cluster_dir, make_private_dir, scheduler_file, tls_files, vars, TlsFiles,
 };
 use dask_spank_common::schedfile::SchedulerInfo;
-use dask_spank_common::{ClusterName, Request, Response, Role};
+use dask_spank_common::{ClusterName, Request, Role};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -52,24 +53,15 @@ pub fn run() -> Result<i32, String> {
     }
     let cwd = std::env::current_dir().map_err(|e| format!("no working directory: {e}"))?;
     let env: Vec<(String, String)> = std::env::vars().collect();
-    let mut c =
-        Client::connect(&socket, "attach", Duration::from_secs(10)).map_err(|e| e.to_string())?;
-    let req = Request::Attach(Attach {
+    let attach = Attach {
         job_id,
         cwd,
         env,
         cluster_dir: dir.clone(),
-    });
-    match c.call(&req).map_err(|e| e.to_string())? {
-        Response::SendLogFd => {}
-        other => return Err(ClientError::unexpected(other).to_string()),
-    }
-    c.send_fd(1).map_err(|e| e.to_string())?;
-    match c.recv().map_err(|e| e.to_string())? {
-        Response::Attached => {}
-        Response::Error { message } => return Err(format!("node agent refused: {message}")),
-        other => return Err(ClientError::unexpected(other).to_string()),
-    }
+        reattach: false,
+        forkserver_fd: false,
+    };
+    let mut session = Session::open(socket, attach)?;
     let mut report = JobReport {
         job_id,
         label: dask_spank_common::names::job_label(
@@ -93,16 +85,25 @@ pub fn run() -> Result<i32, String> {
         let (dir, cluster, job) = (dir.clone(), cluster.to_string(), job_id.to_string());
 
         std::thread::spawn(move || keep_state(&dir, &cluster, &job));
-    } else if let Ok(tx) = c.try_clone() {
-        let (f, creds) = (scheduler_file(&dir), tls.then(|| tls_files(&dir)));
-        std::thread::spawn(move || report_scheduler(tx, &f, creds.as_ref()));
     }
-    c.wait_forever().map_err(|e| e.to_string())?;
-    let (code, reason) = match c.recv() {
-        Ok(Response::Finished { exit_code, reason }) => (exit_code, reason),
-        Ok(other) => (1, ClientError::unexpected(other).to_string()),
-        Err(e) => (1, format!("lost the node agent: {e}")),
+    // A worker tells each agent it is handed to where its scheduler is.
+    let reporter = {
+        let dir = dir.clone();
+        move |tx: Client| {
+            if role == Role::Worker {
+                let (f, creds) = (scheduler_file(&dir), tls.then(|| tls_files(&dir)));
+                std::thread::spawn(move || report_scheduler(tx, &f, creds.as_ref()));
+            }
+        }
     };
+    if let Some(tx) = session.sender() {
+        reporter(tx);
+    }
+    let grace = std::env::var(vars::AGENT_GRACE)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(Duration::from_secs(30), Duration::from_secs);
+    let (code, reason) = session.follow(grace, reporter);
     report.state = if code == 0 { "ended" } else { "failed" }.into();
     report.reason = Some(reason.clone());
     report.updated = now();

@@ -5,6 +5,7 @@ mod cluster;
 mod cmd;
 mod keeper;
 mod record;
+mod session;
 mod slurm;
 mod target;
 mod tls;

@@ -145,6 +145,34 @@ impl Client {
         }
     }
 
+    /// Receive one file descriptor sent with SCM_RIGHTS alongside one byte.
+    pub fn recv_fd(&mut self) -> Result<OwnedFd, ClientError> {
+        use std::os::fd::FromRawFd;
+        let io = |e: nix::errno::Errno| ClientError::Frame(FrameError::Io(e.into()));
+        let mut byte = [0u8; 1];
+        let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+        let mut space = nix::cmsg_space!([RawFd; 1]);
+        let msg = socket::recvmsg::<()>(
+            self.stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            socket::MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(io)?;
+        let mut got = None;
+        for c in msg.cmsgs().map_err(io)? {
+            if let socket::ControlMessageOwned::ScmRights(fds) = c {
+                for fd in fds {
+                    // SAFETY: the kernel just installed this descriptor in our
+                    // table for us; nothing else owns it.
+                    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                    got.get_or_insert(owned);
+                }
+            }
+        }
+        got.ok_or(ClientError::Frame(FrameError::Closed))
+    }
+
     /// A second handle on the same connection (to write from another thread
     /// while this one waits for replies).
     pub fn try_clone(&self) -> Result<Client, ClientError> {

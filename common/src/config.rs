@@ -25,6 +25,9 @@ pub struct Config {
     pub log_dir: String,
     /// Bound on every call to the agent from slurmstepd.
     pub agent_timeout: Duration,
+    /// How long a job's attach waits for a restarted agent before it stops
+    /// the job's dask processes itself (an agent stopped for good).
+    pub agent_restart_grace: Duration,
     pub policy: Policy,
 }
 
@@ -35,6 +38,7 @@ impl Default for Config {
             attach_cmd: PathBuf::from("/usr/bin/dask-spank"),
             log_dir: "log".to_string(),
             agent_timeout: Duration::from_secs(5),
+            agent_restart_grace: Duration::from_secs(30),
             policy: Policy::default(),
         }
     }
@@ -89,6 +93,7 @@ pub const KEYS: &[&str] = &[
     "agent_dir",
     "attach_cmd",
     "agent_timeout",
+    "agent_restart_grace",
 ];
 
 fn bad(key: &str, value: &str, why: &str) -> ConfigError {
@@ -282,6 +287,9 @@ impl Config {
                 "agent_timeout" => {
                     c.agent_timeout = std::time::Duration::from_secs(count(key, v, 300)?)
                 }
+                "agent_restart_grace" => {
+                    c.agent_restart_grace = Duration::from_secs(duration(key, v)?)
+                }
                 _ => {
                     return Err(ConfigError::Inconsistent(format!(
                         "key '{key}' is listed but not handled"
@@ -342,6 +350,7 @@ impl Config {
                 "agent_dir" => self.agent_dir.display().to_string(),
                 "attach_cmd" => self.attach_cmd.display().to_string(),
                 "agent_timeout" => self.agent_timeout.as_secs().to_string(),
+                "agent_restart_grace" => format_duration_s(self.agent_restart_grace.as_secs()),
                 _ => "?".into(),
             }
         };
@@ -498,7 +507,7 @@ mod tests {
     #[test]
     fn errors_name_the_key_and_value() {
         let cases: &[(&[&str], &str)] = &[
-            (&["bogus=1"], "plugstack.conf: unknown key 'bogus' (known keys: scheduler_partition, worker_partition, scheduler_licenses, worker_licenses, account, worker_cpus, worker_cpus_max, scheduler_mem, scheduler_mem_max, worker_mem, worker_mem_max, scheduler_time, scheduler_time_max, worker_time, worker_time_max, max_worker_jobs, idle_timeout, tls, worker_death_timeout, worker_restart_max, worker_restart_window, worker_lifetime_margin, worker_successor_lead, worker_memory_kill, worker_start, log_dir, agent_dir, attach_cmd, agent_timeout)"),
+            (&["bogus=1"], "plugstack.conf: unknown key 'bogus' (known keys: scheduler_partition, worker_partition, scheduler_licenses, worker_licenses, account, worker_cpus, worker_cpus_max, scheduler_mem, scheduler_mem_max, worker_mem, worker_mem_max, scheduler_time, scheduler_time_max, worker_time, worker_time_max, max_worker_jobs, idle_timeout, tls, worker_death_timeout, worker_restart_max, worker_restart_window, worker_lifetime_margin, worker_successor_lead, worker_memory_kill, worker_start, log_dir, agent_dir, attach_cmd, agent_timeout, agent_restart_grace)"),
             (&["worker_memory_kill=95"], "plugstack.conf: worker_memory_kill=95: must be a percentage from 50% to 100%"),
             (&["worker_start=fork"], "plugstack.conf: worker_start=fork: must be exec or forkserver"),
             (&["tls=yes"], "plugstack.conf: tls=yes: must be required or off"),

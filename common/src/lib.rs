@@ -29,8 +29,9 @@ pub use names::{ClusterName, Role};
 /// Protocol version spoken by this build. A peer with another version is
 /// refused during the handshake with a message naming both versions.
 /// Version 2: the agent takes the job's resource limits from the attaching
-/// process itself, which sends it the scheduler's address.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// process itself, which sends it the scheduler's address. Version 3: the
+/// attaching process reattaches to a restarted agent (`Attach::reattach`).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 #[cfg(test)]
 mod tests {

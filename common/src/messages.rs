@@ -130,6 +130,22 @@ pub struct Attach {
     /// may not be able to write into a home on NFS). The agent passes it to
     /// dask on the command line and never opens anything in it.
     pub cluster_dir: PathBuf,
+    /// Sent again after the connection to the agent was lost (the agent
+    /// restarted): the job's processes run on, the new agent adopts them.
+    #[serde(default)]
+    pub reattach: bool,
+    /// With `reattach`: the attaching process also passes the fork
+    /// server's control socket it held for the agent (after the log).
+    #[serde(default)]
+    pub forkserver_fd: bool,
+}
+
+/// A process, named so that pid reuse cannot confuse it with another: its
+/// pid and its start time (clock ticks after boot, `/proc/<pid>/stat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ProcIdent {
+    pub pid: i32,
+    pub start: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,6 +170,9 @@ pub enum Request {
     Status,
     /// Root only: Prometheus text metrics.
     Metrics,
+    /// Root only: stop every job's dask processes now, failing the jobs
+    /// with this reason (the admin's immediate stop).
+    StopJobs { reason: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,6 +190,17 @@ pub enum Response {
     SendLogFd,
     /// The dask processes are starting; wait for `Finished`.
     Attached,
+    /// On an attached connection: the job's process groups now (their
+    /// leaders). If the agent goes away and does not come back, the
+    /// attaching process stops them itself.
+    Processes {
+        groups: Vec<ProcIdent>,
+    },
+    /// On an attached connection: keep the descriptor that follows
+    /// (SCM_RIGHTS), the agent's end of the fork server's control socket,
+    /// and pass it back on `reattach`; the server keeps its workers while
+    /// somebody holds it.
+    HoldFd,
     /// The job's dask processes are over. `exit_code` becomes the exit code
     /// of `dask-spank attach`, hence of the batch script.
     Finished {

@@ -22,6 +22,9 @@ pub mod vars {
     /// The keeper's successor lead and the workers' lifetime margin (s).
     pub const SUCCESSOR_LEAD: &str = "DASK_SPANK_SUCCESSOR_LEAD";
     pub const LIFETIME_MARGIN: &str = "DASK_SPANK_LIFETIME_MARGIN";
+    /// Seconds the job's attach waits for a restarted node agent before it
+    /// stops the job's dask processes itself (`agent_restart_grace`).
+    pub const AGENT_GRACE: &str = "DASK_SPANK_AGENT_GRACE";
 }
 
 /// The agent's socket for `node`. Keyed by node name because several slurmd

@@ -38,6 +38,7 @@ pub fn rule(req: &Request) -> (Who, &'static str) {
         Request::Register(_) => (Who::Root, "register jobs"),
         Request::JobEnd { .. } => (Who::Root, "end jobs"),
         Request::Metrics => (Who::Root, "read metrics over the socket"),
+        Request::StopJobs { .. } => (Who::Root, "stop every job"),
         Request::Ping => (Who::Anybody, "ping"),
         Request::Status => (Who::Anybody, "read the status"),
         Request::Attach(_) => (Who::Anybody, "attach"),

@@ -13,20 +13,23 @@
 use crate::access::Peer;
 use crate::admission::{self, Admitted, Refusal};
 use crate::agent::Agent;
-use crate::conn::{refuse, reply, MAX_REQUEST, OPEN_TIMEOUT};
+use crate::conn::{refuse, reply, MAX_REQUEST, OPEN_TIMEOUT, WRITE_TIMEOUT};
 use crate::connlimit::Permit;
 use crate::jobenv::JobEnv;
 use crate::joblog::{check_descriptor, JobLog};
 use crate::jobs::JobHandle;
+use crate::jobs::StopRx;
 use crate::rlimits::{self, Rlimit};
-use crate::supervisor::{self, Context, JobRun, Outcome};
+use crate::supervisor::{self, Adoption, Context, JobRun, Notice, Outcome};
 use crate::{cgroup, procfs, wire};
 use dask_spank_common::messages::Attach;
 use dask_spank_common::{JobSpec, JobState, Request, Response};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use tokio::net::UnixStream;
+use tokio::sync::mpsc;
 use tokio::sync::watch;
 
 /// Longest scheduler address accepted from a job.
@@ -95,17 +98,19 @@ pub async fn run(
         )
         .await;
     };
-    let (spec, job, stop) = match agent.jobs.attach(a.job_id, peer.uid, peer.pid) {
+    let (spec, job, stop, running) = match agent.jobs.attach(a.job_id, peer.uid, peer.pid) {
         Ok(x) => x,
         Err(e) => return refuse(&mut s, e.to_string()).await,
     };
     // From here on the connection is the job's, bounded by Slurm's jobs.
     drop(permit);
     let prepared = match capture(&pidfd, &peer) {
-        Ok(c) => receive_log(&mut s, &spec).await.map(|log| (c, log)),
+        Ok(c) => receive_fds(&mut s, &spec, a.forkserver_fd)
+            .await
+            .map(|fds| (c, fds)),
         Err(e) => Err(format!("job {}: {e}", spec.job_id)),
     };
-    let (captured, log) = match prepared {
+    let (captured, (log, forkserver_fd)) = match prepared {
         Ok(x) => x,
         Err(e) => {
             job.finished(JobState::Failed, &e);
@@ -114,8 +119,13 @@ pub async fn run(
         }
     };
     reply(&mut s, &Response::Attached).await?;
+    let again = if a.reattach {
+        " (attached again after an agent restart)"
+    } else {
+        ""
+    };
     log.line(&format!(
-        "{} job {} of cluster '{}' on {} (user {}, {} cpus, {} MiB)",
+        "{} job {} of cluster '{}' on {} (user {}, {} cpus, {} MiB){again}",
         spec.role,
         spec.label(),
         spec.cluster,
@@ -132,8 +142,43 @@ pub async fn run(
         Box::pin(admission::admit(&spec)).await
     };
     match admitted {
-        Ok(admitted) => supervise(s, agent, a, spec, job, stop, captured, log, admitted).await,
+        Ok(admitted) => {
+            let adopt = running.map(|running| Adoption {
+                running,
+                forkserver_fd,
+            });
+            let accepted = Accepted {
+                a,
+                spec,
+                job,
+                stop,
+                captured,
+                log,
+                admitted,
+                adopt,
+            };
+            supervise(s, agent, accepted).await
+        }
         Err(refusal) => refused(s, &agent, &job, &log, refusal).await,
+    }
+}
+
+/// The job's log, and on reattach the fork server's control socket.
+async fn receive_fds(
+    s: &mut UnixStream,
+    spec: &JobSpec,
+    forkserver: bool,
+) -> Result<(JobLog, Option<OwnedFd>), String> {
+    let log = receive_log(s, spec).await?;
+    if !forkserver {
+        return Ok((log, None));
+    }
+    match tokio::time::timeout(OPEN_TIMEOUT, wire::recv_fd(s)).await {
+        Ok(Ok(fd)) => Ok((log, Some(fd))),
+        _ => Err(format!(
+            "job {}: the fork server's socket was announced but not passed",
+            spec.job_id
+        )),
     }
 }
 
@@ -161,20 +206,32 @@ async fn refused(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn supervise(
-    mut s: UnixStream,
-    agent: Arc<Agent>,
+/// Everything about an attach the agent accepted.
+struct Accepted {
     a: Attach,
     spec: JobSpec,
     job: JobHandle,
-    stop: crate::jobs::StopRx,
+    stop: StopRx,
     captured: Captured,
     log: JobLog,
     admitted: Admitted,
-) -> Result<(), String> {
+    adopt: Option<Adoption>,
+}
+
+async fn supervise(mut s: UnixStream, agent: Arc<Agent>, acc: Accepted) -> Result<(), String> {
+    let Accepted {
+        a,
+        spec,
+        job,
+        stop,
+        captured,
+        log,
+        admitted,
+        adopt,
+    } = acc;
     let job_id = spec.job_id;
     let (addr_tx, addr_rx) = watch::channel(None);
+    let (notify, mut notices) = mpsc::unbounded_channel();
     let run = JobRun {
         env: JobEnv::new(a.env, spec.env_prefix.as_deref()),
         cwd: a.cwd,
@@ -187,6 +244,7 @@ async fn supervise(
         },
         cgroups: captured.cgroups,
         rlimits: captured.rlimits,
+        adopt,
         spec,
         log,
         settings: agent.settings.clone(),
@@ -196,12 +254,18 @@ async fn supervise(
         metrics: agent.metrics.clone(),
         memwatch: agent.memwatch.clone(),
         scheduler: addr_rx,
+        notify,
     };
     let mut task = agent.tasks.spawn(supervisor::run(ctx, run, stop));
     let mut open = true;
     let outcome = loop {
         tokio::select! {
             res = &mut task => break res.unwrap_or_else(|e| Outcome { exit_code: 1, reason: format!("the supervisor failed: {e}") }),
+            Some(n) = notices.recv(), if open => {
+                if let Err(e) = tell(&mut s, n).await {
+                    tracing::debug!(job = job_id, "cannot tell the job's attach process: {e}");
+                }
+            }
             msg = wire::read::<Request, _>(&mut s, MAX_REQUEST), if open => match msg {
                 Ok(Request::SchedulerAddress { address }) if valid_address(&address) => {
                     addr_tx.send_replace(Some(address));
@@ -229,6 +293,20 @@ async fn supervise(
     )
     .await;
     Ok(())
+}
+
+/// Pass a supervisor's notice to the job's attach process.
+async fn tell(s: &mut UnixStream, n: Notice) -> Result<(), String> {
+    match n {
+        Notice::Processes(groups) => reply(s, &Response::Processes { groups }).await,
+        Notice::HoldFd(fd) => {
+            reply(s, &Response::HoldFd).await?;
+            tokio::time::timeout(WRITE_TIMEOUT, wire::send_fd(s, &fd))
+                .await
+                .map_err(|_| "the attach process did not take the descriptor in time".to_string())?
+                .map_err(|e| e.to_string())
+        }
+    }
 }
 
 #[cfg(test)]

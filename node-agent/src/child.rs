@@ -1,9 +1,16 @@
-//! A process the agent started itself, named so that its pid and process
-//! group id cannot be reused under the agent's feet: it is watched through
-//! a pidfd and reaped only after its group has had its last signal. An
-//! unreaped process keeps its pid, so until then its group id cannot be
-//! given to anybody else's group, and `killpg` is safe.
+//! A process that leads a process group of a job, watched through a pidfd,
+//! and named so that pid reuse cannot turn a signal against somebody else.
+//!
+//! * One the agent started itself is its child: it is reaped only after
+//!   its group has had its last signal. An unreaped process keeps its pid,
+//!   so until then its group id cannot be given to anybody else's group,
+//!   and `killpg` is safe.
+//! * One adopted from a previous agent (which died or was restarted) is
+//!   not: its end is seen through the pidfd (how it ended is lost), and its
+//!   group is signalled member by member, through pidfds, and only members
+//!   owned by the job's user that started after it (`procfs::signal_if`).
 
+use crate::procfs::{self, ProcId};
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -13,12 +20,24 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use tokio::io::unix::AsyncFd;
 
-/// A process the agent started (a direct child, leader of its own group).
+/// Whose child it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// Started by this agent.
+    Own,
+    /// Adopted; its group may only be signalled in members of `uid`
+    /// started after the leader.
+    Adopted { uid: u32, start: u64 },
+}
+
 pub struct Child {
     pid: i32,
     pidfd: AsyncFd<OwnedFd>,
+    origin: Origin,
     /// How it ended, once it did (it is not reaped yet).
     status: Option<ExitStatus>,
+    /// An adopted process ended (its status is lost).
+    gone: bool,
     reaped: bool,
 }
 
@@ -40,22 +59,64 @@ fn peek_pidfd(pidfd: &OwnedFd) -> Option<ExitStatus> {
         .and_then(exit_status)
 }
 
+fn register(pidfd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: the AsyncFd owns the OwnedFd, which stays open and names the
+    // same pidfd until the AsyncFd is dropped.
+    unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+        .map_err(|e| io::Error::other(e.to_string()))
+}
+
+/// The error of waiting for an adopted process: it ended, status unknown.
+pub fn status_lost() -> io::Error {
+    io::Error::other("exit status unknown: it was started by a previous node agent")
+}
+
 impl Child {
     pub fn new(c: std::process::Child) -> io::Result<Child> {
         let pid = c.id() as i32;
         // Nobody but us waits for our children: until we reap it, `pid`
         // names this process, even if it already exited.
-        let pidfd = crate::procfs::pidfd_open(pid)?;
-        // SAFETY: the AsyncFd owns the OwnedFd, which stays open and names
-        // the same pidfd until the AsyncFd is dropped.
-        let pidfd =
-            unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
-                .map_err(|e| io::Error::other(e.to_string()))?;
+        let pidfd = register(procfs::pidfd_open(pid)?)?;
         Ok(Child {
             pid,
             pidfd,
+            origin: Origin::Own,
             status: None,
+            gone: false,
             reaped: false,
+        })
+    }
+
+    /// Adopt the process `id` of user `uid`, started by a previous agent,
+    /// if it still runs.
+    pub fn adopt(id: ProcId, uid: u32) -> io::Result<Child> {
+        let gone = || {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("process {} is gone", id.pid),
+            )
+        };
+        let pidfd = procfs::pidfd_open(id.pid).map_err(|_| gone())?;
+        // The pidfd names whatever has the pid now: check it is ours, then
+        // that it still lives (so the check was about it).
+        let proc_root = std::path::Path::new("/proc");
+        let st = procfs::stat(proc_root, id.pid).map_err(|_| gone())?;
+        let owner = procfs::owner(proc_root, id.pid).map_err(|_| gone())?;
+        if st.start != id.start || st.state == 'Z' || owner != uid {
+            return Err(gone());
+        }
+        procfs::pidfd_signal(&pidfd, 0).map_err(|_| gone())?;
+
+        Ok(Child {
+            pid: id.pid,
+            pidfd: register(pidfd)?,
+            origin: Origin::Adopted {
+                uid,
+                start: id.start,
+            },
+            status: None,
+            gone: false,
+            reaped: true,
         })
     }
 
@@ -63,9 +124,13 @@ impl Child {
         self.pid
     }
 
+    pub fn is_adopted(&self) -> bool {
+        matches!(self.origin, Origin::Adopted { .. })
+    }
+
     /// How it ended, if it did, without reaping it.
     fn peek(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
+        if self.status.is_none() && self.origin == Origin::Own {
             self.status = peek_pidfd(self.pidfd.get_ref());
         }
         self.status
@@ -76,9 +141,25 @@ impl Child {
         if let Some(st) = self.peek() {
             return Ok(st);
         }
+        if self.gone {
+            return Err(status_lost());
+        }
         loop {
             // A pidfd turns readable when its process exits.
             let mut ready = self.pidfd.readable().await?;
+            if let Origin::Adopted { start, .. } = self.origin {
+                // Readiness alone is not proof: check the process itself.
+                let alive = procfs::stat(std::path::Path::new("/proc"), self.pid)
+                    .is_ok_and(|s| s.start == start && s.state != 'Z');
+                if !alive {
+                    self.gone = true;
+                    return Err(status_lost());
+                }
+                ready.clear_ready();
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+
             match peek_pidfd(self.pidfd.get_ref()) {
                 Some(st) => {
                     self.status = Some(st);
@@ -89,10 +170,20 @@ impl Child {
         }
     }
 
-    /// Signal its whole process group (safe until it is reaped).
+    /// Signal its whole process group.
     pub fn signal_group(&self, sig: Signal) {
-        if !self.reaped {
-            let _ = killpg(Pid::from_raw(self.pid), sig);
+        match self.origin {
+            // Safe until it is reaped.
+            Origin::Own if !self.reaped => {
+                let _ = killpg(Pid::from_raw(self.pid), sig);
+            }
+            Origin::Own => {}
+            Origin::Adopted { uid, start } => {
+                let _ = procfs::pidfd_signal(self.pidfd.get_ref(), sig as i32);
+                procfs::signal_group_if(self.pid, sig as i32, |st, owner| {
+                    owner == uid && st.start >= start
+                });
+            }
         }
     }
 
@@ -102,6 +193,13 @@ impl Child {
             let _ = waitpid(Pid::from_raw(self.pid), None);
             self.reaped = true;
         }
+    }
+
+    /// Leave it running for the next agent (a handover): nothing is
+    /// signalled or reaped when this is dropped.
+    pub fn release(mut self) {
+        self.reaped = true;
+        self.origin = Origin::Adopted { uid: 0, start: 0 };
     }
 }
 
@@ -122,5 +220,39 @@ impl Drop for Child {
             // SIGKILLed: it exits promptly; reap it off this path.
             rt.spawn_blocking(move || waitpid(Pid::from_raw(pid), None));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_adopted_process_is_watched_and_signalled_by_identity() {
+        let mut c = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = c.id() as i32;
+        let id = procfs::proc_id(pid).unwrap();
+        let uid = nix::unistd::getuid().as_raw();
+        assert!(
+            Child::adopt(
+                ProcId {
+                    pid,
+                    start: id.start + 1
+                },
+                uid
+            )
+            .is_err(),
+            "another start time"
+        );
+        let mut adopted = Child::adopt(id, uid).unwrap();
+        assert!(adopted.is_adopted());
+        adopted.signal_group(Signal::SIGTERM);
+        let e = adopted.exited().await.unwrap_err();
+        assert!(e.to_string().contains("status unknown"));
+        c.wait().unwrap();
+        assert!(Child::adopt(id, uid).is_err(), "gone");
     }
 }

@@ -5,7 +5,6 @@
 use crate::agent::Agent;
 use crate::dask_cmd::DaskSettings;
 use crate::jobs::Jobs;
-use crate::supervisor::STOP_GRACE;
 use crate::{metrics, privileges, recovery, server, statefile};
 use dask_spank_common::client::Client;
 use dask_spank_common::paths::agent_socket;
@@ -119,7 +118,10 @@ pub async fn run(o: Options) -> Result<(), String> {
     })?;
     let jobs = Jobs::new(PathBuf::from("/proc"), Some(state));
     if let Ok(st) = statefile::StateDir::open(&state_dir) {
-        recovery::recover(&st, &jobs);
+        let kept = recovery::recover(&st, &jobs);
+        if kept > 0 {
+            tracing::info!("{kept} jobs of the previous agent kept; their processes are adopted as their jobs reattach");
+        }
     }
     let agent = Agent::new(jobs, o.settings);
     tokio::spawn(agent.memwatch.clone().run());
@@ -131,18 +133,17 @@ pub async fn run(o: Options) -> Result<(), String> {
     systemd_ready();
     wait_for_signal(listener, agent.clone()).await?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    // A handover, not a stop: the jobs' processes run on, and the next
+    // agent adopts them as their jobs reattach. If none comes, each job's
+    // attach process stops its own after agent_restart_grace.
+    // (`dask-node-agent stop-jobs` stops them at once.)
     tracing::info!(
-        "shutting down: stopping the dask processes of {} jobs",
+        "exiting: the dask processes of {} jobs run on for the next agent to adopt",
         agent.jobs.len()
     );
-    if !agent
-        .shut_down("the node agent is shutting down", STOP_GRACE * 2)
-        .await
-    {
-        tracing::warn!("some jobs' processes did not stop in time");
-    }
     let _ = std::fs::remove_file(&sock);
-    Ok(())
+    // Without running destructors: they would stop what runs.
+    std::process::exit(0)
 }
 
 /// Serve until SIGTERM or SIGINT.

@@ -138,6 +138,40 @@ impl ForkServer {
         })
     }
 
+    /// Adopt the server `server` of a previous agent, through its control
+    /// socket (which the job's attach process held meanwhile), with its
+    /// worker `worker` running.
+    pub fn adopt(
+        control: OwnedFd,
+        server: ProcId,
+        uid: u32,
+        worker: i32,
+    ) -> io::Result<ForkServer> {
+        let child = Child::adopt(server, uid)?;
+        let sock = std::os::unix::net::UnixStream::from(control);
+        sock.set_nonblocking(true)?;
+        let (rx, tx) = UnixStream::from_std(sock)?.into_split();
+        let mut exits = Exits::default();
+        exits.forked(worker);
+        Ok(ForkServer {
+            child,
+            uid,
+            exits,
+            rx: BufReader::new(rx),
+            partial: Vec::new(),
+            tx,
+            gone: false,
+        })
+    }
+
+    /// A copy of the agent's end of the control socket, for the job's
+    /// attach process to hold: while it does, an agent that goes away does
+    /// not close the socket, and the server keeps its workers.
+    pub fn control_fd(&self) -> io::Result<OwnedFd> {
+        use std::os::fd::AsFd;
+        self.tx.as_ref().as_fd().try_clone_to_owned()
+    }
+
     /// The server's pid (its process group and session id too).
     pub fn pid(&self) -> i32 {
         self.child.pid()

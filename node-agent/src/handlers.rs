@@ -15,6 +15,11 @@ pub fn handle(req: Request, peer: &Peer, agent: &Agent) -> Result<Response, Stri
         Request::Metrics => Ok(metrics(agent)),
         Request::Register(spec) => register(*spec, agent),
         Request::JobEnd { job_id, reason } => Ok(job_end(job_id, &reason, agent)),
+        Request::StopJobs { reason } => {
+            tracing::warn!("stopping every job: {}", crate::joblog::escape(&reason));
+            agent.jobs.fail_all(&reason);
+            Ok(Response::Ok)
+        }
         Request::Attach(_) | Request::SchedulerAddress { .. } => {
             Err(format!("{peer}: this request is not handled here"))
         }

@@ -8,7 +8,7 @@
 //! the old generation and are ignored.
 
 use crate::procfs::{self, ProcId};
-use crate::statefile::{Record, StateDir};
+use crate::statefile::{Record, Running, StateDir};
 use dask_spank_common::messages::JobStatus;
 use dask_spank_common::{JobSpec, JobState};
 use std::collections::{HashMap, VecDeque};
@@ -112,27 +112,32 @@ impl JobHandle {
         self.update(|e| e.status.state = state);
     }
 
-    /// A dask process of the job runs as `id`.
-    pub fn running(&self, id: ProcId) {
+    /// The job's dask process runs as `dask` (with its fork server).
+    pub fn running(&self, dask: ProcId, forkserver: Option<ProcId>) {
         let state = self.shared.state.as_ref();
         self.update(|e| {
             e.status.state = JobState::Running;
-            e.status.pid = Some(id.pid);
-            e.record.add_leader(id);
+            e.status.pid = Some(dask.pid);
+            for id in std::iter::once(dask).chain(forkserver) {
+                if !e.record.leaders.contains(&id) {
+                    e.record.add_leader(id);
+                }
+            }
+            e.record.running = Some(Running { dask, forkserver });
             if let Some(s) = state {
                 s.save(&e.record);
             }
         });
     }
 
-    /// A process started for the job that is not its dask process (a fork
-    /// server): remembered for crash recovery only.
-    pub fn started_helper(&self, id: ProcId) {
+    /// Nothing of the job runs any more.
+    pub fn not_running(&self) {
         let state = self.shared.state.as_ref();
         self.update(|e| {
-            e.record.add_leader(id);
-            if let Some(s) = state {
-                s.save(&e.record);
+            if e.record.running.take().is_some() {
+                if let Some(s) = state {
+                    s.save(&e.record);
+                }
             }
         });
     }
@@ -210,13 +215,14 @@ impl Jobs {
         }
     }
 
-    /// A process of the job asks to start its dask processes.
+    /// A process of the job asks to start its dask processes (or, after
+    /// an agent restart, to have the running ones adopted: `Running`).
     pub fn attach(
         &self,
         job_id: u32,
         peer_uid: u32,
         peer_pid: i32,
-    ) -> Result<(JobSpec, JobHandle, StopRx), AttachError> {
+    ) -> Result<(JobSpec, JobHandle, StopRx, Option<Running>), AttachError> {
         let mut t = self.shared.lock();
         let e = t.get_mut(&job_id).ok_or(AttachError::Unknown(job_id))?;
         let spec = &e.record.spec;
@@ -245,7 +251,7 @@ impl Jobs {
             job_id,
             generation: e.generation,
         };
-        Ok((spec.clone(), handle, e.stop.subscribe()))
+        Ok((spec.clone(), handle, e.stop.subscribe(), e.record.running))
     }
 
     /// Whether `uid` has a job here that still waits for its attach (its
@@ -403,7 +409,7 @@ mod tests {
         let jobs = Jobs::new("/proc".into(), None);
         let pid = std::process::id() as i32;
         jobs.register(spec(5, 1000), me());
-        let (_, old, mut stop) = jobs.attach(5, 1000, pid).expect("attach"); // ok: test
+        let (_, old, mut stop, _) = jobs.attach(5, 1000, pid).expect("attach"); // ok: test
         jobs.register(spec(5, 1000), me());
         assert_eq!(
             stop.borrow_and_update().as_ref().map(|s| s.reason.as_str()),
@@ -411,7 +417,7 @@ mod tests {
         );
         old.finished(JobState::Failed, "late update");
         assert_eq!(jobs.statuses(None)[0].state, JobState::Registered);
-        let (_, new, _) = jobs.attach(5, 1000, pid).expect("attach"); // ok: test
+        let (_, new, _, _) = jobs.attach(5, 1000, pid).expect("attach"); // ok: test
         new.restarting("died");
         let s = &jobs.statuses(Some(1000))[0];
         assert_eq!((s.state, s.restarts), (JobState::Restarting, 1));
@@ -422,7 +428,7 @@ mod tests {
     fn ended_jobs_keep_their_failure() {
         let jobs = Jobs::new("/proc".into(), None);
         jobs.register(spec(5, 1000), me());
-        let (_, h, _) = jobs
+        let (_, h, _, _) = jobs
             .attach(5, 1000, std::process::id() as i32)
             .expect("attach"); // ok: test
         h.finished(JobState::Failed, "crash loop");

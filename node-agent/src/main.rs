@@ -89,6 +89,19 @@ enum Cmd {
         #[command(flatten)]
         at: Where,
     },
+    /// Stop every job's dask processes now, failing the jobs with a reason
+    /// (the agent itself runs on). Stopping the agent (SIGTERM) leaves them
+    /// running for the next agent to adopt.
+    StopJobs {
+        #[command(flatten)]
+        at: Where,
+        /// Why, for the jobs' logs.
+        #[arg(
+            long,
+            default_value = "stopped by the site administrator (dask-node-agent stop-jobs)"
+        )]
+        reason: String,
+    },
     /// Slurm's HealthCheckProgram: drain this node while its agent does not
     /// answer (reason "dask-spank: ..."), resume it when it answers again.
     Health {
@@ -170,8 +183,9 @@ fn run(
     metrics_addr: Option<std::net::SocketAddr>,
     stub: Option<String>,
 ) -> ExitCode {
-    // One thread: PR_SET_PDEATHSIG is tied to the thread that forked, so
-    // children must be forked by a thread that lives as long as the agent.
+    // One thread runs the event loop: every blocking step is off it (log
+    // writers, scontrol/squeue children), and one thread keeps the agent
+    // small next to thousands of jobs.
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -246,6 +260,13 @@ fn main() -> ExitCode {
             metrics_addr,
             stub_command,
         } => run(at, dask_host, metrics_addr, stub_command),
+        Cmd::StopJobs { at, reason } => client(&at, Request::StopJobs { reason }, |r| match r {
+            Response::Ok => {
+                println!("every job's dask processes are being stopped");
+                Ok(())
+            }
+            other => Err(other),
+        }),
         Cmd::Health { at } => {
             match siteops::health(&agent_socket(&at.agent_dir, &at.node()), &at.node()) {
                 Ok(()) => ExitCode::SUCCESS,

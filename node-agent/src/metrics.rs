@@ -20,6 +20,8 @@ pub struct Metrics {
     pub refused: AtomicU64,
     pub registrations: AtomicU64,
     pub connections_refused: AtomicU64,
+    pub adopted: AtomicU64,
+    pub lost: AtomicU64,
 }
 
 /// Which gauge a [`Gauge`] holds up.
@@ -48,6 +50,84 @@ impl Drop for Gauge {
     }
 }
 
+/// One exported series: name, Prometheus type, help text and how to read it.
+type Series = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&Metrics) -> i64,
+);
+
+/// Every series the agent exports, in the order they are rendered.
+const SERIES: &[Series] = &[
+    (
+        "workers_running",
+        "gauge",
+        "Dask worker processes running.",
+        |m| m.workers_running.load(Relaxed),
+    ),
+    (
+        "schedulers_running",
+        "gauge",
+        "Dask scheduler processes running.",
+        |m| m.schedulers_running.load(Relaxed),
+    ),
+    (
+        "forkservers_running",
+        "gauge",
+        "Fork servers running (worker_start=forkserver), one per worker job.",
+        |m| m.forkservers_running.load(Relaxed),
+    ),
+    (
+        "worker_restarts_total",
+        "counter",
+        "Worker restarts after a crash or a memory kill.",
+        |m| m.restarts.load(Relaxed) as i64,
+    ),
+    (
+        "memory_kills_total",
+        "counter",
+        "Workers terminated for exceeding their memory limit.",
+        |m| m.memory_kills.load(Relaxed) as i64,
+    ),
+    (
+        "crash_loop_giveups_total",
+        "counter",
+        "Workers not restarted any more after too many crashes.",
+        |m| m.crash_loop_giveups.load(Relaxed) as i64,
+    ),
+    (
+        "refused_total",
+        "counter",
+        "Jobs refused by the site policy on this node.",
+        |m| m.refused.load(Relaxed) as i64,
+    ),
+    (
+        "registrations_total",
+        "counter",
+        "Job registrations received.",
+        |m| m.registrations.load(Relaxed) as i64,
+    ),
+    (
+        "connections_refused_total",
+        "counter",
+        "Socket connections refused for exceeding the connection limits.",
+        |m| m.connections_refused.load(Relaxed) as i64,
+    ),
+    (
+        "adopted_total",
+        "counter",
+        "Dask processes adopted from a previous agent (a restart or an upgrade).",
+        |m| m.adopted.load(Relaxed) as i64,
+    ),
+    (
+        "lost_total",
+        "counter",
+        "Dask processes a previous agent left that could not be adopted (expected 0).",
+        |m| m.lost.load(Relaxed) as i64,
+    ),
+];
+
 impl Metrics {
     pub fn render(&self, jobs: usize) -> String {
         let mut out = String::new();
@@ -62,60 +142,9 @@ impl Metrics {
             "Jobs registered with this node agent.",
             jobs as i64,
         );
-        put(
-            "workers_running",
-            "gauge",
-            "Dask worker processes running.",
-            self.workers_running.load(Relaxed),
-        );
-        put(
-            "schedulers_running",
-            "gauge",
-            "Dask scheduler processes running.",
-            self.schedulers_running.load(Relaxed),
-        );
-        put(
-            "forkservers_running",
-            "gauge",
-            "Fork servers running (worker_start=forkserver), one per worker job.",
-            self.forkservers_running.load(Relaxed),
-        );
-        put(
-            "worker_restarts_total",
-            "counter",
-            "Worker restarts after a crash or a memory kill.",
-            self.restarts.load(Relaxed) as i64,
-        );
-        put(
-            "memory_kills_total",
-            "counter",
-            "Workers terminated for exceeding their memory limit.",
-            self.memory_kills.load(Relaxed) as i64,
-        );
-        put(
-            "crash_loop_giveups_total",
-            "counter",
-            "Workers not restarted any more after too many crashes.",
-            self.crash_loop_giveups.load(Relaxed) as i64,
-        );
-        put(
-            "refused_total",
-            "counter",
-            "Jobs refused by the site policy on this node.",
-            self.refused.load(Relaxed) as i64,
-        );
-        put(
-            "registrations_total",
-            "counter",
-            "Job registrations received.",
-            self.registrations.load(Relaxed) as i64,
-        );
-        put(
-            "connections_refused_total",
-            "counter",
-            "Socket connections refused for exceeding the connection limits.",
-            self.connections_refused.load(Relaxed) as i64,
-        );
+        for (name, kind, help, read) in SERIES {
+            put(name, kind, help, read(self));
+        }
         let _ = writeln!(
             out,
             "# HELP dask_spank_build_info The agent's version and commit."
@@ -124,7 +153,7 @@ impl Metrics {
         let _ = writeln!(
             out,
             "dask_spank_build_info{{version=\"{}\"}} 1",
-            env!("CARGO_PKG_VERSION")
+            dask_spank_common::build_info::VERSION
         );
         out
     }

@@ -1,7 +1,7 @@
-//! After a crash of the previous agent: kill what its jobs left behind
-//! (PR_SET_PDEATHSIG reaches only direct children; a fork server's workers
-//! and their children survive it) and keep the registrations of jobs whose
-//! slurmstepd still runs.
+//! When the agent starts after another (a restart, an upgrade, a crash):
+//! the registrations of jobs whose slurmstepd still runs are kept, with
+//! what runs for them, which their attach process asks the new agent to
+//! adopt; what the jobs that ended meanwhile left behind is killed.
 //!
 //! Processes are named by identities that survive pid reuse: a recorded
 //! leader's group is killed only while no other process holds the leader's
@@ -41,26 +41,38 @@ fn kill_leftovers(r: &Record) -> usize {
         .sum()
 }
 
-pub fn recover(state: &StateDir, jobs: &Jobs) {
+/// Recover the previous agent's jobs; how many were kept.
+pub fn recover(state: &StateDir, jobs: &Jobs) -> usize {
+    let mut kept = 0;
     for r in state.load_all() {
         let id = r.spec.job_id;
-        let killed = kill_leftovers(&r);
-        if killed > 0 {
-            tracing::warn!(
-                job = id,
-                "killed {killed} processes left by the previous agent"
-            );
-        }
         if is_slurmstepd(r.stepd) {
-            tracing::info!(job = id, "job still running: registration kept (its dask processes, if any, were lost with the previous agent)");
-            jobs.insert(Record {
-                leaders: vec![],
-                ..r
-            });
+            let what = match r.running {
+                Some(run) if procfs::exists(run.dask) => format!(
+                    "its dask process {} runs on, for the job to reattach",
+                    run.dask.pid
+                ),
+                Some(_) => {
+                    "its dask process ended meanwhile; it starts again when the job reattaches"
+                        .into()
+                }
+                None => "nothing ran for it".into(),
+            };
+            tracing::info!(job = id, "job still running: registration kept; {what}");
+            jobs.insert(r);
+            kept += 1;
         } else {
+            let killed = kill_leftovers(&r);
+            if killed > 0 {
+                tracing::warn!(
+                    job = id,
+                    "the job ended while no agent ran: killed {killed} processes it left"
+                );
+            }
             state.remove(id);
         }
     }
+    kept
 }
 
 #[cfg(test)]

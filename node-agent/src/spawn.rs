@@ -11,14 +11,15 @@
 //!   4. Drop every capability from the bounding set while still root.
 //!   5. `setgroups`, `setresgid`, `setresuid`: the job's identity. Leaving
 //!      uid 0 clears the permitted, effective and ambient capability sets.
-//!   6. `PR_SET_PDEATHSIG(SIGKILL)`: if the agent dies, its children die.
-//!      Set after the credential change, which would clear it. (The agent
-//!      runs a single-threaded runtime, so the "parent thread" this signal
-//!      is tied to is the agent's main thread.)
-//!   7. `PR_SET_NO_NEW_PRIVS`: no setuid binary or file capability can give
+//!   6. `PR_SET_NO_NEW_PRIVS`: no setuid binary or file capability can give
 //!      anything back.
-//!   8. `chdir` to the job's directory, as the user (root may not be allowed
+//!   7. `chdir` to the job's directory, as the user (root may not be allowed
 //!      into a home on NFS with root_squash).
+//!
+//! No parent-death signal: the processes outlive a restart of the agent,
+//! whose successor adopts them (see `recovery`). They live in the job's
+//! cgroups, so Slurm's cleanup at job end still catches every one, and the
+//! job's own attach process stops them if no agent comes back.
 
 use crate::child::Child;
 use crate::rlimits::Rlimit;
@@ -90,7 +91,6 @@ struct ChildSetup {
     uid: u32,
     gid: u32,
     cwd: CString,
-    agent_pid: i32,
     umask: Option<u32>,
 }
 
@@ -140,19 +140,6 @@ impl ChildSetup {
             if libc::geteuid() != self.uid || libc::getegid() != self.gid {
                 return Err(io::Error::from_raw_os_error(libc::EPERM));
             }
-            // After the credential change, which clears the parent-death
-            // signal (prctl(2)).
-            errno_check(libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ))?;
-            if libc::getppid() != self.agent_pid {
-                // The agent died between fork and prctl.
-                return Err(io::Error::from_raw_os_error(libc::ESRCH));
-            }
             errno_check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
             errno_check(libc::chdir(self.cwd.as_ptr()))?;
             if let Some(mask) = self.umask {
@@ -187,8 +174,6 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<Child> {
         uid: req.identity.uid,
         gid: req.identity.gid,
         cwd: c_path(req.cwd)?,
-        // SAFETY: getpid has no preconditions.
-        agent_pid: unsafe { libc::getpid() },
         umask: req.umask,
     };
     // SAFETY: `apply` runs in the forked child before exec and only makes

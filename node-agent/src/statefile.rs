@@ -14,8 +14,10 @@ use dask_spank_common::JobSpec;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-/// The state format this agent writes and reads.
-pub const FORMAT: u32 = 2;
+/// The state format this agent writes and reads (2: leaders; 3: the
+/// processes running now, for the next agent to adopt). Older formats
+/// load with what they have.
+pub const FORMAT: u32 = 3;
 /// Leaders remembered per job (the current ones; older ones are gone).
 const MAX_LEADERS: usize = 8;
 
@@ -27,6 +29,18 @@ pub struct Record {
     pub stepd: ProcId,
     /// Process-group leaders started for the job, newest last.
     pub leaders: Vec<ProcId>,
+    /// What runs now, for a restarted agent to adopt.
+    #[serde(default)]
+    pub running: Option<Running>,
+}
+
+/// The processes of a job that run now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Running {
+    /// The dask scheduler or worker.
+    pub dask: ProcId,
+    /// The job's fork server (`worker_start=forkserver`).
+    pub forkserver: Option<ProcId>,
 }
 
 impl Record {
@@ -36,6 +50,7 @@ impl Record {
             spec,
             stepd,
             leaders: vec![],
+            running: None,
         }
     }
 

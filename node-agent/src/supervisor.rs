@@ -8,6 +8,7 @@
 //! job's attach process reported. Starting, waiting for and stopping
 //! processes is `process`'s business; when to restart is `restart`'s.
 
+use crate::child::Child;
 use crate::dask_cmd::{command, lifetime, tls_env, DaskSettings, Limits};
 use crate::forkserver::ForkServer;
 use crate::jobenv::JobEnv;
@@ -16,18 +17,22 @@ use crate::jobs::{JobHandle, Stop, StopRx};
 use crate::memwatch::MemWatch;
 use crate::metrics::{Gauge, Metrics};
 use crate::process::Proc;
-use crate::procfs;
+use crate::procfs::{self, ProcId};
 use crate::restart::{CrashLog, Decision, RestartPolicy};
 use crate::rlimits::Rlimit;
 use crate::spawn::{spawn, Identity, SpawnRequest};
+use crate::statefile::Running;
+use dask_spank_common::messages::ProcIdent;
 use dask_spank_common::policy::{TlsMode, WorkerStart};
 use dask_spank_common::{JobSpec, JobState, Role};
 use nix::sys::signal::Signal;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
 use tokio::sync::watch;
 
 /// How long a process gets between SIGTERM and SIGKILL when its job stops.
@@ -39,6 +44,16 @@ const ORPHAN_POLL: Duration = Duration::from_millis(250);
 /// The same after a memory kill (the process is already misbehaving).
 const MEMORY_KILL_GRACE: Duration = Duration::from_secs(2);
 
+/// What a supervisor tells the job's attach process (through its
+/// connection): what it must stop itself, and keep, should the agent go
+/// away for good or come back.
+pub enum Notice {
+    /// The job's process groups now (their leaders).
+    Processes(Vec<ProcIdent>),
+    /// The agent's end of the fork server's control socket.
+    HoldFd(OwnedFd),
+}
+
 /// What a supervisor may touch besides its own job's processes.
 pub struct Context {
     pub job: JobHandle,
@@ -46,6 +61,14 @@ pub struct Context {
     pub memwatch: Arc<MemWatch>,
     /// The scheduler's address, as the job's attach process last read it.
     pub scheduler: watch::Receiver<Option<String>>,
+    pub notify: mpsc::UnboundedSender<Notice>,
+}
+
+/// What a previous agent left running for the job, to adopt.
+pub struct Adoption {
+    pub running: Running,
+    /// The fork server's control socket, from the job's attach process.
+    pub forkserver_fd: Option<OwnedFd>,
 }
 
 /// Everything about one job's run, fixed at attach.
@@ -63,6 +86,8 @@ pub struct JobRun {
     /// The job's cgroups (`cgroup.procs` files) and resource limits.
     pub cgroups: Vec<PathBuf>,
     pub rlimits: Vec<Rlimit>,
+    /// After an agent restart: what runs already.
+    pub adopt: Option<Adoption>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,8 +176,8 @@ async fn start<'s>(
     }
     if server.is_none() {
         let s = ForkServer::spawn(req)?;
-        if let Ok(id) = procfs::proc_id(s.pid()) {
-            ctx.job.started_helper(id);
+        if let Ok(fd) = s.control_fd() {
+            let _ = ctx.notify.send(Notice::HoldFd(fd));
         }
         run.log.line(&format!(
             "fork server started, pid {}: {} (imports distributed once; workers are forked from it)",
@@ -181,27 +206,112 @@ enum Ended {
     MemoryKill(u64),
 }
 
-/// How one start of the dask process ended. `Ok(desc)`: a worker crash to
-/// count; `Err(outcome)`: the job's dask processes are over.
-async fn one_start(
+/// What was adopted: an exec'd process, or a worker of the fork server
+/// (which then sits in the supervisor's server slot).
+enum Adopted {
+    Exec(Child),
+    Forked(ProcId),
+}
+
+/// Adopt what a previous agent left running, if it still runs.
+fn adopt(
     ctx: &Context,
     run: &JobRun,
-    stop: &mut StopRx,
+    a: Adoption,
     server: &mut Option<Server>,
+) -> std::io::Result<Adopted> {
+    let uid = run.spec.uid;
+    let Some(fs) = a.running.forkserver else {
+        return Child::adopt(a.running.dask, uid).map(Adopted::Exec);
+    };
+    let fd = a.forkserver_fd.ok_or_else(|| {
+        std::io::Error::other("the job's attach process did not keep the fork server's socket")
+    })?;
+    let forkserver = ForkServer::adopt(fd, fs, uid, a.running.dask.pid)?;
+    if !procfs::exists(a.running.dask) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "the worker is gone",
+        ));
+    }
+    if let Ok(fd) = forkserver.control_fd() {
+        let _ = ctx.notify.send(Notice::HoldFd(fd));
+    }
+    *server = Some(Server {
+        server: forkserver,
+        _running: Gauge::up(&ctx.metrics, |m| &m.forkservers_running),
+    });
+    Ok(Adopted::Forked(a.running.dask))
+}
+
+/// Count and log what became of a process a previous agent left.
+fn log_adoption(ctx: &Context, run: &JobRun, pid: i32, adopted: &std::io::Result<Adopted>) {
+    match adopted {
+        Ok(_) => {
+            ctx.metrics.adopted.fetch_add(1, Relaxed);
+            run.log.line(&format!(
+                "{} adopted, pid {pid} (it ran on while the node agent restarted)",
+                run.spec.role
+            ));
+        }
+        // It ended while no agent ran: a crash like any other.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            run.log.line(&format!(
+                "the {} (pid {pid}) ended while the node agent was away; starting it again",
+                run.spec.role
+            ));
+        }
+        Err(e) => {
+            ctx.metrics.lost.fetch_add(1, Relaxed);
+            run.log.line(&format!(
+                "the {} (pid {pid}) could not be adopted: {e}; starting it again",
+                run.spec.role
+            ));
+        }
+    }
+}
+
+/// Start the job's dask process, or adopt it: the process, and what to log.
+async fn launch<'s>(
+    ctx: &Context,
+    run: &JobRun,
+    server: &'s mut Option<Server>,
+    adoption: Option<Adoption>,
     n: u32,
-) -> Result<String, (JobState, Outcome)> {
-    let (role, log) = (run.spec.role, &run.log);
+) -> Result<Proc<'s>, (JobState, Outcome)> {
+    if let Some(a) = adoption {
+        let pid = a.running.dask.pid;
+        let adopted = adopt(ctx, run, a, server);
+        log_adoption(ctx, run, pid, &adopted);
+        match adopted {
+            Ok(Adopted::Exec(c)) => return Ok(Proc::Exec(c)),
+            Ok(Adopted::Forked(id)) => {
+                // Every path returns here: the borrow of the server slot
+                // is returned with the worker.
+                return match server.as_mut() {
+                    Some(s) => Ok(Proc::Forked {
+                        id,
+                        uid: run.spec.uid,
+                        server: &mut s.server,
+                    }),
+                    None => Err(finished(
+                        JobState::Failed,
+                        1,
+                        "the adopted fork server is gone".into(),
+                    )),
+                };
+            }
+            Err(_) => {}
+        }
+    }
     let lifetime_s = worker_lifetime(run).map_err(|r| finished(JobState::Finished, 0, r))?;
-    let (program, args) = command(
-        &run.spec,
-        &run.cluster_dir,
-        &run.settings,
-        Limits {
-            mem_mb: run.mem_mb,
-            lifetime_s,
-        },
-    );
-    let output = log
+    let limits = Limits {
+        mem_mb: run.mem_mb,
+        lifetime_s,
+    };
+    let (program, args) = command(&run.spec, &run.cluster_dir, &run.settings, limits);
+    let output = run
+        .log
         .fd()
         .map_err(|e| finished(JobState::Failed, 1, format!("cannot use the job log: {e}")))?;
     let tls = tls_env(&run.spec, &run.cluster_dir);
@@ -225,26 +335,55 @@ async fn one_start(
         // The scheduler writes the scheduler file: private to the user.
         umask: (run.spec.role == Role::Scheduler).then_some(0o077),
     };
-    let mut proc = match start(ctx, run, &req, server).await {
-        Ok(p) => p,
+    match start(ctx, run, &req, server).await {
+        Ok(p) => {
+            log_start(run, &p, n, &program, &args);
+            Ok(p)
+        }
         Err(e) => {
             let reason = format!("cannot start {program}: {e}");
-            log.line(&reason);
-            return Err(finished(JobState::Failed, 1, reason));
+            run.log.line(&reason);
+            Err(finished(JobState::Failed, 1, reason))
         }
-    };
-    let pid = proc.pid();
-    if let Ok(id) = procfs::proc_id(pid) {
-        ctx.job.running(id);
+    }
+}
+
+/// The identities of a start's process-group leaders: its dask process,
+/// and its fork server.
+fn leaders(proc: &Proc<'_>) -> (Option<ProcId>, Option<ProcId>) {
+    let id = |pid| procfs::proc_id(pid).ok();
+    match proc {
+        Proc::Exec(c) => (id(c.pid()), None),
+        Proc::Forked { id: w, server, .. } => (Some(*w), id(server.pid())),
+    }
+}
+
+/// How one start of the dask process ended. `Ok(desc)`: a worker crash to
+/// count; `Err(outcome)`: the job's dask processes are over.
+async fn one_start(
+    ctx: &Context,
+    run: &JobRun,
+    stop: &mut StopRx,
+    server: &mut Option<Server>,
+    adoption: Option<Adoption>,
+    n: u32,
+) -> Result<String, (JobState, Outcome)> {
+    let mut proc = launch(ctx, run, server, adoption, n).await?;
+    if let (Some(dask), fs) = leaders(&proc) {
+        ctx.job.running(dask, fs);
+        let ids = std::iter::once(dask).chain(fs).map(|p| ProcIdent {
+            pid: p.pid,
+            start: p.start,
+        });
+        let _ = ctx.notify.send(Notice::Processes(ids.collect()));
     }
     let _running = Gauge::up(
         &ctx.metrics,
-        match role {
+        match run.spec.role {
             Role::Scheduler => |m: &Metrics| &m.schedulers_running,
             Role::Worker => |m: &Metrics| &m.workers_running,
         },
     );
-    log_start(run, &proc, n, &program, &args);
     let started = Instant::now();
     let ended = watch_until_end(ctx, run, &mut proc, stop).await;
     conclude(ctx, run, stop, proc, ended, started).await
@@ -451,7 +590,7 @@ async fn wait_for_scheduler(
 }
 
 /// Run the job's dask process until it ends for good or `stop` fires.
-pub async fn run(mut ctx: Context, run: JobRun, mut stop: StopRx) -> Outcome {
+pub async fn run(mut ctx: Context, mut run: JobRun, mut stop: StopRx) -> Outcome {
     if let Err(s) = wait_for_scheduler(&mut ctx, &run, &mut stop).await {
         let (state, outcome) = stopped(s);
         ctx.job.finished(state, &outcome.reason);
@@ -471,7 +610,8 @@ pub async fn run(mut ctx: Context, run: JobRun, mut stop: StopRx) -> Outcome {
             break stopped(reason);
         }
         starts += 1;
-        let desc = match one_start(&ctx, &run, &mut stop, &mut server, starts).await {
+        let adoption = run.adopt.take();
+        let desc = match one_start(&ctx, &run, &mut stop, &mut server, adoption, starts).await {
             Ok(desc) => desc,
             Err(end) => break end,
         };
@@ -499,6 +639,8 @@ pub async fn run(mut ctx: Context, run: JobRun, mut stop: StopRx) -> Outcome {
     if let Some(s) = server {
         shutdown_server(s, &run.log).await;
     }
+    ctx.job.not_running();
+    let _ = ctx.notify.send(Notice::Processes(vec![]));
     ctx.job.finished(state, &outcome.reason);
     outcome
 }

@@ -50,6 +50,31 @@ pub async fn write<T: Serialize, W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Send one file descriptor with SCM_RIGHTS alongside one byte.
+pub async fn send_fd(s: &UnixStream, fd: &OwnedFd) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let fds = [fd.as_raw_fd()];
+    loop {
+        s.writable().await?;
+        let res = s.try_io(Interest::WRITABLE, || {
+            let iov = [io::IoSlice::new(b"F")];
+            sendmsg::<()>(
+                s.as_raw_fd(),
+                &iov,
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::MSG_DONTWAIT,
+                None,
+            )
+            .map(|_| ())
+            .map_err(io::Error::from)
+        });
+        match res {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            other => return other,
+        }
+    }
+}
+
 /// Receive one file descriptor sent with SCM_RIGHTS alongside one byte.
 pub async fn recv_fd(s: &UnixStream) -> io::Result<OwnedFd> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};

@@ -152,6 +152,8 @@ fn attach_req(job_id: u32) -> Request {
         cwd: "/".into(),
         env: vec![("PATH".into(), "/usr/bin:/bin".into())],
         cluster_dir: "/nonexistent".into(),
+        reattach: false,
+        forkserver_fd: false,
     })
 }
 
@@ -250,6 +252,19 @@ async fn handshakes_and_requests_are_bounded() {
     ));
 }
 
+/// The replies up to `Finished`: the notices (process groups) seen, and
+/// the end.
+async fn until_finished(s: &mut UnixStream) -> (Vec<Vec<i32>>, i32, String) {
+    let mut notices = vec![];
+    loop {
+        match wire::read::<Response, _>(s, 1 << 20).await.expect("reply") {
+            Response::Processes { groups } => notices.push(groups.iter().map(|g| g.pid).collect()),
+            Response::Finished { exit_code, reason } => return (notices, exit_code, reason),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
@@ -303,15 +318,11 @@ async fn a_full_attach_runs_the_job_as_its_user_and_the_end_stops_it() {
         .await,
         Response::Ok
     );
-    match wire::read::<Response, _>(&mut s, 1 << 20)
-        .await
-        .expect("finished")
-    {
-        Response::Finished { exit_code, reason } => {
-            assert_eq!((exit_code, reason.as_str()), (0, "job step ended"))
-        }
-        other => panic!("{other:?}"),
-    }
+    let (notices, exit_code, reason) = until_finished(&mut s).await;
+    assert_eq!((exit_code, reason.as_str()), (0, "job step ended"));
+    // The job's process group was told (then perhaps that none is left).
+    assert_eq!(notices.first(), Some(&vec![pid]));
+
     assert!(
         !std::path::Path::new(&format!("/proc/{pid}")).exists(),
         "the stub is gone"
@@ -362,17 +373,10 @@ async fn shutdown_waits_for_the_supervisors_and_stops_every_process() {
         !std::path::Path::new(&format!("/proc/{pid}")).exists(),
         "the stub is gone"
     );
-    match wire::read::<Response, _>(&mut s, 1 << 20)
-        .await
-        .expect("finished")
-    {
-        // The agent's own stop fails the job: it must not look COMPLETED.
-        Response::Finished { reason, exit_code } => {
-            assert_eq!(
-                (exit_code, reason.as_str()),
-                (1, "the node agent is shutting down")
-            )
-        }
-        other => panic!("{other:?}"),
-    }
+    // The agent's own stop fails the job: it must not look COMPLETED.
+    let (_, exit_code, reason) = until_finished(&mut s).await;
+    assert_eq!(
+        (exit_code, reason.as_str()),
+        (1, "the node agent is shutting down")
+    );
 }

@@ -149,6 +149,10 @@ impl RemoteState {
                 vars::LIFETIME_MARGIN,
                 cfg.policy.nanny.lifetime_margin_s.to_string(),
             ),
+            (
+                vars::AGENT_GRACE,
+                cfg.agent_restart_grace.as_secs().to_string(),
+            ),
         ];
         for (k, v) in env {
             spank.setenv(k, v, true)?;
