@@ -40,7 +40,7 @@ pub fn run() -> Result<i32, String> {
     if role == Role::Scheduler {
         // A file left by an earlier scheduler of this cluster would send
         // workers to a dead address.
-        let _ = std::fs::remove_file(state_file(&dir));
+        crate::record::clear_scheduler_state(&dir);
         let f = scheduler_file(&dir);
         match std::fs::remove_file(&f) {
             Ok(()) => {}
@@ -177,11 +177,9 @@ fn report_scheduler(mut agent: Client, sched_file: &std::path::Path, creds: Opti
 }
 
 /// The scheduler job's side of the cluster state record: every 2 s, the
-/// scheduler's address and its connected workers into `state.json`.
+/// scheduler's address into `state.json` (the keeper lists the connected
+/// workers).
 fn keep_state(dir: &std::path::Path, cluster: &str, job: &str) {
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(3))
-        .build();
     let sched_file = scheduler_file(dir);
     loop {
         std::thread::sleep(Duration::from_secs(2));
@@ -194,26 +192,12 @@ fn keep_state(dir: &std::path::Path, cluster: &str, job: &str) {
             &sched_file,
             std::os::unix::fs::PermissionsExt::from_mode(0o600),
         );
-        let dashboard = info.dashboard_url();
-        let connected: Vec<String> = dashboard
-            .as_ref()
-            .and_then(|d| agent.get(&format!("{d}/json/identity.json")).call().ok())
-            .and_then(|r| r.into_json::<serde_json::Value>().ok())
-            .and_then(|v| {
-                v["workers"].as_object().map(|ws| {
-                    ws.values()
-                        .filter_map(|w| w["name"].as_str().map(str::to_string))
-                        .collect()
-                })
-            })
-            .unwrap_or_default();
         let state = ClusterState {
             cluster: cluster.to_string(),
             scheduler_job: job.to_string(),
+            dashboard_address: info.dashboard_url(),
             scheduler_address: info.address,
-            dashboard_address: dashboard,
             scheduler_file: sched_file.clone(),
-            connected,
             updated: now(),
         };
         let _ = write_json_atomic(&state_file(dir), &state, 0o600);

@@ -1,7 +1,7 @@
 //! A user's cluster as the commands see it: its name, its private
 //! directory, and its view (queue, reports, connections).
 
-use crate::record::{read_reports, read_state};
+use crate::record::{read_connected, read_reports, read_state};
 use crate::slurm::squeue;
 use crate::view::{build, ClusterView};
 use dask_spank_common::paths::{cluster_dir, make_private_dir, scheduler_file, user_root, vars};
@@ -45,6 +45,7 @@ pub fn view(c: &ClusterName) -> Result<ClusterView, String> {
         &queued,
         &read_reports(&dir),
         read_state(&dir).as_ref(),
+        &read_connected(&dir),
         scheduler_file(&dir).to_string_lossy().into_owned(),
     ))
 }

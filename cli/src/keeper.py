@@ -12,6 +12,9 @@
 # (those holding no unique data first, through dask). One line per decision
 # in the scheduler job's log; the state in keeper.json for `dask-spank
 # status`. Refusals by Slurm (queue limits) are retried with a backoff.
+# Every TICK it also lists the connected workers in connected.json, which
+# status, wait and ls read.
+
 #
 # argv: cluster name, cluster directory, successor lead (s), lifetime margin
 # (s), scheduler job id.
@@ -24,6 +27,9 @@ import time
 
 NAME, DIR, LEAD, MARGIN, SCHED_JOB = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 INTERVAL = float(os.environ.get("DASK_SPANK_KEEPER_INTERVAL", "5"))
+# How often the list of connected workers (connected.json) is refreshed.
+TICK = min(2.0, INTERVAL)
+
 # dask's Adaptive waits this many intervals before it scales down.
 WAIT_COUNT = 3
 JOB_NAME = f"dask-worker-{NAME}"
@@ -60,13 +66,23 @@ def seconds(t):
     return ((d * 24 + h) * 60 + mi) * 60 + s
 
 
-def retires_in(limit, used):
-    """Seconds until the agent retires a worker (dask_cmd::lifetime: a
-    margin before the walltime, half the walltime for short jobs)."""
+def lifetime(limit):
+    """Seconds a worker lives before the agent retires it (dask_cmd::lifetime:
+    a margin before the walltime, half the walltime for short jobs)."""
     if limit is None:
         return None
-    life = limit - MARGIN if limit > 2 * MARGIN else limit // 2
-    return life - used
+    return limit - MARGIN if limit > 2 * MARGIN else limit // 2
+
+
+def successor_due(job):
+    """Is it time to submit this running worker's successor? LEAD seconds
+    before it retires, but never in its first half-life: a successor due at
+    its own start would be succeeded at once, and so on, a chain of jobs
+    where one replacement was wanted."""
+    life = lifetime(job["limit"])
+    if life is None:
+        return False
+    return life - job["used"] < min(LEAD, life / 2)
 
 
 def clean_env():
@@ -138,6 +154,14 @@ class Keeper:
         self.low = 0  # consecutive intervals the adaptive target was lower
         self.backoff, self.retry_at, self.short = 10.0, 0.0, None
         self.decision = None
+        self.connected = {}
+
+    def list_connected(self):
+        """Record the workers connected to the scheduler (connected.json);
+        an empty list until the scheduler is up."""
+        self.connected = self.sched.workers()
+        write_json("connected.json", {"workers": sorted(n for n in self.connected if isinstance(n, str)),
+                                      "updated": int(time.time())})
 
     def want(self, target, active, pending_pending):
         if "adapt" in target:
@@ -176,11 +200,11 @@ class Keeper:
         jobs = worker_jobs()
         waiting = [j for j in jobs if j["state"] in ("PENDING", "CONFIGURING")]
         running = [j for j in jobs if j["state"] == "RUNNING"]
-        retiring = [j for j in running if (r := retires_in(j["limit"], j["used"])) is not None and r < LEAD]
+        retiring = [j for j in running if successor_due(j)]
         active = len(waiting) + len(running) - len(retiring)
         want = self.want(target, active, len(waiting))
         status = {"target": want, "intention": target, "pending": len(waiting), "running": len(running),
-                  "retiring": len(retiring), "connected": len(self.sched.workers()), "updated": int(time.time())}
+                  "retiring": len(retiring), "connected": len(self.connected), "updated": int(time.time())}
         if want > active and time.time() >= self.retry_at:
             why = f"target {want}, {active} active" + (f" ({len(retiring)} retiring for their walltime)" if retiring else "")
             try:
@@ -201,15 +225,21 @@ class Keeper:
 def main():
     log(f"keeping cluster {NAME} (successors {LEAD}s ahead of a worker's retirement)")
     k = Keeper()
+    next_step = 0.0
     while True:
         try:
-            if k.step():
-                log("the cluster is going down: keeping no more")
-                return
+            # The connected workers, often (status, wait's progress); the
+            # decisions, which ask Slurm, every INTERVAL.
+            k.list_connected()
+            if time.time() >= next_step:
+                next_step = time.time() + INTERVAL
+                if k.step():
+                    log("the cluster is going down: keeping no more")
+                    return
         except Exception as e:  # noqa: BLE001 - the keeper must outlive a bad interval
             log(f"keeping failed this time: {type(e).__name__}: {e}")
             k.sched.client = None
-        time.sleep(INTERVAL)
+        time.sleep(TICK)
 
 
 main()

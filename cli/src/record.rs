@@ -6,8 +6,9 @@
 //!   node report this way through the shared file system, as the scheduler
 //!   file already travels.
 //! * `state.json`: written every few seconds by the scheduler job's attach:
-//!   scheduler and dashboard addresses, the scheduler file, and the workers
-//!   connected to the scheduler (from its `/json/identity.json`).
+//!   scheduler and dashboard addresses, the scheduler file.
+//! * `connected.json`: the workers connected to the scheduler, written every
+//!   few seconds by the scheduler job's keeper (a dask client).
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -33,10 +34,20 @@ pub struct ClusterState {
     pub scheduler_address: String,
     pub dashboard_address: Option<String>,
     pub scheduler_file: PathBuf,
-    /// dask worker names connected to the scheduler.
-    pub connected: Vec<String>,
     pub updated: u64,
 }
+
+/// The workers connected to the scheduler, as its keeper last saw them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Connected {
+    /// dask worker names.
+    pub workers: Vec<String>,
+    pub updated: u64,
+}
+
+/// A keeper that has not written for this long is gone (its scheduler job
+/// with it, or its Python failed): its list says nothing any more.
+const CONNECTED_FRESH_S: u64 = 30;
 
 pub fn now() -> u64 {
     SystemTime::now()
@@ -54,11 +65,11 @@ pub fn write_json<T: Serialize>(path: &Path, v: &T) -> std::io::Result<()> {
 }
 
 pub fn jobs_dir(cluster_dir: &Path) -> PathBuf {
-    cluster_dir.join("jobs")
+    cluster_dir.join(dask_spank_common::paths::layout::JOBS_DIR)
 }
 
 pub fn state_file(cluster_dir: &Path) -> PathBuf {
-    cluster_dir.join("state.json")
+    cluster_dir.join(dask_spank_common::paths::layout::STATE_FILE)
 }
 
 pub fn write_report(cluster_dir: &Path, r: &JobReport) {
@@ -82,10 +93,31 @@ pub fn read_state(cluster_dir: &Path) -> Option<ClusterState> {
     serde_json::from_slice(&std::fs::read(state_file(cluster_dir)).ok()?).ok()
 }
 
+fn connected_file(cluster_dir: &Path) -> PathBuf {
+    cluster_dir.join(dask_spank_common::paths::layout::CONNECTED)
+}
+
+/// The connected workers' names, if the keeper's list is fresh.
+pub fn read_connected(cluster_dir: &Path) -> Vec<String> {
+    std::fs::read(connected_file(cluster_dir))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Connected>(&b).ok())
+        .filter(|c| now().saturating_sub(c.updated) <= CONNECTED_FRESH_S)
+        .map(|c| c.workers)
+        .unwrap_or_default()
+}
+
 /// Forget the reports of an earlier cluster of the same name.
 pub fn clear(cluster_dir: &Path) {
     let _ = std::fs::remove_dir_all(jobs_dir(cluster_dir));
+    clear_scheduler_state(cluster_dir);
+}
+
+/// Forget what an earlier scheduler of this cluster saw: its address would
+/// send workers to a dead scheduler, its workers are not this one's.
+pub fn clear_scheduler_state(cluster_dir: &Path) {
     let _ = std::fs::remove_file(state_file(cluster_dir));
+    let _ = std::fs::remove_file(connected_file(cluster_dir));
 }
 
 #[cfg(test)]

@@ -140,17 +140,42 @@ pub fn job_end(job: &str) -> Option<String> {
         .map(|r| r.split(" Power=").next().unwrap_or(r).trim().to_string());
     let tail = log
         .and_then(|l| std::fs::read_to_string(l).ok())
-        .map(|t| {
-            let lines: Vec<&str> = t.lines().filter(|l| !l.trim().is_empty()).collect();
-            lines[lines.len().saturating_sub(2)..].join(" | ")
-        })
+        .map(|t| why_it_ended(&t))
         .unwrap_or_default();
     Some(format!("the scheduler job {job} ended {state}: {tail}"))
+}
+
+/// The lines of a job's log that say why it ended: the last two of ours
+/// (the plugin's and the agent's say what to do), else its last two.
+/// Slurm's own closing lines ("spank plugin stack failed") say nothing.
+fn why_it_ended(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    let ours: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.contains("dask-spank"))
+        .collect();
+    let pick = if ours.is_empty() { &lines } else { &ours };
+    pick[pick.len().saturating_sub(2)..].join(" | ")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_reason_a_job_ended_is_our_last_lines() {
+        let log = "dask-spank: no dask-spank node agent on n1: resubmit the job\n\
+                   slurmstepd-n1: error: dask-spank: job refused before any dask process started\n\
+                   slurmstepd-n1: error: spank: required plugin spank_dask.so: task_init() failed with rc=-1\n\
+                   slurmstepd-n1: error: Failed to invoke spank plugin stack\n";
+        assert_eq!(
+            why_it_ended(log),
+            "dask-spank: no dask-spank node agent on n1: resubmit the job | \
+             slurmstepd-n1: error: dask-spank: job refused before any dask process started"
+        );
+        assert_eq!(why_it_ended("a\n\nb\nc\n"), "b | c");
+    }
 
     #[test]
     fn squeue_lines() {

@@ -61,11 +61,9 @@ pub fn build(
     queued: &[QueuedJob],
     reports: &[JobReport],
     state: Option<&ClusterState>,
+    connected: &[String],
     scheduler_file: String,
 ) -> ClusterView {
-    let connected: Vec<&str> = state
-        .map(|s| s.connected.iter().map(String::as_str).collect())
-        .unwrap_or_default();
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
     for r in reports {
         // A job that left the queue while its report still says "running"
@@ -105,7 +103,7 @@ pub fn build(
                     Some(r) if r.state == "failed" => {
                         ("failed".into(), r.reason.clone().unwrap_or_default())
                     }
-                    _ if role == "worker" && connected.contains(&name.as_str()) => {
+                    _ if role == "worker" && connected.contains(&name) => {
                         ("connected".into(), String::new())
                     }
                     _ => ("running".into(), String::new()),
@@ -210,10 +208,18 @@ mod tests {
             scheduler_address: "tcp://x:1".into(),
             dashboard_address: Some("http://x:2".into()),
             scheduler_file: "/f".into(),
-            connected: vec!["ana-11_1".into()],
             updated: 0,
         };
-        let v = build("ana", &queued, &reports, Some(&state), "/f".into());
+        let connected = ["ana-11_1".to_string()];
+        let v = build(
+            "ana",
+            &queued,
+            &reports,
+            Some(&state),
+            &connected,
+            "/f".into(),
+        );
+
         let states: Vec<(&str, &str)> = v
             .workers
             .iter()

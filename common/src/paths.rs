@@ -64,6 +64,11 @@ pub mod layout {
     pub const TARGET: &str = "target.json";
     /// What the keeper sees and did last.
     pub const KEEPER: &str = "keeper.json";
+    /// The dask worker names connected to the scheduler (`Connected`),
+    /// written every few seconds by the keeper, a dask client of the
+    /// scheduler: the scheduler's HTTP `identity.json` cannot be used, it
+    /// fails while workers report metrics with tuple keys (any computation).
+    pub const CONNECTED: &str = "connected.json";
     /// The cluster's own certificate authority (its key is not kept), and
     /// the certificate and key it signed, made by the scheduler job:
     /// scheduler, workers and clients all present that certificate and
@@ -79,6 +84,7 @@ pub mod layout {
         ("worker_args", WORKER_ARGS),
         ("target", TARGET),
         ("keeper", KEEPER),
+        ("connected", CONNECTED),
         ("tls_ca", TLS_CA),
         ("tls_cert", TLS_CERT),
         ("tls_key", TLS_KEY),
