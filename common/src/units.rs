@@ -46,31 +46,25 @@ pub fn parse_time_s(s: &str) -> Option<Option<u64>> {
             x.parse().ok()
         }
     };
+    // Components with their unit in seconds, most significant first.
     let (days, rest) = match s.split_once('-') {
         Some((d, r)) => (num(d)?, Some(r)),
         None => (0, None),
     };
-    let secs = match rest {
-        Some(r) => {
-            let p: Vec<&str> = r.split(':').collect();
-            match p.as_slice() {
-                [h] => num(h)? * 3600,
-                [h, m] => num(h)? * 3600 + num(m)? * 60,
-                [h, m, sec] => num(h)? * 3600 + num(m)? * 60 + num(sec)?,
-                _ => return None,
-            }
-        }
-        None => {
-            let p: Vec<&str> = s.split(':').collect();
-            match p.as_slice() {
-                [m] => num(m)? * 60,
-                [m, sec] => num(m)? * 60 + num(sec)?,
-                [h, m, sec] => num(h)? * 3600 + num(m)? * 60 + num(sec)?,
-                _ => return None,
-            }
-        }
+    let units: &[u64] = match (rest.is_some(), rest.unwrap_or(s).split(':').count()) {
+        (true, 1) => &[3600],
+        (true, 2) => &[3600, 60],
+        (_, 3) => &[3600, 60, 1],
+        (false, 1) => &[60],
+        (false, 2) => &[60, 1],
+        _ => return None,
     };
-    Some(Some(days * 86400 + secs))
+    // Checked: a limit too large for any clock is refused, not wrapped.
+    let mut total = days.checked_mul(86400)?;
+    for (part, unit) in rest.unwrap_or(s).split(':').zip(units) {
+        total = total.checked_add(num(part)?.checked_mul(*unit)?)?;
+    }
+    Some(Some(total))
 }
 
 /// Format seconds as Slurm does (`[days-]hours:minutes:seconds`).
@@ -140,7 +134,17 @@ mod tests {
         assert_eq!(parse_time_s("1-2:30"), Some(Some(86400 + 9000)));
         assert_eq!(parse_time_s("1-02:00:01"), Some(Some(86400 + 7201)));
         assert_eq!(parse_time_s("UNLIMITED"), Some(None));
-        for bad in ["", "a", "1:2:3:4", "-5", "1-", "2h"] {
+        for bad in [
+            "",
+            "a",
+            "1:2:3:4",
+            "-5",
+            "1-",
+            "2h",
+            "8888888888888888888",
+            "213503982334602-0",
+            "1-2:3:4:5",
+        ] {
             assert_eq!(parse_time_s(bad), None, "{bad}");
         }
         assert_eq!(format_time_s(7200), "2:00:00");
