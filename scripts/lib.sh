@@ -66,7 +66,8 @@ if [ "$SLURM_RELEASE" = "$HOST_SLURM" ]; then TARGET=$REPO/target
 else TARGET=$REPO/target/slurm-$SLURM_RELEASE; fi
 TEST_USER=${DASK_SPANK_TEST_USER:-dasktest}
 # Ports: slurmctld of Slurm 22.05 listens on PORT_BASE, slurmd of node nI on
-# PORT_BASE+3+I (6817 and 6821.. by default); 24.11 and 26.05 add 200 and 400,
+# PORT_BASE+3+I (6817 and 6821.. by default), the node agent's metrics (HTTP)
+# on PORT_BASE+100+I; 24.11 and 26.05 add 200 and 400,
 # so that the sandboxes of the releases never collide. Two checkouts on one
 # machine need different bases, and different test users (each sandbox
 # re-homes its test user into its own state directory).

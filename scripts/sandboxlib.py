@@ -33,6 +33,8 @@ OTHER_USER = TEST_USER + "b"
 # 200 for 24.11, 400 for 26.05); slurmd of nI listens on CTLD_PORT + 3 + I.
 PORT_BASE = int(os.environ.get("DASK_SPANK_PORT_BASE", "6817"))
 CTLD_PORT = PORT_BASE + {"22.05": 0, "24.11": 200}.get(SLURM_RELEASE, 400)
+# The node agent of nI serves its metrics over HTTP on loopback here.
+METRICS_PORT_N1 = CTLD_PORT + 101
 VENV = STATE / "venv"
 BIN = STATE / "bin"
 WORK = STATE / "work"

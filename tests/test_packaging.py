@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -166,12 +167,34 @@ def test_unit(payload):
     assert p.returncode == 0 and "dask-node-agent.service" not in p.stderr, p.stderr
 
 
+def enable_snippet(payload) -> Path:
+    """What the snippet's header tells an admin to do: copy it to a .conf
+    of the included directory and uncomment its line (here also pointed
+    at the sandbox's install path and agent directory). plugstack.conf
+    then holds only `include <dir>/*.conf`."""
+    d = sb.STATE / "etc" / "plugstack.conf.d"
+    d.mkdir(exist_ok=True)
+    text = (payload / "etc/slurm/plugstack.conf.d/dask-spank.conf.example").read_text()
+    lib = "/usr/lib64/slurm/spank_dask.so"
+    assert f"#required {lib}\n" in text
+    text = text.replace(f"#required {lib}", f"required {sb.STATE / 'lib/spank_dask.so'} "
+                        f"agent_dir={sb.STATE / 'run/agent'} attach_cmd={sb.BIN / 'dask-spank'}")
+    (d / "dask-spank.conf").write_text(text)
+    (sb.STATE / "etc" / "plugstack.include").write_text(f"{d}\n")
+    return d
+
+
 def test_payload_runs_a_dask_cluster(payload):
+    """The packaged binaries, enabled through the packaged snippet as a
+    site does it: a bare line (site-neutral policy) in an included file."""
     import dask.array as da
 
     os.environ["DASK_SPANK_PAYLOAD"] = str(payload)
+    snippets = enable_snippet(payload)
     try:
         sb.sandbox("up")
+        conf = (sb.STATE / "etc" / "plugstack.conf").read_text()
+        assert conf == f"include {snippets}/*.conf\n", conf
         for installed, shipped in [
             (sb.STATE / "lib/spank_dask.so", payload / "usr/lib64/slurm/spank_dask.so"),
             (sb.BIN / "dask-node-agent", payload / "usr/sbin/dask-node-agent"),
@@ -191,13 +214,16 @@ def test_payload_runs_a_dask_cluster(payload):
         c = sb.client(name)
         c.wait_for_workers(2, timeout=120)
         assert int(da.arange(10_000, chunks=1000).sum().compute()) == 49_995_000
+        # The site-neutral snippet line sets no partition: Slurm's default.
+        assert sb.scontrol_job(sched)["Partition"] == "htc"
         c.close()
         sb.run(["scancel", sched, arr])
         sb.wait_job_gone(sched)
         sb.wait_job_gone(arr)
     finally:
         del os.environ["DASK_SPANK_PAYLOAD"]
-        sb.sandbox("up")  # back to the build tree's binaries
+        (sb.STATE / "etc" / "plugstack.include").unlink()
+        sb.sandbox("up")  # back to the build tree's binaries and policy line
 
 
 def commits_with_packaging(n: int) -> list[str]:

@@ -61,6 +61,14 @@ ROWS = [
      "time limit 8:30:00 exceeds scheduler_time_max=8:00:00"),
 ]
 IDS = [r[0] for r in ROWS]
+# Rows whose default is also what Slurm gives any job here (htc is the
+# default partition; one cpu, one task): a plugin that inserted nothing
+# would pass them, so their insertion is tested with other values below
+# (the fixed scheduler cpu and task count have no other value: their rules
+# are tested at sbatch and on the node).
+SAME_AS_SLURM = {"worker_partition", "worker_cpus/worker_cpus_max", "scheduler cpus (fixed 1)",
+                 "ntasks (fixed 1)"}
+DEFAULT_ROWS = [r for r in ROWS if r[0] not in SAME_AS_SLURM]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -69,13 +77,38 @@ def default_policy():
     yield
 
 
-@pytest.mark.parametrize("key,role,field,default,bad,submit_msg,node_msg", ROWS, ids=IDS)
+@pytest.mark.parametrize("key,role,field,default,bad,submit_msg,node_msg", DEFAULT_ROWS,
+                         ids=[r[0] for r in DEFAULT_ROWS])
 def test_default_is_applied(key, role, field, default, bad, submit_msg, node_msg):
     job = sb.sbatch(f"--dask-role={role}", "--dask-cluster=pol-default", "--hold")
     try:
         assert sb.scontrol_job(job)[field] == default
     finally:
         sb.run(["scancel", job])
+
+
+def test_values_unlike_slurms_defaults_are_inserted(policy):
+    """Policy values that differ from what Slurm would give anyway: the
+    partitions swapped, 3 cpus, a named account, other memory and times."""
+    plain = sb.sbatch("--hold", "--wrap=true", "-o", "/dev/null")
+    policy("worker_partition=htc_daemon scheduler_partition=htc account=physics worker_cpus=3 "
+           "worker_mem=700M scheduler_mem=600M worker_time=1:10:00 scheduler_time=2:20:00")
+    want = {
+        "worker": {"Partition": "htc_daemon", "Account": "physics", "NumCPUs": "3",
+                   "MinMemoryNode": "700M", "TimeLimit": "01:10:00"},
+        "scheduler": {"Partition": "htc", "Account": "physics", "NumCPUs": "1",
+                      "MinMemoryNode": "600M", "TimeLimit": "02:20:00"},
+    }
+    slurm = sb.scontrol_job(plain)
+    assert (slurm["Partition"], slurm["NumCPUs"]) == ("htc", "1") and slurm["Account"] != "physics", slurm
+    jobs = [plain]
+    try:
+        for role, fields in want.items():
+            jobs.append(sb.sbatch(f"--dask-role={role}", "--dask-cluster=pol-other", "--hold"))
+            got = sb.scontrol_job(jobs[-1])
+            assert {k: got[k] for k in fields} == fields, role
+    finally:
+        sb.run(["scancel", *jobs])
 
 
 @pytest.mark.parametrize("key,role,field,default,bad,submit_msg,node_msg", ROWS, ids=IDS)
@@ -172,6 +205,8 @@ def test_max_worker_jobs_idle_timeout_and_log_dir(policy):
 
 
 def test_bad_configuration_is_loud_and_fails_only_dask_jobs(policy):
+    slurmd_log = sb.LOGS / "slurmd-n1.log"
+    offset = slurmd_log.stat().st_size
     policy("worker_mem=3G bogus_key=1")
     p = sb.as_user(["sbatch", "--dask-role=worker", "--dask-cluster=pol-bad"], check=False)
     assert p.returncode != 0
@@ -183,8 +218,9 @@ def test_bad_configuration_is_loud_and_fails_only_dask_jobs(policy):
     job = p.stdout.strip()
     sb.wait_job_gone(job, 60)
     assert sb.job_state(job) == "COMPLETED"
-    slurmd_log = (sb.LOGS / "slurmd-n1.log").read_text()
-    assert "dask-spank: plugstack.conf: unknown key 'bogus_key'" in slurmd_log
+    with slurmd_log.open("rb") as f:
+        f.seek(offset)
+        assert b"dask-spank: plugstack.conf: unknown key 'bogus_key'" in f.read()
     # A job that reaches the node anyway (bypass) fails there with the reason.
     job = submit_bypass("worker", "pol-bad", CONFORMING["worker"])
     sb.wait_job_gone(job, 60)

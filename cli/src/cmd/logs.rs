@@ -3,7 +3,8 @@
 use crate::cluster::{dir_of, parse_name, unknown, Res};
 use crate::record::read_reports;
 use crate::slurm::squeue;
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Print the cluster's job logs (--follow to keep printing).
@@ -21,40 +22,53 @@ pub struct Args {
 pub fn run(a: Args) -> Res {
     let (c, job, follow) = (parse_name(&a.name)?, a.job.as_deref(), a.follow);
     let dir = dir_of(&c)?;
-    let reports = read_reports(&dir);
-    let files: Vec<(String, PathBuf)> = reports
-        .iter()
-        .filter(|r| job.is_none_or(|j| r.label == j || r.job_id.to_string() == j))
-        .filter_map(|r| r.log.as_ref().map(|l| (r.label.clone(), PathBuf::from(l))))
-        .collect();
-    if files.is_empty() {
+    let files = log_files(&dir, job);
+    if files.is_empty() && !follow {
         return Err(match job {
             Some(j) => format!("no log of job {j} in cluster '{c}' (jobs log once they start)"),
             None if squeue(Some(c.as_str()))?.is_empty() => unknown(&c),
             None => format!("no job of cluster '{c}' has started yet"),
         });
     }
-    let mut offsets: Vec<u64> = Vec::new();
+    // Label -> bytes printed so far.
+    let mut printed: HashMap<String, u64> = HashMap::new();
     for (label, f) in &files {
         println!("==> {label}: {} <==", f.display());
         let text = std::fs::read(f).unwrap_or_default();
         print!("{}", String::from_utf8_lossy(&text));
-        offsets.push(text.len() as u64);
+        printed.insert(label.clone(), text.len() as u64);
     }
     if !follow {
         return Ok(());
     }
+    // Like `tail -f`, until interrupted; jobs that start later (new workers,
+    // walltime successors) join in with their whole log.
     loop {
         std::thread::sleep(Duration::from_millis(500));
-        for (i, (label, f)) in files.iter().enumerate() {
-            let Ok(text) = std::fs::read(f) else { continue };
-            if (text.len() as u64) > offsets[i] {
-                let new = String::from_utf8_lossy(&text[offsets[i] as usize..]).into_owned();
+        for (label, f) in log_files(&dir, job) {
+            let Ok(text) = std::fs::read(&f) else {
+                continue;
+            };
+            let done = printed.entry(label.clone()).or_insert_with(|| {
+                println!("==> {label}: {} <==", f.display());
+                0
+            });
+            if (text.len() as u64) > *done {
+                let new = String::from_utf8_lossy(&text[*done as usize..]).into_owned();
                 for line in new.lines() {
                     println!("{label}: {line}");
                 }
-                offsets[i] = text.len() as u64;
+                *done = text.len() as u64;
             }
         }
     }
+}
+
+/// The logs the cluster's jobs reported (label, path), optionally of one job.
+fn log_files(dir: &Path, job: Option<&str>) -> Vec<(String, PathBuf)> {
+    read_reports(dir)
+        .iter()
+        .filter(|r| job.is_none_or(|j| r.label == j || r.job_id.to_string() == j))
+        .filter_map(|r| r.log.as_ref().map(|l| (r.label.clone(), PathBuf::from(l))))
+        .collect()
 }

@@ -1,0 +1,247 @@
+"""What the admin and user guides promise, each run end to end on the
+sandbox: the policy values reaching dask (threads, memory, --mem-per-cpu),
+the death timeout, restart limits and backoff, the memory kill's SIGKILL,
+agent_timeout with a hung agent, logs --follow, $DASK_SPANK_HOME and the
+metrics endpoint."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import sandboxlib as sb
+
+MiB = 1 << 20
+
+
+def mine(cluster: str) -> list[dict]:
+    return [p for p in sb.dask_processes() if f"/clusters/{cluster}/" in " ".join(p["args"])]
+
+
+def job_log(job: str, role: str = "worker") -> str:
+    """The job's log ("" until the job has started)."""
+    f = sb.WORK / "log" / f"dask-{role}-{job}.log"
+    return f.read_text() if f.exists() else ""
+
+
+def scheduler_up(cluster: str) -> str:
+    sb.forget_cluster(cluster)
+    sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster}")
+    sb.wait_scheduler_file(cluster, timeout=120)
+    return sched
+
+
+def test_worker_cpus_and_memory_become_the_workers_threads_and_limit(policy, cluster_name):
+    """worker_cpus and worker_mem set the job, and the job sets dask: the
+    worker runs as many threads as the job has cpus and takes the job's
+    memory as its limit, also when the user asks --mem-per-cpu."""
+    policy("worker_cpus=3 worker_mem=700M")
+    scheduler_up(cluster_name)
+    default = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster_name}")
+    per_cpu = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster_name}", "-c", "2",
+                        "--mem-per-cpu=400M")
+    assert sb.scontrol_job(per_cpu).get("MinMemoryCPU") == "400M"
+    c = sb.client(cluster_name)
+    c.wait_for_workers(2, timeout=120)
+    got = {w["name"].rsplit("-", 1)[-1]: (w["nthreads"], w["memory_limit"])
+           for w in c.scheduler_info()["workers"].values()}
+    assert got == {default: (3, 700 * MiB), per_cpu: (2, 800 * MiB)}, got
+    # The threads are real: three tasks of one worker run at once.
+    def busy(_):
+        import threading
+        import time as t
+        t.sleep(1.5)
+        return threading.get_ident()
+    addr = next(a for a, w in c.scheduler_info()["workers"].items() if w["nthreads"] == 3)
+    t0 = time.monotonic()
+    idents = c.gather(c.map(busy, range(3), workers=[addr], pure=False))
+    assert len(set(idents)) == 3 and time.monotonic() - t0 < 4.4, idents
+    c.close()
+
+
+def test_death_timeout_and_restart_limits(policy, cluster_name):
+    """A worker that cannot reach its scheduler (here: the scheduler is
+    stopped, so it accepts TCP but never answers) leaves after
+    worker_death_timeout; the nanny restarts it like any crash, at once
+    the first time, and gives up after worker_restart_max crashes within
+    worker_restart_window: the job ends FAILED with the reason."""
+    policy("worker_death_timeout=6s worker_restart_max=3 worker_restart_window=5m")
+    scheduler_up(cluster_name)
+    (sched_proc,) = [p for p in mine(cluster_name) if p["role"] == "scheduler"]
+    os.kill(sched_proc["pid"], signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        job = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster_name}")
+        sb.wait_job_gone(job, 120)
+        elapsed = time.monotonic() - t0
+    finally:
+        os.kill(sched_proc["pid"], signal.SIGCONT)
+    log = job_log(job)
+    assert log.count("Timed out starting worker") == 3, log
+    assert re.findall(r"restarting in ([0-9.]+)s", log) == ["0.0", "0.1"], log
+    assert "gave up after 3 crashes within 300s; not restarting" in log, log
+    assert sb.job_state(job) == "FAILED"
+    # Three starts that each waited the whole death timeout (6 s, not the
+    # default 60 s).
+    assert 3 * 6 < elapsed < 90, elapsed
+
+
+def test_memory_kill_sends_sigkill_after_the_grace(policy, cluster_name):
+    """A worker over worker_memory_kill that ignores SIGTERM is killed
+    with SIGKILL 2 s later, and restarted."""
+    policy("worker_memory_kill=50%")
+    scheduler_up(cluster_name)
+    job = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster_name}", "--mem=1000M")
+    c = sb.client(cluster_name)
+    c.wait_for_workers(1, timeout=120)
+    ((addr, pid),) = c.run(os.getpid).items()
+    # In the worker's main thread (its event loop), where signals are handled.
+    c.run(lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN) and None)
+
+    def hog():
+        # 650 MiB, 100 MiB/s: over the 500 MiB threshold, far from the
+        # job's 1000 MiB cgroup limit.
+        import numpy as np
+        import time as t
+        chunks = []
+        for _ in range(65):
+            chunks.append(np.ones(10 * MiB // 8, dtype=np.int64))
+            t.sleep(0.1)
+        t.sleep(60)
+        return len(chunks)
+
+    c.submit(hog, pure=False)
+    sb.wait_until("the killed worker to be restarted", lambda: "worker restarted, pid" in job_log(job), 60)
+    log = job_log(job)
+    kill = re.search(r"memory kill: (\d+) MiB resident exceeds 50% of the job's 1000 MiB: terminating", log)
+    assert kill and int(kill.group(1)) > 500, log
+    assert f"process group {pid} still running 2s after SIGTERM: sending SIGKILL" in log, log
+    assert not os.path.exists(f"/proc/{pid}")
+    c.wait_for_workers(1, timeout=60)
+    c.close()
+
+
+def test_agent_timeout_fails_the_job_when_the_agent_hangs(policy, cluster_name):
+    """slurmstepd waits agent_timeout for a hung agent, no longer: the job
+    fails with the reason, and the node goes on running other jobs."""
+    policy("agent_timeout=2")
+    no_check = sb.STATE / "etc" / "no-health-check"  # no drain during the test
+    no_check.touch()
+    agent = sb.agent_pid()
+    os.kill(agent, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        job = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster_name}")
+        sb.wait_job_gone(job, 60)
+        elapsed = time.monotonic() - t0
+        # slurmd and slurmstepd are not stuck: an ordinary job runs meanwhile.
+        plain = sb.sbatch("--wrap=true", "-o", "/dev/null")
+        sb.wait_job_gone(plain, 30)
+        assert sb.job_state(plain) == "COMPLETED"
+    finally:
+        os.kill(agent, signal.SIGCONT)
+        no_check.unlink()
+    log = job_log(job)
+    assert "the dask-spank node agent on n1 does not answer (node agent did not answer within 2s)" in log, log
+    assert sb.job_state(job) == "FAILED"
+    assert elapsed < 20, elapsed
+    assert not mine(cluster_name)
+    # The agent, resumed, serves the next job.
+    scheduler_up(cluster_name)
+
+
+def after(lines: list[str], prefix: str) -> list[str]:
+    """The lines from the first that starts with prefix on."""
+    starts = [i for i, l in enumerate(lines) if l.startswith(prefix)]
+    return lines[starts[0]:] if starts else []
+
+
+def test_logs_follow_prints_new_lines_and_new_jobs(cluster_name):
+    sched = scheduler_up(cluster_name)
+    first = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster_name}")
+    sb.wait_until("the worker to start", lambda: "worker started" in job_log(first), 60)
+    cmd = ["runuser", "-u", sb.TEST_USER, "--", "env", f"HOME={sb.HOME}", f"PATH={sb.BIN}:/usr/bin:/bin",
+           f"SLURM_CONF={sb.ENV['SLURM_CONF']}", "dask-spank", "logs", cluster_name, "--follow"]
+    follower = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
+    lines: list[str] = []
+    try:
+        import threading
+        threading.Thread(target=lambda: lines.extend(follower.stdout), daemon=True).start()
+        sb.wait_until("the existing logs", lambda: any(l.startswith(f"==> {first}:") for l in lines), 10)
+        # A line appended to a followed log, and a job that starts later.
+        sb.run(["scancel", first])
+        second = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster_name}")
+        sb.wait_until("the cancelled worker's last lines", lambda: any(
+            l.startswith(f"{first}: ") and "worker stopped" in l for l in lines), 30)
+        sb.wait_until("the new job's log", lambda: any(l.startswith(f"==> {second}:") for l in lines), 60)
+        # The new job's whole log, its header first, then its lines as they come.
+        sb.wait_until("the new worker's start", lambda: any(
+            "worker started, pid" in l for l in after(lines, f"==> {second}:")), 30)
+        assert follower.poll() is None, "logs --follow keeps running"
+    finally:
+        follower.terminate()
+        follower.wait(10)
+    sb.run(["scancel", sched])
+
+
+def test_dask_spank_home_moves_the_users_files(cluster_name):
+    """With $DASK_SPANK_HOME set, the jobs write the cluster there, and the
+    CLI and the Python API find it there."""
+    home = sb.WORK / f"{cluster_name}-home"
+    shutil.rmtree(home, ignore_errors=True)  # what an earlier run left
+    env = {"DASK_SPANK_HOME": str(home)}
+    sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster_name}", env=env)
+    sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster_name}", env=env)
+    d = home / "clusters" / cluster_name
+    sb.wait_until("the scheduler file under $DASK_SPANK_HOME", lambda: (d / "scheduler.json").exists(), 120)
+    assert not sb.cluster_dir(cluster_name).exists()
+    assert oct(d.stat().st_mode & 0o777) == "0o700"
+    p = sb.as_user(["python", "-c",
+                    "import dask_spank, dask.array as da;"
+                    f"c = dask_spank.connect('{cluster_name}'); c.wait_for_workers(1, timeout=120);"
+                    "print(int(da.arange(1000, chunks=100).sum().compute()))"], env=env, timeout=180, check=False)
+    assert p.stdout.strip() == "499500", p.stderr
+    # (The scheduler job refreshes the connected workers every 2 s.)
+    sb.wait_until("ls to list the cluster with its worker", lambda: [
+        c["connected"] for c in json.loads(sb.as_user(["dask-spank", "ls", "--json"], env=env).stdout)
+        if c["cluster"] == cluster_name] == [1], 15, 1)
+    out = sb.as_user(["dask-spank", "down", cluster_name], env=env).stdout
+    assert "2 jobs cancelled" in out, out
+    sb.wait_job_gone(sched)
+
+
+METRICS_SCRIPT = """
+import socket, sys, time, urllib.request
+url = "http://127.0.0.1:%d/metrics" % int(sys.argv[1])
+body = urllib.request.urlopen(url, timeout=10).read().decode()
+print(sum(l.startswith("dask_spank_jobs ") for l in body.splitlines()))
+# Eight connections that never send a request hold every slot ...
+idle = [socket.create_connection(("127.0.0.1", int(sys.argv[1]))) for _ in range(8)]
+time.sleep(0.5)
+t0 = time.monotonic()
+# ... until the agent drops them, 5 s after they came.
+body = urllib.request.urlopen(url, timeout=20).read().decode()
+print(round(time.monotonic() - t0, 1), "dask_spank_build_info" in body)
+"""
+
+
+def test_metrics_over_http_on_loopback_for_every_user_and_bounded():
+    """--metrics-addr (the sandbox's agents use it): any local user reads
+    the node-wide counts, at most 8 scrapes are served at a time and each
+    is dropped after 5 s; a non-loopback address is refused."""
+    p = sb.as_user(["python", "-c", METRICS_SCRIPT, str(sb.METRICS_PORT_N1)], timeout=60)
+    first, second = p.stdout.split("\n")[:2]
+    assert first == "1", p.stdout
+    waited, complete = second.split()
+    assert complete == "True" and 3.0 < float(waited) < 12.0, p.stdout
+    # The same numbers as on the agent's socket (root's).
+    assert sb.agent_metrics()["dask_spank_jobs"] >= 0
+    # Only loopback: an agent asked for more does not start.
+    d = sb.WORK / "metrics-refused"
+    d.mkdir(exist_ok=True)
+    r = sb.run([str(sb.BIN / "dask-node-agent"), "run", "--agent-dir", str(d), "--node", "nx",
+                "--metrics-addr", "0.0.0.0:9"], check=False, timeout=30)
+    assert r.returncode != 0
+    assert "--metrics-addr 0.0.0.0:9: only loopback addresses are allowed" in r.stderr, r.stderr
