@@ -188,7 +188,8 @@ def forget_cluster(name: str) -> None:
     import shutil
     d = cluster_dir(name)
     scheduler_file(name).unlink(missing_ok=True)
-    (d / "state.json").unlink(missing_ok=True)
+    for f in ("state.json", "connected.json", "target.json", "keeper.json", "worker-args.json"):
+        (d / f).unlink(missing_ok=True)
     shutil.rmtree(d / "jobs", ignore_errors=True)
 
 
@@ -268,9 +269,12 @@ def agent_request(request: dict, user: str | None = None) -> dict:
     return json.loads(p.stdout)
 
 
-def sandbox_up(nodes: int) -> None:
-    """Bring the sandbox up with this many nodes (n1..nN)."""
-    subprocess.run([str(REPO / "scripts" / "sandbox"), "up", "--nodes", str(nodes)], check=True, env=os.environ)
+def sandbox_up(nodes: int, cpus: int | None = None) -> None:
+    """Bring the sandbox up with this many nodes (n1..nN), each declaring
+    `cpus` cpus (unchanged if None)."""
+    extra = ["--cpus", str(cpus)] if cpus else []
+    subprocess.run([str(REPO / "scripts" / "sandbox"), "up", "--nodes", str(nodes), *extra],
+                   check=True, env=os.environ)
 
 
 def agent_status_of(node: str) -> list[dict]:

@@ -61,6 +61,10 @@ def test_up_wait_status_ls_logs_down(cluster_name):
 
     out = ds("down", name).stdout
     assert f"cluster '{name}' is down: 3 jobs cancelled, none left in the queue" in out
+    # Nothing of it steers a later cluster of the name (its keeper would
+    # read "down" and keep nothing).
+    left = sorted(p.name for p in sb.cluster_dir(name).iterdir())
+    assert not {"target.json", "keeper.json", "state.json", "scheduler.json", "jobs"} & set(left), left
     assert not sb.run(["squeue", "-h", "-n", f"dask-worker-{name},dask-scheduler-{name}"]).stdout.strip()
     sb.wait_until("no dask process of the cluster", lambda: not [
         p for p in sb.dask_processes() if f"/clusters/{name}/" in " ".join(p["args"])], 20)
@@ -104,7 +108,9 @@ def test_status_and_wait_report_a_failed_worker(cluster_name):
     env = sb.WORK / "env-without-distributed"
     if not (env / "bin" / "python").exists():
         sb.as_user(["/usr/bin/python3", "-m", "venv", "--without-pip", str(env)])
-    ds("up", name, "--workers", "0")
+    # A scheduler without a target (not `up --workers 0`, whose keeper
+    # would hold 0 workers and cancel the one submitted here).
+    sb.sbatch("--dask-role=scheduler", f"--dask-cluster={name}")
     sb.wait_scheduler_file(name)
     job = sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", f"--dask-env={env}")
     p = ds("wait", name, "--percent", "100", "--timeout", "120", check=False)

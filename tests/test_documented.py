@@ -207,8 +207,13 @@ def test_dask_spank_home_moves_the_users_files(cluster_name):
     sb.wait_until("ls to list the cluster with its worker", lambda: [
         c["connected"] for c in json.loads(sb.as_user(["dask-spank", "ls", "--json"], env=env).stdout)
         if c["cluster"] == cluster_name] == [1], 15, 1)
+    # The scheduler job's keeper submits the next worker into the same home.
+    sb.as_user(["dask-spank", "scale", cluster_name, "2"], env=env)
+    sb.wait_until("the keeper's worker to connect", lambda: [
+        c["connected"] for c in json.loads(sb.as_user(["dask-spank", "ls", "--json"], env=env).stdout)
+        if c["cluster"] == cluster_name] == [2], 90, 1)
     out = sb.as_user(["dask-spank", "down", cluster_name], env=env).stdout
-    assert "2 jobs cancelled" in out, out
+    assert "3 jobs cancelled" in out, out
     sb.wait_job_gone(sched)
 
 

@@ -83,8 +83,10 @@ def test_walltime_successors_keep_the_cluster_at_its_size(policy, cluster_name):
     seen = set(sb.run(["squeue", "-h", "-r", "-n", f"dask-worker-{cluster_name}", "-t", "all", "-o", "%i"]).stdout.split())
     log = "".join(p.read_text() for p in (sb.WORK / "log").glob("dask-scheduler-*.log")
                   if f"keeping cluster {cluster_name}" in p.read_text())
-    successors = log.count("retiring for their walltime")
-    assert successors >= 3, log[-3000:]
+    # Submissions for retiring workers, and the successor jobs they made:
+    # every worker job beyond the first 4.
+    assert log.count("retiring for their walltime") >= 2, log[-3000:]
+    assert len(seen) - 4 >= 4, (sorted(seen), log[-3000:])
     # A generation every 15 s at most (its lead capped at half its 30 s
     # life), plus the first: a chain would submit one every interval.
     assert len(seen) <= 4 * (elapsed / 15 + 2), (len(seen), elapsed, log[-3000:])

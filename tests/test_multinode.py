@@ -104,3 +104,76 @@ def test_node_loss_mid_computation(cluster_name):
         assert row["reason"] == "lost: the job ended without a report from n3 (node failure?)", row
     assert [w["state"] for w in st["workers"] if w["job"].startswith(f"{w2}_")] == ["connected", "connected"]
     sb.as_user(["dask-spank", "down", name])
+
+
+def kill_node(name: str) -> None:
+    """Lose a node as a power cut would: every process of its jobs, its
+    agent and its slurmd, by PID."""
+    for pid in node_pids(name):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # went with another one (its slurmstepd, its cgroup)
+    os.kill(int((sb.STATE / "run" / f"agent-{name}.pid").read_text()), signal.SIGKILL)
+    os.kill(int((sb.STATE / "run" / f"slurmd-{name}.pid").read_text()), signal.SIGKILL)
+
+
+def set_nodes(state: str, *nodes: str, check: bool = True) -> None:
+    reason = ["reason=test_multinode"] if state == "drain" else []
+    sb.run(["scontrol", "update", f"nodename={','.join(nodes)}", f"state={state}", *reason], check=check)
+
+
+def worker_nodes(name: str) -> dict[str, str]:
+    """Running worker jobs of the cluster: job -> node."""
+    out = sb.run(["squeue", "-h", "-r", "-t", "R", "-n", f"dask-worker-{name}", "-o", "%i %N"]).stdout
+    return dict(l.split() for l in out.splitlines() if l.strip())
+
+
+def test_the_keeper_replaces_a_worker_lost_with_its_node(cluster_name):
+    """`up --workers 2` with a worker on n2, n2 lost: its job ends
+    (NODE_FAIL; the user asked for no requeue, so Slurm does not restart
+    it), and the scheduler job's keeper submits a replacement, which runs
+    on n3; the cluster is back to 2 connected workers."""
+    name = cluster_name
+    sb.forget_cluster(name)
+    sb.sandbox_up(nodes=3)  # the three, whatever an earlier test lost
+
+    def ds(*args):
+        return sb.as_user(["dask-spank", *args], env={"SBATCH_NO_REQUEUE": "1"}, timeout=300)
+
+    # Placement by draining: the scheduler and a first worker on n1, the
+    # second worker on n2, n3 free for the replacement.
+    set_nodes("drain", "n2", "n3")
+    try:
+        ds("up", name, "--workers", "1", "--wait", "100", "--timeout", "180")
+        set_nodes("drain", "n1")
+        set_nodes("resume", "n2")
+        ds("scale", name, "2")
+
+        def connected():
+            return __import__("json").loads(ds("status", name, "--json").stdout)["connected"]
+        # The keeper submits the second worker within its interval.
+        sb.wait_until("2 running worker jobs", lambda: len(worker_nodes(name)) == 2, 60, 1)
+        sb.wait_until("2 connected workers", lambda: connected() == 2, 120, 1)
+        on = worker_nodes(name)
+        lost = [j for j, n in on.items() if n == "n2"]
+        assert len(lost) == 1 and sorted(on.values()) == ["n1", "n2"], on
+        set_nodes("resume", "n3")
+        kill_node("n2")
+
+        def replaced():
+            on = worker_nodes(name)
+            return (connected() == 2 and "n3" in on.values() and lost[0] not in on) and on
+        on = sb.wait_until("a replacement worker on n3, connected", replaced, 150, 2)
+        replacement = [j for j, n in on.items() if n == "n3"][0]
+        assert replacement != lost[0], "a new job from the keeper, not a requeue"
+        log = "".join(p.read_text() for p in (sb.WORK / "log").glob("dask-scheduler-*.log")
+                      if f"keeping cluster {name}" in p.read_text())
+        # Twice: for `scale 2`, and for the lost worker.
+        assert log.count("target 2, 1 active") >= 2, log[-2000:]
+    finally:
+        for n in ("n1", "n3"):  # (one may be resumed already: refused, harmless)
+            set_nodes("resume", n, check=False)
+        sb.cancel_all_user_jobs()
+        sb.sandbox_up(nodes=3)  # n2's slurmd and agent again
+    sb.wait_until("n2 back", lambda: "idle" in sb.run(["sinfo", "-h", "-n", "n2", "-o", "%t"]).stdout, 60, 1)

@@ -26,6 +26,7 @@ import sys
 import time
 
 NAME, DIR, LEAD, MARGIN, SCHED_JOB = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+STARTED = time.time()
 INTERVAL = float(os.environ.get("DASK_SPANK_KEEPER_INTERVAL", "5"))
 # How often the list of connected workers (connected.json) is refreshed.
 TICK = min(2.0, INTERVAL)
@@ -86,9 +87,11 @@ def successor_due(job):
 
 
 def clean_env():
-    """The scheduler job's environment minus what describes that job."""
+    """The scheduler job's environment minus what describes that job (the
+    user's own DASK_SPANK_HOME stays: the workers must find the cluster)."""
     return {k: v for k, v in os.environ.items()
-            if not (k.startswith("DASK_SPANK_") or (k.startswith("SLURM_") and k != "SLURM_CONF"))}
+            if not ((k.startswith("DASK_SPANK_") and k != "DASK_SPANK_HOME")
+                    or (k.startswith("SLURM_") and k != "SLURM_CONF"))}
 
 
 def worker_jobs():
@@ -193,10 +196,22 @@ class Keeper:
             subprocess.run(["scancel", *victims], capture_output=True, env=clean_env(), timeout=60)
             log(f"cancelled {len(victims)} worker job{'s' if len(victims) > 1 else ''} ({' '.join(victims)}): more than the target")
 
+    @staticmethod
+    def stale(name):
+        try:
+            return os.path.getmtime(os.path.join(DIR, name)) < STARTED
+        except OSError:
+            return True
+
     def step(self):
         target = read_json("target.json", None)
-        if not target or target.get("down"):
-            return bool(target and target.get("down"))
+        if target and target.get("down"):
+            # Only a `down` of this scheduler job's cluster stops it; a
+            # marker from before it started is a past cluster's (a down
+            # that did not finish clearing): no target then.
+            return not self.stale("target.json")
+        if not target:
+            return False
         jobs = worker_jobs()
         waiting = [j for j in jobs if j["state"] in ("PENDING", "CONFIGURING")]
         running = [j for j in jobs if j["state"] == "RUNNING"]

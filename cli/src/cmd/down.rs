@@ -3,7 +3,7 @@
 use crate::cluster::{dir_of, parse_name, unknown, Res};
 use crate::record::{self, read_reports};
 use crate::slurm::{self, squeue};
-use dask_spank_common::paths::scheduler_file;
+use dask_spank_common::paths::{layout, scheduler_file};
 use std::time::{Duration, Instant};
 
 /// Cancel every job of the cluster and check that none is left.
@@ -56,6 +56,11 @@ pub fn run(a: Args) -> Res {
     // A later cluster of the same name starts from a clean record.
     let _ = std::fs::remove_file(scheduler_file(&dir));
     record::clear(&dir);
+    // And its size: the keeper went with the scheduler job, and a later
+    // cluster of the name must not start from "down" or the old target.
+    for f in [layout::TARGET, layout::KEEPER, layout::WORKER_ARGS] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
     println!(
         "cluster '{c}' is down: {} jobs cancelled, none left in the queue",
         ids.len()
