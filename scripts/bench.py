@@ -52,13 +52,13 @@ def slurm_calls() -> int:
     return len(f.read_text().splitlines()) if f.exists() else 0
 
 
-def ours(n: int, figures: dict, measure: bool = True) -> float:
+def ours(n: int, figures: dict, measure: bool = True, name: str = "bench") -> float:
     """Time to ready of a cluster of n workers; at the last size also the
     memory each job costs (PSS: the attach process, and the agent's growth
     shared out per job); at the first, the restart latency."""
     agent = sb.agent_pid()
     pss0, calls0 = pss_mib(agent), slurm_calls()
-    c, dt = start_cluster(f"bench-{n}", n)
+    c, dt = start_cluster(f"{name}-{n}", n)
     figures.setdefault("controller_calls_per_job_start", []).append((slurm_calls() - calls0) / (n + 1))
     if measure and n == SIZES[-1]:
         attach = [pss_mib(p) for p in attach_pids()]
@@ -230,7 +230,8 @@ def comparison_rows(figures: dict) -> list[tuple]:
         ready[n] = {"ours": ours(n, figures)}
         sb.set_policy("tls=off")
         try:
-            ready[n]["ours_tcp"] = ours(n, figures, measure=False)
+            # Another name: a TLS cluster's credentials would be found first.
+            ready[n]["ours_tcp"] = ours(n, figures, measure=False, name="bench-tcp")
         finally:
             sb.set_policy("")
         jq, jqn = jobqueue(n, True), jobqueue(n, False)
@@ -271,7 +272,7 @@ def cores_declared_rows(figures: dict, reps: int = 5) -> list[tuple]:
     try:
         t_ours, t_ref = [], []
         for _ in range(reps):
-            t_ours.append(ours(n, figures, measure=False))
+            t_ours.append(ours(n, figures, measure=False, name="bench-cores"))
             t_ref.append(jobqueue(n, True)["ready"][str(n)])
     finally:
         sb.sandbox_up(1, cpus=256)

@@ -80,17 +80,24 @@ impl Proc<'_> {
 
     /// After its leader exited: give what is left of its group a moment
     /// after SIGTERM, kill the rest, and reap the leader.
+    ///
+    /// The first look may be a shared one up to 100 ms old (see
+    /// `group_members`): a member it misses gets no grace, only the SIGKILL
+    /// that every group gets at the end (safe: the leader is not reaped
+    /// yet, so its group id cannot name anybody else's processes). The
+    /// looks that decide on waiting and on the log line are fresh.
     pub async fn clean_up(mut self, log: &JobLog) {
         let pid = self.pid();
-        if procfs::group_members(pid, pid) > 0 {
+        let fresh = Duration::ZERO;
+        if procfs::group_members(pid, pid, Duration::from_millis(100)) > 0 {
             self.signal_group(Signal::SIGTERM);
             for _ in 0..10 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                if procfs::group_members(pid, pid) == 0 {
+                if procfs::group_members(pid, pid, fresh) == 0 {
                     break;
                 }
             }
-            if procfs::group_members(pid, pid) > 0 {
+            if procfs::group_members(pid, pid, fresh) > 0 {
                 log.line(&format!(
                     "processes left in group {pid} after its leader exited: SIGKILL"
                 ));
@@ -170,11 +177,11 @@ mod tests {
                 .state,
             'Z'
         );
-        assert_eq!(procfs::group_members(pid, pid), 1);
+        assert_eq!(procfs::group_members(pid, pid, Duration::ZERO), 1);
         let log = JobLog::discard();
         Proc::Exec(c).clean_up(&log).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(procfs::group_members(pid, pid), 0);
+        assert_eq!(procfs::group_members(pid, pid, Duration::ZERO), 0);
         assert!(
             procfs::stat(std::path::Path::new("/proc"), pid).is_err(),
             "reaped"
@@ -193,6 +200,6 @@ mod tests {
             .await;
         assert!(t0.elapsed() < Duration::from_secs(2));
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(procfs::group_members(pid, 0), 0);
+        assert_eq!(procfs::group_members(pid, 0, Duration::ZERO), 0);
     }
 }
