@@ -72,10 +72,11 @@ def ours(n: int, figures: dict, measure: bool = True, name: str = "bench") -> fl
     return dt
 
 
-def jobqueue(n: int, nanny: bool) -> dict:
+def jobqueue(n: int, nanny: bool, ready_only: bool = False) -> dict:
     """The reference: dask-jobqueue for one size, as the test user."""
     args = [str(sb.VENV / "bin" / "python"), str(sb.REPO / "scripts" / "bench_jobqueue.py"), str(n)]
-    p = sb.as_user(args + ([] if nanny else ["--no-nanny"]), timeout=3600)
+    args += ([] if nanny else ["--no-nanny"]) + (["--ready-only"] if ready_only else [])
+    p = sb.as_user(args, timeout=3600)
     sb.cancel_all_user_jobs(120)
     return json.loads(p.stdout.strip().splitlines()[-1])
 
@@ -273,7 +274,7 @@ def cores_declared_rows(figures: dict, reps: int = 5) -> list[tuple]:
         t_ours, t_ref = [], []
         for _ in range(reps):
             t_ours.append(ours(n, figures, measure=False, name="bench-cores"))
-            t_ref.append(jobqueue(n, True)["ready"][str(n)])
+            t_ref.append(jobqueue(n, True, ready_only=True)["ready"][str(n)])
     finally:
         sb.sandbox_up(1, cpus=256)
     figures["cores_declared"] = {"n": n, "ours": t_ours, "jq": t_ref}

@@ -53,6 +53,10 @@ def main():
     the first size, the memory per job and the restart latency)."""
     sizes = [int(x) for x in sys.argv[1].split(",")]
     nanny = "--no-nanny" not in sys.argv[2:]
+    # Time to ready only (the cores-declared figure): a SIGKILL right after
+    # a lone worker registered can catch its Nanny still starting, which
+    # then gives up ("Nanny failed to start"), and the job ends.
+    ready_only = "--ready-only" in sys.argv[2:]
     from dask_jobqueue import SLURMCluster
     from distributed import Client
 
@@ -69,7 +73,7 @@ def main():
         cluster.scale(jobs=n)
         client.wait_for_workers(n, timeout=900)
         res["ready"][n] = time.monotonic() - t0
-        if n == sizes[0]:
+        if n == sizes[0] and not ready_only:
             res["per_job_pss_mib"] = per_job_pss(client, nanny)
             if nanny:
                 # Each Nanny and its resource_tracker (RSS, as recorded before).

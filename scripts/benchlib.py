@@ -57,6 +57,8 @@ def restart_latencies(client, n: int, kills: int = 5) -> list[float]:
         t0 = time.monotonic()
         os.kill(pids[addr], signal.SIGKILL)
         while not any(w["name"] == name and a != addr for a, w in client.scheduler_info()["workers"].items()):
+            if time.monotonic() - t0 > 60:
+                raise RuntimeError(f"worker {name} not back 60 s after SIGKILL")
             time.sleep(0.005)
         lat.append(time.monotonic() - t0)
         client.wait_for_workers(n, timeout=60)
