@@ -12,12 +12,9 @@ import subprocess
 import time
 
 import sandboxlib as sb
+from test_nanny import mine
 
 MiB = 1 << 20
-
-
-def mine(cluster: str) -> list[dict]:
-    return [p for p in sb.dask_processes() if f"/clusters/{cluster}/" in " ".join(p["args"])]
 
 
 def job_log(job: str, role: str = "worker") -> str:
