@@ -380,6 +380,22 @@ def main() -> int:
     only_handover = "--handover" in sys.argv[1:]
     n_runs = int(os.environ.get("BENCH_RUNS", "1"))
     sb.sandbox("up")
+    name = ("bench-control" if only_control else "bench-sbatch" if only_sbatch
+            else "bench-handover" if only_handover else "bench")
+    if sb.SLURM_RELEASE != sb.HOST_SLURM:
+        name += f"-slurm-{sb.SLURM_RELEASE}"
+    path = sb.REPO / "target" / f"{name}.json"
+    path.parent.mkdir(exist_ok=True)
+    slurm = sb.run(["sinfo", "-V"]).stdout.split()[1]
+
+    def record(runs, details):
+        # After every run: a run that hangs later leaves the earlier ones.
+        detail = {"figures": medians(runs), "runs": runs, "detail": details, "sizes": SIZES,
+                  "runs_planned": n_runs,
+                  "machine": {"nproc": os.cpu_count(), "uname": os.uname().release},
+                  "slurm": slurm}
+        path.write_text(json.dumps(detail, indent=2))
+
     runs, details = [], []
     for i in range(n_runs):
         figures: dict = {}
@@ -396,19 +412,10 @@ def main() -> int:
         print_rows(rows)
         runs.append(rows)
         details.append(figures)
+        record(runs, details)
     if n_runs > 1:
         print(f"\nmedians of {n_runs} runs")
         print_rows(medians(runs))
-    detail = {"figures": medians(runs), "runs": runs, "detail": details, "sizes": SIZES,
-              "machine": {"nproc": os.cpu_count(), "uname": os.uname().release},
-              "slurm": sb.run(["sinfo", "-V"]).stdout.split()[1]}
-    name = ("bench-control" if only_control else "bench-sbatch" if only_sbatch
-            else "bench-handover" if only_handover else "bench")
-    if sb.SLURM_RELEASE != sb.HOST_SLURM:
-        name += f"-slurm-{sb.SLURM_RELEASE}"
-    path = sb.REPO / "target" / f"{name}.json"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(detail, indent=2))
     print(f"\nwrote {path}")
     return 0
 

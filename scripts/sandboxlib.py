@@ -6,6 +6,7 @@ real node agent, real dask.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pwd
@@ -113,12 +114,19 @@ def wait_until(what: str, pred, timeout: float = 60.0, interval: float = 0.2):
         time.sleep(interval)
 
 
+@functools.lru_cache(maxsize=None)
+def layout(name: str) -> dict[str, str]:
+    """Where the test user's cluster `name` keeps its files, from the CLI
+    (`dask-spank layout`, the one definition of that layout)."""
+    return json.loads(as_user([str(BIN / "dask-spank"), "layout", name]).stdout)
+
+
 def cluster_dir(name: str) -> Path:
-    return HOME / ".dask-spank" / "clusters" / name
+    return Path(layout(name)["cluster_dir"])
 
 
 def scheduler_file(name: str) -> Path:
-    return cluster_dir(name) / "scheduler.json"
+    return Path(layout(name)["scheduler_file"])
 
 
 def dask_processes(uid: int | None = None) -> list[dict]:
@@ -186,11 +194,11 @@ def forget_cluster(name: str) -> None:
     state record, job reports), as `dask-spank down` does, so that waiting
     for the scheduler file waits for the new scheduler."""
     import shutil
-    d = cluster_dir(name)
-    scheduler_file(name).unlink(missing_ok=True)
-    for f in ("state.json", "connected.json", "target.json", "keeper.json", "worker-args.json"):
-        (d / f).unlink(missing_ok=True)
-    shutil.rmtree(d / "jobs", ignore_errors=True)
+    for key, path in layout(name).items():
+        if key == "jobs_dir":
+            shutil.rmtree(path, ignore_errors=True)
+        elif key != "cluster_dir" and not key.startswith("tls_"):
+            Path(path).unlink(missing_ok=True)
 
 
 def wait_scheduler_file(name: str, timeout: float = 60.0) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -275,7 +276,8 @@ def test_5_dask_runs_in_the_jobs_cgroups_and_their_memory_limit_holds(cluster_na
 
 FLOOD = r"""
 import json, os, socket, struct, sys, time
-path, n = sys.argv[1], int(sys.argv[2])
+path, n, version = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+hello = json.dumps({"version": version, "client": "flood"}).encode()
 conns = []
 for i in range(n):
     s = socket.socket(socket.AF_UNIX)
@@ -283,13 +285,15 @@ for i in range(n):
         s.connect(path)
     except OSError:
         break
-    if i % 2:
-        # Announce the largest frame, send nothing more.
-        b = json.dumps({"version": 2, "client": "flood"}).encode()
-        try:
-            s.sendall(struct.pack(">I", len(b)) + b + struct.pack(">I", 1 << 20))
-        except OSError:
-            pass  # refused and closed by the agent: keep it open anyway
+    # A third say nothing; a third greet, announce a request of 16 KiB (the
+    # cap) and send 100 bytes of it; a third announce 1 MiB (over the cap).
+    # The agent waits 5 s for the first two kinds.
+    sent = {0: b"", 1: struct.pack(">I", 16 << 10) + b" " * 100, 2: struct.pack(">I", 1 << 20)}[i % 3]
+    try:
+        if sent:
+            s.sendall(struct.pack(">I", len(hello)) + hello + sent)
+    except OSError:
+        pass  # refused and closed by the agent: keep it open anyway
     conns.append(s)
 print(len(conns), flush=True)
 sys.stdin.read()
@@ -297,13 +301,14 @@ sys.stdin.read()
 
 
 def test_6_a_connection_flood_before_authentication_is_bounded(cluster_name):
-    """One user opens hundreds of connections and announces 1 MiB frames
-    without sending them: the agent refuses what is over the per-user
-    bound, allocates nothing for the announced frames, and serves others."""
+    """One user opens hundreds of connections that send nothing, or only
+    part of a request, or announce a 1 MiB request: the agent refuses what
+    is over the per-user bound, allocates nothing for the announced frames,
+    and serves others."""
     before = sb.agent_metrics()
     with AgentWatch() as w:
         flood = subprocess.Popen(["runuser", "-u", sb.TEST_USER, "--", "/usr/bin/python3", "-c", FLOOD,
-                                  sb.agent_socket(), "600"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  sb.agent_socket(), "600", str(agentproto.VERSION)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  text=True)
         try:
             opened = int(flood.stdout.readline())
@@ -388,6 +393,80 @@ def pid_to(pid: int, fn) -> int:
         os.waitpid(child, 0)
         return -1
     return child
+
+
+# A member of the worker's process group that outlives its leader by
+# 100 ms after SIGTERM: the group empties while the agent is still in the
+# middle of cleaning it up, the moment its id can be given to another group.
+LINGER = """
+import signal, time, os
+signal.signal(signal.SIGTERM, lambda *a: (time.sleep(0.1), os._exit(0)))
+time.sleep(600)
+"""
+
+
+def test_8_a_recycled_process_group_id_is_never_signalled(cluster_name):
+    """The user's worker leads a process group with one more member; the
+    user kills the worker. While the agent cleans up what is left of the
+    group (SIGTERM, a moment, SIGKILL), the member leaves and the group
+    empties. From then on the group's id could be handed to any new group
+    of the node: here another user's, given exactly that id (a patient
+    attacker cycling pids gets the same; the test uses root's ns_last_pid
+    to be quick). The agent must never signal it: it keeps the leader
+    unreaped, so the id cannot be reused, until it has sent its last signal."""
+    from test_nanny import start
+
+    def spawn_lingering_member():
+        # Runs in the worker: a child in its process group (no new session).
+        import subprocess as sp
+        import sys
+        return sp.Popen([sys.executable, "-c", LINGER]).pid
+
+    other = pwd.getpwnam(sb.OTHER_USER)
+    sched, arr, c = start(cluster_name, 1)
+    victim = -1
+    try:
+        (addr, leader), = c.run(os.getpid).items()
+        (member,) = c.run(spawn_lingering_member).values()
+        assert open(f"/proc/{member}/stat").read().rsplit(")", 1)[1].split()[2] == str(leader)
+
+        def victim_fn():
+            os.setsid()  # a new group whose id is its pid: the leader's old id
+            os.setgid(other.pw_gid)
+            os.setuid(other.pw_uid)
+            os.execv("/bin/sleep", ["sleep", "300"])
+
+        os.kill(leader, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while victim != leader and time.monotonic() < deadline:
+            victim = pid_to(leader, victim_fn)
+        assert victim == leader, f"no process could be given the group id {leader}"
+        assert not Path(f"/proc/{member}").exists(), "the group's member outlived the cleanup"
+
+        def stat():
+            return open(f"/proc/{victim}/stat").read().rsplit(")", 1)[1].split()
+
+        sb.wait_until("the other user's process to lead its group",
+                      lambda: stat()[2] == str(leader) or stat()[0] == "Z", 5, 0.01)
+
+        # The worker is restarted; then the whole cluster ends.
+        sb.wait_until("the worker to come back",
+                      lambda: [a for a in c.scheduler_info()["workers"] if a != addr], 60)
+        assert c.submit(sum, range(10)).result(timeout=30) == 45
+        c.close()
+        sb.run(["scancel", arr, sched])
+        sb.wait_job_gone(arr)
+        sb.wait_job_gone(sched)
+        time.sleep(1)
+        pid, status = os.waitpid(victim, os.WNOHANG)
+        if pid:
+            victim = -1  # reaped
+        assert (pid, status) == (0, 0), f"the other user's process was signalled: status {status:#x}"
+    finally:
+        c.close()
+        if victim > 0:
+            os.kill(victim, signal.SIGKILL)
+            os.waitpid(victim, 0)
 
 
 def test_9_a_fake_slurmstepd_cannot_keep_a_stale_registration(cluster_name):

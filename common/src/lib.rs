@@ -8,7 +8,8 @@
 //! * [`client`]: a blocking client with timeouts. It is what the plugin uses
 //!   inside slurmstepd, where no async runtime may run.
 //! * [`paths`]: where sockets, cluster directories and logs live.
-//! * [`files`], [`schedfile`], [`sys`]: small helpers every side needs once.
+//! * [`files`], [`schedfile`], [`scontrol`], [`sys`]: small helpers every
+//!   side needs once.
 
 pub mod build_info;
 pub mod client;
@@ -20,6 +21,7 @@ pub mod names;
 pub mod paths;
 pub mod policy;
 pub mod schedfile;
+pub mod scontrol;
 pub mod sys;
 pub mod units;
 

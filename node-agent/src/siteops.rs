@@ -7,6 +7,7 @@
 use dask_spank_common::client::Client;
 use dask_spank_common::config::Config;
 use dask_spank_common::paths::agent_socket;
+use dask_spank_common::scontrol::field;
 use dask_spank_common::{Request, Response};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -193,19 +194,11 @@ fn check_slurm_names(cfg: &Config) -> bool {
 /// The node's state and drain reason, from `scontrol -o show node`.
 fn node_state(node: &str) -> Result<(String, String), String> {
     let out = scontrol(&["-o", "show", "node", node])?;
-    let field = |k: &str| {
-        out.split(&format!(" {k}="))
-            .nth(1)
-            .map(|r| r.split(" ").next().unwrap_or("").to_string())
-            .unwrap_or_default()
-    };
-    // The reason is free text up to the next known field.
-    let reason = out
-        .split(" Reason=")
-        .nth(1)
-        .map(|r| r.split(" [").next().unwrap_or(r).trim().to_string())
-        .unwrap_or_default();
-    Ok((field("State"), reason))
+    let state = field(&out, "State").unwrap_or_default().to_string();
+    // Slurm appends who set the reason and when: " [root@2026-...]".
+    let reason = field(&out, "Reason").unwrap_or_default();
+    let reason = reason.rsplit_once(" [").map_or(reason, |(r, _)| r);
+    Ok((state, reason.trim().to_string()))
 }
 
 /// `health`: drain `node` while its agent does not answer (unless it is
