@@ -403,6 +403,53 @@ import signal, time, os
 signal.signal(signal.SIGTERM, lambda *a: (time.sleep(0.1), os._exit(0)))
 time.sleep(600)
 """
+# Its parent, started in the worker's group, leaves the worker's session
+# once the member is born and reaps the member the moment it exits: the
+# group id is then free (an orphan would wait for init to reap it, and
+# neither a zombie nor a live process of the session lets the id go).
+JOINER = """
+import os, subprocess, sys
+p = subprocess.Popen([sys.executable, "-c", sys.argv[1]])
+os.setsid()
+print(p.pid, flush=True)
+p.wait()
+"""
+
+
+# Gives another user's new process group the id `pgid` as soon as that id
+# is free: a small process that forks until a child gets pid `pgid`
+# (root's ns_last_pid points each fork at it, standing in for a patient
+# attacker cycling pids), about a millisecond per try. The child leads a
+# new session (so its group id is its pid) as the other user and sleeps.
+# Prints the child's pid (or -1 after 20 s); on a line from stdin, prints
+# "alive" or how the child ended, and kills it.
+PLACE = r"""
+import os, signal, sys, time
+pgid, uid, gid = map(int, sys.argv[1:4])
+deadline, victim = time.monotonic() + 20, -1
+while time.monotonic() < deadline:
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(pgid - 1))
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()
+        os.setgid(gid)
+        os.setuid(uid)
+        os.execv("/bin/sleep", ["sleep", "300"])
+    if pid == pgid:
+        victim = pid
+        break
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+print(victim, flush=True)
+sys.stdin.readline()
+if victim > 0:
+    got, status = os.waitpid(victim, os.WNOHANG)
+    print("alive" if got == 0 else f"ended, wait status {status:#x}", flush=True)
+    if got == 0:
+        os.kill(victim, signal.SIGKILL)
+        os.waitpid(victim, 0)
+"""
 
 
 def test_8_a_recycled_process_group_id_is_never_signalled(cluster_name):
@@ -410,44 +457,40 @@ def test_8_a_recycled_process_group_id_is_never_signalled(cluster_name):
     user kills the worker. While the agent cleans up what is left of the
     group (SIGTERM, a moment, SIGKILL), the member leaves and the group
     empties. From then on the group's id could be handed to any new group
-    of the node: here another user's, given exactly that id (a patient
-    attacker cycling pids gets the same; the test uses root's ns_last_pid
-    to be quick). The agent must never signal it: it keeps the leader
-    unreaped, so the id cannot be reused, until it has sent its last signal."""
+    of the node: here another user's, given exactly that id the moment it
+    is free. The agent must never signal it: it keeps the leader unreaped,
+    so that the id cannot be reused, until it has sent its last signal."""
     from test_nanny import start
 
     def spawn_lingering_member():
-        # Runs in the worker: a child in its process group (no new session).
+        # Runs in the worker (the leader of its group and session).
         import subprocess as sp
         import sys
-        return sp.Popen([sys.executable, "-c", LINGER]).pid
+        joiner = sp.Popen([sys.executable, "-c", JOINER, LINGER], stdout=sp.PIPE, text=True)
+        return int(joiner.stdout.readline())
 
     other = pwd.getpwnam(sb.OTHER_USER)
     sched, arr, c = start(cluster_name, 1)
-    victim = -1
+    place = None
     try:
         (addr, leader), = c.run(os.getpid).items()
         (member,) = c.run(spawn_lingering_member).values()
-        assert open(f"/proc/{member}/stat").read().rsplit(")", 1)[1].split()[2] == str(leader)
 
-        def victim_fn():
-            os.setsid()  # a new group whose id is its pid: the leader's old id
-            os.setgid(other.pw_gid)
-            os.setuid(other.pw_uid)
-            os.execv("/bin/sleep", ["sleep", "300"])
+        def stat(pid: int) -> list[str]:
+            try:
+                return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                return []
 
+        member_stat = stat(member)
+        assert member_stat[2] == str(leader), "the member is in the worker's group"
+        place = subprocess.Popen(["/usr/bin/python3", "-c", PLACE, str(leader), str(other.pw_uid),
+                                  str(other.pw_gid)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         os.kill(leader, signal.SIGKILL)
-        deadline = time.monotonic() + 20
-        while victim != leader and time.monotonic() < deadline:
-            victim = pid_to(leader, victim_fn)
+        victim = int(place.stdout.readline())
         assert victim == leader, f"no process could be given the group id {leader}"
-        assert not Path(f"/proc/{member}").exists(), "the group's member outlived the cleanup"
-
-        def stat():
-            return open(f"/proc/{victim}/stat").read().rsplit(")", 1)[1].split()
-
-        sb.wait_until("the other user's process to lead its group",
-                      lambda: stat()[2] == str(leader) or stat()[0] == "Z", 5, 0.01)
+        # (Its pid may name another process by now: compare start times.)
+        assert stat(member)[19:20] != member_stat[19:20], "the group's member outlived the cleanup"
 
         # The worker is restarted; then the whole cluster ends.
         sb.wait_until("the worker to come back",
@@ -458,15 +501,15 @@ def test_8_a_recycled_process_group_id_is_never_signalled(cluster_name):
         sb.wait_job_gone(arr)
         sb.wait_job_gone(sched)
         time.sleep(1)
-        pid, status = os.waitpid(victim, os.WNOHANG)
-        if pid:
-            victim = -1  # reaped
-        assert (pid, status) == (0, 0), f"the other user's process was signalled: status {status:#x}"
+        place.stdin.write("verdict\n")
+        place.stdin.flush()
+        verdict = place.stdout.readline().strip()
+        assert verdict == "alive", f"the other user's process group {leader} was signalled: {verdict}"
     finally:
         c.close()
-        if victim > 0:
-            os.kill(victim, signal.SIGKILL)
-            os.waitpid(victim, 0)
+        if place is not None:
+            place.stdin.close()
+            place.wait(30)
 
 
 def test_9_a_fake_slurmstepd_cannot_keep_a_stale_registration(cluster_name):
