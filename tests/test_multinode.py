@@ -80,15 +80,7 @@ def test_node_loss_mid_computation(cluster_name):
     on_n3 = [a for a, w in c.scheduler_info()["workers"].items() if w["name"].split("-")[-1].startswith(f"{w3}_")]
     assert len(on_n3) == 2
     assert any(c.has_what()[a] for a in on_n3), "the lost node holds results, which dask must recompute"
-    # Lose n3 as a power cut would: its agent (its dask processes die with
-    # it), its slurmd, and every process of its jobs, all by PID.
-    for pid in node_pids("n3"):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # went with another one (its slurmstepd, its cgroup)
-    os.kill(int((sb.STATE / "run" / "agent-n3.pid").read_text()), signal.SIGKILL)
-    os.kill(int((sb.STATE / "run" / "slurmd-n3.pid").read_text()), signal.SIGKILL)
+    kill_node("n3")
     assert int(fut.result(timeout=180)) == sum(range(1, n + 1)), "dask recomputed the lost tasks elsewhere"
     # n2's two workers (one may have left: see the known defect below).
     assert len(c.scheduler_info()["workers"]) in (1, 2)
