@@ -248,7 +248,7 @@ def comparison_rows(figures: dict) -> list[tuple]:
         first = n == SIZES[0]
         jq, jqn = jobqueue(n, True, ready_only=not first), jobqueue(n, False, ready_only=not first)
         ready[n]["jq"], ready[n]["jq_no_nanny"] = jq["ready"][str(n)], jqn["ready"][str(n)]
-        if n == SIZES[0]:
+        if first:
             figures["jobqueue"], figures["jobqueue_no_nanny"] = jq, jqn
     figures["ready"] = ready
     for n in SIZES:

@@ -376,23 +376,56 @@ def test_7_a_fork_server_flooding_exit_reports_is_bounded(policy, cluster_name):
     w.check()
 
 
-def pid_to(pid: int, fn) -> int:
-    """Run `fn` in a forked child that gets pid `pid` (root's
-    ns_last_pid, standing in for a patient attacker cycling pids). The
-    child's pid, or -1 when another process took the pid first."""
+# Starts a process at pid `pid` as soon as that pid is free: a small
+# process that forks until a child gets it (root's ns_last_pid points each
+# fork at it, standing in for a patient attacker cycling pids), about a
+# millisecond per try. The child leads a new session (so its group id is
+# its pid too), takes the given uid and gid and runs the given program.
+# Prints the child's pid (or -1 after 20 s); on a line from stdin, prints
+# "alive" or how the child ended; kills it when stdin closes.
+PLACE = r"""
+import os, signal, sys, time
+pid_wanted, uid, gid = map(int, sys.argv[1:4])
+argv = sys.argv[4:]
+deadline, placed = time.monotonic() + 20, -1
+while time.monotonic() < deadline:
     with open("/proc/sys/kernel/ns_last_pid", "w") as f:
-        f.write(str(pid - 1))
-    child = os.fork()
-    if child == 0:
-        try:
-            fn()
-        finally:
-            os._exit(0)
-    if child != pid:
-        os.kill(child, signal.SIGKILL)
-        os.waitpid(child, 0)
-        return -1
-    return child
+        f.write(str(pid_wanted - 1))
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()
+        os.setgid(gid)
+        os.setuid(uid)
+        os.execv(argv[0], argv)
+    if pid == pid_wanted:
+        placed = pid
+        break
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+print(placed, flush=True)
+if sys.stdin.readline() and placed > 0:
+    got, status = os.waitpid(placed, os.WNOHANG)
+    print("alive" if got == 0 else f"ended, wait status {status:#x}", flush=True)
+    sys.stdin.readline()
+if placed > 0:
+    try:
+        os.kill(placed, signal.SIGKILL)
+        os.waitpid(placed, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+"""
+
+
+def place(pid: int, user: pwd.struct_passwd, argv: list[str]) -> subprocess.Popen:
+    """Start placing `argv`, as `user`, at pid `pid` (PLACE). Its first
+    line is the pid got (-1: not placed)."""
+    return subprocess.Popen(["/usr/bin/python3", "-c", PLACE, str(pid), str(user.pw_uid), str(user.pw_gid), *argv],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def unplace(p: subprocess.Popen) -> None:
+    p.stdin.close()
+    p.wait(30)
 
 
 # A member of the worker's process group that outlives its leader by
@@ -416,42 +449,6 @@ p.wait()
 """
 
 
-# Gives another user's new process group the id `pgid` as soon as that id
-# is free: a small process that forks until a child gets pid `pgid`
-# (root's ns_last_pid points each fork at it, standing in for a patient
-# attacker cycling pids), about a millisecond per try. The child leads a
-# new session (so its group id is its pid) as the other user and sleeps.
-# Prints the child's pid (or -1 after 20 s); on a line from stdin, prints
-# "alive" or how the child ended, and kills it.
-PLACE = r"""
-import os, signal, sys, time
-pgid, uid, gid = map(int, sys.argv[1:4])
-deadline, victim = time.monotonic() + 20, -1
-while time.monotonic() < deadline:
-    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
-        f.write(str(pgid - 1))
-    pid = os.fork()
-    if pid == 0:
-        os.setsid()
-        os.setgid(gid)
-        os.setuid(uid)
-        os.execv("/bin/sleep", ["sleep", "300"])
-    if pid == pgid:
-        victim = pid
-        break
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-print(victim, flush=True)
-sys.stdin.readline()
-if victim > 0:
-    got, status = os.waitpid(victim, os.WNOHANG)
-    print("alive" if got == 0 else f"ended, wait status {status:#x}", flush=True)
-    if got == 0:
-        os.kill(victim, signal.SIGKILL)
-        os.waitpid(victim, 0)
-"""
-
-
 def test_8_a_recycled_process_group_id_is_never_signalled(cluster_name):
     """The user's worker leads a process group with one more member; the
     user kills the worker. While the agent cleans up what is left of the
@@ -471,7 +468,7 @@ def test_8_a_recycled_process_group_id_is_never_signalled(cluster_name):
 
     other = pwd.getpwnam(sb.OTHER_USER)
     sched, arr, c = start(cluster_name, 1)
-    place = None
+    placer = None
     try:
         (addr, leader), = c.run(os.getpid).items()
         (member,) = c.run(spawn_lingering_member).values()
@@ -484,10 +481,9 @@ def test_8_a_recycled_process_group_id_is_never_signalled(cluster_name):
 
         member_stat = stat(member)
         assert member_stat[2] == str(leader), "the member is in the worker's group"
-        place = subprocess.Popen(["/usr/bin/python3", "-c", PLACE, str(leader), str(other.pw_uid),
-                                  str(other.pw_gid)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        placer = place(leader, other, ["/bin/sleep", "300"])  # spinning before the id frees
         os.kill(leader, signal.SIGKILL)
-        victim = int(place.stdout.readline())
+        victim = int(placer.stdout.readline())
         assert victim == leader, f"no process could be given the group id {leader}"
         # (Its pid may name another process by now: compare start times.)
         assert stat(member)[19:20] != member_stat[19:20], "the group's member outlived the cleanup"
@@ -501,15 +497,14 @@ def test_8_a_recycled_process_group_id_is_never_signalled(cluster_name):
         sb.wait_job_gone(arr)
         sb.wait_job_gone(sched)
         time.sleep(1)
-        place.stdin.write("verdict\n")
-        place.stdin.flush()
-        verdict = place.stdout.readline().strip()
+        placer.stdin.write("verdict\n")
+        placer.stdin.flush()
+        verdict = placer.stdout.readline().strip()
         assert verdict == "alive", f"the other user's process group {leader} was signalled: {verdict}"
     finally:
         c.close()
-        if place is not None:
-            place.stdin.close()
-            place.wait(30)
+        if placer is not None:
+            unplace(placer)
 
 
 def test_9_a_fake_slurmstepd_cannot_keep_a_stale_registration(cluster_name):
@@ -529,25 +524,14 @@ def test_9_a_fake_slurmstepd_cannot_keep_a_stale_registration(cluster_name):
     fake_bin = sb.WORK / "slurmstepd"
     shutil.copy("/bin/sleep", fake_bin)
     shutil.chown(fake_bin, sb.TEST_USER, sb.TEST_USER)
-    u = sb.user()
-
-    def fake():
-        os.setgid(u.pw_gid)
-        os.setuid(u.pw_uid)
-        os.execv(str(fake_bin), [str(fake_bin), "300"])
-
-    pid = -1
-    for _ in range(20):
-        pid = pid_to(stepd, fake)
-        if pid == stepd:
-            break
-    assert pid == stepd, "could not place the fake slurmstepd"
+    placer = place(stepd, sb.user(), [str(fake_bin), "300"])
     try:
+        pid = int(placer.stdout.readline())
+        assert pid == stepd, "could not place the fake slurmstepd"
         sb.wait_until("the fake to be named slurmstepd",
                       lambda: Path(f"/proc/{pid}/comm").read_text().strip() == "slurmstepd", 10)
         sb.sandbox("up")
         assert int(job) not in [j["job_id"] for j in sb.agent_status(as_root=True)]
         assert not state.exists()
     finally:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        unplace(placer)
