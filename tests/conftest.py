@@ -5,6 +5,7 @@ to leave it running afterwards for inspection.
 """
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,36 @@ def cluster_name(request):
     sb.forget_cluster(name)
     yield name
     sb.cancel_all_user_jobs()
+
+
+# How many last lines of each log a failed test's report shows.
+LOG_TAIL = 30
+_STARTED = pytest.StashKey[float]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report ends with the tails of the logs written while
+    it ran (the jobs' logs, the agents', slurmd's and slurmctld's): a
+    failure in CI, whose sandbox is gone afterwards, can be understood from
+    the report alone."""
+    if call.when == "setup":
+        item.stash[_STARTED] = time.time()
+    outcome = yield
+    report = outcome.get_result()
+    if call.when != "call" or not report.failed:
+        return
+    started = item.stash.get(_STARTED, time.time()) - 1
+    for d in (sb.WORK / "log", sb.STATE / "log"):
+        try:
+            logs = sorted((p for p in d.iterdir() if p.is_file() and p.stat().st_mtime >= started),
+                          key=lambda p: p.stat().st_mtime)
+        except OSError:
+            continue
+        for p in logs:
+            try:
+                tail = p.read_text(errors="replace").splitlines()[-LOG_TAIL:]
+            except OSError as e:
+                tail = [f"(unreadable: {e})"]
+            report.sections.append((f"log {p.relative_to(sb.STATE)} (last {LOG_TAIL} lines)", "\n".join(tail)))
+
