@@ -18,7 +18,7 @@ import time
 import pytest
 
 import sandboxlib as sb
-from test_nanny import forkserver_processes, mine, start, worker_log
+from test_nanny import forkserver_processes, mine, start, stubborn_worker, worker_log
 
 AGENT = str(sb.BIN / "dask-node-agent")
 
@@ -157,10 +157,21 @@ def test_stopping_the_agent_for_good_stops_the_jobs_with_the_reason(policy, clus
 
 
 def test_stop_jobs_stops_them_at_once(cluster_name):
+    """The agent's own stop (the jobs end after it, so Slurm kills
+    nothing first): the scheduler and workers get SIGTERM together, and a
+    worker that does not end (see test_nanny.STUBBORN) is killed 1 s after
+    its scheduler went, not after the full 5 s grace."""
     sched, arr, c = start(cluster_name, 1)
+    stubborn, pid = stubborn_worker(cluster_name)
     c.close()
+    t0 = time.monotonic()
     sb.run([AGENT, "stop-jobs", "--agent-dir", str(sb.STATE / "run" / "agent"), "--node", "n1"])
-    sb.wait_until("the cluster's processes gone", lambda: not mine(cluster_name), 15, 0.2)
+    sb.wait_until("the cluster's processes gone", lambda: not mine(cluster_name), 15, 0.05)
+    gone = time.monotonic() - t0
+    print(f"all gone after {gone:.2f}s")
+    assert gone < 4.5, f"cluster processes gone after {gone:.2f}s"
+    log = (sb.WORK / "log" / f"dask-worker-{stubborn}.log").read_text()
+    assert f"process group {pid} outlived its scheduler by 1s after SIGTERM: sending SIGKILL" in log, log
     sb.wait_job_gone(sched, 30)
     assert sb.job_state(sched) == "FAILED"
     assert "stopped by the site administrator" in worker_log(arr, 1)
