@@ -89,7 +89,7 @@ def plot(series: dict[str, list[int]], path) -> bool:
     ax.axhline(TARGET, color="grey", linestyle=":", label=f"target ({TARGET})")
     ax.set_xlabel("seconds since all workers connected")
     ax.set_ylabel("connected workers")
-    ax.set_ylim(-0.2, TARGET + 1)
+    ax.set_ylim(-0.2, max(TARGET, *(max(ys, default=0) for ys in series.values())) + 1)
     ax.set_title("Worker jobs of 1 minute (retiring at 30 s): three handovers")
     ax.legend(loc="lower left")
     fig.tight_layout()
