@@ -19,23 +19,14 @@ def ds(*args: str, check: bool = True, **kw):
     return sb.as_user(["dask-spank", *args], check=check, **kw)
 
 
+ALL_STATES = None
+
+
 def worker_jobs(name: str, states=("PENDING", "RUNNING", "CONFIGURING")) -> list[str]:
-    out = sb.run(["squeue", "-h", "-r", "-n", f"dask-worker-{name}", "-o", "%i %T"]).stdout.split("\n")
-    return [l.split()[0] for l in out if l.strip() and l.split()[1] in states]
-
-
-def scheduler_dropped(cluster: str) -> list[str]:
-    """Worker logs of `cluster` whose worker stopped because its scheduler
-    connection broke while the scheduler ran: the KNOWN DEFECT seen on Slurm
-    26.05's sandbox (Python 3.14), where the scheduler's side of several
-    live workers' connections closes when other workers leave (retire or
-    are killed); not yet understood. Those workers then leave (exit 0)."""
-    out = []
-    for p in (sb.WORK / "log").glob("dask-worker-*.log"):
-        text = p.read_text(errors="replace")
-        if f"of cluster '{cluster}'" in text and "worker-handle-scheduler-connection-broken" in text:
-            out.append(p.name)
-    return sorted(out)
+    """The cluster's worker jobs in these states (ALL_STATES: every job
+    slurmctld still lists, ended ones included)."""
+    out = sb.run(["squeue", "-h", "-r", "-t", "all", "-n", f"dask-worker-{name}", "-o", "%i %T"]).stdout.split("\n")
+    return [l.split()[0] for l in out if l.strip() and (states is ALL_STATES or l.split()[1] in states)]
 
 
 def test_the_scheduler_job_keeps_the_target_and_replaces_a_lost_worker(cluster_name):
@@ -65,6 +56,9 @@ def test_walltime_successors_keep_the_cluster_at_its_size(policy, cluster_name):
     submitted at once (no chain of jobs), and the result is right."""
     import dask.array as da
 
+    t0 = time.time()
+    # Jobs of an earlier run of this test that slurmctld still lists.
+    earlier = set(worker_jobs(cluster_name, states=ALL_STATES))
     # A lead close to the lifetime: the keeper caps it at half of it (15 s).
     policy("worker_successor_lead=25s")
     ds("up", cluster_name, "--workers", "4", "--worker-time", "1", "--wait", "100", "--timeout", "180")
@@ -96,12 +90,12 @@ def test_walltime_successors_keep_the_cluster_at_its_size(policy, cluster_name):
         c.close()
     elapsed = time.monotonic() - started
     assert elapsed > 75, f"the computation must outlast two worker lifetimes ({elapsed:.0f}s)"
-    dropped = scheduler_dropped(cluster_name)
+    dropped = sb.scheduler_dropped(cluster_name, t0)
     if dropped:
         # Everything below counts on workers leaving only when they retire.
         ds("down", cluster_name)
         pytest.xfail(f"KNOWN DEFECT: the scheduler dropped the connections of live workers: {dropped}")
-    seen = set(sb.run(["squeue", "-h", "-r", "-n", f"dask-worker-{cluster_name}", "-t", "all", "-o", "%i"]).stdout.split())
+    seen = set(worker_jobs(cluster_name, states=ALL_STATES)) - earlier
     log = "".join(p.read_text() for p in (sb.WORK / "log").glob("dask-scheduler-*.log")
                   if f"keeping cluster {cluster_name}" in p.read_text())
     # Submissions for retiring workers, and the successor jobs they made:
