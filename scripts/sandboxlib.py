@@ -175,10 +175,11 @@ def security(name: str):
     """The cluster's TLS credentials, as the test user's own processes use
     them (root reads them here: this is the test harness)."""
     from distributed.security import Security
+    from dask_spank.cluster import ClusterSecurity
     d = cluster_dir(name)
     if (d / "tls.pem").exists():
-        return Security(tls_ca_file=str(d / "ca.pem"), tls_client_cert=str(d / "tls.pem"),
-                        tls_client_key=str(d / "tls.key"), require_encryption=True)
+        return ClusterSecurity(tls_ca_file=str(d / "ca.pem"), tls_client_cert=str(d / "tls.pem"),
+                               tls_client_key=str(d / "tls.key"), require_encryption=True)
     return Security()
 
 
@@ -192,11 +193,11 @@ def client(name: str, timeout: float = 30):
 def scheduler_dropped(cluster: str, since: float) -> list[str]:
     """Names of the worker logs of `cluster` written since `since` (a
     time.time(); older runs of a test leave logs of the same cluster name)
-    whose worker stopped because its scheduler
-    connection broke while the scheduler ran: the KNOWN DEFECT seen on Slurm
-    26.05's sandbox (Python 3.14), where the scheduler's side of several
-    live workers' connections closes when other workers leave (retire or
-    are killed); not yet understood. Those workers then leave (exit 0)."""
+    whose worker stopped because its scheduler connection broke while the
+    scheduler ran. What CPython issue 148594 did under Python 3.14 (Slurm
+    26.05's sandbox) before the workaround (python/dask_spank/tls_eof.py):
+    a write to a worker that had just left closed other, live workers'
+    connections. Tests assert that it no longer happens."""
     out = []
     for p in (WORK / "log").glob("dask-worker-*.log"):
         if p.stat().st_mtime < since:

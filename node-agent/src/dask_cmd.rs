@@ -5,6 +5,36 @@ use dask_spank_common::policy::TlsMode;
 use dask_spank_common::{JobSpec, Role};
 use std::path::Path;
 
+/// The standard-library-only Python that keeps a dead TLS peer from closing
+/// a dask process's healthy connections (CPython issue 148594; see the
+/// file). The same file is a module of the dask_spank package, for the
+/// notebook's Client; here it is for the job's own Python, which may not
+/// have dask_spank.
+pub const TLS_EOF: &str = include_str!("../../python/dask_spank/tls_eof.py");
+
+/// The dask process's Python program, handed over in the environment (and
+/// removed from it at once, so that neither `ps` nor the user's tasks see
+/// it): the workaround, then the dask command line's module as `-m` would.
+const BOOT_VAR: &str = "DASK_SPANK_BOOT";
+const BOOT_PROGRAM: &str = concat!(
+    include_str!("../../python/dask_spank/tls_eof.py"),
+    "\nrun_module()\n"
+);
+const BOOT: &str = "import os; exec(os.environ.pop('DASK_SPANK_BOOT'))";
+/// `-c BOOT MODULE`: the arguments before the dask command's own.
+const LEAD_ARGS: usize = 3;
+
+/// The dask command's own arguments (what a fork server's worker gets),
+/// without the Python boot that precedes them.
+pub fn dask_args(args: &[String]) -> &[String] {
+    args.get(LEAD_ARGS..).unwrap_or_default()
+}
+
+/// The environment the boot needs (for a dask command, not a stub).
+pub fn boot_env() -> (&'static str, &'static str) {
+    (BOOT_VAR, BOOT_PROGRAM)
+}
+
 /// Agent-wide settings that shape dask command lines.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DaskSettings {
@@ -41,7 +71,7 @@ pub fn command(
         None => "python3".to_string(),
     };
     let sched_file = scheduler_file(cluster_dir).to_string_lossy().into_owned();
-    let mut args: Vec<String> = vec!["-m".into()];
+    let mut args: Vec<String> = vec!["-c".into(), BOOT.into()];
     let mut push = |a: &[&str]| args.extend(a.iter().map(|x| x.to_string()));
     match spec.role {
         Role::Scheduler => {
@@ -156,7 +186,7 @@ mod tests {
         assert_eq!(p, "/opt/env/bin/python");
         assert_eq!(
             a.join(" "),
-            "-m distributed.cli.dask_worker --scheduler-file /c/scheduler.json --name ana-5_2 \
+            "-c import os; exec(os.environ.pop('DASK_SPANK_BOOT')) distributed.cli.dask_worker --scheduler-file /c/scheduler.json --name ana-5_2 \
              --nthreads 2 --memory-limit 3072MiB --no-nanny --death-timeout 60 --lifetime 6900s --protocol tls --host 127.0.0.1"
         );
     }
@@ -174,7 +204,7 @@ mod tests {
         assert_eq!(p, "python3");
         assert_eq!(
             a.join(" "),
-            "-m distributed.cli.dask_scheduler --scheduler-file /c/scheduler.json --port 0 --dashboard-address :0 --idle-timeout 7200s --protocol tls"
+            "-c import os; exec(os.environ.pop('DASK_SPANK_BOOT')) distributed.cli.dask_scheduler --scheduler-file /c/scheduler.json --port 0 --dashboard-address :0 --idle-timeout 7200s --protocol tls"
         );
     }
 
@@ -212,6 +242,24 @@ mod tests {
             (p.as_str(), a),
             ("/bin/sleep", vec!["infinity".to_string()])
         );
+    }
+
+    #[test]
+    fn the_boot_runs_the_module_after_the_workaround() {
+        let (_, a) = command(
+            &spec(Role::Worker),
+            Path::new("/c"),
+            &DaskSettings::default(),
+            Limits::default(),
+        );
+        assert_eq!(a[2], "distributed.cli.dask_worker");
+        assert_eq!(
+            dask_args(&a)[..2],
+            ["--scheduler-file", "/c/scheduler.json"]
+        );
+        let (var, program) = boot_env();
+        assert!(BOOT.contains(var));
+        assert!(program.starts_with(TLS_EOF) && program.trim_end().ends_with("run_module()"));
     }
 
     #[test]

@@ -30,6 +30,8 @@ def main() -> None:
     os.close(null)
     import distributed.cli.dask_worker as dask_worker  # the cold part, once
 
+    patch_distributed()  # defined before this file: python/dask_spank/tls_eof.py
+
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_NAME, b"dask-forkserver", 0, 0, 0)
     wake_r, wake_w = os.pipe()

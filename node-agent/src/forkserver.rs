@@ -33,7 +33,12 @@ use tokio::net::UnixStream;
 
 /// The server's program, handed over in the environment (and removed from
 /// it at once) so that `ps` shows a short command line.
-const PROGRAM: &str = include_str!("forkserver.py");
+/// The dask TLS workaround first (`dask_cmd::TLS_EOF`), which the server
+/// applies before its workers make their TLS contexts.
+const PROGRAM: &str = concat!(
+    include_str!("../../python/dask_spank/tls_eof.py"),
+    include_str!("forkserver.py")
+);
 const PROGRAM_VAR: &str = "DASK_SPANK_FORKSERVER";
 const BOOT: &str = "import os; exec(os.environ.pop('DASK_SPANK_FORKSERVER'))";
 /// Longest line accepted from the server (its messages are tiny).

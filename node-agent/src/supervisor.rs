@@ -9,7 +9,7 @@
 //! processes is `process`'s business; when to restart is `restart`'s.
 
 use crate::child::Child;
-use crate::dask_cmd::{command, lifetime, tls_env, DaskSettings, Limits};
+use crate::dask_cmd::{boot_env, command, dask_args, lifetime, tls_env, DaskSettings, Limits};
 use crate::forkserver::ForkServer;
 use crate::jobenv::JobEnv;
 use crate::joblog::JobLog;
@@ -192,7 +192,7 @@ async fn start<'s>(
     let Some(s) = server.as_mut() else {
         return Err(std::io::Error::other("no fork server"));
     };
-    let id = s.server.fork(req.args.get(2..).unwrap_or_default()).await?;
+    let id = s.server.fork(dask_args(req.args)).await?;
     Ok(Proc::Forked {
         id,
         uid: run.spec.uid,
@@ -315,7 +315,11 @@ async fn launch<'s>(
         .fd()
         .map_err(|e| finished(JobState::Failed, 1, format!("cannot use the job log: {e}")))?;
     let tls = tls_env(&run.spec, &run.cluster_dir);
-    let extra_env: Vec<(&str, &str)> = tls.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut extra_env: Vec<(&str, &str)> =
+        tls.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    if run.settings.stub.is_none() {
+        extra_env.push(boot_env());
+    }
     let identity = Identity {
         uid: run.spec.uid,
         gid: run.spec.gid,
@@ -461,7 +465,7 @@ fn log_start(run: &JobRun, proc: &Proc<'_>, n: u32, program: &str, args: &[Strin
         Proc::Forked { server, .. } => run.log.line(&format!(
             "{role} {what}, pid {pid}, forked by the fork server (pid {}): dask-worker {}",
             server.pid(),
-            args.get(2..).unwrap_or_default().join(" ")
+            dask_args(args).join(" ")
         )),
     }
 }

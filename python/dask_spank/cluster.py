@@ -20,6 +20,8 @@ from distributed.core import rpc
 from distributed.deploy.cluster import Cluster
 from distributed.security import Security
 
+from .tls_eof import ignore_unexpected_eof
+
 #: Largest scheduler file read (dask writes a few hundred bytes).
 MAX_SCHEDULER_FILE = 64 * 1024
 
@@ -72,9 +74,19 @@ def security(name_or_paths: str | dict[str, str]) -> Security:
     with ``tls=off``)."""
     paths = layout(name_or_paths) if isinstance(name_or_paths, str) else name_or_paths
     if all(Path(paths[k]).is_file() for k in ("tls_ca", "tls_cert", "tls_key")):
-        return Security(tls_ca_file=paths["tls_ca"], tls_client_cert=paths["tls_cert"],
-                        tls_client_key=paths["tls_key"], require_encryption=True)
+        return ClusterSecurity(tls_ca_file=paths["tls_ca"], tls_client_cert=paths["tls_cert"],
+                               tls_client_key=paths["tls_key"], require_encryption=True)
     return Security()
+
+
+class ClusterSecurity(Security):
+    """dask's ``Security``, whose TLS contexts take a peer that leaves
+    without a close_notify as a clean end of stream: otherwise, under
+    Python 3.14, one dead connection can close the client's healthy one
+    (see :mod:`dask_spank.tls_eof`)."""
+
+    def _get_tls_context(self, tls, purpose):
+        return ignore_unexpected_eof(super()._get_tls_context(tls, purpose))
 
 
 def security_loader(info: dict) -> Security | None:
