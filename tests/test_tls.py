@@ -162,3 +162,47 @@ def test_python_reads_the_layout_the_cli_defines(cluster_name):
     assert out["paths"]["scheduler_file"] == str(d / "scheduler.json")
     assert out["address"] == json.loads((d / "scheduler.json").read_text())["address"]
     sb.run(["scancel", sched])
+
+
+def ignores_unexpected_eof(args: dict) -> bool:
+    import ssl
+    return bool(args["ssl_context"].options & ssl.OP_IGNORE_UNEXPECTED_EOF)
+
+
+def eof_flags(server) -> list[bool]:
+    """In a dask process: whether its TLS contexts (to connect, to listen)
+    have the flag. Sent by value (no import of this module there)."""
+    import ssl
+    return [bool(ctx.options & ssl.OP_IGNORE_UNEXPECTED_EOF)
+            for ctx in (server.connection_args["ssl_context"], server.listener.server_args["ssl_options"])]
+
+
+@pytest.mark.parametrize("worker_start", ["exec", "forkserver"])
+def test_every_tls_context_of_the_cluster_takes_a_vanished_peer_as_a_clean_eof(policy, cluster_name, worker_start):
+    """The workaround for CPython issue 148594 (python/dask_spank/tls_eof.py)
+    is in force where it must be: in the scheduler and the workers the
+    agent started (exec'd or forked), for the connections they open and
+    those they accept, and in the notebook's credentials. (Python 3.11's
+    default contexts have the flag anyway: the test proves the workaround
+    on 24.11 and 26.05, whose Pythons do not.)"""
+    import dask_spank
+
+    policy(f"worker_start={worker_start}")
+    from test_nanny import start
+    sched, arr, c = start(cluster_name, 2)
+    import cloudpickle
+    cloudpickle.register_pickle_by_value(__import__(__name__))
+    try:
+        assert c.run_on_scheduler(lambda dask_scheduler: eof_flags(dask_scheduler)) == [True, True]
+        on_workers = c.run(lambda dask_worker: eof_flags(dask_worker))
+    finally:
+        cloudpickle.unregister_pickle_by_value(__import__(__name__))
+    assert list(on_workers.values()) == [[True, True]] * 2, on_workers
+    d = sb.cluster_dir(cluster_name)
+    mine = dask_spank.security({"tls_ca": str(d / "ca.pem"), "tls_cert": str(d / "tls.pem"),
+                                "tls_key": str(d / "tls.key")})
+    assert ignores_unexpected_eof(mine.get_connection_args("client"))
+    # The boot leaves nothing behind in the job's environment.
+    env = c.run(lambda: "DASK_SPANK_BOOT" in __import__("os").environ)
+    assert set(env.values()) == {False}, env
+    c.close()

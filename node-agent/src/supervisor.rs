@@ -154,6 +154,13 @@ async fn shutdown_server(s: Server, log: &JobLog) {
         .await;
 }
 
+/// Whether the job's worker is forked from a fork server (else exec'd).
+fn forked(run: &JobRun) -> bool {
+    run.spec.role == Role::Worker
+        && run.spec.policy.nanny.start == WorkerStart::Forkserver
+        && run.settings.stub.is_none()
+}
+
 /// Start the job's dask process: exec it, or fork it from the job's fork
 /// server (started first if there is none or it died).
 async fn start<'s>(
@@ -162,10 +169,7 @@ async fn start<'s>(
     req: &SpawnRequest<'_>,
     server: &'s mut Option<Server>,
 ) -> std::io::Result<Proc<'s>> {
-    let forked = run.spec.role == Role::Worker
-        && run.spec.policy.nanny.start == WorkerStart::Forkserver
-        && run.settings.stub.is_none();
-    if !forked {
+    if !forked(run) {
         return spawn(req).map(Proc::Exec);
     }
     if server.as_ref().is_some_and(|s| !s.server.alive()) {
@@ -317,7 +321,9 @@ async fn launch<'s>(
     let tls = tls_env(&run.spec, &run.cluster_dir);
     let mut extra_env: Vec<(&str, &str)> =
         tls.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    if run.settings.stub.is_none() {
+    // An exec'd dask command's boot program, which it pops: not for a stub,
+    // nor for a fork server, whose workers would inherit it.
+    if !forked(run) && run.settings.stub.is_none() {
         extra_env.push(boot_env());
     }
     let identity = Identity {
