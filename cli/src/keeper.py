@@ -128,6 +128,7 @@ class Scheduler:
             return self.client
         from distributed import Client
         from distributed.security import Security
+        patch_distributed()  # defined before this file: python/dask_spank/tls_eof.py
         info = read_json("scheduler.json", {})
         if not info.get("address"):
             return None

@@ -8,7 +8,12 @@ use dask_spank_common::ClusterName;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-const PROGRAM: &str = include_str!("keeper.py");
+/// The keeper is a dask client of its cluster: the TLS workaround of every
+/// dask process (python/dask_spank/tls_eof.py) comes first.
+const PROGRAM: &str = concat!(
+    include_str!("../../python/dask_spank/tls_eof.py"),
+    include_str!("keeper.py")
+);
 
 /// The job's Python: `--dask-env`'s, else `python3` on the job's PATH.
 fn python() -> String {

@@ -20,7 +20,7 @@ from distributed.core import rpc
 from distributed.deploy.cluster import Cluster
 from distributed.security import Security
 
-from .tls_eof import ignore_unexpected_eof
+from .tls_eof import clear_before_tls_io, ignore_unexpected_eof
 
 #: Largest scheduler file read (dask writes a few hundred bytes).
 MAX_SCHEDULER_FILE = 64 * 1024
@@ -84,6 +84,13 @@ class ClusterSecurity(Security):
     without a close_notify as a clean end of stream: otherwise, under
     Python 3.14, one dead connection can close the client's healthy one
     (see :mod:`dask_spank.tls_eof`)."""
+
+    # No __slots__ of its own: Security checks its arguments against
+    # self.__slots__, which must stay the base class's.
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        clear_before_tls_io()
 
     def _get_tls_context(self, tls, purpose):
         return ignore_unexpected_eof(super()._get_tls_context(tls, purpose))
