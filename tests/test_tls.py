@@ -164,16 +164,19 @@ def test_python_reads_the_layout_the_cli_defines(cluster_name):
     sb.run(["scancel", sched])
 
 
-def ignores_unexpected_eof(args: dict) -> bool:
+def ignores_eof(ctx) -> bool:
+    """Whether a TLS context takes a peer that left without close_notify
+    as a clean EOF (the flag the workaround sets)."""
     import ssl
-    return bool(args["ssl_context"].options & ssl.OP_IGNORE_UNEXPECTED_EOF)
+    return bool(ctx.options & ssl.OP_IGNORE_UNEXPECTED_EOF)
 
 
 def eof_flags(server) -> list[bool]:
     """In a dask process: whether its TLS contexts (to connect, to listen)
-    have the flag. Sent by value (no import of this module there)."""
+    have the flag, and whether the error queue is cleared before TLS I/O.
+    Sent by value (no import of this module there)."""
     import ssl
-    return [bool(ctx.options & ssl.OP_IGNORE_UNEXPECTED_EOF)
+    return [ignores_eof(ctx)
             for ctx in (server.connection_args["ssl_context"], server.listener.server_args["ssl_options"])
             ] + [getattr(ssl.SSLSocket, "_dask_spank_clears", False)]
 
@@ -203,7 +206,7 @@ def test_every_tls_context_of_the_cluster_takes_a_vanished_peer_as_a_clean_eof(p
     d = sb.cluster_dir(cluster_name)
     mine = dask_spank.security({"tls_ca": str(d / "ca.pem"), "tls_cert": str(d / "tls.pem"),
                                 "tls_key": str(d / "tls.key")})
-    assert ignores_unexpected_eof(mine.get_connection_args("client"))
+    assert ignores_eof(mine.get_connection_args("client")["ssl_context"])
     # The boot leaves nothing behind in the job's environment.
     env = c.run(lambda: "DASK_SPANK_BOOT" in __import__("os").environ)
     assert set(env.values()) == {False}, env

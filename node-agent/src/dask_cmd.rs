@@ -1,26 +1,11 @@
 //! The command lines of the dask processes the agent runs.
 
+use crate::python_boot;
 use dask_spank_common::paths::{scheduler_file, tls_files};
 use dask_spank_common::policy::TlsMode;
 use dask_spank_common::{JobSpec, Role};
 use std::path::Path;
 
-/// The standard-library-only Python that keeps a dead TLS peer from closing
-/// a dask process's healthy connections (CPython issue 148594; see the
-/// file). The same file is a module of the dask_spank package, for the
-/// notebook's Client; here it is for the job's own Python, which may not
-/// have dask_spank.
-pub const TLS_EOF: &str = include_str!("../../python/dask_spank/tls_eof.py");
-
-/// The dask process's Python program, handed over in the environment (and
-/// removed from it at once, so that neither `ps` nor the user's tasks see
-/// it): the workaround, then the dask command line's module as `-m` would.
-const BOOT_VAR: &str = "DASK_SPANK_BOOT";
-const BOOT_PROGRAM: &str = concat!(
-    include_str!("../../python/dask_spank/tls_eof.py"),
-    "\nrun_module()\n"
-);
-const BOOT: &str = "import os; exec(os.environ.pop('DASK_SPANK_BOOT'))";
 /// `-c BOOT MODULE`: the arguments before the dask command's own.
 const LEAD_ARGS: usize = 3;
 
@@ -32,7 +17,7 @@ pub fn dask_args(args: &[String]) -> &[String] {
 
 /// The environment the boot needs (for a dask command, not a stub).
 pub fn boot_env() -> (&'static str, &'static str) {
-    (BOOT_VAR, BOOT_PROGRAM)
+    python_boot::DASK.env()
 }
 
 /// Agent-wide settings that shape dask command lines.
@@ -71,7 +56,7 @@ pub fn command(
         None => "python3".to_string(),
     };
     let sched_file = scheduler_file(cluster_dir).to_string_lossy().into_owned();
-    let mut args: Vec<String> = vec!["-c".into(), BOOT.into()];
+    let mut args: Vec<String> = python_boot::DASK.args().into();
     let mut push = |a: &[&str]| args.extend(a.iter().map(|x| x.to_string()));
     match spec.role {
         Role::Scheduler => {
@@ -257,9 +242,7 @@ mod tests {
             dask_args(&a)[..2],
             ["--scheduler-file", "/c/scheduler.json"]
         );
-        let (var, program) = boot_env();
-        assert!(BOOT.contains(var));
-        assert!(program.starts_with(TLS_EOF) && program.trim_end().ends_with("run_module()"));
+        assert_eq!(boot_env().0, python_boot::DASK.var);
     }
 
     #[test]

@@ -18,6 +18,7 @@
 
 use crate::child::Child;
 use crate::procfs::{self, ProcId};
+use crate::python_boot::FORKSERVER;
 use crate::spawn::{spawn, SpawnRequest};
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -31,16 +32,6 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
-/// The server's program, handed over in the environment (and removed from
-/// it at once) so that `ps` shows a short command line.
-/// The dask TLS workaround first (`dask_cmd::TLS_EOF`), which the server
-/// applies before its workers make their TLS contexts.
-const PROGRAM: &str = concat!(
-    include_str!("../../python/dask_spank/tls_eof.py"),
-    include_str!("forkserver.py")
-);
-const PROGRAM_VAR: &str = "DASK_SPANK_FORKSERVER";
-const BOOT: &str = "import os; exec(os.environ.pop('DASK_SPANK_FORKSERVER'))";
 /// Longest line accepted from the server (its messages are tiny).
 const MAX_LINE: usize = 4096;
 /// Longest wait for the server to import distributed and fork (a cold
@@ -111,9 +102,10 @@ fn died() -> io::Error {
     )
 }
 
-/// Arguments of the server's Python (`-c BOOT`) and the extra environment.
+/// Arguments of the server's Python: the boot, then its name for `ps`.
 pub fn boot_args() -> Vec<String> {
-    vec!["-c".into(), BOOT.into(), "dask-spank-forkserver".into()]
+    let [c, boot] = FORKSERVER.args();
+    vec![c, boot, "dask-spank-forkserver".into()]
 }
 
 impl ForkServer {
@@ -124,7 +116,7 @@ impl ForkServer {
         ours.set_nonblocking(true)?;
         let args = boot_args();
         let mut env = req.extra_env.to_vec();
-        env.push((PROGRAM_VAR, PROGRAM));
+        env.push(FORKSERVER.env());
         let child = spawn(&SpawnRequest {
             args: &args,
             stdin: Some(OwnedFd::from(theirs)),
@@ -325,22 +317,5 @@ mod tests {
             e.record(pid + 1, 0);
         }
         assert!(e.running.len() <= MAX_EXITED && e.ended.len() <= MAX_EXITED);
-    }
-
-    #[test]
-    fn the_program_is_python_that_compiles() {
-        let out = std::process::Command::new("python3")
-            .args([
-                "-c",
-                "import sys; compile(sys.stdin.read(), 'forkserver.py', 'exec')",
-            ])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
-                use std::io::Write;
-                c.stdin.take().map(|mut i| i.write_all(PROGRAM.as_bytes()));
-                c.wait()
-            });
-        assert!(out.map(|s| s.success()).unwrap_or(false));
     }
 }

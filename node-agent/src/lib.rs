@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod privileges;
 pub mod process;
 pub mod procfs;
+pub mod python_boot;
 pub mod recovery;
 pub mod restart;
 pub mod rlimits;

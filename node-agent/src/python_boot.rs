@@ -1,0 +1,87 @@
+//! The Python programs the agent hands to the job's Python: in the
+//! environment, popped by the first statement, so that neither `ps` (a short
+//! command line) nor the user's tasks (a clean environment) see them.
+//!
+//! Each program starts with the standard-library-only workaround that keeps
+//! a dead TLS peer from closing a dask process's healthy connections
+//! (CPython issue 148594; see python/dask_spank/tls_eof.py). The same file
+//! is a module of the dask_spank package, for the notebook's Client; here it
+//! is for the job's own Python, which may not have dask_spank.
+
+/// The workaround's source followed by the given literals (one place for
+/// the file's path; `concat!` takes only literals, not a `const`).
+macro_rules! after_tls_eof {
+    ($($tail:expr),+) => {
+        concat!(include_str!("../../python/dask_spank/tls_eof.py"), $($tail),+)
+    };
+}
+
+/// A program handed over in the variable `var`.
+#[derive(Debug, Clone, Copy)]
+pub struct EnvProgram {
+    pub var: &'static str,
+    pub program: &'static str,
+}
+
+impl EnvProgram {
+    /// `-c` and the statement that pops the program and runs it; what
+    /// follows on the command line is its `sys.argv[1:]`.
+    pub fn args(&self) -> [String; 2] {
+        [
+            "-c".into(),
+            format!("import os; exec(os.environ.pop('{}'))", self.var),
+        ]
+    }
+
+    /// The variable to add to the process's environment.
+    pub fn env(&self) -> (&'static str, &'static str) {
+        (self.var, self.program)
+    }
+}
+
+/// An exec'd dask command: the workaround, then the module named by the
+/// next argument, run exactly as `python -m` runs it.
+pub const DASK: EnvProgram = EnvProgram {
+    var: "DASK_SPANK_BOOT",
+    program: after_tls_eof!("\nrun_module()\n"),
+};
+
+/// The fork server, which applies the workaround before its workers make
+/// their TLS contexts.
+pub const FORKSERVER: EnvProgram = EnvProgram {
+    var: "DASK_SPANK_FORKSERVER",
+    program: after_tls_eof!(include_str!("forkserver.py")),
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TLS_EOF: &str = include_str!("../../python/dask_spank/tls_eof.py");
+
+    /// Each program compiles, starts with the workaround, and its boot
+    /// statement pops its own variable.
+    #[test]
+    fn programs_compile_and_start_with_the_workaround() {
+        for p in [DASK, FORKSERVER] {
+            assert!(p.program.starts_with(TLS_EOF), "{}", p.var);
+            assert!(p.args()[1].contains(&format!("pop('{}')", p.var)));
+            let out = std::process::Command::new("python3")
+                .args([
+                    "-c",
+                    "import sys; compile(sys.stdin.read(), 'boot.py', 'exec')",
+                ])
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .and_then(|mut c| {
+                    use std::io::Write;
+                    c.stdin
+                        .take()
+                        .map(|mut i| i.write_all(p.program.as_bytes()));
+                    c.wait()
+                });
+            assert!(out.map(|s| s.success()).unwrap_or(false), "{}", p.var);
+        }
+        assert!(DASK.program.trim_end().ends_with("run_module()"));
+    }
+}
