@@ -13,8 +13,9 @@
 
 # What a root holds: Slurm and munge, Python for the venv, the build tools
 # for the plugin (clang for bindgen, gcc as the linker; cargo and rustc come
-# from the host's toolchain), rpm for the package, and what the tests use.
-ROOT_PKGS=slurmctld,slurmd,slurm-client,munge,libslurm-dev,python3,python3-venv,clang,libclang-dev,gcc,libc6-dev,passwd,util-linux,procps,rpm,cpio,git,ca-certificates,systemd,valgrind
+# from the host's toolchain), rpm for the package, and what the tests use
+# (slurmdbd and MariaDB for the queue-limit test: `sandbox up --accounting on`).
+ROOT_PKGS=slurmctld,slurmd,slurm-client,munge,libslurm-dev,python3,python3-venv,clang,libclang-dev,gcc,libc6-dev,passwd,util-linux,procps,rpm,cpio,git,ca-certificates,systemd,valgrind,slurmdbd,mariadb-server
 # sid's Release file may be past its Valid-Until date on the archive.
 ROOT_APTOPT='Acquire::Check-Valid-Until "false"'
 
@@ -28,6 +29,7 @@ headers_release() {
 
 ensure_root() {
   if [ -f "$ROOT/etc/dask-spank-root" ]; then
+    add_missing_packages
     sync_users_into_root
     return 0
   fi
@@ -59,6 +61,20 @@ ensure_root() {
   mv "$ROOT.new" "$ROOT"
   log "root of Slurm $SLURM_RELEASE made in $((SECONDS - t0))s"
   sync_users_into_root
+}
+
+# A root made before ROOT_PKGS grew gets what it lacks (apt in the root).
+add_missing_packages() {
+  local p missing=()
+  for p in ${ROOT_PKGS//,/ }; do
+    chroot "$ROOT" dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  [ ${#missing[@]} -gt 0 ] || return 0
+  [ "$(id -u)" = 0 ] || die "adding ${missing[*]} to the root of Slurm $SLURM_RELEASE needs root"
+  log "apt in the $SUITE root: installing ${missing[*]}"
+  run_in_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+  run_in_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+    >"$ROOTS/$SUITE-add.log" 2>&1 || { tail -20 "$ROOTS/$SUITE-add.log" >&2; die "apt in the $SUITE root failed (log: $ROOTS/$SUITE-add.log)"; }
 }
 
 # The test users exist on the host with the same uid and gid as in the

@@ -296,10 +296,13 @@ def agent_request(request: dict, user: str | None = None) -> dict:
     return json.loads(p.stdout)
 
 
-def sandbox_up(nodes: int, cpus: int | None = None) -> None:
+def sandbox_up(nodes: int, cpus: int | None = None, accounting: bool | None = None) -> None:
     """Bring the sandbox up with this many nodes (n1..nN), each declaring
-    `cpus` cpus (unchanged if None)."""
+    `cpus` cpus, with or without slurmdbd and enforced association limits
+    (`accounting`; unchanged if None)."""
     extra = ["--cpus", str(cpus)] if cpus else []
+    if accounting is not None:
+        extra += ["--accounting", "on" if accounting else "off"]
     subprocess.run([str(REPO / "scripts" / "sandbox"), "up", "--nodes", str(nodes), *extra],
                    check=True, env=os.environ)
 

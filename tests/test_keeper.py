@@ -1,11 +1,12 @@
 """The scheduler job keeps its cluster (issue 14): the target size the user
 recorded (up, scale), walltime successors submitted ahead of time, dask's
-adaptive target between a minimum and a maximum; and two defects around a
-cluster's start."""
+adaptive target between a minimum and a maximum; a user's queue limit
+(slurmdbd); and two defects around a cluster's start."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -162,3 +163,49 @@ def test_up_wait_says_why_the_scheduler_job_failed(cluster_name):
     finally:
         no_check.unlink()
         sb.sandbox("up")
+
+
+def connected(name: str) -> int:
+    """Workers connected to the cluster's scheduler, as `status` counts them."""
+    st = ds("status", name, check=False).stdout
+    m = re.search(r"keeper: target \d+ \([^)]*\), (\d+) connected", st)
+    return int(m.group(1)) if m else -1
+
+
+def test_a_user_at_max_submit_jobs_keeps_what_the_limit_allows(cluster_name):
+    """The user's association allows 3 jobs (slurmdbd, limits enforced):
+    `up --workers 4` does not fail, the keeper takes what the limit allows
+    (the scheduler job and 2 workers: Slurm refuses the whole array of 4),
+    keeps them, and `status` says why the cluster is short; once the limit
+    is raised the cluster grows to 4 without the user doing anything."""
+    sb.sandbox_up(nodes=1, accounting=True)
+
+    def max_submit_jobs(n: int) -> None:
+        sb.run(["sacctmgr", "-i", "modify", "user", sb.TEST_USER, "set", f"MaxSubmitJobs={n}"])
+
+    try:
+        max_submit_jobs(3)
+        p = ds("up", cluster_name, "--workers", "4")
+        assert "would pass your queue limit" in p.stderr, p.stderr
+        sb.wait_until("2 workers connected", lambda: connected(cluster_name) == 2, 180, 1)
+        st = ds("status", cluster_name).stdout
+        assert re.search(r"short: sbatch refused \d+ of \d+ worker jobs: .*job submit limit", st), st
+        # It keeps what it has, and nothing more gets through.
+        for _ in range(10):
+            assert len(worker_jobs(cluster_name)) == 2
+            assert connected(cluster_name) == 2
+            time.sleep(2)
+        max_submit_jobs(-1)
+        sb.wait_until("4 workers connected", lambda: connected(cluster_name) == 4, 240, 1)
+        st = ds("status", cluster_name).stdout
+        assert "short:" not in st, st
+        sched = re.search(r"scheduler job (\d+)", p.stdout).group(1)
+        log = (sb.WORK / "log" / f"dask-scheduler-{sched}.log").read_text(errors="replace")
+        # One line per decision: 4 refused, 2 taken; the rest refused and
+        # retried; then taken.
+        assert "submitted 2 worker jobs" in log and "retrying in" in log, log
+        ds("down", cluster_name)
+        assert not worker_jobs(cluster_name)
+    finally:
+        sb.cancel_all_user_jobs()
+        sb.sandbox_up(nodes=1, accounting=False)

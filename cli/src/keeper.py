@@ -11,7 +11,9 @@
 # successors are submitted ahead of time); retire and cancel the extra ones
 # (those holding no unique data first, through dask). One line per decision
 # in the scheduler job's log; the state in keeper.json for `dask-spank
-# status`. Refusals by Slurm (queue limits) are retried with a backoff.
+# status`. Refusals by Slurm (queue limits) are retried with a backoff; a
+# refused batch is tried smaller (halved) at once, so that a cluster at a
+# limit takes what the limit allows rather than nothing.
 # Every TICK it also lists the connected workers in connected.json, which
 # status, wait and ls read.
 
@@ -197,6 +199,28 @@ class Keeper:
             subprocess.run(["scancel", *victims], capture_output=True, env=clean_env(), timeout=60)
             log(f"cancelled {len(victims)} worker job{'s' if len(victims) > 1 else ''} ({' '.join(victims)}): more than the target")
 
+    def grow(self, k, why):
+        """Submit k worker jobs. Slurm refuses a whole array that would
+        pass a queue limit (MaxSubmitJobs counts its tasks), so a refused
+        batch is tried again at half its size, down to one job; what was
+        still refused is reported (status) and retried with a backoff."""
+        n, got, err = k, 0, None
+        while n > 0:
+            try:
+                submit(n, why)
+                got = n
+                break
+            except Exception as e:  # noqa: BLE001 - any refusal is reported and retried
+                err, n = e, n // 2
+        if got == k:
+            self.backoff, self.short = 10.0, None
+            return
+        self.short = f"sbatch refused {k - got} of {k} worker jobs: {err}"
+        self.retry_at = time.time() + self.backoff
+        log(f"{self.short}; retrying in {self.backoff:.0f}s")
+        # A partial success means the limit moves: try again soon.
+        self.backoff = 10.0 if got else min(self.backoff * 2, 300.0)
+
     @staticmethod
     def stale(name):
         try:
@@ -223,14 +247,7 @@ class Keeper:
                   "retiring": len(retiring), "connected": len(self.connected), "updated": int(time.time())}
         if want > active and time.time() >= self.retry_at:
             why = f"target {want}, {active} active" + (f" ({len(retiring)} retiring for their walltime)" if retiring else "")
-            try:
-                submit(want - active, why)
-                self.backoff, self.short = 10.0, None
-            except Exception as e:  # noqa: BLE001 - any refusal is reported and retried
-                self.short = f"sbatch refused {want - active} worker jobs: {e}"
-                self.retry_at = time.time() + self.backoff
-                log(f"{self.short}; retrying in {self.backoff:.0f}s")
-                self.backoff = min(self.backoff * 2, 300.0)
+            self.grow(want - active, why)
         elif want < active:
             self.shrink(jobs, active - want)
         status["short_reason"] = self.short

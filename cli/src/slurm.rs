@@ -100,6 +100,14 @@ pub fn sbatch(args: &[String]) -> Result<String, String> {
         .to_string())
 }
 
+/// Whether sbatch's error is a queue limit of the user's association or
+/// QOS (MaxSubmitJobs and the like): Slurm's text for ESLURM_ACCOUNTING_POLICY
+/// and the QOS/association submit-limit reasons. Such a refusal passes
+/// when the user's other jobs end or the limit is raised.
+pub fn is_queue_limit(err: &str) -> bool {
+    err.contains("accounting/QOS policy") || err.contains("MaxSubmitJob")
+}
+
 pub fn scancel(ids: &[String]) -> Result<(), String> {
     if ids.is_empty() {
         return Ok(());
@@ -153,6 +161,20 @@ fn why_it_ended(log: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queue_limits_are_told_from_other_refusals() {
+        assert!(is_queue_limit(
+            "sbatch --array=1-4 failed: sbatch: error: Batch job submission failed: \
+             Job violates accounting/QOS policy (job submit limit, user's size and/or time limits)"
+        ));
+        assert!(!is_queue_limit(
+            "sbatch failed: sbatch: error: dask-spank: --dask-worker-mem=64G exceeds worker_mem_max=32G"
+        ));
+        assert!(!is_queue_limit(
+            "sbatch failed: sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified"
+        ));
+    }
 
     #[test]
     fn the_reason_a_job_ended_is_our_last_lines() {

@@ -117,6 +117,16 @@ pub fn run(u: Args) -> Res {
         a.push(format!("--array=1-{first}"));
         match slurm::sbatch(&a) {
             Ok(id) => Some(id),
+            // Over a queue limit: the scheduler job's keeper submits what
+            // the limit allows, and the rest when it allows.
+            Err(e) if slurm::is_queue_limit(&e) => {
+                eprintln!(
+                    "dask-spank: {first} worker jobs would pass your queue limit now ({e}); \
+                     the scheduler job submits what the limit allows, the rest later \
+                     (`dask-spank status {c}` says why the cluster is short)"
+                );
+                None
+            }
             Err(e) => {
                 let _ = slurm::scancel(std::slice::from_ref(&sched));
                 return Err(e);
