@@ -209,3 +209,22 @@ def test_a_user_at_max_submit_jobs_keeps_what_the_limit_allows(cluster_name):
     finally:
         sb.cancel_all_user_jobs()
         sb.sandbox_up(nodes=1, accounting=False)
+
+
+def test_no_worker_job_outlives_its_scheduler_job(cluster_name):
+    """The scheduler job of a kept cluster is cancelled while its worker
+    jobs still wait in the queue (their partition is down): they are
+    cancelled with it, instead of starting later for a scheduler that is
+    gone, and the scheduler job's log says so."""
+    sb.run(["scontrol", "update", "PartitionName=htc", "State=DOWN"])
+    try:
+        p = ds("up", cluster_name, "--workers", "2")
+        sched = re.search(r"scheduler job (\d+)", p.stdout).group(1)
+        sb.wait_until("the keeper to run", lambda: (sb.cluster_dir(cluster_name) / "keeper.json").exists(), 120, 1)
+        assert len(worker_jobs(cluster_name, states=("PENDING",))) == 2
+        sb.run(["scancel", sched])
+        sb.wait_until("the worker jobs to be cancelled", lambda: not worker_jobs(cluster_name), 30, 0.5)
+        log = sb.WORK / "log" / f"dask-scheduler-{sched}.log"
+        sb.wait_until("the scheduler job's last line", lambda: "worker jobs were cancelled" in log.read_text(), 30)
+    finally:
+        sb.run(["scontrol", "update", "PartitionName=htc", "State=UP"])

@@ -79,9 +79,21 @@ pub fn run() -> Result<i32, String> {
         updated: now(),
     };
     write_report(&dir, &report);
-    on_signal_report_end(&dir, &report);
+    // The keeper before the signal thread: the scheduler job's end
+    // (signal or not) ends the worker jobs it held.
+    let keeper = (role == Role::Scheduler)
+        .then(|| crate::keeper::start(&cluster, &dir, job_id))
+        .flatten();
+    let end_keeper = {
+        let (cluster, dir) = (cluster.clone(), dir.clone());
+        move || {
+            if let Some(k) = keeper {
+                k.end(&cluster, &dir)
+            }
+        }
+    };
+    on_signal_report_end(&dir, &report, end_keeper.clone());
     if role == Role::Scheduler {
-        crate::keeper::start(&cluster, &dir, job_id);
         let (dir, cluster, job) = (dir.clone(), cluster.to_string(), job_id.to_string());
 
         std::thread::spawn(move || keep_state(&dir, &cluster, &job));
@@ -104,6 +116,7 @@ pub fn run() -> Result<i32, String> {
         .and_then(|s| s.parse().ok())
         .map_or(Duration::from_secs(30), Duration::from_secs);
     let (code, reason) = session.follow(grace, reporter);
+    end_keeper();
     report.state = if code == 0 { "ended" } else { "failed" }.into();
     report.reason = Some(reason.clone());
     report.updated = now();
@@ -120,9 +133,14 @@ pub fn run() -> Result<i32, String> {
 }
 
 /// scancel and the time limit reach this process (the job's batch process)
-/// as SIGTERM: record that the job ended, then exit. Closing the agent
+/// as SIGTERM: end the keeper's worker jobs (scheduler job), record that
+/// the job ended, then exit. Closing the agent
 /// connection on exit makes the agent stop the dask processes.
-fn on_signal_report_end(dir: &std::path::Path, report: &JobReport) {
+fn on_signal_report_end(
+    dir: &std::path::Path,
+    report: &JobReport,
+    end_keeper: impl FnOnce() + Send + 'static,
+) {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
     for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
@@ -136,6 +154,7 @@ fn on_signal_report_end(dir: &std::path::Path, report: &JobReport) {
     let (dir, mut report) = (dir.to_path_buf(), report.clone());
     std::thread::spawn(move || {
         if let Ok(sig) = set.wait() {
+            end_keeper();
             report.state = "ended".into();
             report.reason = Some(format!(
                 "the job was cancelled or reached its time limit ({sig})"

@@ -1,12 +1,16 @@
 //! The cluster's keeper (`keeper.py`): started by the scheduler job's
 //! attach, as the user, with the job's own Python (the one that runs the
 //! scheduler, so it has distributed). Its output goes to the scheduler
-//! job's log. It lives in the job: Slurm ends it with the job.
+//! job's log. It lives in the job: Slurm ends it with the job. When the
+//! scheduler job ends (scancel, time limit, a failed scheduler), the
+//! worker jobs the keeper held end with it (`Keeper::end`): a pending
+//! successor would otherwise start for a scheduler that is gone.
 
 use dask_spank_common::paths::vars;
 use dask_spank_common::ClusterName;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 /// The keeper is a dask client of its cluster: the TLS workaround of every
 /// dask process (python/dask_spank/tls_eof.py) comes first.
@@ -30,9 +34,42 @@ fn env_secs(name: &str, default: u64) -> String {
         .unwrap_or_else(|| default.to_string())
 }
 
+/// A started keeper: its process group (the keeper and an sbatch it runs).
+#[derive(Debug, Clone, Copy)]
+pub struct Keeper {
+    pgid: i32,
+}
+
+impl Keeper {
+    /// The scheduler job is ending: stop the keeper and any submission it
+    /// has in flight, then cancel the cluster's worker jobs (successors
+    /// included), if the keeper held the cluster's size. A cluster without
+    /// a target (plain sbatch) keeps its workers, which leave by their
+    /// death timeout; `down` cancels them itself.
+    pub fn end(&self, cluster: &ClusterName, dir: &Path) {
+        use nix::sys::signal::{killpg, Signal};
+        use nix::unistd::Pid;
+        // Our own child's group (process_group(0) at spawn): nothing else.
+        let _ = killpg(Pid::from_raw(self.pgid), Signal::SIGKILL);
+        if !crate::target::is_kept(dir) {
+            return;
+        }
+        match crate::slurm::scancel_workers(cluster.as_str(), Duration::from_secs(5)) {
+            Ok(()) => eprintln!(
+                "dask-spank: the scheduler job ends: its cluster's worker jobs were cancelled (successors included)"
+            ),
+            Err(e) => eprintln!(
+                "dask-spank: the scheduler job ends: cannot cancel its cluster's worker jobs ({e}); \
+                 they leave after their death timeout"
+            ),
+        }
+    }
+}
+
 /// Start the keeper of `cluster` (cluster directory `dir`) for the
 /// scheduler job `job_id`; a failure to start is reported, not fatal.
-pub fn start(cluster: &ClusterName, dir: &Path, job_id: u32) {
+pub fn start(cluster: &ClusterName, dir: &Path, job_id: u32) -> Option<Keeper> {
+    use std::os::unix::process::CommandExt;
     let res = Command::new(python())
         .args(["-c", PROGRAM, cluster.as_str()])
         .arg(dir)
@@ -42,12 +79,17 @@ pub fn start(cluster: &ClusterName, dir: &Path, job_id: u32) {
             job_id.to_string(),
         ])
         .stdin(Stdio::null())
+        .process_group(0)
         .spawn();
-    if let Err(e) = res {
-        eprintln!(
-            "dask-spank: cannot start the cluster's keeper ({}): {e}; its size is not kept",
-            python()
-        );
+    match res {
+        Ok(child) => i32::try_from(child.id()).ok().map(|pgid| Keeper { pgid }),
+        Err(e) => {
+            eprintln!(
+                "dask-spank: cannot start the cluster's keeper ({}): {e}; its size is not kept",
+                python()
+            );
+            None
+        }
     }
 }
 

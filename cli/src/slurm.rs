@@ -108,6 +108,40 @@ pub fn is_queue_limit(err: &str) -> bool {
     err.contains("accounting/QOS policy") || err.contains("MaxSubmitJob")
 }
 
+/// Cancel every job of the user named as the cluster's worker jobs (those
+/// not submitted yet cannot be: stop the submitter first). Waits at most
+/// `timeout` for scancel: it runs while Slurm ends the scheduler job.
+pub fn scancel_workers(cluster: &str, timeout: std::time::Duration) -> Result<(), String> {
+    let mut child = Command::new("scancel")
+        .args([
+            "--user",
+            &user(),
+            "--name",
+            &job_name(Role::Worker, cluster),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run scancel: {e}"))?;
+    let end = std::time::Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) if st.success() => return Ok(()),
+            Ok(Some(st)) => return Err(format!("scancel failed ({st})")),
+            Ok(None) if std::time::Instant::now() < end => {
+                std::thread::sleep(std::time::Duration::from_millis(50))
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("scancel did not answer in {}s", timeout.as_secs()));
+            }
+            Err(e) => return Err(format!("scancel: {e}")),
+        }
+    }
+}
+
 pub fn scancel(ids: &[String]) -> Result<(), String> {
     if ids.is_empty() {
         return Ok(());

@@ -23,6 +23,20 @@ pub fn record(dir: &Path, t: &Target) -> Result<(), String> {
         .map_err(|e| format!("cannot record the target: {e}"))
 }
 
+/// The recorded intention (`None`: none, or unreadable).
+pub fn read(dir: &Path) -> Option<Target> {
+    serde_json::from_slice(&read_small_file(&dir.join(layout::TARGET), 65536).ok()?).ok()
+}
+
+/// Whether the keeper holds the cluster's size (a target other than down):
+/// then its worker jobs are the keeper's to end with the scheduler job.
+pub fn is_kept(dir: &Path) -> bool {
+    matches!(
+        read(dir),
+        Some(Target::Workers { .. } | Target::Adapt { .. })
+    )
+}
+
 /// What the keeper reported last (`None`: no keeper yet).
 pub fn keeper_status(dir: &Path) -> Option<serde_json::Value> {
     serde_json::from_slice(&read_small_file(&dir.join(layout::KEEPER), 65536).ok()?).ok()
