@@ -66,9 +66,11 @@ pub fn explain_rejection(role: Role, inserted: &[String], stderr: &str) -> Optio
         let words: &[&str] = match opt {
             "--partition" => &["invalid partition", "partition not available", "partition"],
             "--licenses" => &["license"],
-            "--account" => &["account"],
+            // Not "accounting/QOS policy" (a queue limit such as
+            // MaxSubmitJobs, which no inserted value caused).
+            "--account" => &["invalid account"],
             "--mem" => &["memory"],
-            "--time" => &["time limit"],
+            "--time" => &["requested time limit"],
             "--cpus-per-task" => &["processors", "cpu count"],
             _ => &[],
         };
@@ -185,6 +187,41 @@ mod tests {
         assert_eq!(
             explain_rejection(Role::Worker, &ins, "sbatch: error: Invalid account"),
             None
+        );
+        // A queue limit (MaxSubmitJobs): nobody's value to blame, though
+        // Slurm's text says "accounting" and "time limits".
+        let with_account_and_time = [
+            ins.clone(),
+            vec!["--account=grp".into(), "--time=2:00:00".into()],
+        ]
+        .concat();
+        assert_eq!(
+            explain_rejection(
+                Role::Worker,
+                &with_account_and_time,
+                "sbatch: error: AssocMaxSubmitJobLimit\nsbatch: error: Batch job submission failed: \
+                 Job violates accounting/QOS policy (job submit limit, user's size and/or time limits)"
+            ),
+            None
+        );
+        assert_eq!(
+            explain_rejection(
+                Role::Worker,
+                &with_account_and_time,
+                "sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified"
+            )
+            .as_deref(),
+            // (the pair is what Slurm refused)
+            Some("--partition=htc was set by dask-spank's worker_partition, --account=grp was set by dask-spank's account (the site policy in plugstack.conf); tell your site administrator")
+        );
+        assert_eq!(
+            explain_rejection(
+                Role::Worker,
+                &with_account_and_time,
+                "sbatch: error: Batch job submission failed: Requested time limit is invalid (missing or exceeds some limit)"
+            )
+            .as_deref(),
+            Some("--time=2:00:00 was set by dask-spank's worker_time (the site policy in plugstack.conf); tell your site administrator")
         );
         assert_eq!(
             explain_rejection(
