@@ -70,8 +70,13 @@ def restart_mid_computation(cluster_name: str, sig, install=None) -> None:
     assert "worker adopted, pid" in worker_log(arr, 1)
     # The new agent supervises them: a worker killed now comes back.
     name, pid = sorted(before.items())[0]
+    old = next(a for a, w in c.scheduler_info()["workers"].items() if w["name"] == name)
     os.kill(pid, signal.SIGKILL)
-    sb.wait_until("the killed worker to come back", lambda: worker_pids(c).get(name) not in (None, pid), 30, 0.2)
+    # The scheduler's view first: a broadcast (worker_pids) that still
+    # names the dead address waits out dask's 30 s connect timeout.
+    sb.wait_until("the killed worker to come back", lambda: any(
+        w["name"] == name and a != old for a, w in c.scheduler_info()["workers"].items()), 30, 0.2)
+    assert worker_pids(c).get(name) not in (None, pid)
     c.close()
 
 
