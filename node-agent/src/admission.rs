@@ -9,6 +9,7 @@
 //!   job name: slurmctld, in one `squeue` call (`slurm`).
 
 use crate::slurm::{self, ControllerFacts, FactsError};
+use crate::spawn::Starter;
 use dask_spank_common::policy::{check_job, JobFacts};
 use dask_spank_common::JobSpec;
 
@@ -75,9 +76,10 @@ pub fn decide(
 }
 
 /// `Ok` to start, `Err` with the reason to refuse.
-pub async fn admit(spec: &JobSpec) -> Result<Admitted, Refusal> {
+pub async fn admit(via: &Starter, spec: &JobSpec) -> Result<Admitted, Refusal> {
     let name = dask_spank_common::names::job_name(spec.role, spec.cluster.as_str());
     let facts = slurm::job_facts(
+        via,
         &spec.label(),
         &name,
         (spec.role.as_str(), spec.cluster.as_str()),

@@ -9,6 +9,7 @@ use crate::dask_cmd::DaskSettings;
 use crate::jobs::Jobs;
 use crate::memwatch::MemWatch;
 use crate::metrics::Metrics;
+use crate::spawn::Starter;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +20,8 @@ pub struct Agent {
     pub settings: DaskSettings,
     pub metrics: Arc<Metrics>,
     pub memwatch: Arc<MemWatch>,
+    /// How processes are started: the spawner and the start deadline.
+    pub starter: Arc<Starter>,
     /// Every connection handler (hence every supervisor) runs in here.
     pub tasks: TaskTracker,
     /// Cancelled when the agent shuts down.
@@ -26,10 +29,11 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn new(jobs: Jobs, settings: DaskSettings) -> Arc<Agent> {
+    pub fn new(jobs: Jobs, settings: DaskSettings, starter: Starter) -> Arc<Agent> {
         Arc::new(Agent {
             jobs,
             settings,
+            starter: Arc::new(starter),
             metrics: Arc::default(),
             memwatch: Arc::default(),
             tasks: TaskTracker::new(),

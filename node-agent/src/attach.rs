@@ -16,12 +16,13 @@ use crate::agent::Agent;
 use crate::conn::{refuse, reply, MAX_REQUEST, OPEN_TIMEOUT, WRITE_TIMEOUT};
 use crate::connlimit::Permit;
 use crate::jobenv::JobEnv;
-use crate::joblog::{check_descriptor, JobLog};
+use crate::joblog::JobLog;
 use crate::jobs::JobHandle;
 use crate::jobs::StopRx;
 use crate::rlimits::{self, Rlimit};
 use crate::supervisor::{self, Adoption, Context, JobRun, Notice, Outcome};
-use crate::{cgroup, procfs, wire};
+use crate::userio;
+use crate::{cgroup, fdcheck, procfs, wire};
 use dask_spank_common::messages::Attach;
 use dask_spank_common::{JobSpec, JobState, Request, Response};
 use std::os::fd::OwnedFd;
@@ -53,10 +54,17 @@ fn capture(pidfd: &std::os::fd::OwnedFd, peer: &Peer) -> Result<Captured, String
     Ok(Captured { cgroups, rlimits })
 }
 
-/// The job's log descriptor, passed with SCM_RIGHTS after `SendLogFd`.
-async fn receive_log(s: &mut UnixStream, spec: &JobSpec) -> Result<JobLog, String> {
+/// How long the type of a job's log file may take to read (from memory;
+/// see `fdcheck::file_type`).
+const LOG_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The job's log descriptor, passed with SCM_RIGHTS after `SendLogFd` by
+/// `peer`: refused on a file system a user's daemon serves, or unless it
+/// is a file (see `fdcheck`). Held as a `UserFd` from the moment it
+/// arrives: even a refused one is closed off the event loop.
+async fn receive_log(s: &mut UnixStream, spec: &JobSpec, peer: &Peer) -> Result<JobLog, String> {
     reply(s, &Response::SendLogFd).await?;
-    let fd = match tokio::time::timeout(OPEN_TIMEOUT, wire::recv_fd(s)).await {
+    let fd = match tokio::time::timeout(OPEN_TIMEOUT, wire::recv_fd(s, spec.uid)).await {
         Ok(Ok(fd)) => fd,
         Ok(Err(e)) => {
             return Err(format!(
@@ -71,7 +79,31 @@ async fn receive_log(s: &mut UnixStream, spec: &JobSpec) -> Result<JobLog, Strin
             ))
         }
     };
-    check_descriptor(&fd).map_err(|e| format!("job {}: {e}", spec.job_id))?;
+    let job = |e: String| format!("job {}: {e}", spec.job_id);
+    let Some(raw) = fd.borrow() else {
+        return Err(job("no log file descriptor".into()));
+    };
+    let link = fdcheck::link(raw);
+    fdcheck::check_log(raw, peer.pid).map_err(job)?;
+    let probe = fd.clone();
+    let kind = userio::call(spec.uid, LOG_CHECK_TIMEOUT, move || {
+        probe.borrow().map(fdcheck::file_type)
+    })
+    .await;
+    match kind {
+        Some(Some(Ok(kind))) => fdcheck::judge_type(&link, kind).map_err(job)?,
+        Some(_) => {
+            return Err(job(format!(
+                "cannot read the type of the job's output {link}"
+            )))
+        }
+        None => {
+            return Err(job(format!(
+                "the job's output {link} did not answer within {}s: its file system hangs",
+                LOG_CHECK_TIMEOUT.as_secs()
+            )))
+        }
+    }
     Ok(JobLog::new(fd, spec.label()))
 }
 
@@ -105,7 +137,7 @@ pub async fn run(
     // From here on the connection is the job's, bounded by Slurm's jobs.
     drop(permit);
     let prepared = match capture(&pidfd, &peer) {
-        Ok(c) => receive_fds(&mut s, &spec, a.forkserver_fd)
+        Ok(c) => receive_fds(&mut s, &spec, &peer, a.forkserver_fd)
             .await
             .map(|fds| (c, fds)),
         Err(e) => Err(format!("job {}: {e}", spec.job_id)),
@@ -139,7 +171,7 @@ pub async fn run(
     } else {
         // Boxed: the admission's futures would otherwise be part of this
         // job's task for its whole life.
-        Box::pin(admission::admit(&spec)).await
+        Box::pin(admission::admit(&agent.starter, &spec)).await
     };
     match admitted {
         Ok(admitted) => {
@@ -167,14 +199,23 @@ pub async fn run(
 async fn receive_fds(
     s: &mut UnixStream,
     spec: &JobSpec,
+    peer: &Peer,
     forkserver: bool,
 ) -> Result<(JobLog, Option<OwnedFd>), String> {
-    let log = receive_log(s, spec).await?;
+    let log = receive_log(s, spec, peer).await?;
     if !forkserver {
         return Ok((log, None));
     }
-    match tokio::time::timeout(OPEN_TIMEOUT, wire::recv_fd(s)).await {
-        Ok(Ok(fd)) => Ok((log, Some(fd))),
+    match tokio::time::timeout(OPEN_TIMEOUT, wire::recv_fd(s, spec.uid)).await {
+        // A socket costs nothing to use or close; anything else stays the
+        // user's and is closed off the event loop.
+        Ok(Ok(fd)) => match fd.into_socket() {
+            Some(sock) => Ok((log, Some(sock))),
+            None => Err(format!(
+                "job {}: the fork server's descriptor passed back is not a socket",
+                spec.job_id
+            )),
+        },
         _ => Err(format!(
             "job {}: the fork server's socket was announced but not passed",
             spec.job_id
@@ -255,6 +296,7 @@ async fn supervise(mut s: UnixStream, agent: Arc<Agent>, acc: Accepted) -> Resul
         memwatch: agent.memwatch.clone(),
         scheduler: addr_rx,
         notify,
+        starter: agent.starter.clone(),
     };
     let mut task = agent.tasks.spawn(supervisor::run(ctx, run, stop));
     let mut open = true;

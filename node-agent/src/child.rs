@@ -73,7 +73,11 @@ pub fn status_lost() -> io::Error {
 
 impl Child {
     pub fn new(c: std::process::Child) -> io::Result<Child> {
-        let pid = c.id() as i32;
+        Child::own(c.id() as i32)
+    }
+
+    /// The agent's own child `pid` (made by the spawner, or by `Command`).
+    pub fn own(pid: i32) -> io::Result<Child> {
         // Nobody but us waits for our children: until we reap it, `pid`
         // names this process, even if it already exited.
         let pidfd = register(procfs::pidfd_open(pid)?)?;
@@ -185,6 +189,12 @@ impl Child {
                 });
             }
         }
+    }
+
+    /// SIGKILL the process itself (not its group: a process that has not
+    /// called setsid yet shares its maker's group).
+    pub fn kill(&self) {
+        let _ = procfs::pidfd_signal(self.pidfd.get_ref(), Signal::SIGKILL as i32);
     }
 
     /// Reap it (after `exited`): its pid may now be reused.

@@ -5,6 +5,8 @@
 use crate::agent::Agent;
 use crate::dask_cmd::DaskSettings;
 use crate::jobs::Jobs;
+use crate::spawn::Starter;
+use crate::spawner::Spawner;
 use crate::{metrics, privileges, recovery, server, statefile};
 use dask_spank_common::client::Client;
 use dask_spank_common::paths::agent_socket;
@@ -20,6 +22,8 @@ pub struct Options {
     pub node: String,
     pub settings: DaskSettings,
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// How long a new process may take to get to its exec (`spawn`).
+    pub start_timeout: Duration,
 }
 
 /// Every supervised job holds a few descriptors (its attach connection, its
@@ -102,6 +106,13 @@ pub async fn run(o: Options) -> Result<(), String> {
     }
     privileges::drop_unneeded()?;
     raise_nofile();
+    // First, while the agent holds no user's descriptor (see `spawner`).
+    let spawner = Spawner::start(std::path::Path::new("/proc/self/exe"))
+        .map_err(|e| format!("cannot start the spawner process: {e}"))?;
+    let starter = Starter {
+        spawner,
+        deadline: o.start_timeout,
+    };
     if let Some(stub) = &o.settings.stub {
         tracing::warn!(
             "BENCHMARK MODE: running `{}` instead of dask and trusting registrations without slurmctld; never use --stub-command on a production node",
@@ -123,7 +134,7 @@ pub async fn run(o: Options) -> Result<(), String> {
             tracing::info!("{kept} jobs of the previous agent kept; their processes are adopted as their jobs reattach");
         }
     }
-    let agent = Agent::new(jobs, o.settings);
+    let agent = Agent::new(jobs, o.settings, starter);
     tokio::spawn(agent.memwatch.clone().run());
     if let Some(addr) = o.metrics_addr {
         serve_metrics(addr, &agent).await?;
@@ -131,7 +142,7 @@ pub async fn run(o: Options) -> Result<(), String> {
     let sock = agent_socket(&o.agent_dir, &o.node);
     tracing::info!(node = %o.node, socket = %sock.display(), "dask-node-agent ready");
     systemd_ready();
-    wait_for_signal(listener, agent.clone()).await?;
+    let lost = wait_for_signal(listener, agent.clone()).await?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     // A handover, not a stop: the jobs' processes run on, and the next
     // agent adopts them as their jobs reattach. If none comes, each job's
@@ -143,21 +154,29 @@ pub async fn run(o: Options) -> Result<(), String> {
     );
     let _ = std::fs::remove_file(&sock);
     // Without running destructors: they would stop what runs.
-    std::process::exit(0)
+    std::process::exit(if lost { 1 } else { 0 })
 }
 
-/// Serve until SIGTERM or SIGINT.
+/// Serve until SIGTERM or SIGINT, or until the spawner is lost: then no
+/// process can be started any more, and the agent leaves as if it had
+/// crashed (exit 1; systemd's Restart= brings a new one, which adopts the
+/// jobs). A new spawner cannot be made here: the agent now holds users'
+/// descriptors, which a fork would copy. Whether the spawner was lost.
 async fn wait_for_signal(
     listener: tokio::net::UnixListener,
     agent: Arc<Agent>,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-    tokio::select! {
-        _ = server::serve(listener, agent) => {}
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let lost = tokio::select! {
+        _ = server::serve(listener, agent.clone()) => false,
+        _ = term.recv() => false,
+        _ = int.recv() => false,
+        _ = agent.starter.spawner.ended() => true,
+    };
+    if lost {
+        tracing::error!("the spawner process is gone: leaving, for a new agent to take over");
     }
-    Ok(())
+    Ok(lost)
 }

@@ -19,7 +19,7 @@
 use crate::child::Child;
 use crate::procfs::{self, ProcId};
 use crate::python_boot::FORKSERVER;
-use crate::spawn::{spawn, SpawnRequest};
+use crate::spawn::{spawn, SpawnError, SpawnRequest};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::io;
@@ -111,7 +111,8 @@ pub fn boot_args() -> Vec<String> {
 impl ForkServer {
     /// Start the server as `req` says (program: the job's Python; args and
     /// stdin are set here).
-    pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<ForkServer> {
+    pub async fn spawn(req: &SpawnRequest<'_>) -> Result<ForkServer, SpawnError> {
+        use std::os::fd::AsFd;
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
         ours.set_nonblocking(true)?;
         let args = boot_args();
@@ -119,10 +120,12 @@ impl ForkServer {
         env.push(FORKSERVER.env());
         let child = spawn(&SpawnRequest {
             args: &args,
-            stdin: Some(OwnedFd::from(theirs)),
+            stdin: Some(theirs.as_fd()),
             extra_env: &env,
             ..*req
-        })?;
+        })
+        .await?;
+        drop(theirs);
         let (rx, tx) = UnixStream::from_std(ours)?.into_split();
         Ok(ForkServer {
             child,

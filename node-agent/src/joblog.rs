@@ -3,24 +3,23 @@
 //!
 //! The file descriptor comes from `dask-spank attach`: Slurm opened it as the
 //! user, the agent never opens files in users' directories. It is the
-//! user's, so it is hostile: it must be a regular file (or /dev/null), and
-//! even a regular file can block a writer forever (a hung NFS server, a
-//! FUSE file system the user runs). So the event loop never writes: a line
-//! goes into the job's bounded queue, and a small pool of writer threads
-//! drains the queues. A job whose writes hang keeps one writer busy and
-//! loses its later lines (counted); every other job and the agent go on.
+//! user's, so it is hostile: checked without asking its file system
+//! (`fdcheck`), and even then a write or the final close can block forever
+//! (a hung NFS server). So the event loop never writes nor closes: a line
+//! goes into the job's bounded queue, and a thread of the user's budget
+//! (`userio`) drains it. A job whose writes hang keeps one of its user's
+//! threads and loses its later lines (counted); every other job, of this
+//! user or another, and the agent go on.
 //!
 //! Text in a line may come from users (paths, their fork server's words):
 //! control characters are escaped, so that a line stays one line and
 //! cannot paint a terminal or forge another line.
 
+use crate::userio::{self, UserFd};
 use std::collections::VecDeque;
-use std::fs::File;
-use std::io::Write;
-use std::os::fd::OwnedFd;
-use std::os::unix::fs::FileTypeExt;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 /// Bytes of lines one job may have waiting for a writer.
@@ -29,8 +28,6 @@ const MAX_QUEUED_PER_JOB: usize = 16 * 1024;
 const MAX_QUEUED_TOTAL: usize = 8 << 20;
 /// Longest message kept in one line; the rest is cut.
 const MAX_MESSAGE: usize = 2048;
-/// Writer threads at most (each one a job whose file hangs, at worst).
-const MAX_WRITERS: usize = 16;
 
 pub struct JobLog {
     sink: Arc<Sink>,
@@ -38,7 +35,7 @@ pub struct JobLog {
 }
 
 struct Sink {
-    file: File,
+    file: UserFd,
     queue: Mutex<Queue>,
     dropped: AtomicU64,
 }
@@ -47,35 +44,8 @@ struct Sink {
 struct Queue {
     lines: VecDeque<Vec<u8>>,
     bytes: usize,
-    /// A writer has this sink in hand or in its channel.
+    /// A drain is queued or running.
     scheduled: bool,
-}
-
-/// Whether a descriptor may serve as a job log: a regular file, or /dev/null.
-pub fn check_descriptor(fd: &OwnedFd) -> Result<(), String> {
-    let f = File::from(fd.try_clone().map_err(|e| e.to_string())?);
-    let meta = f.metadata().map_err(|e| e.to_string())?;
-    let t = meta.file_type();
-    let dev_null = {
-        use std::os::unix::fs::MetadataExt;
-        t.is_char_device() && meta.rdev() == libc::makedev(1, 3)
-    };
-    if t.is_file() || dev_null {
-        return Ok(());
-    }
-    let what = if t.is_fifo() {
-        "a pipe"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_char_device() {
-        "a terminal or device"
-    } else {
-        "not a file"
-    };
-    Err(format!(
-        "the job's output (the descriptor passed by `dask-spank attach`) is {what}: \
-         it must be the job's log file (do not redirect or pipe the output of `dask-spank attach`)"
-    ))
 }
 
 /// Make user-supplied text safe for one log line.
@@ -96,11 +66,11 @@ pub fn escape(msg: &str) -> String {
 }
 
 impl JobLog {
-    /// A log writing to `fd` (checked with `check_descriptor`).
-    pub fn new(fd: OwnedFd, label: String) -> JobLog {
+    /// A log writing to `fd` (checked with `fdcheck`).
+    pub fn new(fd: UserFd, label: String) -> JobLog {
         JobLog {
             sink: Arc::new(Sink {
-                file: File::from(fd),
+                file: fd,
                 queue: Mutex::default(),
                 dropped: AtomicU64::new(0),
             }),
@@ -110,7 +80,7 @@ impl JobLog {
 
     /// A log that writes nowhere (tests).
     pub fn discard() -> JobLog {
-        let null = File::options()
+        let null = std::fs::File::options()
             .write(true)
             .open("/dev/null")
             .map(OwnedFd::from)
@@ -118,12 +88,16 @@ impl JobLog {
                 let (a, _) = std::os::unix::net::UnixStream::pair().expect("socketpair"); // ok: tests only, /dev/null is always there
                 OwnedFd::from(a)
             });
-        JobLog::new(null, "-".into())
+        JobLog::new(UserFd::new(null, u32::MAX), "-".into())
     }
 
-    /// A copy of the descriptor, for a child's stdout and stderr.
-    pub fn fd(&self) -> std::io::Result<OwnedFd> {
-        Ok(OwnedFd::from(self.sink.file.try_clone()?))
+    /// The descriptor, to send to a new process as its stdout and stderr
+    /// (never to make a system call on here).
+    pub fn fd(&self) -> std::io::Result<BorrowedFd<'_>> {
+        self.sink
+            .file
+            .borrow()
+            .ok_or_else(|| std::io::Error::other("the job's log is closed"))
     }
 
     /// Lines lost because the job's file did not take them in time.
@@ -139,6 +113,20 @@ impl JobLog {
         let text = format!("{ts} dask-spank[{}]: {msg}\n", self.label).into_bytes();
         self.sink.push(text);
     }
+}
+
+/// Write all of `buf` to `fd` (no duplicate of the descriptor: closing
+/// one would flush the file, a round trip on NFS).
+fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> nix::Result<()> {
+    while !buf.is_empty() {
+        match nix::unistd::write(fd, buf) {
+            Ok(0) => return Err(nix::errno::Errno::EIO),
+            Ok(n) => buf = &buf[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 static QUEUED: AtomicUsize = AtomicUsize::new(0);
@@ -162,12 +150,16 @@ impl Sink {
         if !q.scheduled {
             q.scheduled = true;
             drop(q);
-            writers().submit(self.clone());
+            let sink = self.clone();
+            userio::submit(self.file.uid(), move || sink.drain());
         }
     }
 
-    /// Write what is queued, until the queue is empty (on a writer thread).
+    /// Write what is queued, until the queue is empty (on a user I/O thread).
     fn drain(&self) {
+        let Some(fd) = self.file.borrow() else {
+            return self.lose_all();
+        };
         loop {
             let text = {
                 let mut q = self.lock();
@@ -184,68 +176,30 @@ impl Sink {
                 }
             };
             // One write call per line keeps lines whole next to dask's output.
-            if (&self.file).write_all(&text).is_err() {
+            if write_all(fd, &text).is_err() {
                 self.dropped.fetch_add(1, Relaxed);
             }
         }
     }
-}
 
-/// The writer threads, started as needed up to `MAX_WRITERS`.
-struct Writers {
-    tx: Mutex<mpsc::Sender<Arc<Sink>>>,
-    rx: Arc<Mutex<mpsc::Receiver<Arc<Sink>>>>,
-    threads: AtomicUsize,
-    busy: Arc<AtomicUsize>,
-}
-
-fn writers() -> &'static Writers {
-    static W: OnceLock<Writers> = OnceLock::new();
-    W.get_or_init(|| {
-        let (tx, rx) = mpsc::channel();
-        Writers {
-            tx: Mutex::new(tx),
-            rx: Arc::new(Mutex::new(rx)),
-            threads: AtomicUsize::new(0),
-            busy: Arc::new(AtomicUsize::new(0)),
+    /// Count every queued line as lost (the descriptor cannot be used).
+    fn lose_all(&self) {
+        let mut q = self.lock();
+        while let Some(t) = q.lines.pop_front() {
+            QUEUED.fetch_sub(t.len(), Relaxed);
+            self.dropped.fetch_add(1, Relaxed);
         }
-    })
-}
-
-impl Writers {
-    fn submit(&self, sink: Arc<Sink>) {
-        let threads = self.threads.load(Relaxed);
-        if self.busy.load(Relaxed) >= threads && threads < MAX_WRITERS {
-            self.spawn_thread();
-        }
-        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = tx.send(sink);
-    }
-
-    fn spawn_thread(&self) {
-        let (rx, busy) = (self.rx.clone(), self.busy.clone());
-        let spawned = std::thread::Builder::new()
-            .name("joblog-writer".into())
-            .stack_size(64 * 1024)
-            .spawn(move || loop {
-                let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                let Ok(sink) = next else { return };
-                busy.fetch_add(1, Relaxed);
-                sink.drain();
-                busy.fetch_sub(1, Relaxed);
-            });
-        match spawned {
-            Ok(_) => {
-                self.threads.fetch_add(1, Relaxed);
-            }
-            Err(e) => tracing::warn!("cannot start a log writer thread: {e}"),
-        }
+        q.bytes = 0;
+        q.scheduled = false;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
     use std::time::{Duration, Instant};
 
     #[test]
@@ -253,22 +207,6 @@ mod tests {
         assert_eq!(escape("a\nb\x1b[31mc\td"), "a\\nb\\u{1b}[31mc\\td");
         assert_eq!(escape("héllo wörld"), "héllo wörld");
         assert!(escape(&"x".repeat(10_000)).len() < MAX_MESSAGE + 8);
-    }
-
-    #[test]
-    fn only_files_and_dev_null_are_accepted() {
-        let null = OwnedFd::from(File::options().write(true).open("/dev/null").unwrap());
-        assert!(check_descriptor(&null).is_ok());
-        let file = OwnedFd::from(tempfile());
-        assert!(check_descriptor(&file).is_ok());
-        let (r, _w) = nix::unistd::pipe().unwrap();
-        assert!(check_descriptor(&r).unwrap_err().contains("is a pipe"));
-        let (s, _) = std::os::unix::net::UnixStream::pair().unwrap();
-        assert!(check_descriptor(&OwnedFd::from(s))
-            .unwrap_err()
-            .contains("socket"));
-        let zero = OwnedFd::from(File::open("/dev/zero").unwrap());
-        assert!(check_descriptor(&zero).is_err());
     }
 
     fn tempfile() -> File {
@@ -288,50 +226,65 @@ mod tests {
         f
     }
 
-    #[test]
-    fn a_full_pipe_never_blocks_the_caller_and_lines_are_counted_as_dropped() {
-        // Even if a pipe got through: its reader never reads.
-        let (_r, w) = nix::unistd::pipe().unwrap();
+    /// A pipe whose reader never reads, already full: a write blocks.
+    fn hung() -> OwnedFd {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        std::mem::forget(r);
         let full = vec![0u8; 65536];
-        let mut f = File::from(w.try_clone().unwrap());
-        nix::fcntl::fcntl(
-            std::os::fd::AsRawFd::as_raw_fd(&f),
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-        )
-        .unwrap();
-        let _ = f.write(&full);
-        nix::fcntl::fcntl(
-            std::os::fd::AsRawFd::as_raw_fd(&f),
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
-        )
-        .unwrap();
-        let log = JobLog::new(w, "1".into());
-        let t0 = Instant::now();
-        for i in 0..2000 {
-            log.line(&format!("line {i} {}", "x".repeat(100)));
-        }
-        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
-        assert!(log.dropped() > 1000, "{}", log.dropped());
-        // Another job's log still gets its lines.
-        let mut other_file = tempfile();
-        let other = JobLog::new(OwnedFd::from(other_file.try_clone().unwrap()), "2".into());
-        other.line("hello\nforged line");
+        let f = File::from(w.try_clone().unwrap());
+        let fl = nix::fcntl::FcntlArg::F_SETFL;
+        nix::fcntl::fcntl(f.as_raw_fd(), fl(nix::fcntl::OFlag::O_NONBLOCK)).unwrap();
+        let _ = (&f).write(&full);
+        nix::fcntl::fcntl(f.as_raw_fd(), fl(nix::fcntl::OFlag::empty())).unwrap();
+        w
+    }
+
+    fn read_when_written(f: &mut File) -> String {
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut text = String::new();
         while Instant::now() < deadline {
-            use std::io::{Read, Seek};
             text.clear();
-            other_file.seek(std::io::SeekFrom::Start(0)).unwrap();
-            other_file.read_to_string(&mut text).unwrap();
+            f.seek(std::io::SeekFrom::Start(0)).unwrap();
+            f.read_to_string(&mut text).unwrap();
             if !text.is_empty() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert!(
-            text.ends_with("dask-spank[2]: hello\\nforged line\n"),
-            "{text:?}"
-        );
-        assert_eq!(text.lines().count(), 1);
+        text
+    }
+
+    #[test]
+    fn hung_logs_never_block_the_caller_nor_another_jobs_lines() {
+        let uid = 4_100_000;
+        // 20 jobs of one user whose logs hang (a full pipe stands in for a
+        // file on a file system that does not answer).
+        let hung_logs: Vec<JobLog> = (0..20)
+            .map(|i| JobLog::new(UserFd::new(hung(), uid), format!("h{i}")))
+            .collect();
+        let t0 = Instant::now();
+        for i in 0..100 {
+            for log in &hung_logs {
+                log.line(&format!("line {i} {}", "x".repeat(300)));
+            }
+        }
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+        assert!(hung_logs.iter().all(|l| l.dropped() > 0));
+        // Another job of the same user, and one of another user, still get
+        // their lines, escaped, one each.
+        for (who, label) in [(uid, "2"), (uid + 1, "3")] {
+            let mut file = tempfile();
+            let log = JobLog::new(
+                UserFd::new(OwnedFd::from(file.try_clone().unwrap()), who),
+                label.into(),
+            );
+            log.line("hello\nforged line");
+            let text = read_when_written(&mut file);
+            assert!(
+                text.ends_with(&format!("dask-spank[{label}]: hello\\nforged line\n")),
+                "{text:?}"
+            );
+            assert_eq!(text.lines().count(), 1);
+        }
     }
 }

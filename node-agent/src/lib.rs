@@ -8,10 +8,16 @@
 //!   what), [`handlers`] and [`attach`] (one per request);
 //! * [`supervisor`] (the nanny loop), [`admission`] (policy against Slurm);
 //! * [`agent`] (shared state), [`jobs`] (the job table), [`process`],
-//!   [`forkserver`], [`spawn`], [`memwatch`], [`metrics`], [`joblog`], and
-//!   the leaves: [`procfs`], [`cgroup`], [`rlimits`], [`slurm`],
-//!   [`statefile`], [`recovery`], [`restart`], [`dask_cmd`], [`jobenv`],
-//!   [`privileges`], [`connlimit`], [`wire`].
+//!   [`forkserver`], [`spawn`] (through the [`spawner`] process and
+//!   [`launch`]), [`memwatch`], [`metrics`], [`joblog`], and the leaves:
+//!   [`procfs`], [`cgroup`], [`rlimits`], [`slurm`], [`statefile`],
+//!   [`recovery`], [`restart`], [`dask_cmd`], [`jobenv`], [`privileges`],
+//!   [`connlimit`], [`wire`], [`userio`] and [`fdcheck`].
+//!
+//! The rule that shapes the lower layers: the agent never waits on a
+//! user's file system. It never forks (the spawner makes its processes),
+//! never makes a system call on a user's descriptor on the event loop
+//! (`userio`), and learns what a descriptor is from /proc (`fdcheck`).
 
 pub mod access;
 pub mod admission;
@@ -23,11 +29,13 @@ pub mod conn;
 pub mod connlimit;
 pub mod daemon;
 pub mod dask_cmd;
+pub mod fdcheck;
 pub mod forkserver;
 pub mod handlers;
 pub mod jobenv;
 pub mod joblog;
 pub mod jobs;
+pub mod launch;
 pub mod memwatch;
 pub mod metrics;
 pub mod privileges;
@@ -41,6 +49,8 @@ pub mod server;
 pub mod siteops;
 pub mod slurm;
 pub mod spawn;
+pub mod spawner;
 pub mod statefile;
 pub mod supervisor;
+pub mod userio;
 pub mod wire;

@@ -2,7 +2,7 @@
 //! library for the daemon itself).
 
 use clap::{Parser, Subcommand};
-use dask_node_agent::{daemon, dask_cmd, siteops};
+use dask_node_agent::{daemon, dask_cmd, siteops, spawner};
 use dask_spank_common::client::{Client, ClientError};
 use dask_spank_common::messages::JobStatus;
 use dask_spank_common::paths::{agent_socket, DEFAULT_AGENT_DIR};
@@ -70,7 +70,16 @@ enum Cmd {
         /// trust registrations without asking slurmctld.
         #[arg(long, hide = true, value_name = "COMMAND")]
         stub_command: Option<String>,
+        /// How long a new dask process may take to get to its exec: entering
+        /// the job's working directory, finding and loading its program. A
+        /// start that takes longer (a file system that does not answer)
+        /// fails the job with a reason naming the path.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        start_timeout: Duration,
     },
+    /// The agent's spawner process (started by the agent itself).
+    #[command(hide = true)]
+    Spawner,
     /// Show the jobs this agent runs (all for root, your own otherwise).
     Status {
         #[command(flatten)]
@@ -182,6 +191,7 @@ fn run(
     dask_host: Option<String>,
     metrics_addr: Option<std::net::SocketAddr>,
     stub: Option<String>,
+    start_timeout: Duration,
 ) -> ExitCode {
     // One thread runs the event loop: every blocking step is off it (log
     // writers, scontrol/squeue children), and one thread keeps the agent
@@ -209,6 +219,7 @@ fn run(
             stub,
         },
         metrics_addr,
+        start_timeout,
     };
     match rt.block_on(daemon::run(opts)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -221,6 +232,10 @@ fn run(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Spawner = cli.cmd {
+        // Before anything else: the spawner stays one thread, no logger.
+        spawner::serve();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("DASK_AGENT_LOG")
@@ -259,7 +274,9 @@ fn main() -> ExitCode {
             dask_host,
             metrics_addr,
             stub_command,
-        } => run(at, dask_host, metrics_addr, stub_command),
+            start_timeout,
+        } => run(at, dask_host, metrics_addr, stub_command, start_timeout),
+        Cmd::Spawner => spawner::serve(),
         Cmd::StopJobs { at, reason } => client(&at, Request::StopJobs { reason }, |r| match r {
             Response::Ok => {
                 println!("every job's dask processes are being stopped");

@@ -15,9 +15,9 @@
 //! Memory and cpus come from slurmstepd itself (the registration), not
 //! from here.
 
+use crate::spawn::{self, Starter};
 use dask_spank_common::units::parse_time_s;
 use std::time::Duration;
-use tokio::process::Command;
 
 /// Bound on one squeue call.
 const SLURM_CMD_TIMEOUT: Duration = Duration::from_secs(15);
@@ -151,26 +151,15 @@ pub fn parse(
 /// as squeue does: `1234_5` for an array task (the array's own id would
 /// list all its tasks), the job id otherwise.
 pub async fn job_facts(
+    via: &Starter,
     label: &str,
     expected_name: &str,
     what: (&str, &str),
 ) -> Result<ControllerFacts, FactsError> {
     let args = ["-h", "-j", label, "-O", &format_arg()].map(String::from);
-    let out = tokio::time::timeout(
-        SLURM_CMD_TIMEOUT,
-        Command::new("squeue")
-            .args(&args)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .map_err(|_| {
-        FactsError::Slurm(format!(
-            "squeue did not answer within {}s",
-            SLURM_CMD_TIMEOUT.as_secs()
-        ))
-    })?
-    .map_err(|e| FactsError::Slurm(format!("cannot run squeue: {e}")))?;
+    let out = spawn::output(via, "squeue", &args, SLURM_CMD_TIMEOUT)
+        .await
+        .map_err(|e| FactsError::Slurm(format!("cannot run squeue: {e}")))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let err = String::from_utf8_lossy(&out.stderr);
     if text.trim().is_empty() && (out.status.success() || err.contains("Invalid job id")) {

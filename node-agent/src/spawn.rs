@@ -1,20 +1,19 @@
-//! Starting a process as the job's user, with no privileges.
+//! Starting a process as the job's user, with no privileges, without the
+//! agent ever waiting on the user's file systems.
 //!
-//! This is the one place where the agent crosses from root to a user, so
-//! every step is explicit. In the child, between fork and exec:
-//!   1. `setsid`: own session and process group, so the whole group can be
-//!      signalled and checked for leftovers.
-//!   2. Join the job's cgroup (every hierarchy where the job has one). A
-//!      failure fails the start: no user code runs outside the job's limits.
-//!   3. Take the job's resource limits (those of the job's own attaching
-//!      process, never more; see `rlimits`).
-//!   4. Drop every capability from the bounding set while still root.
-//!   5. `setgroups`, `setresgid`, `setresuid`: the job's identity. Leaving
-//!      uid 0 clears the permitted, effective and ambient capability sets.
-//!   6. `PR_SET_NO_NEW_PRIVS`: no setuid binary or file capability can give
-//!      anything back.
-//!   7. `chdir` to the job's directory, as the user (root may not be allowed
-//!      into a home on NFS with root_squash).
+//! This is the one place where the agent crosses from root to a user. The
+//! `spawner` makes a blank process (a child of the agent); the agent sends
+//! it its orders and the job's descriptors; the process does the steps of
+//! `launch` (own session, the job's cgroups and limits, no capabilities,
+//! the job's identity, no_new_privs, then the working directory and the
+//! program, as the user) and execs. The agent only reads the process's
+//! stage bytes, with a deadline ([`StartLimits::deadline`]): a working
+//! directory or a program on a file system that does not answer costs the
+//! job its start, with a reason naming the path, and costs the agent and
+//! every other job nothing. A process that missed its deadline is killed
+//! and reaped whenever it can be (a thread blocked on some file systems
+//! ignores even SIGKILL until they answer); while it lingers it counts
+//! against its user, who may have at most [`MAX_STUCK_PER_USER`] of them.
 //!
 //! No parent-death signal: the processes outlive a restart of the agent,
 //! whose successor adopts them (see `recovery`). They live in the job's
@@ -22,21 +21,26 @@
 //! job's own attach process stops them if no agent comes back.
 
 use crate::child::Child;
+use crate::launch::{self, Blank, Orders};
 use crate::rlimits::Rlimit;
-use std::ffi::CString;
+use crate::spawner::Spawner;
+use crate::wire;
+use std::collections::HashMap;
 use std::io;
-use std::os::fd::OwnedFd;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+use tokio::net::UnixStream;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    pub uid: u32,
-    pub gid: u32,
-    pub groups: Vec<u32>,
-}
+/// Starts stuck on a file system one user may have at a time; more fail at
+/// once (a user cannot pile up blocked processes in the agent's name).
+pub const MAX_STUCK_PER_USER: usize = 8;
+/// Longest failure reason read from a process.
+const MAX_REASON: u64 = 4096;
+
+pub use launch::User as Identity;
 
 pub struct SpawnRequest<'a> {
     pub program: &'a str,
@@ -45,17 +49,39 @@ pub struct SpawnRequest<'a> {
     pub cwd: &'a Path,
     pub identity: &'a Identity,
     /// stdout and stderr of the child (the job's log file).
-    pub output: &'a OwnedFd,
+    pub output: BorrowedFd<'a>,
     /// The job's resource limits.
     pub rlimits: &'a [Rlimit],
     /// `cgroup.procs` of each of the job's cgroups, joined before dropping root.
     pub cgroup_procs: &'a [PathBuf],
     /// stdin of the child (default: /dev/null).
-    pub stdin: Option<OwnedFd>,
+    pub stdin: Option<BorrowedFd<'a>>,
     /// Variables set on top of `env`.
     pub extra_env: &'a [(&'a str, &'a str)],
     /// The file mode creation mask, if not the agent's (022).
     pub umask: Option<u32>,
+    /// The spawner, and how long a start may take.
+    pub via: &'a Starter,
+}
+
+/// What every start goes through: the spawner and the deadline.
+pub struct Starter {
+    pub spawner: Spawner,
+    /// How long a process may take from its blank to its exec.
+    pub deadline: Duration,
+}
+
+/// Why a start failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// The process said why (a missing program, a refused directory).
+    #[error("{0}")]
+    Failed(String),
+    /// It did not get as far as its exec in time.
+    #[error("{0}")]
+    Late(String),
+    #[error("{0}")]
+    Io(#[from] io::Error),
 }
 
 /// Refuse to run anything as root: the agent only ever starts user code.
@@ -69,119 +95,268 @@ fn check_identity(id: &Identity) -> io::Result<()> {
     Ok(())
 }
 
-fn errno_check(ret: libc::c_int) -> io::Result<()> {
-    if ret == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-fn c_path(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
-}
-
-/// Everything the child needs between fork and exec, prepared before the
-/// fork: the closure may not allocate.
-struct ChildSetup {
-    cgroups: Vec<CString>,
-    rlimits: Vec<(i32, libc::rlimit)>,
-    groups: Vec<libc::gid_t>,
-    uid: u32,
-    gid: u32,
-    cwd: CString,
-    umask: Option<u32>,
-}
-
-impl ChildSetup {
-    /// Runs in the forked child. Only async-signal-safe system calls.
-    fn apply(&self) -> io::Result<()> {
-        // SAFETY (whole function): plain system calls through libc on
-        // values prepared before the fork; nothing is allocated.
-        unsafe {
-            errno_check(libc::setsid())?;
-            for path in &self.cgroups {
-                // Writing "0" moves the writing process (v1 and v2 alike).
-                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-                if n != 1 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            for (res, lim) in &self.rlimits {
-                if libc::setrlimit(*res as _, lim) == 0 {
-                    continue;
-                }
-                // Without CAP_SYS_RESOURCE (a container) a limit above the
-                // agent's own cannot be set: take the agent's, which is lower.
-                let mut cur = libc::rlimit {
-                    rlim_cur: 0,
-                    rlim_max: 0,
-                };
-                errno_check(libc::getrlimit(*res as _, &mut cur))?;
-                let lower = libc::rlimit {
-                    rlim_cur: lim.rlim_cur.min(cur.rlim_max),
-                    rlim_max: lim.rlim_max.min(cur.rlim_max),
-                };
-                errno_check(libc::setrlimit(*res as _, &lower))?;
-            }
-            for cap in 0..64 {
-                // EINVAL past the last capability the kernel knows.
-                libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0);
-            }
-            errno_check(libc::setgroups(self.groups.len(), self.groups.as_ptr()))?;
-            errno_check(libc::setresgid(self.gid, self.gid, self.gid))?;
-            errno_check(libc::setresuid(self.uid, self.uid, self.uid))?;
-            if libc::geteuid() != self.uid || libc::getegid() != self.gid {
-                return Err(io::Error::from_raw_os_error(libc::EPERM));
-            }
-            errno_check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
-            errno_check(libc::chdir(self.cwd.as_ptr()))?;
-            if let Some(mask) = self.umask {
-                libc::umask(mask as libc::mode_t);
-            }
-        }
-        Ok(())
-    }
-}
-
-pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<Child> {
+/// Start a process as the job's user.
+pub async fn spawn(req: &SpawnRequest<'_>) -> Result<Child, SpawnError> {
     check_identity(req.identity)?;
-    let mut cmd = std::process::Command::new(req.program);
-    cmd.args(req.args)
-        .env_clear()
-        .envs(req.env.vars())
-        .envs(req.extra_env.iter().copied())
-        .stdin(match &req.stdin {
-            Some(fd) => Stdio::from(fd.try_clone()?),
-            None => Stdio::null(),
-        })
-        .stdout(Stdio::from(req.output.try_clone()?))
-        .stderr(Stdio::from(req.output.try_clone()?));
-    let setup = ChildSetup {
-        cgroups: req
-            .cgroup_procs
+    let uid = req.identity.uid;
+    let stuck = stuck_of(uid);
+    if stuck >= MAX_STUCK_PER_USER {
+        return Err(SpawnError::Failed(format!(
+            "{stuck} earlier starts of user {uid}'s processes on this node are stuck on file systems that do not answer; not starting more"
+        )));
+    }
+    let env = req
+        .env
+        .vars()
+        .filter(|(k, _)| !req.extra_env.iter().any(|(x, _)| x == k))
+        .chain(req.extra_env.iter().copied())
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let orders = Orders {
+        program: req.program.to_string(),
+        args: req.args.to_vec(),
+        env,
+        cwd: req.cwd.to_path_buf(),
+        user: Some(req.identity.clone()),
+        cgroups: req.cgroup_procs.to_vec(),
+        rlimits: req
+            .rlimits
             .iter()
-            .map(|p| c_path(p))
-            .collect::<io::Result<_>>()?,
-        rlimits: req.rlimits.iter().map(Rlimit::to_libc).collect(),
-        groups: req.identity.groups.clone(),
-        uid: req.identity.uid,
-        gid: req.identity.gid,
-        cwd: c_path(req.cwd)?,
+            .map(|r| (r.resource, r.soft, r.hard))
+            .collect(),
         umask: req.umask,
     };
-    // SAFETY: `apply` runs in the forked child before exec and only makes
-    // async-signal-safe system calls on values prepared before the fork.
-    unsafe {
-        cmd.pre_exec(move || setup.apply());
+    let null = std::fs::File::open("/dev/null")?;
+    let stdin = req.stdin.unwrap_or(null.as_fd());
+    let fds = [stdin, req.output, req.output];
+    start(req.via, orders, fds, Some(uid)).await
+}
+
+/// Run one of the agent's own commands (as root, in `/`, no user steps)
+/// with its output on `out` and `err`.
+pub async fn spawn_own(
+    via: &Starter,
+    program: &str,
+    args: &[String],
+    out: BorrowedFd<'_>,
+    err: BorrowedFd<'_>,
+) -> Result<Child, SpawnError> {
+    let orders = Orders {
+        program: program.to_string(),
+        args: args.to_vec(),
+        env: std::env::vars_os()
+            .filter_map(|(k, v)| Some(format!("{}={}", k.to_str()?, v.to_str()?)))
+            .collect(),
+        cwd: PathBuf::from("/"),
+        user: None,
+        cgroups: vec![],
+        rlimits: vec![],
+        umask: None,
+    };
+    let null = std::fs::File::open("/dev/null")?;
+    start(via, orders, [null.as_fd(), out, err], None).await
+}
+
+/// What one of the agent's own commands printed, and how it ended.
+pub struct Output {
+    pub status: std::process::ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// Run one of the agent's own commands to its end, at most `timeout`
+/// (then it is killed), and collect its output (up to 1 MiB each).
+pub async fn output(
+    via: &Starter,
+    program: &str,
+    args: &[String],
+    timeout: Duration,
+) -> Result<Output, SpawnError> {
+    use tokio::net::unix::pipe;
+    let (out_r, out_w) = nix::unistd::pipe().map_err(io::Error::from)?;
+    let (err_r, err_w) = nix::unistd::pipe().map_err(io::Error::from)?;
+    let mut child = spawn_own(via, program, args, out_w.as_fd(), err_w.as_fd()).await?;
+    drop((out_w, err_w));
+    let read = |fd| async move {
+        let mut buf = Vec::new();
+        let rx = pipe::Receiver::from_owned_fd(fd)?;
+        rx.take(1 << 20).read_to_end(&mut buf).await?;
+        Ok::<_, io::Error>(buf)
+    };
+    let all = async {
+        let (o, e) = tokio::join!(read(out_r), read(err_r));
+        let status = child.exited().await?;
+        Ok::<_, io::Error>((status, o?, e?))
+    };
+    match tokio::time::timeout(timeout, all).await {
+        Ok(Ok((status, stdout, stderr))) => {
+            child.reap();
+            Ok(Output {
+                status,
+                stdout,
+                stderr,
+            })
+        }
+        Ok(Err(e)) => {
+            abandon(child, None);
+            Err(e.into())
+        }
+        Err(_) => {
+            abandon(child, None);
+            Err(SpawnError::Late(format!(
+                "{program} did not finish within {}s",
+                timeout.as_secs()
+            )))
+        }
     }
-    Child::new(cmd.spawn()?)
+}
+
+/// Give a blank process its orders and descriptors; watch it until its
+/// exec, its failure or the deadline.
+async fn start(
+    via: &Starter,
+    orders: Orders,
+    fds: [BorrowedFd<'_>; 3],
+    uid: Option<u32>,
+) -> Result<Child, SpawnError> {
+    let Blank { pid, ctl } = via.spawner.blank().await?;
+    let child = Child::own(pid)?;
+    let std_ctl = std::os::unix::net::UnixStream::from(ctl);
+    std_ctl.set_nonblocking(true)?;
+    let mut ctl = UnixStream::from_std(std_ctl)?;
+    // The last stage said, kept outside the watch for the deadline's reason.
+    let mut stage = 0u8;
+    let said = tokio::time::timeout(via.deadline, async {
+        wire::send_fds(&ctl, &fds).await?;
+        wire::write(&mut ctl, &orders)
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        read_stages(&mut ctl, &mut stage).await
+    })
+    .await;
+    match said {
+        Ok(Ok(Stages::Exec)) => Ok(child),
+        Ok(Ok(Stages::Failed(why))) => {
+            abandon(child, uid);
+            Err(SpawnError::Failed(why))
+        }
+        Ok(Ok(Stages::Ended(stage))) => {
+            abandon(child, uid);
+            Err(SpawnError::Failed(format!(
+                "the new process ended before its exec ({})",
+                stage_name(stage)
+            )))
+        }
+        Ok(Err(e)) => {
+            abandon(child, uid);
+            Err(SpawnError::Io(e))
+        }
+        Err(_) => {
+            if let Some(u) = uid {
+                add_stuck(u, 1);
+            }
+            abandon(child, uid);
+            Err(SpawnError::Late(late_reason(&orders, stage, via.deadline)))
+        }
+    }
+}
+
+enum Stages {
+    /// EOF after EXECUTING: the exec happened.
+    Exec,
+    Failed(String),
+    /// EOF earlier, after this stage (0: none).
+    Ended(u8),
+}
+
+/// Read the process's stage bytes until its exec (EOF) or its failure;
+/// `last` is the last stage it said.
+async fn read_stages(ctl: &mut UnixStream, last: &mut u8) -> io::Result<Stages> {
+    loop {
+        let mut b = [0u8; 1];
+        if ctl.read(&mut b).await? == 0 {
+            return Ok(if *last == launch::EXECUTING {
+                Stages::Exec
+            } else {
+                Stages::Ended(*last)
+            });
+        }
+        if b[0] == launch::FAILED {
+            let mut why = Vec::new();
+            let mut r = (&mut *ctl).take(MAX_REASON);
+            // Up to the end of the line: the process may still be closing
+            // the job's descriptors (on a hung file system) after it.
+            loop {
+                let mut c = [0u8; 1];
+                if r.read(&mut c).await? == 0 || c[0] == b'\n' {
+                    break;
+                }
+                why.push(c[0]);
+            }
+            return Ok(Stages::Failed(String::from_utf8_lossy(&why).into_owned()));
+        }
+        *last = b[0];
+    }
+}
+
+fn stage_name(stage: u8) -> &'static str {
+    match stage {
+        launch::SET_UP | launch::ENTERING_CWD => "entering its working directory",
+        launch::EXECUTING => "loading the program",
+        _ => "setting up",
+    }
+}
+
+/// The reason of a start that missed its deadline, naming what it waited on.
+fn late_reason(o: &Orders, stage: u8, deadline: Duration) -> String {
+    let s = deadline.as_secs();
+    match stage {
+        launch::SET_UP | launch::ENTERING_CWD => format!(
+            "the job's working directory {} did not answer within {s}s (a file system that does not answer?); start abandoned",
+            o.cwd.display()
+        ),
+        launch::EXECUTING if o.program.contains('/') => format!(
+            "the program {} could not be loaded within {s}s: its file system does not answer; start abandoned",
+            o.program
+        ),
+        launch::EXECUTING => format!(
+            "{} could not be found on the job's PATH and loaded within {s}s: a directory of the PATH or its file system does not answer; start abandoned",
+            o.program
+        ),
+        _ => format!(
+            "the new process did not get into the job's cgroups and identity within {s}s; start abandoned"
+        ),
+    }
+}
+
+/// Kill a process that will not exec, and reap it whenever it ends; a
+/// stuck one counted against its user until then.
+fn abandon(mut child: Child, stuck_uid: Option<u32>) {
+    child.kill();
+    tokio::spawn(async move {
+        let _ = child.exited().await;
+        child.reap();
+        if let Some(u) = stuck_uid {
+            add_stuck(u, -1);
+        }
+    });
+}
+
+static STUCK: Mutex<Option<HashMap<u32, usize>>> = Mutex::new(None);
+
+fn stuck_of(uid: u32) -> usize {
+    let s = STUCK.lock().unwrap_or_else(|p| p.into_inner());
+    s.as_ref().and_then(|m| m.get(&uid)).copied().unwrap_or(0)
+}
+
+fn add_stuck(uid: u32, by: isize) {
+    let mut s = STUCK.lock().unwrap_or_else(|p| p.into_inner());
+    let m = s.get_or_insert_with(HashMap::new);
+    let n = m.entry(uid).or_default();
+    *n = n.saturating_add_signed(by);
+    if *n == 0 {
+        m.remove(&uid);
+    }
 }
 
 #[cfg(test)]
@@ -203,5 +378,35 @@ mod tests {
             groups: vec![]
         })
         .is_ok());
+    }
+
+    #[test]
+    fn a_late_start_names_what_it_waited_on() {
+        let o = Orders {
+            program: "/mnt/fuse/env/bin/python".into(),
+            args: vec![],
+            env: vec![],
+            cwd: "/mnt/fuse/dir".into(),
+            user: None,
+            cgroups: vec![],
+            rlimits: vec![],
+            umask: None,
+        };
+        let d = Duration::from_secs(10);
+        let cwd = late_reason(&o, launch::ENTERING_CWD, d);
+        assert!(
+            cwd.contains("working directory /mnt/fuse/dir did not answer within 10s"),
+            "{cwd}"
+        );
+        let prog = late_reason(&o, launch::EXECUTING, d);
+        assert!(
+            prog.contains("/mnt/fuse/env/bin/python could not be loaded within 10s"),
+            "{prog}"
+        );
+        let bare = Orders {
+            program: "python3".into(),
+            ..o
+        };
+        assert!(late_reason(&bare, launch::EXECUTING, d).contains("job's PATH"));
     }
 }

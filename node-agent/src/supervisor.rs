@@ -20,7 +20,7 @@ use crate::process::Proc;
 use crate::procfs::{self, ProcId};
 use crate::restart::{CrashLog, Decision, RestartPolicy};
 use crate::rlimits::Rlimit;
-use crate::spawn::{spawn, Identity, SpawnRequest};
+use crate::spawn::{spawn, Identity, SpawnError, SpawnRequest, Starter};
 use crate::statefile::Running;
 use dask_spank_common::messages::ProcIdent;
 use dask_spank_common::policy::{TlsMode, WorkerStart};
@@ -62,6 +62,8 @@ pub struct Context {
     /// The scheduler's address, as the job's attach process last read it.
     pub scheduler: watch::Receiver<Option<String>>,
     pub notify: mpsc::UnboundedSender<Notice>,
+    /// How processes are started (the spawner, the deadline).
+    pub starter: Arc<Starter>,
 }
 
 /// What a previous agent left running for the job, to adopt.
@@ -168,9 +170,9 @@ async fn start<'s>(
     run: &JobRun,
     req: &SpawnRequest<'_>,
     server: &'s mut Option<Server>,
-) -> std::io::Result<Proc<'s>> {
+) -> Result<Proc<'s>, SpawnError> {
     if !forked(run) {
-        return spawn(req).map(Proc::Exec);
+        return spawn(req).await.map(Proc::Exec);
     }
     if server.as_ref().is_some_and(|s| !s.server.alive()) {
         run.log.line("the fork server died: starting a new one");
@@ -179,7 +181,7 @@ async fn start<'s>(
         }
     }
     if server.is_none() {
-        let s = ForkServer::spawn(req)?;
+        let s = ForkServer::spawn(req).await?;
         if let Ok(fd) = s.control_fd() {
             let _ = ctx.notify.send(Notice::HoldFd(fd));
         }
@@ -194,7 +196,7 @@ async fn start<'s>(
         });
     }
     let Some(s) = server.as_mut() else {
-        return Err(std::io::Error::other("no fork server"));
+        return Err(std::io::Error::other("no fork server").into());
     };
     let id = s.server.fork(dask_args(req.args)).await?;
     Ok(Proc::Forked {
@@ -308,6 +310,16 @@ async fn launch<'s>(
             Err(_) => {}
         }
     }
+    start_afresh(ctx, run, server, n).await
+}
+
+/// Start the job's dask process (the `n`th start of the job).
+async fn start_afresh<'s>(
+    ctx: &Context,
+    run: &JobRun,
+    server: &'s mut Option<Server>,
+    n: u32,
+) -> Result<Proc<'s>, (JobState, Outcome)> {
     let lifetime_s = worker_lifetime(run).map_err(|r| finished(JobState::Finished, 0, r))?;
     let limits = Limits {
         mem_mb: run.mem_mb,
@@ -337,13 +349,14 @@ async fn launch<'s>(
         env: &run.env,
         cwd: &run.cwd,
         identity: &identity,
-        output: &output,
+        output,
         rlimits: &run.rlimits,
         cgroup_procs: &run.cgroups,
         stdin: None,
         extra_env: &extra_env,
         // The scheduler writes the scheduler file: private to the user.
         umask: (run.spec.role == Role::Scheduler).then_some(0o077),
+        via: &ctx.starter,
     };
     match start(ctx, run, &req, server).await {
         Ok(p) => {

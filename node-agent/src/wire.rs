@@ -6,6 +6,7 @@
 //! size up front), so a peer that announces 1 MiB and sends nothing costs
 //! nothing. Every write to a peer is bounded in time by the caller.
 
+use crate::userio::UserFd;
 use dask_spank_common::frame::{self, FrameError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -52,8 +53,16 @@ pub async fn write<T: Serialize, W: AsyncWrite + Unpin>(
 
 /// Send one file descriptor with SCM_RIGHTS alongside one byte.
 pub async fn send_fd(s: &UnixStream, fd: &OwnedFd) -> io::Result<()> {
+    use std::os::fd::AsFd;
+    send_fds(s, &[fd.as_fd()]).await
+}
+
+/// Send descriptors with SCM_RIGHTS alongside one byte. Sending does not
+/// touch the files (a reference travels), so a user's descriptor on a file
+/// system that hangs is sent without waiting.
+pub async fn send_fds(s: &UnixStream, fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<()> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-    let fds = [fd.as_raw_fd()];
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
     loop {
         s.writable().await?;
         let res = s.try_io(Interest::WRITABLE, || {
@@ -61,7 +70,7 @@ pub async fn send_fd(s: &UnixStream, fd: &OwnedFd) -> io::Result<()> {
             sendmsg::<()>(
                 s.as_raw_fd(),
                 &iov,
-                &[ControlMessage::ScmRights(&fds)],
+                &[ControlMessage::ScmRights(&raw)],
                 MsgFlags::MSG_DONTWAIT,
                 None,
             )
@@ -75,8 +84,11 @@ pub async fn send_fd(s: &UnixStream, fd: &OwnedFd) -> io::Result<()> {
     }
 }
 
-/// Receive one file descriptor sent with SCM_RIGHTS alongside one byte.
-pub async fn recv_fd(s: &UnixStream) -> io::Result<OwnedFd> {
+/// Receive one file descriptor of user `uid` sent with SCM_RIGHTS
+/// alongside one byte. Every descriptor that arrives is a `UserFd` at
+/// once: one more than asked for (the control buffer holds two) is closed
+/// off the event loop like any other of the user's.
+pub async fn recv_fd(s: &UnixStream, uid: u32) -> io::Result<UserFd> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     loop {
         s.readable().await?;
@@ -103,10 +115,8 @@ pub async fn recv_fd(s: &UnixStream) -> io::Result<OwnedFd> {
                     for fd in fds {
                         // SAFETY: the kernel just installed this descriptor in
                         // our table for us; nothing else owns it.
-                        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-                        if got.is_none() {
-                            got = Some(owned);
-                        }
+                        let owned = UserFd::new(unsafe { OwnedFd::from_raw_fd(fd) }, uid);
+                        got.get_or_insert(owned);
                     }
                 }
             }

@@ -27,7 +27,14 @@ fn agent(stub: bool) -> Arc<Agent> {
         host: None,
         stub: stub.then(|| vec!["/bin/sleep".into(), "1000".into()]),
     };
-    Agent::new(Jobs::new("/proc".into(), None), settings)
+    let starter = dask_node_agent::spawn::Starter {
+        spawner: dask_node_agent::spawner::Spawner::start(std::path::Path::new(env!(
+            "CARGO_BIN_EXE_dask-node-agent"
+        )))
+        .expect("spawner"),
+        deadline: Duration::from_secs(10),
+    };
+    Agent::new(Jobs::new("/proc".into(), None), settings, starter)
 }
 
 fn me() -> i32 {
