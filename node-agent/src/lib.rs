@@ -12,7 +12,7 @@
 //!   [`launch`]), [`memwatch`], [`metrics`], [`joblog`], and the leaves:
 //!   [`procfs`], [`cgroup`], [`rlimits`], [`slurm`], [`statefile`],
 //!   [`recovery`], [`restart`], [`dask_cmd`], [`jobenv`], [`privileges`],
-//!   [`connlimit`], [`wire`], [`userio`] and [`fdcheck`].
+//!   [`connlimit`], [`wire`], [`userio`], [`fdcheck`] and [`reach`].
 //!
 //! The rule that shapes the lower layers: the agent never waits on a
 //! user's file system. It never forks (the spawner makes its processes),
@@ -42,6 +42,7 @@ pub mod privileges;
 pub mod process;
 pub mod procfs;
 pub mod python_boot;
+pub mod reach;
 pub mod recovery;
 pub mod restart;
 pub mod rlimits;

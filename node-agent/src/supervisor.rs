@@ -18,6 +18,7 @@ use crate::memwatch::MemWatch;
 use crate::metrics::{Gauge, Metrics};
 use crate::process::Proc;
 use crate::procfs::{self, ProcId};
+use crate::reach;
 use crate::restart::{CrashLog, Decision, RestartPolicy};
 use crate::rlimits::Rlimit;
 use crate::spawn::{spawn, Identity, SpawnError, SpawnRequest, Starter};
@@ -110,9 +111,13 @@ pub fn describe(st: &ExitStatus) -> String {
     }
 }
 
-/// Whether the scheduler accepts TCP connections: `None` when no address
-/// is known yet (the scheduler may still be starting).
-async fn scheduler_reachable(addr: &watch::Receiver<Option<String>>) -> Option<bool> {
+/// Whether the scheduler accepts TCP connections of the job's user
+/// (`reach`): `None` when no address is known yet (the scheduler may still
+/// be starting).
+async fn scheduler_reachable(
+    addr: &watch::Receiver<Option<String>>,
+    spec: &JobSpec,
+) -> Option<bool> {
     let hostport = {
         let a = addr.borrow();
         let a = a.as_deref()?;
@@ -121,20 +126,16 @@ async fn scheduler_reachable(addr: &watch::Receiver<Option<String>>) -> Option<b
             .unwrap_or(a)
             .to_string()
     };
-    let connect = tokio::net::TcpStream::connect(hostport);
-    Some(matches!(
-        tokio::time::timeout(Duration::from_secs(2), connect).await,
-        Ok(Ok(_))
-    ))
+    Some(reach::answers(&hostport, spec.uid, spec.gid, Duration::from_secs(2)).await)
 }
 
 /// Resolves (with the reason) once the scheduler has been unreachable for
 /// `ORPHAN_GRACE`: a stopping worker then has nobody to hand its data to,
 /// and its close can hang on the lost connection.
-async fn orphaned(addr: watch::Receiver<Option<String>>) -> String {
+async fn orphaned(addr: watch::Receiver<Option<String>>, spec: &JobSpec) -> String {
     loop {
         tokio::time::sleep(ORPHAN_POLL).await;
-        if scheduler_reachable(&addr).await == Some(false) {
+        if scheduler_reachable(&addr, spec).await == Some(false) {
             tokio::time::sleep(ORPHAN_GRACE).await;
             return format!("outlived its scheduler by {}s", ORPHAN_GRACE.as_secs());
         }
@@ -429,7 +430,7 @@ async fn conclude(
             ctx.job.set_state(JobState::Stopping);
             let hurry = async {
                 match role {
-                    Role::Worker => orphaned(ctx.scheduler.clone()).await,
+                    Role::Worker => orphaned(ctx.scheduler.clone(), &run.spec).await,
                     Role::Scheduler => std::future::pending().await,
                 }
             };
@@ -550,7 +551,7 @@ async fn exited(
         };
         return Err(finished(state, code, reason));
     }
-    if scheduler_reachable(&ctx.scheduler).await == Some(false) {
+    if scheduler_reachable(&ctx.scheduler, &run.spec).await == Some(false) {
         let reason =
             format!("worker exited ({desc}) and its scheduler is unreachable: the worker leaves");
         log.line(&reason);
