@@ -74,6 +74,15 @@ def user() -> pwd.struct_passwd:
     return pwd.getpwnam(TEST_USER)
 
 
+def other_user() -> pwd.struct_passwd:
+    """The second unprivileged user (OTHER_USER), made on first use."""
+    try:
+        return pwd.getpwnam(OTHER_USER)
+    except KeyError:
+        subprocess.run(["useradd", "-M", "-d", "/nonexistent", "-s", "/bin/sh", OTHER_USER], check=True)
+        return pwd.getpwnam(OTHER_USER)
+
+
 def sbatch(*args: str, cwd: Path | None = None, env: dict | None = None) -> str:
     """Submit as the test user; return the job id (the array id for arrays)."""
     p = as_user(["sbatch", "--parsable", *args], cwd=cwd, env=env, check=False)

@@ -466,7 +466,7 @@ def test_8_a_recycled_process_group_id_is_never_signalled(cluster_name):
         joiner = sp.Popen([sys.executable, "-c", JOINER, LINGER], stdout=sp.PIPE, text=True)
         return int(joiner.stdout.readline())
 
-    other = pwd.getpwnam(sb.OTHER_USER)
+    other = sb.other_user()
     sched, arr, c = start(cluster_name, 1)
     placer = None
     try:

@@ -227,9 +227,7 @@ def test_5b_cancelling_a_whole_cluster_ends_every_process_well_before_the_grace(
 
 
 def test_7_users_cannot_touch_other_jobs():
-    u2 = sb.OTHER_USER
-    if subprocess.run(["id", u2], capture_output=True).returncode != 0:
-        subprocess.run(["useradd", "-M", "-d", "/nonexistent", "-s", "/bin/sh", u2], check=True)
+    u2 = sb.other_user().pw_name
     sb.forget_cluster("nanny-7")
     job = sb.sbatch("--dask-role=scheduler", "--dask-cluster=nanny-7")
     sb.wait_scheduler_file("nanny-7")
