@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import sandboxlib as sb  # noqa: E402
+from hangfs_fixture import hung_fs  # noqa: E402,F401  (a fixture for every test module)
 
 
 @pytest.fixture(scope="session", autouse=True)
