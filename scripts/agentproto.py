@@ -143,7 +143,9 @@ def _main(argv: list[str]) -> int:
     elif cmd == "attach":
         log = argv[4] if len(argv) > 4 else os.devnull
         extra = json.loads(argv[5]) if len(argv) > 5 else None
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        # "fd:N": a descriptor this process holds already (opened by its
+        # job script), passed as it is, without opening anything.
+        fd = int(log[3:]) if log.startswith("fd:") else os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             c = attach(path, int(argv[2]), argv[3], fd, extra=extra)
         except AgentError as e:

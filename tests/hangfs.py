@@ -10,7 +10,8 @@ fusermount3, as any user of a site can, and serves:
                      made in it are kept in memory)
     log              a writable regular file (writes kept in memory)
     env/bin/python3  an executable regular file (a script that runs
-                     /usr/bin/python3)
+                     /usr/bin/python3), and env/bin/python the same (what
+                     --dask-env runs)
     hang             not listed: looking it up stops the daemon (SIGSTOP to
                      itself) in the middle of that request; thawed, it
                      answers ENOENT
@@ -78,7 +79,8 @@ class HangFS(fuse.Operations):
         for d in ("/", "/dir", "/env", "/env/bin"):
             self.nodes[d] = {"mode": stat.S_IFDIR | 0o755, "time": now}
         self.nodes["/log"] = {"mode": stat.S_IFREG | 0o644, "data": bytearray(), "time": now}
-        self.nodes["/env/bin/python3"] = {"mode": stat.S_IFREG | 0o755, "data": bytearray(PYTHON3), "time": now}
+        for py in ("/env/bin/python3", "/env/bin/python"):
+            self.nodes[py] = {"mode": stat.S_IFREG | 0o755, "data": bytearray(PYTHON3), "time": now}
 
     def _node(self, path: str) -> dict:
         try:

@@ -22,7 +22,13 @@ sandbox brought up by an earlier `scripts/sandbox --slurm V up`). So run
 whatever must see the mount through hung_fs.popen()/run() (as the test
 user by default, or as root), not directly from the test process.
 
-Teardown kills the daemon (by its PID) and unmounts lazily, as the user.
+A filesystem of the site's own (a hung NFS or a site's FUSE mount, which
+the agent cannot refuse the way it refuses a user's FUSE): the daemon runs
+as root, with allow_other (user_id=0 in mountinfo):
+
+    @pytest.mark.parametrize("hung_fs", [{"as_root": True}], indirect=True)
+
+Teardown kills the daemon (by its PID) and unmounts lazily, as its owner.
 """
 from __future__ import annotations
 
@@ -51,9 +57,10 @@ def proc_state(pid: int) -> str:
 
 
 class HungFS:
-    def __init__(self, mount: Path, allow_other: bool = False):
+    def __init__(self, mount: Path, allow_other: bool = False, as_root: bool = False):
         self.mount = mount
-        self.allow_other = allow_other
+        self.allow_other = allow_other or as_root
+        self.as_root = as_root
         self.proc: subprocess.Popen | None = None
         # The namespace of the node's daemons, taken now: a test may
         # restart the agent later.
@@ -98,7 +105,8 @@ class HungFS:
         if self.allow_other:
             args.insert(2, "--allow-other")
         with open(self.log, "ab") as log:
-            self.proc = self.popen(args, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+            self.proc = self.popen(args, user=not self.as_root, stdout=subprocess.PIPE, stderr=log,
+                                   start_new_session=True)
         # "ready" once the kernel has sent its first request.
         out, end = b"", time.monotonic() + timeout
         while not out.endswith(b"\n"):
@@ -111,7 +119,7 @@ class HungFS:
         self.proc.stdout.close()
         assert out == b"ready\n", out
         uid = int(Path(f"/proc/{self.pid}/status").read_text().split("\nUid:")[1].split()[0])
-        assert uid == sb.user().pw_uid, f"pid {self.pid} is not the daemon (uid {uid})"
+        assert uid == (0 if self.as_root else sb.user().pw_uid), f"pid {self.pid} is not the daemon (uid {uid})"
 
     def mountinfo(self) -> str | None:
         """The mount's line of /proc/PID/mountinfo, in the node's namespace."""
@@ -145,9 +153,9 @@ class HungFS:
             self.kill()
         if proc_state(self.ns_pid) == "":  # the agent was restarted
             self.ns_pid = sb.agent_pid()
-        # Lazily, as the user (fusermount3 refuses anybody else's mount).
-        p = self.run(["fusermount3", "-u", "-z", str(self.mount)])
-        self.run(["rmdir", str(self.mount)])
+        # Lazily, as its owner (fusermount3 refuses anybody else's mount).
+        p = self.run(["fusermount3", "-u", "-z", str(self.mount)], user=not self.as_root)
+        self.run(["rmdir", str(self.mount)], user=not self.as_root)
         assert self.proc is None or self.mountinfo() is None, f"{self.mount} still mounted: {p.stderr}"
 
 

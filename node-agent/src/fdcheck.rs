@@ -115,8 +115,11 @@ pub fn check_log(fd: BorrowedFd<'_>, sender: i32) -> Result<(), String> {
         .map(|t| mounts(&t))
         .unwrap_or_default();
     let mount = mount_id(fd).and_then(|id| mounts.into_iter().find(|m| m.id == id));
-    let ns = |p: &Path| std::fs::read_link(p.join("ns/user")).ok();
-    let same_userns = ns(&proc_dir).is_some() && ns(&proc_dir) == ns(Path::new("/proc/self"));
+    // Whether the sender is in the agent's user namespace: the same uid
+    // map (readable by all; /proc/<pid>/ns/ would need CAP_SYS_PTRACE,
+    // which the agent does not keep).
+    let map = |p: &Path| std::fs::read_to_string(p.join("uid_map")).ok();
+    let same_userns = map(&proc_dir).is_some() && map(&proc_dir) == map(Path::new("/proc/self"));
     judge_log(&link, mount.as_ref(), same_userns)
 }
 

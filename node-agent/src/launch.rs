@@ -92,6 +92,9 @@ pub struct Blank {
 /// `ctl`. Runs in the blank process (a copy of the single-threaded
 /// spawner), never returns.
 pub fn obey(ctl: OwnedFd) -> ! {
+    // Its name in `ps -o comm` until the exec (its arguments stay the
+    // spawner's): a start stuck on a file system shows as one.
+    let _ = nix::sys::prctl::set_name(c"dask-start");
     let mut ctl = UnixStream::from(keep_only(ctl));
     let why = match become_ordered(&mut ctl) {
         Ok(never) => match never {},

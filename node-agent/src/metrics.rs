@@ -121,6 +121,18 @@ const SERIES: &[Series] = &[
         |m| m.adopted.load(Relaxed) as i64,
     ),
     (
+        "starts_stuck",
+        "gauge",
+        "Starts abandoned at --start-timeout whose process has not ended yet (blocked on a file system that does not answer).",
+        |_| crate::spawn::stuck_total() as i64,
+    ),
+    (
+        "user_io_threads",
+        "gauge",
+        "Threads writing to or closing users' descriptors now (many: a file system that does not answer).",
+        |_| crate::userio::threads() as i64,
+    ),
+    (
         "lost_total",
         "counter",
         "Dask processes a previous agent left that could not be adopted (expected 0).",

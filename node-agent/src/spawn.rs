@@ -36,7 +36,7 @@ use tokio::net::UnixStream;
 
 /// Starts stuck on a file system one user may have at a time; more fail at
 /// once (a user cannot pile up blocked processes in the agent's name).
-pub const MAX_STUCK_PER_USER: usize = 8;
+pub const MAX_STUCK_PER_USER: usize = 64;
 /// Longest failure reason read from a process.
 const MAX_REASON: u64 = 4096;
 
@@ -316,11 +316,11 @@ fn late_reason(o: &Orders, stage: u8, deadline: Duration) -> String {
             o.cwd.display()
         ),
         launch::EXECUTING if o.program.contains('/') => format!(
-            "the program {} could not be loaded within {s}s: its file system does not answer; start abandoned",
+            "the program {} could not be loaded within {s}s: its file system (or the job's log's) does not answer; start abandoned",
             o.program
         ),
         launch::EXECUTING => format!(
-            "{} could not be found on the job's PATH and loaded within {s}s: a directory of the PATH or its file system does not answer; start abandoned",
+            "{} could not be found on the job's PATH and loaded within {s}s: a directory of the PATH (or the job's log) is on a file system that does not answer; start abandoned",
             o.program
         ),
         _ => format!(
@@ -343,6 +343,12 @@ fn abandon(mut child: Child, stuck_uid: Option<u32>) {
 }
 
 static STUCK: Mutex<Option<HashMap<u32, usize>>> = Mutex::new(None);
+
+/// Starts abandoned and not reaped yet, of every user (metrics).
+pub fn stuck_total() -> usize {
+    let s = STUCK.lock().unwrap_or_else(|p| p.into_inner());
+    s.as_ref().map_or(0, |m| m.values().sum())
+}
 
 fn stuck_of(uid: u32) -> usize {
     let s = STUCK.lock().unwrap_or_else(|p| p.into_inner());

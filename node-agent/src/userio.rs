@@ -147,9 +147,15 @@ fn worker(mut uid: u32, slot: Arc<Mutex<Option<Work>>>) {
     }
 }
 
-/// Threads of `uid` now (tests, metrics).
+/// Threads of `uid` now (tests).
 pub fn threads_of(uid: u32) -> usize {
     pool().threads_of(uid)
+}
+
+/// Threads of every user now (metrics): more than a few means writes or
+/// closes that wait on a file system.
+pub fn threads() -> usize {
+    pool().total
 }
 
 /// Run `f` on a thread of `uid`'s budget and wait at most `deadline` for
