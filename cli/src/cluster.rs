@@ -1,10 +1,10 @@
 //! A user's cluster as the commands see it: its name, its private
 //! directory, and its view (queue, reports, connections).
 
-use crate::record::{read_connected, read_reports, read_state};
 use crate::slurm::squeue;
 use crate::view::{build, ClusterView};
 use dask_spank_common::paths::{cluster_dir, make_private_dir, scheduler_file, user_root, vars};
+use dask_spank_common::records::ClusterDir;
 use dask_spank_common::ClusterName;
 use std::path::PathBuf;
 
@@ -29,6 +29,11 @@ pub fn dir_of(c: &ClusterName) -> Result<PathBuf, String> {
     Ok(cluster_dir(&root()?, c))
 }
 
+/// The cluster's directory with its records.
+pub fn records_of(c: &ClusterName) -> Result<ClusterDir, String> {
+    dir_of(c).map(ClusterDir)
+}
+
 /// The cluster's directory, created private to the user if missing.
 pub fn private_dir_of(c: &ClusterName) -> Result<PathBuf, String> {
     let dir = dir_of(c)?;
@@ -38,15 +43,15 @@ pub fn private_dir_of(c: &ClusterName) -> Result<PathBuf, String> {
 }
 
 pub fn view(c: &ClusterName) -> Result<ClusterView, String> {
-    let dir = dir_of(c)?;
+    let dir = records_of(c)?;
     let queued = squeue(Some(c.as_str()))?;
     Ok(build(
         c.as_str(),
         &queued,
-        &read_reports(&dir),
-        read_state(&dir).as_ref(),
-        &read_connected(&dir),
-        scheduler_file(&dir).to_string_lossy().into_owned(),
+        &dir.reports(),
+        dir.state().as_ref(),
+        &dir.connected(),
+        scheduler_file(dir.path()).to_string_lossy().into_owned(),
     ))
 }
 

@@ -1,11 +1,8 @@
 //! dask-spank: the user command.
 
-mod attach;
 mod cluster;
 mod cmd;
-mod keeper;
-mod record;
-mod session;
+mod runtime;
 mod slurm;
 mod target;
 mod tls;
@@ -53,7 +50,7 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
-        Cmd::Attach => match attach::run() {
+        Cmd::Attach => match runtime::attach() {
             Ok(code) => return ExitCode::from(code.clamp(0, 255) as u8),
             Err(e) => {
                 eprintln!("dask-spank attach: {e}");

@@ -70,10 +70,87 @@ pub fn squeue(cluster: Option<&str>) -> Result<Vec<QueuedJob>, String> {
     Ok(jobs.into_iter().filter(|j| is_job_name(&j.name)).collect())
 }
 
+/// A worker job of a cluster, for its keeper: label, state, time limit
+/// and time used (`squeue -o %i|%T|%l|%M`; None: unlimited).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptJob {
+    pub label: String,
+    pub state: String,
+    pub limit_s: Option<u64>,
+    pub used_s: u64,
+}
+
+pub fn parse_kept(out: &str) -> Vec<KeptJob> {
+    use dask_spank_common::units::parse_time_s;
+    out.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('|').collect();
+            let [label, state, limit, used] = f.as_slice() else {
+                return None;
+            };
+            Some(KeptJob {
+                label: label.trim().into(),
+                state: state.trim().into(),
+                limit_s: parse_time_s(limit)?,
+                used_s: parse_time_s(used).flatten().unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
+/// The user's worker jobs of `cluster`, for its keeper.
+pub fn worker_jobs(cluster: &str) -> Result<Vec<KeptJob>, String> {
+    let out = Command::new("squeue")
+        .args([
+            "-h",
+            "-r",
+            "-u",
+            &user(),
+            "-n",
+            &job_name(Role::Worker, cluster),
+        ])
+        .args(["-o", "%i|%T|%l|%M"])
+        .env_clear()
+        .envs(clean_env())
+        .output()
+        .map_err(|e| format!("cannot run squeue: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "squeue failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(parse_kept(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// This process's environment minus what describes its own job (a
+/// scheduler job's keeper submits workers: they must not inherit the
+/// scheduler job's SLURM_* or DASK_SPANK_* settings). The user's own
+/// DASK_SPANK_HOME stays (the workers must find the cluster), and
+/// SLURM_CONF (the same Slurm).
+pub fn clean_env() -> Vec<(String, String)> {
+    std::env::vars()
+        .filter(|(k, _)| {
+            let ours = k.starts_with("DASK_SPANK_") && k != dask_spank_common::paths::vars::HOME;
+            let slurms = k.starts_with("SLURM_") && k != "SLURM_CONF";
+            !ours && !slurms
+        })
+        .collect()
+}
+
 /// Submit with sbatch; returns the job id. sbatch's (or the plugin's) own
 /// message reaches the user on failure.
 pub fn sbatch(args: &[String]) -> Result<String, String> {
-    let out = Command::new("sbatch")
+    sbatch_in(args, None)
+}
+
+/// `sbatch` with the environment `env` (None: this process's).
+pub fn sbatch_in(args: &[String], env: Option<&[(String, String)]>) -> Result<String, String> {
+    let mut cmd = Command::new("sbatch");
+    if let Some(env) = env {
+        cmd.env_clear().envs(env.iter().cloned());
+    }
+    let out = cmd
         .arg("--parsable")
         .args(args)
         .output()
@@ -143,10 +220,21 @@ pub fn scancel_workers(cluster: &str, timeout: std::time::Duration) -> Result<()
 }
 
 pub fn scancel(ids: &[String]) -> Result<(), String> {
+    scancel_cmd(ids, Command::new("scancel"))
+}
+
+/// `scancel` with the environment `env`.
+pub fn scancel_in(ids: &[String], env: &[(String, String)]) -> Result<(), String> {
+    let mut cmd = Command::new("scancel");
+    cmd.env_clear().envs(env.iter().cloned());
+    scancel_cmd(ids, cmd)
+}
+
+fn scancel_cmd(ids: &[String], mut cmd: Command) -> Result<(), String> {
     if ids.is_empty() {
         return Ok(());
     }
-    let out = Command::new("scancel")
+    let out = cmd
         .args(ids)
         .output()
         .map_err(|e| format!("cannot run scancel: {e}"))?;
@@ -222,6 +310,28 @@ mod tests {
              slurmstepd-n1: error: dask-spank: job refused before any dask process started"
         );
         assert_eq!(why_it_ended("a\n\nb\nc\n"), "b | c");
+    }
+
+    #[test]
+    fn kept_jobs_lines() {
+        let j = parse_kept("12_3|RUNNING|2:00:00|1:05\n12_4|PENDING|UNLIMITED|0:00\nbad|x\n");
+        assert_eq!(
+            j,
+            [
+                KeptJob {
+                    label: "12_3".into(),
+                    state: "RUNNING".into(),
+                    limit_s: Some(7200),
+                    used_s: 65
+                },
+                KeptJob {
+                    label: "12_4".into(),
+                    state: "PENDING".into(),
+                    limit_s: None,
+                    used_s: 0
+                }
+            ]
+        );
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! and running jobs), the jobs' own reports (failures and ends, also after
 //! Slurm forgot the job) and the scheduler's list of connected workers.
 
-use crate::record::{ClusterState, JobReport};
 use crate::slurm::QueuedJob;
+use dask_spank_common::records::{ClusterState, JobReport, ReportState};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -68,7 +68,7 @@ pub fn build(
     for r in reports {
         // A job that left the queue while its report still says "running"
         // never said goodbye: its node (or its batch script) died with it.
-        let (state, reason) = if r.state == "running" {
+        let (state, reason) = if r.state == ReportState::Running {
             (
                 "failed".to_string(),
                 format!(
@@ -77,7 +77,10 @@ pub fn build(
                 ),
             )
         } else {
-            (r.state.clone(), r.reason.clone().unwrap_or_default())
+            (
+                r.state.as_str().to_string(),
+                r.reason.clone().unwrap_or_default(),
+            )
         };
         rows.insert(
             r.label.clone(),
@@ -100,7 +103,7 @@ pub fn build(
             "RUNNING" | "CONFIGURING" => {
                 let name = format!("{cluster}-{}", q.label);
                 match report {
-                    Some(r) if r.state == "failed" => {
+                    Some(r) if r.state == ReportState::Failed => {
                         ("failed".into(), r.reason.clone().unwrap_or_default())
                     }
                     _ if role == "worker" && connected.contains(&name) => {
@@ -185,7 +188,7 @@ mod tests {
                 job_id: 14,
                 label: "11_2".into(),
                 role: "worker".into(),
-                state: "failed".into(),
+                state: ReportState::Failed,
                 reason: Some("worker died (exit code 1); gave up".into()),
                 node: "n1".into(),
                 log: None,
@@ -195,7 +198,7 @@ mod tests {
                 job_id: 15,
                 label: "11_4".into(),
                 role: "worker".into(),
-                state: "failed".into(),
+                state: ReportState::Failed,
                 reason: Some("refused".into()),
                 node: "n2".into(),
                 log: None,

@@ -10,7 +10,15 @@ use std::path::Path;
 /// Write `v` as JSON atomically: a temporary file in the same directory,
 /// made `mode`, then renamed over `path`. Readers never see half a file.
 pub fn write_json_atomic<T: Serialize>(path: &Path, v: &T, mode: u32) -> io::Result<()> {
-    let body = serde_json::to_vec_pretty(v).map_err(io::Error::other)?;
+    write_atomic(
+        path,
+        &serde_json::to_vec_pretty(v).map_err(io::Error::other)?,
+        mode,
+    )
+}
+
+/// Write `body` atomically, as `write_json_atomic` does.
+pub fn write_atomic(path: &Path, body: &[u8], mode: u32) -> io::Result<()> {
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let res = std::fs::OpenOptions::new()
         .write(true)
@@ -22,7 +30,7 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, v: &T, mode: u32) -> io::Res
             // The umask may have narrowed the mode at creation, and an old
             // temporary file keeps its own: set it explicitly.
             f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-            io::Write::write_all(&mut f, &body)
+            io::Write::write_all(&mut f, body)
         })
         .and_then(|_| std::fs::rename(&tmp, path));
     if res.is_err() {

@@ -7,10 +7,15 @@
 //!   handshake that opens every connection.
 //! * [`client`]: a blocking client with timeouts. It is what the plugin uses
 //!   inside slurmstepd, where no async runtime may run.
+//! * `awire` (feature `tokio`): the same frames and descriptor passing for
+//!   the async peers, the node agent and the job-side runtime.
 //! * [`paths`]: where sockets, cluster directories and logs live.
+//! * [`records`]: the typed records of a cluster directory.
 //! * [`files`], [`schedfile`], [`scontrol`], [`sys`]: small helpers every
 //!   side needs once.
 
+#[cfg(feature = "tokio")]
+pub mod awire;
 pub mod build_info;
 pub mod client;
 pub mod config;
@@ -20,6 +25,8 @@ pub mod messages;
 pub mod names;
 pub mod paths;
 pub mod policy;
+pub mod procstat;
+pub mod records;
 pub mod schedfile;
 pub mod scontrol;
 pub mod sys;

@@ -64,6 +64,9 @@ pub mod layout {
     pub const TARGET: &str = "target.json";
     /// What the keeper sees and did last.
     pub const KEEPER: &str = "keeper.json";
+    /// The keeper's dask helper, written by the scheduler job's runtime
+    /// and run from here (a file: `ps` shows its name, not its text).
+    pub const KEEPER_HELPER: &str = "keeper-helper.py";
     /// The dask worker names connected to the scheduler (`Connected`),
     /// written every few seconds by the keeper, a dask client of the
     /// scheduler: the scheduler's HTTP `identity.json` cannot be used, it
@@ -85,6 +88,7 @@ pub mod layout {
         ("target", TARGET),
         ("keeper", KEEPER),
         ("connected", CONNECTED),
+        ("keeper_helper", KEEPER_HELPER),
         ("tls_ca", TLS_CA),
         ("tls_cert", TLS_CERT),
         ("tls_key", TLS_KEY),

@@ -514,6 +514,18 @@ pub fn check_job(
     Ok(())
 }
 
+/// When a worker retires, given its job's walltime (or what is left of
+/// it): a margin before the end, or half the time for short jobs. The
+/// agent passes it to dask (`--lifetime`); the keeper submits successors
+/// ahead of it. One rule for both.
+pub fn worker_lifetime_s(remaining_s: u64, margin_s: u64) -> u64 {
+    if remaining_s > 2 * margin_s {
+        remaining_s - margin_s
+    } else {
+        remaining_s / 2
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -736,5 +748,12 @@ mod tests {
             check_job(Role::Scheduler, &f, &p, "phys").unwrap_err(),
             "2 cpus: the dask scheduler runs on 1 cpu"
         );
+    }
+
+    #[test]
+    fn worker_lifetimes() {
+        assert_eq!(worker_lifetime_s(7200, 300), 6900);
+        assert_eq!(worker_lifetime_s(400, 300), 200);
+        assert_eq!(worker_lifetime_s(0, 300), 0);
     }
 }

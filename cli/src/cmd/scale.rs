@@ -2,8 +2,9 @@
 //! scheduler job submits or cancels them (and replaces those that fail or
 //! retire for their walltime).
 
-use crate::cluster::{dir_of, parse_name, unknown, view, Res};
-use crate::target::{record, Target};
+use crate::cluster::{parse_name, records_of, unknown, view, Res};
+use crate::target::record;
+use dask_spank_common::records::Target;
 
 /// Have N worker jobs (kept by the scheduler job).
 #[derive(clap::Args, Debug, Clone)]
@@ -19,7 +20,7 @@ pub fn run(a: Args) -> Res {
     if v.scheduler.is_none() {
         return Err(unknown(&c));
     }
-    record(&dir_of(&c)?, &Target::Workers { workers: n })?;
+    record(&records_of(&c)?, &Target::Workers { workers: n })?;
     let have = v
         .workers
         .iter()

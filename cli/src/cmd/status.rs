@@ -2,6 +2,7 @@
 
 use crate::cluster::{known, parse_name, unknown, view, Res};
 use crate::view::Row;
+use dask_spank_common::records::{now, KeeperStatus, Target};
 
 pub fn print_rows(rows: &[&Row]) {
     println!(
@@ -57,21 +58,97 @@ pub fn run(a: Args) -> Res {
         );
     }
     println!("scheduler file: {}", v.scheduler_file);
-    if let Some(k) = crate::target::keeper_status(&crate::cluster::dir_of(&c)?) {
-        let intention = match (&k["intention"]["adapt"], &k["intention"]["workers"]) {
-            (serde_json::Value::Array(r), _) if r.len() == 2 => {
-                format!("adaptive {}..{}", r[0], r[1])
-            }
-            _ => "fixed".into(),
-        };
-        println!(
-            "keeper: target {} ({intention}), {} connected, {} pending, {} retiring for their walltime{}",
-            k["target"], k["connected"], k["pending"], k["retiring"],
-            k["short_reason"].as_str().map(|r| format!("; short: {r}")).unwrap_or_default()
-        );
+    if let Some(k) = crate::cluster::records_of(&c)?.keeper() {
+        println!("{}", keeper_line(&k, now()));
     }
     let mut rows: Vec<&Row> = v.scheduler.iter().collect();
     rows.extend(v.workers.iter());
     print_rows(&rows);
     Ok(())
+}
+
+/// The keeper's line of `status`: what it aims at and sees, and whether the
+/// cluster is kept at all (a keeper silent for long, or a helper down).
+pub fn keeper_line(k: &KeeperStatus, now: u64) -> String {
+    let intention = match k.intention {
+        Target::Adapt { adapt: [lo, hi] } => format!("adaptive {lo}..{hi}"),
+        _ => "fixed".into(),
+    };
+    let mut line = format!(
+        "keeper: target {} ({intention}), {} connected, {} pending, {} retiring for their walltime",
+        k.target, k.connected, k.pending, k.retiring
+    );
+    if let Some(r) = &k.short_reason {
+        line.push_str(&format!("; short: {r}"));
+    }
+    let age = now.saturating_sub(k.updated);
+    if age > KEEPER_SILENT_S {
+        line.push_str(&format!(
+            "\nNOT KEPT: no word from the keeper for {age}s (its scheduler job is gone or stuck)"
+        ));
+    } else if !k.helper.running {
+        let why = k.helper.last_death.as_deref().unwrap_or("not started yet");
+        let when = k
+            .helper
+            .next_start
+            .map(|t| format!("; next start in {}s", t.saturating_sub(now)))
+            .unwrap_or_default();
+        line.push_str(&format!(
+            "\nNOT FULLY KEPT: the keeper's dask helper is down ({why}; {} restarts{when}): \
+             no adaptive sizing, no graceful retirement, no connected count meanwhile",
+            k.helper.restarts
+        ));
+    }
+    line
+}
+
+/// The keeper writes its record at every decision (every 5 s by default)
+/// and when its helper starts or dies: silent longer than this, it is gone.
+const KEEPER_SILENT_S: u64 = 60;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dask_spank_common::records::HelperStatus;
+
+    fn status(helper: HelperStatus, updated: u64) -> KeeperStatus {
+        KeeperStatus {
+            target: 4,
+            intention: Target::Adapt { adapt: [0, 8] },
+            pending: 1,
+            running: 3,
+            retiring: 0,
+            connected: 3,
+            short_reason: None,
+            helper,
+            updated,
+        }
+    }
+
+    #[test]
+    fn the_keeper_line_says_when_the_cluster_is_not_kept() {
+        let up = HelperStatus {
+            running: true,
+            ..Default::default()
+        };
+        let l = keeper_line(&status(up.clone(), 1000), 1005);
+        assert_eq!(
+            l,
+            "keeper: target 4 (adaptive 0..8), 3 connected, 1 pending, 0 retiring for their walltime"
+        );
+        assert!(keeper_line(&status(up, 1000), 1100)
+            .contains("NOT KEPT: no word from the keeper for 100s"));
+        let down = HelperStatus {
+            running: false,
+            restarts: 5,
+            last_death: Some("killed by SIGKILL".into()),
+            next_start: Some(1016),
+            ..Default::default()
+        };
+        let l = keeper_line(&status(down, 1000), 1000);
+        assert!(
+            l.contains("NOT FULLY KEPT: the keeper's dask helper is down (killed by SIGKILL; 5 restarts; next start in 16s)"),
+            "{l}"
+        );
+    }
 }

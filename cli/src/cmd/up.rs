@@ -1,23 +1,11 @@
 //! `dask-spank up`: one scheduler job and N worker jobs, with plain sbatch.
 
-use crate::cluster::{dir_of, parse_name, print_connect, private_dir_of, Res};
-use crate::record;
+use crate::cluster::{parse_name, print_connect, private_dir_of, Res};
 use crate::slurm::{self, squeue};
-use crate::target::{parse_range, Target};
-use dask_spank_common::paths::{layout, scheduler_file};
+use crate::target::parse_range;
+use dask_spank_common::paths::scheduler_file;
+use dask_spank_common::records::{ClusterDir, Target, WorkerArgs};
 use dask_spank_common::ClusterName;
-use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
-
-/// Worker submission options remembered by `up`, reused by `scale`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct WorkerArgs {
-    pub args: Vec<String>,
-}
-
-pub fn worker_args_file(c: &ClusterName) -> Result<PathBuf, String> {
-    Ok(dir_of(c)?.join(layout::WORKER_ARGS))
-}
 
 /// Start a cluster: one scheduler job and N worker jobs.
 #[derive(clap::Args, Debug, Clone)]
@@ -92,9 +80,9 @@ pub fn run(u: Args) -> Res {
             ids.join(", ")
         ));
     }
-    let dir = private_dir_of(&c)?;
-    record::clear(&dir);
-    let _ = std::fs::remove_file(scheduler_file(&dir));
+    let dir = ClusterDir(private_dir_of(&c)?);
+    dir.clear();
+    let _ = std::fs::remove_file(scheduler_file(dir.path()));
     let (target, first) = match &u.adapt {
         Some(r) => {
             let (lo, hi) = parse_range(r)?;
@@ -104,12 +92,10 @@ pub fn run(u: Args) -> Res {
     };
     // Before the jobs: the keeper of the scheduler job reads it.
     let (sargs, wargs) = submission(&u, &c);
-    let _ = record::write_json(
-        &worker_args_file(&c)?,
-        &WorkerArgs {
-            args: wargs.clone(),
-        },
-    );
+    let _ = dir.write_worker_args(&WorkerArgs {
+        args: wargs.clone(),
+        source: "up".into(),
+    });
     crate::target::record(&dir, &target)?;
     let sched = slurm::sbatch(&sargs)?;
     let workers = if first > 0 {
@@ -135,7 +121,7 @@ pub fn run(u: Args) -> Res {
     } else {
         None
     };
-    let sf = scheduler_file(&dir);
+    let sf = scheduler_file(dir.path());
 
     if u.json {
         println!(

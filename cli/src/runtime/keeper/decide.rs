@@ -1,0 +1,512 @@
+//! The keeper's decisions, as pure functions of what it observed: how many
+//! worker jobs the cluster wants, which running workers are retiring for
+//! their walltime (their successors due), what to submit or cancel and
+//! which workers to retire first, how a refused submission is retried, and
+//! when a dead helper is started again. Nothing here talks to Slurm, dask
+//! or the clock: the keeper (`super`) observes and acts.
+
+use dask_spank_common::policy::worker_lifetime_s;
+use dask_spank_common::records::Target;
+use std::collections::BTreeMap;
+
+/// dask's Adaptive waits this many intervals of a lower target before it
+/// scales down; so does the keeper.
+pub const WAIT_COUNT: u32 = 3;
+/// First delay after a refused submission, and its cap.
+pub const BACKOFF_FIRST_S: u64 = 10;
+pub const BACKOFF_MAX_S: u64 = 300;
+/// A dead helper is started again after 1 s, doubling with each death
+/// within `HELPER_WINDOW_S`, up to `HELPER_MAX_S`.
+pub const HELPER_FIRST_S: u64 = 1;
+pub const HELPER_MAX_S: u64 = 60;
+pub const HELPER_WINDOW_S: u64 = 60;
+
+/// The site's rules the keeper applies (from the job's environment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    /// Submit a successor this long before its predecessor retires.
+    pub lead_s: u64,
+    /// Workers retire this long before their walltime (`worker_lifetime_s`).
+    pub margin_s: u64,
+}
+
+/// A worker job in the queue, as squeue shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerJob {
+    /// `1234_5` or `1234`.
+    pub label: String,
+    pub state: QueueState,
+    /// Its time limit (None: unlimited).
+    pub limit_s: Option<u64>,
+    /// How long it has run.
+    pub used_s: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueState {
+    /// Pending or configuring: on its way.
+    Waiting,
+    Running,
+    /// Completing, or anything else: on its way out.
+    Leaving,
+}
+
+impl QueueState {
+    pub fn from_squeue(s: &str) -> QueueState {
+        match s {
+            "PENDING" | "CONFIGURING" => QueueState::Waiting,
+            "RUNNING" => QueueState::Running,
+            _ => QueueState::Leaving,
+        }
+    }
+}
+
+/// A worker connected to the scheduler, as the helper sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Worker {
+    pub address: String,
+    /// Keys it holds in memory: the fewest are retired first.
+    pub keys: u64,
+}
+
+/// Whether it is time to submit the successor of a running worker: `lead`
+/// before it retires, but never in its first half-life (a successor due at
+/// its own start would be succeeded at once, a chain of jobs where one
+/// replacement was wanted).
+pub fn successor_due(rules: Rules, limit_s: Option<u64>, used_s: u64) -> bool {
+    let Some(limit) = limit_s else { return false };
+    let life = worker_lifetime_s(limit, rules.margin_s);
+    life.saturating_sub(used_s) < rules.lead_s.min(life / 2)
+}
+
+/// The cluster's worker jobs, counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub waiting: u32,
+    pub running: u32,
+    /// Running ones whose successor is due.
+    pub retiring: u32,
+}
+
+impl Counts {
+    /// Jobs that count towards the target: waiting and running, but those
+    /// retiring (their successors take their place).
+    pub fn active(&self) -> u32 {
+        self.waiting + self.running - self.retiring
+    }
+}
+
+pub fn count(rules: Rules, jobs: &[WorkerJob]) -> Counts {
+    let mut c = Counts::default();
+    for j in jobs {
+        match j.state {
+            QueueState::Waiting => c.waiting += 1,
+            QueueState::Running => {
+                c.running += 1;
+                if successor_due(rules, j.limit_s, j.used_s) {
+                    c.retiring += 1;
+                }
+            }
+            QueueState::Leaving => {}
+        }
+    }
+    c
+}
+
+/// How many worker jobs the cluster wants, or None to hold what it has (no
+/// target, or an adaptive one whose scheduler said nothing yet). `low`
+/// counts the intervals an adaptive target was below `active`: the keeper
+/// shrinks only after `WAIT_COUNT` of them.
+pub fn want(target: &Target, active: u32, adaptive: Option<u32>, low: &mut u32) -> Option<u32> {
+    match target {
+        Target::Workers { workers } => Some(*workers),
+        Target::Down { .. } => None,
+        Target::Adapt { adapt: [lo, hi] } => {
+            let w = adaptive?.clamp(*lo, (*hi).max(*lo));
+            if w < active {
+                *low += 1;
+                Some(if *low >= WAIT_COUNT { w } else { active })
+            } else {
+                *low = 0;
+                Some(w)
+            }
+        }
+    }
+}
+
+/// What to do this interval.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Hold,
+    /// Submit this many worker jobs.
+    Grow {
+        n: u32,
+        why: String,
+    },
+    /// Retire these workers through dask (their data moves first), then
+    /// cancel these jobs.
+    Shrink {
+        retire: Vec<String>,
+        cancel: Vec<String>,
+    },
+}
+
+/// The step from `want` and the queue. `workers` is the helper's view
+/// (None while it is down: only waiting jobs are cancelled then, a running
+/// worker is never cut off without dask moving its data); `retry` whether
+/// a refused submission may be retried now.
+pub fn step(
+    cluster: &str,
+    want: u32,
+    counts: Counts,
+    jobs: &[WorkerJob],
+    workers: Option<&BTreeMap<String, Worker>>,
+    retry: bool,
+) -> Step {
+    let active = counts.active();
+    if want > active && retry {
+        let mut why = format!("target {want}, {active} active");
+        if counts.retiring > 0 {
+            why.push_str(&format!(
+                " ({} retiring for their walltime)",
+                counts.retiring
+            ));
+        }
+        return Step::Grow {
+            n: want - active,
+            why,
+        };
+    }
+    if want < active {
+        let (retire, cancel) = choose_victims(cluster, jobs, workers, active - want);
+        if !cancel.is_empty() {
+            return Step::Shrink { retire, cancel };
+        }
+    }
+    Step::Hold
+}
+
+/// Which `extra` jobs to cancel: waiting ones first, then running ones
+/// whose workers hold the least data (retired through dask: their
+/// addresses). A running job whose worker the helper does not list is
+/// not cancelled.
+pub fn choose_victims(
+    cluster: &str,
+    jobs: &[WorkerJob],
+    workers: Option<&BTreeMap<String, Worker>>,
+    extra: u32,
+) -> (Vec<String>, Vec<String>) {
+    let extra = extra as usize;
+    let mut cancel: Vec<String> = jobs
+        .iter()
+        .filter(|j| j.state == QueueState::Waiting)
+        .map(|j| j.label.clone())
+        .take(extra)
+        .collect();
+    let mut retire = Vec::new();
+    if let Some(workers) = workers {
+        let mut running: Vec<(&WorkerJob, &Worker)> = jobs
+            .iter()
+            .filter(|j| j.state == QueueState::Running)
+            .filter_map(|j| Some((j, workers.get(&worker_name(cluster, &j.label))?)))
+            .collect();
+        running.sort_by_key(|(j, w)| (w.keys, j.label.clone()));
+        for (j, w) in running.into_iter().take(extra - cancel.len()) {
+            retire.push(w.address.clone());
+            cancel.push(j.label.clone());
+        }
+    }
+    (retire, cancel)
+}
+
+/// The dask name of a worker job's worker (the agent names it so).
+pub fn worker_name(cluster: &str, label: &str) -> String {
+    format!("{cluster}-{label}")
+}
+
+/// The sizes to try for `k` worker jobs: Slurm refuses a whole array that
+/// would pass a queue limit (MaxSubmitJobs counts its tasks), so a refused
+/// batch is tried at half its size, down to one job.
+pub fn batches(k: u32) -> impl Iterator<Item = u32> {
+    std::iter::successors((k > 0).then_some(k), |n| (*n > 1).then_some(n / 2))
+}
+
+/// Refused submissions: when to try again, and why the cluster is short.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backoff {
+    delay_s: u64,
+    /// Not before this time (epoch seconds).
+    retry_at: u64,
+    pub short: Option<String>,
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff {
+            delay_s: BACKOFF_FIRST_S,
+            retry_at: 0,
+            short: None,
+        }
+    }
+}
+
+impl Backoff {
+    pub fn allows(&self, now: u64) -> bool {
+        now >= self.retry_at
+    }
+
+    /// `got` of `asked` jobs were submitted at `now` (`err`: the last
+    /// refusal). A full success resets; a partial one retries soon (the
+    /// limit moves); none doubles the delay. The delay to report.
+    pub fn record(&mut self, asked: u32, got: u32, err: &str, now: u64) -> Option<u64> {
+        if got >= asked {
+            *self = Backoff::default();
+            return None;
+        }
+        self.short = Some(format!(
+            "sbatch refused {} of {asked} worker jobs: {err}",
+            asked - got
+        ));
+        let delay = self.delay_s;
+        self.retry_at = now + delay;
+        self.delay_s = if got > 0 {
+            BACKOFF_FIRST_S
+        } else {
+            (delay * 2).min(BACKOFF_MAX_S)
+        };
+        Some(delay)
+    }
+}
+
+/// How long to wait before starting a dead helper again, given when it
+/// died before (epoch seconds, oldest first) and now.
+pub fn helper_delay(deaths: &[u64], now: u64) -> u64 {
+    let recent = deaths
+        .iter()
+        .filter(|&&t| now.saturating_sub(t) <= HELPER_WINDOW_S)
+        .count() as u32;
+    match recent {
+        0 | 1 => HELPER_FIRST_S,
+        n => (HELPER_FIRST_S << (n - 1).min(10)).min(HELPER_MAX_S),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RULES: Rules = Rules {
+        lead_s: 600,
+        margin_s: 300,
+    };
+
+    fn job(label: &str, state: QueueState, limit_s: Option<u64>, used_s: u64) -> WorkerJob {
+        WorkerJob {
+            label: label.into(),
+            state,
+            limit_s,
+            used_s,
+        }
+    }
+
+    #[test]
+    fn successors_fall_due_a_lead_before_retirement_never_in_the_first_half_life() {
+        // (limit, used, due): a 2 h job retires at 6900 s; due 600 s before.
+        let cases = [
+            (Some(7200), 0, false),
+            (Some(7200), 6299, false),
+            (Some(7200), 6301, true),
+            (Some(7200), 9000, true),
+            (None, 100_000, false),
+            // A 1 min job lives 30 s: the lead is capped at 15 s.
+            (Some(60), 14, false),
+            (Some(60), 16, true),
+        ];
+        for (limit, used, due) in cases {
+            assert_eq!(successor_due(RULES, limit, used), due, "{limit:?} {used}");
+        }
+    }
+
+    #[test]
+    fn counts_leave_out_retiring_and_leaving_jobs() {
+        let jobs = [
+            job("1_1", QueueState::Running, Some(7200), 7000),
+            job("1_2", QueueState::Running, Some(7200), 10),
+            job("1_3", QueueState::Waiting, Some(7200), 0),
+            job("1_4", QueueState::Leaving, Some(7200), 7200),
+        ];
+        let c = count(RULES, &jobs);
+        assert_eq!(
+            c,
+            Counts {
+                waiting: 1,
+                running: 2,
+                retiring: 1
+            }
+        );
+        assert_eq!(c.active(), 2);
+    }
+
+    #[test]
+    fn wanted_sizes() {
+        let fixed = Target::Workers { workers: 4 };
+        let adapt = Target::Adapt { adapt: [1, 8] };
+        let down = Target::Down { down: true };
+        // (target, active, adaptive, low before) -> (want, low after)
+        type Case<'a> = (&'a Target, u32, Option<u32>, u32, Option<u32>, u32);
+        let cases: [Case; 9] = [
+            (&fixed, 2, None, 0, Some(4), 0),
+            (&down, 2, Some(9), 0, None, 0),
+            (&adapt, 2, None, 0, None, 0),
+            (&adapt, 2, Some(20), 1, Some(8), 0),
+            (&adapt, 2, Some(0), 0, Some(2), 1),
+            (&adapt, 2, Some(0), 1, Some(2), 2),
+            (&adapt, 2, Some(0), 2, Some(1), 3),
+            (&adapt, 0, Some(0), 0, Some(1), 0),
+            (&adapt, 5, Some(5), 2, Some(5), 0),
+        ];
+        for (t, active, adaptive, low0, w, low1) in cases {
+            let mut low = low0;
+            assert_eq!(
+                want(t, active, adaptive, &mut low),
+                w,
+                "{t:?} {active} {adaptive:?}"
+            );
+            assert_eq!(low, low1, "{t:?} {active} {adaptive:?}");
+        }
+    }
+
+    fn workers(v: &[(&str, &str, u64)]) -> BTreeMap<String, Worker> {
+        v.iter()
+            .map(|(n, a, k)| {
+                (
+                    n.to_string(),
+                    Worker {
+                        address: a.to_string(),
+                        keys: *k,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn grow_shrink_and_hold() {
+        let jobs = [
+            job("7_1", QueueState::Running, None, 0),
+            job("7_2", QueueState::Running, None, 0),
+            job("7_3", QueueState::Waiting, None, 0),
+        ];
+        let c = count(RULES, &jobs);
+        let w = workers(&[("ana-7_1", "tls://a:1", 50), ("ana-7_2", "tls://a:2", 3)]);
+        assert_eq!(
+            step("ana", 5, c, &jobs, Some(&w), true),
+            Step::Grow {
+                n: 2,
+                why: "target 5, 3 active".into()
+            }
+        );
+        assert_eq!(
+            step("ana", 5, c, &jobs, Some(&w), false),
+            Step::Hold,
+            "backing off"
+        );
+        assert_eq!(step("ana", 3, c, &jobs, Some(&w), true), Step::Hold);
+        // The waiting job first, then the worker with the fewest keys.
+        assert_eq!(
+            step("ana", 1, c, &jobs, Some(&w), true),
+            Step::Shrink {
+                retire: vec!["tls://a:2".into()],
+                cancel: vec!["7_3".into(), "7_2".into()]
+            }
+        );
+        // Without the helper: waiting jobs only.
+        assert_eq!(
+            step("ana", 1, c, &jobs, None, true),
+            Step::Shrink {
+                retire: vec![],
+                cancel: vec!["7_3".into()]
+            }
+        );
+        let running = &jobs[..2];
+        assert_eq!(
+            step("ana", 0, count(RULES, running), running, None, true),
+            Step::Hold
+        );
+    }
+
+    #[test]
+    fn a_retiring_worker_is_replaced_ahead_of_time() {
+        let jobs = [
+            job("8_1", QueueState::Running, Some(7200), 6500),
+            job("8_2", QueueState::Running, Some(7200), 100),
+        ];
+        assert_eq!(
+            step("ana", 2, count(RULES, &jobs), &jobs, None, true),
+            Step::Grow {
+                n: 1,
+                why: "target 2, 1 active (1 retiring for their walltime)".into()
+            }
+        );
+    }
+
+    #[test]
+    fn refused_batches_are_halved_down_to_one() {
+        assert_eq!(batches(10).collect::<Vec<_>>(), [10, 5, 2, 1]);
+        assert_eq!(batches(1).collect::<Vec<_>>(), [1]);
+        assert_eq!(batches(0).count(), 0);
+    }
+
+    #[test]
+    fn refusals_back_off() {
+        let mut b = Backoff::default();
+        assert!(b.allows(0));
+        // (asked, got, now) -> (delay reported, short)
+        let cases = [
+            (4, 0, 100, Some(10), true),
+            (4, 0, 110, Some(20), true),
+            (4, 0, 130, Some(40), true),
+            (4, 2, 170, Some(80), true),
+            (2, 0, 250, Some(10), true),
+            (2, 2, 260, None, false),
+        ];
+        for (asked, got, now, delay, short) in cases {
+            assert_eq!(
+                b.record(asked, got, "limit", now),
+                delay,
+                "{asked} {got} {now}"
+            );
+            assert_eq!(b.short.is_some(), short);
+            if let Some(d) = delay {
+                assert!(!b.allows(now + d - 1) && b.allows(now + d));
+            }
+        }
+        let mut b = Backoff::default();
+        for i in 0..20 {
+            b.record(1, 0, "x", i * 1000);
+        }
+        assert_eq!(b.record(1, 0, "x", 99_999), Some(BACKOFF_MAX_S));
+        assert_eq!(
+            b.short.as_deref(),
+            Some("sbatch refused 1 of 1 worker jobs: x")
+        );
+    }
+
+    #[test]
+    fn a_helper_that_keeps_dying_is_started_ever_later() {
+        // (deaths before, now) -> delay
+        let cases: [(&[u64], u64, u64); 7] = [
+            (&[], 100, 1),
+            (&[100], 100, 1),
+            (&[90, 100], 100, 2),
+            (&[80, 90, 95, 100], 100, 8),
+            (&[60, 70, 80, 90, 95, 100], 100, 32),
+            (&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 10, 60),
+            // Deaths over a minute ago do not count.
+            (&[10, 20, 100], 130, 1),
+        ];
+        for (deaths, now, delay) in cases {
+            assert_eq!(helper_delay(deaths, now), delay, "{deaths:?}");
+        }
+    }
+}

@@ -1,0 +1,94 @@
+# dask-spank keeper helper: the part of a cluster's keeper that must be a
+# dask client of its scheduler, and nothing else. The scheduler job's
+# `dask-spank attach` (the job-side runtime, in Rust) writes this file into
+# the cluster's directory, runs it with the job's own Python (the one that
+# runs the scheduler, so it has distributed), watches it and starts it again
+# if it dies. Every decision (how many workers, which to retire, successors,
+# submissions) is the runtime's; so is every rule and every file name.
+#
+# It speaks JSON lines. On stdin, from the runtime:
+#   {"connect": {"address": A, "ca": PATH, "cert": PATH, "key": PATH}}
+#       (TLS paths null for a plain TCP cluster): whom to talk to.
+#   {"retire": [ADDRESS, ...]}: retire these workers through dask (their
+#       data moves to the others first), then report {"retired": [...]}.
+# On stdout, every TICK seconds once connected:
+#   {"state": {"workers": {NAME: {"address": A, "keys": N}}, "adaptive_target": N}}
+# and {"error": TEXT} when a step failed (it goes on). Its stderr is the
+# scheduler job's log.
+import json
+import queue
+import sys
+import threading
+import time
+
+TICK = float(sys.argv[1]) if len(sys.argv) > 1 else 2.0
+
+
+def say(msg):
+    sys.stdout.write(json.dumps(msg) + "\n")
+    sys.stdout.flush()
+
+
+def orders(q):
+    """Read the runtime's lines into q; None at its end (it is gone)."""
+    for line in sys.stdin:
+        try:
+            q.put(json.loads(line))
+        except ValueError:
+            say({"error": f"bad order: {line.strip()[:200]}"})
+    q.put(None)
+
+
+def connect(c):
+    from distributed import Client
+    from distributed.security import Security
+    patch_distributed()  # noqa: F821 - defined before this file: python/dask_spank/tls_eof.py
+    sec = Security()
+    if c.get("cert"):
+        sec = Security(tls_ca_file=c["ca"], tls_client_cert=c["cert"], tls_client_key=c["key"],
+                       require_encryption=True)
+    return Client(c["address"], security=sec, timeout=10, name="dask-spank-keeper")
+
+
+def state(client):
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    workers = {w.get("name"): {"address": a, "keys": w.get("metrics", {}).get("task_counts", {}).get("memory", 0)}
+               for a, w in info.items() if isinstance(w.get("name"), str)}
+    target = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.adaptive_target())
+    return {"workers": workers, "adaptive_target": int(target)}
+
+
+def main():
+    q = queue.Queue()
+    threading.Thread(target=orders, args=(q,), daemon=True).start()
+    client, target = None, None
+    while True:
+        try:
+            order = q.get(timeout=TICK)
+        except queue.Empty:
+            order = {}
+        if order is None:
+            return
+        try:
+            if "connect" in order and order["connect"] != target:
+                if client is not None:
+                    client.close()
+                client, target = None, order["connect"]
+            if client is None and target is not None:
+                client = connect(target)
+            if client is not None and order.get("retire"):
+                client.retire_workers(workers=order["retire"], close_workers=True)
+                say({"retired": order["retire"]})
+            if client is not None:
+                say({"state": state(client)})
+        except Exception as e:  # noqa: BLE001 - reported; the runtime decides
+            say({"error": f"{type(e).__name__}: {e}"})
+            if client is not None:
+                try:
+                    client.close()
+                except Exception:  # noqa: BLE001
+                    pass
+            client = None
+
+
+main()

@@ -1,0 +1,368 @@
+//! The cluster's keeper, in the scheduler job, for the life of the
+//! cluster: it holds the size the user recorded (`target.json`: a number of
+//! worker jobs, or dask's adaptive target between a minimum and a maximum),
+//! replaces lost workers, submits walltime successors ahead of time, and
+//! retires extra workers through dask before cancelling their jobs.
+//!
+//! Who owns what: every decision is a pure function of `decide`; Slurm is
+//! reached through `crate::slurm` (plain sbatch, squeue, scancel, the
+//! same policy path as any submission); the records are
+//! `dask_spank_common::records`; the only Python is the dask helper
+//! (`helper`), a client of the scheduler that reports the connected workers
+//! and dask's adaptive target and retires workers when told.
+//!
+//! Every `interval` the keeper asks squeue for the cluster's worker jobs
+//! and decides; it writes what it saw in `keeper.json` (for `status`) and
+//! one line per decision in the scheduler job's log. The helper's state
+//! (every `tick`) goes to `connected.json`.
+
+pub mod decide;
+pub mod helper;
+
+use crate::slurm;
+use dask_spank_common::paths::{layout, vars, TlsFiles};
+use dask_spank_common::records::{now, ClusterDir, Connected, KeeperStatus, Target};
+use dask_spank_common::ClusterName;
+use decide::{Backoff, QueueState, Rules, Step, WorkerJob};
+use helper::{Event, Helper, SchedulerView};
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// How long retiring workers get to hand their data over before their
+/// jobs are cancelled anyway.
+const RETIRE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A line of the keeper in the scheduler job's log (its stdout).
+pub fn say(msg: &str) {
+    let ts = humantime::format_rfc3339_seconds(SystemTime::now());
+    println!("{ts} dask-spank[keeper]: {msg}");
+}
+
+fn env_secs(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Where the keeper's dask helper connects: the scheduler's address and
+/// the cluster's TLS credentials (once they exist).
+pub fn connect_order(address: &str, tls: &TlsFiles) -> serde_json::Value {
+    let (ca, cert, key) = if tls.all_exist() {
+        (
+            Some(tls.ca.clone()),
+            Some(tls.cert.clone()),
+            Some(tls.key.clone()),
+        )
+    } else {
+        (None, None, None)
+    };
+    serde_json::json!({"connect": {"address": address, "ca": ca, "cert": cert, "key": key}})
+}
+
+pub struct Keeper {
+    cluster: ClusterName,
+    dir: ClusterDir,
+    started: SystemTime,
+    rules: Rules,
+    interval: Duration,
+    helper: Helper,
+    /// The helper's last view, and the last error it reported.
+    view: Option<SchedulerView>,
+    last_error: Option<String>,
+    low: u32,
+    backoff: Backoff,
+    /// Jobs to cancel once dask has retired their workers (or at the
+    /// deadline).
+    retiring: Option<(Vec<String>, Instant)>,
+}
+
+impl Keeper {
+    pub fn new(cluster: ClusterName, dir: ClusterDir) -> Keeper {
+        let interval = std::env::var("DASK_SPANK_KEEPER_INTERVAL")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| *v > 0.0)
+            .unwrap_or(5.0);
+        let helper = Helper::new(dir.path(), layout::KEEPER_HELPER, interval.min(2.0));
+        Keeper {
+            cluster,
+            started: SystemTime::now(),
+            rules: Rules {
+                lead_s: env_secs(vars::SUCCESSOR_LEAD, 600),
+                margin_s: env_secs(vars::LIFETIME_MARGIN, 300),
+            },
+            interval: Duration::from_secs_f64(interval),
+            helper,
+            view: None,
+            last_error: None,
+            low: 0,
+            backoff: Backoff::default(),
+            retiring: None,
+            dir,
+        }
+    }
+
+    /// Keep the cluster until `down` (then it returns); `connect` is where
+    /// the helper connects (the scheduler's address, once known).
+    pub async fn run(mut self, mut connect: watch::Receiver<Option<serde_json::Value>>) {
+        say(&format!(
+            "keeping cluster {} (successors {}s ahead of a worker's retirement)",
+            self.cluster, self.rules.lead_s
+        ));
+        let mut step_at = Instant::now();
+        loop {
+            let start_in = Duration::from_secs(self.helper.start_at().saturating_sub(now()));
+            let retire_deadline = self.retiring.as_ref().map(|(_, t)| *t);
+            tokio::select! {
+                ev = self.helper.event() => self.on_event(ev).await,
+                _ = tokio::time::sleep(start_in), if !self.helper.is_running() => {
+                    let order = connect.borrow().clone();
+                    self.start_helper(order).await;
+                }
+                changed = connect.changed() => match changed {
+                    Ok(()) => {
+                        let order = connect.borrow().clone();
+                        if let Some(o) = order {
+                            self.helper.send(&o).await;
+                        }
+                    }
+                    Err(_) => break,
+                },
+                _ = tokio::time::sleep_until(retire_deadline.unwrap_or(step_at)), if retire_deadline.is_some() => {
+                    self.cancel_retired().await;
+                }
+                _ = tokio::time::sleep_until(step_at) => {
+                    step_at = Instant::now() + self.interval;
+                    if self.step().await {
+                        say("the cluster is going down: keeping no more");
+                        break;
+                    }
+                }
+            }
+        }
+        self.helper.stop().await;
+    }
+
+    async fn start_helper(&mut self, connect: Option<serde_json::Value>) {
+        match self.helper.start() {
+            Ok(pid) => {
+                if self.helper.status.restarts > 0 {
+                    say(&format!("its dask helper started again (pid {pid})"));
+                }
+                if let Some(o) = connect {
+                    self.helper.send(&o).await;
+                }
+            }
+            Err(e) => say(&format!(
+                "cannot start its dask helper ({e}); the cluster is not fully kept"
+            )),
+        }
+        self.write_status(None);
+    }
+
+    async fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::View(v) => {
+                let names = v.workers.keys().cloned().collect();
+                let _ = self.dir.write_connected(&Connected {
+                    workers: names,
+                    updated: now(),
+                });
+                self.view = Some(v);
+                self.last_error = None;
+            }
+            Event::Retired => self.cancel_retired().await,
+            Event::Error(e) => {
+                if self.last_error.as_deref() != Some(e.as_str()) {
+                    say(&format!("its dask helper: {e}"));
+                }
+                self.last_error = Some(e);
+            }
+            Event::Died(how) => {
+                say(&format!(
+                    "its dask helper died ({how}); meanwhile the cluster is kept from the queue alone"
+                ));
+                self.view = None;
+                self.write_status(None);
+            }
+        }
+    }
+
+    /// The helper's view, if it is recent (three of its ticks).
+    fn fresh_view(&self) -> Option<&SchedulerView> {
+        let max_age = (3.0 * self.interval.as_secs_f64().min(2.0)).ceil() as u64 + 1;
+        self.view
+            .as_ref()
+            .filter(|v| now().saturating_sub(v.at) <= max_age)
+    }
+
+    /// One decision. Whether the cluster is going down.
+    async fn step(&mut self) -> bool {
+        let target = match self.dir.target() {
+            // Only a `down` of this cluster stops the keeper; one from
+            // before it started is a past cluster's: no target then.
+            Some(Target::Down { .. }) => {
+                return self.dir.target_mtime().is_some_and(|t| t >= self.started)
+            }
+            Some(t) => t,
+            None => return false,
+        };
+        let cluster = self.cluster.to_string();
+        let queued = tokio::task::spawn_blocking(move || slurm::worker_jobs(&cluster)).await;
+        let jobs: Vec<WorkerJob> = match queued {
+            Ok(Ok(q)) => q
+                .into_iter()
+                .map(|k| WorkerJob {
+                    label: k.label,
+                    state: QueueState::from_squeue(&k.state),
+                    limit_s: k.limit_s,
+                    used_s: k.used_s,
+                })
+                .collect(),
+            Ok(Err(e)) => {
+                say(&format!("cannot see the worker jobs this time: {e}"));
+                return false;
+            }
+            Err(_) => return false,
+        };
+        let counts = decide::count(self.rules, &jobs);
+        let adaptive = self.fresh_view().map(|v| v.adaptive_target);
+        let want = decide::want(&target, counts.active(), adaptive, &mut self.low);
+        let view = self.fresh_view();
+        let step = match want {
+            Some(w) if self.retiring.is_none() => decide::step(
+                self.cluster.as_str(),
+                w,
+                counts,
+                &jobs,
+                view.map(|v| &v.workers),
+                self.backoff.allows(now()),
+            ),
+            _ => Step::Hold,
+        };
+        let status = KeeperStatus {
+            target: want.unwrap_or(counts.active()),
+            intention: target,
+            pending: counts.waiting,
+            running: counts.running,
+            retiring: counts.retiring,
+            connected: view.map_or(0, |v| v.workers.len() as u32),
+            short_reason: None,
+            helper: Default::default(),
+            updated: 0,
+        };
+        self.act(step).await;
+        self.write_status(Some(status));
+        false
+    }
+
+    async fn act(&mut self, step: Step) {
+        match step {
+            Step::Hold => {}
+            Step::Grow { n, why } => self.grow(n, why).await,
+            Step::Shrink { retire, cancel } => {
+                if retire.is_empty() || !self.helper.is_running() {
+                    cancel_jobs(cancel).await;
+                } else {
+                    self.helper
+                        .send(&serde_json::json!({ "retire": retire }))
+                        .await;
+                    self.retiring = Some((cancel, Instant::now() + RETIRE_TIMEOUT));
+                }
+            }
+        }
+    }
+
+    /// Cancel the jobs whose workers dask retired (or had the time to).
+    async fn cancel_retired(&mut self) {
+        if let Some((labels, _)) = self.retiring.take() {
+            cancel_jobs(labels).await;
+        }
+    }
+
+    /// Submit `k` worker jobs, halving a refused batch (see `decide::batches`).
+    async fn grow(&mut self, k: u32, why: String) {
+        let base: Vec<String> = self
+            .dir
+            .worker_args()
+            .map(|w| w.args)
+            .unwrap_or_else(|| {
+                vec![
+                    "--dask-role=worker".into(),
+                    format!("--dask-cluster={}", self.cluster),
+                ]
+            })
+            .into_iter()
+            .filter(|a| !a.starts_with("--array"))
+            .collect();
+        let (mut got, mut err) = (0, String::new());
+        for n in decide::batches(k) {
+            // First: options after a job script would be the script's.
+            let mut args = vec![format!("--array=1-{n}")];
+            args.extend(base.iter().cloned());
+            let env = slurm::clean_env();
+            match tokio::task::spawn_blocking(move || slurm::sbatch_in(&args, Some(&env))).await {
+                Ok(Ok(id)) => {
+                    let s = if n > 1 { "s" } else { "" };
+                    say(&format!("submitted {n} worker job{s} (array {id}): {why}"));
+                    got = n;
+                    break;
+                }
+                Ok(Err(e)) => err = e,
+                Err(e) => err = e.to_string(),
+            }
+        }
+        if let Some(delay) = self.backoff.record(k, got, &err, now()) {
+            let short = self.backoff.short.clone().unwrap_or_default();
+            say(&format!("{short}; retrying in {delay}s"));
+        }
+    }
+
+    /// Write `keeper.json`: `status` of this step, or the last one's with
+    /// the helper's news.
+    fn write_status(&mut self, status: Option<KeeperStatus>) {
+        let Some(mut s) = status.or_else(|| self.dir.keeper()) else {
+            return;
+        };
+        s.short_reason = self.backoff.short.clone();
+        s.helper = self.helper.status.clone();
+        s.updated = now();
+        let _ = self.dir.write_keeper(&s);
+    }
+}
+
+async fn cancel_jobs(labels: Vec<String>) {
+    if labels.is_empty() {
+        return;
+    }
+    let n = labels.len();
+    let ids = labels.join(" ");
+    let env = slurm::clean_env();
+    let _ = tokio::task::spawn_blocking(move || slurm::scancel_in(&labels, &env)).await;
+    let s = if n > 1 { "s" } else { "" };
+    say(&format!(
+        "cancelled {n} worker job{s} ({ids}): more than the target"
+    ));
+}
+
+/// The scheduler job ends (scancel, time limit, a failed scheduler): the
+/// worker jobs of a kept cluster end with it (a pending successor would
+/// otherwise start for a scheduler that is gone). A cluster without a
+/// target (plain sbatch) keeps its workers, which leave by their death
+/// timeout; `down` cancels them itself.
+pub fn end_of_cluster(cluster: &ClusterName, dir: &ClusterDir) {
+    if !dir.is_kept() {
+        return;
+    }
+    match slurm::scancel_workers(cluster.as_str(), Duration::from_secs(5)) {
+        Ok(()) => eprintln!(
+            "dask-spank: the scheduler job ends: its cluster's worker jobs were cancelled (successors included)"
+        ),
+        Err(e) => eprintln!(
+            "dask-spank: the scheduler job ends: cannot cancel its cluster's worker jobs ({e}); \
+             they leave after their death timeout"
+        ),
+    }
+}
