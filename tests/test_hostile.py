@@ -535,3 +535,78 @@ def test_9_a_fake_slurmstepd_cannot_keep_a_stale_registration(cluster_name):
         assert not state.exists()
     finally:
         unplace(placer)
+
+
+def comm(pid: int) -> bytes:
+    try:
+        return open(f"/proc/{pid}/comm", "rb").read().rstrip(b"\n")
+    except OSError:
+        return b""
+
+
+def proc_stat(pid: int) -> list[bytes]:
+    """The fields of /proc/<pid>/stat after the name (state first); [] once
+    it is gone."""
+    try:
+        return open(f"/proc/{pid}/stat", "rb").read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def test_10_a_worker_named_in_invalid_utf8_and_non_dumpable_is_still_adopted(cluster_name):
+    """A worker renames itself (and a process it leaves in its group) to
+    bytes that are not UTF-8 and turns non-dumpable; then the agent is
+    restarted. The new agent must still see the worker as the job's user's
+    and adopt it (not lose it to run unsupervised beside a second one), and
+    when the worker is then killed, clean its group and start it again."""
+    from test_nanny import start, worker_log
+    from test_restart import stop_agent, worker_pids
+
+    def disguise_worker() -> int:
+        """A task (local: cloudpickle sends it by value). Names the worker
+        process in bytes that are not UTF-8, leaves a member in its process
+        group named the same way, makes both non-dumpable (their /proc
+        files turn root's); returns the worker's pid."""
+        import ctypes
+        import os
+        import subprocess
+        import sys
+        rename = ("open('/proc/self/comm', 'wb').write(b'\\xff\\xfe-member'); "
+                  "import ctypes; ctypes.CDLL(None).prctl(4, 0, 0, 0, 0); "
+                  "print(flush=True); import time; time.sleep(600)")
+        member = subprocess.Popen([sys.executable, "-c", rename], stdout=subprocess.PIPE)
+        member.stdout.readline()
+        # /proc/self/comm from any thread names the main thread, which is
+        # what /proc/<pid>/stat shows.
+        with open("/proc/self/comm", "wb") as f:
+            f.write(b"\xff\xfe-worker")
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
+        return os.getpid()
+
+    sched, arr, c = start(cluster_name, 1)
+    try:
+        [(name, pid)] = worker_pids(c).items()
+        assert c.submit(disguise_worker, pure=False).result(timeout=60) == pid
+        assert comm(pid) == b"\xff\xfe-worker"
+        assert os.stat(f"/proc/{pid}/status").st_uid == 0, "non-dumpable"
+        member = next(int(p) for p in os.listdir("/proc") if p.isdigit() and comm(int(p)) == b"\xff\xfe-member")
+        assert proc_stat(member)[2] == str(pid).encode(), "the member is in the worker's group"
+
+        stop_agent(signal.SIGTERM)
+        sb.sandbox("up")
+        sb.wait_until("the worker to be adopted", lambda: f"worker adopted, pid {pid}" in worker_log(arr, 1), 30)
+        assert worker_pids(c) == {name: pid}, "the same worker runs on, and only it"
+        assert sb.agent_metrics()["dask_spank_lost_total"] == 0
+        assert "ended while the node agent was away" not in worker_log(arr, 1)
+
+        # The new agent supervises it: killed, its group is cleaned (the
+        # member too) and it comes back.
+        old = next(iter(c.scheduler_info()["workers"]))
+        os.kill(pid, signal.SIGKILL)
+        sb.wait_until("the lingering member of the killed worker's group to be killed",
+                      lambda: proc_stat(member)[:1] in ([], [b"Z"]), 15)
+        sb.wait_until("the killed worker to come back", lambda: any(
+            w["name"] == name and a != old for a, w in c.scheduler_info()["workers"].items()), 60, 0.2)
+        assert c.submit(sum, range(10)).result(timeout=30) == 45
+    finally:
+        c.close()
