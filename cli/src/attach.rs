@@ -48,7 +48,7 @@ pub fn run() -> Result<i32, String> {
             Err(e) => return Err(format!("cannot remove the old {}: {e}", f.display())),
         }
         if tls {
-            crate::tls::ensure(&tls_files(&dir), cluster.as_str())?;
+            crate::tls::ensure(&dir, cluster.as_str())?;
         }
     }
     let cwd = std::env::current_dir().map_err(|e| format!("no working directory: {e}"))?;
