@@ -10,8 +10,8 @@
 //! * [`agent`] (shared state), [`jobs`] (the job table), [`process`],
 //!   [`forkserver`], [`spawn`], [`memwatch`], [`metrics`], [`joblog`], and
 //!   the leaves: [`procfs`], [`cgroup`], [`rlimits`], [`slurm`],
-//!   [`statefile`], [`recovery`], [`restart`], [`dask_cmd`], [`jobenv`],
-//!   [`privileges`], [`connlimit`], [`wire`].
+//!   [`statefile`] (on [`rootdir`]), [`recovery`], [`restart`],
+//!   [`dask_cmd`], [`jobenv`], [`privileges`], [`connlimit`], [`wire`].
 
 pub mod access;
 pub mod admission;
@@ -37,6 +37,7 @@ pub mod python_boot;
 pub mod recovery;
 pub mod restart;
 pub mod rlimits;
+pub mod rootdir;
 pub mod server;
 pub mod siteops;
 pub mod slurm;
