@@ -610,3 +610,66 @@ def test_10_a_worker_named_in_invalid_utf8_and_non_dumpable_is_still_adopted(clu
         assert c.submit(sum, range(10)).result(timeout=30) == 45
     finally:
         c.close()
+
+
+# Holds `n` TCP connections open to the metrics port, sending nothing: each
+# one the agent closes is opened again at once. Prints n when they are
+# open, and how many were opened again when its stdin closes.
+METRICS_FLOOD = r"""
+import selectors, socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+sel = selectors.DefaultSelector()
+def connect():
+    sel.register(socket.create_connection(("127.0.0.1", port)), selectors.EVENT_READ)
+for _ in range(n):
+    connect()
+print(n, flush=True)
+sel.register(sys.stdin, selectors.EVENT_READ)
+again = 0
+while True:
+    for key, _ in sel.select():
+        if key.fileobj is sys.stdin:
+            print(again, flush=True)
+            sys.exit(0)
+        sel.unregister(key.fileobj)
+        key.fileobj.close()
+        connect()
+        again += 1
+"""
+
+
+def scrape_seconds(port: int) -> float:
+    """How long a scrape of the metrics takes (inf: none within 10 s)."""
+    import urllib.request
+    t0 = time.monotonic()
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    except OSError:
+        return float("inf")
+    assert "dask_spank_build_info" in body, body
+    return time.monotonic() - t0
+
+
+def test_11_idle_connections_to_the_metrics_port_do_not_delay_a_scrape():
+    """Any local user may connect to the metrics port: one keeps 200
+    connections open there that send nothing. Scrapes (every 0.5 s for 4 s,
+    through the agent closing idle ones and the user opening them again)
+    are each answered within a second."""
+    port = sb.METRICS_PORT_N1
+    with AgentWatch() as w:
+        flood = subprocess.Popen(["runuser", "-u", sb.TEST_USER, "--", "/usr/bin/python3", "-c", METRICS_FLOOD,
+                                  str(port), "200"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert int(flood.stdout.readline()) == 200
+            took = []
+            for _ in range(8):
+                took.append(scrape_seconds(port))
+                time.sleep(0.5)
+        finally:
+            flood.stdin.close()
+            again = flood.stdout.readline()
+            flood.wait(30)
+    w.check()
+    assert max(took) < 1.0, f"scrapes took {', '.join(f'{t:.2f}' for t in took)} s"
+    # The flood went on throughout: the agent closed idle ones (after 1 s).
+    assert int(again) >= 200, again
