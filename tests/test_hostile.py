@@ -673,3 +673,104 @@ def test_11_idle_connections_to_the_metrics_port_do_not_delay_a_scrape():
     assert max(took) < 1.0, f"scrapes took {', '.join(f'{t:.2f}' for t in took)} s"
     # The flood went on throughout: the agent closed idle ones (after 1 s).
     assert int(again) >= 200, again
+
+
+# As the flooding user: open `n` connections one after another, each asking
+# for `status` and not reading the reply. Prints how many got that far and
+# how many were refused before, then holds them until stdin closes; then
+# reads the replies and prints how many were a status and how many an
+# error (with the last one).
+STATUS_FLOOD = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import agentproto
+path, n = sys.argv[2], int(sys.argv[3])
+held, refused = [], 0
+for i in range(n):
+    try:
+        c = agentproto.Conn(path, "flood", timeout=10)
+        c.send({"type": "status"})
+        held.append(c)
+    except (OSError, agentproto.AgentError):
+        refused += 1
+print(json.dumps({"held": len(held), "refused": refused}), flush=True)
+sys.stdin.read()
+kinds, reason = {}, ""
+for c in held:
+    try:
+        r = c.recv()
+    except (OSError, agentproto.AgentError) as e:
+        r = {"type": "lost"}
+    kinds[r["type"]] = kinds.get(r["type"], 0) + 1
+    reason = r.get("message", reason)
+print(json.dumps({"replies": kinds, "reason": reason}), flush=True)
+"""
+
+# As another user: how long a ping takes.
+TIMED_PING = r"""
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import agentproto
+t0 = time.monotonic()
+r = agentproto.call(sys.argv[2], {"type": "ping"})
+print(r["type"], time.monotonic() - t0)
+"""
+
+
+def other_user() -> str:
+    """The second unprivileged user, made if missing (as test_nanny does)."""
+    if subprocess.run(["id", sb.OTHER_USER], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "-M", "-d", "/nonexistent", "-s", "/bin/sh", sb.OTHER_USER], check=True)
+    return sb.OTHER_USER
+
+
+def test_12_unread_status_replies_are_bounded_per_user():
+    """The test user has 4000 jobs on the node (registered as slurmstepd
+    would, for a long cluster name), so that its `status` is about a
+    megabyte, and opens 1000 connections asking for it without reading a
+    reply. The agent must hold no more than a few of those replies (the
+    others are refused, saying why): its memory grows by less than 40 MiB,
+    and root and another user are answered within a second meanwhile."""
+    import bench_control
+    u = sb.user()
+    sock = sb.agent_socket()
+    root = bench_control.Agent(sock)
+    cluster = "status-flood-" + "x" * 51
+    first = 7_000_000
+    ids = range(first, first + 4000)
+    try:
+        for i, job in enumerate(ids):
+            spec = bench_control.spec(i, u, os.getpid())
+            spec.update(job_id=job, array_job_id=first, node="n1", cluster=cluster)
+            assert root.call(spec)["type"] == "ok"
+        size = len(json.dumps(sb.agent_status()))
+        assert size > 900_000, size
+        scripts = str(sb.REPO / "scripts")
+        other = other_user()
+        with AgentWatch() as w:
+            flood = subprocess.Popen(["runuser", "-u", sb.TEST_USER, "--", "/usr/bin/python3", "-c", STATUS_FLOOD,
+                                      scripts, sock, "1000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            try:
+                out = json.loads(flood.stdout.readline())
+                pings = []
+                for _ in range(3):
+                    p = subprocess.run(["runuser", "-u", other, "--", "/usr/bin/python3", "-c", TIMED_PING,
+                                        scripts, sock], capture_output=True, text=True, timeout=30)
+                    kind, took = p.stdout.split()
+                    assert kind == "ok", p.stdout + p.stderr
+                    pings.append(float(took))
+                    time.sleep(0.5)
+            finally:
+                flood.stdin.close()
+                got = json.loads(flood.stdout.readline() or "{}")
+                flood.wait(60)
+        print(out, got, f"agent RSS {w.rss0:.0f} -> {w.rss_max:.0f} MiB, other user's pings {pings}")
+        w.check()
+        assert max(pings) < PING_BOUND_S, pings
+        # A few megabytes of status in flight, the rest refused, saying why.
+        assert out["held"] + out["refused"] == 1000
+        assert got["replies"].get("status", 0) <= 5, got
+        assert "bytes of replies from the node agent not read yet" in got["reason"], got
+    finally:
+        for job in ids:
+            root.call({"type": "job_end", "job_id": job, "reason": "test over"})
