@@ -146,7 +146,8 @@ def dask_processes(uid: int | None = None) -> list[dict]:
             continue
         try:
             cmd = (d / "cmdline").read_bytes().split(b"\0")
-            status = (d / "status").read_text()
+            # A process may name itself in bytes that are not UTF-8.
+            status = (d / "status").read_bytes().decode(errors="replace")
         except OSError:
             continue
         args = [a.decode(errors="replace") for a in cmd if a]

@@ -69,9 +69,13 @@ class AgentWatch:
         self._t.start()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, value, tb):
         self._stop.set()
         self._t.join(10)
+        # A test that failed inside the watch, while the agent did not
+        # answer: that is the finding, say it first.
+        if kind is not None and self.failures:
+            raise AssertionError(f"the agent did not answer ({self.failures[:3]}) while: {value!r}") from value
 
     def check(self, bound: float = PING_BOUND_S):
         assert not self.failures, f"the agent did not answer: {self.failures[:3]}"
@@ -535,3 +539,242 @@ def test_9_a_fake_slurmstepd_cannot_keep_a_stale_registration(cluster_name):
         assert not state.exists()
     finally:
         unplace(placer)
+
+
+def comm(pid: int) -> bytes:
+    try:
+        return open(f"/proc/{pid}/comm", "rb").read().rstrip(b"\n")
+    except OSError:
+        return b""
+
+
+def proc_stat(pid: int) -> list[bytes]:
+    """The fields of /proc/<pid>/stat after the name (state first); [] once
+    it is gone."""
+    try:
+        return open(f"/proc/{pid}/stat", "rb").read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def test_10_a_worker_named_in_invalid_utf8_and_non_dumpable_is_still_adopted(cluster_name):
+    """A worker renames itself (and a process it leaves in its group) to
+    bytes that are not UTF-8 and turns non-dumpable; then the agent is
+    restarted. The new agent must still see the worker as the job's user's
+    and adopt it (not lose it to run unsupervised beside a second one), and
+    when the worker is then killed, clean its group and start it again."""
+    from test_nanny import start, worker_log
+    from test_restart import stop_agent, worker_pids
+
+    def disguise_worker() -> int:
+        """A task (local: cloudpickle sends it by value). Names the worker
+        process in bytes that are not UTF-8, leaves a member in its process
+        group named the same way, makes both non-dumpable (their /proc
+        files turn root's); returns the worker's pid."""
+        import ctypes
+        import os
+        import subprocess
+        import sys
+        rename = ("open('/proc/self/comm', 'wb').write(b'\\xff\\xfe-member'); "
+                  "import ctypes; ctypes.CDLL(None).prctl(4, 0, 0, 0, 0); "
+                  "print(flush=True); import time; time.sleep(600)")
+        member = subprocess.Popen([sys.executable, "-c", rename], stdout=subprocess.PIPE)
+        member.stdout.readline()
+        # /proc/self/comm from any thread names the main thread, which is
+        # what /proc/<pid>/stat shows.
+        with open("/proc/self/comm", "wb") as f:
+            f.write(b"\xff\xfe-worker")
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
+        return os.getpid()
+
+    sched, arr, c = start(cluster_name, 1)
+    try:
+        [(name, pid)] = worker_pids(c).items()
+        assert c.submit(disguise_worker, pure=False).result(timeout=60) == pid
+        assert comm(pid) == b"\xff\xfe-worker"
+        assert os.stat(f"/proc/{pid}/status").st_uid == 0, "non-dumpable"
+        member = next(int(p) for p in os.listdir("/proc") if p.isdigit() and comm(int(p)) == b"\xff\xfe-member")
+        assert proc_stat(member)[2] == str(pid).encode(), "the member is in the worker's group"
+
+        stop_agent(signal.SIGTERM)
+        sb.sandbox("up")
+        sb.wait_until("the worker to be adopted", lambda: f"worker adopted, pid {pid}" in worker_log(arr, 1), 30)
+        assert worker_pids(c) == {name: pid}, "the same worker runs on, and only it"
+        assert sb.agent_metrics()["dask_spank_lost_total"] == 0
+        assert "ended while the node agent was away" not in worker_log(arr, 1)
+
+        # The new agent supervises it: killed, its group is cleaned (the
+        # member too) and it comes back.
+        old = next(iter(c.scheduler_info()["workers"]))
+        os.kill(pid, signal.SIGKILL)
+        sb.wait_until("the lingering member of the killed worker's group to be killed",
+                      lambda: proc_stat(member)[:1] in ([], [b"Z"]), 15)
+        sb.wait_until("the killed worker to come back", lambda: any(
+            w["name"] == name and a != old for a, w in c.scheduler_info()["workers"].items()), 60, 0.2)
+        assert c.submit(sum, range(10)).result(timeout=30) == 45
+    finally:
+        c.close()
+
+
+# Holds `n` TCP connections open to the metrics port, sending nothing: each
+# one the agent closes is opened again at once. Prints n when they are
+# open, and how many were opened again when its stdin closes.
+METRICS_FLOOD = r"""
+import selectors, socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+sel = selectors.DefaultSelector()
+def connect():
+    sel.register(socket.create_connection(("127.0.0.1", port)), selectors.EVENT_READ)
+for _ in range(n):
+    connect()
+print(n, flush=True)
+sel.register(sys.stdin, selectors.EVENT_READ)
+again = 0
+while True:
+    for key, _ in sel.select():
+        if key.fileobj is sys.stdin:
+            print(again, flush=True)
+            sys.exit(0)
+        sel.unregister(key.fileobj)
+        key.fileobj.close()
+        connect()
+        again += 1
+"""
+
+
+def scrape_seconds(port: int) -> float:
+    """How long a scrape of the metrics takes (inf: none within 10 s)."""
+    import urllib.request
+    t0 = time.monotonic()
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    except OSError:
+        return float("inf")
+    assert "dask_spank_build_info" in body, body
+    return time.monotonic() - t0
+
+
+def test_11_idle_connections_to_the_metrics_port_do_not_delay_a_scrape():
+    """Any local user may connect to the metrics port: one keeps 200
+    connections open there that send nothing. Scrapes (every 0.5 s for 4 s,
+    through the agent closing idle ones and the user opening them again)
+    are each answered within a second."""
+    port = sb.METRICS_PORT_N1
+    with AgentWatch() as w:
+        flood = subprocess.Popen(["runuser", "-u", sb.TEST_USER, "--", "/usr/bin/python3", "-c", METRICS_FLOOD,
+                                  str(port), "200"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert int(flood.stdout.readline()) == 200
+            took = []
+            for _ in range(8):
+                took.append(scrape_seconds(port))
+                time.sleep(0.5)
+        finally:
+            flood.stdin.close()
+            again = flood.stdout.readline()
+            flood.wait(30)
+    w.check()
+    assert max(took) < 1.0, f"scrapes took {', '.join(f'{t:.2f}' for t in took)} s"
+    # The flood went on throughout: the agent closed idle ones (after 1 s).
+    assert int(again) >= 200, again
+
+
+# As the flooding user: open `n` connections one after another, each asking
+# for `status` and not reading the reply. Prints how many got that far and
+# how many were refused before, then holds them until stdin closes; then
+# reads the replies and prints how many were a status and how many an
+# error (with the last one).
+STATUS_FLOOD = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import agentproto
+path, n = sys.argv[2], int(sys.argv[3])
+held, refused = [], 0
+for i in range(n):
+    try:
+        c = agentproto.Conn(path, "flood", timeout=10)
+        c.send({"type": "status"})
+        held.append(c)
+    except (OSError, agentproto.AgentError):
+        refused += 1
+print(json.dumps({"held": len(held), "refused": refused}), flush=True)
+sys.stdin.read()
+kinds, reason = {}, ""
+for c in held:
+    try:
+        r = c.recv()
+    except (OSError, agentproto.AgentError) as e:
+        r = {"type": "lost"}
+    kinds[r["type"]] = kinds.get(r["type"], 0) + 1
+    reason = r.get("message", reason)
+print(json.dumps({"replies": kinds, "reason": reason}), flush=True)
+"""
+
+# As another user: how long a ping takes.
+TIMED_PING = r"""
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import agentproto
+t0 = time.monotonic()
+r = agentproto.call(sys.argv[2], {"type": "ping"})
+print(r["type"], time.monotonic() - t0)
+"""
+
+
+def other_user() -> str:
+    """The second unprivileged user, made if missing (as test_nanny does)."""
+    if subprocess.run(["id", sb.OTHER_USER], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "-M", "-d", "/nonexistent", "-s", "/bin/sh", sb.OTHER_USER], check=True)
+    return sb.OTHER_USER
+
+
+def test_12_unread_status_replies_are_bounded_per_user():
+    """The test user has 4000 jobs on the node (registered as slurmstepd
+    would, for a long cluster name), so that its `status` is about a
+    megabyte, and opens 1000 connections asking for it without reading a
+    reply. The agent must hold no more than a few of those replies (the
+    others are refused, saying why): its memory grows by less than 40 MiB,
+    and root and another user are answered within a second meanwhile."""
+    import bench_control
+    u = sb.user()
+    sock = sb.agent_socket()
+    root = bench_control.Agent(sock)
+    cluster = "status-flood-" + "x" * 51
+    first = 7_000_000
+    ids = range(first, first + 4000)
+    try:
+        for i, job in enumerate(ids):
+            spec = bench_control.spec(i, u, os.getpid())
+            spec.update(job_id=job, array_job_id=first, node="n1", cluster=cluster)
+            assert root.call(spec)["type"] == "ok"
+        size = len(json.dumps(sb.agent_status()))
+        assert size > 900_000, size
+        scripts = str(sb.REPO / "scripts")
+        other = other_user()
+        with AgentWatch() as w:
+            flood = subprocess.Popen(["runuser", "-u", sb.TEST_USER, "--", "/usr/bin/python3", "-c", STATUS_FLOOD,
+                                      scripts, sock, "1000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            try:
+                out = json.loads(flood.stdout.readline())
+                pings = []
+                for _ in range(3):
+                    p = subprocess.run(["runuser", "-u", other, "--", "/usr/bin/python3", "-c", TIMED_PING,
+                                        scripts, sock], capture_output=True, text=True, timeout=30)
+                    kind, took = p.stdout.split()
+                    assert kind == "ok", p.stdout + p.stderr
+                    pings.append(float(took))
+                    time.sleep(0.5)
+            finally:
+                flood.stdin.close()
+                got = json.loads(flood.stdout.readline() or "{}")
+                flood.wait(60)
+        print(out, got, f"agent RSS {w.rss0:.0f} -> {w.rss_max:.0f} MiB, other user's pings {pings}")
+        w.check()
+        assert max(pings) < PING_BOUND_S, pings
+        # A few megabytes of status in flight, the rest refused, saying why.
+        assert out["held"] + out["refused"] == 1000
+        assert got["replies"].get("status", 0) <= 5, got
+        assert "bytes of replies from the node agent not read yet" in got["reason"], got
+    finally:
+        for job in ids:
+            root.call({"type": "job_end", "job_id": job, "reason": "test over"})

@@ -329,8 +329,9 @@ def forkserver_processes(uid: int) -> list[dict]:
             continue
         try:
             args = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
-            comm = open(f"/proc/{d}/comm").read().strip()
-            status = open(f"/proc/{d}/status").read()
+            # A process may name itself in bytes that are not UTF-8.
+            comm = open(f"/proc/{d}/comm", "rb").read().decode(errors="replace").strip()
+            status = open(f"/proc/{d}/status", "rb").read().decode(errors="replace")
         except OSError:
             continue
         st = dict(l.split(":", 1) for l in status.splitlines() if ":" in l)

@@ -58,6 +58,11 @@ pub fn mount_point(mountinfo: &str, controllers: &str) -> Option<PathBuf> {
 /// The `cgroup.procs` files to join to be where the job is, given the
 /// job's and the agent's memberships. Hierarchies where both are in the
 /// same cgroup (no job cgroup there) are left alone.
+///
+/// A path with a `..` component (the kernel writes one for a cgroup
+/// outside the reader's cgroup namespace) names nothing under the mount
+/// point: it is an error, not skipped, since skipping it would start dask
+/// in the agent's own cgroup, outside the job's limits.
 pub fn join_targets(
     job: &[Membership],
     agent: &[Membership],
@@ -68,7 +73,7 @@ pub fn join_targets(
         let same = agent.iter().any(|a| {
             a.hierarchy == m.hierarchy && a.controllers == m.controllers && a.path == m.path
         });
-        if same || m.path.contains("..") {
+        if same {
             continue;
         }
         let what = if m.controllers.is_empty() {
@@ -76,6 +81,12 @@ pub fn join_targets(
         } else {
             format!("cgroup v1 ({})", m.controllers)
         };
+        if m.path.split('/').any(|c| c == "..") {
+            return Err(format!(
+                "the job's cgroup {} in the {what} hierarchy is outside the agent's view of it ('..'): refusing to start dask outside the job's cgroup",
+                m.path
+            ));
+        }
         let mount = mount_point(mountinfo, &m.controllers)
             .ok_or_else(|| format!("the job's {what} hierarchy is not mounted here"))?;
         out.push(
@@ -164,6 +175,18 @@ mod tests {
         assert_eq!(
             join_targets(&v2, &memberships("0::/\n"), MOUNTINFO).unwrap(),
             vec![PathBuf::from("/sys/fs/cgroup/unified/system.slice/slurmstepd.scope/job_7/step_batch/user/task_0/cgroup.procs")]
+        );
+        let outside = memberships("4:memory:/../../slurm/job_7\n0::/\n");
+        let e = join_targets(&outside, &agent, MOUNTINFO).unwrap_err();
+        assert!(
+            e.contains("cgroup /../../slurm/job_7 in the cgroup v1 (memory) hierarchy is outside"),
+            "{e}"
+        );
+        let v2 = memberships("0::/job_7/../../etc\n");
+        let e = join_targets(&v2, &agent, MOUNTINFO).unwrap_err();
+        assert!(
+            e.contains("cgroup /job_7/../../etc in the cgroup2 hierarchy"),
+            "{e}"
         );
         let unmounted = memberships("9:pids:/slurm/job_7\n");
         assert!(join_targets(&unmounted, &agent, MOUNTINFO)

@@ -29,10 +29,19 @@ pub fn reply_deadline(len: usize) -> Duration {
 
 /// Write a reply, within its `reply_deadline`.
 pub async fn reply(s: &mut UnixStream, r: &Response) -> Result<(), String> {
+    write_frame(s, &encode(r)?).await
+}
+
+/// The frame of a reply.
+pub fn encode(r: &Response) -> Result<Vec<u8>, String> {
+    dask_spank_common::frame::encode(r).map_err(|e| e.to_string())
+}
+
+/// Write an encoded reply, within its `reply_deadline`.
+pub async fn write_frame(s: &mut UnixStream, frame: &[u8]) -> Result<(), String> {
     use tokio::io::AsyncWriteExt;
-    let frame = dask_spank_common::frame::encode(r).map_err(|e| e.to_string())?;
     let deadline = reply_deadline(frame.len());
-    match tokio::time::timeout(deadline, s.write_all(&frame)).await {
+    match tokio::time::timeout(deadline, s.write_all(frame)).await {
         Ok(res) => res.map_err(|e| e.to_string()),
         Err(_) => Err(format!(
             "the peer did not take a reply of {} bytes within {}s",

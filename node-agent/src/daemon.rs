@@ -7,7 +7,7 @@ use crate::dask_cmd::DaskSettings;
 use crate::jobs::Jobs;
 use crate::spawn::Starter;
 use crate::spawner::Spawner;
-use crate::{metrics, privileges, recovery, server, statefile};
+use crate::{metrics, privileges, recovery, rootdir, server, statefile};
 use dask_spank_common::client::Client;
 use dask_spank_common::paths::agent_socket;
 use std::os::unix::fs::PermissionsExt;
@@ -67,10 +67,8 @@ fn systemd_ready() {
 /// The socket, world-writable: what each peer may do is decided per
 /// request from its kernel-provided credentials.
 fn listen(o: &Options) -> Result<tokio::net::UnixListener, String> {
-    std::fs::create_dir_all(&o.agent_dir)
-        .map_err(|e| format!("cannot create {}: {e}", o.agent_dir.display()))?;
-    std::fs::set_permissions(&o.agent_dir, std::fs::Permissions::from_mode(0o755))
-        .map_err(|e| format!("{}: {e}", o.agent_dir.display()))?;
+    // Users reach the socket through it; only root may write it.
+    rootdir::ensure(&o.agent_dir, 0o755)?;
     let sock = agent_socket(&o.agent_dir, &o.node);
     if Client::connect(&sock, "probe", Duration::from_millis(500)).is_ok() {
         return Err(format!(
@@ -121,12 +119,7 @@ pub async fn run(o: Options) -> Result<(), String> {
     }
     let listener = listen(&o)?;
     let state_dir = o.agent_dir.join(format!("state-{}", o.node));
-    let state = statefile::StateDir::open(&state_dir).map_err(|e| {
-        format!(
-            "cannot create the state directory {}: {e}",
-            state_dir.display()
-        )
-    })?;
+    let state = statefile::StateDir::open(&state_dir)?;
     let jobs = Jobs::new(PathBuf::from("/proc"), Some(state));
     if let Ok(st) = statefile::StateDir::open(&state_dir) {
         let kept = recovery::recover(&st, &jobs);
@@ -179,4 +172,59 @@ async fn wait_for_signal(
         tracing::error!("the spawner process is gone: leaving, for a new agent to take over");
     }
     Ok(lost)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(agent_dir: PathBuf) -> Options {
+        Options {
+            agent_dir,
+            node: "n1".into(),
+            settings: DaskSettings::default(),
+            metrics_addr: None,
+            start_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// A scratch directory with a directory `user` and a symlink `agent`
+    /// to it.
+    fn scratch(name: &str) -> PathBuf {
+        let top = std::env::temp_dir().join(format!("dsp-daemon-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&top);
+        std::fs::create_dir_all(top.join("user")).unwrap();
+        std::os::unix::fs::symlink(top.join("user"), top.join("agent")).unwrap();
+        top
+    }
+
+    #[tokio::test]
+    async fn the_socket_is_never_made_through_a_symlinked_agent_dir() {
+        let top = scratch("link");
+        let e = listen(&options(top.join("agent"))).unwrap_err();
+        assert!(e.contains("agent is a symbolic link"), "{e}");
+        assert!(!top.join("user/agent-n1.sock").exists());
+        std::fs::remove_dir_all(&top).unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_socket_is_never_made_in_a_users_agent_dir() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to give a directory to another uid");
+            return;
+        }
+        let top = scratch("owner");
+        let dir = top.join("user");
+        std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+        let e = listen(&options(dir.clone())).unwrap_err();
+        assert!(e.contains("user is owned by uid 65534"), "{e}");
+        assert!(!dir.join("agent-n1.sock").exists());
+        // A directory of its own is taken, at 0755.
+        let mine = top.join("mine/agent");
+        drop(listen(&options(mine.clone())).unwrap());
+        let m = std::fs::metadata(&mine).unwrap();
+        assert_eq!(m.permissions().mode() & 0o7777, 0o755);
+        assert!(mine.join("agent-n1.sock").exists());
+        std::fs::remove_dir_all(&top).unwrap();
+    }
 }

@@ -10,9 +10,10 @@
 //! * [`agent`] (shared state), [`jobs`] (the job table), [`process`],
 //!   [`forkserver`], [`spawn`] (through the [`spawner`] process and
 //!   [`launch`]), [`memwatch`], [`metrics`], [`joblog`], and the leaves:
-//!   [`procfs`], [`cgroup`], [`rlimits`], [`slurm`], [`statefile`],
-//!   [`recovery`], [`restart`], [`dask_cmd`], [`jobenv`], [`privileges`],
-//!   [`connlimit`], [`wire`], [`userio`], [`fdcheck`] and [`reach`].
+//!   [`procfs`], [`cgroup`], [`rlimits`], [`slurm`], [`statefile`] (on
+//!   [`rootdir`]), [`recovery`], [`restart`], [`dask_cmd`], [`jobenv`],
+//!   [`privileges`], [`connlimit`], [`wire`], [`userio`], [`fdcheck`] and
+//!   [`reach`].
 //!
 //! The rule that shapes the lower layers: the agent never waits on a
 //! user's file system. It never forks (the spawner makes its processes),
@@ -46,6 +47,7 @@ pub mod reach;
 pub mod recovery;
 pub mod restart;
 pub mod rlimits;
+pub mod rootdir;
 pub mod server;
 pub mod siteops;
 pub mod slurm;

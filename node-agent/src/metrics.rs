@@ -111,7 +111,7 @@ const SERIES: &[Series] = &[
     (
         "connections_refused_total",
         "counter",
-        "Socket connections refused for exceeding the connection limits.",
+        "Connections refused for exceeding the connection limits (the agent socket's, and the metrics port's).",
         |m| m.connections_refused.load(Relaxed) as i64,
     ),
     (
@@ -171,25 +171,46 @@ impl Metrics {
     }
 }
 
-/// Concurrent HTTP scrapes served at most; more wait in the backlog.
-const MAX_SCRAPES: usize = 8;
+/// How long a client has to send its request head. Scrapers send it at
+/// once; a connection that sends nothing is closed then, having held
+/// nothing but its place among `MAX_OPEN`.
+const HEAD_DEADLINE: Duration = Duration::from_secs(1);
+/// How long writing the answer may take (a client that does not read).
+const WRITE_DEADLINE: Duration = Duration::from_secs(2);
+/// The longest request head read; the rest is not looked at.
+const MAX_HEAD: usize = 2048;
+/// Connections open at once (each a task, a descriptor and a few KiB for
+/// at most `HEAD_DEADLINE` + `WRITE_DEADLINE`). One over it is closed at
+/// once: the connections already open are served, and a scrape coming
+/// after the flood's first second finds places again.
+const MAX_OPEN: usize = 2048;
 
 /// Answer every connection with the metrics (HTTP/1.0, any path): enough
-/// for Prometheus, curl and node_exporter-style scrapers. Bounded: a few
-/// scrapes at a time, each with a deadline; accept errors back off.
+/// for Prometheus, curl and node_exporter-style scrapers.
+///
+/// Any local user can connect, so nothing a connection does may delay
+/// another's scrape: no connection waits for another, each is answered as
+/// soon as its request head is in (rendering is cheap), and each has
+/// deadlines. What is bounded is how many are open at once; accept errors
+/// back off.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     jobs: crate::jobs::Jobs,
 ) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
+    serve_bounded(listener, metrics, jobs, MAX_OPEN).await
+}
+
+async fn serve_bounded(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    jobs: crate::jobs::Jobs,
+    max_open: usize,
+) {
+    let open = Arc::new(tokio::sync::Semaphore::new(max_open));
     let mut backoff = Duration::from_millis(10);
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let mut s = match listener.accept().await {
+        let s = match listener.accept().await {
             Ok((s, _)) => {
                 backoff = Duration::from_millis(10);
                 s
@@ -202,23 +223,53 @@ pub async fn serve(
                 continue;
             }
         };
+        let Ok(place) = open.clone().try_acquire_owned() else {
+            // Dropping it closes it.
+            metrics.connections_refused.fetch_add(1, Relaxed);
+            continue;
+        };
         let (metrics, jobs) = (metrics.clone(), jobs.clone());
         tokio::spawn(async move {
-            let _permit = permit;
-            let answer = async {
-                let mut buf = [0u8; 2048];
-                // Read the request head (bounded), then answer.
-                let _ = s.read(&mut buf).await;
-                let body = metrics.render(jobs.len());
-                let head = format!(
-                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n",
-                    body.len()
-                );
-                let _ = s.write_all(head.as_bytes()).await;
-                let _ = s.write_all(body.as_bytes()).await;
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(5), answer).await;
+            let _place = place;
+            answer(s, &metrics, &jobs).await;
         });
+    }
+}
+
+/// Wait (at most `HEAD_DEADLINE`) for the request head, then answer.
+async fn answer(mut s: tokio::net::TcpStream, metrics: &Metrics, jobs: &crate::jobs::Jobs) {
+    use tokio::io::AsyncWriteExt;
+    match tokio::time::timeout(HEAD_DEADLINE, read_head(&mut s)).await {
+        Ok(Ok(true)) => {}
+        // Nothing came in time, or the client left or failed: no answer.
+        _ => return,
+    }
+    let body = metrics.render(jobs.len());
+    let reply = format!(
+        "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(WRITE_DEADLINE, s.write_all(reply.as_bytes())).await;
+}
+
+/// Read a request head: up to its blank line, `MAX_HEAD` bytes, or the
+/// client's end of writing. Whether anything came.
+async fn read_head(s: &mut tokio::net::TcpStream) -> std::io::Result<bool> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; MAX_HEAD];
+    let mut n = 0;
+    loop {
+        let got = s.read(&mut buf[n..]).await?;
+        if got == 0 {
+            return Ok(n > 0);
+        }
+        n += got;
+        let head = &buf[..n];
+        let ended =
+            head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n");
+        if ended || n == buf.len() {
+            return Ok(true);
+        }
     }
 }
 
@@ -238,6 +289,82 @@ mod tests {
         assert!(t.contains("dask_spank_workers_running 3\n"));
         assert!(t.contains("dask_spank_jobs 4\n"));
         assert!(t.contains("dask_spank_build_info{version="));
+    }
+
+    /// GET the metrics at `addr`: the reply ("" if the connection was
+    /// closed or reset first) and how long it took.
+    async fn scrape(addr: std::net::SocketAddr) -> (String, Duration) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let t0 = std::time::Instant::now();
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut reply = Vec::new();
+        let sent = c
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .await;
+        if sent.is_err() || c.read_to_end(&mut reply).await.is_err() {
+            reply.clear();
+        }
+        (String::from_utf8(reply).unwrap(), t0.elapsed())
+    }
+
+    async fn server(max_open: usize) -> std::net::SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let jobs = crate::jobs::Jobs::new("/proc".into(), None);
+        tokio::spawn(serve_bounded(
+            l,
+            Arc::new(Metrics::default()),
+            jobs,
+            max_open,
+        ));
+        addr
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_connections_do_not_delay_a_scrape() {
+        let addr = server(MAX_OPEN).await;
+        let mut idle = Vec::new();
+        for _ in 0..200 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // Half a request head, too.
+        let mut partial = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut partial, b"GET /met")
+            .await
+            .unwrap();
+        let (reply, took) = tokio::time::timeout(Duration::from_secs(5), scrape(addr))
+            .await
+            .expect("a scrape answered within 5 s");
+        assert!(reply.starts_with("HTTP/1.0 200 OK\r\n"), "{reply}");
+        assert!(reply.contains("\ndask_spank_jobs 0\n"), "{reply}");
+        assert!(took < Duration::from_millis(500), "took {took:?}");
+        // The idle ones are closed after the head deadline, unanswered.
+        let mut buf = [0u8; 16];
+        let closed = tokio::time::timeout(
+            HEAD_DEADLINE * 3,
+            tokio::io::AsyncReadExt::read(&mut idle[0], &mut buf),
+        )
+        .await;
+        assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_bound_are_closed_at_once() {
+        let addr = server(4).await;
+        let mut idle = Vec::new();
+        for _ in 0..4 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // Accepted and closed at once: an answer of nothing, well before
+        // the head deadline.
+        let t0 = std::time::Instant::now();
+        let (reply, _) = scrape(addr).await;
+        assert_eq!(reply, "");
+        assert!(t0.elapsed() < HEAD_DEADLINE / 2);
+        drop(idle);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (reply, _) = scrape(addr).await;
+        assert!(reply.starts_with("HTTP/1.0 200 OK\r\n"), "{reply}");
     }
 
     #[test]

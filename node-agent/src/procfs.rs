@@ -1,7 +1,23 @@
 //! Everything the agent reads about processes, in one place: `/proc/<pid>/stat`
-//! and the owner of `/proc/<pid>`, process identities that survive pid
+//! and the real uid of a process, process identities that survive pid
 //! reuse (pid and start time), and pidfds to signal exactly the process
 //! that was checked.
+//!
+//! What a process says about itself is not trusted to be well formed: its
+//! name (`comm`, in parentheses in `stat`) is any 15 bytes it chose with
+//! `prctl(PR_SET_NAME)` or by writing `/proc/self/comm`, not necessarily
+//! UTF-8, and may hold spaces and parentheses. So `stat` is read as bytes
+//! and parsed around the name (first '(' to last ')'); read as a string, a
+//! process named `\xff` could not be read and so escaped group signals,
+//! memory kills and adoption. Likewise the owner is the real uid, from the
+//! `Uid:` line of `/proc/<pid>/status`, not the owner of `/proc/<pid>`.
+//! That is the effective uid: a job's process that runs a setuid program
+//! shows as the program's owner (root), though its real uid, which the
+//! kernel's own permission to signal looks at, is the job's user's. And a
+//! process that makes itself non-dumpable (`prctl(PR_SET_DUMPABLE, 0)`, or
+//! any change of its credentials) has the files in `/proc/<pid>` owned by
+//! root, and before Linux 4.11 the directory too: the agent would no
+//! longer find it to be the job's user's, to signal or adopt it.
 //!
 //! A pid alone names nothing: once its process is reaped, the number can
 //! be given to anybody's new process. The agent holds CAP_KILL, so every
@@ -13,7 +29,6 @@
 use serde::{Deserialize, Serialize};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 /// The fields of `/proc/<pid>/stat` the agent uses.
@@ -35,11 +50,17 @@ pub struct ProcId {
     pub start: u64,
 }
 
-/// Parse the text of `/proc/<pid>/stat`. The command name is in
-/// parentheses and may itself contain spaces and parentheses, so parsing
-/// starts after the last ')'.
-pub fn parse_stat(stat: &str) -> Option<ProcStat> {
-    let rest = &stat[stat.rfind(')')? + 1..];
+/// Parse the bytes of `/proc/<pid>/stat`. The command name is between the
+/// first '(' and the last ')' and may be any bytes, spaces and parentheses
+/// included, so parsing starts after the last ')'; what follows is written
+/// by the kernel (ASCII).
+pub fn parse_stat(stat: &[u8]) -> Option<ProcStat> {
+    let open = stat.iter().position(|&b| b == b'(')?;
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    if close < open {
+        return None;
+    }
+    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
     let f: Vec<&str> = rest.split_whitespace().collect();
     let num = |i: usize| f.get(i)?.parse::<i64>().ok();
     Some(ProcStat {
@@ -57,8 +78,8 @@ pub fn stat(proc_root: &Path, pid: i32) -> io::Result<ProcStat> {
     if pid <= 0 {
         return Err(io::ErrorKind::NotFound.into());
     }
-    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat"))?;
-    parse_stat(&text).ok_or_else(|| {
+    let bytes = std::fs::read(proc_root.join(pid.to_string()).join("stat"))?;
+    parse_stat(&bytes).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!("/proc/{pid}/stat: unexpected format"),
@@ -66,9 +87,36 @@ pub fn stat(proc_root: &Path, pid: i32) -> io::Result<ProcStat> {
     })
 }
 
-/// The real uid owning a process (the owner of its `/proc` directory).
+/// The real uid of a process, from `/proc/<pid>/status` (see the module
+/// doc for why not the owner of `/proc/<pid>`).
 pub fn owner(proc_root: &Path, pid: i32) -> io::Result<u32> {
-    Ok(std::fs::metadata(proc_root.join(pid.to_string()))?.uid())
+    if pid <= 0 {
+        return Err(io::ErrorKind::NotFound.into());
+    }
+    let bytes = std::fs::read(proc_root.join(pid.to_string()).join("status"))?;
+    parse_real_uid(&bytes).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("/proc/{pid}/status: no Uid line"),
+        )
+    })
+}
+
+/// The real uid (first field of the `Uid:` line) in the bytes of
+/// `/proc/<pid>/status`. The kernel escapes a newline in the `Name:` line
+/// that comes first, and the last `Uid:` line is taken anyway, so a name
+/// cannot forge one.
+pub fn parse_real_uid(status: &[u8]) -> Option<u32> {
+    let line = status
+        .split(|&b| b == b'\n')
+        .filter_map(|l| l.strip_prefix(b"Uid:"))
+        .next_back()?;
+    std::str::from_utf8(line)
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The identity of a live process.
@@ -232,23 +280,35 @@ pub fn is_descendant(proc_root: &Path, pid: i32, ancestor: i32) -> bool {
 mod tests {
     use super::*;
 
-    const STAT: &str =
-        "123 (a) b) (c) R 7 1 2 0 -1 4194304 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 50";
+    const STAT: &[u8] =
+        b"123 (a) b) (c) R 7 1 2 0 -1 4194304 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 50";
 
     #[test]
     fn parses_past_odd_command_names() {
-        assert_eq!(
-            parse_stat(STAT),
-            Some(ProcStat {
-                state: 'R',
-                ppid: 7,
-                pgrp: 1,
-                session: 2,
-                start: 98765,
-            })
-        );
-        assert_eq!(parse_stat("123 (bash) S 45"), None);
-        assert_eq!(parse_stat("garbage"), None);
+        let want = Some(ProcStat {
+            state: 'R',
+            ppid: 7,
+            pgrp: 1,
+            session: 2,
+            start: 98765,
+        });
+        assert_eq!(parse_stat(STAT), want);
+        // A name that is not UTF-8.
+        let odd = [b"123 (\xff\xfe) b) ".as_slice(), &STAT[14..]].concat();
+        assert_eq!(parse_stat(&odd), want);
+        assert_eq!(parse_stat(b"123 (bash) S 45"), None);
+        assert_eq!(parse_stat(b"garbage"), None);
+        assert_eq!(parse_stat(b"1 ) R 7 1 2 (x"), None);
+    }
+
+    #[test]
+    fn the_real_uid_is_the_last_uid_line() {
+        let status = b"Name:\t\xff\nUmask:\t0022\nUid:\t1000\t0\t0\t0\nGid:\t5\t5\t5\t5\n";
+        assert_eq!(parse_real_uid(status), Some(1000));
+        let forged = b"Name:\t\nUid:\t7\nUid:\t1000\t1000\t1000\t1000\n";
+        assert_eq!(parse_real_uid(forged), Some(1000));
+        assert_eq!(parse_real_uid(b"Name:\tx\n"), None);
+        assert_eq!(parse_real_uid(b"Uid:\t\xff\n"), None);
     }
 
     #[test]
@@ -285,5 +345,122 @@ mod tests {
         child.wait().unwrap();
         assert!(!signal_if(pid, libc::SIGKILL, |_, _| true).unwrap());
         assert!(!signal_if(-3, 0, |_, _| true).unwrap_or(false));
+    }
+
+    /// A child process, killed and reaped when dropped (if not yet).
+    struct OddChild(nix::unistd::Pid);
+
+    impl Drop for OddChild {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(self.0, nix::sys::signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(self.0, None);
+        }
+    }
+
+    impl OddChild {
+        /// A child that leads its own group, named `\xff\xfe` (not UTF-8)
+        /// and, with `ids` (real, effective uid), running as those and
+        /// non-dumpable; it waits to be killed. Returns once it has done
+        /// all that.
+        fn start(ids: Option<(u32, u32)>) -> OddChild {
+            let (rx, tx) = nix::unistd::pipe().unwrap();
+            // SAFETY: the child runs only `odd_child_body` (async-signal-safe
+            // system calls), as required after fork in a threaded process.
+            match unsafe { nix::unistd::fork() }.unwrap() {
+                nix::unistd::ForkResult::Child => odd_child_body(ids, tx.as_raw_fd()),
+                nix::unistd::ForkResult::Parent { child } => {
+                    drop(tx);
+                    let child = OddChild(child);
+                    let mut b = [0u8; 1];
+                    let n = nix::unistd::read(rx.as_raw_fd(), &mut b).unwrap();
+                    assert_eq!(n, 1, "the child could not become what it should");
+                    child
+                }
+            }
+        }
+
+        fn pid(&self) -> i32 {
+            self.0.as_raw()
+        }
+
+        /// Whether it was killed by SIGKILL (it is reaped).
+        fn was_killed(self) -> bool {
+            let status = nix::sys::wait::waitpid(self.0, None);
+            // Reaped: its pid may be anybody's now, so no kill on drop.
+            std::mem::forget(self);
+            matches!(
+                status,
+                Ok(nix::sys::wait::WaitStatus::Signaled(
+                    _,
+                    nix::sys::signal::SIGKILL,
+                    _
+                ))
+            )
+        }
+    }
+
+    fn odd_child_body(ids: Option<(u32, u32)>, ready: i32) -> ! {
+        // SAFETY: system calls with integer arguments, and for
+        // prctl(PR_SET_NAME) a NUL-terminated static string, for write one
+        // static byte; none touches memory shared with other threads.
+        unsafe {
+            libc::setpgid(0, 0);
+            if let Some((real, effective)) = ids {
+                let ok = libc::syscall(libc::SYS_setresgid, real, real, real) == 0
+                    && libc::syscall(libc::SYS_setresuid, real, effective, effective) == 0
+                    && libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) == 0;
+                if !ok {
+                    libc::_exit(1);
+                }
+            }
+            libc::prctl(libc::PR_SET_NAME, c"\xff\xfe".as_ptr(), 0, 0, 0);
+            libc::write(ready, b"x".as_ptr().cast(), 1);
+            loop {
+                libc::pause();
+            }
+        }
+    }
+
+    #[test]
+    fn a_process_named_in_invalid_utf8_is_seen_and_signalled() {
+        let child = OddChild::start(None);
+        let pid = child.pid();
+        let comm = std::fs::read(format!("/proc/{pid}/comm")).unwrap();
+        assert_eq!(comm, b"\xff\xfe\n");
+        let st = stat(Path::new("/proc"), pid).unwrap();
+        assert_eq!((st.pgrp, st.ppid), (pid, std::process::id() as i32));
+        assert!(exists(proc_id(pid).unwrap()));
+        assert_eq!(group_members(pid, 0, std::time::Duration::ZERO), 1);
+        assert_eq!(signal_group_if(pid, libc::SIGKILL, |_, _| true), 1);
+        assert!(child.was_killed());
+    }
+
+    #[test]
+    fn a_non_dumpable_process_of_another_user_is_still_that_users() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to run a process as another uid");
+            return;
+        }
+        let nobody = 65534;
+        let proc_root = Path::new("/proc");
+        let owned = |_: &ProcStat, uid: u32| uid == nobody;
+        // As the job's user, non-dumpable: its /proc files are root's.
+        let child = OddChild::start(Some((nobody, nobody)));
+        let pid = child.pid();
+        let status = std::fs::metadata(format!("/proc/{pid}/status")).unwrap();
+        assert_eq!(std::os::unix::fs::MetadataExt::uid(&status), 0);
+        assert_eq!(owner(proc_root, pid).unwrap(), nobody);
+        assert!(signal_if(pid, 0, owned).unwrap());
+        assert_eq!(signal_group_if(pid, libc::SIGKILL, owned), 1);
+        assert!(child.was_killed());
+        // As after the job's user ran a setuid-root program: /proc/<pid> is
+        // root's (the effective uid), the process is still the user's.
+        let child = OddChild::start(Some((nobody, 0)));
+        let pid = child.pid();
+        let dir = std::fs::metadata(format!("/proc/{pid}")).unwrap();
+        assert_eq!(std::os::unix::fs::MetadataExt::uid(&dir), 0);
+        assert_eq!(owner(proc_root, pid).unwrap(), nobody);
+        assert_eq!(signal_group_if(pid, libc::SIGKILL, owned), 1);
+        assert!(child.was_killed());
     }
 }

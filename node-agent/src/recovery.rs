@@ -17,8 +17,8 @@ use std::path::Path;
 /// Whether the process `id` is alive and a slurmstepd.
 fn is_slurmstepd(id: ProcId) -> bool {
     procfs::exists(id)
-        && std::fs::read_to_string(format!("/proc/{}/comm", id.pid))
-            .is_ok_and(|c| c.trim() == "slurmstepd")
+        && std::fs::read(format!("/proc/{}/comm", id.pid))
+            .is_ok_and(|c| c.trim_ascii() == b"slurmstepd")
 }
 
 /// Kill what is left of the groups of a job's recorded leaders.

@@ -6,11 +6,12 @@
 //! a connection has `OPEN_TIMEOUT` for its handshake and first request,
 //! frames are capped (`MAX_HELLO`, `MAX_REQUEST`, or the full `MAX_FRAME`
 //! for root and for a user with a job that waits for its attach), and
-//! unauthenticated connections are bounded per uid and in total.
+//! connections in progress (until their reply is written) and the bytes of
+//! replies being written are bounded per uid (`connlimit`).
 
 use crate::access::{self, Peer};
 use crate::agent::Agent;
-use crate::conn::{refuse, reply, MAX_HELLO, MAX_REQUEST, OPEN_TIMEOUT};
+use crate::conn::{encode, refuse, reply, write_frame, MAX_HELLO, MAX_REQUEST, OPEN_TIMEOUT};
 use crate::connlimit::{ConnLimits, Permit};
 use crate::joblog::escape;
 use crate::{attach, handlers, wire};
@@ -128,11 +129,28 @@ pub async fn handle(
     match req {
         Request::Attach(a) => Box::pin(attach::run(s, agent, a, peer, permit)).await,
         other => {
-            drop(permit);
-            match handlers::handle(other, &peer, &agent) {
-                Ok(r) => reply(&mut s, &r).await,
+            // The connection counts against its uid until its reply is
+            // written or its deadline passed: a peer that does not read
+            // holds one of its uid's few, not a reply the agent keeps for it.
+            let answered = match handlers::handle(other, &peer, &agent) {
+                Ok(r) => answer(&mut s, &r, &permit).await,
                 Err(msg) => refuse(&mut s, msg).await,
-            }
+            };
+            drop(permit);
+            answered
+        }
+    }
+}
+
+/// Write reply `r` if its bytes fit in what its uid may have in flight
+/// (`connlimit`); refuse otherwise.
+async fn answer(s: &mut UnixStream, r: &Response, permit: &Permit) -> Result<(), String> {
+    let frame = encode(r)?;
+    match permit.reserve_reply(frame.len()) {
+        Ok(_held) => write_frame(s, &frame).await,
+        Err(why) => {
+            drop(frame);
+            refuse(s, why).await
         }
     }
 }

@@ -9,6 +9,7 @@
 //! knows is left alone with a warning, never misread.
 
 use crate::procfs::ProcId;
+use crate::rootdir;
 use dask_spank_common::files::write_json_atomic;
 use dask_spank_common::JobSpec;
 use serde::{Deserialize, Serialize};
@@ -67,10 +68,10 @@ pub struct StateDir {
 }
 
 impl StateDir {
-    pub fn open(dir: &Path) -> std::io::Result<StateDir> {
-        std::fs::create_dir_all(dir)?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    /// The state directory `dir`, made if missing; refused (one line)
+    /// unless it is root's own, 0700 (`rootdir`).
+    pub fn open(dir: &Path) -> Result<StateDir, String> {
+        rootdir::ensure(dir, 0o700)?;
         Ok(StateDir {
             dir: dir.to_path_buf(),
         })
@@ -154,5 +155,21 @@ mod tests {
         sd.remove(r.spec.job_id);
         assert!(sd.load_all().is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_state_dir_that_is_a_symlink_or_others_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let top = std::env::temp_dir().join(format!("dsp-state-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&top);
+        let target = top.join("elsewhere");
+        std::fs::create_dir_all(&target).unwrap();
+        std::os::unix::fs::symlink(&target, top.join("state-n1")).unwrap();
+        let e = StateDir::open(&top.join("state-n1")).err().unwrap();
+        assert!(e.contains("state-n1 is a symbolic link"), "{e}");
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = StateDir::open(&target).err().unwrap();
+        assert!(e.contains("elsewhere has mode 0777"), "{e}");
+        std::fs::remove_dir_all(&top).unwrap();
     }
 }

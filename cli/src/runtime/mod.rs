@@ -110,7 +110,7 @@ impl Job {
             Err(e) => return Err(format!("cannot remove the old {}: {e}", f.display())),
         }
         if self.tls {
-            crate::tls::ensure(&tls_files(self.dir.path()), self.cluster.as_str())?;
+            crate::tls::ensure(self.dir.path(), self.cluster.as_str())?;
         }
         Ok(())
     }
