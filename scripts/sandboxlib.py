@@ -151,7 +151,9 @@ def dask_processes(uid: int | None = None) -> list[dict]:
         except OSError:
             continue
         args = [a.decode(errors="replace") for a in cmd if a]
-        if not any(a in ("distributed.cli.dask_worker", "distributed.cli.dask_scheduler") for a in args):
+        # The agent starts them as `python3 -c BOOT dask-worker|dask-scheduler`.
+        if not any(a in ("dask-worker", "dask-scheduler", "distributed.cli.dask_worker",
+                         "distributed.cli.dask_scheduler") for a in args):
             continue
         st = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
         st = {k: v.strip() for k, v in st.items()}
@@ -166,7 +168,7 @@ def dask_processes(uid: int | None = None) -> list[dict]:
             "CapEff": st.get("CapEff"),
             "CapPrm": st.get("CapPrm"),
             "NoNewPrivs": st.get("NoNewPrivs"),
-            "role": "scheduler" if "distributed.cli.dask_scheduler" in args else "worker",
+            "role": "scheduler" if {"dask-scheduler", "distributed.cli.dask_scheduler"} & set(args) else "worker",
         }
         if "--name" in args:
             p["name"] = args[args.index("--name") + 1]

@@ -38,17 +38,13 @@ def helper_pid(name: str) -> int | None:
     return pid if any(a.endswith(b"keeper-helper.py") for a in args) else None
 
 
-def scheduler_log(name: str) -> str:
-    return "".join(p.read_text(errors="replace") for p in (sb.WORK / "log").glob("dask-scheduler-*.log")
-                   if f"keeping cluster {name} " in p.read_text(errors="replace"))
-
-
 def test_the_keepers_helper_killed_during_a_burst_comes_back(cluster_name):
     """An adaptive cluster under a burst of 300 half-second tasks; its
     keeper's helper is SIGKILLed (an OOM kill, a careless `pkill -f`): it is
     back within 5 s, the results are right, and after the work the cluster
     goes back to its minimum."""
-    ds("up", cluster_name, "--adapt", "0:4")
+    up = ds("up", cluster_name, "--adapt", "0:4").stdout
+    sched = re.search(r"scheduler job (\d+)", up).group(1)
     sb.wait_scheduler_file(cluster_name, 120)
     c = sb.client(cluster_name)
     try:
@@ -68,7 +64,7 @@ def test_the_keepers_helper_killed_during_a_burst_comes_back(cluster_name):
         assert sum(c.gather(futs)) == sum(range(300)), "a result is wrong or lost"
         del futs
         sb.wait_until("back to 0 worker jobs", lambda: not worker_jobs(cluster_name), 180, 1)
-        log = scheduler_log(cluster_name)
+        log = (sb.WORK / "log" / f"dask-scheduler-{sched}.log").read_text(errors="replace")
         assert "its dask helper died (killed by SIGKILL; starting it again in 1s)" in log, log[-2000:]
         assert f"its dask helper started again (pid {new})" in log, log[-2000:]
     finally:
@@ -81,17 +77,18 @@ def test_a_helper_that_keeps_dying_is_backed_off_and_said(cluster_name):
     after 1, 2, 4, 8, 16 s, the scheduler job's log says so each time,
     `status` says the cluster is not fully kept meanwhile, the cluster's
     size is still held from the queue, and `down` still ends it."""
-    ds("up", cluster_name, "--workers", "1", "--wait", "100", "--timeout", "180")
+    up = ds("up", cluster_name, "--workers", "1", "--wait", "100", "--timeout", "180").stdout
+    sched = re.search(r"scheduler job (\d+)", up).group(1)
     killed = []
     said_down = []
     for _ in range(5):
         pid = sb.wait_until("the helper", lambda: (p := helper_pid(cluster_name)) and p not in killed and p, 60, 0.1)
         os.kill(pid, signal.SIGKILL)
         killed.append(pid)
-        st = sb.wait_until("status to say the cluster is not fully kept", lambda: (
-            s := ds("status", cluster_name).stdout) if "NOT FULLY KEPT" in s else None, 10, 0.2)
+        st = sb.wait_until("status to say the cluster is not fully kept", lambda: next(
+            (s for s in [ds("status", cluster_name).stdout] if "NOT FULLY KEPT" in s), None), 10, 0.2)
         said_down.append(st)
-    log = scheduler_log(cluster_name)
+    log = (sb.WORK / "log" / f"dask-scheduler-{sched}.log").read_text(errors="replace")
     delays = [int(d) for d in re.findall(r"its dask helper died \(killed by SIGKILL; starting it again in (\d+)s\)", log)]
     assert delays == [1, 2, 4, 8, 16], (delays, log[-3000:])
     assert "5 restarts" in said_down[-1], said_down[-1]
@@ -141,14 +138,18 @@ def test_hand_shaped_workers_keep_their_shape(policy, cluster_name):
 
 def test_every_process_of_a_cluster_has_a_short_readable_command_line(cluster_name):
     """`ps -eo args` of a running cluster (scheduler, workers, keeper,
-    helper, attach): no line over 300 characters."""
-    ds("up", cluster_name, "--workers", "2", "--wait", "100", "--timeout", "180")
-    sb.wait_until("the helper", lambda: helper_pid(cluster_name), 30)
+    helper, attach), named as users name them: no line over 300
+    characters."""
+    name = "ana-ps"
+    sb.forget_cluster(name)
+    ds("up", name, "--workers", "2", "--wait", "100", "--timeout", "180")
+    sb.wait_until("the helper", lambda: helper_pid(name), 30)
     uid = sb.user().pw_uid
-    out = subprocess.run(["ps", "-u", str(uid), "-o", "args="], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-u", str(uid), "-o", "args="], capture_output=True, text=True).stdout
     lines = [l for l in out.splitlines() if l.strip()]
     assert any("keeper-helper.py" in l for l in lines), lines
-    assert any("dask_worker" in l for l in lines), lines
+    assert any(" dask-worker " in l for l in lines), lines
     long = [l for l in lines if len(l) > 300]
     assert not long, "\n".join(f"{len(l)}: {l}" for l in long)
-    ds("down", cluster_name)
+    print("longest:", max(len(l) for l in lines), max(lines, key=len))
+    ds("down", name)

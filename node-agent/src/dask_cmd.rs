@@ -60,11 +60,7 @@ pub fn command(
     let mut push = |a: &[&str]| args.extend(a.iter().map(|x| x.to_string()));
     match spec.role {
         Role::Scheduler => {
-            push(&[
-                "distributed.cli.dask_scheduler",
-                "--scheduler-file",
-                &sched_file,
-            ]);
+            push(&["dask-scheduler", "--scheduler-file", &sched_file]);
             push(&["--port", "0"]);
             let dash = match &s.host {
                 Some(h) => format!("{h}:0"),
@@ -77,11 +73,7 @@ pub fn command(
             ]);
         }
         Role::Worker => {
-            push(&[
-                "distributed.cli.dask_worker",
-                "--scheduler-file",
-                &sched_file,
-            ]);
+            push(&["dask-worker", "--scheduler-file", &sched_file]);
             push(&["--name", &format!("{}-{}", spec.cluster, spec.label())]);
             push(&["--nthreads", &spec.cpus.max(1).to_string()]);
             let mem = if limits.mem_mb > 0 {
@@ -101,7 +93,10 @@ pub fn command(
             }
         }
     }
-    if spec.policy.tls == TlsMode::Required {
+    // A worker takes its protocol from its scheduler's address (tls://),
+    // and the TLS environment requires encryption: only the scheduler
+    // needs to be told (a shorter worker command line for `ps`).
+    if spec.policy.tls == TlsMode::Required && spec.role == Role::Scheduler {
         args.extend(["--protocol".into(), "tls".into()]);
     }
     if let Some(h) = &s.host {
@@ -163,8 +158,8 @@ mod tests {
         assert_eq!(p, "/opt/env/bin/python");
         assert_eq!(
             a.join(" "),
-            "-c import os; exec(os.environ.pop('DASK_SPANK_BOOT')) distributed.cli.dask_worker --scheduler-file /c/scheduler.json --name ana-5_2 \
-             --nthreads 2 --memory-limit 3072MiB --no-nanny --death-timeout 60 --lifetime 6900s --protocol tls --host 127.0.0.1"
+            "-c import os;exec(os.environ.pop('DASK_SPANK_BOOT')) dask-worker --scheduler-file /c/scheduler.json --name ana-5_2 \
+             --nthreads 2 --memory-limit 3072MiB --no-nanny --death-timeout 60 --lifetime 6900s --host 127.0.0.1"
         );
     }
 
@@ -181,7 +176,7 @@ mod tests {
         assert_eq!(p, "python3");
         assert_eq!(
             a.join(" "),
-            "-c import os; exec(os.environ.pop('DASK_SPANK_BOOT')) distributed.cli.dask_scheduler --scheduler-file /c/scheduler.json --port 0 --dashboard-address :0 --idle-timeout 7200s --protocol tls"
+            "-c import os;exec(os.environ.pop('DASK_SPANK_BOOT')) dask-scheduler --scheduler-file /c/scheduler.json --port 0 --dashboard-address :0 --idle-timeout 7200s --protocol tls"
         );
     }
 
@@ -229,7 +224,7 @@ mod tests {
             &DaskSettings::default(),
             Limits::default(),
         );
-        assert_eq!(a[2], "distributed.cli.dask_worker");
+        assert_eq!(a[2], "dask-worker");
         assert_eq!(
             dask_args(&a)[..2],
             ["--scheduler-file", "/c/scheduler.json"]

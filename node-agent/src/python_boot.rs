@@ -29,7 +29,7 @@ impl EnvProgram {
     pub fn args(&self) -> [String; 2] {
         [
             "-c".into(),
-            format!("import os; exec(os.environ.pop('{}'))", self.var),
+            format!("import os;exec(os.environ.pop('{}'))", self.var),
         ]
     }
 
@@ -39,8 +39,9 @@ impl EnvProgram {
     }
 }
 
-/// An exec'd dask command: the workaround, then the module named by the
-/// next argument, run exactly as `python -m` runs it.
+/// An exec'd dask command: the workaround, then the command named by the
+/// next argument (`dask-scheduler`, `dask-worker`: short, for `ps`; see
+/// `COMMANDS` in tls_eof.py), run exactly as `python -m` runs its module.
 pub const DASK: EnvProgram = EnvProgram {
     var: "DASK_SPANK_BOOT",
     program: after_tls_eof!("\nrun_module()\n"),
