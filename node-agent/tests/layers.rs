@@ -1,7 +1,8 @@
-//! The agent's shape, checked: its modules use each other without a
-//! circle (each module only uses modules of lower layers), and no function
-//! is longer than a screen. Run `cargo test -p dask-node-agent --test
-//! layers -- --nocapture` to see the layers.
+//! The shape of the two supervisors, checked: the agent's modules and the
+//! job-side runtime's (`cli/src/runtime`) use each other without a circle
+//! (each module only uses modules of lower layers), and no function of
+//! either is longer than a screen. Run `cargo test -p dask-node-agent
+//! --test layers -- --nocapture` to see the layers.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -10,20 +11,57 @@ use std::path::Path;
 const MAX_FN_LINES: usize = 80;
 
 fn sources() -> BTreeMap<String, String> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    std::fs::read_dir(&dir)
-        .expect("src")
-        .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "rs"))
-        .map(|e| {
-            let name = e
-                .path()
-                .file_stem()
-                .expect("stem")
-                .to_string_lossy()
-                .into_owned();
-            (name, std::fs::read_to_string(e.path()).expect("read"))
+    tree(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"))
+}
+
+/// The job-side runtime's modules (`mod.rs` named after its directory).
+fn runtime_sources() -> BTreeMap<String, String> {
+    tree(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../cli/src/runtime"))
+}
+
+/// Every `.rs` file under `dir`, by module name.
+fn tree(dir: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(dir).expect("src").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(tree(&p));
+            continue;
+        }
+        if p.extension().is_none_or(|x| x != "rs") {
+            continue;
+        }
+        let stem = p.file_stem().expect("stem").to_string_lossy().into_owned();
+        let name = if stem == "mod" {
+            dir.file_name().expect("dir").to_string_lossy().into_owned()
+        } else {
+            stem
+        };
+        out.insert(name, std::fs::read_to_string(&p).expect("read"));
+    }
+    out
+}
+
+/// The runtime's modules that `text` uses: `name::` as a path's first
+/// segment, or after `super::`, `self::`, `crate::runtime::`, `keeper::`.
+fn runtime_uses(text: &str, modules: &BTreeSet<String>) -> BTreeSet<String> {
+    let code = code(text);
+    modules
+        .iter()
+        .filter(|m| {
+            code.match_indices(&format!("{m}::")).any(|(i, _)| {
+                let before = &code[..i];
+                let first = !before
+                    .chars()
+                    .last()
+                    .is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':');
+                first
+                    || ["super::", "self::", "crate::runtime::", "keeper::"]
+                        .iter()
+                        .any(|p| before.ends_with(p))
+            })
         })
+        .cloned()
         .collect()
 }
 
@@ -73,6 +111,32 @@ fn modules_form_layers_without_a_circle() {
             (m.clone(), u)
         })
         .collect();
+    layers(&modules, &graph);
+}
+
+#[test]
+fn the_runtimes_modules_form_layers_without_a_circle() {
+    let src = runtime_sources();
+    let modules: BTreeSet<String> = src.keys().cloned().collect();
+    assert!(
+        modules.contains("keeper") && modules.contains("decide"),
+        "{modules:?}"
+    );
+    let graph: BTreeMap<String, BTreeSet<String>> = modules
+        .iter()
+        .map(|m| {
+            let mut u = runtime_uses(&src[m], &modules);
+            u.remove(m);
+            (m.clone(), u)
+        })
+        .collect();
+    layers(&modules, &graph);
+    // The keeper's decisions are pure: they use no other module.
+    assert!(graph["decide"].is_empty(), "{:?}", graph["decide"]);
+}
+
+/// Peel `graph` into layers, printing them; panic on a circle.
+fn layers(modules: &BTreeSet<String>, graph: &BTreeMap<String, BTreeSet<String>>) {
     // Peel off layers: modules whose uses are all in lower layers.
     let mut placed: BTreeSet<String> = BTreeSet::new();
     let mut layer = 0;
@@ -110,7 +174,7 @@ fn modules_form_layers_without_a_circle() {
 #[test]
 fn no_function_is_longer_than_a_screen() {
     let mut long = Vec::new();
-    for (name, text) in sources() {
+    for (name, text) in sources().into_iter().chain(runtime_sources()) {
         let lines: Vec<&str> = code(&text).lines().collect();
         for (i, l) in lines.iter().enumerate() {
             let t = l.trim_start();

@@ -173,14 +173,13 @@ class SpankCluster(Cluster):
         return json.loads(_cli("status", self.name, "--json"))
 
     def job_logs(self) -> dict[str, str]:
-        """The job logs (dask output and the agent's lifecycle lines), by job."""
+        """The job logs (dask output and the agent's lifecycle lines), by
+        job; where they are comes from ``dask-spank logs --json``."""
         out = {}
-        jobs = Path(self.paths["jobs_dir"])
-        for report in sorted(jobs.glob("*.json")) if jobs.is_dir() else []:
+        for label, path in json.loads(_cli("logs", self.name, "--json")).items():
             try:
-                r = json.loads(report.read_text())
-                out[f"job {r['label']}"] = Path(r["log"]).read_text(errors="replace")
-            except (OSError, ValueError, KeyError, TypeError):
+                out[f"job {label}"] = Path(path).read_text(errors="replace")
+            except OSError:
                 continue
         return out
 

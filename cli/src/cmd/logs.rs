@@ -17,12 +17,21 @@ pub struct Args {
     pub job: Option<String>,
     #[arg(long, short)]
     pub follow: bool,
+    /// Where the logs are, as JSON (job label -> log file), without them.
+    #[arg(long, conflicts_with = "follow")]
+    pub json: bool,
 }
 
 pub fn run(a: Args) -> Res {
     let (c, job, follow) = (parse_name(&a.name)?, a.job.as_deref(), a.follow);
     let dir = records_of(&c)?;
     let files = log_files(&dir, job);
+    if a.json {
+        let map: std::collections::BTreeMap<&str, &PathBuf> =
+            files.iter().map(|(l, f)| (l.as_str(), f)).collect();
+        println!("{}", serde_json::to_string_pretty(&map).unwrap_or_default());
+        return Ok(());
+    }
     if files.is_empty() && !follow {
         return Err(match job {
             Some(j) => format!("no log of job {j} in cluster '{c}' (jobs log once they start)"),
