@@ -9,8 +9,8 @@ use crate::frame::{self, FrameError};
 use crate::messages::{Hello, Request, Response};
 use crate::PROTOCOL_VERSION;
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
-use std::io::{self, IoSlice};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -117,17 +117,6 @@ impl Client {
         Ok(())
     }
 
-    /// Wait for replies without a deadline (used by `attach`, which lives as
-    /// long as the job).
-    pub fn wait_forever(&mut self) -> Result<(), ClientError> {
-        let to = |source| ClientError::Connect {
-            path: PathBuf::new(),
-            source,
-        };
-        self.stream.set_read_timeout(None).map_err(to)?;
-        Ok(())
-    }
-
     pub fn send(&mut self, req: &Request) -> Result<(), ClientError> {
         frame::write_frame(&mut self.stream, req).map_err(|e| map_timeout(e, self.timeout))
     }
@@ -143,63 +132,6 @@ impl Client {
             Response::Error { message } => Err(ClientError::Refused(message)),
             other => Ok(other),
         }
-    }
-
-    /// Receive one file descriptor sent with SCM_RIGHTS alongside one byte.
-    pub fn recv_fd(&mut self) -> Result<OwnedFd, ClientError> {
-        use std::os::fd::FromRawFd;
-        let io = |e: nix::errno::Errno| ClientError::Frame(FrameError::Io(e.into()));
-        let mut byte = [0u8; 1];
-        let mut iov = [std::io::IoSliceMut::new(&mut byte)];
-        let mut space = nix::cmsg_space!([RawFd; 1]);
-        let msg = socket::recvmsg::<()>(
-            self.stream.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            socket::MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .map_err(io)?;
-        let mut got = None;
-        for c in msg.cmsgs().map_err(io)? {
-            if let socket::ControlMessageOwned::ScmRights(fds) = c {
-                for fd in fds {
-                    // SAFETY: the kernel just installed this descriptor in our
-                    // table for us; nothing else owns it.
-                    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-                    got.get_or_insert(owned);
-                }
-            }
-        }
-        got.ok_or(ClientError::Frame(FrameError::Closed))
-    }
-
-    /// A second handle on the same connection (to write from another thread
-    /// while this one waits for replies).
-    pub fn try_clone(&self) -> Result<Client, ClientError> {
-        let stream = self
-            .stream
-            .try_clone()
-            .map_err(|e| ClientError::Frame(FrameError::Io(e)))?;
-        Ok(Client {
-            stream,
-            timeout: self.timeout,
-        })
-    }
-
-    /// Pass a file descriptor to the agent (SCM_RIGHTS, one payload byte).
-    pub fn send_fd(&mut self, fd: RawFd) -> Result<(), ClientError> {
-        let fds = [fd];
-        let cmsg = [socket::ControlMessage::ScmRights(&fds)];
-        let iov = [IoSlice::new(b"F")];
-        socket::sendmsg::<()>(
-            self.stream.as_raw_fd(),
-            &iov,
-            &cmsg,
-            socket::MsgFlags::empty(),
-            None,
-        )
-        .map_err(|e| ClientError::Frame(FrameError::Io(e.into())))?;
-        Ok(())
     }
 }
 

@@ -30,6 +30,8 @@ pub mod records;
 pub mod schedfile;
 pub mod scontrol;
 pub mod sys;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod units;
 
 pub use messages::{JobSpec, JobState, Request, Response};

@@ -1,7 +1,8 @@
-//! `/proc/<pid>/stat`, read as bytes: the command name in it is whatever
-//! the process named itself (`PR_SET_NAME`, any bytes but NUL, not valid
-//! UTF-8 for all we know, with spaces and parentheses), so the fields are
-//! taken after its LAST `)`.
+//! `/proc/<pid>/stat`, read as bytes, the one parser of it (the node agent
+//! and the job-side runtime): the command name in it is whatever the
+//! process named itself (`PR_SET_NAME`, any bytes but NUL, not valid UTF-8
+//! for all we know, with spaces and parentheses), between the first `(`
+//! and the LAST `)`; what follows is the kernel's (ASCII).
 
 /// The fields of `/proc/<pid>/stat` that dask-spank uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,8 +18,12 @@ pub struct ProcStat {
 
 /// Parse the bytes of `/proc/<pid>/stat`.
 pub fn parse(stat: &[u8]) -> Option<ProcStat> {
-    let after = stat.iter().rposition(|&b| b == b')')? + 1;
-    let rest = std::str::from_utf8(&stat[after..]).ok()?;
+    let open = stat.iter().position(|&b| b == b'(')?;
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    if close < open {
+        return None;
+    }
+    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
     let f: Vec<&str> = rest.split_whitespace().collect();
     let num = |i: usize| f.get(i)?.parse::<i64>().ok();
     Some(ProcStat {

@@ -31,17 +31,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
-/// The fields of `/proc/<pid>/stat` the agent uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProcStat {
-    pub state: char,
-    pub ppid: i32,
-    pub pgrp: i32,
-    pub session: i32,
-    /// Start time after boot, in clock ticks: with the pid, a name that no
-    /// other process will ever have.
-    pub start: u64,
-}
+pub use dask_spank_common::procstat::ProcStat;
 
 /// A process, named so that pid reuse cannot confuse it with another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -50,28 +40,8 @@ pub struct ProcId {
     pub start: u64,
 }
 
-/// Parse the bytes of `/proc/<pid>/stat`. The command name is between the
-/// first '(' and the last ')' and may be any bytes, spaces and parentheses
-/// included, so parsing starts after the last ')'; what follows is written
-/// by the kernel (ASCII).
-pub fn parse_stat(stat: &[u8]) -> Option<ProcStat> {
-    let open = stat.iter().position(|&b| b == b'(')?;
-    let close = stat.iter().rposition(|&b| b == b')')?;
-    if close < open {
-        return None;
-    }
-    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let num = |i: usize| f.get(i)?.parse::<i64>().ok();
-    Some(ProcStat {
-        state: f.first()?.chars().next()?,
-        ppid: num(1)? as i32,
-        pgrp: num(2)? as i32,
-        session: num(3)? as i32,
-        // Field 22 of stat(5); the fields after the name start at 3.
-        start: num(19)? as u64,
-    })
-}
+/// Parse the bytes of `/proc/<pid>/stat` (the one parser, in common).
+pub use dask_spank_common::procstat::parse as parse_stat;
 
 /// `/proc/<pid>/stat` of a live process (zombies included).
 pub fn stat(proc_root: &Path, pid: i32) -> io::Result<ProcStat> {

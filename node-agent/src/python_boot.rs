@@ -67,21 +67,11 @@ mod tests {
         for p in [DASK, FORKSERVER] {
             assert!(p.program.starts_with(TLS_EOF), "{}", p.var);
             assert!(p.args()[1].contains(&format!("pop('{}')", p.var)));
-            let out = std::process::Command::new("python3")
-                .args([
-                    "-c",
-                    "import sys; compile(sys.stdin.read(), 'boot.py', 'exec')",
-                ])
-                .stdin(std::process::Stdio::piped())
-                .spawn()
-                .and_then(|mut c| {
-                    use std::io::Write;
-                    c.stdin
-                        .take()
-                        .map(|mut i| i.write_all(p.program.as_bytes()));
-                    c.wait()
-                });
-            assert!(out.map(|s| s.success()).unwrap_or(false), "{}", p.var);
+            assert!(
+                dask_spank_common::testing::python_compiles(p.program),
+                "{}",
+                p.var
+            );
         }
         assert!(DASK.program.trim_end().ends_with("run_module()"));
     }

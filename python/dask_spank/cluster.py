@@ -100,10 +100,7 @@ def security_loader(info: dict) -> Security | None:
     """For ``distributed.client.security-loader``: the credentials of the
     user's cluster whose scheduler is at ``info["address"]``, so that a
     plain ``Client(scheduler_file=...)`` or ``Client("tls://...")`` works."""
-    home = os.environ.get("DASK_SPANK_HOME") or os.path.join(os.path.expanduser("~"), ".dask-spank")
-    clusters = Path(home) / "clusters"
-    for d in sorted(clusters.iterdir()) if clusters.is_dir() else []:
-        paths = layout(d.name)
+    for _, paths in sorted(json.loads(_cli("layout"))["clusters"].items()):
         if _address(paths) == info.get("address"):
             return security(paths)
     return None

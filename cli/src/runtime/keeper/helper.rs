@@ -266,19 +266,7 @@ mod tests {
 
     #[test]
     fn the_helper_is_python_that_compiles() {
-        let ok = std::process::Command::new("python3")
-            .args([
-                "-c",
-                "import sys; compile(sys.stdin.read(), 'helper.py', 'exec')",
-            ])
-            .stdin(Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
-                use std::io::Write;
-                c.stdin.take().map(|mut i| i.write_all(PROGRAM.as_bytes()));
-                c.wait()
-            });
-        assert!(ok.map(|s| s.success()).unwrap_or(false));
+        assert!(dask_spank_common::testing::python_compiles(PROGRAM));
     }
 
     #[test]
