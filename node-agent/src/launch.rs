@@ -130,6 +130,7 @@ fn keep_only(ctl: OwnedFd) -> OwnedFd {
 }
 
 fn become_ordered(ctl: &mut UnixStream) -> Result<std::convert::Infallible, String> {
+    default_signals();
     ctl.set_read_timeout(Some(ORDERS_TIMEOUT))
         .map_err(|e| format!("control socket: {e}"))?;
     let fds = recv_fds(ctl).map_err(|e| format!("no descriptors from the agent: {e}"))?;
@@ -152,6 +153,16 @@ fn become_ordered(ctl: &mut UnixStream) -> Result<std::convert::Infallible, Stri
     })?;
     say(ctl, EXECUTING)?;
     Err(exec(&orders))
+}
+
+/// What a new program should start with, as `std::process::Command`
+/// gives it: SIGPIPE back to its default (the spawner, a Rust program,
+/// ignores it, and an exec keeps ignored signals) and no signal blocked.
+fn default_signals() {
+    use nix::sys::signal::{signal, sigprocmask, SigHandler, SigSet, SigmaskHow, Signal};
+    // SAFETY: setting a default disposition installs no handler.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
 }
 
 fn say(ctl: &mut UnixStream, stage: u8) -> Result<(), String> {

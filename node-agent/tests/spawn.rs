@@ -82,6 +82,15 @@ async fn a_start_runs_as_the_user_in_its_own_session() {
     );
     assert!(status.contains("CapBnd:\t0000000000000000"), "{status}");
     assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    // Signals as `std::process::Command` gives them: SIGPIPE not ignored
+    // (the spawner, a Rust program, ignores it), none blocked.
+    let ignored = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:\t"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .expect("SigIgn");
+    assert_eq!(ignored & (1 << (libc::SIGPIPE - 1)), 0, "{status}");
+    assert!(status.contains("SigBlk:\t0000000000000000"), "{status}");
     let st = dask_node_agent::procfs::stat(Path::new("/proc"), pid).expect("stat");
     assert_eq!((st.session, st.pgrp), (pid, pid));
     assert_eq!(st.ppid, std::process::id() as i32, "the agent's own child");
