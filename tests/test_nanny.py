@@ -414,3 +414,34 @@ def test_10c_a_lying_fork_server_cannot_make_the_agent_signal_others(policy, clu
     finally:
         victim.kill()
         victim.wait()
+
+
+@pytest.mark.parametrize("how", ["exec", "forkserver"])
+def test_11_client_restart_brings_every_worker_back_in_place(policy, how, cluster_name):
+    """`client.restart()`, a notebook habit: the scheduler removes every
+    worker (they have no Nanny: the agent is theirs), and each comes back in
+    its same job within seconds: no job ends, none is submitted. Workers
+    submitted by hand, so no keeper could paper over it."""
+    if how == "forkserver":
+        policy("worker_start=forkserver")
+    sched, arr, c = start(cluster_name, 2)
+    try:
+        assert c.submit(sum, [1, 2]).result(timeout=30) == 3
+        jobs = sb.job_states(arr)
+        before = set(c.scheduler_info()["workers"])
+        t0 = time.monotonic()
+        c.restart(timeout=60)
+        c.wait_for_workers(2, timeout=60)
+        took = time.monotonic() - t0
+        after = set(c.scheduler_info()["workers"])
+        assert not before & after, "new worker processes"
+        assert took < 20, f"the workers came back after {took:.1f}s"
+        assert sb.job_states(arr) == jobs, "the same jobs, still running"
+        assert c.submit(sum, [3, 4]).result(timeout=30) == 7
+        for task in (1, 2):
+            log = worker_log(arr, task)
+            assert "its scheduler removed the running worker (client.restart()): restarting it in place" in log, log
+        print(f"{how}: back in place {took:.1f}s after client.restart()")
+    finally:
+        c.close()
+        sb.run(["scancel", sched, arr])

@@ -118,6 +118,11 @@ pub fn tls_env(spec: &JobSpec, cluster_dir: &Path) -> Vec<(String, String)> {
 
 pub use dask_spank_common::policy::worker_lifetime_s as lifetime;
 
+/// The exit code of a worker that its scheduler removed while it ran
+/// (`client.restart()`), which the agent restarts in place: the boot code
+/// sets it (python/dask_spank/boot.py, `RESTART_EXIT`).
+pub const RESTART_EXIT: i32 = 75;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,6 +235,15 @@ mod tests {
             ["--scheduler-file", "/c/scheduler.json"]
         );
         assert_eq!(boot_env().0, python_boot::DASK.var);
+    }
+
+    #[test]
+    fn the_boot_code_exits_with_the_agents_restart_code() {
+        let boot = include_str!("../../python/dask_spank/boot.py");
+        assert!(
+            boot.contains(&format!("\nRESTART_EXIT = {RESTART_EXIT}\n")),
+            "python/dask_spank/boot.py must set RESTART_EXIT = {RESTART_EXIT}"
+        );
     }
 
     #[test]

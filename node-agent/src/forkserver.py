@@ -31,6 +31,7 @@ def main() -> None:
     import distributed.cli.dask_worker as dask_worker  # the cold part, once
 
     patch_distributed()  # defined before this file: python/dask_spank/tls_eof.py
+    mark_restarts()  # and python/dask_spank/boot.py
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_NAME, b"dask-forkserver", 0, 0, 0)
@@ -61,9 +62,9 @@ def main() -> None:
             if os.getppid() != server_pid:
                 os._exit(1)
             dask_worker.main(args=args, prog_name="dask-worker")
-            code = 0
+            code = exit_code(0)
         except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            code = exit_code(e.code if isinstance(e.code, int) else (0 if e.code is None else 1))
         except BaseException:
             import traceback
 

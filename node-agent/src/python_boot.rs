@@ -8,11 +8,17 @@
 //! is a module of the dask_spank package, for the notebook's Client; here it
 //! is for the job's own Python, which may not have dask_spank.
 
-/// The workaround's source followed by the given literals (one place for
-/// the file's path; `concat!` takes only literals, not a `const`).
+/// The workaround and the boot code (python/dask_spank/boot.py: the
+/// command names, the restart-in-place mark), followed by the given
+/// literals (one place for the files' paths; `concat!` takes only
+/// literals, not a `const`).
 macro_rules! after_tls_eof {
     ($($tail:expr),+) => {
-        concat!(include_str!("../../python/dask_spank/tls_eof.py"), $($tail),+)
+        concat!(
+            include_str!("../../python/dask_spank/tls_eof.py"),
+            include_str!("../../python/dask_spank/boot.py"),
+            $($tail),+
+        )
     };
 }
 
@@ -41,7 +47,7 @@ impl EnvProgram {
 
 /// An exec'd dask command: the workaround, then the command named by the
 /// next argument (`dask-scheduler`, `dask-worker`: short, for `ps`; see
-/// `COMMANDS` in tls_eof.py), run exactly as `python -m` runs its module.
+/// `COMMANDS` in boot.py), run exactly as `python -m` runs its module.
 pub const DASK: EnvProgram = EnvProgram {
     var: "DASK_SPANK_BOOT",
     program: after_tls_eof!("\nrun_module()\n"),

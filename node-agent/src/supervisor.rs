@@ -9,7 +9,9 @@
 //! processes is `process`'s business; when to restart is `restart`'s.
 
 use crate::child::Child;
-use crate::dask_cmd::{boot_env, command, dask_args, lifetime, tls_env, DaskSettings, Limits};
+use crate::dask_cmd::{
+    boot_env, command, dask_args, lifetime, tls_env, DaskSettings, Limits, RESTART_EXIT,
+};
 use crate::forkserver::ForkServer;
 use crate::jobenv::JobEnv;
 use crate::joblog::JobLog;
@@ -382,8 +384,28 @@ fn leaders(proc: &Proc<'_>) -> (Option<ProcId>, Option<ProcId>) {
     }
 }
 
-/// How one start of the dask process ended. `Ok(desc)`: a worker crash to
-/// count; `Err(outcome)`: the job's dask processes are over.
+/// Why a worker is started again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Again {
+    /// It crashed (or was killed for its memory): counted, backed off.
+    Crash(String),
+    /// Its scheduler removed it while it ran (`client.restart()`): at once,
+    /// in place, not counted as a crash while it is not too often.
+    Asked(String),
+}
+
+/// In-place restarts a worker gets without counting as crashes: at most 10
+/// a minute (more is a loop of its own making: counted as crashes).
+fn asked_policy() -> RestartPolicy {
+    RestartPolicy {
+        max_crashes: 11,
+        window: Duration::from_secs(60),
+        ..RestartPolicy::default()
+    }
+}
+
+/// How one start of the dask process ended. `Ok(again)`: the worker is to
+/// be started again; `Err(outcome)`: the job's dask processes are over.
 async fn one_start(
     ctx: &Context,
     run: &JobRun,
@@ -391,7 +413,7 @@ async fn one_start(
     server: &mut Option<Server>,
     adoption: Option<Adoption>,
     n: u32,
-) -> Result<String, (JobState, Outcome)> {
+) -> Result<Again, (JobState, Outcome)> {
     let mut proc = launch(ctx, run, server, adoption, n).await?;
     if let (Some(dask), fs) = leaders(&proc) {
         ctx.job.running(dask, fs);
@@ -422,7 +444,7 @@ async fn conclude(
     proc: Proc<'_>,
     ended: Ended,
     started: Instant,
-) -> Result<String, (JobState, Outcome)> {
+) -> Result<Again, (JobState, Outcome)> {
     let (role, log, pid) = (run.spec.role, &run.log, proc.pid());
     match ended {
         Ended::Stopped(reason) => {
@@ -448,7 +470,7 @@ async fn conclude(
                 .await;
             ctx.metrics.memory_kills.fetch_add(1, Relaxed);
             ctx.job.memory_killed();
-            Ok(desc)
+            Ok(Again::Crash(desc))
         }
         Ended::Exited(status) => {
             proc.clean_up(log).await;
@@ -523,7 +545,7 @@ async fn exited(
     stop: &StopRx,
     status: std::io::Result<ExitStatus>,
     started: Instant,
-) -> Result<String, (JobState, Outcome)> {
+) -> Result<Again, (JobState, Outcome)> {
     let (role, log) = (run.spec.role, &run.log);
     let desc = status
         .as_ref()
@@ -535,6 +557,12 @@ async fn exited(
             reason.reason
         ));
         return Err(stopped(reason));
+    }
+    let code = status.as_ref().ok().and_then(|s| s.code());
+    if role == Role::Worker && code == Some(RESTART_EXIT) {
+        return Ok(Again::Asked(
+            "its scheduler removed the running worker (client.restart())".into(),
+        ));
     }
     let ok = status.as_ref().map(|s| s.success()).unwrap_or(false);
     if role == Role::Scheduler || ok {
@@ -557,7 +585,7 @@ async fn exited(
         log.line(&reason);
         return Err(finished(JobState::Finished, 0, reason));
     }
-    Ok(format!("worker died ({desc})"))
+    Ok(Again::Crash(format!("worker died ({desc})")))
 }
 
 /// The stop asked for (a stop without a reason cannot happen: the
@@ -627,6 +655,7 @@ pub async fn run(mut ctx: Context, mut run: JobRun, mut stop: StopRx) -> Outcome
         ..RestartPolicy::default()
     };
     let mut crashes = CrashLog::default();
+    let mut asked = CrashLog::default();
     let mut server = None;
     let mut starts = 0;
     let (state, outcome) = loop {
@@ -636,7 +665,16 @@ pub async fn run(mut ctx: Context, mut run: JobRun, mut stop: StopRx) -> Outcome
         starts += 1;
         let adoption = run.adopt.take();
         let desc = match one_start(&ctx, &run, &mut stop, &mut server, adoption, starts).await {
-            Ok(desc) => desc,
+            Ok(Again::Asked(why)) => match asked.record(&asked_policy(), Instant::now()) {
+                Decision::Restart(_) => {
+                    run.log.line(&format!("{why}: restarting it in place"));
+                    ctx.metrics.restarts.fetch_add(1, Relaxed);
+                    ctx.job.restarting(&why);
+                    continue;
+                }
+                Decision::GiveUp(_) => format!("{why}, more than 10 times a minute"),
+            },
+            Ok(Again::Crash(desc)) => desc,
             Err(end) => break end,
         };
         match crashes.record(&policy, Instant::now()) {

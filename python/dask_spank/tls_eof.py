@@ -108,20 +108,3 @@ def patch_distributed():
 
     _get_tls_context._dask_spank_tls_eof = True
     Security._get_tls_context = _get_tls_context
-
-
-#: The short names the node agent starts dask by (`ps` shows them).
-COMMANDS = {"dask-scheduler": "distributed.cli.dask_scheduler", "dask-worker": "distributed.cli.dask_worker"}
-
-
-def run_module():
-    """Entry point of the node agent's boot code
-    (`python -c BOOT dask-worker ARGS...`): patch distributed, then run
-    the command's module (distributed.cli.dask_worker) exactly as
-    `python -m` does, its errors (a missing distributed) included."""
-    import runpy
-    import sys
-
-    patch_distributed()
-    name = sys.argv.pop(1)
-    runpy._run_module_as_main(COMMANDS.get(name, name), alter_argv=True)

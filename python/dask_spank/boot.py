@@ -1,0 +1,66 @@
+"""The node agent's boot code for the dask processes it starts, after
+tls_eof.py (whose patch_distributed it calls): the agent hands both, as
+one program, to the job's own Python (``python3 -c BOOT dask-worker ARGS``;
+the fork server runs them before forking its workers), which need not have
+dask_spank installed. Standard library only, and distributed.
+
+It marks a worker's exit for a restart in place: ``client.restart()`` has
+the scheduler remove every worker, and a worker without a Nanny (the node
+agent is its nanny) then just exits 0, which the agent would take as the
+end of the job. A running worker that the scheduler removes exits with
+RESTART_EXIT instead, and the agent starts it again at once, in its job. A
+retiring worker (its status is closing_gracefully: its data moved, its job
+is over) or one the scheduler closes at its own end still exits 0.
+"""
+
+#: The exit code of a worker its scheduler removed while it ran: the node
+#: agent restarts it in place (node-agent/src/dask_cmd.rs, RESTART_EXIT).
+RESTART_EXIT = 75
+#: The short names the node agent starts dask by (`ps` shows them).
+COMMANDS = {"dask-scheduler": "distributed.cli.dask_scheduler", "dask-worker": "distributed.cli.dask_worker"}
+_removed_while_running = []
+
+
+def mark_restarts():
+    """Remember when the scheduler removes this worker while it runs (the
+    scheduler's restart of workers without a Nanny)."""
+    try:
+        from distributed import Worker
+        from distributed.core import Status
+    except ImportError:
+        return
+    close = Worker.close
+    if getattr(close, "_dask_spank_restart", False):
+        return
+
+    async def close_marking_restarts(self, *args, reason="worker-close", **kwargs):
+        if reason == "scheduler-remove-worker" and self.status == Status.running:
+            _removed_while_running.append(reason)
+        return await close(self, *args, reason=reason, **kwargs)
+
+    close_marking_restarts._dask_spank_restart = True
+    Worker.close = close_marking_restarts
+
+
+def exit_code(code):
+    """The process's exit code: RESTART_EXIT for a clean exit after the
+    scheduler removed the running worker, else `code`."""
+    return RESTART_EXIT if code in (0, None) and _removed_while_running else code
+
+
+def run_module():
+    """Entry point of the boot (`python -c BOOT dask-worker ARGS...`):
+    patch distributed, then run the command's module
+    (distributed.cli.dask_worker) exactly as `python -m` does, its errors
+    (a missing distributed) included."""
+    import runpy
+    import sys
+
+    patch_distributed()  # noqa: F821 - defined before this file: tls_eof.py
+    mark_restarts()
+    name = sys.argv.pop(1)
+    try:
+        runpy._run_module_as_main(COMMANDS.get(name, name), alter_argv=True)
+    except SystemExit as e:
+        raise SystemExit(exit_code(e.code)) from None
+    sys.exit(exit_code(0))
