@@ -52,6 +52,7 @@ pub fn view(c: &ClusterName) -> Result<ClusterView, String> {
         dir.state().as_ref(),
         &dir.connected(),
         scheduler_file(dir.path()).to_string_lossy().into_owned(),
+        dir.dashboard_token().as_deref(),
     ))
 }
 

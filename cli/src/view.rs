@@ -29,6 +29,9 @@ pub struct ClusterView {
     pub ended: usize,
     pub scheduler_address: Option<String>,
     pub dashboard_address: Option<String>,
+    /// The dashboard's status page with the cluster's token (the only way
+    /// in: see python/dask_spank/boot.py).
+    pub dashboard_link: Option<String>,
     pub scheduler_file: String,
 }
 
@@ -63,6 +66,7 @@ pub fn build(
     state: Option<&ClusterState>,
     connected: &[String],
     scheduler_file: String,
+    token: Option<&str>,
 ) -> ClusterView {
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
     for r in reports {
@@ -152,6 +156,12 @@ pub fn build(
         workers,
         scheduler_address: state.map(|s| s.scheduler_address.clone()),
         dashboard_address: state.and_then(|s| s.dashboard_address.clone()),
+        dashboard_link: state
+            .and_then(|s| s.dashboard_address.as_deref())
+            .map(|d| match token {
+                Some(t) => format!("{d}/status?token={t}"),
+                None => format!("{d}/status"),
+            }),
         scheduler_file,
     }
 }
@@ -221,6 +231,11 @@ mod tests {
             Some(&state),
             &connected,
             "/f".into(),
+            Some("t0k"),
+        );
+        assert_eq!(
+            v.dashboard_link.as_deref(),
+            Some("http://x:2/status?token=t0k")
         );
 
         let states: Vec<(&str, &str)> = v

@@ -64,6 +64,11 @@ pub mod layout {
     pub const TARGET: &str = "target.json";
     /// What the keeper sees and did last.
     pub const KEEPER: &str = "keeper.json";
+    /// The dashboard's token, made by each scheduler job (0600): the
+    /// scheduler's and workers' HTTP servers answer only requests that
+    /// carry it (python/dask_spank/boot.py), so the dashboard, its logs,
+    /// exceptions and call stacks are the owner's alone.
+    pub const DASHBOARD_TOKEN: &str = "dashboard.token";
     /// The keeper's dask helper, written by the scheduler job's runtime
     /// and run from here (a file: `ps` shows its name, not its text).
     pub const KEEPER_HELPER: &str = "keeper-helper.py";
@@ -89,6 +94,7 @@ pub mod layout {
         ("keeper", KEEPER),
         ("connected", CONNECTED),
         ("keeper_helper", KEEPER_HELPER),
+        ("dashboard_token", DASHBOARD_TOKEN),
         ("tls_ca", TLS_CA),
         ("tls_cert", TLS_CERT),
         ("tls_key", TLS_KEY),
@@ -98,6 +104,21 @@ pub mod layout {
 /// The dask-format scheduler file (`Client(scheduler_file=...)`).
 pub fn scheduler_file(cluster_dir: &Path) -> PathBuf {
     cluster_dir.join(layout::SCHEDULER_FILE)
+}
+
+/// The variable that tells a cluster's dask processes where the dashboard
+/// token is (the path only: they read the file, as its user).
+pub const DASHBOARD_TOKEN_VAR: &str = "DASK_SPANK_DASHBOARD_TOKEN_FILE";
+
+/// The environment that makes a dask process's HTTP server private.
+pub fn dashboard_env(cluster_dir: &Path) -> (String, String) {
+    (
+        DASHBOARD_TOKEN_VAR.to_string(),
+        cluster_dir
+            .join(layout::DASHBOARD_TOKEN)
+            .to_string_lossy()
+            .into_owned(),
+    )
 }
 
 /// The cluster's TLS files: authority, certificate, key.

@@ -248,6 +248,13 @@ impl ClusterDir {
         write(&self.file(layout::WORKER_ARGS), a)
     }
 
+    /// The dashboard's token (see `paths::layout::DASHBOARD_TOKEN`).
+    pub fn dashboard_token(&self) -> Option<String> {
+        let t = read_small_file(&self.file(layout::DASHBOARD_TOKEN), 256).ok()?;
+        let t = String::from_utf8(t).ok()?.trim().to_string();
+        (!t.is_empty()).then_some(t)
+    }
+
     pub fn keeper(&self) -> Option<KeeperStatus> {
         read(&self.file(layout::KEEPER))
     }

@@ -110,10 +110,13 @@ pub fn command(
 /// policy is not the user's to turn off. The agent only names the files;
 /// dask reads them, as the user.
 pub fn tls_env(spec: &JobSpec, cluster_dir: &Path) -> Vec<(String, String)> {
-    match spec.policy.tls {
+    let mut env = match spec.policy.tls {
         TlsMode::Required => tls_files(cluster_dir).dask_env(),
         TlsMode::Off => vec![],
-    }
+    };
+    // And the dashboard's token: HTTP is private to the owner either way.
+    env.push(dask_spank_common::paths::dashboard_env(cluster_dir));
+    env
 }
 
 pub use dask_spank_common::policy::worker_lifetime_s as lifetime;
@@ -198,7 +201,14 @@ mod tests {
             "/c/ca.pem".into()
         )));
         sp.policy.tls = TlsMode::Off;
-        assert!(tls_env(&sp, Path::new("/c")).is_empty());
+        let plain = tls_env(&sp, Path::new("/c"));
+        assert_eq!(
+            plain,
+            [(
+                "DASK_SPANK_DASHBOARD_TOKEN_FILE".to_string(),
+                "/c/dashboard.token".to_string()
+            )]
+        );
         let (_, a) = command(
             &sp,
             Path::new("/c"),

@@ -31,7 +31,8 @@ def main() -> None:
     import distributed.cli.dask_worker as dask_worker  # the cold part, once
 
     patch_distributed()  # defined before this file: python/dask_spank/tls_eof.py
-    mark_restarts()  # and python/dask_spank/boot.py
+    protect_dashboard()  # and python/dask_spank/boot.py
+    mark_restarts()
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_NAME, b"dask-forkserver", 0, 0, 0)

@@ -4,7 +4,15 @@ one program, to the job's own Python (``python3 -c BOOT dask-worker ARGS``;
 the fork server runs them before forking its workers), which need not have
 dask_spank installed. Standard library only, and distributed.
 
-It marks a worker's exit for a restart in place: ``client.restart()`` has
+It makes the process's HTTP server (the dashboard, and a worker's own:
+status pages, logs, exceptions, call stacks, metrics) private to the
+cluster's owner: every request must carry the cluster's dashboard token
+(the file the agent names in DASK_SPANK_DASHBOARD_TOKEN_FILE, 0600, which
+only the owner can read), as `?token=` (then a cookie is set and the
+browser sent on to the same URL without it) or as that cookie. Anybody
+else gets 403 and nothing of the cluster.
+
+And it marks a worker's exit for a restart in place: ``client.restart()`` has
 the scheduler remove every worker, and a worker without a Nanny (the node
 agent is its nanny) then just exits 0, which the agent would take as the
 end of the job. A running worker that the scheduler removes exits with
@@ -19,6 +27,70 @@ RESTART_EXIT = 75
 #: The short names the node agent starts dask by (`ps` shows them).
 COMMANDS = {"dask-scheduler": "distributed.cli.dask_scheduler", "dask-worker": "distributed.cli.dask_worker"}
 _removed_while_running = []
+
+
+def protect_dashboard():
+    """Refuse every HTTP request of this process without the cluster's
+    dashboard token (fail closed: no token file, no answer)."""
+    import hashlib
+    import hmac
+    import os
+
+    path = os.environ.pop("DASK_SPANK_DASHBOARD_TOKEN_FILE", None)
+    try:
+        from distributed.http.routing import RoutingApplication
+        from tornado import web
+    except ImportError:
+        return
+    if path is None or getattr(RoutingApplication.find_handler, "_dask_spank_private", False):
+        return
+    known = []
+
+    def token():
+        if not known:
+            try:
+                with open(path) as f:
+                    t = f.read(256).strip()
+            except OSError:
+                return None
+            if t:
+                known.append((t, "dask_spank_" + hashlib.sha256(t.encode()).hexdigest()[:12]))
+        return known[0] if known else None
+
+    class Forbidden(web.RequestHandler):
+        def prepare(self):
+            self.set_status(403)
+            self.set_header("Content-Type", "text/plain")
+            self.finish("403: this dask dashboard is private to its owner (dask-spank)\n")
+
+    class Welcome(web.RequestHandler):
+        """A valid ?token=: the cookie, and the same URL without it."""
+
+        def prepare(self):
+            from urllib.parse import urlencode
+
+            t, cookie = token()
+            self.set_cookie(cookie, t, httponly=True, samesite="Strict")
+            rest = {k: v for k, v in self.request.query_arguments.items() if k != "token"}
+            query = urlencode([(k, x.decode()) for k, vs in rest.items() for x in vs])
+            self.redirect(self.request.path + ("?" + query if query else ""))
+
+    find = RoutingApplication.find_handler
+
+    def find_private(self, request, **kwargs):
+        known_token = token()
+        if known_token is not None:
+            t, cookie = known_token
+            given = request.query_arguments.get("token", [b""])[0].decode(errors="replace")
+            if given and hmac.compare_digest(given, t):
+                return self.get_handler_delegate(request, Welcome)
+            jar = request.cookies.get(cookie)
+            if jar is not None and hmac.compare_digest(jar.value, t):
+                return find(self, request, **kwargs)
+        return self.get_handler_delegate(request, Forbidden)
+
+    find_private._dask_spank_private = True
+    RoutingApplication.find_handler = find_private
 
 
 def mark_restarts():
@@ -57,6 +129,7 @@ def run_module():
     import sys
 
     patch_distributed()  # noqa: F821 - defined before this file: tls_eof.py
+    protect_dashboard()
     mark_restarts()
     name = sys.argv.pop(1)
     try:

@@ -165,6 +165,20 @@ class SpankCluster(Cluster):
         self._log(_cli("adapt", self.name, str(int(minimum)), str(int(maximum))).strip())
 
 
+    @property
+    def dashboard_link(self) -> str:
+        """The dashboard's link, with the cluster's token: the dashboard
+        answers nobody without it (dask-spank makes it private)."""
+        link = super().dashboard_link
+        if not link:
+            return link
+        try:
+            with open(self.paths["dashboard_token"]) as f:
+                token = f.read(256).strip()
+        except OSError:
+            return link
+        return f"{link}{'&' if '?' in link else '?'}token={token}"
+
     def status_jobs(self) -> dict:
         """Every job of the cluster and its state (``dask-spank status --json``)."""
         return json.loads(_cli("status", self.name, "--json"))

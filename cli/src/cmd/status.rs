@@ -43,7 +43,7 @@ pub fn run(a: Args) -> Res {
     if let Some(a) = &v.scheduler_address {
         println!(
             "scheduler {a}, dashboard {}",
-            v.dashboard_address.as_deref().unwrap_or("-")
+            v.dashboard_link.as_deref().unwrap_or("-")
         );
     }
     if let Some(hp) = v
@@ -52,8 +52,13 @@ pub fn run(a: Args) -> Res {
         .and_then(|d| d.strip_prefix("http://"))
     {
         let port = hp.rsplit_once(':').map(|(_, p)| p).unwrap_or("8787");
+        let page = v
+            .dashboard_link
+            .as_deref()
+            .and_then(|l| l.split_once("/status"))
+            .map_or("/status".to_string(), |(_, q)| format!("/status{q}"));
         println!(
-            "  from your laptop: ssh -N -L {port}:{hp} {}, then open http://localhost:{port}/status",
+            "  from your laptop: ssh -N -L {port}:{hp} {}, then open http://localhost:{port}{page}",
             dask_spank_common::sys::short_hostname()
         );
     }

@@ -112,8 +112,22 @@ impl Job {
         if self.tls {
             crate::tls::ensure(self.dir.path(), self.cluster.as_str())?;
         }
-        Ok(())
+        dashboard_token(self.dir.path())
     }
+}
+
+/// A fresh dashboard token for this scheduler job (0600, in the private
+/// cluster directory): its dashboard answers only those who read it.
+fn dashboard_token(dir: &std::path::Path) -> Result<(), String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 24];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let path = dir.join(dask_spank_common::paths::layout::DASHBOARD_TOKEN);
+    dask_spank_common::files::write_atomic(&path, token.as_bytes(), 0o600)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 /// `dask-spank attach`: the exit code of the job's dask process.
