@@ -120,6 +120,14 @@ def exit_code(code):
     return RESTART_EXIT if code in (0, None) and _removed_while_running else code
 
 
+def say_python(what):
+    """Say in the job's log which Python runs (the environment's)."""
+    import sys
+
+    print(f"dask-spank: {what} runs {sys.executable} (Python {sys.version.split()[0]})", file=sys.stderr,
+          flush=True)
+
+
 def run_module():
     """Entry point of the boot (`python -c BOOT dask-worker ARGS...`):
     patch distributed, then run the command's module
@@ -132,6 +140,7 @@ def run_module():
     protect_dashboard()
     mark_restarts()
     name = sys.argv.pop(1)
+    say_python(name)
     try:
         runpy._run_module_as_main(COMMANDS.get(name, name), alter_argv=True)
     except SystemExit as e:

@@ -9,6 +9,7 @@ definition of the cluster directory, in the Rust code.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from distributed.core import rpc
+from distributed.core import Status, rpc
 from distributed.deploy.cluster import Cluster
 from distributed.security import Security
 
@@ -106,54 +107,152 @@ def security_loader(info: dict) -> Security | None:
     return None
 
 
-def _wait_address(name: str, paths: dict[str, str], timeout: float) -> str:
-    end = time.monotonic() + timeout
-    while True:
-        address = _address(paths)
-        if address:
-            return address
-        if time.monotonic() > end:
-            raise TimeoutError(f"cluster {name!r} has no scheduler after {timeout:.0f}s "
-                               f"(dask-spank status {name} says why)")
-        time.sleep(0.5)
+#: The sizing options of a start, their `dask-spank up` flags, and their
+#: keys in dask's configuration (personal defaults, see `_defaults`).
+SIZING = (("worker_mem", "--worker-mem"), ("worker_cpus", "--worker-cpus"), ("worker_time", "--worker-time"),
+          ("scheduler_mem", "--scheduler-mem"))
+
+
+def _defaults() -> dict:
+    """Personal defaults from dask's configuration: a ``dask-spank:``
+    section in ``~/.config/dask/*.yaml``, or ``DASK_DASK_SPANK__WORKER_MEM``
+    and the like (see docs/user.md)."""
+    import dask
+
+    conf = dask.config.get("dask-spank", default={}) or {}
+    return {k.replace("-", "_"): v for k, v in conf.items()}
+
+
+def own_env() -> str | None:
+    """This Python's environment, for the workers (``--dask-env``): its
+    prefix, if ``<prefix>/bin/python`` is this very interpreter (a venv or
+    a conda env; not a system Python, whose prefix is /usr)."""
+    import sys
+
+    candidate = Path(sys.prefix) / "bin" / "python"
+    try:
+        same = candidate.resolve(strict=True) == Path(sys.executable).resolve(strict=True)
+    except OSError:
+        return None
+    return sys.prefix if same and sys.prefix != "/usr" else None
 
 
 class SpankCluster(Cluster):
     """A dask-spank cluster.
 
-    ``SpankCluster("ana")`` attaches to an existing cluster;
+    ``SpankCluster("ana")`` attaches to a running cluster;
     ``SpankCluster("ana", workers=20, worker_mem="3G")`` starts one (``dask-spank
-    up``) and, by default, stops it on ``close()``.
+    up``: the site's policy applies) and, by default, stops it on
+    ``close()``. Its workers run this Python's environment unless ``env``
+    says otherwise (``env=False``: the job's ``python3``).
+
+    It works in a notebook's event loop: ``await SpankCluster(...,
+    asynchronous=True)`` and ``async with`` never block the loop.
     """
 
     def __init__(self, name: str, *, workers: int | None = None, worker_mem: str | None = None,
                  worker_cpus: int | None = None, worker_time: str | None = None,
-                 scheduler_mem: str | None = None, env: str | None = None, timeout: float = 600,
-                 shutdown_on_close: bool | None = None, asynchronous: bool = False, loop=None,
-                 quiet: bool = True):
-        self.paths = layout(name)
-        if workers is not None:
-            args = ["up", name, "--workers", str(workers)]
-            for flag, value in (("--worker-mem", worker_mem), ("--worker-cpus", worker_cpus),
-                                ("--worker-time", worker_time), ("--scheduler-mem", scheduler_mem),
-                                ("--env", env)):
-                if value is not None:
-                    args += [flag, str(value)]
-            _cli(*args)
+                 scheduler_mem: str | None = None, env: str | bool | None = None, wait: float | None = None,
+                 reuse: bool = False, timeout: float = 600, shutdown_on_close: bool | None = None,
+                 asynchronous: bool = False, loop=None, quiet: bool = True):
+        given = {"worker_mem": worker_mem, "worker_cpus": worker_cpus, "worker_time": worker_time,
+                 "scheduler_mem": scheduler_mem}
+        if workers is None:
+            extra = sorted(k for k, v in given.items() if v is not None)
+            if extra or env not in (None, False):
+                raise TypeError(f"SpankCluster({name!r}) attaches to a running cluster: {', '.join(extra or ['env'])} "
+                                f"size(s) a new one; pass workers=N to start it")
+        sizing = {**{k: v for k, v in _defaults().items() if k in given}, **{k: v for k, v in given.items() if v is not None}}
+        if env is None:
+            env = _defaults().get("env") or own_env()
+        self._start_with = None if workers is None else {"workers": workers, "env": env or None, **sizing}
+        self._wait, self._reuse, self._timeout = wait, reuse, timeout
+        self.paths = {}
         self.shutdown_on_close = workers is not None if shutdown_on_close is None else shutdown_on_close
-        address = _wait_address(name, self.paths, timeout)
-        self.security = security(self.paths)
         super().__init__(asynchronous=asynchronous, loop=loop, name=name, quiet=quiet)
-        self.scheduler_comm = rpc(address, connection_args=self.security.get_connection_args("client"))
-        if not self.called_from_running_loop:
+        if not self.asynchronous and not self.called_from_running_loop:
             self._loop_runner.start()
-            self.sync(self._start)
+            try:
+                self.sync(self._start)
+            except BaseException:
+                self.status = Status.closed
+                self._loop_runner.stop()
+                raise
 
-    def scale(self, n: int) -> None:
+    def __await__(self):
+        async def _():
+            if self.status == Status.created:
+                await self._start()
+            return self
+
+        return _().__await__()
+
+    async def _cli(self, *args: str) -> str:
+        """The command, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(None, _cli, *args)
+
+    async def _up(self) -> None:
+        """Start the cluster (``dask-spank up``); with ``reuse``, a running
+        cluster of the name is scaled instead."""
+        s = self._start_with
+        args = ["up", self.name, "--workers", str(s["workers"])]
+        for key, flag in SIZING:
+            if s.get(key) is not None:
+                args += [flag, str(s[key])]
+        if s.get("env"):
+            args += ["--env", str(s["env"])]
+        try:
+            await self._cli(*args)
+        except DaskSpankError as e:
+            if "already in use" not in str(e):
+                raise
+            if not self._reuse:
+                raise DaskSpankError(f"{e}; SpankCluster({self.name!r}) attaches to it, "
+                                     f"SpankCluster({self.name!r}, workers=N, reuse=True) attaches and scales it") from None
+            await self._cli("scale", self.name, str(s["workers"]))
+            self.shutdown_on_close = False
+
+    async def _wait_address(self) -> str:
+        end = time.monotonic() + self._timeout
+        while True:
+            address = _address(self.paths)
+            if address:
+                return address
+            if time.monotonic() > end:
+                why = f"cluster {self.name!r} has no scheduler after {self._timeout:.0f}s"
+                if self._start_with is not None:
+                    await self._cli("down", self.name)
+                    raise TimeoutError(f"{why}: its jobs were cancelled (dask-spank status and logs say why)")
+                raise TimeoutError(f"{why} (dask-spank status {self.name} says why)")
+            await asyncio.sleep(0.5)
+
+    async def _start(self):
+        self.paths = json.loads(await self._cli("layout", self.name))
+        if self._start_with is not None:
+            await self._up()
+        else:
+            # An unknown name fails now, not after the timeout.
+            await self._cli("status", self.name, "--json")
+        address = await self._wait_address()
+        self.security = security(self.paths)
+        self.scheduler_comm = rpc(address, connection_args=self.security.get_connection_args("client"))
+        await super()._start()
+        if self._wait is not None:
+            await self._cli("wait", self.name, "--percent", str(self._wait), "--timeout", str(int(self._timeout)))
+
+    def _do(self, *args: str):
+        """Run a command: now, raising its error, for a synchronous
+        cluster; off the event loop, as a task, for an asynchronous one."""
+        if self.asynchronous:
+            return asyncio.ensure_future(self._cli(*args))
+        self._log(_cli(*args).strip())
+        return None
+
+    def scale(self, n: int):
         """Have ``n`` worker jobs (``dask-spank scale``)."""
-        self._log(_cli("scale", self.name, str(int(n))).strip())
+        return self._do("scale", self.name, str(int(n)))
 
-    def adapt(self, minimum: int = 0, maximum: int | None = None, **kwargs) -> None:
+    def adapt(self, minimum: int = 0, maximum: int | None = None, **kwargs):
         """Size the cluster with dask's adaptive target, between `minimum`
         and `maximum` worker jobs. It runs in the scheduler job (``dask-spank
         adapt``), not in this process: it goes on when the notebook ends.
@@ -162,15 +261,14 @@ class SpankCluster(Cluster):
             raise ValueError("adapt() needs a maximum number of worker jobs")
         if kwargs:
             raise TypeError(f"adapt() takes minimum and maximum only, not {sorted(kwargs)}")
-        self._log(_cli("adapt", self.name, str(int(minimum)), str(int(maximum))).strip())
-
+        return self._do("adapt", self.name, str(int(minimum)), str(int(maximum)))
 
     @property
     def dashboard_link(self) -> str:
         """The dashboard's link, with the cluster's token: the dashboard
         answers nobody without it (dask-spank makes it private)."""
         link = super().dashboard_link
-        if not link:
+        if not link or "dashboard_token" not in self.paths:
             return link
         try:
             with open(self.paths["dashboard_token"]) as f:
@@ -197,14 +295,12 @@ class SpankCluster(Cluster):
     async def _get_logs(self, cluster=True, scheduler=True, workers=True):
         logs = await super()._get_logs(cluster=cluster, scheduler=scheduler, workers=workers)
         if cluster:
-            logs.update(self.job_logs())
+            logs.update(await asyncio.get_running_loop().run_in_executor(None, self.job_logs))
         return logs
 
     async def _close(self):
-        if self.shutdown_on_close:
-            import asyncio
-
-            await asyncio.get_running_loop().run_in_executor(None, _cli, "down", self.name)
+        if self.shutdown_on_close and self.paths:
+            await self._cli("down", self.name)
         await super()._close()
 
 

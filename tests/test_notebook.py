@@ -1,0 +1,129 @@
+"""Notebook-first (issue 25): SpankCluster as dask users expect it, async
+included, with clear errors at once and the kernel's own Python."""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import sandboxlib as sb
+from test_keeper import ds, worker_jobs
+
+
+def as_user_python(program: str, *args: str, python: str | None = None, timeout: float = 600):
+    return sb.as_user([python or str(sb.VENV / "bin" / "python"), "-c", program, *args], check=False,
+                      timeout=timeout)
+
+
+ASYNC = """
+import asyncio, sys
+from distributed import Client
+from dask_spank import SpankCluster
+
+async def main(name):
+    async with SpankCluster(name, workers=2, worker_mem="1G", wait=100, asynchronous=True) as cluster:
+        async with Client(cluster, asynchronous=True) as client:
+            assert await client.submit(sum, [1, 2]) == 3
+            await client.restart()
+            await client.wait_for_workers(2)
+            assert await client.submit(sum, [3, 4]) == 7
+            await cluster.scale(3)
+            await client.wait_for_workers(3, timeout=120)
+            await cluster.adapt(0, 1)
+            print("link", cluster.dashboard_link)
+    print("closed")
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_an_async_cluster_computes_restarts_scales_adapts_and_closes(cluster_name):
+    r = as_user_python(ASYNC, cluster_name)
+    assert r.returncode == 0, (r.stdout, r.stderr[-3000:])
+    assert "closed" in r.stdout and "token=" in r.stdout, r.stdout
+    sb.wait_until("the cluster gone", lambda: not sb.run(["squeue", "-h", "-n",
+        f"dask-scheduler-{cluster_name},dask-worker-{cluster_name}"]).stdout.strip(), 60)
+
+
+ERRORS = """
+import sys, time
+from dask_spank import SpankCluster
+from dask_spank.cluster import DaskSpankError
+name = sys.argv[1]
+t0 = time.monotonic()
+try:
+    SpankCluster(name + "-typo", timeout=600)
+except DaskSpankError as e:
+    print("unknown:", round(time.monotonic() - t0, 1), e)
+try:
+    SpankCluster(name, worker_mem="3G")
+except TypeError as e:
+    print("sizing:", e)
+c = SpankCluster(name, workers=1, wait=100)
+try:
+    SpankCluster(name, workers=1)
+except DaskSpankError as e:
+    print("in use:", e)
+again = SpankCluster(name, workers=2, reuse=True)
+print("reused:", again.shutdown_on_close)
+again.close()
+c.close()
+print("done")
+"""
+
+
+def test_errors_come_at_once_and_a_cluster_can_be_reused(cluster_name):
+    r = as_user_python(ERRORS, cluster_name)
+    assert r.returncode == 0, (r.stdout, r.stderr[-3000:])
+    out = r.stdout
+    unknown = next(l for l in out.splitlines() if l.startswith("unknown:"))
+    assert float(unknown.split()[1]) < 10 and "unknown cluster" in unknown, unknown
+    assert "sizing: SpankCluster(" in out and "pass workers=N to start it" in out, out
+    assert "in use:" in out and "reuse=True" in out, out
+    assert "reused: False" in out and "done" in out, out
+
+
+KERNEL = """
+import os, sys
+from distributed import Client
+from dask_spank import SpankCluster
+with SpankCluster(sys.argv[1], workers=1, wait=100) as cluster, Client(cluster) as client:
+    print("workers run", sorted(set(client.run(lambda: sys.executable).values())))
+    print("kernel is", sys.executable)
+"""
+
+
+def test_workers_run_the_kernels_own_python(cluster_name):
+    """A kernel in a venv of its own: the workers run that venv's Python."""
+    kernel = sb.WORK / "venv-kernel"
+    sb.as_user(["rm", "-rf", str(kernel)])
+    sb.as_user(["/usr/bin/python3", "-m", "venv", "--without-pip", str(kernel)])
+    site = next((kernel / "lib").glob("python3*/site-packages"))
+    venv_site = next((sb.VENV / "lib").glob("python3*/site-packages"))
+    # distributed and dask_spank from the sandbox's venv, through a .pth.
+    sb.as_user(["/usr/bin/python3", "-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2])",
+                str(site / "sandbox.pth"), str(venv_site)])
+    r = as_user_python(KERNEL, cluster_name, python=str(kernel / "bin" / "python"))
+    assert r.returncode == 0, (r.stdout, r.stderr[-3000:])
+    assert f"workers run ['{kernel}/bin/python']" in r.stdout, r.stdout
+    log = "".join(p.read_text(errors="replace") for p in (sb.WORK / "log").glob("dask-worker-*.log")
+                  if f"{cluster_name}" in p.read_text(errors="replace"))
+    assert f"dask-spank: dask-worker runs {kernel}/bin/python" in log, log[-2000:]
+
+
+DEFAULTS = """
+import sys
+from dask_spank import SpankCluster
+with SpankCluster(sys.argv[1], workers=1) as cluster:
+    print("jobs", cluster.status_jobs()["workers"][0]["job"])
+"""
+
+
+def test_personal_defaults_come_from_dasks_configuration(cluster_name):
+    """A `dask-spank:` section of dask's configuration (here as its
+    environment variable) sizes a new cluster's workers."""
+    r = sb.as_user([str(sb.VENV / "bin" / "python"), "-c", DEFAULTS, cluster_name], check=False, timeout=600,
+                   env={"DASK_DASK_SPANK__WORKER_MEM": "1500M"})
+    assert r.returncode == 0, (r.stdout, r.stderr[-3000:])
+    job = r.stdout.split("jobs", 1)[1].split()[0]
+    assert sb.scontrol_job(job)["MinMemoryNode"] == "1500M", sb.scontrol_job(job)
