@@ -127,3 +127,47 @@ def test_personal_defaults_come_from_dasks_configuration(cluster_name):
     assert r.returncode == 0, (r.stdout, r.stderr[-3000:])
     job = r.stdout.split("jobs", 1)[1].split()[0]
     assert sb.scontrol_job(job)["MinMemoryNode"] == "1500M", sb.scontrol_job(job)
+
+
+def notebook(name: str):
+    """The async notebook of the user guide, as cells."""
+    import nbformat
+
+    cells = [
+        "from distributed import Client\nfrom dask_spank import SpankCluster",
+        f"cluster = await SpankCluster({name!r}, workers=2, wait=100, asynchronous=True)",
+        "client = await Client(cluster, asynchronous=True)\nassert await client.submit(sum, [1, 2]) == 3",
+        "await client.restart()\nawait client.wait_for_workers(2)\n"
+        "assert await client.submit(sum, [3, 4]) == 7\nassert len(await client.nthreads()) == 2",
+        "await cluster.scale(3)\nawait client.wait_for_workers(3, timeout=120)",
+        "await cluster.adapt(0, 1)",
+        "print(cluster.dashboard_link)\nawait client.close()\nawait cluster.close()\nprint('closed')",
+    ]
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+    return nb
+
+
+RUN_NOTEBOOK = """
+import sys, nbformat
+from nbclient import NotebookClient
+nb = nbformat.read(sys.argv[1], as_version=4)
+NotebookClient(nb, timeout=600, kernel_name="python3").execute()
+print("".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", [])))
+"""
+
+
+def test_the_async_notebook_runs_in_a_real_kernel(cluster_name):
+    """nbclient runs the notebook in an IPython kernel (its event loop, top
+    level awaits): start, compute, client.restart(), compute with the same
+    workers, scale, adapt, close."""
+    import nbformat
+
+    path = sb.WORK / f"{cluster_name}.ipynb"
+    nbformat.write(notebook(cluster_name), str(path))
+    os.chown(path, sb.user().pw_uid, sb.user().pw_gid)
+    r = as_user_python(RUN_NOTEBOOK, str(path))
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    assert "closed" in r.stdout and "token=" in r.stdout, r.stdout
+    sb.wait_until("the cluster gone", lambda: not sb.run(["squeue", "-h", "-n",
+        f"dask-scheduler-{cluster_name},dask-worker-{cluster_name}"]).stdout.strip(), 60)
