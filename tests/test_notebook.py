@@ -171,3 +171,31 @@ def test_the_async_notebook_runs_in_a_real_kernel(cluster_name):
     assert "closed" in r.stdout and "token=" in r.stdout, r.stdout
     sb.wait_until("the cluster gone", lambda: not sb.run(["squeue", "-h", "-n",
         f"dask-scheduler-{cluster_name},dask-worker-{cluster_name}"]).stdout.strip(), 60)
+
+
+IDLE = """
+import sys, time
+import dask.bag as db
+from dask_spank import connect
+client = connect(sys.argv[1])
+x = client.persist(db.from_sequence(range(1000), npartitions=2).sum())
+print("persisted", flush=True)
+time.sleep(float(sys.argv[2]))
+print("still there", x.compute(), flush=True)
+client.close()
+"""
+
+
+def test_the_idle_timeout_waits_for_clients_too(policy, cluster_name):
+    """idle_timeout=20s: a client holding persisted data but running
+    nothing for 40 s keeps the cluster (dask's own idle timeout ignored
+    clients, and the data was lost); once it leaves, the cluster ends after
+    the idle time."""
+    policy("idle_timeout=20s")
+    ds("up", cluster_name, "--workers", "1", "--wait", "100", "--timeout", "180")
+    r = as_user_python(IDLE, cluster_name, "40")
+    assert r.returncode == 0 and "still there 499500" in r.stdout, (r.stdout, r.stderr[-3000:])
+    t0 = time.monotonic()
+    sb.wait_until("the scheduler to end by its idle timeout", lambda: not sb.run(
+        ["squeue", "-h", "-n", f"dask-scheduler-{cluster_name}"]).stdout.strip(), 120, 1)
+    assert time.monotonic() - t0 > 15, "it waited for the idle time after the client left"

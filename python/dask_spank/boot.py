@@ -12,6 +12,11 @@ only the owner can read), as `?token=` (then a cookie is set and the
 browser sent on to the same URL without it) or as that cookie. Anybody
 else gets 403 and nothing of the cluster.
 
+It makes the scheduler's idle timeout mean what the site's policy says: no
+task and no client (but the cluster's own: its keeper's helper) for that
+long. dask's own ignores clients, so a user who persisted data and stepped
+away lost it with the cluster.
+
 And it marks a worker's exit for a restart in place: ``client.restart()`` has
 the scheduler remove every worker, and a worker without a Nanny (the node
 agent is its nanny) then just exits 0, which the agent would take as the
@@ -93,6 +98,33 @@ def protect_dashboard():
     RoutingApplication.find_handler = find_private
 
 
+#: The name the keeper's helper gives its Client (runtime/keeper/helper.py):
+#: its client id is "Client-<name>-<uuid>".
+KEEPER_CLIENT = "dask-spank-keeper"
+
+
+def idle_counts_clients():
+    """A scheduler with a client connected (other than the cluster's own)
+    is not idle, however long no task runs."""
+    try:
+        from distributed.scheduler import Scheduler
+    except ImportError:
+        return
+    check = Scheduler.check_idle
+    if getattr(check, "_dask_spank_clients", False):
+        return
+
+    def check_idle(self):
+        users = [c for c in self.clients if c != "fire-and-forget" and f"-{KEEPER_CLIENT}-" not in c]
+        if users:
+            self.idle_since = None
+            return None
+        return check(self)
+
+    check_idle._dask_spank_clients = True
+    Scheduler.check_idle = check_idle
+
+
 def mark_restarts():
     """Remember when the scheduler removes this worker while it runs (the
     scheduler's restart of workers without a Nanny)."""
@@ -139,6 +171,7 @@ def run_module():
     patch_distributed()  # noqa: F821 - defined before this file: tls_eof.py
     protect_dashboard()
     mark_restarts()
+    idle_counts_clients()
     name = sys.argv.pop(1)
     say_python(name)
     try:

@@ -47,6 +47,8 @@ def connect(c):
     if c.get("cert"):
         sec = Security(tls_ca_file=c["ca"], tls_client_cert=c["cert"], tls_client_key=c["key"],
                        require_encryption=True)
+    # Its name tells the scheduler's idle check that this client is the
+    # cluster's own (KEEPER_CLIENT in python/dask_spank/boot.py).
     return Client(c["address"], security=sec, timeout=10, name="dask-spank-keeper")
 
 
