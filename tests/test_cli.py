@@ -2,6 +2,7 @@
 --json output, readiness and failure reasons."""
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -157,3 +158,49 @@ def test_errors_are_clear(cluster_name):
     assert "dask-spank: --mem=64G exceeds worker_mem_max=32G" in p.stderr
     assert not sb.run(["squeue", "-h", "-n", f"dask-scheduler-{cluster_name}"]).stdout.strip(), \
         "the scheduler job of a failed up is cancelled"
+
+
+def _seconds(t: str) -> int:
+    """[d-]h:m:s or m:s as seconds."""
+    days, _, rest = t.rpartition("-")
+    parts = [int(x) for x in rest.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    h, m, s = parts
+    return ((int(days or 0) * 24 + h) * 60 + m) * 60 + s
+
+
+def test_dry_run_and_policy_match_what_a_submission_gets(cluster_name):
+    """`up --dry-run` shows the sbatch lines and the job options once the
+    site's defaults are in, submits nothing, and says what a real `up`
+    then gets (scontrol show job); `policy` shows the plugin's policy."""
+    import json
+
+    args = ["up", cluster_name, "--workers", "2", "--worker-mem", "2G", "--worker-cpus", "2",
+            "--worker-time", "1:00:00"]
+    dry = json.loads(sb.as_user(["dask-spank", *args, "--dry-run", "--json"]).stdout)
+    assert not sb.run(["squeue", "-h", "-u", sb.TEST_USER]).stdout.strip(), "a dry run submits nothing"
+    human = sb.as_user(["dask-spank", *args, "--dry-run"]).stdout
+    assert "nothing was submitted" in human and "worker jobs: sbatch" in human, human
+    out = sb.as_user(["dask-spank", *args]).stdout
+    sched, arr = re.search(r"scheduler job (\d+), worker array (\d+)", out).groups()
+    for role, job in (("scheduler", sched), ("workers", f"{arr}_1")):
+        v, f = dry[role]["values"], sb.scontrol_job(job)
+        assert f["JobName"] == v["job-name"], (f, v)
+        assert f["Partition"] == v["partition"], (f, v)
+        assert f["Account"] == v["account"], (f, v)
+        assert f["MinMemoryNode"] == v["mem"], (f, v)
+        assert _seconds(f["TimeLimit"]) == _seconds(v["time"]), (f, v)
+        assert f.get("Licenses", "(null)") == v.get("licenses", "(null)"), (f, v)
+        if "cpus-per-task" in v:
+            assert f["CPUs/Task"] == v["cpus-per-task"], (f, v)
+    assert dry["workers"]["values"]["mem"] == "2G" and dry["workers"]["values"]["cpus-per-task"] == "2"
+    pol = json.loads(sb.as_user(["dask-spank", "policy", "--json"]).stdout)
+    assert pol["worker_mem_max"] == "32G" and pol["worker_partition"] == "htc", pol
+    text = sb.as_user(["dask-spank", "policy"]).stdout
+    assert "worker jobs:" in text and "worker_mem_max" in text, text
+    script = sb.as_user([str(sb.VENV / "bin" / "python"), "-c",
+                         "import sys, dask_spank as d; print(d.policy()['worker_mem']); "
+                         "print(d.SpankCluster(sys.argv[1]).job_script())", cluster_name]).stdout
+    assert "3G" in script and "--dask-role=worker" in script and "--partition=htc" in script, script
+    sb.as_user(["dask-spank", "down", cluster_name])

@@ -33,6 +33,8 @@ enum Cmd {
     Adapt(cmd::adapt::Args),
     Logs(cmd::logs::Args),
     Down(cmd::down::Args),
+    /// The site's defaults and limits for dask jobs, as the plugin applies them.
+    Policy(cmd::policy::Args),
     /// Hand this job over to the node agent and wait (last line of a job script).
     ///
     /// The agent starts the job's dask scheduler or worker as you, with this
@@ -65,6 +67,7 @@ fn main() -> ExitCode {
         Cmd::Adapt(a) => cmd::adapt::run(a),
         Cmd::Logs(a) => cmd::logs::run(a),
         Cmd::Down(a) => cmd::down::run(a),
+        Cmd::Policy(a) => cmd::policy::run(a),
         Cmd::Layout(a) => cmd::layout::run(a),
     };
     match res {

@@ -144,6 +144,28 @@ pub fn sbatch(args: &[String]) -> Result<String, String> {
     sbatch_in(args, None)
 }
 
+/// What the plugin would submit for `args` (`DASK_SPANK_DRY_RUN`): the
+/// command line with the site's defaults in, the job's option values, and
+/// the site policy, as the plugin's JSON. Nothing is submitted.
+pub fn sbatch_dry_run(args: &[String]) -> Result<serde_json::Value, String> {
+    let out = Command::new("sbatch")
+        .args(args)
+        .env("DASK_SPANK_DRY_RUN", "1")
+        .output()
+        .map_err(|e| format!("cannot run sbatch: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || text.trim().is_empty() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(format!(
+            "sbatch {} would fail: {}",
+            args.join(" "),
+            err.lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join("; ")
+        ));
+    }
+    serde_json::from_str(text.trim())
+        .map_err(|e| format!("the dask-spank plugin said something else than its dry run ({e}): {text}"))
+}
+
 /// `sbatch` with the environment `env` (None: this process's).
 pub fn sbatch_in(args: &[String], env: Option<&[(String, String)]>) -> Result<String, String> {
     let mut cmd = Command::new("sbatch");

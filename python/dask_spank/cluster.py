@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import time
@@ -191,16 +192,33 @@ class SpankCluster(Cluster):
         """The command, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(None, _cli, *args)
 
-    async def _up(self) -> None:
-        """Start the cluster (``dask-spank up``); with ``reuse``, a running
-        cluster of the name is scaled instead."""
-        s = self._start_with
+    def _up_args(self) -> list[str]:
+        """The ``dask-spank up`` command line of this cluster's start."""
+        s = self._start_with or {"workers": 1}
         args = ["up", self.name, "--workers", str(s["workers"])]
         for key, flag in SIZING:
             if s.get(key) is not None:
                 args += [flag, str(s[key])]
         if s.get("env"):
             args += ["--env", str(s["env"])]
+        return args
+
+    def job_script(self) -> str:
+        """The sbatch command lines of the cluster's jobs, with the site's
+        defaults in, as the plugin plans them (``dask-spank up --dry-run``):
+        for a cluster this object starts, its own; for one it attaches to,
+        what a start with the defaults would submit."""
+        plan = json.loads(_cli(*self._up_args(), "--dry-run", "--json"))
+        lines = []
+        for role in ("scheduler", "workers"):
+            lines.append(" ".join(shlex.quote(w) for w in plan[role]["sbatch"]))
+        return "\n".join(lines) + "\n"
+
+    async def _up(self) -> None:
+        """Start the cluster (``dask-spank up``); with ``reuse``, a running
+        cluster of the name is scaled instead."""
+        s = self._start_with
+        args = self._up_args()
         try:
             await self._cli(*args)
         except DaskSpankError as e:
@@ -302,6 +320,13 @@ class SpankCluster(Cluster):
         if self.shutdown_on_close and self.paths:
             await self._cli("down", self.name)
         await super()._close()
+
+
+def policy() -> dict[str, str]:
+    """The site's defaults and limits for dask jobs, as the plugin applies
+    them (``dask-spank policy``): ``{"worker_mem": "3G", "worker_mem_max":
+    "32G", ...}``."""
+    return json.loads(_cli("policy", "--json"))
 
 
 def connect(name: str, **kwargs):

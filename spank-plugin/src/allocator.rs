@@ -13,6 +13,27 @@ use std::os::unix::ffi::OsStrExt;
 /// Set across the re-exec so that the second sbatch does not re-exec again.
 /// Removed from the environment before sbatch copies it into the job.
 const GUARD: &str = "DASK_SPANK_REEXEC";
+/// Set by `dask-spank up --dry-run` and `dask-spank policy`: print what
+/// the submission would be and the site policy, as JSON, and submit
+/// nothing (the same planning as a submission: the output is what a
+/// submission gets).
+pub const DRY_RUN: &str = "DASK_SPANK_DRY_RUN";
+/// What a dry run reports of the job's options.
+const SHOWN: &[&str] = &[
+    "job-name",
+    "partition",
+    "account",
+    "qos",
+    "licenses",
+    "cpus-per-task",
+    "mem",
+    "mem-per-cpu",
+    "time",
+    "gres",
+    "constraint",
+    "output",
+    "chdir",
+];
 /// Largest script read for `#SBATCH` lines.
 const MAX_SCRIPT: u64 = 4 << 20;
 
@@ -133,6 +154,9 @@ pub fn maybe_reexec(cfg: Result<&Config, Box<dyn Error>>) -> Result<(), Box<dyn 
         &dask_spank_common::sys::primary_group_name(),
     )
     .map_err(user_error)?;
+    if std::env::var_os(DRY_RUN).is_some() {
+        dry_run(argv0, &p.insert, &args, req, cfg);
+    }
     if p.insert.is_empty() {
         return Ok(());
     }
@@ -145,6 +169,34 @@ pub fn maybe_reexec(cfg: Result<&Config, Box<dyn Error>>) -> Result<(), Box<dyn 
         }
     }
     run_with_defaults(argv0, &p.insert, rest, role)
+}
+
+/// Print the submission the plan makes (its command line, and the values
+/// of the job's options in force once the site's defaults are in) and the
+/// resolved site policy, as one JSON object on stdout; then end sbatch
+/// without submitting.
+fn dry_run(argv0: &[u8], insert: &[String], rest: &[String], user: Request, cfg: &Config) -> ! {
+    let mut cmdline = vec![String::from_utf8_lossy(argv0).into_owned()];
+    cmdline.extend(insert.iter().cloned());
+    cmdline.extend(rest.iter().cloned());
+    // The user's options win over the inserted ones, which come first.
+    let all: Vec<String> = insert.iter().chain(rest).cloned().collect();
+    let req = Request {
+        cmdline: parse_cmdline(&all),
+        ..user
+    };
+    let values: serde_json::Map<String, serde_json::Value> = SHOWN
+        .iter()
+        .filter_map(|k| Some((k.to_string(), req.get(k)?.into())))
+        .collect();
+    let policy: serde_json::Map<String, serde_json::Value> = cfg
+        .resolved()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.into()))
+        .collect();
+    let out = serde_json::json!({"sbatch": cmdline, "values": values, "policy": policy});
+    println!("{out}");
+    std::process::exit(0)
 }
 
 /// Run sbatch again with the site's defaults inserted after argv[0], wait

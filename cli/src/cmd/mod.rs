@@ -4,6 +4,7 @@ pub mod adapt;
 pub mod down;
 pub mod layout;
 pub mod logs;
+pub mod policy;
 pub mod ls;
 pub mod scale;
 pub mod status;

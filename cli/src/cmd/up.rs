@@ -43,6 +43,10 @@ pub struct Args {
     pub timeout: u64,
     #[arg(long)]
     pub json: bool,
+    /// Show the sbatch command lines and the job options once the site's
+    /// defaults are in (the plugin's own planning), and submit nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// The sbatch options of the scheduler job and of the worker jobs.
@@ -70,8 +74,52 @@ fn submission(u: &Args, c: &ClusterName) -> (Vec<String>, Vec<String>) {
     (sargs, wargs)
 }
 
+/// `--dry-run`: what each submission would be.
+fn dry_run(u: &Args, c: &ClusterName) -> Res {
+    let (sargs, mut wargs) = submission(u, c);
+    let workers = u.adapt.as_ref().map_or(u.workers, |_| 1).max(1);
+    wargs.push(format!("--array=1-{workers}"));
+    let sched = slurm::sbatch_dry_run(&sargs)?;
+    let work = slurm::sbatch_dry_run(&wargs)?;
+    if u.json {
+        println!(
+            "{}",
+            serde_json::json!({"scheduler": sched, "workers": work})
+        );
+        return Ok(());
+    }
+    for (what, v) in [("scheduler job", &sched), ("worker jobs", &work)] {
+        let line: Vec<String> = v["sbatch"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_str()).map(shell_word).collect())
+            .unwrap_or_default();
+        println!("{what}: {}", line.join(" "));
+        if let Some(vals) = v["values"].as_object() {
+            let shown: Vec<String> = vals
+                .iter()
+                .map(|(k, x)| format!("{k}={}", x.as_str().unwrap_or_default()))
+                .collect();
+            println!("  {}", shown.join(" "));
+        }
+    }
+    println!("nothing was submitted (dry run)");
+    Ok(())
+}
+
+/// A word as a shell would need it.
+fn shell_word(w: &str) -> String {
+    if !w.is_empty() && w.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+=:,@".contains(c)) {
+        w.to_string()
+    } else {
+        format!("'{}'", w.replace('\'', "'\\''"))
+    }
+}
+
 pub fn run(u: Args) -> Res {
     let c = parse_name(&u.name)?;
+    if u.dry_run {
+        return dry_run(&u, &c);
+    }
     let queued = squeue(Some(c.as_str()))?;
     if !queued.is_empty() {
         let ids: Vec<&str> = queued.iter().map(|q| q.label.as_str()).collect();
