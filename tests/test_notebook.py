@@ -199,3 +199,37 @@ def test_the_idle_timeout_waits_for_clients_too(policy, cluster_name):
     sb.wait_until("the scheduler to end by its idle timeout", lambda: not sb.run(
         ["squeue", "-h", "-n", f"dask-scheduler-{cluster_name}"]).stdout.strip(), 120, 1)
     assert time.monotonic() - t0 > 15, "it waited for the idle time after the client left"
+
+
+OPTIONS = """
+import os, sys
+from distributed import Client
+from dask_spank import SpankCluster
+name = sys.argv[1]
+cluster = SpankCluster(name, workers=1, wait=100, resources={"GPU": 1}, env_vars={"ANA_MODE": "a,b"},
+                       local_directory="/tmp/ana-scratch", worker_sbatch=["--comment=ana-pool"])
+client = Client(cluster)
+print("resources", client.run(lambda dask_worker: dask_worker.state.total_resources))
+print("mode", set(client.run(lambda: os.environ.get("ANA_MODE")).values()))
+print("dir", set(v.startswith("/tmp/ana-scratch") for v in client.run(lambda dask_worker: dask_worker.local_directory).values()))
+assert client.submit(lambda: 1, resources={"GPU": 1}).result(timeout=60) == 1
+client.close()
+print("jobs", " ".join(r["job"] for r in cluster.status_jobs()["workers"]))
+"""
+
+
+def test_sbatch_and_dask_worker_options_from_python_are_kept(cluster_name):
+    """From Python: a worker resource, a variable with a comma, a local
+    directory and an extra sbatch option reach the workers; the keeper's
+    replacement of a cancelled worker has them too."""
+    r = as_user_python(OPTIONS, cluster_name)
+    assert r.returncode == 0, (r.stdout, r.stderr[-3000:])
+    assert "{'GPU': 1}" in r.stdout and "mode {'a,b'}" in r.stdout and "dir {True}" in r.stdout, r.stdout
+    first = r.stdout.split("jobs", 1)[1].split()[0]
+    assert sb.scontrol_job(first)["Comment"] == "ana-pool"
+    sb.run(["scancel", first])
+    new = sb.wait_until("a replacement", lambda: next(iter(set(worker_jobs(cluster_name)) - {first}), None), 90, 1)
+    assert sb.scontrol_job(new)["Comment"] == "ana-pool", sb.scontrol_job(new)
+    env = open(f"/proc/{sb.wait_until('its worker', lambda: next((p['pid'] for p in sb.dask_processes() if f'{cluster_name}-{new}' in ' '.join(p['args'])), None), 90)}/environ", "rb").read()
+    assert b'DASK_DISTRIBUTED__WORKER__RESOURCES={"GPU": 1}' in env and b"ANA_MODE=a,b" in env
+    ds("down", cluster_name)

@@ -138,12 +138,6 @@ pub fn clean_env() -> Vec<(String, String)> {
         .collect()
 }
 
-/// Submit with sbatch; returns the job id. sbatch's (or the plugin's) own
-/// message reaches the user on failure.
-pub fn sbatch(args: &[String]) -> Result<String, String> {
-    sbatch_in(args, None)
-}
-
 /// What the plugin would submit for `args` (`DASK_SPANK_DRY_RUN`): the
 /// command line with the site's defaults in, the job's option values, and
 /// the site policy, as the plugin's JSON. Nothing is submitted.
@@ -159,14 +153,20 @@ pub fn sbatch_dry_run(args: &[String]) -> Result<serde_json::Value, String> {
         return Err(format!(
             "sbatch {} would fail: {}",
             args.join(" "),
-            err.lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join("; ")
+            err.lines()
+                .filter(|l| !l.trim().is_empty())
+                .collect::<Vec<_>>()
+                .join("; ")
         ));
     }
-    serde_json::from_str(text.trim())
-        .map_err(|e| format!("the dask-spank plugin said something else than its dry run ({e}): {text}"))
+    serde_json::from_str(text.trim()).map_err(|e| {
+        format!("the dask-spank plugin said something else than its dry run ({e}): {text}")
+    })
 }
 
-/// `sbatch` with the environment `env` (None: this process's).
+/// Submit with sbatch, with the environment `env` (None: this
+/// process's); returns the job id. sbatch's (or the plugin's) own message
+/// reaches the user on failure.
 pub fn sbatch_in(args: &[String], env: Option<&[(String, String)]>) -> Result<String, String> {
     let mut cmd = Command::new("sbatch");
     if let Some(env) = env {

@@ -117,6 +117,12 @@ impl Target {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerArgs {
     pub args: Vec<String>,
+    /// Variables for the worker jobs' environment (the dask worker options
+    /// `up` takes: resources, local directory, preloads, and the user's
+    /// `--export`), set in sbatch's environment: sbatch's own `--export`
+    /// cannot carry a value with a comma.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
     /// Who recorded them (`up`, `job 1234`).
     #[serde(default)]
     pub source: String,

@@ -108,10 +108,18 @@ def security_loader(info: dict) -> Security | None:
     return None
 
 
-#: The sizing options of a start, their `dask-spank up` flags, and their
-#: keys in dask's configuration (personal defaults, see `_defaults`).
+#: The options of a start that take one value, their `dask-spank up` flags
+#: (their keys are also those of dask's configuration: personal defaults,
+#: see `_defaults`).
 SIZING = (("worker_mem", "--worker-mem"), ("worker_cpus", "--worker-cpus"), ("worker_time", "--worker-time"),
-          ("scheduler_mem", "--scheduler-mem"))
+          ("scheduler_mem", "--scheduler-mem"), ("account", "--account"), ("qos", "--qos"),
+          ("partition", "--worker-partition"), ("scheduler_partition", "--scheduler-partition"),
+          ("constraint", "--constraint"), ("gres", "--gres"), ("local_directory", "--worker-local-directory"))
+#: The options that take several: flag, and how each item becomes its value.
+MANY = (("env_vars", "--export", lambda kv: f"{kv[0]}={kv[1]}"),
+        ("resources", "--worker-resources", lambda kv: f"{kv[0]}={kv[1]}"),
+        ("preload", "--worker-preload", str), ("worker_sbatch", "--worker-sbatch", str),
+        ("scheduler_sbatch", "--scheduler-sbatch", str))
 
 
 def _defaults() -> dict:
@@ -153,11 +161,19 @@ class SpankCluster(Cluster):
 
     def __init__(self, name: str, *, workers: int | None = None, worker_mem: str | None = None,
                  worker_cpus: int | None = None, worker_time: str | None = None,
-                 scheduler_mem: str | None = None, env: str | bool | None = None, wait: float | None = None,
+                 scheduler_mem: str | None = None, env: str | bool | None = None,
+                 account: str | None = None, qos: str | None = None, partition: str | None = None,
+                 scheduler_partition: str | None = None, constraint: str | None = None, gres: str | None = None,
+                 env_vars: dict | None = None, resources: dict | None = None, local_directory: str | None = None,
+                 preload: list | None = None, worker_sbatch: list | None = None,
+                 scheduler_sbatch: list | None = None, wait: float | None = None,
                  reuse: bool = False, timeout: float = 600, shutdown_on_close: bool | None = None,
                  asynchronous: bool = False, loop=None, quiet: bool = True):
         given = {"worker_mem": worker_mem, "worker_cpus": worker_cpus, "worker_time": worker_time,
-                 "scheduler_mem": scheduler_mem}
+                 "scheduler_mem": scheduler_mem, "account": account, "qos": qos, "partition": partition,
+                 "scheduler_partition": scheduler_partition, "constraint": constraint, "gres": gres,
+                 "env_vars": env_vars, "resources": resources, "local_directory": local_directory,
+                 "preload": preload, "worker_sbatch": worker_sbatch, "scheduler_sbatch": scheduler_sbatch}
         if workers is None:
             extra = sorted(k for k, v in given.items() if v is not None)
             if extra or env not in (None, False):
@@ -199,6 +215,10 @@ class SpankCluster(Cluster):
         for key, flag in SIZING:
             if s.get(key) is not None:
                 args += [flag, str(s[key])]
+        for key, flag, item in MANY:
+            values = s.get(key) or []
+            for v in (values.items() if isinstance(values, dict) else values):
+                args.append(f"{flag}={item(v)}")
         if s.get("env"):
             args += ["--env", str(s["env"])]
         return args

@@ -35,6 +35,44 @@ pub struct Args {
     /// venv or conda prefix whose python has distributed (--dask-env).
     #[arg(long)]
     pub env: Option<String>,
+    /// Account of both jobs (--account), where the site lets you choose.
+    #[arg(long)]
+    pub account: Option<String>,
+    /// QOS of both jobs (--qos).
+    #[arg(long)]
+    pub qos: Option<String>,
+    /// Partition of the worker jobs (--partition), where the site lets you choose.
+    #[arg(long)]
+    pub worker_partition: Option<String>,
+    /// Partition of the scheduler job.
+    #[arg(long)]
+    pub scheduler_partition: Option<String>,
+    /// Node features the worker jobs need (--constraint).
+    #[arg(long)]
+    pub constraint: Option<String>,
+    /// Generic resources of each worker job (--gres), e.g. gpu:1.
+    #[arg(long)]
+    pub gres: Option<String>,
+    /// A variable for both jobs' environment, VAR=VALUE (repeatable).
+    #[arg(long, value_name = "VAR=VALUE")]
+    pub export: Vec<String>,
+    /// A dask worker resource, NAME=AMOUNT (repeatable), e.g. GPU=1: tasks
+    /// submitted with resources={"GPU": 1} run only there.
+    #[arg(long, value_name = "NAME=AMOUNT")]
+    pub worker_resources: Vec<String>,
+    /// Where workers spill and keep their scratch files.
+    #[arg(long, value_name = "DIR")]
+    pub worker_local_directory: Option<String>,
+    /// A module or script each worker preloads (repeatable).
+    #[arg(long, value_name = "MODULE")]
+    pub worker_preload: Vec<String>,
+    /// Any other sbatch option for the worker jobs (repeatable), e.g.
+    /// --worker-sbatch=--reservation=ana.
+    #[arg(long, value_name = "OPTION", allow_hyphen_values = true)]
+    pub worker_sbatch: Vec<String>,
+    /// Any other sbatch option for the scheduler job (repeatable).
+    #[arg(long, value_name = "OPTION", allow_hyphen_values = true)]
+    pub scheduler_sbatch: Vec<String>,
     /// Wait until this percentage of worker jobs is connected.
     #[arg(long, value_name = "PERCENT")]
     pub wait: Option<f64>,
@@ -51,27 +89,84 @@ pub struct Args {
 
 /// The sbatch options of the scheduler job and of the worker jobs.
 fn submission(u: &Args, c: &ClusterName) -> (Vec<String>, Vec<String>) {
+    let opt = |flag: &str, v: &Option<String>| v.as_ref().map(|v| format!("--{flag}={v}"));
     let mut common = vec![format!("--dask-cluster={c}")];
-    if let Some(e) = &u.env {
-        common.push(format!("--dask-env={e}"));
-    }
+    common.extend(opt("dask-env", &u.env));
+    common.extend(opt("account", &u.account));
+    common.extend(opt("qos", &u.qos));
     let mut sargs = vec!["--dask-role=scheduler".to_string()];
     sargs.extend(common.clone());
-    if let Some(m) = &u.scheduler_mem {
-        sargs.push(format!("--mem={m}"));
-    }
+    sargs.extend(opt("mem", &u.scheduler_mem));
+    sargs.extend(opt("partition", &u.scheduler_partition));
+    sargs.extend(u.scheduler_sbatch.iter().cloned());
     let mut wargs = vec!["--dask-role=worker".to_string()];
     wargs.extend(common);
-    if let Some(m) = &u.worker_mem {
-        wargs.push(format!("--mem={m}"));
-    }
-    if let Some(n) = u.worker_cpus {
-        wargs.push(format!("--cpus-per-task={n}"));
-    }
-    if let Some(t) = &u.worker_time {
-        wargs.push(format!("--time={t}"));
-    }
+    wargs.extend(opt("mem", &u.worker_mem));
+    wargs.extend(u.worker_cpus.map(|n| format!("--cpus-per-task={n}")));
+    wargs.extend(opt("time", &u.worker_time));
+    wargs.extend(opt("partition", &u.worker_partition));
+    wargs.extend(opt("constraint", &u.constraint));
+    wargs.extend(opt("gres", &u.gres));
+    wargs.extend(u.worker_sbatch.iter().cloned());
     (sargs, wargs)
+}
+
+/// The worker jobs' environment: the user's `--export` variables and the
+/// dask worker options, as dask's configuration variables (dask reads
+/// them; the agent starts dask with the job's environment).
+pub fn worker_env(
+    export: &[String],
+    resources: &[String],
+    local_directory: Option<&str>,
+    preload: &[String],
+) -> Result<Vec<(String, String)>, String> {
+    let mut env = exported(export)?;
+    let mut named = Vec::new();
+    for r in resources {
+        let (name, amount) = r
+            .split_once('=')
+            .filter(|(n, a)| {
+                !n.is_empty()
+                    && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    && a.parse::<f64>().is_ok()
+            })
+            .ok_or_else(|| format!("--worker-resources={r}: must be NAME=AMOUNT, e.g. GPU=1"))?;
+        named.push(format!("{name:?}: {amount}"));
+    }
+    // One variable holding the whole mapping: dask lowercases the keys of
+    // nested variables (…__RESOURCES__GPU would be "gpu"), not a value's.
+    if !named.is_empty() {
+        env.push((
+            "DASK_DISTRIBUTED__WORKER__RESOURCES".into(),
+            format!("{{{}}}", named.join(", ")),
+        ));
+    }
+    if let Some(d) = local_directory {
+        env.push(("DASK_TEMPORARY_DIRECTORY".into(), d.to_string()));
+    }
+    if !preload.is_empty() {
+        let list: Vec<String> = preload.iter().map(|p| format!("{p:?}")).collect();
+        env.push((
+            "DASK_DISTRIBUTED__WORKER__PRELOAD".into(),
+            format!("[{}]", list.join(", ")),
+        ));
+    }
+    Ok(env)
+}
+
+/// The `--export VAR=VALUE` variables.
+pub fn exported(export: &[String]) -> Result<Vec<(String, String)>, String> {
+    export
+        .iter()
+        .map(|e| {
+            e.split_once('=')
+                .filter(|(k, _)| {
+                    !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                })
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| format!("--export={e}: must be VAR=VALUE"))
+        })
+        .collect()
 }
 
 /// `--dry-run`: what each submission would be.
@@ -79,6 +174,12 @@ fn dry_run(u: &Args, c: &ClusterName) -> Res {
     let (sargs, mut wargs) = submission(u, c);
     let workers = u.adapt.as_ref().map_or(u.workers, |_| 1).max(1);
     wargs.push(format!("--array=1-{workers}"));
+    worker_env(
+        &u.export,
+        &u.worker_resources,
+        u.worker_local_directory.as_deref(),
+        &u.worker_preload,
+    )?;
     let sched = slurm::sbatch_dry_run(&sargs)?;
     let work = slurm::sbatch_dry_run(&wargs)?;
     if u.json {
@@ -91,7 +192,12 @@ fn dry_run(u: &Args, c: &ClusterName) -> Res {
     for (what, v) in [("scheduler job", &sched), ("worker jobs", &work)] {
         let line: Vec<String> = v["sbatch"]
             .as_array()
-            .map(|a| a.iter().filter_map(|x| x.as_str()).map(shell_word).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str())
+                    .map(shell_word)
+                    .collect()
+            })
             .unwrap_or_default();
         println!("{what}: {}", line.join(" "));
         if let Some(vals) = v["values"].as_object() {
@@ -108,7 +214,10 @@ fn dry_run(u: &Args, c: &ClusterName) -> Res {
 
 /// A word as a shell would need it.
 fn shell_word(w: &str) -> String {
-    if !w.is_empty() && w.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+=:,@".contains(c)) {
+    if !w.is_empty()
+        && w.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+=:,@".contains(c))
+    {
         w.to_string()
     } else {
         format!("'{}'", w.replace('\'', "'\\''"))
@@ -140,16 +249,27 @@ pub fn run(u: Args) -> Res {
     };
     // Before the jobs: the keeper of the scheduler job reads it.
     let (sargs, wargs) = submission(&u, &c);
+    let wenv = worker_env(
+        &u.export,
+        &u.worker_resources,
+        u.worker_local_directory.as_deref(),
+        &u.worker_preload,
+    )?;
+    let senv = exported(&u.export)?;
     let _ = dir.write_worker_args(&WorkerArgs {
         args: wargs.clone(),
+        env: wenv.clone(),
         source: "up".into(),
     });
     crate::target::record(&dir, &target)?;
-    let sched = slurm::sbatch(&sargs)?;
+    let with = |extra: &[(String, String)]| -> Vec<(String, String)> {
+        std::env::vars().chain(extra.iter().cloned()).collect()
+    };
+    let sched = slurm::sbatch_in(&sargs, Some(&with(&senv)))?;
     let workers = if first > 0 {
-        let mut a = wargs.clone();
-        a.push(format!("--array=1-{first}"));
-        match slurm::sbatch(&a) {
+        let mut a = vec![format!("--array=1-{first}")];
+        a.extend(wargs.iter().cloned());
+        match slurm::sbatch_in(&a, Some(&with(&wenv))) {
             Ok(id) => Some(id),
             // Over a queue limit: the scheduler job's keeper submits what
             // the limit allows, and the rest when it allows.
@@ -193,5 +313,43 @@ pub fn run(u: Args) -> Res {
         }),
 
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dask_worker_options_become_dasks_configuration_variables() {
+        let env = worker_env(
+            &["FOO=a,b".into()],
+            &["GPU=1".into(), "MEM=2e9".into()],
+            Some("/scratch/u"),
+            &["mymod".into(), "/p/s.py".into()],
+        )
+        .unwrap();
+        assert_eq!(
+            env,
+            [
+                ("FOO", "a,b"),
+                (
+                    "DASK_DISTRIBUTED__WORKER__RESOURCES",
+                    "{\"GPU\": 1, \"MEM\": 2e9}"
+                ),
+                ("DASK_TEMPORARY_DIRECTORY", "/scratch/u"),
+                (
+                    "DASK_DISTRIBUTED__WORKER__PRELOAD",
+                    "[\"mymod\", \"/p/s.py\"]"
+                ),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+        assert!(worker_env(&[], &["GPU".into()], None, &[])
+            .unwrap_err()
+            .contains("--worker-resources=GPU: must be NAME=AMOUNT"));
+        assert!(worker_env(&["=x".into()], &[], None, &[])
+            .unwrap_err()
+            .contains("--export==x"));
     }
 }

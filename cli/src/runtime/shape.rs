@@ -72,6 +72,7 @@ pub fn record_if_first(dir: &ClusterDir, cluster: &ClusterName, job_id: u32) {
     let args = args_of(&text, cluster, env.as_deref());
     let _ = dir.write_worker_args(&WorkerArgs {
         args,
+        env: vec![],
         source: format!("job {job_id}"),
     });
 }

@@ -21,7 +21,7 @@ pub mod helper;
 
 use crate::slurm;
 use dask_spank_common::paths::{layout, vars, TlsFiles};
-use dask_spank_common::records::{now, ClusterDir, Connected, KeeperStatus, Target};
+use dask_spank_common::records::{now, ClusterDir, Connected, KeeperStatus, Target, WorkerArgs};
 use dask_spank_common::ClusterName;
 use decide::{Backoff, QueueState, Rules, Step, WorkerJob};
 use helper::{Event, Helper, SchedulerView};
@@ -284,25 +284,26 @@ impl Keeper {
 
     /// Submit `k` worker jobs, halving a refused batch (see `decide::batches`).
     async fn grow(&mut self, k: u32, why: String) {
-        let base: Vec<String> = self
-            .dir
-            .worker_args()
-            .map(|w| w.args)
-            .unwrap_or_else(|| {
-                vec![
-                    "--dask-role=worker".into(),
-                    format!("--dask-cluster={}", self.cluster),
-                ]
-            })
+        let shape = self.dir.worker_args().unwrap_or_else(|| WorkerArgs {
+            args: vec![
+                "--dask-role=worker".into(),
+                format!("--dask-cluster={}", self.cluster),
+            ],
+            ..Default::default()
+        });
+        let base: Vec<String> = shape
+            .args
             .into_iter()
             .filter(|a| !a.starts_with("--array"))
             .collect();
+        let mut env = slurm::clean_env();
+        env.extend(shape.env);
         let (mut got, mut err) = (0, String::new());
         for n in decide::batches(k) {
             // First: options after a job script would be the script's.
             let mut args = vec![format!("--array=1-{n}")];
             args.extend(base.iter().cloned());
-            let env = slurm::clean_env();
+            let env = env.clone();
             match tokio::task::spawn_blocking(move || slurm::sbatch_in(&args, Some(&env))).await {
                 Ok(Ok(id)) => {
                     let s = if n > 1 { "s" } else { "" };
