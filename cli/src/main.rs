@@ -25,7 +25,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    Up(cmd::up::Args),
+    Up(Box<cmd::up::Args>),
     Ls(cmd::ls::Args),
     Status(cmd::status::Args),
     Wait(cmd::wait::Args),
@@ -59,7 +59,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
-        Cmd::Up(a) => cmd::up::run(a),
+        Cmd::Up(a) => cmd::up::run(*a),
         Cmd::Ls(a) => cmd::ls::run(a),
         Cmd::Status(a) => cmd::status::run(a),
         Cmd::Wait(a) => cmd::wait::run(a),
