@@ -98,7 +98,10 @@ def test_node_loss_mid_computation(cluster_name):
     # connections (see sb.scheduler_dropped).
     n2 = {w["job"]: w["state"] for w in st["workers"] if w["job"].startswith(f"{w2}_")}
     assert n2 == {f"{w2}_1": "connected", f"{w2}_2": "connected"}, st["workers"]
-    assert not sb.scheduler_dropped(name, t0)
+    # (n3's own workers may say their connection broke: the agent of n3
+    # stopped them as their job scripts died, a moment before the power cut
+    # reached them; only the n2 workers' connections must have held.)
+    assert not [log for log in sb.scheduler_dropped(name, t0) if log.startswith(f"dask-worker-{w2}_")]
     sb.as_user(["dask-spank", "down", name])
 
 

@@ -15,6 +15,26 @@ pub fn dask_args(args: &[String]) -> &[String] {
     args.get(LEAD_ARGS..).unwrap_or_default()
 }
 
+/// Where an exec'd dask command finds its scheduler file: the boot puts
+/// `--scheduler-file PATH` back into its arguments (python/dask_spank/boot.py).
+pub const SCHEDULER_FILE_VAR: &str = "DASK_SPANK_SCHEDULER_FILE";
+
+/// The arguments an exec'd dask command is started with: its scheduler
+/// file (the longest word, a path in the user's home) moves to the
+/// environment, so that `ps` shows a short line whatever the path; the
+/// job's log shows the whole command (`args`).
+pub fn exec_form(args: &[String]) -> (Vec<String>, Option<(String, String)>) {
+    let Some(i) = args.iter().position(|a| a == "--scheduler-file") else {
+        return (args.to_vec(), None);
+    };
+    let Some(path) = args.get(i + 1) else {
+        return (args.to_vec(), None);
+    };
+    let mut short = args[..i].to_vec();
+    short.extend_from_slice(&args[i + 2..]);
+    (short, Some((SCHEDULER_FILE_VAR.to_string(), path.clone())))
+}
+
 /// The environment the boot needs (for a dask command, not a stub).
 pub fn boot_env() -> (&'static str, &'static str) {
     python_boot::DASK.env()
@@ -254,6 +274,23 @@ mod tests {
             boot.contains(&format!("\nRESTART_EXIT = {RESTART_EXIT}\n")),
             "python/dask_spank/boot.py must set RESTART_EXIT = {RESTART_EXIT}"
         );
+    }
+
+    #[test]
+    fn an_execd_command_finds_its_scheduler_file_in_the_environment() {
+        let args: Vec<String> = ["-c", "x", "dask-worker", "--scheduler-file", "/h/s.json", "--name", "a"]
+            .map(String::from)
+            .to_vec();
+        let (short, env) = exec_form(&args);
+        assert_eq!(short, ["-c", "x", "dask-worker", "--name", "a"]);
+        assert_eq!(
+            env,
+            Some((SCHEDULER_FILE_VAR.to_string(), "/h/s.json".to_string()))
+        );
+        let boot = include_str!("../../python/dask_spank/boot.py");
+        assert!(boot.contains(&format!("os.environ.pop(\"{SCHEDULER_FILE_VAR}\"")));
+        let stub = ["sleep".to_string()];
+        assert_eq!(exec_form(&stub), (stub.to_vec(), None));
     }
 
     #[test]

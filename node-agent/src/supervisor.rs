@@ -10,7 +10,8 @@
 
 use crate::child::Child;
 use crate::dask_cmd::{
-    boot_env, command, dask_args, lifetime, tls_env, DaskSettings, Limits, RESTART_EXIT,
+    boot_env, command, dask_args, exec_form, lifetime, tls_env, DaskSettings, Limits,
+    RESTART_EXIT,
 };
 use crate::forkserver::ForkServer;
 use crate::jobenv::JobEnv;
@@ -175,7 +176,17 @@ async fn start<'s>(
     server: &'s mut Option<Server>,
 ) -> Result<Proc<'s>, SpawnError> {
     if !forked(run) {
-        return spawn(req).await.map(Proc::Exec);
+        let (args, sched_file) = exec_form(req.args);
+        let mut env = req.extra_env.to_vec();
+        if let Some((k, v)) = &sched_file {
+            env.push((k, v));
+        }
+        let short = SpawnRequest {
+            args: &args,
+            extra_env: &env,
+            ..*req
+        };
+        return spawn(&short).await.map(Proc::Exec);
     }
     if server.as_ref().is_some_and(|s| !s.server.alive()) {
         run.log.line("the fork server died: starting a new one");

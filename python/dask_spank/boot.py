@@ -165,6 +165,7 @@ def run_module():
     patch distributed, then run the command's module
     (distributed.cli.dask_worker) exactly as `python -m` does, its errors
     (a missing distributed) included."""
+    import os
     import runpy
     import sys
 
@@ -173,6 +174,11 @@ def run_module():
     mark_restarts()
     idle_counts_clients()
     name = sys.argv.pop(1)
+    # The agent passes the scheduler file in the environment (a short
+    # command line for ps, whatever the path): back among the arguments.
+    scheduler_file = os.environ.pop("DASK_SPANK_SCHEDULER_FILE", None)
+    if scheduler_file:
+        sys.argv[1:1] = ["--scheduler-file", scheduler_file]
     say_python(name)
     try:
         runpy._run_module_as_main(COMMANDS.get(name, name), alter_argv=True)
