@@ -146,6 +146,7 @@ def dask_processes(uid: int | None = None) -> list[dict]:
             continue
         try:
             cmd = (d / "cmdline").read_bytes().split(b"\0")
+            environ = (d / "environ").read_bytes().split(b"\0")
             # A process may name itself in bytes that are not UTF-8.
             status = (d / "status").read_bytes().decode(errors="replace")
         except OSError:
@@ -172,9 +173,19 @@ def dask_processes(uid: int | None = None) -> list[dict]:
         }
         if "--name" in args:
             p["name"] = args[args.index("--name") + 1]
+        # Its cluster, from its job's environment (the plugin sets it; the
+        # command line names no path since the scheduler file moved to the
+        # environment).
+        cluster = next((e[len(b"DASK_SPANK_CLUSTER="):] for e in environ if e.startswith(b"DASK_SPANK_CLUSTER=")), b"")
+        p["cluster"] = cluster.decode(errors="replace")
         if uid is None or p["uid"][0] == uid:
             procs.append(p)
     return procs
+
+
+def cluster_processes(cluster: str) -> list[dict]:
+    """The live dask processes of one cluster (dask_processes)."""
+    return [p for p in dask_processes() if p["cluster"] == cluster]
 
 
 def cancel_all_user_jobs(timeout: float = 60.0) -> None:

@@ -67,8 +67,7 @@ def test_up_wait_status_ls_logs_down(cluster_name):
     left = sorted(p.name for p in sb.cluster_dir(name).iterdir())
     assert not {"target.json", "keeper.json", "state.json", "scheduler.json", "jobs"} & set(left), left
     assert not sb.run(["squeue", "-h", "-n", f"dask-worker-{name},dask-scheduler-{name}"]).stdout.strip()
-    sb.wait_until("no dask process of the cluster", lambda: not [
-        p for p in sb.dask_processes() if f"/clusters/{name}/" in " ".join(p["args"])], 20)
+    sb.wait_until("no dask process of the cluster", lambda: not sb.cluster_processes(name), 20)
 
 
 def test_wait_percent_returns_at_half_and_not_earlier(cluster_name):

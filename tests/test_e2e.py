@@ -65,7 +65,7 @@ def test_cluster_runs_as_the_user_logs_in_log_dir_and_computes(cluster_name):
     assert slurm_calls() - calls == 3
     u = sb.user()
     groups = sorted(os.getgrouplist(u.pw_name, u.pw_gid))
-    procs = [p for p in sb.dask_processes() if f"/clusters/{cluster_name}/" in " ".join(p["args"])]
+    procs = sb.cluster_processes(cluster_name)
     assert sorted(p["role"] for p in procs) == ["scheduler", "worker", "worker"]
     for p in procs:
         assert p["uid"] == [u.pw_uid] * 4, p
@@ -127,7 +127,7 @@ def test_sigkilled_worker_comes_back_and_reconnects(cluster_name):
 def test_scancel_of_the_cluster_leaves_no_dask_process(cluster_name):
     sched, arr, c = start_cluster(cluster_name, 3)
     c.close()
-    mine = lambda: [p for p in sb.dask_processes() if f"/clusters/{cluster_name}/" in " ".join(p["args"])]
+    mine = lambda: sb.cluster_processes(cluster_name)
     assert len(mine()) == 4
 
     # One worker job first: its process must go, the rest must stay.
@@ -234,7 +234,7 @@ def test_job_fails_with_a_clear_message_when_the_agent_is_down(cluster_name):
         assert "dask-spank: no dask-spank node agent on n1" in log, log
         assert "resubmit the job" in log
         assert sb.job_state(job) == "FAILED"
-        assert not [p for p in sb.dask_processes() if f"/clusters/{cluster_name}/" in " ".join(p["args"])]
+        assert not sb.cluster_processes(cluster_name)
     finally:
         no_check.unlink()
         sb.sandbox("up")  # restarts the agent

@@ -158,7 +158,7 @@ def test_2_root_never_reads_a_scheduler_file_trap(policy, trap, cluster_name):
         sb.run(["scancel", job])
         sb.wait_job_gone(job)
     w.check()
-    assert not [p for p in sb.dask_processes() if f"/clusters/{name}/" in " ".join(p["args"])]
+    assert not sb.cluster_processes(name)
 
 
 def test_3_a_forged_attach_cannot_raise_the_jobs_limits(policy, cluster_name):
@@ -178,7 +178,7 @@ exec python3 {proto} attach "$DASK_SPANK_AGENT_SOCKET" "$SLURM_JOB_ID" \\
     sb.forget_cluster(cluster_name)
     job = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster_name}", "-o", "log/hostile-%j.log", str(s))
     sb.wait_scheduler_file(cluster_name, timeout=60)
-    [sched] = [p for p in sb.dask_processes() if f"/clusters/{cluster_name}/" in " ".join(p["args"])]
+    [sched] = sb.cluster_processes(cluster_name)
     job_limits = (sb.WORK / f"limits-{job}.txt").read_text()
     dask_limits = open(f"/proc/{sched['pid']}/limits").read()
     assert "Max open files            3000                 4000" in dask_limits, dask_limits
@@ -222,7 +222,7 @@ def test_4_text_fields_and_the_environment_cannot_fake_job_facts(cluster_name):
     # The name comes from the uid, not from the job's environment.
     ended = {j["job_id"]: j for j in sb.agent_status(as_root=True)}
     assert ended[int(big)]["user"] == sb.TEST_USER
-    assert not [p for p in sb.dask_processes() if f"/clusters/{cluster_name}/" in " ".join(p["args"])]
+    assert not sb.cluster_processes(cluster_name)
 
 
 def cgroups_of(pid: int) -> dict[str, str]:

@@ -15,7 +15,7 @@ import sandboxlib as sb
 
 
 def mine(cluster: str) -> list[dict]:
-    return [p for p in sb.dask_processes() if f"/clusters/{cluster}/" in " ".join(p["args"])]
+    return sb.cluster_processes(cluster)
 
 
 def start(cluster: str, workers: int, *extra: str, worker_args=(), env=None):

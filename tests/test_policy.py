@@ -174,7 +174,7 @@ def test_bypass_is_refused_on_the_node(key, role, field, default, bad, submit_ms
     log = (sb.WORK / "log" / f"bypass-{job}.log").read_text()
     assert f"refused by the site policy before any dask process started: {node_msg}" in log, log
     assert "started, pid" not in log
-    assert not [p for p in sb.dask_processes() if f"/clusters/{cluster}/" in " ".join(p["args"])]
+    assert not sb.cluster_processes(cluster)
 
 
 def test_max_worker_jobs_idle_timeout_and_log_dir(policy):
@@ -201,7 +201,7 @@ def test_max_worker_jobs_idle_timeout_and_log_dir(policy):
     assert 10 < elapsed < 75, elapsed
     slog = (sb.WORK / "dask-logs" / f"dask-scheduler-{sched}.log").read_text()
     assert "Scheduler closing after being idle for 15" in slog, slog
-    assert not [p for p in sb.dask_processes() if f"/clusters/{cluster}/" in " ".join(p["args"])]
+    assert not sb.cluster_processes(cluster)
 
 
 def test_bad_configuration_is_loud_and_fails_only_dask_jobs(policy):

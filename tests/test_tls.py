@@ -137,8 +137,7 @@ def test_the_notebook_flow(cluster_name):
     assert "closed" in r.stdout
     # close() took the cluster down: no job, no process.
     assert not sb.run(["squeue", "-h", "-n", f"dask-scheduler-{cluster_name},dask-worker-{cluster_name}"]).stdout.strip()
-    sb.wait_until("no dask process of the cluster", lambda: not [
-        p for p in sb.dask_processes() if f"/clusters/{cluster_name}/" in " ".join(p["args"])], 15)
+    sb.wait_until("no dask process of the cluster", lambda: not sb.cluster_processes(cluster_name), 15)
 
 
 def test_python_reads_the_layout_the_cli_defines(cluster_name):
