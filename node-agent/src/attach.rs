@@ -22,6 +22,7 @@ use crate::jobs::StopRx;
 use crate::rlimits::{self, Rlimit};
 use crate::supervisor::{self, Adoption, Context, JobRun, Notice, Outcome};
 use crate::userio;
+use crate::wire::UserConn;
 use crate::{cgroup, fdcheck, procfs, wire};
 use dask_spank_common::messages::Attach;
 use dask_spank_common::{JobSpec, JobState, Request, Response};
@@ -117,7 +118,7 @@ fn valid_address(a: &str) -> bool {
 }
 
 pub async fn run(
-    mut s: UnixStream,
+    mut s: UserConn,
     agent: Arc<Agent>,
     a: Attach,
     peer: Peer,
@@ -224,7 +225,7 @@ async fn receive_fds(
 }
 
 async fn refused(
-    mut s: UnixStream,
+    mut s: UserConn,
     agent: &Agent,
     job: &JobHandle,
     log: &JobLog,
@@ -259,7 +260,7 @@ struct Accepted {
     adopt: Option<Adoption>,
 }
 
-async fn supervise(mut s: UnixStream, agent: Arc<Agent>, acc: Accepted) -> Result<(), String> {
+async fn supervise(mut s: UserConn, agent: Arc<Agent>, acc: Accepted) -> Result<(), String> {
     let Accepted {
         a,
         spec,
@@ -300,6 +301,8 @@ async fn supervise(mut s: UnixStream, agent: Arc<Agent>, acc: Accepted) -> Resul
     };
     let mut task = agent.tasks.spawn(supervisor::run(ctx, run, stop));
     let mut open = true;
+    // Keeps a frame read in part while a notice is told (cancel safe).
+    let mut frames = wire::FrameReader::new(s.uid());
     let outcome = loop {
         tokio::select! {
             res = &mut task => break res.unwrap_or_else(|e| Outcome { exit_code: 1, reason: format!("the supervisor failed: {e}") }),
@@ -308,7 +311,7 @@ async fn supervise(mut s: UnixStream, agent: Arc<Agent>, acc: Accepted) -> Resul
                     tracing::debug!(job = job_id, "cannot tell the job's attach process: {e}");
                 }
             }
-            msg = wire::read::<Request, _>(&mut s, MAX_REQUEST), if open => match msg {
+            msg = frames.next::<Request>(&s, MAX_REQUEST), if open => match msg {
                 Ok(Request::SchedulerAddress { address }) if valid_address(&address) => {
                     addr_tx.send_replace(Some(address));
                 }

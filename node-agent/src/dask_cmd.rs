@@ -278,9 +278,17 @@ mod tests {
 
     #[test]
     fn an_execd_command_finds_its_scheduler_file_in_the_environment() {
-        let args: Vec<String> = ["-c", "x", "dask-worker", "--scheduler-file", "/h/s.json", "--name", "a"]
-            .map(String::from)
-            .to_vec();
+        let args: Vec<String> = [
+            "-c",
+            "x",
+            "dask-worker",
+            "--scheduler-file",
+            "/h/s.json",
+            "--name",
+            "a",
+        ]
+        .map(String::from)
+        .to_vec();
         let (short, env) = exec_form(&args);
         assert_eq!(short, ["-c", "x", "dask-worker", "--name", "a"]);
         assert_eq!(

@@ -94,6 +94,15 @@ pub fn judge_log(link: &str, mount: Option<&Mount>, same_userns: bool) -> Result
             "the job's output {link} is on a file system that is not mounted where the job runs: {FIX}"
         ));
     };
+    // A user's own namespace may stack anything (an overlay) over a FUSE
+    // daemon of theirs: nothing seen from there is the site's.
+    if !same_userns {
+        return Err(format!(
+            "the job's output {link} is seen from a user namespace of the job's own ({} at {}): \
+             the root node agent does not write where a user's file system can make it wait forever; {FIX}",
+            m.fstype, m.mount_point
+        ));
+    }
     if is_fuse(&m.fstype) && !(fuse_owner(&m.super_options) == Some(0) && same_userns) {
         let owner = fuse_owner(&m.super_options)
             .map(|u| format!(", user_id={u}"))
@@ -196,8 +205,11 @@ mod tests {
             e.contains("/work/mnt/log") && e.contains("fuse.hangfs at /work/mnt, user_id=1000"),
             "{e}"
         );
-        // Root's FUSE, but seen from another user namespace: the user's.
+        // Root's FUSE, or anything, seen from another user namespace: the user's.
         assert!(judge_log("/cvmfs/sw/x", Some(&m[3]), false).is_err());
+        assert!(judge_log("/home/u/x", Some(&m[1]), false)
+            .unwrap_err()
+            .contains("user namespace"));
         assert!(judge_log("/x", None, true)
             .unwrap_err()
             .contains("not mounted"));

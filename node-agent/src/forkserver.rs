@@ -20,6 +20,8 @@ use crate::child::Child;
 use crate::procfs::{self, ProcId};
 use crate::python_boot::FORKSERVER;
 use crate::spawn::{spawn, SpawnError, SpawnRequest};
+use crate::userio::UserFd;
+use crate::wire::Guarded;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::io;
@@ -87,12 +89,51 @@ pub struct ForkServer {
     uid: u32,
     /// Exit reports of the workers it forked for us.
     exits: Exits,
-    rx: BufReader<OwnedReadHalf>,
+    conn: ServerConn,
     /// A line read in part by a `wait` that was cancelled (in a select).
     partial: Vec<u8>,
-    tx: OwnedWriteHalf,
     /// The server closed its end (it died).
     gone: bool,
+}
+
+/// The control socket: read with `wire::Guarded` (the server, user code,
+/// may attach descriptors to its lines) and closed off the event loop
+/// (its queue may hold such descriptors): see `wire`.
+struct ServerConn {
+    rx: Option<BufReader<Guarded<OwnedReadHalf>>>,
+    tx: Option<OwnedWriteHalf>,
+    uid: u32,
+}
+
+impl ServerConn {
+    fn new(sock: UnixStream, uid: u32) -> ServerConn {
+        let (rx, tx) = sock.into_split();
+        ServerConn {
+            rx: Some(BufReader::new(Guarded::new(rx, uid))),
+            tx: Some(tx),
+            uid,
+        }
+    }
+
+    fn rx(&mut self) -> io::Result<&mut BufReader<Guarded<OwnedReadHalf>>> {
+        self.rx.as_mut().ok_or_else(died)
+    }
+
+    fn tx(&mut self) -> io::Result<&mut OwnedWriteHalf> {
+        self.tx.as_mut().ok_or_else(died)
+    }
+}
+
+impl Drop for ServerConn {
+    fn drop(&mut self) {
+        if let (Some(rx), Some(tx)) = (self.rx.take(), self.tx.take()) {
+            if let Ok(s) = rx.into_inner().into_inner().reunite(tx) {
+                if let Ok(std) = s.into_std() {
+                    drop(UserFd::new(OwnedFd::from(std), self.uid));
+                }
+            }
+        }
+    }
 }
 
 fn died() -> io::Error {
@@ -126,14 +167,13 @@ impl ForkServer {
         })
         .await?;
         drop(theirs);
-        let (rx, tx) = UnixStream::from_std(ours)?.into_split();
+        let uid = req.identity.uid;
         Ok(ForkServer {
             child,
-            uid: req.identity.uid,
+            uid,
             exits: Exits::default(),
-            rx: BufReader::new(rx),
+            conn: ServerConn::new(UnixStream::from_std(ours)?, uid),
             partial: Vec::new(),
-            tx,
             gone: false,
         })
     }
@@ -150,16 +190,14 @@ impl ForkServer {
         let child = Child::adopt(server, uid)?;
         let sock = std::os::unix::net::UnixStream::from(control);
         sock.set_nonblocking(true)?;
-        let (rx, tx) = UnixStream::from_std(sock)?.into_split();
         let mut exits = Exits::default();
         exits.forked(worker);
         Ok(ForkServer {
             child,
             uid,
             exits,
-            rx: BufReader::new(rx),
+            conn: ServerConn::new(UnixStream::from_std(sock)?, uid),
             partial: Vec::new(),
-            tx,
             gone: false,
         })
     }
@@ -169,7 +207,8 @@ impl ForkServer {
     /// not close the socket, and the server keeps its workers.
     pub fn control_fd(&self) -> io::Result<OwnedFd> {
         use std::os::fd::AsFd;
-        self.tx.as_ref().as_fd().try_clone_to_owned()
+        let tx = self.conn.tx.as_ref().ok_or_else(died)?;
+        tx.as_ref().as_fd().try_clone_to_owned()
     }
 
     /// The server's pid (its process group and session id too).
@@ -193,10 +232,10 @@ impl ForkServer {
         }
         // Cancel safe: what a cancelled call read stays in `partial`.
         let room = (MAX_LINE + 1).saturating_sub(self.partial.len()) as u64;
-        let read = (&mut self.rx)
-            .take(room)
-            .read_until(b'\n', &mut self.partial)
-            .await;
+        let read = match self.conn.rx() {
+            Ok(rx) => rx.take(room).read_until(b'\n', &mut self.partial).await,
+            Err(e) => Err(e),
+        };
         if !matches!(self.partial.last(), Some(b'\n')) {
             // EOF, a reset when it died with our request unread, or a line
             // longer than any message.
@@ -226,7 +265,7 @@ impl ForkServer {
     pub async fn fork(&mut self, args: &[String]) -> io::Result<ProcId> {
         let mut line = serde_json::to_vec(&serde_json::json!({ "args": args }))?;
         line.push(b'\n');
-        self.tx.write_all(&line).await.map_err(|_| died())?;
+        self.conn.tx()?.write_all(&line).await.map_err(|_| died())?;
         let wait = async {
             loop {
                 match self.next_event().await? {

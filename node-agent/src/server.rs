@@ -14,6 +14,7 @@ use crate::agent::Agent;
 use crate::conn::{encode, refuse, reply, write_frame, MAX_HELLO, MAX_REQUEST, OPEN_TIMEOUT};
 use crate::connlimit::{ConnLimits, Permit};
 use crate::joblog::escape;
+use crate::wire::UserConn;
 use crate::{attach, handlers, wire};
 use dask_spank_common::frame::MAX_FRAME;
 use dask_spank_common::messages::Hello;
@@ -70,6 +71,8 @@ pub async fn serve(listener: UnixListener, agent: Arc<Agent>) {
                 {
                     let _ = stream.try_write(&frame);
                 }
+                // Whatever it queued goes off the loop (see `wire`).
+                drop(wire::UserConn::new(stream, peer.uid));
             }
         }
     }
@@ -77,7 +80,7 @@ pub async fn serve(listener: UnixListener, agent: Arc<Agent>) {
 
 /// Handshake, then the first request, capped by who the peer is.
 async fn open(s: &mut UnixStream, peer: &Peer, agent: &Agent) -> Result<Request, String> {
-    let hello: Hello = wire::read(s, MAX_HELLO)
+    let hello: Hello = wire::read(s, peer.uid, MAX_HELLO)
         .await
         .map_err(|e| format!("bad handshake from {peer}: {e}"))?;
     if hello.version != PROTOCOL_VERSION {
@@ -98,17 +101,19 @@ async fn open(s: &mut UnixStream, peer: &Peer, agent: &Agent) -> Result<Request,
     } else {
         MAX_REQUEST
     };
-    wire::read(s, max)
+    wire::read(s, peer.uid, max)
         .await
         .map_err(|e| format!("bad request from {peer}: {e}"))
 }
 
 pub async fn handle(
-    mut s: UnixStream,
+    s: UnixStream,
     peer: Peer,
     permit: Permit,
     agent: Arc<Agent>,
 ) -> Result<(), String> {
+    // Closed off the event loop whatever the path out (see `wire`).
+    let mut s = UserConn::new(s, peer.uid);
     let opened = tokio::select! {
         r = tokio::time::timeout(OPEN_TIMEOUT, open(&mut s, &peer, &agent)) => r,
         _ = agent.shutdown.cancelled() => return Ok(()),

@@ -220,7 +220,20 @@ async fn start(
     uid: Option<u32>,
 ) -> Result<Child, SpawnError> {
     let Blank { pid, ctl } = via.spawner.blank().await?;
-    let child = Child::own(pid)?;
+    let child = match Child::own(pid) {
+        Ok(c) => c,
+        Err(e) => {
+            // Our child all the same: kill it and reap it off the loop.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            tokio::task::spawn_blocking(move || {
+                nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None)
+            });
+            return Err(e.into());
+        }
+    };
     let std_ctl = std::os::unix::net::UnixStream::from(ctl);
     std_ctl.set_nonblocking(true)?;
     let mut ctl = UnixStream::from_std(std_ctl)?;
@@ -237,18 +250,18 @@ async fn start(
     match said {
         Ok(Ok(Stages::Exec)) => Ok(child),
         Ok(Ok(Stages::Failed(why))) => {
-            abandon(child, uid);
+            abandon(child, None);
             Err(SpawnError::Failed(why))
         }
         Ok(Ok(Stages::Ended(stage))) => {
-            abandon(child, uid);
+            abandon(child, None);
             Err(SpawnError::Failed(format!(
                 "the new process ended before its exec ({})",
                 stage_name(stage)
             )))
         }
         Ok(Err(e)) => {
-            abandon(child, uid);
+            abandon(child, None);
             Err(SpawnError::Io(e))
         }
         Err(_) => {
@@ -330,7 +343,7 @@ fn late_reason(o: &Orders, stage: u8, deadline: Duration) -> String {
 }
 
 /// Kill a process that will not exec, and reap it whenever it ends; a
-/// stuck one counted against its user until then.
+/// stuck one (`stuck_uid`: counted by the caller) is uncounted then.
 fn abandon(mut child: Child, stuck_uid: Option<u32>) {
     child.kill();
     tokio::spawn(async move {

@@ -57,7 +57,12 @@ impl Spawner {
         // is open in it; async-signal-safe.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::dup2(theirs_fd, SOCKET_FD) == -1 {
+                if theirs_fd == SOCKET_FD {
+                    // dup2 onto itself keeps close-on-exec: clear it.
+                    if libc::fcntl(SOCKET_FD, libc::F_SETFD, 0) == -1 {
+                        return Err(io::Error::last_os_error());
+                    }
+                } else if libc::dup2(theirs_fd, SOCKET_FD) == -1 {
                     return Err(io::Error::last_os_error());
                 }
                 Ok(())
@@ -94,9 +99,20 @@ impl Spawner {
             conn.write_all(b"b").await?;
             recv_blank(&conn).await
         };
-        tokio::time::timeout(BLANK_TIMEOUT, ask)
-            .await
-            .map_err(|_| io::Error::other("the agent's spawner did not answer"))?
+        match tokio::time::timeout(BLANK_TIMEOUT, ask).await {
+            Ok(r) => r,
+            Err(_) => {
+                // Its answer may still come, and would be taken for the
+                // next request's: a spawner out of step is lost. Killing it
+                // (our unreaped child: the pid is its) ends the agent as a
+                // crash would (`daemon`), for a new one to take over.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(self.pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                Err(io::Error::other("the agent's spawner did not answer"))
+            }
+        }
     }
 }
 

@@ -10,8 +10,7 @@
 
 use crate::child::Child;
 use crate::dask_cmd::{
-    boot_env, command, dask_args, exec_form, lifetime, tls_env, DaskSettings, Limits,
-    RESTART_EXIT,
+    boot_env, command, dask_args, exec_form, lifetime, tls_env, DaskSettings, Limits, RESTART_EXIT,
 };
 use crate::forkserver::ForkServer;
 use crate::jobenv::JobEnv;

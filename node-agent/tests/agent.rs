@@ -66,7 +66,9 @@ async fn connect(agent: &Arc<Agent>, peer: Peer) -> UnixStream {
         client: "test".into(),
     };
     wire::write(&mut ours, &hello).await.expect("hello");
-    let welcome: Response = wire::read(&mut ours, 1 << 20).await.expect("welcome");
+    let welcome: Response = wire::read::<Response>(&ours, 0, 1 << 20)
+        .await
+        .expect("welcome");
     assert_eq!(
         welcome,
         Response::Welcome {
@@ -79,7 +81,9 @@ async fn connect(agent: &Arc<Agent>, peer: Peer) -> UnixStream {
 async fn call(agent: &Arc<Agent>, peer: Peer, req: &Request) -> Response {
     let mut s = connect(agent, peer).await;
     wire::write(&mut s, req).await.expect("request");
-    wire::read(&mut s, 32 << 20).await.expect("reply")
+    wire::read::<Response>(&s, 0, 32 << 20)
+        .await
+        .expect("reply")
 }
 
 fn root() -> Peer {
@@ -187,12 +191,12 @@ async fn attach_refusals() {
     // The log must be a file: a pipe is refused.
     let mut s = connect(&a, user(1000)).await;
     wire::write(&mut s, &attach_req(1)).await.expect("attach");
-    let r: Response = wire::read(&mut s, 1 << 20).await.expect("reply");
+    let r: Response = wire::read::<Response>(&s, 0, 1 << 20).await.expect("reply");
     assert_eq!(r, Response::SendLogFd);
     let (_r, w) = nix::unistd::pipe().expect("pipe");
     send_fd(&s, &w);
     refused(
-        wire::read(&mut s, 1 << 20).await.expect("reply"),
+        wire::read::<Response>(&s, 0, 1 << 20).await.expect("reply"),
         "is a pipe",
     );
     // Attached once: never again.
@@ -231,7 +235,9 @@ async fn handshakes_and_requests_are_bounded() {
     };
     wire::write(&mut ours, &hello).await.expect("hello");
     refused(
-        wire::read(&mut ours, 1 << 20).await.expect("reply"),
+        wire::read::<Response>(&ours, 0, 1 << 20)
+            .await
+            .expect("reply"),
         "version 99 is not supported",
     );
     // A user without a job waiting for its attach may not send a big frame.
@@ -240,12 +246,12 @@ async fn handshakes_and_requests_are_bounded() {
         .await
         .expect("header");
     refused(
-        wire::read(&mut s, 1 << 20).await.expect("reply"),
+        wire::read::<Response>(&s, 0, 1 << 20).await.expect("reply"),
         "exceeds the limit of 16384 bytes",
     );
     // A connection that never speaks is closed by the agent.
     tokio::time::pause();
-    let (mut silent, theirs) = UnixStream::pair().expect("socketpair");
+    let (silent, theirs) = UnixStream::pair().expect("socketpair");
     let permit = Arc::new(ConnLimits::default())
         .try_acquire(1000)
         .expect("permit");
@@ -254,7 +260,7 @@ async fn handshakes_and_requests_are_bounded() {
     let res = handler.await.expect("handler");
     assert!(res.unwrap_err().contains("no request"));
     assert!(matches!(
-        wire::read::<Response, _>(&mut silent, 100).await,
+        wire::read::<Response>(&silent, 0, 100).await,
         Err(FrameError::Closed)
     ));
 }
@@ -264,7 +270,7 @@ async fn handshakes_and_requests_are_bounded() {
 async fn until_finished(s: &mut UnixStream) -> (Vec<Vec<i32>>, i32, String) {
     let mut notices = vec![];
     loop {
-        match wire::read::<Response, _>(s, 1 << 20).await.expect("reply") {
+        match wire::read::<Response>(s, 0, 1 << 20).await.expect("reply") {
             Response::Processes { groups } => notices.push(groups.iter().map(|g| g.pid).collect()),
             Response::Finished { exit_code, reason } => return (notices, exit_code, reason),
             other => panic!("unexpected {other:?}"),
@@ -287,18 +293,14 @@ async fn a_full_attach_runs_the_job_as_its_user_and_the_end_stops_it() {
     let mut s = connect(&a, user(USER)).await;
     wire::write(&mut s, &attach_req(1)).await.expect("attach");
     assert_eq!(
-        wire::read::<Response, _>(&mut s, 1 << 20)
-            .await
-            .expect("reply"),
+        wire::read::<Response>(&s, 0, 1 << 20).await.expect("reply"),
         Response::SendLogFd
     );
     let log = std::env::temp_dir().join(format!("dsp-agent-test-{}", me()));
     let f = std::fs::File::create(&log).expect("log");
     send_fd(&s, &OwnedFd::from(f));
     assert_eq!(
-        wire::read::<Response, _>(&mut s, 1 << 20)
-            .await
-            .expect("reply"),
+        wire::read::<Response>(&s, 0, 1 << 20).await.expect("reply"),
         Response::Attached
     );
     let pid = wait_running(&a, 1).await;
@@ -364,13 +366,13 @@ async fn shutdown_waits_for_the_supervisors_and_stops_every_process() {
     register(&a, spec(1, USER)).await;
     let mut s = connect(&a, user(USER)).await;
     wire::write(&mut s, &attach_req(1)).await.expect("attach");
-    let _: Response = wire::read(&mut s, 1 << 20).await.expect("reply");
+    let _: Response = wire::read::<Response>(&s, 0, 1 << 20).await.expect("reply");
     let null = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/null")
         .expect("null");
     send_fd(&s, &OwnedFd::from(null));
-    let _: Response = wire::read(&mut s, 1 << 20).await.expect("reply");
+    let _: Response = wire::read::<Response>(&s, 0, 1 << 20).await.expect("reply");
     let pid = wait_running(&a, 1).await;
     assert!(
         a.shut_down("the node agent is shutting down", Duration::from_secs(15))
