@@ -61,7 +61,9 @@ def test_the_dashboard_is_private_to_its_owner(cluster_name):
         wbase = f"http://{re.match(r'[a-z]+://([^:]+):', waddr).group(1)}:{w['services']['dashboard']}"
         urls = [f"{base}{p}" for p in ("/status", "/info/main/logs.html", "/info/main/exceptions.html",
                                        f"/info/call-stacks/{waddr}", "/json/identity.json", "/sitemap.json",
-                                       "/metrics", "/individual-plots.json", "/status?token=wrong")]
+                                       "/metrics", "/individual-plots.json", "/status?token=wrong",
+                                       # Not ASCII: refused, not a 500 with a traceback.
+                                       "/status?token=%C3%A9t%C3%A9")]
         urls += [f"{wbase}{p}" for p in ("/status", "/info/main/logs.html", "/metrics", "/sitemap.json")]
         for url, status, body in probe_as_other(urls):
             assert status == 403, (url, status, body[:300])

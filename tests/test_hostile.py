@@ -14,7 +14,6 @@ import pwd
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -35,43 +34,69 @@ def agent_rss_mib() -> float:
     raise RuntimeError("no VmRSS")
 
 
+# The watcher proper: a process of its own, so that nothing in the test's
+# process (its threads, the GIL, a subprocess it waits on) delays a ping.
+# It pings until its stdin closes, then prints what it saw as JSON.
+WATCHER = r"""
+import json, select, sys, time
+import agentproto
+socket, pid = sys.argv[1], sys.argv[2]
+
+def rss_mib():
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+worst, failures, rss_max = 0.0, [], rss_mib()
+print("ready", flush=True)
+while not select.select([sys.stdin], [], [], 0.1)[0]:
+    t0 = time.monotonic()
+    try:
+        c = agentproto.Conn(socket, "watch", timeout=5)
+        r = c.call({"type": "ping"})
+        c.close()
+        if r.get("type") != "ok":
+            failures.append(json.dumps(r))
+    except Exception as e:  # any failure is the finding
+        failures.append(repr(e))
+    worst = max(worst, time.monotonic() - t0)
+    try:
+        rss_max = max(rss_max, rss_mib())
+    except (OSError, RuntimeError) as e:
+        failures.append(repr(e))
+print(json.dumps({"worst": worst, "failures": failures, "rss_max": rss_max}), flush=True)
+"""
+
+
 class AgentWatch:
-    """Ping the agent as root every 100 ms; keep the slowest answer (a
-    failed or missing answer counts as infinitely slow) and the largest RSS."""
+    """Ping the agent as root every 100 ms, from a process of its own; keep
+    the slowest answer (a failed or missing answer counts as infinitely
+    slow) and the largest RSS."""
 
     def __init__(self):
         self.worst = 0.0
         self.failures: list[str] = []
         self.rss0 = agent_rss_mib()
         self.rss_max = self.rss0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            t0 = time.monotonic()
-            try:
-                c = agentproto.Conn(sb.agent_socket(), "watch", timeout=5)
-                r = c.call({"type": "ping"})
-                c.close()
-                if r.get("type") != "ok":
-                    self.failures.append(json.dumps(r))
-            except Exception as e:  # noqa: BLE001 - any failure is the finding
-                self.failures.append(repr(e))
-            self.worst = max(self.worst, time.monotonic() - t0)
-            try:
-                self.rss_max = max(self.rss_max, agent_rss_mib())
-            except (OSError, RuntimeError) as e:
-                self.failures.append(repr(e))
-            self._stop.wait(0.1)
 
     def __enter__(self):
-        self._t.start()
+        scripts = str(Path(agentproto.__file__).resolve().parent)
+        self._p = subprocess.Popen([sys.executable, "-c", WATCHER, str(sb.agent_socket()), str(sb.agent_pid())],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                   env={**os.environ, "PYTHONPATH": scripts})
+        assert self._p.stdout.readline().strip() == "ready", "the agent watcher did not start"
         return self
 
     def __exit__(self, kind, value, tb):
-        self._stop.set()
-        self._t.join(10)
+        try:
+            out, _ = self._p.communicate("stop\n", timeout=30)
+            seen = json.loads(out.strip().splitlines()[-1])
+            self.worst, self.failures, self.rss_max = seen["worst"], seen["failures"], seen["rss_max"]
+        except (subprocess.TimeoutExpired, ValueError, IndexError) as e:
+            self._p.kill()
+            self._p.wait()
+            self.failures.append(f"the watcher itself failed: {e!r}")
         # A test that failed inside the watch, while the agent did not
         # answer: that is the finding, say it first.
         if kind is not None and self.failures:

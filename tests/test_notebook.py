@@ -64,16 +64,26 @@ try:
     SpankCluster(name, workers=1)
 except DaskSpankError as e:
     print("in use:", e)
-again = SpankCluster(name, workers=2, reuse=True)
+again = SpankCluster(name, workers=2, reuse=True, timeout=1)
 print("reused:", again.shutdown_on_close)
 again.close()
 c.close()
+try:
+    SpankCluster(name + "-slow", workers=1, timeout=1)
+except TimeoutError as e:
+    print("slow:", e, *getattr(e, "__notes__", []))
 print("done")
 """
 
 
 def test_errors_come_at_once_and_a_cluster_can_be_reused(cluster_name):
-    r = as_user_python(ERRORS, cluster_name)
+    """...and a cluster whose start fails (no scheduler within the timeout)
+    is shut down, not left to idle until its time limit."""
+    try:
+        r = as_user_python(ERRORS, cluster_name)
+    finally:
+        slow = ds("status", cluster_name + "-slow", "--json", check=False).stdout
+        ds("down", cluster_name + "-slow", check=False)
     assert r.returncode == 0, (r.stdout, r.stderr[-3000:])
     out = r.stdout
     unknown = next(l for l in out.splitlines() if l.startswith("unknown:"))
@@ -81,6 +91,10 @@ def test_errors_come_at_once_and_a_cluster_can_be_reused(cluster_name):
     assert "sizing: SpankCluster(" in out and "pass workers=N to start it" in out, out
     assert "in use:" in out and "reuse=True" in out, out
     assert "reused: False" in out and "done" in out, out
+    failed = next(l for l in out.splitlines() if l.startswith("slow:"))
+    assert "has no scheduler after 1s" in failed and "was shut down" in failed, failed
+    # `down` had cancelled its jobs before the error reached the user.
+    assert '"RUNNING"' not in slow and '"PENDING"' not in slow, slow
 
 
 KERNEL = """

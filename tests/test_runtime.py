@@ -90,11 +90,15 @@ def test_a_helper_that_keeps_dying_is_backed_off_and_said(cluster_name):
         said_down.append(st)
     log = (sb.WORK / "log" / f"dask-scheduler-{sched}.log").read_text(errors="replace")
     delays = [int(d) for d in re.findall(r"its dask helper died \(killed by SIGKILL; starting it again in (\d+)s\)", log)]
-    assert delays == [1, 2, 4, 8, 16], (delays, log[-3000:])
+    # 1, 2, 4, 8, 16 when the five deaths fall within the keeper's 60 s
+    # window; on a slow machine (each helper imports distributed) the first
+    # may leave it before the last: a step then stays where it was.
+    assert len(delays) == 5 and delays[0] == 1, (delays, log[-3000:])
+    assert all(b in (a, 2 * a) for a, b in zip(delays, delays[1:])) and delays[-1] >= 8, (delays, log[-3000:])
     assert "5 restarts" in said_down[-1], said_down[-1]
     # The size is held meanwhile: the one worker job stays.
     assert len(worker_jobs(cluster_name)) == 1
-    sb.wait_until("the helper back after its backoff", lambda: helper_pid(cluster_name) not in (None, *killed), 60)
+    sb.wait_until("the helper back after its backoff", lambda: helper_pid(cluster_name) not in (None, *killed), 90)
     ds("down", cluster_name)
     assert not worker_jobs(cluster_name)
     assert not [j for j in sb.squeue_ids()], "every job of the cluster ended"

@@ -4,7 +4,57 @@
 use dask_spank_common::names::{is_job_name, job_name};
 use dask_spank_common::scontrol::field;
 use dask_spank_common::Role;
-use std::process::Command;
+use std::io::Read;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long one Slurm command may take. A controller that does not answer
+/// must not hang a keeper, a worker job's start or a user's notebook: past
+/// this the command is killed and the caller told.
+pub const SLURM_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Run `cmd` (stdin closed) to its end, within `timeout`; its output.
+pub fn output_within(cmd: &mut Command, timeout: Duration) -> Result<Output, String> {
+    let name = cmd.get_program().to_string_lossy().into_owned();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {name}: {e}"))?;
+    // Both pipes are drained as they fill, so a chatty command never blocks.
+    fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    }
+    let (stdout, stderr) = (drain(child.stdout.take()), drain(child.stderr.take()));
+    let end = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < end => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => {
+                // Not reaped yet: the pid is still this child's.
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{name} did not answer in {timeout:?} (is slurmctld reachable?)"
+                ));
+            }
+            Err(e) => return Err(format!("{name}: {e}")),
+        }
+    };
+    Ok(Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
+}
 
 /// One line of squeue about a dask-spank job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,9 +107,7 @@ pub fn squeue(cluster: Option<&str>) -> Result<Vec<QueuedJob>, String> {
     if let Some(c) = cluster {
         cmd.args(["-n", &job_names(c).join(",")]);
     }
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run squeue: {e}"))?;
+    let out = output_within(&mut cmd, SLURM_TIMEOUT)?;
     if !out.status.success() {
         return Err(format!(
             "squeue failed: {}",
@@ -100,20 +148,19 @@ pub fn parse_kept(out: &str) -> Vec<KeptJob> {
 
 /// The user's worker jobs of `cluster`, for its keeper.
 pub fn worker_jobs(cluster: &str) -> Result<Vec<KeptJob>, String> {
-    let out = Command::new("squeue")
-        .args([
-            "-h",
-            "-r",
-            "-u",
-            &user(),
-            "-n",
-            &job_name(Role::Worker, cluster),
-        ])
-        .args(["-o", "%i|%T|%l|%M"])
-        .env_clear()
-        .envs(clean_env())
-        .output()
-        .map_err(|e| format!("cannot run squeue: {e}"))?;
+    let mut cmd = Command::new("squeue");
+    cmd.args([
+        "-h",
+        "-r",
+        "-u",
+        &user(),
+        "-n",
+        &job_name(Role::Worker, cluster),
+    ])
+    .args(["-o", "%i|%T|%l|%M"])
+    .env_clear()
+    .envs(clean_env());
+    let out = output_within(&mut cmd, SLURM_TIMEOUT)?;
     if !out.status.success() {
         return Err(format!(
             "squeue failed: {}",
@@ -142,11 +189,12 @@ pub fn clean_env() -> Vec<(String, String)> {
 /// command line with the site's defaults in, the job's option values, and
 /// the site policy, as the plugin's JSON. Nothing is submitted.
 pub fn sbatch_dry_run(args: &[String]) -> Result<serde_json::Value, String> {
-    let out = Command::new("sbatch")
-        .args(args)
-        .env("DASK_SPANK_DRY_RUN", "1")
-        .output()
-        .map_err(|e| format!("cannot run sbatch: {e}"))?;
+    let out = output_within(
+        Command::new("sbatch")
+            .args(args)
+            .env("DASK_SPANK_DRY_RUN", "1"),
+        SLURM_TIMEOUT,
+    )?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() || text.trim().is_empty() {
         let err = String::from_utf8_lossy(&out.stderr);
@@ -172,11 +220,12 @@ pub fn sbatch_in(args: &[String], env: Option<&[(String, String)]>) -> Result<St
     if let Some(env) = env {
         cmd.env_clear().envs(env.iter().cloned());
     }
-    let out = cmd
+    // A DASK_SPANK_DRY_RUN left in the user's environment would have the
+    // plugin plan the job instead of submitting it.
+    cmd.env_remove("DASK_SPANK_DRY_RUN")
         .arg("--parsable")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run sbatch: {e}"))?;
+        .args(args);
+    let out = output_within(&mut cmd, SLURM_TIMEOUT)?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         let lines: Vec<&str> = err
@@ -191,12 +240,14 @@ pub fn sbatch_in(args: &[String], env: Option<&[(String, String)]>) -> Result<St
             lines.join("; ")
         ));
     }
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .to_string())
+    job_id_of(&String::from_utf8_lossy(&out.stdout))
+        .ok_or_else(|| format!("sbatch {} said no job id: {:?}", args.join(" "), out.stdout))
+}
+
+/// The job id in `sbatch --parsable`'s output (`1234` or `1234;cluster`).
+fn job_id_of(out: &str) -> Option<String> {
+    let id = out.trim().split(';').next()?;
+    (!id.is_empty() && id.bytes().all(|b| b.is_ascii_digit())).then(|| id.to_string())
 }
 
 /// Whether sbatch's error is a queue limit of the user's association or
@@ -211,34 +262,22 @@ pub fn is_queue_limit(err: &str) -> bool {
 /// not submitted yet cannot be: stop the submitter first). Waits at most
 /// `timeout` for scancel: it runs while Slurm ends the scheduler job.
 pub fn scancel_workers(cluster: &str, timeout: std::time::Duration) -> Result<(), String> {
-    let mut child = Command::new("scancel")
-        .args([
+    let out = output_within(
+        Command::new("scancel").args([
             "--user",
             &user(),
             "--name",
             &job_name(Role::Worker, cluster),
-        ])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot run scancel: {e}"))?;
-    let end = std::time::Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(st)) if st.success() => return Ok(()),
-            Ok(Some(st)) => return Err(format!("scancel failed ({st})")),
-            Ok(None) if std::time::Instant::now() < end => {
-                std::thread::sleep(std::time::Duration::from_millis(50))
-            }
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("scancel did not answer in {}s", timeout.as_secs()));
-            }
-            Err(e) => return Err(format!("scancel: {e}")),
-        }
+        ]),
+        timeout,
+    )?;
+    if !out.status.success() {
+        return Err(format!(
+            "scancel failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
+    Ok(())
 }
 
 pub fn scancel(ids: &[String]) -> Result<(), String> {
@@ -256,10 +295,7 @@ fn scancel_cmd(ids: &[String], mut cmd: Command) -> Result<(), String> {
     if ids.is_empty() {
         return Ok(());
     }
-    let out = cmd
-        .args(ids)
-        .output()
-        .map_err(|e| format!("cannot run scancel: {e}"))?;
+    let out = output_within(cmd.args(ids), SLURM_TIMEOUT)?;
     if !out.status.success() {
         return Err(format!(
             "scancel failed: {}",
@@ -272,10 +308,11 @@ fn scancel_cmd(ids: &[String], mut cmd: Command) -> Result<(), String> {
 /// Why a job that left the queue ended: its state and the last lines of
 /// its log (`scontrol show job` keeps it a few minutes after the end).
 pub fn job_end(job: &str) -> Option<String> {
-    let out = Command::new("scontrol")
-        .args(["-o", "show", "job", job])
-        .output()
-        .ok()?;
+    let out = output_within(
+        Command::new("scontrol").args(["-o", "show", "job", job]),
+        SLURM_TIMEOUT,
+    )
+    .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let state = field(&text, "JobState")?;
     if matches!(state, "PENDING" | "RUNNING" | "CONFIGURING") {
@@ -305,6 +342,32 @@ fn why_it_ended(log: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_number_is_a_job_id() {
+        assert_eq!(job_id_of("1234\n").as_deref(), Some("1234"));
+        assert_eq!(job_id_of("1234;cl2\n").as_deref(), Some("1234"));
+        assert_eq!(job_id_of("{\"scheduler\": {}}"), None);
+        assert_eq!(job_id_of(""), None);
+    }
+
+    #[test]
+    fn a_command_past_its_time_is_killed() {
+        let t0 = Instant::now();
+        let err =
+            output_within(Command::new("sleep").arg("30"), Duration::from_millis(300)).unwrap_err();
+        assert!(err.contains("sleep did not answer in 300ms"), "{err}");
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        let out = output_within(
+            Command::new("sh").args(["-c", "head -c 200000 /dev/zero; echo err >&2"]),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(
+            (out.stdout.len(), out.stderr.as_slice()),
+            (200000, &b"err\n"[..])
+        );
+    }
 
     #[test]
     fn queue_limits_are_told_from_other_refusals() {

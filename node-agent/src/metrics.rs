@@ -291,6 +291,18 @@ mod tests {
         assert!(t.contains("dask_spank_build_info{version="));
     }
 
+    #[test]
+    fn the_admin_guide_names_every_metric() {
+        let guide = include_str!("../../docs/admin.md");
+        let names = SERIES.iter().map(|s| s.0).chain(["jobs", "build_info"]);
+        for name in names {
+            assert!(
+                guide.contains(&format!("`dask_spank_{name}")),
+                "docs/admin.md does not name dask_spank_{name}"
+            );
+        }
+    }
+
     /// GET the metrics at `addr`: the reply ("" if the connection was
     /// closed or reset first) and how long it took.
     async fn scrape(addr: std::net::SocketAddr) -> (String, Duration) {

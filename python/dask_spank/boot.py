@@ -75,7 +75,9 @@ def protect_dashboard():
             from urllib.parse import urlencode
 
             t, cookie = token()
-            self.set_cookie(cookie, t, httponly=True, samesite="Strict")
+            # A session cookie no longer than a day: it names this cluster
+            # (the token's hash), so two clusters on one host do not collide.
+            self.set_cookie(cookie, t, httponly=True, samesite="Strict", max_age=86400)
             rest = {k: v for k, v in self.request.query_arguments.items() if k != "token"}
             query = urlencode([(k, x.decode()) for k, vs in rest.items() for x in vs])
             self.redirect(self.request.path + ("?" + query if query else ""))
@@ -86,11 +88,12 @@ def protect_dashboard():
         known_token = token()
         if known_token is not None:
             t, cookie = known_token
-            given = request.query_arguments.get("token", [b""])[0].decode(errors="replace")
-            if given and hmac.compare_digest(given, t):
+            # Bytes, not str: compare_digest refuses a str that is not ASCII.
+            given = request.query_arguments.get("token", [b""])[0]
+            if given and hmac.compare_digest(given, t.encode()):
                 return self.get_handler_delegate(request, Welcome)
             jar = request.cookies.get(cookie)
-            if jar is not None and hmac.compare_digest(jar.value, t):
+            if jar is not None and hmac.compare_digest(jar.value.encode(errors="replace"), t.encode()):
                 return find(self, request, **kwargs)
         return self.get_handler_delegate(request, Forbidden)
 
@@ -138,7 +141,9 @@ def mark_restarts():
         return
 
     async def close_marking_restarts(self, *args, reason="worker-close", **kwargs):
-        if reason == "scheduler-remove-worker" and self.status == Status.running:
+        # A paused worker (memory over its pause threshold) is running too:
+        # client.restart() is how a user frees it.
+        if reason == "scheduler-remove-worker" and self.status in (Status.running, Status.paused):
             _removed_while_running.append(reason)
         return await close(self, *args, reason=reason, **kwargs)
 

@@ -185,6 +185,7 @@ class SpankCluster(Cluster):
         self._start_with = None if workers is None else {"workers": workers, "env": env or None, **sizing}
         self._wait, self._reuse, self._timeout = wait, reuse, timeout
         self.paths = {}
+        self._started_here = False
         self.shutdown_on_close = workers is not None if shutdown_on_close is None else shutdown_on_close
         super().__init__(asynchronous=asynchronous, loop=loop, name=name, quiet=quiet)
         if not self.asynchronous and not self.called_from_running_loop:
@@ -241,6 +242,7 @@ class SpankCluster(Cluster):
         args = self._up_args()
         try:
             await self._cli(*args)
+            self._started_here = True
         except DaskSpankError as e:
             if "already in use" not in str(e):
                 raise
@@ -257,11 +259,8 @@ class SpankCluster(Cluster):
             if address:
                 return address
             if time.monotonic() > end:
-                why = f"cluster {self.name!r} has no scheduler after {self._timeout:.0f}s"
-                if self._start_with is not None:
-                    await self._cli("down", self.name)
-                    raise TimeoutError(f"{why}: its jobs were cancelled (dask-spank status and logs say why)")
-                raise TimeoutError(f"{why} (dask-spank status {self.name} says why)")
+                raise TimeoutError(f"cluster {self.name!r} has no scheduler after {self._timeout:.0f}s "
+                                   f"(dask-spank status {self.name} and its logs say why)")
             await asyncio.sleep(0.5)
 
     async def _start(self):
@@ -271,6 +270,23 @@ class SpankCluster(Cluster):
         else:
             # An unknown name fails now, not after the timeout.
             await self._cli("status", self.name, "--json")
+        try:
+            await self._connect()
+        except BaseException as e:
+            # Nothing holds a cluster whose start failed: one this object
+            # submitted (and would shut down on close) goes now, rather than
+            # idling until its time limit. A reused or attached one stays.
+            if self._started_here and self.shutdown_on_close:
+                try:
+                    await self._cli("down", self.name)
+                except Exception as down_error:
+                    raise DaskSpankError(f"{e}; and its jobs could not be cancelled: {down_error}") from e
+                if hasattr(e, "add_note"):  # Python 3.11+
+                    e.add_note(f"dask-spank: cluster {self.name!r} was shut down (its jobs cancelled); "
+                               f"its logs stay: dask-spank logs {self.name}")
+            raise
+
+    async def _connect(self):
         address = await self._wait_address()
         self.security = security(self.paths)
         self.scheduler_comm = rpc(address, connection_args=self.security.get_connection_args("client"))

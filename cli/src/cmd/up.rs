@@ -173,7 +173,8 @@ pub fn exported(export: &[String]) -> Result<Vec<(String, String)>, String> {
 fn dry_run(u: &Args, c: &ClusterName) -> Res {
     let (sargs, mut wargs) = submission(u, c);
     let workers = u.adapt.as_ref().map_or(u.workers, |_| 1).max(1);
-    wargs.push(format!("--array=1-{workers}"));
+    // Where the real submission puts it: before the rest.
+    wargs.insert(0, format!("--array=1-{workers}"));
     worker_env(
         &u.export,
         &u.worker_resources,

@@ -161,7 +161,10 @@ async fn run(job: Job) -> Result<i32, String> {
         .write_report(&job.report(ReportState::Running, None));
     let keeper = (job.role == Role::Scheduler).then(|| start_scheduler_duties(&job));
     if job.role == Role::Worker {
-        shape::record_if_first(&job.dir, &job.cluster, job.id);
+        // Off the runtime: a slow controller must not hold the job's
+        // signals or its session.
+        let (dir, cluster, id) = (job.dir.clone(), job.cluster.clone(), job.id);
+        tokio::task::spawn_blocking(move || shape::record_if_first(&dir, &cluster, id));
     }
     let end = tokio::select! {
         end = follow(&job, &mut session) => end,
@@ -209,8 +212,11 @@ async fn follow(job: &Job, session: &mut Session) -> Finished {
                         let ready = creds.as_ref().is_none_or(|c| c.all_exist());
                         let info = ready.then(|| SchedulerInfo::read(&sched_file)).flatten();
                         if let Some(info) = info.filter(|i| i.address != reported) {
-                            if session::report_scheduler(writer, &info.address).await.is_ok() {
-                                reported = info.address;
+                            // A write that failed or timed out may have left
+                            // half a frame: the connection is done for.
+                            match session::report_scheduler(writer, &info.address).await {
+                                Ok(()) => reported = info.address,
+                                Err(e) => break Err(e),
                             }
                         }
                     }

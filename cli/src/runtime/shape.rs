@@ -59,9 +59,10 @@ pub fn record_if_first(dir: &ClusterDir, cluster: &ClusterName, job_id: u32) {
     if dir.worker_args().is_some() {
         return;
     }
-    let out = std::process::Command::new("scontrol")
-        .args(["-o", "show", "job", &job_id.to_string()])
-        .output();
+    let out = crate::slurm::output_within(
+        std::process::Command::new("scontrol").args(["-o", "show", "job", &job_id.to_string()]),
+        std::time::Duration::from_secs(30),
+    );
     let Ok(out) = out else { return };
     let text = String::from_utf8_lossy(&out.stdout);
     // Only a job of this cluster's name speaks for its workers.
