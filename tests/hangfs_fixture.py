@@ -74,6 +74,8 @@ class HungFS:
     def _cmd(self, args: list[str], user: bool) -> list[str]:
         # nsenter and setpriv exec (no fork): the pid of the Popen is that
         # of the command itself, so the test can signal it.
+        if proc_state(self.ns_pid) == "":  # the agent was restarted (a policy change that rebuilt it)
+            self.ns_pid = sb.agent_pid()
         enter = ["nsenter", f"--target={self.ns_pid}", "--mount", "--root", "--wd"]
         if user:
             pw = sb.user()
@@ -151,8 +153,6 @@ class HungFS:
     def close(self) -> None:
         if self.proc is not None:
             self.kill()
-        if proc_state(self.ns_pid) == "":  # the agent was restarted
-            self.ns_pid = sb.agent_pid()
         # Lazily, as its owner (fusermount3 refuses anybody else's mount).
         p = self.run(["fusermount3", "-u", "-z", str(self.mount)], user=not self.as_root)
         self.run(["rmdir", str(self.mount)], user=not self.as_root)

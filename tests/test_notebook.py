@@ -3,6 +3,7 @@ included, with clear errors at once and the kernel's own Python."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 
@@ -213,6 +214,37 @@ def test_the_idle_timeout_waits_for_clients_too(policy, cluster_name):
     sb.wait_until("the scheduler to end by its idle timeout", lambda: not sb.run(
         ["squeue", "-h", "-n", f"dask-scheduler-{cluster_name}"]).stdout.strip(), 120, 1)
     assert time.monotonic() - t0 > 15, "it waited for the idle time after the client left"
+
+
+NO_CLIENT = """
+import sys, time
+from distributed import fire_and_forget
+from dask_spank import connect
+client = connect(sys.argv[1])
+fire_and_forget(client.submit(time.sleep, 600))
+time.sleep(float(sys.argv[2]))
+print("still there", client.submit(sum, [1, 2]).result(), flush=True)
+client.close()
+"""
+
+
+def test_the_no_client_timeout_ends_a_busy_cluster_nobody_holds(policy, cluster_name):
+    """no_client_timeout=20s: a client connected for 40 s keeps the
+    cluster; once it leaves, the scheduler ends after 20 s although a task
+    still runs (idle_timeout alone would wait for it), and its log says why."""
+    policy("no_client_timeout=20s")
+    up = ds("up", cluster_name, "--workers", "1", "--wait", "100", "--timeout", "180").stdout
+    sched = re.search(r"scheduler job (\d+)", up).group(1)
+    r = as_user_python(NO_CLIENT, cluster_name, "40")
+    assert r.returncode == 0 and "still there 3" in r.stdout, (r.stdout, r.stderr[-3000:])
+    t0 = time.monotonic()
+    sb.wait_until("the scheduler to end by its no-client timeout", lambda: not sb.run(
+        ["squeue", "-h", "-n", f"dask-scheduler-{cluster_name}"]).stdout.strip(), 120, 1)
+    assert time.monotonic() - t0 > 15, "it waited for the no-client time after the client left"
+    log = (sb.WORK / "log" / f"dask-scheduler-{sched}.log").read_text(errors="replace")
+    assert "no client for 20s (the site's no_client_timeout)" in log, log[-3000:]
+    sb.wait_until("the workers to follow", lambda: not sb.run(
+        ["squeue", "-h", "-n", f"dask-worker-{cluster_name}"]).stdout.strip(), 120, 1)
 
 
 OPTIONS = """

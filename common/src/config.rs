@@ -81,6 +81,7 @@ pub const KEYS: &[&str] = &[
     "worker_time_max",
     "max_worker_jobs",
     "idle_timeout",
+    "no_client_timeout",
     "tls",
     "worker_death_timeout",
     "worker_restart_max",
@@ -261,6 +262,14 @@ impl Config {
                 "worker_time_max" => p.worker.time_max_s = time(key, v)?,
                 "max_worker_jobs" => p.max_worker_jobs = count(key, v, 1_000_000)? as u32,
                 "idle_timeout" => p.idle_timeout_s = duration(key, v)?,
+                "no_client_timeout" => {
+                    p.no_client_timeout_s = match v {
+                        "off" => 0,
+                        _ => duration(key, v).map_err(|_| {
+                            bad(key, v, "must be off or a duration such as 2h, 30m or 600s")
+                        })?,
+                    }
+                }
                 "tls" => p.tls = v.parse().map_err(|why: String| bad(key, v, &why))?,
                 "worker_death_timeout" => p.nanny.death_timeout_s = duration(key, v)?,
                 "worker_restart_max" => p.nanny.restart_max = count(key, v, 1000)? as u32,
@@ -337,6 +346,10 @@ impl Config {
                 "worker_time_max" => format_time_s(p.worker.time_max_s),
                 "max_worker_jobs" => p.max_worker_jobs.to_string(),
                 "idle_timeout" => format_duration_s(p.idle_timeout_s),
+                "no_client_timeout" => match p.no_client_timeout_s {
+                    0 => "off".into(),
+                    s => format_duration_s(s),
+                },
                 "tls" => p.tls.as_str().into(),
                 "worker_death_timeout" => format_duration_s(p.nanny.death_timeout_s),
                 "worker_restart_max" => p.nanny.restart_max.to_string(),
@@ -430,6 +443,7 @@ mod tests {
             "worker_time_max=1-00:00:00",
             "max_worker_jobs=10",
             "idle_timeout=15m",
+            "no_client_timeout=45m",
             "worker_death_timeout=30s",
             "worker_restart_max=3",
             "worker_restart_window=2m",
@@ -455,6 +469,7 @@ mod tests {
         assert_eq!((p.worker.time_s, p.worker.time_max_s), (1800, 86400));
         assert_eq!(p.max_worker_jobs, 10);
         assert_eq!(p.idle_timeout_s, 900);
+        assert_eq!(p.no_client_timeout_s, 2700);
         assert_eq!(p.nanny.death_timeout_s, 30);
         assert_eq!((p.nanny.restart_max, p.nanny.restart_window_s), (3, 120));
         assert_eq!(p.nanny.lifetime_margin_s, 90);
@@ -507,7 +522,7 @@ mod tests {
     #[test]
     fn errors_name_the_key_and_value() {
         let cases: &[(&[&str], &str)] = &[
-            (&["bogus=1"], "plugstack.conf: unknown key 'bogus' (known keys: scheduler_partition, worker_partition, scheduler_licenses, worker_licenses, account, worker_cpus, worker_cpus_max, scheduler_mem, scheduler_mem_max, worker_mem, worker_mem_max, scheduler_time, scheduler_time_max, worker_time, worker_time_max, max_worker_jobs, idle_timeout, tls, worker_death_timeout, worker_restart_max, worker_restart_window, worker_lifetime_margin, worker_successor_lead, worker_memory_kill, worker_start, log_dir, agent_dir, attach_cmd, agent_timeout, agent_restart_grace)"),
+            (&["bogus=1"], "plugstack.conf: unknown key 'bogus' (known keys: scheduler_partition, worker_partition, scheduler_licenses, worker_licenses, account, worker_cpus, worker_cpus_max, scheduler_mem, scheduler_mem_max, worker_mem, worker_mem_max, scheduler_time, scheduler_time_max, worker_time, worker_time_max, max_worker_jobs, idle_timeout, no_client_timeout, tls, worker_death_timeout, worker_restart_max, worker_restart_window, worker_lifetime_margin, worker_successor_lead, worker_memory_kill, worker_start, log_dir, agent_dir, attach_cmd, agent_timeout, agent_restart_grace)"),
             (&["worker_memory_kill=95"], "plugstack.conf: worker_memory_kill=95: must be a percentage from 50% to 100%"),
             (&["worker_start=fork"], "plugstack.conf: worker_start=fork: must be exec or forkserver"),
             (&["tls=yes"], "plugstack.conf: tls=yes: must be required or off"),
@@ -523,6 +538,7 @@ mod tests {
             (&["worker_cpus=0"], "plugstack.conf: worker_cpus=0: must be a whole number from 1 to 4096"),
             (&["max_worker_jobs=-1"], "plugstack.conf: max_worker_jobs=-1: must be a whole number from 1 to 1000000"),
             (&["idle_timeout=soon"], "plugstack.conf: idle_timeout=soon: must be a duration such as 2h, 30m or 600s"),
+            (&["no_client_timeout=0"], "plugstack.conf: no_client_timeout=0: must be off or a duration such as 2h, 30m or 600s"),
             (&["worker_partition=a b"], "plugstack.conf: worker_partition=a b: must be a Slurm name (letters, digits, '-', '_', '.')"),
             (&["worker_licenses=sps,"], "plugstack.conf: worker_licenses=sps,: must be none or a comma-separated list of licence names"),
             (&["account=a/b"], "plugstack.conf: account=a/b: must be primary-group, none or a Slurm account name"),

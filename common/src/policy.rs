@@ -43,6 +43,10 @@ pub struct Policy {
     pub max_worker_jobs: u32,
     /// The scheduler ends after this long with no tasks and no clients.
     pub idle_timeout_s: u64,
+    /// The scheduler ends after this long with no client, tasks or not
+    /// (0: never). Defaulted when absent (an older plugin's registration).
+    #[serde(default)]
+    pub no_client_timeout_s: u64,
     /// Nanny duties of the agent for workers.
     pub nanny: NannyPolicy,
     /// Whether clusters talk TLS with per-cluster credentials. Defaulted
@@ -182,6 +186,7 @@ impl Default for Policy {
             account: AccountPolicy::None,
             max_worker_jobs: 3000,
             idle_timeout_s: 2 * HOUR,
+            no_client_timeout_s: 0,
             nanny: NannyPolicy::default(),
             tls: TlsMode::Required,
         }

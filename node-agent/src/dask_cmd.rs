@@ -125,19 +125,31 @@ pub fn command(
     (python, args)
 }
 
-/// Environment that makes dask use the cluster's TLS credentials (and
-/// nothing but TLS), set by the agent over the job's own: the site's `tls`
-/// policy is not the user's to turn off. The agent only names the files;
-/// dask reads them, as the user.
-pub fn tls_env(spec: &JobSpec, cluster_dir: &Path) -> Vec<(String, String)> {
+/// The site's environment of a dask process, set by the agent over the
+/// job's own (the site's policy is not the user's to turn off): the
+/// cluster's TLS credentials (and nothing but TLS), the dashboard's token,
+/// a scheduler's no-client timeout. The agent only names the files; dask
+/// reads them, as the user.
+pub fn site_env(spec: &JobSpec, cluster_dir: &Path) -> Vec<(String, String)> {
     let mut env = match spec.policy.tls {
         TlsMode::Required => tls_files(cluster_dir).dask_env(),
         TlsMode::Off => vec![],
     };
     // And the dashboard's token: HTTP is private to the owner either way.
     env.push(dask_spank_common::paths::dashboard_env(cluster_dir));
+    // The boot code closes a scheduler no client used for this long.
+    if spec.role == Role::Scheduler && spec.policy.no_client_timeout_s > 0 {
+        env.push((
+            NO_CLIENT_TIMEOUT_ENV.to_string(),
+            spec.policy.no_client_timeout_s.to_string(),
+        ));
+    }
     env
 }
+
+/// Seconds without a client after which the scheduler closes
+/// (python/dask_spank/boot.py reads it).
+pub const NO_CLIENT_TIMEOUT_ENV: &str = "DASK_SPANK_NO_CLIENT_TIMEOUT";
 
 pub use dask_spank_common::policy::worker_lifetime_s as lifetime;
 
@@ -211,7 +223,7 @@ mod tests {
     #[test]
     fn tls_off_is_plain_tcp_and_required_names_the_cluster_files() {
         let mut sp = spec(Role::Worker);
-        let env = tls_env(&sp, Path::new("/c"));
+        let env = site_env(&sp, Path::new("/c"));
         assert!(env.contains(&(
             "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION".into(),
             "True".into()
@@ -221,7 +233,7 @@ mod tests {
             "/c/ca.pem".into()
         )));
         sp.policy.tls = TlsMode::Off;
-        let plain = tls_env(&sp, Path::new("/c"));
+        let plain = site_env(&sp, Path::new("/c"));
         assert_eq!(
             plain,
             [(

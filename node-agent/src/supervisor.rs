@@ -10,7 +10,7 @@
 
 use crate::child::Child;
 use crate::dask_cmd::{
-    boot_env, command, dask_args, exec_form, lifetime, tls_env, DaskSettings, Limits, RESTART_EXIT,
+    boot_env, command, dask_args, exec_form, lifetime, site_env, DaskSettings, Limits, RESTART_EXIT,
 };
 use crate::forkserver::ForkServer;
 use crate::jobenv::JobEnv;
@@ -343,7 +343,7 @@ async fn start_afresh<'s>(
         .log
         .fd()
         .map_err(|e| finished(JobState::Failed, 1, format!("cannot use the job log: {e}")))?;
-    let tls = tls_env(&run.spec, &run.cluster_dir);
+    let tls = site_env(&run.spec, &run.cluster_dir);
     let mut extra_env: Vec<(&str, &str)> =
         tls.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     // An exec'd dask command's boot program, which it pops: not for a stub,

@@ -15,7 +15,8 @@ else gets 403 and nothing of the cluster.
 It makes the scheduler's idle timeout mean what the site's policy says: no
 task and no client (but the cluster's own: its keeper's helper) for that
 long. dask's own ignores clients, so a user who persisted data and stepped
-away lost it with the cluster.
+away lost it with the cluster. And it adds the site's no-client timeout: no
+client (tasks or not) for that long, and the scheduler closes.
 
 And it marks a worker's exit for a restart in place: ``client.restart()`` has
 the scheduler remove every worker, and a worker without a Nanny (the node
@@ -108,7 +109,17 @@ KEEPER_CLIENT = "dask-spank-keeper"
 
 def idle_counts_clients():
     """A scheduler with a client connected (other than the cluster's own)
-    is not idle, however long no task runs."""
+    is not idle, however long no task runs. And with the site's
+    no_client_timeout (DASK_SPANK_NO_CLIENT_TIMEOUT, seconds), a scheduler
+    that no client used for that long closes, tasks or not."""
+    import os
+    import sys
+    import time
+
+    try:
+        no_client_s = float(os.environ.pop("DASK_SPANK_NO_CLIENT_TIMEOUT", "0"))
+    except ValueError:
+        no_client_s = 0.0
     try:
         from distributed.scheduler import Scheduler
     except ImportError:
@@ -119,6 +130,17 @@ def idle_counts_clients():
 
     def check_idle(self):
         users = [c for c in self.clients if c != "fire-and-forget" and f"-{KEEPER_CLIENT}-" not in c]
+        now = time.monotonic()
+        if users or not hasattr(self, "_dask_spank_last_client"):
+            # From the start too: a cluster nobody connects to also ends.
+            self._dask_spank_last_client = now
+        if no_client_s and now - self._dask_spank_last_client > no_client_s \
+                and not getattr(self, "_dask_spank_closing", False):
+            self._dask_spank_closing = True
+            print(f"dask-spank: no client for {no_client_s:.0f}s (the site's no_client_timeout): "
+                  f"the scheduler closes, and its workers with it", file=sys.stderr, flush=True)
+            self._ongoing_background_tasks.call_soon(self.close, reason="no-client-timeout-exceeded")
+            return None
         if users:
             self.idle_since = None
             return None
