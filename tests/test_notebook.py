@@ -70,7 +70,8 @@ print("reused:", again.shutdown_on_close)
 again.close()
 c.close()
 try:
-    SpankCluster(name + "-slow", workers=1, timeout=1)
+    # Its scheduler job cannot start within the timeout: it waits an hour.
+    SpankCluster(name + "-slow", workers=1, timeout=3, scheduler_sbatch=["--begin=now+3600"])
 except TimeoutError as e:
     print("slow:", e, *getattr(e, "__notes__", []))
 print("done")
@@ -93,7 +94,7 @@ def test_errors_come_at_once_and_a_cluster_can_be_reused(cluster_name):
     assert "in use:" in out and "reuse=True" in out, out
     assert "reused: False" in out and "done" in out, out
     failed = next(l for l in out.splitlines() if l.startswith("slow:"))
-    assert "has no scheduler after 1s" in failed and "was shut down" in failed, failed
+    assert "has no scheduler after 3s" in failed and "was shut down" in failed, failed
     # `down` had cancelled its jobs before the error reached the user.
     assert '"RUNNING"' not in slow and '"PENDING"' not in slow, slow
 
@@ -221,9 +222,11 @@ import sys, time
 from distributed import fire_and_forget
 from dask_spank import connect
 client = connect(sys.argv[1])
-fire_and_forget(client.submit(time.sleep, 600))
+assert client.submit(sum, [1, 2]).result() == 3
+# Keeps the worker's one thread busy long after the client left.
+fire_and_forget(client.submit(time.sleep, 600, pure=False))
 time.sleep(float(sys.argv[2]))
-print("still there", client.submit(sum, [1, 2]).result(), flush=True)
+print("still there", len(client.scheduler_info()["workers"]), flush=True)
 client.close()
 """
 
@@ -236,7 +239,7 @@ def test_the_no_client_timeout_ends_a_busy_cluster_nobody_holds(policy, cluster_
     up = ds("up", cluster_name, "--workers", "1", "--wait", "100", "--timeout", "180").stdout
     sched = re.search(r"scheduler job (\d+)", up).group(1)
     r = as_user_python(NO_CLIENT, cluster_name, "40")
-    assert r.returncode == 0 and "still there 3" in r.stdout, (r.stdout, r.stderr[-3000:])
+    assert r.returncode == 0 and "still there 1" in r.stdout, (r.stdout, r.stderr[-3000:])
     t0 = time.monotonic()
     sb.wait_until("the scheduler to end by its no-client timeout", lambda: not sb.run(
         ["squeue", "-h", "-n", f"dask-scheduler-{cluster_name}"]).stdout.strip(), 120, 1)
