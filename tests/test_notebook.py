@@ -256,11 +256,11 @@ from distributed import Client
 from dask_spank import SpankCluster
 name = sys.argv[1]
 cluster = SpankCluster(name, workers=1, wait=100, resources={"GPU": 1}, env_vars={"ANA_MODE": "a,b"},
-                       local_directory="/tmp/ana-scratch", worker_sbatch=["--comment=ana-pool"])
+                       local_directory=f"/tmp/ana-scratch-{os.getuid()}", worker_sbatch=["--comment=ana-pool"])
 client = Client(cluster)
 print("resources", client.run(lambda dask_worker: dask_worker.state.total_resources))
 print("mode", set(client.run(lambda: os.environ.get("ANA_MODE")).values()))
-print("dir", set(v.startswith("/tmp/ana-scratch") for v in client.run(lambda dask_worker: dask_worker.local_directory).values()))
+print("dir", set(v.startswith(f"/tmp/ana-scratch-{os.getuid()}") for v in client.run(lambda dask_worker: dask_worker.local_directory).values()))
 assert client.submit(lambda: 1, resources={"GPU": 1}).result(timeout=60) == 1
 client.close()
 print("jobs", " ".join(r["job"] for r in cluster.status_jobs()["workers"]))
