@@ -381,7 +381,7 @@ class SpankCluster(Cluster):
         """Have ``n`` worker jobs (``dask-spank scale``)."""
         return self._do("scale", self.name, str(int(n)))
 
-    def adapt(self, minimum: int = 0, maximum: int | None = None, **kwargs) -> "Adaptation":
+    def adapt(self, minimum: int = 0, maximum: int | None = None, **kwargs) -> Adaptation:
         """Size the cluster with dask's adaptive target, between `minimum`
         and `maximum` worker jobs. It runs in the scheduler job (``dask-spank
         adapt``), not in this process: it goes on when the notebook ends.

@@ -133,7 +133,13 @@ class Panel:
     async def discover_forever(self) -> None:
         import dask
 
-        interval = float(dask.config.get("dask-spank.jupyter.discovery-interval", default=DISCOVERY_INTERVAL))
+        value = dask.config.get("dask-spank.jupyter.discovery-interval", default=DISCOVERY_INTERVAL)
+        try:
+            interval = float(value)
+        except (TypeError, ValueError):
+            self.log.warning("dask_spank.jupyter: dask-spank.jupyter.discovery-interval: want seconds, not %r; "
+                             "taking %ss", value, DISCOVERY_INTERVAL)
+            interval = DISCOVERY_INTERVAL
         while interval > 0:
             try:
                 await self.discover()
