@@ -82,20 +82,20 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def start_lab(env: dict | None = None) -> Lab:
+def start_lab(env: dict | None = None, log_name: str = "jupyter-server.log") -> Lab:
     """`jupyter server` as the test user on 127.0.0.1 (a free port), found by
     the runtime file it writes (port, token, pid)."""
     sb.as_user(["mkdir", "-p", str(RUNTIME)])
     for f in RUNTIME.glob("jpserver-*"):
         f.unlink()
-    log = open(sb.LOGS / "jupyter-server.log", "w")
+    log = open(sb.LOGS / log_name, "w")
     cmd = sb.user_command([str(sb.VENV / "bin" / "jupyter"), "server", "--ServerApp.ip=127.0.0.1",
                            "--ServerApp.port=0", "--ServerApp.open_browser=False",
                            f"--ServerApp.root_dir={sb.WORK}"], env=env)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def started():
-        assert proc.poll() is None, (sb.LOGS / "jupyter-server.log").read_text()[-3000:]
+        assert proc.poll() is None, (sb.LOGS / log_name).read_text()[-3000:]
         for f in RUNTIME.glob("jpserver-*.json"):
             try:
                 return json.loads(f.read_text())
@@ -208,6 +208,22 @@ def test_a_cluster_that_ends_elsewhere_leaves_the_panel(lab, cluster_name):
     lab.wait_listed(cluster_name, "(started with dask-spank up)", lambda c: True, 90)
     ds("down", cluster_name)
     sb.wait_until("the panel to drop it", lambda: cluster_name not in lab.clusters(), 60, 1)
+
+
+def test_a_start_the_site_refuses_is_one_clear_line_in_the_panel(lab):
+    """+NEW with a worker memory over the site's limit: the panel gets the
+    plugin's one-line refusal, and nothing is left in Slurm's queue."""
+    before = set(sb.squeue_ids())
+    bad = start_lab(env={"DASK_LABEXTENSION__FACTORY__KWARGS__WORKER_MEM": "900G"}, log_name="jupyter-server-bad.log")
+    try:
+        status, body = bad.request("PUT", "/dask/clusters")
+    finally:
+        stop_lab(bad)
+    assert status == 500, (status, body[:500])
+    message = json.loads(body)["message"]
+    assert re.search(r"--mem=900G exceeds worker_mem_max=\w+", message), message
+    assert len(message.strip().splitlines()) == 1, message
+    assert set(sb.squeue_ids()) <= before
 
 
 # Run by the test user with dask's dashboard link through jupyter-server-proxy.
