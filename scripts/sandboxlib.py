@@ -56,18 +56,23 @@ def run(args, check=True, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(args, env=ENV, text=True, capture_output=True, check=check, **kw)
 
 
-def as_user(args, check=True, cwd: Path | None = None, env: dict | None = None,
-            **kw) -> subprocess.CompletedProcess:
-    """Run a command as the unprivileged test user, like a user's shell would."""
+def user_command(args, cwd: Path | None = None, env: dict | None = None) -> list[str]:
+    """The command line that runs `args` as the unprivileged test user, with
+    the environment a user's shell would have (plus `env`)."""
     base = {
         "HOME": str(HOME), "USER": TEST_USER, "LOGNAME": TEST_USER,
         "SLURM_CONF": ENV["SLURM_CONF"],
         "PATH": f"{VENV}/bin:{BIN}:/usr/local/bin:/usr/bin:/bin",
     }
     base.update(env or {})
-    env = [f"{k}={v}" for k, v in base.items()]
-    cmd = ["runuser", "-u", TEST_USER, "--", "env", "-C", str(cwd or WORK), *env, *args]
-    return subprocess.run(cmd, text=True, capture_output=True, check=check, **kw)
+    return ["runuser", "-u", TEST_USER, "--", "env", "-C", str(cwd or WORK),
+            *(f"{k}={v}" for k, v in base.items()), *args]
+
+
+def as_user(args, check=True, cwd: Path | None = None, env: dict | None = None,
+            **kw) -> subprocess.CompletedProcess:
+    """Run a command as the unprivileged test user, like a user's shell would."""
+    return subprocess.run(user_command(args, cwd, env), text=True, capture_output=True, check=check, **kw)
 
 
 def user() -> pwd.struct_passwd:

@@ -63,7 +63,11 @@ def test_the_dashboard_is_private_to_its_owner(cluster_name):
                                        f"/info/call-stacks/{waddr}", "/json/identity.json", "/sitemap.json",
                                        "/metrics", "/individual-plots.json", "/status?token=wrong",
                                        # Not ASCII: refused, not a 500 with a traceback.
-                                       "/status?token=%C3%A9t%C3%A9")]
+                                       "/status?token=%C3%A9t%C3%A9",
+                                       # The token as a path prefix (for proxies): a wrong
+                                       # one, none, one not ASCII.
+                                       f"/dask-spank-token/{'0' * 48}/status", "/dask-spank-token//status",
+                                       "/dask-spank-token/status", "/dask-spank-token/%C3%A9t%C3%A9/status")]
         urls += [f"{wbase}{p}" for p in ("/status", "/info/main/logs.html", "/metrics", "/sitemap.json")]
         for url, status, body in probe_as_other(urls):
             assert status == 403, (url, status, body[:300])
@@ -77,6 +81,14 @@ def test_the_dashboard_is_private_to_its_owner(cluster_name):
         assert re.fullmatch(rf"{re.escape(base)}/status\?token=[0-9a-f]{{48}}", link), link
         assert landed == f"200 {base}/status", landed
         assert other.startswith("200 "), other
+        # The token as the path's prefix opens every page too, without a
+        # cookie (what proxies need).
+        token = link.rsplit("=", 1)[1]
+        p = sb.as_user([str(sb.VENV / "bin" / "python"), "-c", PROBE, f"{base}/dask-spank-token/{token}/status",
+                        f"{base}/dask-spank-token/{token}/info/main/logs.html",
+                        f"{base}/dask-spank-token/{token}/individual-plots.json"], timeout=120)
+        for url, status, body in json.loads(p.stdout):
+            assert status == 200, (url, status, body[:300])
         # `status` gives the owner the same link.
         assert link in ds("status", cluster_name).stdout
     finally:

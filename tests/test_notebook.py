@@ -60,6 +60,10 @@ try:
     SpankCluster(name, worker_mem="3G")
 except TypeError as e:
     print("sizing:", e)
+try:
+    SpankCluster()
+except TypeError as e:
+    print("no name:", e)
 c = SpankCluster(name, workers=1, wait=100)
 try:
     SpankCluster(name, workers=1)
@@ -91,6 +95,7 @@ def test_errors_come_at_once_and_a_cluster_can_be_reused(cluster_name):
     unknown = next(l for l in out.splitlines() if l.startswith("unknown:"))
     assert float(unknown.split()[1]) < 10 and "unknown cluster" in unknown, unknown
     assert "sizing: SpankCluster(" in out and "pass workers=N to start it" in out, out
+    assert "no name: SpankCluster() needs the name of a running cluster" in out and "workers=N" in out, out
     assert "in use:" in out and "reuse=True" in out, out
     assert "reused: False" in out and "done" in out, out
     failed = next(l for l in out.splitlines() if l.startswith("slow:"))

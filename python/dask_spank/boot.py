@@ -9,8 +9,9 @@ status pages, logs, exceptions, call stacks, metrics) private to the
 cluster's owner: every request must carry the cluster's dashboard token
 (the file the agent names in DASK_SPANK_DASHBOARD_TOKEN_FILE, 0600, which
 only the owner can read), as `?token=` (then a cookie is set and the
-browser sent on to the same URL without it) or as that cookie. Anybody
-else gets 403 and nothing of the cluster.
+browser sent on to the same URL without it), as that cookie, or as the
+path's prefix `/dask-spank-token/TOKEN/` (for proxies: the rest of the
+path is served). Anybody else gets 403 and nothing of the cluster.
 
 It makes the scheduler's idle timeout mean what the site's policy says: no
 task and no client (but the cluster's own: its keeper's helper) for that
@@ -32,6 +33,9 @@ is over) or one the scheduler closes at its own end still exits 0.
 RESTART_EXIT = 75
 #: The short names the node agent starts dask by (`ps` shows them).
 COMMANDS = {"dask-scheduler": "distributed.cli.dask_scheduler", "dask-worker": "distributed.cli.dask_worker"}
+#: The path prefix that carries the dashboard token (python/dask_spank/cluster.py
+#: builds links with it): /dask-spank-token/TOKEN/status is /status.
+PATH_TOKEN = "/dask-spank-token/"
 _removed_while_running = []
 
 
@@ -89,6 +93,19 @@ def protect_dashboard():
         known_token = token()
         if known_token is not None:
             t, cookie = known_token
+            # The token as the path's first two segments
+            # (/dask-spank-token/TOKEN/status): the page is served as
+            # /status, and the pages and plots it links to relatively keep
+            # the prefix. What a proxy needs (jupyter-server-proxy, the
+            # JupyterLab Dask panel), whose paths are joined to the link and
+            # whose cookies are its own.
+            if request.path.startswith(PATH_TOKEN):
+                given, _, rest = request.path[len(PATH_TOKEN):].partition("/")
+                if given and hmac.compare_digest(given.encode(errors="replace"), t.encode()):
+                    request.path = "/" + rest
+                    request.uri = request.path + ("?" + request.query if request.query else "")
+                    return find(self, request, **kwargs)
+                return self.get_handler_delegate(request, Forbidden)
             # Bytes, not str: compare_digest refuses a str that is not ASCII.
             given = request.query_arguments.get("token", [b""])[0]
             if given and hmac.compare_digest(given, t.encode()):

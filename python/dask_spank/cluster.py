@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shlex
 import shutil
 import subprocess
 import time
+import weakref
 from pathlib import Path
 
 from distributed.core import Status, rpc
@@ -24,8 +26,15 @@ from distributed.security import Security
 
 from .tls_eof import clear_before_tls_io, ignore_unexpected_eof
 
+logger = logging.getLogger("dask_spank")
+
 #: Largest scheduler file read (dask writes a few hundred bytes).
 MAX_SCHEDULER_FILE = 64 * 1024
+#: distributed's own dashboard link (distributed.dashboard.link): the
+#: scheduler's HTTP server itself, not a proxy in front of it.
+DIRECT_LINK = "{scheme}://{host}:{port}/status"
+#: The dashboard token as a path prefix (python/dask_spank/boot.py).
+PATH_TOKEN = "/dask-spank-token/"
 
 
 class DaskSpankError(RuntimeError):
@@ -146,20 +155,61 @@ def own_env() -> str | None:
     return sys.prefix if same and sys.prefix != "/usr" else None
 
 
+def fresh_name(prefix: str | None = None) -> str:
+    """A cluster name of this user's not in use: ``PREFIX-N``, the first N
+    with no cluster directory (``dask-spank layout``) and no job (``dask-spank
+    ls``). The prefix is ``dask-spank.name-prefix`` of dask's configuration
+    (default ``dask``)."""
+    import dask
+
+    prefix = prefix or dask.config.get("dask-spank.name-prefix", default=None) or "dask"
+    taken = set(json.loads(_cli("layout"))["clusters"])
+    taken.update(c["cluster"] for c in json.loads(_cli("ls", "--json")))
+    n = 1
+    while f"{prefix}-{n}" in taken:
+        n += 1
+    return f"{prefix}-{n}"
+
+
+class Adaptation:
+    """What `SpankCluster.adapt` returns: the bounds, and for an
+    asynchronous cluster the command's completion to await."""
+
+    def __init__(self, minimum: int, maximum: int, done: asyncio.Future | None = None):
+        self.minimum, self.maximum, self._done = minimum, maximum, done
+
+    def __await__(self):
+        async def _():
+            if self._done is not None:
+                await self._done
+            return self
+
+        return _().__await__()
+
+    def __repr__(self):
+        return f"<dask-spank adaptive: {self.minimum} to {self.maximum} worker jobs, in the scheduler job>"
+
+
 class SpankCluster(Cluster):
     """A dask-spank cluster.
 
     ``SpankCluster("ana")`` attaches to a running cluster;
     ``SpankCluster("ana", workers=20, worker_mem="3G")`` starts one (``dask-spank
     up``: the site's policy applies) and, by default, stops it on
-    ``close()``. Its workers run this Python's environment unless ``env``
-    says otherwise (``env=False``: the job's ``python3``).
+    ``close()``; ``SpankCluster(workers=20)`` starts one under a fresh name
+    (`fresh_name`: what JupyterLab's Dask panel creates). Its workers run
+    this Python's environment unless ``env`` says otherwise (``env=False``:
+    the job's ``python3``).
 
     It works in a notebook's event loop: ``await SpankCluster(...,
     asynchronous=True)`` and ``async with`` never block the loop.
     """
 
-    def __init__(self, name: str, *, workers: int | None = None, worker_mem: str | None = None,
+    #: The open clusters of this process (dask_spank.jupyter lists the
+    #: others of the user's).
+    _open: weakref.WeakSet = weakref.WeakSet()
+
+    def __init__(self, name: str | None = None, *, workers: int | None = None, worker_mem: str | None = None,
                  worker_cpus: int | None = None, worker_time: str | None = None,
                  scheduler_mem: str | None = None, env: str | bool | None = None,
                  account: str | None = None, qos: str | None = None, partition: str | None = None,
@@ -175,6 +225,9 @@ class SpankCluster(Cluster):
                  "env_vars": env_vars, "resources": resources, "local_directory": local_directory,
                  "preload": preload, "worker_sbatch": worker_sbatch, "scheduler_sbatch": scheduler_sbatch}
         if workers is None:
+            if name is None:
+                raise TypeError("SpankCluster() needs the name of a running cluster to attach to, "
+                                "or workers=N to start a new one")
             extra = sorted(k for k, v in given.items() if v is not None)
             if extra or env not in (None, False):
                 raise TypeError(f"SpankCluster({name!r}) attaches to a running cluster: {', '.join(extra or ['env'])} "
@@ -187,7 +240,10 @@ class SpankCluster(Cluster):
         self.paths = {}
         self._started_here = False
         self.shutdown_on_close = workers is not None if shutdown_on_close is None else shutdown_on_close
+        # A name is chosen at the start (it asks the command: off the loop).
+        self._fresh = name is None
         super().__init__(asynchronous=asynchronous, loop=loop, name=name, quiet=quiet)
+        SpankCluster._open.add(self)
         if not self.asynchronous and not self.called_from_running_loop:
             self._loop_runner.start()
             try:
@@ -237,20 +293,29 @@ class SpankCluster(Cluster):
 
     async def _up(self) -> None:
         """Start the cluster (``dask-spank up``); with ``reuse``, a running
-        cluster of the name is scaled instead."""
+        cluster of the name is scaled instead. A fresh name that another
+        process took meanwhile gives way to the next one."""
         s = self._start_with
-        args = self._up_args()
-        try:
-            await self._cli(*args)
-            self._started_here = True
-        except DaskSpankError as e:
-            if "already in use" not in str(e):
-                raise
-            if not self._reuse:
-                raise DaskSpankError(f"{e}; SpankCluster({self.name!r}) attaches to it, "
-                                     f"SpankCluster({self.name!r}, workers=N, reuse=True) attaches and scales it") from None
-            await self._cli("scale", self.name, str(s["workers"]))
-            self.shutdown_on_close = False
+        for _ in range(10):
+            try:
+                await self._cli(*self._up_args())
+                self._started_here = True
+                return
+            except DaskSpankError as e:
+                if "already in use" not in str(e):
+                    raise
+                if not self._fresh:
+                    in_use = e
+                    break
+            self.name = await asyncio.get_running_loop().run_in_executor(None, fresh_name)
+            self.paths = json.loads(await self._cli("layout", self.name))
+        else:
+            raise DaskSpankError(f"no fresh cluster name after 10 tries (the last: {self.name!r})")
+        if not self._reuse:
+            raise DaskSpankError(f"{in_use}; SpankCluster({self.name!r}) attaches to it, "
+                                 f"SpankCluster({self.name!r}, workers=N, reuse=True) attaches and scales it")
+        await self._cli("scale", self.name, str(s["workers"]))
+        self.shutdown_on_close = False
 
     async def _wait_address(self) -> str:
         end = time.monotonic() + self._timeout
@@ -264,6 +329,8 @@ class SpankCluster(Cluster):
             await asyncio.sleep(0.5)
 
     async def _start(self):
+        if self._fresh:
+            self.name = await asyncio.get_running_loop().run_in_executor(None, fresh_name)
         self.paths = json.loads(await self._cli("layout", self.name))
         if self._start_with is not None:
             await self._up()
@@ -296,39 +363,76 @@ class SpankCluster(Cluster):
 
     def _do(self, *args: str):
         """Run a command: now, raising its error, for a synchronous
-        cluster; off the event loop, as a task, for an asynchronous one."""
+        cluster; off the event loop, as a task, for an asynchronous one
+        (a failure nobody awaits is logged)."""
         if self.asynchronous:
-            return asyncio.ensure_future(self._cli(*args))
+            task = asyncio.ensure_future(self._cli(*args))
+            task.add_done_callback(self._log_failure)
+            return task
         self._log(_cli(*args).strip())
         return None
+
+    def _log_failure(self, task: asyncio.Future) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._log(f"dask-spank: {task.exception()}")
+            logger.warning("cluster %r: %s", self.name, task.exception())
 
     def scale(self, n: int):
         """Have ``n`` worker jobs (``dask-spank scale``)."""
         return self._do("scale", self.name, str(int(n)))
 
-    def adapt(self, minimum: int = 0, maximum: int | None = None, **kwargs):
+    def adapt(self, minimum: int = 0, maximum: int | None = None, **kwargs) -> Adaptation:
         """Size the cluster with dask's adaptive target, between `minimum`
         and `maximum` worker jobs. It runs in the scheduler job (``dask-spank
         adapt``), not in this process: it goes on when the notebook ends.
-        dask's other Adaptive options are not taken."""
+        dask's other Adaptive options are not taken. What it returns has
+        the bounds (as dask's Adaptive: dask-labextension shows them) and,
+        for an asynchronous cluster, can be awaited."""
         if maximum is None:
             raise ValueError("adapt() needs a maximum number of worker jobs")
         if kwargs:
             raise TypeError(f"adapt() takes minimum and maximum only, not {sorted(kwargs)}")
-        return self._do("adapt", self.name, str(int(minimum)), str(int(maximum)))
+        done = self._do("adapt", self.name, str(int(minimum)), str(int(maximum)))
+        return Adaptation(int(minimum), int(maximum), done)
+
+    def dashboard_token(self) -> str | None:
+        """The cluster's dashboard token (the file in its private
+        directory, new for each scheduler job), or None."""
+        if "dashboard_token" not in self.paths:
+            return None
+        try:
+            with open(self.paths["dashboard_token"]) as f:
+                return f.read(256).strip() or None
+        except OSError:
+            return None
 
     @property
     def dashboard_link(self) -> str:
         """The dashboard's link, with the cluster's token: the dashboard
-        answers nobody without it (dask-spank makes it private)."""
+        answers nobody without it (dask-spank makes it private).
+
+        With distributed's own link (``distributed.dashboard.link``: the
+        scheduler's server itself), the token is the query (``?token=``:
+        the first visit sets a cookie and drops it from the address bar).
+        With a link through a proxy (jupyter-server-proxy's
+        ``{JUPYTERHUB_SERVICE_PREFIX}proxy/{host}:{port}/status``, say), it
+        is the path's prefix on the dask side, ``…/{port}/dask-spank-token/TOKEN/status``:
+        paths joined to the link (JupyterLab's Dask panel adds
+        ``individual-plots.json`` and the plots' paths) keep it, and no
+        cookie is needed on the proxy's host."""
         link = super().dashboard_link
-        if not link or "dashboard_token" not in self.paths:
+        token = self.dashboard_token() if link else None
+        if not token:
             return link
-        try:
-            with open(self.paths["dashboard_token"]) as f:
-                token = f.read(256).strip()
-        except OSError:
-            return link
+        import dask
+        from distributed.utils import format_dashboard_link
+
+        template = dask.config.get("distributed.dashboard.link")
+        if template != DIRECT_LINK and "{port}" in template:
+            # The host as distributed's Cluster.dashboard_link takes it.
+            host = self.scheduler_address.split("://")[1].split("/")[0].split(":")[0]
+            port = self.scheduler_info["services"]["dashboard"]
+            return format_dashboard_link(host, f"{port}{PATH_TOKEN}{token}")
         return f"{link}{'&' if '?' in link else '?'}token={token}"
 
     def status_jobs(self) -> dict:
