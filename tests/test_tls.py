@@ -104,6 +104,72 @@ def test_a_worker_without_the_clusters_certificate_is_refused(cluster_name, othe
     sb.run(["scancel", sa, sbj])
 
 
+# A raw TLS client that trusts anything (verification off) and offers the
+# certificate it is given, or none: what the server says, seen from the
+# client. "refused: ..." is the server's alert or its closing the
+# connection; "ACCEPTED" is a server still waiting for the dask handshake
+# 5 s after the TLS one (a server that does not require client
+# certificates).
+RAW_TLS = """
+import socket, ssl, sys
+host, port = sys.argv[1].rsplit("://", 1)[1].rsplit(":", 1)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+if len(sys.argv) > 2:
+    ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+try:
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        with ctx.wrap_socket(raw) as tls:
+            tls.settimeout(5)
+            data = tls.recv(1)
+            print("refused: closed" if data == b"" else "ACCEPTED: " + repr(data))
+except socket.timeout:
+    print("ACCEPTED: the server waits for the dask handshake")
+except (ssl.SSLError, ConnectionError) as e:
+    print("refused:", e)
+"""
+
+
+def test_the_scheduler_and_workers_refuse_tls_without_the_clusters_certificate(cluster_name, other_user):
+    """Seen from the servers: a TLS client without a certificate, and one
+    with another cluster's (its own verification off, so only the server
+    can refuse), are refused by the scheduler and by a worker, each saying
+    so in its log."""
+    other = cluster_name + "-b"
+    for n in (cluster_name, other):
+        sb.forget_cluster(n)
+    sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster_name}")
+    workers = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster_name}")
+    sched_b = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={other}")
+    sb.wait_scheduler_file(other)
+    c = sb.client(cluster_name)
+    try:
+        c.wait_for_workers(1, timeout=120)
+        info = c.scheduler_info()
+    finally:
+        c.close()
+    [worker_addr] = info["workers"]
+    creds = sb.WORK / f"creds-of-{other}"
+    shutil.rmtree(creds, ignore_errors=True)
+    creds.mkdir()
+    for f in ("tls.pem", "tls.key"):
+        shutil.copy(sb.cluster_dir(other) / f, creds / f)
+    os.system(f"chown -R {other_user}: {creds}")
+    for address in (info["address"], worker_addr):
+        for cert in ([], [str(creds / "tls.pem"), str(creds / "tls.key")]):
+            r = run_as(other_user, RAW_TLS, address, *cert)
+            assert r.stdout.startswith("refused"), (address, cert, r.stdout, r.stderr[-2000:])
+    logs = {"scheduler": sb.WORK / "log" / f"dask-scheduler-{sched}.log",
+            "worker": sb.WORK / "log" / f"dask-worker-{workers}.log"}
+    for role, log in logs.items():
+        text = sb.wait_until(f"the {role}'s log to say it refused both", lambda: (
+            t if (t := log.read_text(errors="replace")).count("TLS handshake failed") >= 2 else None), 30)
+        assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in text, text[-3000:]
+        assert "CERTIFICATE_VERIFY_FAILED" in text or "unknown ca" in text.lower(), text[-3000:]
+    sb.run(["scancel", sched, workers, sched_b])
+
+
 NOTEBOOK = """
 import os, sys, time
 from distributed import Client
