@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 
 import sandboxlib as sb
 from test_nanny import mine
@@ -243,8 +244,20 @@ def test_metrics_over_http_on_loopback_for_every_user_and_bounded():
     assert complete == "True" and float(waited) < 1.0, p.stdout
     closed, after = third.split()
     assert closed == "True" and 0.5 <= float(after) < 3.0, p.stdout
-    # The same numbers as on the agent's socket (root's).
-    assert sb.agent_metrics()["dask_spank_jobs"] >= 0
+    # The same numbers as on the agent's socket (root's): every series,
+    # read twice over HTTP around the socket's answer (nothing runs now,
+    # but a count may move between two reads; it must match one of them).
+    url = f"http://127.0.0.1:{sb.METRICS_PORT_N1}/metrics"
+
+    def over_http() -> dict[str, int]:
+        body = urllib.request.urlopen(url, timeout=10).read().decode()
+        return {k: int(v) for k, v in (l.rsplit(" ", 1) for l in body.splitlines() if l and not l.startswith("#"))
+                if "{" not in k}
+
+    before, socket_side, after = over_http(), sb.agent_metrics(), over_http()
+    assert len(socket_side) >= 12 and set(socket_side) == set(before), (socket_side, before)
+    for name, value in socket_side.items():
+        assert value in (before[name], after[name]), (name, value, before[name], after[name])
     # Only loopback: an agent asked for more does not start.
     d = sb.WORK / "metrics-refused"
     d.mkdir(exist_ok=True)

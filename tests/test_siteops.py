@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 
 import sandboxlib as sb
 
@@ -34,7 +35,11 @@ def test_a_node_whose_agent_is_down_is_drained_and_resumed():
         assert reason.startswith("dask-spank: the node agent does not answer"), reason
         # Nothing is sent to a drained node.
         job = sb.sbatch("--dask-role=scheduler", "--dask-cluster=siteops-drained")
+        # Long enough for slurmctld to have placed it on a node that takes jobs.
+        time.sleep(5)
         assert sb.job_states(job) == {job: "PENDING"}
+        reason = sb.run(["squeue", "-h", "-j", job, "-o", "%r"]).stdout.strip()
+        assert reason not in ("", "None"), reason
         sb.run(["scancel", job])
     finally:
         sb.sandbox("up")  # starts the agent
