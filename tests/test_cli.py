@@ -203,3 +203,43 @@ def test_dry_run_and_policy_match_what_a_submission_gets(cluster_name):
                          "print(d.SpankCluster(sys.argv[1]).job_script())", cluster_name]).stdout
     assert "3G" in script and "--dask-role=worker" in script and "--partition=htc" in script, script
     sb.as_user(["dask-spank", "down", cluster_name])
+
+
+LOADER = """
+import sys
+from distributed import Client
+# No Security object: the loader named in dask's configuration finds the
+# cluster's credentials from the scheduler file's cluster.
+with Client(scheduler_file=sys.argv[1], timeout=30) as c:
+    print("sum", c.submit(sum, [1, 2]).result(), "python", sorted(set(c.run(lambda: sys.executable).values())))
+"""
+
+
+def test_up_sizes_adapt_later_the_status_tunnel_and_the_security_loader(cluster_name):
+    """The documented remainder: `up --env --worker-cpus --scheduler-mem`
+    (each reaches the jobs), `dask-spank adapt` on a running cluster (no
+    work: down to its minimum), the dashboard and SSH tunnel lines of
+    `status`, and `distributed.client.security-loader`."""
+    name = cluster_name
+    venv = str(sb.VENV)
+    ds("up", name, "--workers", "2", "--env", venv, "--worker-cpus", "2", "--scheduler-mem", "2G",
+       "--wait", "100", "--timeout", "180")
+    st = json.loads(ds("status", name, "--json").stdout)
+    assert sb.scontrol_job(st["scheduler"]["job"])["MinMemoryNode"] == "2G"
+    assert {sb.scontrol_job(w["job"])["CPUs/Task"] for w in st["workers"]} == {"2"}
+    r = sb.as_user([f"{venv}/bin/python", "-c", LOADER, str(sb.scheduler_file(name))], check=False, timeout=120,
+                   env={"DASK_DISTRIBUTED__CLIENT__SECURITY_LOADER": "dask_spank.security_loader"})
+    assert r.returncode == 0 and "sum 3" in r.stdout, (r.stdout, r.stderr[-3000:])
+    assert f"python ['{venv}/bin/python']" in r.stdout, r.stdout
+    human = ds("status", name).stdout
+    assert re.search(r"^dashboard http://127\.0\.0\.1:\d+/status\?token=[0-9a-f]{48}$", human, re.M), human
+    assert re.search(r"^  from your laptop: ssh -N -L \d+:127\.0\.0\.1:\d+ \S+, then open "
+                     r"http://localhost:\d+/status\?token=[0-9a-f]{48}$", human, re.M), human
+    # Adaptive from now on: no work, so down to its minimum.
+    ds("adapt", name, "0", "3")
+    assert "adaptive 0..3" in ds("status", name).stdout
+    sb.wait_until("no worker job left (adaptive, no work)", lambda: not [
+        w for w in json.loads(ds("status", name, "--json").stdout)["workers"]
+        if w["state"] in ("connected", "pending", "running")], 180, 2)
+    assert connected(name) == 0
+    ds("down", name)
