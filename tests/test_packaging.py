@@ -91,7 +91,7 @@ def test_srpm_carries_the_source_and_its_crates(srpm):
 def test_file_lists(rpms):
     assert set(rpmq(rpms["dask-spank"], "-l").split()) == {
         "/etc/slurm/plugstack.conf.d",
-        "/etc/slurm/plugstack.conf.d/dask-spank.conf.example",
+        "/etc/slurm/plugstack.conf.d/dask-spank.conf",
         "/usr/bin/dask-spank",
         "/usr/lib64/slurm/spank_dask.so",
         "/usr/share/doc/dask-spank",
@@ -132,8 +132,8 @@ def test_config_flags_and_scriptlets(rpms):
     rpm = rpms["dask-spank"]
     flags = dict(l.rsplit(" ", 1) if " " in l else (l, "") for l in
                  rpmq(rpm, "--qf", "[%{FILENAMES} %{FILEFLAGS:fflags}\n]").splitlines())
-    assert flags["/etc/slurm/plugstack.conf.d/dask-spank.conf.example"] == "cn", "config(noreplace)"
-    assert rpmq(rpm, "--configfiles").split() == ["/etc/slurm/plugstack.conf.d/dask-spank.conf.example"]
+    assert flags["/etc/slurm/plugstack.conf.d/dask-spank.conf"] == "cn", "config(noreplace)"
+    assert rpmq(rpm, "--configfiles").split() == ["/etc/slurm/plugstack.conf.d/dask-spank.conf"]
     assert rpmq(rpm, "--scripts").strip() == ""
     scripts = rpmq(rpms["dask-spank-agent"], "--scripts")
     assert "systemctl --no-reload preset dask-node-agent.service" in scripts
@@ -142,7 +142,7 @@ def test_config_flags_and_scriptlets(rpms):
 
 
 def test_snippet_is_inactive_and_the_example_policy_is_shipped(payload):
-    snippet = (payload / "etc/slurm/plugstack.conf.d/dask-spank.conf.example").read_text()
+    snippet = (payload / "etc/slurm/plugstack.conf.d/dask-spank.conf").read_text()
     lines = [l for l in snippet.splitlines() if l.strip() and not l.lstrip().startswith("#")]
     assert lines == [], lines
     assert "#required /usr/lib64/slurm/spank_dask.so" in snippet
@@ -150,6 +150,47 @@ def test_snippet_is_inactive_and_the_example_policy_is_shipped(payload):
     line = [l for l in example.splitlines() if l.startswith("required ")]
     assert len(line) == 1 and line[0].startswith("required /usr/lib64/slurm/spank_dask.so ")
     assert "worker_partition=htc" in line[0] and "worker_licenses=sps" in line[0]
+
+
+def rpm_root(root: Path, *args: str) -> subprocess.CompletedProcess:
+    """rpm on a scratch root of its own (its own database): no scriptlets,
+    no dependencies (Slurm is not installed there)."""
+    return subprocess.run(["rpm", "--root", str(root), "--nodeps", "--noscripts", "--nosignature", *args],
+                          capture_output=True, text=True)
+
+
+def test_install_edit_upgrade_and_remove_leave_no_line_naming_a_missing_plugin(rpms):
+    """As rpm does it on a node: the snippet installs inactive, the admin
+    enables it in place, an upgrade keeps the edit, and removal sets the
+    edited file aside where slurmd does not read it (plugstack.conf
+    includes *.conf), together with the plugin."""
+    root = sb.STATE / "rpm-root"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    assert subprocess.run(["rpm", "--root", str(root), "--initdb"]).returncode == 0
+    both = [rpms["dask-spank"], rpms["dask-spank-agent"]]
+    p = rpm_root(root, "-i", *both)
+    assert p.returncode == 0, p.stderr
+    d = root / "etc/slurm/plugstack.conf.d"
+    snippet = d / "dask-spank.conf"
+    active = lambda: [l for f in d.glob("*.conf") for l in f.read_text().splitlines()  # noqa: E731
+                      if l.strip() and not l.lstrip().startswith("#")]
+    assert active() == [], "installed inactive"
+    # The admin enables it in place.
+    snippet.write_text(snippet.read_text().replace("#required /usr/lib64/slurm/spank_dask.so",
+                                                   "required /usr/lib64/slurm/spank_dask.so tls=required"))
+    assert active() == ["required /usr/lib64/slurm/spank_dask.so tls=required"]
+    # An upgrade (the same packages again) keeps the edit.
+    p = rpm_root(root, "-U", "--replacepkgs", *both)
+    assert p.returncode == 0, p.stderr
+    assert active() == ["required /usr/lib64/slurm/spank_dask.so tls=required"]
+    # Removal: the plugin goes, and no included file names it any more.
+    p = rpm_root(root, "-e", "dask-spank-agent", "dask-spank")
+    assert p.returncode == 0, p.stderr
+    assert not (root / "usr/lib64/slurm/spank_dask.so").exists()
+    assert active() == [], [f.name for f in d.iterdir()]
+    saved = d / "dask-spank.conf.rpmsave"
+    assert "required /usr/lib64/slurm/spank_dask.so tls=required" in saved.read_text(), "the admin's policy is kept"
 
 
 def test_unit(payload):
@@ -168,13 +209,13 @@ def test_unit(payload):
 
 
 def enable_snippet(payload) -> Path:
-    """What the snippet's header tells an admin to do: copy it to a .conf
-    of the included directory and uncomment its line (here also pointed
-    at the sandbox's install path and agent directory). plugstack.conf
-    then holds only `include <dir>/*.conf`."""
+    """What the snippet's header tells an admin to do: uncomment its line
+    (here also pointed at the sandbox's install path and agent directory),
+    in the included directory. plugstack.conf then holds only
+    `include <dir>/*.conf`."""
     d = sb.STATE / "etc" / "plugstack.conf.d"
     d.mkdir(exist_ok=True)
-    text = (payload / "etc/slurm/plugstack.conf.d/dask-spank.conf.example").read_text()
+    text = (payload / "etc/slurm/plugstack.conf.d/dask-spank.conf").read_text()
     lib = "/usr/lib64/slurm/spank_dask.so"
     assert f"#required {lib}\n" in text
     text = text.replace(f"#required {lib}", f"required {sb.STATE / 'lib/spank_dask.so'} "
