@@ -105,6 +105,8 @@ def test_file_lists(rpms):
     }
     assert set(rpmq(rpms["dask-spank-agent"], "-l").split()) == {
         "/usr/lib/systemd/system/dask-node-agent.service",
+        "/usr/libexec/dask-spank",
+        "/usr/libexec/dask-spank/health",
         "/usr/sbin/dask-node-agent",
     }
 
@@ -191,6 +193,27 @@ def test_install_edit_upgrade_and_remove_leave_no_line_naming_a_missing_plugin(r
     assert active() == [], [f.name for f in d.iterdir()]
     saved = d / "dask-spank.conf.rpmsave"
     assert "required /usr/lib64/slurm/spank_dask.so tls=required" in saved.read_text(), "the admin's policy is kept"
+
+
+def test_the_health_check_program_runs_the_agents_check(payload, tmp_path):
+    """/usr/libexec/dask-spank/health, run as slurmd runs it (no argument,
+    SLURMD_NODENAME set), with the payload's agent binary where the
+    package puts it: it answers for the sandbox's running agent."""
+    shipped = (payload / "usr/libexec/dask-spank/health")
+    assert os.access(shipped, os.X_OK)
+    wrapper = tmp_path / "health"
+    wrapper.write_text(shipped.read_text().replace("/usr/sbin/dask-node-agent",
+                                                   str(payload / "usr/sbin/dask-node-agent")))
+    wrapper.chmod(0o755)
+    env = {**sb.ENV, "SLURMD_NODENAME": "n1", "DASK_SPANK_AGENT_DIR": str(sb.STATE / "run" / "agent")}
+    p = subprocess.run([str(wrapper)], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    # And fails, saying why, where no agent answers (a node it would drain:
+    # n1 is not drained by this, the agent directory is the wrong one for
+    # n9, which Slurm does not know).
+    env.update(SLURMD_NODENAME="n9")
+    p = subprocess.run([str(wrapper)], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "dask-node-agent:" in p.stderr, p.stdout + p.stderr
 
 
 def test_unit(payload):

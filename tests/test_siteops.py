@@ -5,6 +5,7 @@ what the plugstack line resolves to and what is wrong with it."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -82,3 +83,33 @@ def test_check_config_reports_a_wrong_agent_dir(policy):
     p = check_config()
     assert p.returncode == 1
     assert "ERROR agent_dir=/run/nowhere: no node agent of n1 answers on /run/nowhere/agent-n1.sock" in p.stdout, p.stdout
+
+
+def test_check_config_on_a_login_node_with_the_agents_dir_and_with_slurm_down(policy, tmp_path):
+    """--login-node asks no agent (a login node has none) and passes for a
+    good line; --agent-dir other than the line's is an error naming both;
+    a controller that does not answer is said as such, on one line, and is
+    not taken for a missing partition."""
+    policy("worker_partition=htc")
+    stop_agent()
+    try:
+        p = check_config("--login-node")
+        assert p.returncode == 0 and "a login node: no node agent asked" in p.stdout, p.stdout
+        assert "ok    worker_partition=htc exists" in p.stdout, p.stdout
+    finally:
+        sb.sandbox("up")  # starts the agent
+    sb.wait_until("the health check to resume n1", lambda: not node_state()[0].startswith("drain"), 30, 0.5)
+    p = check_config("--agent-dir", "/run/elsewhere")
+    assert p.returncode == 1, p.stdout
+    assert f"ERROR agent_dir={AGENT_DIR}: the agent runs with --agent-dir /run/elsewhere" in p.stdout, p.stdout
+    # slurm.conf with the controller on a port nobody listens on.
+    conf = tmp_path / "slurm.conf"
+    text = (sb.STATE / "etc" / "slurm.conf").read_text()
+    conf.write_text(re.sub(r"(?m)^SlurmctldPort=.*$", "SlurmctldPort=9", text))
+    p = subprocess.run([AGENT, "check-config", "--plugstack", str(sb.STATE / "etc" / "plugstack.conf"), "--node",
+                        "n1", "--agent-dir", AGENT_DIR], env={**sb.ENV, "SLURM_CONF": str(conf)}, timeout=120,
+                       capture_output=True, text=True)
+    assert p.returncode == 1, p.stdout
+    errors = [l for l in p.stdout.splitlines() if l.startswith("ERROR")]
+    assert len(errors) == 1 and errors[0].startswith("ERROR Slurm does not answer (scontrol ping: "), p.stdout
+    assert "no such partition" not in p.stdout, p.stdout

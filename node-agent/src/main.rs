@@ -32,18 +32,23 @@ struct Where {
     node: Option<String>,
 }
 
+/// `--node`, else SLURMD_NODENAME (set for slurmd's programs), else the
+/// short hostname.
+fn node_name(given: Option<String>) -> String {
+    given
+        .or_else(|| {
+            std::env::var("SLURMD_NODENAME")
+                .ok()
+                .filter(|n| !n.is_empty())
+        })
+        .unwrap_or_else(dask_spank_common::sys::short_hostname)
+}
+
 impl Where {
     /// --node, else SLURMD_NODENAME (set for slurmd's programs), else the
     /// short hostname.
     fn node(&self) -> String {
-        self.node
-            .clone()
-            .or_else(|| {
-                std::env::var("SLURMD_NODENAME")
-                    .ok()
-                    .filter(|n| !n.is_empty())
-            })
-            .unwrap_or_else(dask_spank_common::sys::short_hostname)
+        node_name(self.node.clone())
     }
 
     fn call(&self, req: &Request, timeout: Duration) -> Result<Response, ClientError> {
@@ -118,11 +123,19 @@ enum Cmd {
         at: Where,
     },
     /// What the plugstack.conf line resolves to, every key, and whether it
-    /// fits this node: the agent answers on agent_dir, the partitions and
-    /// licences exist in Slurm. Exit 1 on any problem.
+    /// fits this node: the agent answers on the line's agent_dir, the
+    /// partitions and licences exist in Slurm. Exit 1 on any problem.
     CheckConfig {
-        #[command(flatten)]
-        at: Where,
+        /// The agent's --agent-dir, when it is not the line's agent_dir
+        /// (a mismatch is an error: the plugin would not find the agent).
+        #[arg(long)]
+        agent_dir: Option<PathBuf>,
+        /// Slurm node name of the agent (default: the short hostname).
+        #[arg(long)]
+        node: Option<String>,
+        /// A login node: no agent there to ask (sbatch only reads the line).
+        #[arg(long)]
+        login_node: bool,
         /// plugstack.conf to read (default: slurm.conf's PlugStackConfig).
         #[arg(long)]
         plugstack: Option<PathBuf>,
@@ -293,9 +306,18 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::CheckConfig { at, plugstack } => {
+        Cmd::CheckConfig {
+            agent_dir,
+            node,
+            login_node,
+            plugstack,
+        } => {
             let conf = plugstack.unwrap_or_else(default_plugstack);
-            if siteops::check_config(&conf, &at.node()) {
+            let agent = (!login_node).then(|| siteops::AgentAt {
+                node: node_name(node),
+                agent_dir,
+            });
+            if siteops::check_config(&conf, agent.as_ref()) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

@@ -93,12 +93,31 @@ pub fn find_plugin_line(
 fn scontrol(args: &[&str]) -> Result<String, String> {
     let out = Command::new("scontrol")
         .args(args)
+        .stdin(std::process::Stdio::null())
         .output()
         .map_err(|e| format!("cannot run scontrol: {e}"))?;
     if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        return Err(one_line(&String::from_utf8_lossy(&out.stderr)));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A command's error output on one line (scontrol spreads one error over
+/// several).
+fn one_line(text: &str) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines.join("; ")
+}
+
+/// Where `check-config` looks for the node's agent.
+pub struct AgentAt {
+    pub node: String,
+    /// The agent's --agent-dir as the admin gave it (None: the line's).
+    pub agent_dir: Option<PathBuf>,
 }
 
 /// Whether the agent answers on `socket`.
@@ -114,7 +133,7 @@ pub fn ping(socket: &Path) -> Result<(), String> {
 
 /// `check-config`: print what every key resolves to, and every problem.
 /// Whether there were none.
-pub fn check_config(conf: &Path, node: &str) -> bool {
+pub fn check_config(conf: &Path, agent: Option<&AgentAt>) -> bool {
     let (file, line, args) = match find_plugin_line(conf, 0) {
         Ok(Some(x)) => x,
         Ok(None) => {
@@ -138,20 +157,49 @@ pub fn check_config(conf: &Path, node: &str) -> bool {
         let given = args.iter().any(|a| a.split('=').next() == Some(k));
         println!("  {k:<24} {v}{}", if given { "" } else { "  (default)" });
     }
-    let mut ok = true;
-    let sock = agent_socket(&cfg.agent_dir, node);
-    match ping(&sock) {
-        Ok(()) => println!(
-            "ok    the node agent of {node} answers on {}",
-            sock.display()
-        ),
+    let ok = match agent {
+        Some(at) => check_agent(&cfg, at),
+        None => {
+            println!("--    a login node: no node agent asked");
+            true
+        }
+    };
+    // Slurm itself first: a controller that does not answer is not a
+    // missing partition.
+    match scontrol(&["ping"]) {
+        Ok(_) => check_slurm_names(&cfg) && ok,
         Err(e) => {
-            ok = false;
-            println!("ERROR agent_dir={}: no node agent of {node} answers on {} ({e}): is the agent running, and is its --agent-dir (and --node) the same?", cfg.agent_dir.display(), sock.display());
+            println!("ERROR Slurm does not answer (scontrol ping: {e}): partitions and licences not checked");
+            false
         }
     }
-    ok &= check_slurm_names(&cfg);
-    ok
+}
+
+/// The agent answers where the plugin will look for it.
+fn check_agent(cfg: &Config, at: &AgentAt) -> bool {
+    let node = &at.node;
+    if let Some(dir) = at.agent_dir.as_ref().filter(|d| **d != cfg.agent_dir) {
+        println!(
+            "ERROR agent_dir={}: the agent runs with --agent-dir {}: the plugin would not find it (make them the same)",
+            cfg.agent_dir.display(),
+            dir.display()
+        );
+        return false;
+    }
+    let sock = agent_socket(&cfg.agent_dir, node);
+    match ping(&sock) {
+        Ok(()) => {
+            println!(
+                "ok    the node agent of {node} answers on {}",
+                sock.display()
+            );
+            true
+        }
+        Err(e) => {
+            println!("ERROR agent_dir={}: no node agent of {node} answers on {} ({e}): is the agent running, and is its --agent-dir (and --node) the same? (on a login node: --login-node)", cfg.agent_dir.display(), sock.display());
+            false
+        }
+    }
 }
 
 /// Partitions and licences the policy names must exist in Slurm.
@@ -172,7 +220,15 @@ fn check_slurm_names(cfg: &Config) -> bool {
             }
         }
     }
-    let lic = scontrol(&["show", "licenses"]).unwrap_or_default();
+    let wanted = !p.scheduler.licenses.is_empty() || !p.worker.licenses.is_empty();
+    let lic = match wanted.then(|| scontrol(&["show", "licenses"])) {
+        None => String::new(),
+        Some(Ok(l)) => l,
+        Some(Err(e)) => {
+            println!("ERROR cannot read Slurm's licences (scontrol show licenses: {e})");
+            return false;
+        }
+    };
     for (key, names) in [
         ("scheduler_licenses", &p.scheduler.licenses),
         ("worker_licenses", &p.worker.licenses),
@@ -239,6 +295,14 @@ pub fn health(socket: &Path, node: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_spread_over_lines_is_said_in_one() {
+        assert_eq!(
+            one_line("scontrol: error: a\n\n  slurm_load_partitions: b\n"),
+            "scontrol: error: a; slurm_load_partitions: b"
+        );
+    }
 
     #[test]
     fn globs() {
