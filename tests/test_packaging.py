@@ -305,6 +305,19 @@ def commits_with_packaging(n: int) -> list[str]:
     return [c for c in out if offline(c)][:n]
 
 
+def test_two_build_directories_give_identical_binaries(srpm, rpms, tmp_path):
+    """The SRPM rebuilt in another directory (another _topdir, so another
+    build path) gives bit-identical binaries: no build path is embedded."""
+    again = rebuild_offline(srpm, sb.STATE / "rpm-rebuild-elsewhere")
+    byname = {rpmq(f, "--qf", "%{NAME}"): f for f in again}
+    first = unpack(rpms.values(), tmp_path / "first")
+    second = unpack(byname.values(), tmp_path / "second")
+    for f in ("usr/lib64/slurm/spank_dask.so", "usr/sbin/dask-node-agent", "usr/bin/dask-spank"):
+        a, b = (first / f).read_bytes(), (second / f).read_bytes()
+        assert a == b, f"{f} differs between two build directories"
+        assert b"rpm-rebuild" not in a, f"{f} holds a build path"
+
+
 def test_two_commits_package_their_own_code(payload):
     """A second commit, packaged after HEAD, ships its own binaries: each
     names its commit in --version, and the plugin names it too."""
