@@ -59,3 +59,16 @@ def test_the_policy_table_lists_the_parsers_keys_in_order():
     keys = re.findall(r'"([a-z_]+)",', src[src.index("pub const KEYS"):src.index("];", src.index("pub const KEYS"))])
     table = re.findall(r"^\| `([a-z_]+)` \| `([^`]*)` \|", ADMIN, re.M)
     assert [k for k, _ in table] == keys
+
+
+def test_the_policy_tables_defaults_are_the_binarys():
+    """The defaults column is what the binaries apply to a bare line
+    (check-config prints every key of the line, "(default)" where the line
+    does not set it)."""
+    conf = sb.STATE / "etc" / "bare-plugstack.conf"
+    conf.write_text("required /usr/lib64/slurm/spank_dask.so\n")
+    out = subprocess.run([str(sb.BIN / "dask-node-agent"), "check-config", "--plugstack", str(conf), "--login-node"],
+                         capture_output=True, text=True, env=sb.ENV, timeout=60).stdout
+    applied = dict(re.findall(r"^  ([a-z_]+) +(\S+)  \(default\)$", out, re.M))
+    table = dict(re.findall(r"^\| `([a-z_]+)` \| `([^`]*)` \|", ADMIN, re.M))
+    assert len(applied) >= 30 and applied == table, (out, table)
