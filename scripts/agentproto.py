@@ -35,12 +35,12 @@ class AgentError(RuntimeError):
 class Conn:
     """One connection to the agent, handshake done."""
 
-    def __init__(self, path: str, client: str = "test", timeout: float | None = 60):
+    def __init__(self, path: str, client: str = "test", timeout: float | None = 60, version: int = VERSION):
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.settimeout(timeout)
         self.sock.connect(path)
         try:
-            self.send({"version": VERSION, "client": client})
+            self.send({"version": version, "client": client})
         except OSError:
             pass  # refused at once: the agent's reason is still to be read
         welcome = self.recv()

@@ -14,9 +14,11 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
+import agentproto
 import sandboxlib as sb
 from test_nanny import forkserver_processes, mine, start, stubborn_worker, worker_log
 
@@ -50,7 +52,33 @@ def stop_agent(sig) -> None:
                   or open(f"/proc/{pid}/stat").read().split(") ")[1][0] == "Z", 30)
 
 
+def payload_with_agent(agent: str) -> Path:
+    """A payload (as `scripts/sandbox up` takes with DASK_SPANK_PAYLOAD) of
+    the installed plugin and command and `agent`: `sandbox up` alone would
+    install the build tree's agent over any other."""
+    d = sb.STATE / "payload-upgrade"
+    shutil.rmtree(d, ignore_errors=True)
+    for src, dst in ((sb.STATE / "lib" / "spank_dask.so", "usr/lib64/slurm/spank_dask.so"),
+                     (sb.BIN / "dask-spank", "usr/bin/dask-spank"), (Path(agent), "usr/sbin/dask-node-agent")):
+        (d / dst).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, d / dst)
+    return d
+
+
+def start_agent_from(payload: Path | None) -> None:
+    if payload is None:
+        sb.sandbox("up")
+        return
+    os.environ["DASK_SPANK_PAYLOAD"] = str(payload)
+    try:
+        sb.sandbox("up")
+    finally:
+        del os.environ["DASK_SPANK_PAYLOAD"]
+
+
 def restart_mid_computation(cluster_name: str, sig, install=None) -> None:
+    """The agent stopped by `sig` while a computation runs, then started
+    again: the same build, or the payload `install()` returns."""
     sched, arr, c = start(cluster_name, 2)
     before = worker_pids(c)
     sched_pid = [p["pid"] for p in mine(cluster_name) if p["role"] == "scheduler"]
@@ -59,9 +87,7 @@ def restart_mid_computation(cluster_name: str, sig, install=None) -> None:
     assert not fut.done()
     stop_agent(sig)
     time.sleep(1)
-    if install:
-        install()
-    sb.sandbox("up")  # starts the (new) agent
+    start_agent_from(install() if install else None)
     assert int(fut.result(timeout=180)) == want, "the computation completed, right"
     assert worker_pids(c) == before, "no worker was restarted"
     assert [p["pid"] for p in mine(cluster_name) if p["role"] == "scheduler"] == sched_pid
@@ -107,18 +133,60 @@ def other_build(src: str, dst: str) -> str:
 
 def test_an_upgraded_agent_adopts_the_previous_ones_jobs(cluster_name):
     installed = sb.BIN / "dask-node-agent"
-    keep = sb.STATE / "dask-node-agent.before-upgrade"
-    shutil.copy2(installed, keep)
+    other = sb.STATE / "dask-node-agent.other-build"
+    commit = other_build(str(installed), str(other))
     try:
-        def install():
-            commit = other_build(str(keep), str(installed) + ".new")
-            os.rename(str(installed) + ".new", installed)
-            assert commit in subprocess.run([str(installed), "--version"], capture_output=True, text=True).stdout
-        restart_mid_computation(cluster_name, signal.SIGTERM, install)
+        restart_mid_computation(cluster_name, signal.SIGTERM, lambda: payload_with_agent(str(other)))
+        # The agent that adopted them is the other build.
+        running = os.readlink(f"/proc/{sb.agent_pid()}/exe")
+        assert commit in subprocess.run([running, "--version"], capture_output=True, text=True).stdout
     finally:
         stop_agent(signal.SIGTERM)
-        os.rename(keep, installed)
-        sb.sandbox("up")
+        sb.sandbox("up")  # the build tree's agent again
+
+
+def next_protocol_agent() -> Path:
+    """The agent built as the next protocol version would be (the same
+    messages, the version bumped: RUSTFLAGS=--cfg dask_spank_next_protocol,
+    common/src/lib.rs), in a target directory of its own."""
+    target = sb.STATE / "target-next-protocol"
+    env = {**os.environ, "CARGO_TARGET_DIR": str(target), "RUSTFLAGS": "--cfg dask_spank_next_protocol"}
+    p = subprocess.run(["cargo", "build", "--release", "--locked", "-p", "dask-node-agent"], cwd=sb.REPO, env=env,
+                       capture_output=True, text=True, timeout=3600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return target / "release" / "dask-node-agent"
+
+
+def speaks(version: int) -> bool:
+    try:
+        c = agentproto.Conn(str(sb.agent_socket()), "upgrade-test", timeout=10, version=version)
+    except agentproto.AgentError:
+        return False
+    ok = c.call({"type": "ping"}).get("type") == "ok"
+    c.close()
+    return ok
+
+
+def test_an_agent_upgraded_to_the_next_protocol_keeps_the_running_jobs(cluster_name):
+    """The agent of a running cluster is replaced by a build of the next
+    protocol version: the jobs' attach processes (and the plugin), which
+    speak the version they started with, are still served: their dask
+    processes are adopted, the computation completes, a killed worker comes
+    back, and a new job starts."""
+    nxt = next_protocol_agent()
+    current = agentproto.VERSION
+    assert speaks(current) and not speaks(current + 1), "the installed agent is this version"
+    try:
+        restart_mid_computation(cluster_name, signal.SIGTERM, lambda: payload_with_agent(str(nxt)))
+        assert speaks(current + 1) and speaks(current), "the new agent is the next version and serves this one"
+        # A job of the old plugin and attach starts under the new agent.
+        sb.forget_cluster(cluster_name + "-after")
+        sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster_name}-after")
+        sb.wait_scheduler_file(cluster_name + "-after", 120)
+        sb.run(["scancel", sched])
+    finally:
+        stop_agent(signal.SIGTERM)
+        sb.sandbox("up")  # the build tree's agent again
 
 
 def test_agent_down_20s_while_a_job_is_cancelled_and_a_worker_killed(cluster_name):

@@ -37,12 +37,24 @@ pub mod units;
 pub use messages::{JobSpec, JobState, Request, Response};
 pub use names::{ClusterName, Role};
 
-/// Protocol version spoken by this build. A peer with another version is
-/// refused during the handshake with a message naming both versions.
-/// Version 2: the agent takes the job's resource limits from the attaching
-/// process itself, which sends it the scheduler's address. Version 3: the
-/// attaching process reattaches to a restarted agent (`Attach::reattach`).
+/// Protocol version spoken by this build. Version 2: the agent takes the
+/// job's resource limits from the attaching process itself, which sends it
+/// the scheduler's address. Version 3: the attaching process reattaches to
+/// a restarted agent (`Attach::reattach`).
+#[cfg(not(dask_spank_next_protocol))]
 pub const PROTOCOL_VERSION: u32 = 3;
+/// The upgrade test's build only (`RUSTFLAGS=--cfg dask_spank_next_protocol`,
+/// tests/test_restart.py): the next version, with the same messages, as a
+/// release that bumps the version without breaking its peers would be.
+#[cfg(dask_spank_next_protocol)]
+pub const PROTOCOL_VERSION: u32 = 4;
+
+/// The oldest peer version the agent still serves: a live upgrade of the
+/// agent leaves the jobs' attach processes (and slurmstepd's plugin, until
+/// slurmd restarts) speaking the version they started with. A release that
+/// changes a message incompatibly raises this; one that only adds (fields
+/// with serde defaults, new requests) keeps it.
+pub const OLDEST_PEER_VERSION: u32 = 3;
 
 #[cfg(test)]
 mod tests {

@@ -18,7 +18,7 @@ use crate::wire::UserConn;
 use crate::{attach, handlers, wire};
 use dask_spank_common::frame::MAX_FRAME;
 use dask_spank_common::messages::Hello;
-use dask_spank_common::{Request, Response, PROTOCOL_VERSION};
+use dask_spank_common::{Request, Response, OLDEST_PEER_VERSION, PROTOCOL_VERSION};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -83,16 +83,18 @@ async fn open(s: &mut UnixStream, peer: &Peer, agent: &Agent) -> Result<Request,
     let hello: Hello = wire::read(s, peer.uid, MAX_HELLO)
         .await
         .map_err(|e| format!("bad handshake from {peer}: {e}"))?;
-    if hello.version != PROTOCOL_VERSION {
+    if !(OLDEST_PEER_VERSION..=PROTOCOL_VERSION).contains(&hello.version) {
         return Err(format!(
-            "protocol version {} is not supported (this agent speaks version {PROTOCOL_VERSION}); install matching dask-spank versions",
+            "protocol version {} is not supported (this agent speaks versions {OLDEST_PEER_VERSION} to {PROTOCOL_VERSION}); install matching dask-spank versions",
             hello.version
         ));
     }
+    // The version of this connection: the peer's (an older peer, a job
+    // that started before an upgrade, is served in its own).
     reply(
         s,
         &Response::Welcome {
-            version: PROTOCOL_VERSION,
+            version: hello.version,
         },
     )
     .await?;

@@ -13,7 +13,9 @@ use dask_node_agent::jobs::Jobs;
 use dask_node_agent::{server, wire};
 use dask_spank_common::frame::FrameError;
 use dask_spank_common::messages::{Attach, Hello, JobStatus};
-use dask_spank_common::{JobSpec, JobState, Request, Response, PROTOCOL_VERSION};
+use dask_spank_common::{
+    JobSpec, JobState, Request, Response, OLDEST_PEER_VERSION, PROTOCOL_VERSION,
+};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
@@ -223,23 +225,31 @@ fn send_fd(s: &UnixStream, fd: &OwnedFd) {
 #[tokio::test]
 async fn handshakes_and_requests_are_bounded() {
     let a = agent(false);
-    // Another protocol version: refused, naming both.
-    let (mut ours, theirs) = UnixStream::pair().expect("socketpair");
-    let permit = Arc::new(ConnLimits::default())
-        .try_acquire(1000)
-        .expect("permit");
-    tokio::spawn(server::handle(theirs, user(1000), permit, a.clone()));
-    let hello = Hello {
-        version: 99,
-        client: "old".into(),
-    };
-    wire::write(&mut ours, &hello).await.expect("hello");
-    refused(
-        wire::read::<Response>(&ours, 0, 1 << 20)
+    // Versions outside what this agent serves: refused, naming them; the
+    // oldest it serves (a job started before an upgrade): welcomed in its
+    // own version.
+    let limits = Arc::new(ConnLimits::default());
+    for version in [99, OLDEST_PEER_VERSION - 1, OLDEST_PEER_VERSION] {
+        let (mut ours, theirs) = UnixStream::pair().expect("socketpair");
+        let permit = limits.try_acquire(1000).expect("permit");
+        tokio::spawn(server::handle(theirs, user(1000), permit, a.clone()));
+        let hello = Hello {
+            version,
+            client: "old".into(),
+        };
+        wire::write(&mut ours, &hello).await.expect("hello");
+        let r = wire::read::<Response>(&ours, 0, 1 << 20)
             .await
-            .expect("reply"),
-        "version 99 is not supported",
-    );
+            .expect("reply");
+        if version == OLDEST_PEER_VERSION {
+            assert!(
+                matches!(r, Response::Welcome { version: v } if v == OLDEST_PEER_VERSION),
+                "{r:?}"
+            );
+        } else {
+            refused(r, &format!("version {version} is not supported"));
+        }
+    }
     // A user without a job waiting for its attach may not send a big frame.
     let mut s = connect(&a, user(1000)).await;
     s.write_all(&(64u32 * 1024).to_be_bytes())
