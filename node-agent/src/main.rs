@@ -297,31 +297,42 @@ fn main() -> ExitCode {
             }
             other => Err(other),
         }),
-        Cmd::Health { at } => {
-            match siteops::health(&agent_socket(&at.agent_dir, &at.node()), &at.node()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("dask-node-agent: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Cmd::Health { at } => health(&at),
         Cmd::CheckConfig {
             agent_dir,
             node,
             login_node,
             plugstack,
-        } => {
-            let conf = plugstack.unwrap_or_else(default_plugstack);
-            let agent = (!login_node).then(|| siteops::AgentAt {
-                node: node_name(node),
-                agent_dir,
-            });
-            if siteops::check_config(&conf, agent.as_ref()) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
+        } => check_config(agent_dir, node, login_node, plugstack),
+    }
+}
+
+/// `health`: the node health check's verdict as an exit status.
+fn health(at: &Where) -> ExitCode {
+    match siteops::health(&agent_socket(&at.agent_dir, &at.node()), &at.node()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dask-node-agent: {e}");
+            ExitCode::FAILURE
         }
+    }
+}
+
+/// `check-config`: every finding printed, the verdict as an exit status.
+fn check_config(
+    agent_dir: Option<PathBuf>,
+    node: Option<String>,
+    login_node: bool,
+    plugstack: Option<PathBuf>,
+) -> ExitCode {
+    let conf = plugstack.unwrap_or_else(default_plugstack);
+    let agent = (!login_node).then(|| siteops::AgentAt {
+        node: node_name(node),
+        agent_dir,
+    });
+    if siteops::check_config(&conf, agent.as_ref()) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
