@@ -3,6 +3,8 @@ test user, on the sandbox: the notebook's first example verbatim, its async
 one inside an event loop, and the two ways to connect."""
 from __future__ import annotations
 
+import json
+import os
 import re
 import textwrap
 
@@ -76,5 +78,75 @@ def test_both_ways_to_connect_work():
         for program in (package, plain):
             r = run(program + "\nprint('sum', client.submit(sum, [1, 2]).result())\nclient.close()\n")
             assert r.returncode == 0 and "sum 3" in r.stdout, (program, r.stdout, r.stderr[-3000:])
+    finally:
+        ds("down", "ana", check=False)
+
+
+# The guide's sizes are a site's; the sandbox has two small nodes. Each
+# substitution must still match the guide (a changed example fails here,
+# rather than going untested).
+SANDBOX_SCALE = {
+    "--array=1-100": "--array=1-2",
+    "--workers 100 --worker-mem 3G --wait 80": "--workers 2 --worker-mem 1G --wait 100 --timeout 240",
+    "wait ana --percent 80": "wait ana --percent 100 --timeout 240",
+    "scale ana 200": "scale ana 3",
+    "adapt ana 0 200": "adapt ana 0 3",
+    " [--job 1234_7] [--follow]": "",
+    "--workers 20 --worker-mem 6G": "--workers 20 --worker-mem 1G",
+    "~/envs/analysis": str(sb.VENV),
+}
+
+
+def shell_blocks() -> list[list[str]]:
+    """Every ```sh block of the guide: its commands without comments, at the
+    sandbox's scale."""
+    blocks = []
+    used = set()
+    for b in re.findall(r"^```sh\n(.*?)^```", GUIDE, re.M | re.S):
+        for old, new in SANDBOX_SCALE.items():
+            if old in b:
+                used.add(old)
+                b = b.replace(old, new)
+        blocks.append([l.split("  #")[0].strip() for l in b.splitlines()
+                       if l.strip() and not (l.startswith("#") and not l.startswith("#!"))
+                       or l.startswith("#SBATCH")])
+    assert used == set(SANDBOX_SCALE), f"examples changed: {set(SANDBOX_SCALE) - used} no longer in the guide"
+    return blocks
+
+
+def sh(line: str):
+    r = sb.as_user(["bash", "-c", line], check=False, timeout=600)
+    assert r.returncode == 0, (line, r.stdout[-2000:], r.stderr[-2000:])
+    return r.stdout
+
+
+def test_every_shell_example_runs_as_written_at_the_sandboxs_scale():
+    sbatches, commands, inspect, stop, script = shell_blocks()
+    assert sbatches[0].startswith("sbatch --dask-role=scheduler") and stop[0].startswith("scancel"), (sbatches, stop)
+    assert script[0] == "#!/bin/bash" and script[-1] == "exec dask-spank attach", script
+    sb.forget_cluster("ana")
+    try:
+        # Plain sbatch, then the guide's way to stop.
+        for line in sbatches:
+            assert re.search(r"Submitted batch job \d+", sh(line)), line
+        ds("wait", "ana", "--percent", "100", "--timeout", "240")
+        sh(stop[0])
+        sb.wait_until("the scancelled cluster gone", lambda: gone("ana"), 120)
+        # The dask-spank walk-through, each line as written.
+        outputs = {}
+        for line in commands:
+            outputs[line.split()[1]] = sh(line)
+        assert "ana" in outputs["ls"] and "scheduler" in outputs["status"], outputs
+        assert gone("ana"), "dask-spank down left jobs"
+        # What the site allows and what a start would submit.
+        assert "worker" in sh(inspect[0])
+        assert "sbatch" in sh(inspect[1]) and gone("ana")
+        # The own job script: a worker of a cluster started with dask-spank.
+        ds("up", "ana", "--workers", "0", "--wait", "0", "--timeout", "180")
+        (sb.HOME / "worker.sh").write_text("\n".join(script) + "\n")
+        os.chown(sb.HOME / "worker.sh", sb.user().pw_uid, sb.user().pw_gid)
+        assert re.search(r"Submitted batch job \d+", sh(f"cd && sbatch {sb.HOME / 'worker.sh'}"))
+        sb.wait_until("the script's worker connected",
+                      lambda: json.loads(ds("status", "ana", "--json").stdout)["connected"] == 1, 240, 2)
     finally:
         ds("down", "ana", check=False)
