@@ -105,6 +105,66 @@ def test_node_loss_mid_computation(cluster_name):
     sb.as_user(["dask-spank", "down", name])
 
 
+def test_a_frozen_node_half_open_is_recomputed_without_waiting_for_dask(cluster_name):
+    """A node that stops answering without closing anything (a hung kernel,
+    a frozen VM; here every process of n3 stopped with SIGSTOP): its TCP
+    connections stay open and its workers never say goodbye, so dask alone
+    would keep waiting on them until its worker-ttl (5 minutes). Slurm
+    declares the node down and ends its jobs; the keeper sees those jobs
+    no longer run while the scheduler still lists their workers, removes
+    them from the scheduler, and dask recomputes the lost results at once."""
+    import dask.array as da
+
+    name = cluster_name
+    sb.forget_cluster(name)
+    sb.sandbox_up(nodes=3)
+    t0 = time.time()
+    sb.sbatch("--dask-role=scheduler", f"--dask-cluster={name}", "-w", "n1")
+    sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", "--array=1-2", "-w", "n2")
+    w3 = sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", "--array=1-2", "-w", "n3", "--no-requeue")
+    sb.wait_scheduler_file(name)
+    c = sb.client(name)
+    frozen = []
+    try:
+        c.wait_for_workers(4, timeout=120)
+
+        def slow(b):
+            import time as t
+            t.sleep(0.05)
+            return b + 1
+
+        n = 200_000
+        x = da.arange(n, chunks=n // 200, dtype="int64")
+        fut = c.compute(x.map_blocks(slow).sum())
+        time.sleep(1.5)
+        on_n3 = [a for a, w in c.scheduler_info()["workers"].items()
+                 if w["name"].split("-")[-1].startswith(f"{w3}_")]
+        assert len(on_n3) == 2 and any(c.has_what()[a] for a in on_n3)
+        frozen = node_pids("n3") + [int((sb.STATE / "run" / f"{d}-n3.pid").read_text()) for d in ("agent", "slurmd")]
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        # Well under dask's worker-ttl (300 s): Slurm's SlurmdTimeout (10 s
+        # in the sandbox), the keeper's interval and grace (15 s).
+        assert int(fut.result(timeout=150)) == sum(range(1, n + 1))
+        took = time.monotonic() - frozen_at
+        assert not set(on_n3) & set(c.scheduler_info()["workers"]), "the frozen workers are gone from the scheduler"
+        log = "".join(p.read_text() for p in (sb.WORK / "log").glob("dask-scheduler-*.log")
+                      if p.stat().st_mtime >= t0 and f"keeping cluster {name}" in p.read_text())
+        assert f"removing from the scheduler the workers of jobs {w3}_1, {w3}_2" in log, log[-3000:]
+        print(f"recomputed {took:.0f}s after the node froze")
+    finally:
+        c.close()
+        for pid in frozen:  # a stopped process takes SIGKILL
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        sb.cancel_all_user_jobs()
+        sb.sandbox_up(nodes=3)  # n3's slurmd and agent again
+    sb.wait_until("n3 back", lambda: "idle" in sb.run(["sinfo", "-h", "-n", "n3", "-o", "%t"]).stdout, 90, 1)
+
+
 def kill_node(name: str) -> None:
     """Lose a node as a power cut would: every process of its jobs, its
     agent and its slurmd, by PID."""

@@ -224,6 +224,68 @@ pub fn worker_name(cluster: &str, label: &str) -> String {
     format!("{cluster}-{label}")
 }
 
+/// How long the scheduler may list a worker whose job Slurm no longer runs
+/// before the keeper removes it there. A job that ends normally takes its
+/// worker with it within seconds (the agent stops it, the worker says
+/// goodbye); a worker still listed after this is on a node that was lost
+/// with its connections half open (a hung or frozen node, a dropped
+/// network): dask would wait for its worker-ttl (5 minutes by default)
+/// before it recomputes what that worker held.
+pub const LOST_GRACE_S: u64 = 15;
+
+/// Workers whose jobs Slurm no longer runs, watched across steps.
+#[derive(Debug, Default)]
+pub struct LostWatch {
+    /// Jobs seen running (only those: a worker the keeper never saw run,
+    /// say one connected from elsewhere, is not its to judge).
+    ran: std::collections::BTreeSet<String>,
+    /// Since when a listed worker's job has not been running.
+    gone_since: BTreeMap<String, u64>,
+}
+
+impl LostWatch {
+    /// The addresses of the workers to remove from the scheduler now, with
+    /// their jobs' labels: listed by the scheduler (`workers`, by name),
+    /// their job seen running once, not running (ended, requeued, gone
+    /// from the queue) for `LOST_GRACE_S`.
+    pub fn observe(
+        &mut self,
+        cluster: &str,
+        jobs: &[WorkerJob],
+        workers: &BTreeMap<String, Worker>,
+        now: u64,
+    ) -> Vec<(String, String)> {
+        let running: std::collections::BTreeSet<&str> = jobs
+            .iter()
+            .filter(|j| j.state == QueueState::Running)
+            .map(|j| j.label.as_str())
+            .collect();
+        self.ran.extend(running.iter().map(|l| l.to_string()));
+        let prefix = format!("{cluster}-");
+        let mut listed = std::collections::BTreeSet::new();
+        let mut lost = vec![];
+        for (name, w) in workers {
+            let Some(label) = name.strip_prefix(&prefix) else {
+                continue;
+            };
+            listed.insert(label.to_string());
+            if !self.ran.contains(label) || running.contains(label) {
+                self.gone_since.remove(label);
+                continue;
+            }
+            let since = *self.gone_since.entry(label.to_string()).or_insert(now);
+            if now.saturating_sub(since) >= LOST_GRACE_S {
+                lost.push((label.to_string(), w.address.clone()));
+            }
+        }
+        // Forget what neither runs nor is listed any more.
+        self.gone_since.retain(|l, _| listed.contains(l));
+        self.ran
+            .retain(|l| listed.contains(l) || running.contains(l.as_str()));
+        lost
+    }
+}
+
 /// The sizes to try for `k` worker jobs: Slurm refuses a whole array that
 /// would pass a queue limit (MaxSubmitJobs counts its tasks), so a refused
 /// batch is tried at half its size, down to one job.
@@ -448,6 +510,47 @@ mod tests {
                 why: "target 2, 1 active (1 retiring for their walltime)".into()
             }
         );
+    }
+
+    #[test]
+    fn a_worker_whose_job_stopped_running_is_lost_after_the_grace_only() {
+        let listed = workers(&[
+            ("ana-7_1", "tls://a:1", 0),
+            ("ana-7_2", "tls://b:1", 0),
+            ("ana-x", "tls://c:1", 0),
+        ]);
+        let run = |l: &str| job(l, QueueState::Running, None, 0);
+        let mut w = LostWatch::default();
+        // Both running: nothing lost; ana-x's job never ran here.
+        assert!(w
+            .observe("ana", &[run("7_1"), run("7_2")], &listed, 100)
+            .is_empty());
+        // 7_2's node is lost: its job ends (NODE_FAIL, then gone), the
+        // scheduler still lists its worker.
+        let failed = job("7_2", QueueState::Leaving, None, 0);
+        assert!(w
+            .observe("ana", &[run("7_1"), failed.clone()], &listed, 105)
+            .is_empty());
+        assert!(w
+            .observe("ana", &[run("7_1")], &listed, 105 + LOST_GRACE_S - 1)
+            .is_empty());
+        assert_eq!(
+            w.observe("ana", &[run("7_1")], &listed, 105 + LOST_GRACE_S),
+            vec![("7_2".to_string(), "tls://b:1".to_string())]
+        );
+        // Removed: forgotten.
+        let left = workers(&[("ana-7_1", "tls://a:1", 0)]);
+        assert!(w.observe("ana", &[run("7_1")], &left, 200).is_empty());
+        assert!(w.gone_since.is_empty() && w.ran.len() == 1);
+        // A job requeued (pending again) is not running either; running
+        // again before the grace, it is not lost.
+        let mut w = LostWatch::default();
+        w.observe("ana", &[run("7_1")], &left, 0);
+        let requeued = job("7_1", QueueState::Waiting, None, 0);
+        assert!(w.observe("ana", &[requeued], &left, 1).is_empty());
+        assert!(w
+            .observe("ana", &[run("7_1")], &left, 1 + LOST_GRACE_S)
+            .is_empty());
     }
 
     #[test]

@@ -11,6 +11,8 @@
 #       (TLS paths null for a plain TCP cluster): whom to talk to.
 #   {"retire": [ADDRESS, ...]}: retire these workers through dask (their
 #       data moves to the others first), then report {"retired": [...]}.
+#   {"remove": [ADDRESS, ...]}: remove these workers from the scheduler now
+#       (their jobs ended; they do not answer): dask recomputes their data.
 # On stdout, every TICK seconds once connected:
 #   {"state": {"workers": {NAME: {"address": A, "keys": N}}, "adaptive_target": N}}
 # and {"error": TEXT} when a step failed (it goes on). Its stderr is the
@@ -60,6 +62,13 @@ def state(client):
     return {"workers": workers, "adaptive_target": int(target)}
 
 
+async def remove_lost(dask_scheduler, addresses):
+    """On the scheduler: forget workers that are gone without a word."""
+    for a in addresses:
+        if a in dask_scheduler.workers:
+            await dask_scheduler.remove_worker(a, stimulus_id=f"dask-spank-lost-job-{time.time()}", close=False)
+
+
 def main():
     q = queue.Queue()
     threading.Thread(target=orders, args=(q,), daemon=True).start()
@@ -78,6 +87,8 @@ def main():
                 client, target = None, order["connect"]
             if client is None and target is not None:
                 client = connect(target)
+            if client is not None and order.get("remove"):
+                client.run_on_scheduler(remove_lost, addresses=order["remove"])
             if client is not None and order.get("retire"):
                 client.retire_workers(workers=order["retire"], close_workers=True)
                 say({"retired": order["retire"]})

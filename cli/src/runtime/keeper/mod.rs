@@ -2,7 +2,10 @@
 //! cluster: it holds the size the user recorded (`target.json`: a number of
 //! worker jobs, or dask's adaptive target between a minimum and a maximum),
 //! replaces lost workers, submits walltime successors ahead of time, and
-//! retires extra workers through dask before cancelling their jobs.
+//! retires extra workers through dask before cancelling their jobs. In
+//! every cluster, kept or not, it removes from the scheduler the workers of
+//! jobs that Slurm no longer runs (a node lost with its connections half
+//! open), so that dask recomputes their results at once.
 //!
 //! Who owns what: every decision is a pure function of `decide`; Slurm is
 //! reached through `crate::slurm` (plain sbatch, squeue, scancel, the
@@ -76,6 +79,8 @@ pub struct Keeper {
     /// Jobs to cancel once dask has retired their workers (or at the
     /// deadline).
     retiring: Option<(Vec<String>, Instant)>,
+    /// Workers whose jobs stopped running (their node lost).
+    lost: decide::LostWatch,
 }
 
 impl Keeper {
@@ -100,6 +105,7 @@ impl Keeper {
             low: 0,
             backoff: Backoff::default(),
             retiring: None,
+            lost: Default::default(),
             dir,
         }
     }
@@ -206,26 +212,15 @@ impl Keeper {
             Some(Target::Down { .. }) => {
                 return self.dir.target_mtime().is_some_and(|t| t >= self.started)
             }
-            Some(t) => t,
-            None => return false,
+            t => t,
         };
-        let cluster = self.cluster.to_string();
-        let queued = tokio::task::spawn_blocking(move || slurm::worker_jobs(&cluster)).await;
-        let jobs: Vec<WorkerJob> = match queued {
-            Ok(Ok(q)) => q
-                .into_iter()
-                .map(|k| WorkerJob {
-                    label: k.label,
-                    state: QueueState::from_squeue(&k.state),
-                    limit_s: k.limit_s,
-                    used_s: k.used_s,
-                })
-                .collect(),
-            Ok(Err(e)) => {
-                say(&format!("cannot see the worker jobs this time: {e}"));
-                return false;
-            }
-            Err(_) => return false,
+        // Every cluster's, kept or not: its lost workers leave the scheduler.
+        let Some(jobs) = self.worker_jobs().await else {
+            return false;
+        };
+        self.remove_lost(&jobs).await;
+        let Some(target) = target else {
+            return false;
         };
         let counts = decide::count(self.rules, &jobs);
         let adaptive = self.fresh_view().map(|v| v.adaptive_target);
@@ -256,6 +251,53 @@ impl Keeper {
         self.act(step).await;
         self.write_status(Some(status));
         false
+    }
+
+    /// The cluster's worker jobs, as squeue shows them (None: squeue did
+    /// not answer; nothing is decided on no news).
+    async fn worker_jobs(&self) -> Option<Vec<WorkerJob>> {
+        let cluster = self.cluster.to_string();
+        match tokio::task::spawn_blocking(move || slurm::worker_jobs(&cluster)).await {
+            Ok(Ok(q)) => Some(
+                q.into_iter()
+                    .map(|k| WorkerJob {
+                        label: k.label,
+                        state: QueueState::from_squeue(&k.state),
+                        limit_s: k.limit_s,
+                        used_s: k.used_s,
+                    })
+                    .collect(),
+            ),
+            Ok(Err(e)) => {
+                say(&format!("cannot see the worker jobs this time: {e}"));
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Remove from the scheduler the workers whose jobs Slurm no longer
+    /// runs (see `decide::LOST_GRACE_S`): dask recomputes what they held
+    /// now, not after its worker-ttl.
+    async fn remove_lost(&mut self, jobs: &[WorkerJob]) {
+        let Some(workers) = self.fresh_view().map(|v| v.workers.clone()) else {
+            return;
+        };
+        let lost = self
+            .lost
+            .observe(self.cluster.as_str(), jobs, &workers, now());
+        if lost.is_empty() || !self.helper.is_running() {
+            return;
+        }
+        let (labels, addresses): (Vec<String>, Vec<String>) = lost.into_iter().unzip();
+        say(&format!(
+            "removing from the scheduler the workers of jobs {} (Slurm no longer runs them: \
+             their node lost?); dask recomputes what they held",
+            labels.join(", ")
+        ));
+        self.helper
+            .send(&serde_json::json!({ "remove": addresses }))
+            .await;
     }
 
     async fn act(&mut self, step: Step) {
