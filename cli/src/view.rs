@@ -59,6 +59,85 @@ fn role_of(name: &str) -> &'static str {
     }
 }
 
+/// The row of a job that has left the queue, from its own report.
+fn reported_row(r: &JobReport) -> Row {
+    // A job that left the queue while its report still says "running"
+    // never said goodbye: its node (or its batch script) died with it.
+    let (state, reason) = if r.state == ReportState::Running {
+        (
+            "failed".to_string(),
+            format!(
+                "lost: the job ended without a report from {} (node failure?)",
+                r.node
+            ),
+        )
+    } else {
+        (
+            r.state.as_str().to_string(),
+            r.reason.clone().unwrap_or_default(),
+        )
+    };
+    Row {
+        job: r.label.clone(),
+        role: r.role.clone(),
+        state,
+        node: r.node.clone(),
+        reason,
+    }
+}
+
+/// The row of a queued job: squeue's state, refined by the job's report
+/// (failed) and the scheduler's list of connected workers.
+fn queued_row(cluster: &str, q: &QueuedJob, reports: &[JobReport], connected: &[String]) -> Row {
+    let role = role_of(&q.name).to_string();
+    let report = reports.iter().find(|r| r.label == q.label);
+    let (state, reason) = match q.state.as_str() {
+        "PENDING" => ("pending".to_string(), q.reason.clone()),
+        // Leaving the queue: counts as ended, like the job it will be.
+        "COMPLETING" => ("ended".to_string(), "completing".to_string()),
+        "RUNNING" | "CONFIGURING" => {
+            let name = format!("{cluster}-{}", q.label);
+            match report {
+                Some(r) if r.state == ReportState::Failed => {
+                    ("failed".into(), r.reason.clone().unwrap_or_default())
+                }
+                _ if role == "worker" && connected.contains(&name) => {
+                    ("connected".into(), String::new())
+                }
+                _ => ("running".into(), String::new()),
+            }
+        }
+        other => (other.to_lowercase(), q.reason.clone()),
+    };
+    let reason = if reason == "None" {
+        String::new()
+    } else {
+        reason
+    };
+    Row {
+        job: q.label.clone(),
+        role,
+        state,
+        node: q.node.clone(),
+        reason,
+    }
+}
+
+/// The rows (in job order) split into the scheduler job's and the workers'.
+fn by_role(rows: BTreeMap<String, Row>) -> (Option<Row>, Vec<Row>) {
+    let mut scheduler = None;
+    let mut workers = Vec::new();
+    for (_, r) in rows {
+        if r.role == "scheduler" {
+            // The newest scheduler job is the cluster's.
+            scheduler = Some(r);
+        } else {
+            workers.push(r);
+        }
+    }
+    (scheduler, workers)
+}
+
 pub fn build(
     cluster: &str,
     queued: &[QueuedJob],
@@ -70,80 +149,12 @@ pub fn build(
 ) -> ClusterView {
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
     for r in reports {
-        // A job that left the queue while its report still says "running"
-        // never said goodbye: its node (or its batch script) died with it.
-        let (state, reason) = if r.state == ReportState::Running {
-            (
-                "failed".to_string(),
-                format!(
-                    "lost: the job ended without a report from {} (node failure?)",
-                    r.node
-                ),
-            )
-        } else {
-            (
-                r.state.as_str().to_string(),
-                r.reason.clone().unwrap_or_default(),
-            )
-        };
-        rows.insert(
-            r.label.clone(),
-            Row {
-                job: r.label.clone(),
-                role: r.role.clone(),
-                state,
-                node: r.node.clone(),
-                reason,
-            },
-        );
+        rows.insert(r.label.clone(), reported_row(r));
     }
     for q in queued {
-        let role = role_of(&q.name).to_string();
-        let report = reports.iter().find(|r| r.label == q.label);
-        let (state, reason) = match q.state.as_str() {
-            "PENDING" => ("pending".to_string(), q.reason.clone()),
-            // Leaving the queue: counts as ended, like the job it will be.
-            "COMPLETING" => ("ended".to_string(), "completing".to_string()),
-            "RUNNING" | "CONFIGURING" => {
-                let name = format!("{cluster}-{}", q.label);
-                match report {
-                    Some(r) if r.state == ReportState::Failed => {
-                        ("failed".into(), r.reason.clone().unwrap_or_default())
-                    }
-                    _ if role == "worker" && connected.contains(&name) => {
-                        ("connected".into(), String::new())
-                    }
-                    _ => ("running".into(), String::new()),
-                }
-            }
-            other => (other.to_lowercase(), q.reason.clone()),
-        };
-        let reason = if reason == "None" {
-            String::new()
-        } else {
-            reason
-        };
-        rows.insert(
-            q.label.clone(),
-            Row {
-                job: q.label.clone(),
-                role,
-                state,
-                node: q.node.clone(),
-                reason,
-            },
-        );
+        rows.insert(q.label.clone(), queued_row(cluster, q, reports, connected));
     }
-    let mut scheduler = None;
-    let mut workers = Vec::new();
-    for (_, r) in rows {
-        if r.role == "scheduler" {
-            // The newest scheduler job is the cluster's.
-            scheduler = Some(r);
-        } else {
-            workers.push(r);
-        }
-    }
+    let (scheduler, workers) = by_role(rows);
     let count = |s: &str| workers.iter().filter(|r| r.state == s).count();
     ClusterView {
         cluster: cluster.to_string(),

@@ -225,89 +225,116 @@ fn relative_dir(key: &str, value: &str) -> Result<String, ConfigError> {
     Ok(value.trim_end_matches('/').to_string())
 }
 
+/// `no_client_timeout`: off (0, never) or a duration.
+fn off_or_duration(key: &str, value: &str) -> Result<u64, ConfigError> {
+    match value {
+        "off" => Ok(0),
+        _ => duration(key, value).map_err(|_| {
+            bad(
+                key,
+                value,
+                "must be off or a duration such as 2h, 30m or 600s",
+            )
+        }),
+    }
+}
+
+/// `worker_memory_kill`: a percentage from 50% to 100%.
+fn kill_percent(key: &str, value: &str) -> Result<u32, ConfigError> {
+    match value.strip_suffix('%').map(|n| n.parse::<u32>()) {
+        Some(Ok(n)) if (50..=100).contains(&n) => Ok(n),
+        _ => Err(bad(key, value, "must be a percentage from 50% to 100%")),
+    }
+}
+
+/// `worker_start`: how the agent starts a worker's python.
+fn worker_start(key: &str, value: &str) -> Result<WorkerStart, ConfigError> {
+    match value {
+        "exec" => Ok(WorkerStart::Exec),
+        "forkserver" => Ok(WorkerStart::Forkserver),
+        _ => Err(bad(key, value, "must be exec or forkserver")),
+    }
+}
+
+/// The key and value of `arg`, a known key not in `seen` (then added).
+fn known_key<'a>(
+    arg: &'a str,
+    seen: &mut Vec<&'static str>,
+) -> Result<(&'a str, &'a str), ConfigError> {
+    let (key, v) = arg
+        .split_once('=')
+        .ok_or_else(|| ConfigError::NotKeyValue(arg.to_string()))?;
+    let Some(known) = KEYS.iter().find(|k| **k == key) else {
+        return Err(ConfigError::UnknownKey {
+            key: key.to_string(),
+            known: KEYS.join(", "),
+        });
+    };
+    if seen.contains(known) {
+        return Err(ConfigError::Repeated(key.to_string()));
+    }
+    seen.push(known);
+    Ok((key, v))
+}
+
 impl Config {
     pub fn parse<'a, I: IntoIterator<Item = &'a str>>(args: I) -> Result<Config, ConfigError> {
         let mut c = Config::default();
-        let mut seen: Vec<&str> = Vec::new();
+        let mut seen: Vec<&'static str> = Vec::new();
         for arg in args {
-            let (key, v) = arg
-                .split_once('=')
-                .ok_or_else(|| ConfigError::NotKeyValue(arg.to_string()))?;
-            let Some(known) = KEYS.iter().find(|k| **k == key) else {
-                return Err(ConfigError::UnknownKey {
-                    key: key.to_string(),
-                    known: KEYS.join(", "),
-                });
-            };
-            if seen.contains(known) {
-                return Err(ConfigError::Repeated(key.to_string()));
-            }
-            seen.push(known);
-            let p = &mut c.policy;
-            match key {
-                "scheduler_partition" => p.scheduler.partition = partition(key, v)?,
-                "worker_partition" => p.worker.partition = partition(key, v)?,
-                "scheduler_licenses" => p.scheduler.licenses = licenses(key, v)?,
-                "worker_licenses" => p.worker.licenses = licenses(key, v)?,
-                "account" => p.account = account(key, v)?,
-                "worker_cpus" => p.worker.cpus = count(key, v, 4096)? as u32,
-                "worker_cpus_max" => p.worker.cpus_max = count(key, v, 4096)? as u32,
-                "scheduler_mem" => p.scheduler.mem_mb = mem(key, v)?,
-                "scheduler_mem_max" => p.scheduler.mem_max_mb = mem(key, v)?,
-                "worker_mem" => p.worker.mem_mb = mem(key, v)?,
-                "worker_mem_max" => p.worker.mem_max_mb = mem(key, v)?,
-                "scheduler_time" => p.scheduler.time_s = time(key, v)?,
-                "scheduler_time_max" => p.scheduler.time_max_s = time(key, v)?,
-                "worker_time" => p.worker.time_s = time(key, v)?,
-                "worker_time_max" => p.worker.time_max_s = time(key, v)?,
-                "max_worker_jobs" => p.max_worker_jobs = count(key, v, 1_000_000)? as u32,
-                "idle_timeout" => p.idle_timeout_s = duration(key, v)?,
-                "no_client_timeout" => {
-                    p.no_client_timeout_s = match v {
-                        "off" => 0,
-                        _ => duration(key, v).map_err(|_| {
-                            bad(key, v, "must be off or a duration such as 2h, 30m or 600s")
-                        })?,
-                    }
-                }
-                "tls" => p.tls = v.parse().map_err(|why: String| bad(key, v, &why))?,
-                "worker_death_timeout" => p.nanny.death_timeout_s = duration(key, v)?,
-                "worker_restart_max" => p.nanny.restart_max = count(key, v, 1000)? as u32,
-                "worker_restart_window" => p.nanny.restart_window_s = duration(key, v)?,
-                "worker_lifetime_margin" => p.nanny.lifetime_margin_s = duration(key, v)?,
-                "worker_successor_lead" => p.nanny.successor_lead_s = duration(key, v)?,
-                "worker_memory_kill" => {
-                    p.nanny.memory_kill_percent =
-                        match v.strip_suffix('%').map(|n| n.parse::<u32>()) {
-                            Some(Ok(n)) if (50..=100).contains(&n) => n,
-                            _ => return Err(bad(key, v, "must be a percentage from 50% to 100%")),
-                        }
-                }
-                "worker_start" => {
-                    p.nanny.start = match v {
-                        "exec" => WorkerStart::Exec,
-                        "forkserver" => WorkerStart::Forkserver,
-                        _ => return Err(bad(key, v, "must be exec or forkserver")),
-                    }
-                }
-                "log_dir" => c.log_dir = relative_dir(key, v)?,
-                "agent_dir" => c.agent_dir = absolute_path(key, v)?,
-                "attach_cmd" => c.attach_cmd = absolute_path(key, v)?,
-                "agent_timeout" => {
-                    c.agent_timeout = std::time::Duration::from_secs(count(key, v, 300)?)
-                }
-                "agent_restart_grace" => {
-                    c.agent_restart_grace = Duration::from_secs(duration(key, v)?)
-                }
-                _ => {
-                    return Err(ConfigError::Inconsistent(format!(
-                        "key '{key}' is listed but not handled"
-                    )))
-                }
-            }
+            let (key, v) = known_key(arg, &mut seen)?;
+            c.set(key, v)?;
         }
         c.check()?;
         Ok(c)
+    }
+
+    /// Set the known `key` to its checked value `v`.
+    fn set(&mut self, key: &str, v: &str) -> Result<(), ConfigError> {
+        let p = &mut self.policy;
+        match key {
+            "scheduler_partition" => p.scheduler.partition = partition(key, v)?,
+            "worker_partition" => p.worker.partition = partition(key, v)?,
+            "scheduler_licenses" => p.scheduler.licenses = licenses(key, v)?,
+            "worker_licenses" => p.worker.licenses = licenses(key, v)?,
+            "account" => p.account = account(key, v)?,
+            "worker_cpus" => p.worker.cpus = count(key, v, 4096)? as u32,
+            "worker_cpus_max" => p.worker.cpus_max = count(key, v, 4096)? as u32,
+            "scheduler_mem" => p.scheduler.mem_mb = mem(key, v)?,
+            "scheduler_mem_max" => p.scheduler.mem_max_mb = mem(key, v)?,
+            "worker_mem" => p.worker.mem_mb = mem(key, v)?,
+            "worker_mem_max" => p.worker.mem_max_mb = mem(key, v)?,
+            "scheduler_time" => p.scheduler.time_s = time(key, v)?,
+            "scheduler_time_max" => p.scheduler.time_max_s = time(key, v)?,
+            "worker_time" => p.worker.time_s = time(key, v)?,
+            "worker_time_max" => p.worker.time_max_s = time(key, v)?,
+            "max_worker_jobs" => p.max_worker_jobs = count(key, v, 1_000_000)? as u32,
+            "idle_timeout" => p.idle_timeout_s = duration(key, v)?,
+            "no_client_timeout" => p.no_client_timeout_s = off_or_duration(key, v)?,
+            "tls" => p.tls = v.parse().map_err(|why: String| bad(key, v, &why))?,
+            "worker_death_timeout" => p.nanny.death_timeout_s = duration(key, v)?,
+            "worker_restart_max" => p.nanny.restart_max = count(key, v, 1000)? as u32,
+            "worker_restart_window" => p.nanny.restart_window_s = duration(key, v)?,
+            "worker_lifetime_margin" => p.nanny.lifetime_margin_s = duration(key, v)?,
+            "worker_successor_lead" => p.nanny.successor_lead_s = duration(key, v)?,
+            "worker_memory_kill" => p.nanny.memory_kill_percent = kill_percent(key, v)?,
+            "worker_start" => p.nanny.start = worker_start(key, v)?,
+            "log_dir" => self.log_dir = relative_dir(key, v)?,
+            "agent_dir" => self.agent_dir = absolute_path(key, v)?,
+            "attach_cmd" => self.attach_cmd = absolute_path(key, v)?,
+            "agent_timeout" => {
+                self.agent_timeout = std::time::Duration::from_secs(count(key, v, 300)?)
+            }
+            "agent_restart_grace" => {
+                self.agent_restart_grace = Duration::from_secs(duration(key, v)?)
+            }
+            _ => {
+                return Err(ConfigError::Inconsistent(format!(
+                    "key '{key}' is listed but not handled"
+                )))
+            }
+        }
+        Ok(())
     }
 
     /// What every key resolves to, in `KEYS` order, written as the key

@@ -250,19 +250,14 @@ fn role_name(role: Role) -> &'static str {
     }
 }
 
-/// Check a submission against the policy and return the sbatch arguments
-/// that fill in what the user left out. Errors are one line that names the
-/// option, the value and the limit.
-pub fn check_submit(
+/// `--partition`: the role's partition, if the site sets one.
+fn submit_partition(
     role: Role,
     asked: &dyn Asked,
-    policy: &Policy,
-    primary_group: &str,
-) -> Result<Vec<String>, String> {
-    let p = policy.role(role);
+    p: &RolePolicy,
+    insert: &mut Vec<String>,
+) -> Result<(), String> {
     let key = role.as_str();
-    let mut insert = Vec::new();
-
     match (asked.get("partition"), &p.partition) {
         (Some(v), Some(want)) if v != want => {
             return Err(format!(
@@ -273,7 +268,17 @@ pub fn check_submit(
         (None, Some(want)) => insert.push(format!("--partition={want}")),
         _ => {}
     }
+    Ok(())
+}
 
+/// `--account`: the account the user's dask jobs are charged to, if the
+/// site sets one.
+fn submit_account(
+    asked: &dyn Asked,
+    policy: &Policy,
+    primary_group: &str,
+    insert: &mut Vec<String>,
+) -> Result<(), String> {
     if let Some(want) = policy.expected_account(primary_group) {
         match asked.get("account") {
             Some(v) if v != want => {
@@ -289,7 +294,17 @@ pub fn check_submit(
             None => insert.push(format!("--account={want}")),
         }
     }
+    Ok(())
+}
 
+/// `--licenses`: must include each of the role's licences.
+fn submit_licenses(
+    role: Role,
+    asked: &dyn Asked,
+    p: &RolePolicy,
+    insert: &mut Vec<String>,
+) -> Result<(), String> {
+    let key = role.as_str();
     if !p.licenses.is_empty() {
         match asked.get("licenses") {
             Some(v) => {
@@ -308,7 +323,11 @@ pub fn check_submit(
             None => insert.push(format!("--licenses={}", p.licenses.join(","))),
         }
     }
+    Ok(())
+}
 
+/// `--ntasks` and `--nodes`: a dask-spank job is one task on one node.
+fn submit_one_task(asked: &dyn Asked, insert: &mut Vec<String>) -> Result<(), String> {
     if let Some(n) = asked.get("ntasks") {
         if n != "1" {
             return Err(format!(
@@ -325,8 +344,18 @@ pub fn check_submit(
             ));
         }
     }
+    Ok(())
+}
 
-    let cpus = match asked.get("cpus-per-task") {
+/// `--cpus-per-task`: at most the role's maximum. The job's cpus.
+fn submit_cpus(
+    role: Role,
+    asked: &dyn Asked,
+    p: &RolePolicy,
+    insert: &mut Vec<String>,
+) -> Result<u32, String> {
+    let key = role.as_str();
+    Ok(match asked.get("cpus-per-task") {
         Some(v) => {
             let c: u32 = v
                 .parse()
@@ -352,8 +381,19 @@ pub fn check_submit(
             insert.push(format!("--cpus-per-task={}", p.cpus));
             p.cpus
         }
-    };
+    })
+}
 
+/// `--mem` (or `--mem-per-cpu` times the job's `cpus`): at most the role's
+/// maximum, never the whole node; no `--mem-per-gpu`.
+fn submit_mem(
+    role: Role,
+    asked: &dyn Asked,
+    p: &RolePolicy,
+    cpus: u32,
+    insert: &mut Vec<String>,
+) -> Result<(), String> {
+    let key = role.as_str();
     let mem_max = format_mem_mb(p.mem_max_mb);
     if let Some(v) = asked.get("mem") {
         let m = parse_mem_mb(v).ok_or_else(|| format!("--mem={v}: not a memory size (e.g. 3G)"))?;
@@ -378,7 +418,17 @@ pub fn check_submit(
     } else {
         insert.push(format!("--mem={}", format_mem_mb(p.mem_mb)));
     }
+    Ok(())
+}
 
+/// `--time`: at most the role's maximum, never UNLIMITED.
+fn submit_time(
+    role: Role,
+    asked: &dyn Asked,
+    p: &RolePolicy,
+    insert: &mut Vec<String>,
+) -> Result<(), String> {
+    let key = role.as_str();
     let time_max = format_time_s(p.time_max_s);
     if let Some(v) = asked.get("time") {
         match parse_time_s(v) {
@@ -392,7 +442,11 @@ pub fn check_submit(
     } else {
         insert.push(format!("--time={}", format_time_s(p.time_s)));
     }
+    Ok(())
+}
 
+/// `--array`: workers only, at most `max_worker_jobs` tasks.
+fn submit_array(role: Role, asked: &dyn Asked, policy: &Policy) -> Result<(), String> {
     if let Some(a) = asked.get("array") {
         match role {
             Role::Scheduler => {
@@ -412,6 +466,28 @@ pub fn check_submit(
             }
         }
     }
+    Ok(())
+}
+
+/// Check a submission against the policy and return the sbatch arguments
+/// that fill in what the user left out. Errors are one line that names the
+/// option, the value and the limit.
+pub fn check_submit(
+    role: Role,
+    asked: &dyn Asked,
+    policy: &Policy,
+    primary_group: &str,
+) -> Result<Vec<String>, String> {
+    let p = policy.role(role);
+    let mut insert = Vec::new();
+    submit_partition(role, asked, p, &mut insert)?;
+    submit_account(asked, policy, primary_group, &mut insert)?;
+    submit_licenses(role, asked, p, &mut insert)?;
+    submit_one_task(asked, &mut insert)?;
+    let cpus = submit_cpus(role, asked, p, &mut insert)?;
+    submit_mem(role, asked, p, cpus, &mut insert)?;
+    submit_time(role, asked, p, &mut insert)?;
+    submit_array(role, asked, policy)?;
     Ok(insert)
 }
 
@@ -430,8 +506,9 @@ pub struct JobFacts {
     pub time_limit_s: Option<u64>,
 }
 
-/// The authoritative check, on the node. `Err` is the reason, one line.
-pub fn check_job(
+/// Where the job runs and who pays: the role's partition, the user's
+/// account and the role's licences.
+fn check_job_placement(
     role: Role,
     facts: &JobFacts,
     policy: &Policy,
@@ -468,6 +545,12 @@ pub fn check_job(
             ));
         }
     }
+    Ok(())
+}
+
+/// The job's shape: one task on one node, at most the role's cpus.
+fn check_job_shape(role: Role, facts: &JobFacts, p: &RolePolicy) -> Result<(), String> {
+    let key = role.as_str();
     if facts.num_tasks != 1 {
         return Err(format!(
             "{} tasks: a dask-spank job runs 1 task",
@@ -489,6 +572,12 @@ pub fn check_job(
             Role::Worker => format!("{} cpus exceed {key}_cpus_max={}", facts.cpus, p.cpus_max),
         });
     }
+    Ok(())
+}
+
+/// The job's memory and time limits: set, and at most the role's maximums.
+fn check_job_limits(role: Role, facts: &JobFacts, p: &RolePolicy) -> Result<(), String> {
+    let key = role.as_str();
     let mem_max = format_mem_mb(p.mem_max_mb);
     if facts.mem_mb == 0 {
         return Err(format!(
@@ -517,6 +606,19 @@ pub fn check_job(
         _ => {}
     }
     Ok(())
+}
+
+/// The authoritative check, on the node. `Err` is the reason, one line.
+pub fn check_job(
+    role: Role,
+    facts: &JobFacts,
+    policy: &Policy,
+    primary_group: &str,
+) -> Result<(), String> {
+    let p = policy.role(role);
+    check_job_placement(role, facts, policy, primary_group)?;
+    check_job_shape(role, facts, p)?;
+    check_job_limits(role, facts, p)
 }
 
 /// When a worker retires, given its job's walltime (or what is left of

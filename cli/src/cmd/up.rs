@@ -6,6 +6,7 @@ use crate::target::parse_range;
 use dask_spank_common::paths::scheduler_file;
 use dask_spank_common::records::{ClusterDir, Target, WorkerArgs};
 use dask_spank_common::ClusterName;
+use std::path::Path;
 
 /// Start a cluster: one scheduler job and N worker jobs.
 #[derive(clap::Args, Debug, Clone)]
@@ -225,11 +226,8 @@ fn shell_word(w: &str) -> String {
     }
 }
 
-pub fn run(u: Args) -> Res {
-    let c = parse_name(&u.name)?;
-    if u.dry_run {
-        return dry_run(&u, &c);
-    }
+/// Refuse a cluster name that queued or running jobs still carry.
+fn refuse_name_in_use(c: &ClusterName) -> Res {
     let queued = squeue(Some(c.as_str()))?;
     if !queued.is_empty() {
         let ids: Vec<&str> = queued.iter().map(|q| q.label.as_str()).collect();
@@ -238,16 +236,91 @@ pub fn run(u: Args) -> Res {
             ids.join(", ")
         ));
     }
-    let dir = ClusterDir(private_dir_of(&c)?);
+    Ok(())
+}
+
+/// The cluster's private directory, emptied of a former cluster's records.
+fn fresh_dir(c: &ClusterName) -> Result<ClusterDir, String> {
+    let dir = ClusterDir(private_dir_of(c)?);
     dir.clear();
     let _ = std::fs::remove_file(scheduler_file(dir.path()));
-    let (target, first) = match &u.adapt {
+    Ok(dir)
+}
+
+/// The size the scheduler job keeps, and how many worker jobs to submit now.
+fn target_of(u: &Args) -> Result<(Target, u32), String> {
+    Ok(match &u.adapt {
         Some(r) => {
             let (lo, hi) = parse_range(r)?;
             (Target::Adapt { adapt: [lo, hi] }, lo)
         }
         None => (Target::Workers { workers: u.workers }, u.workers),
-    };
+    })
+}
+
+/// This process's environment with `extra` after it (so `extra` wins).
+fn with(extra: &[(String, String)]) -> Vec<(String, String)> {
+    std::env::vars().chain(extra.iter().cloned()).collect()
+}
+
+/// Submit the first `first` worker jobs as one array: its id, or none when
+/// there are none or a queue limit leaves them to the scheduler job's
+/// keeper. Any other failure cancels the scheduler job `sched`.
+fn submit_workers(
+    c: &ClusterName,
+    first: u32,
+    wargs: &[String],
+    wenv: &[(String, String)],
+    sched: &str,
+) -> Result<Option<String>, String> {
+    if first == 0 {
+        return Ok(None);
+    }
+    let mut a = vec![format!("--array=1-{first}")];
+    a.extend(wargs.iter().cloned());
+    match slurm::sbatch_in(&a, Some(&with(wenv))) {
+        Ok(id) => Ok(Some(id)),
+        // Over a queue limit: the scheduler job's keeper submits what
+        // the limit allows, and the rest when it allows.
+        Err(e) if slurm::is_queue_limit(&e) => {
+            eprintln!(
+                "dask-spank: {first} worker jobs would pass your queue limit now ({e}); \
+                 the scheduler job submits what the limit allows, the rest later \
+                 (`dask-spank status {c}` says why the cluster is short)"
+            );
+            Ok(None)
+        }
+        Err(e) => {
+            let _ = slurm::scancel(&[sched.to_string()]);
+            Err(e)
+        }
+    }
+}
+
+/// Print the submitted jobs and how to connect (or them as JSON).
+fn print_started(json: bool, c: &ClusterName, sched: &str, workers: Option<&str>, sf: &Path) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"cluster": c.as_str(), "scheduler_job": sched, "worker_array": workers, "scheduler_file": sf})
+        );
+    } else {
+        println!(
+            "cluster '{c}': scheduler job {sched}, worker array {}",
+            workers.unwrap_or("-")
+        );
+        print_connect(c, &sf.to_string_lossy());
+    }
+}
+
+pub fn run(u: Args) -> Res {
+    let c = parse_name(&u.name)?;
+    if u.dry_run {
+        return dry_run(&u, &c);
+    }
+    refuse_name_in_use(&c)?;
+    let dir = fresh_dir(&c)?;
+    let (target, first) = target_of(&u)?;
     // Before the jobs: the keeper of the scheduler job reads it.
     let (sargs, wargs) = submission(&u, &c);
     let wenv = worker_env(
@@ -263,47 +336,10 @@ pub fn run(u: Args) -> Res {
         source: "up".into(),
     });
     crate::target::record(&dir, &target)?;
-    let with = |extra: &[(String, String)]| -> Vec<(String, String)> {
-        std::env::vars().chain(extra.iter().cloned()).collect()
-    };
     let sched = slurm::sbatch_in(&sargs, Some(&with(&senv)))?;
-    let workers = if first > 0 {
-        let mut a = vec![format!("--array=1-{first}")];
-        a.extend(wargs.iter().cloned());
-        match slurm::sbatch_in(&a, Some(&with(&wenv))) {
-            Ok(id) => Some(id),
-            // Over a queue limit: the scheduler job's keeper submits what
-            // the limit allows, and the rest when it allows.
-            Err(e) if slurm::is_queue_limit(&e) => {
-                eprintln!(
-                    "dask-spank: {first} worker jobs would pass your queue limit now ({e}); \
-                     the scheduler job submits what the limit allows, the rest later \
-                     (`dask-spank status {c}` says why the cluster is short)"
-                );
-                None
-            }
-            Err(e) => {
-                let _ = slurm::scancel(std::slice::from_ref(&sched));
-                return Err(e);
-            }
-        }
-    } else {
-        None
-    };
+    let workers = submit_workers(&c, first, &wargs, &wenv, &sched)?;
     let sf = scheduler_file(dir.path());
-
-    if u.json {
-        println!(
-            "{}",
-            serde_json::json!({"cluster": c.as_str(), "scheduler_job": sched, "worker_array": workers, "scheduler_file": sf})
-        );
-    } else {
-        println!(
-            "cluster '{c}': scheduler job {sched}, worker array {}",
-            workers.as_deref().unwrap_or("-")
-        );
-        print_connect(&c, &sf.to_string_lossy());
-    }
+    print_started(u.json, &c, &sched, workers.as_deref(), &sf);
     match u.wait {
         Some(p) => super::wait::run(super::wait::Args {
             name: u.name,

@@ -2,6 +2,7 @@
 
 use crate::cluster::{known, parse_name, print_connect, unknown, view, Res};
 use crate::view::ClusterView;
+use dask_spank_common::ClusterName;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -56,15 +57,10 @@ pub struct Args {
     pub scheduler_job: Option<String>,
 }
 
-pub fn run(a: Args) -> Res {
-    let (name, percent, timeout_s, json) = (a.name.as_str(), a.percent, a.timeout, a.json);
-    if !(0.0..=100.0).contains(&percent) {
-        return Err(format!("--percent={percent}: must be between 0 and 100"));
-    }
-    let c = parse_name(name)?;
-    let start = Instant::now();
+/// A progress bar on stderr, when a person watches it (not for `--json`).
+fn progress_bar(json: bool) -> Option<ProgressBar> {
     let tty = std::io::stderr().is_terminal() && !json;
-    let bar = tty.then(|| {
+    tty.then(|| {
         let b = ProgressBar::new(0);
         b.set_style(
             ProgressStyle::with_template(
@@ -73,17 +69,92 @@ pub fn run(a: Args) -> Res {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         b
-    });
+    })
+}
+
+/// Why a cluster is not known: its scheduler job's end, if it ended.
+fn not_known(c: &ClusterName, scheduler_job: Option<&str>) -> String {
+    match scheduler_job.and_then(crate::slurm::job_end) {
+        Some(why) => format!("cluster '{c}' did not start: {why}"),
+        None => unknown(c),
+    }
+}
+
+/// Show the progress: on the bar, or as a line when it changed.
+fn show(bar: Option<&ProgressBar>, v: &ClusterView, line: &str, last: &str, json: bool) {
+    match bar {
+        Some(b) => {
+            b.set_length(v.total() as u64);
+            b.set_position(v.connected as u64);
+            b.set_message(format!("({} pending, {} failed)", v.pending, v.failed));
+            b.tick();
+        }
+        None if line != last && !json => eprintln!("dask-spank: {line}"),
+        None => {}
+    }
+}
+
+/// Print the reached cluster and how to connect (or it as JSON).
+fn print_reached(c: &ClusterName, v: &ClusterView, line: &str, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"cluster": c.as_str(), "connected": v.connected, "workers": v.total(), "scheduler_file": v.scheduler_file})
+        );
+    } else {
+        println!("cluster '{c}': {line}");
+        print_connect(c, &v.scheduler_file);
+    }
+}
+
+/// The error of a hopeless cluster: the scheduler job's own log says more,
+/// if it ended early (no worker connected).
+fn hopeless_error(
+    c: &ClusterName,
+    v: &ClusterView,
+    scheduler_job: Option<&str>,
+    why: String,
+) -> String {
+    let early = scheduler_job
+        .filter(|_| v.connected == 0)
+        .and_then(crate::slurm::job_end);
+    match early {
+        Some(end) => format!("cluster '{c}' did not start: {end}"),
+        None => why,
+    }
+}
+
+/// The error of a timeout: the progress, and what a pending job waits for.
+fn timeout_error(v: &ClusterView, line: &str, timeout_s: u64, percent: f64) -> String {
+    let pending: Vec<String> = v
+        .workers
+        .iter()
+        .filter(|r| r.state == "pending")
+        .take(1)
+        .map(|r| r.reason.clone())
+        .collect();
+    format!(
+        "timed out after {timeout_s}s: {line} (wanted {percent}%){}",
+        pending
+            .first()
+            .map(|r| format!("; pending jobs wait for: {r}"))
+            .unwrap_or_default()
+    )
+}
+
+pub fn run(a: Args) -> Res {
+    let (name, percent, timeout_s, json) = (a.name.as_str(), a.percent, a.timeout, a.json);
+    if !(0.0..=100.0).contains(&percent) {
+        return Err(format!("--percent={percent}: must be between 0 and 100"));
+    }
+    let c = parse_name(name)?;
+    let start = Instant::now();
+    let bar = progress_bar(json);
     let mut last = String::new();
     loop {
         let v = view(&c)?;
         if !known(&v) {
-            return Err(
-                match a.scheduler_job.as_deref().and_then(crate::slurm::job_end) {
-                    Some(why) => format!("cluster '{c}' did not start: {why}"),
-                    None => unknown(&c),
-                },
-            );
+            return Err(not_known(&c, a.scheduler_job.as_deref()));
         }
 
         let line = format!(
@@ -93,67 +164,28 @@ pub fn run(a: Args) -> Res {
             v.percent_connected(),
             v.pending
         );
-        match &bar {
-            Some(b) => {
-                b.set_length(v.total() as u64);
-                b.set_position(v.connected as u64);
-                b.set_message(format!("({} pending, {} failed)", v.pending, v.failed));
-                b.tick();
-            }
-            None if line != last && !json => eprintln!("dask-spank: {line}"),
-            None => {}
-        }
+        show(bar.as_ref(), &v, &line, &last, json);
         last = line.clone();
         let done = percent == 0.0 || (v.total() > 0 && v.percent_connected() >= percent);
         if done {
             if let Some(b) = &bar {
                 b.finish();
             }
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"cluster": c.as_str(), "connected": v.connected, "workers": v.total(), "scheduler_file": v.scheduler_file})
-                );
-            } else {
-                println!("cluster '{c}': {line}");
-                print_connect(&c, &v.scheduler_file);
-            }
+            print_reached(&c, &v, &line, json);
             return Ok(());
         }
         if let Some(why) = hopeless(&v, percent) {
             if let Some(b) = &bar {
                 b.abandon();
             }
-            // The scheduler job's own log says more, if it ended early.
-            let early = a
-                .scheduler_job
-                .as_deref()
-                .filter(|_| v.connected == 0)
-                .and_then(crate::slurm::job_end);
-            return Err(match early {
-                Some(end) => format!("cluster '{c}' did not start: {end}"),
-                None => why,
-            });
+            return Err(hopeless_error(&c, &v, a.scheduler_job.as_deref(), why));
         }
 
         if start.elapsed() >= Duration::from_secs(timeout_s) {
             if let Some(b) = &bar {
                 b.abandon();
             }
-            let pending: Vec<String> = v
-                .workers
-                .iter()
-                .filter(|r| r.state == "pending")
-                .take(1)
-                .map(|r| r.reason.clone())
-                .collect();
-            return Err(format!(
-                "timed out after {timeout_s}s: {line} (wanted {percent}%){}",
-                pending
-                    .first()
-                    .map(|r| format!("; pending jobs wait for: {r}"))
-                    .unwrap_or_default()
-            ));
+            return Err(timeout_error(&v, &line, timeout_s, percent));
         }
         std::thread::sleep(Duration::from_millis(500));
     }
