@@ -206,11 +206,13 @@ def test_dry_run_and_policy_match_what_a_submission_gets(cluster_name):
 
 
 LOADER = """
-import sys
+import json, sys
 from distributed import Client
 # No Security object: the loader named in dask's configuration finds the
-# cluster's credentials from the scheduler file's cluster.
-with Client(scheduler_file=sys.argv[1], timeout=30) as c:
+# credentials of the cluster at this address (distributed calls it only
+# for an address, not for scheduler_file=).
+address = json.load(open(sys.argv[1]))["address"]
+with Client(address, timeout=30) as c:
     print("sum", c.submit(sum, [1, 2]).result(), "python", sorted(set(c.run(lambda: sys.executable).values())))
 """
 
@@ -232,12 +234,14 @@ def test_up_sizes_adapt_later_the_status_tunnel_and_the_security_loader(cluster_
     assert r.returncode == 0 and "sum 3" in r.stdout, (r.stdout, r.stderr[-3000:])
     assert f"python ['{venv}/bin/python']" in r.stdout, r.stdout
     human = ds("status", name).stdout
-    assert re.search(r"^dashboard http://127\.0\.0\.1:\d+/status\?token=[0-9a-f]{48}$", human, re.M), human
+    assert re.search(r"^scheduler tls://127\.0\.0\.1:\d+, dashboard http://127\.0\.0\.1:\d+/status\?token=[0-9a-f]{48}$",
+                     human, re.M), human
     assert re.search(r"^  from your laptop: ssh -N -L \d+:127\.0\.0\.1:\d+ \S+, then open "
                      r"http://localhost:\d+/status\?token=[0-9a-f]{48}$", human, re.M), human
     # Adaptive from now on: no work, so down to its minimum.
     ds("adapt", name, "0", "3")
-    assert "adaptive 0..3" in ds("status", name).stdout
+    # The keeper's line says so from its next step (every 5 s).
+    sb.wait_until("status to say adaptive 0..3", lambda: "adaptive 0..3" in ds("status", name).stdout, 30, 1)
     sb.wait_until("no worker job left (adaptive, no work)", lambda: not [
         w for w in json.loads(ds("status", name, "--json").stdout)["workers"]
         if w["state"] in ("connected", "pending", "running")], 180, 2)

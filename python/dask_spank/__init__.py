@@ -7,8 +7,9 @@
 * :func:`policy` returns the site's defaults and limits for dask jobs;
   ``cluster.job_script()`` the sbatch command lines a start submits.
 * :func:`security` returns the ``Security`` of a cluster (its TLS
-  credentials); :func:`security_loader` makes plain
-  ``Client(scheduler_file=...)`` find them (``distributed.client.security-loader``).
+  credentials); :func:`security_loader` makes a plain
+  ``Client("tls://...")`` find them (``distributed.client.security-loader``;
+  distributed does not call it for ``Client(scheduler_file=...)``).
 """
 from .cluster import SpankCluster, connect, layout, policy, security, security_loader
 

@@ -110,7 +110,8 @@ class ClusterSecurity(Security):
 def security_loader(info: dict) -> Security | None:
     """For ``distributed.client.security-loader``: the credentials of the
     user's cluster whose scheduler is at ``info["address"]``, so that a
-    plain ``Client(scheduler_file=...)`` or ``Client("tls://...")`` works."""
+    plain ``Client("tls://...")`` works (distributed calls it only for an
+    address: not for ``Client(scheduler_file=...)``)."""
     for _, paths in sorted(json.loads(_cli("layout"))["clusters"].items()):
         if _address(paths) == info.get("address"):
             return security(paths)
