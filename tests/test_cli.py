@@ -1,7 +1,6 @@
 """The dask-spank user command on the sandbox: every subcommand, human and
 --json output, readiness and failure reasons."""
 import json
-import os
 import re
 import subprocess
 import time
