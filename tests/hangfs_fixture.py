@@ -74,7 +74,12 @@ class HungFS:
     def _cmd(self, args: list[str], user: bool) -> list[str]:
         # nsenter and setpriv exec (no fork): the pid of the Popen is that
         # of the command itself, so the test can signal it.
-        if proc_state(self.ns_pid) == "":  # the agent was restarted (a policy change that rebuilt it)
+        # The agent was restarted (a policy change that rebuilt it): the new
+        # one's, once its pid file names a live process (a dead or zombie
+        # agent has no namespace left to enter).
+        end = time.monotonic() + 30
+        while proc_state(self.ns_pid) in ("", "Z", "X") and time.monotonic() < end:
+            time.sleep(0.1)
             self.ns_pid = sb.agent_pid()
         enter = ["nsenter", f"--target={self.ns_pid}", "--mount", "--root", "--wd"]
         if user:
