@@ -150,3 +150,61 @@ def test_every_shell_example_runs_as_written_at_the_sandboxs_scale():
                       lambda: json.loads(ds("status", "ana", "--json").stdout)["connected"] == 1, 240, 2)
     finally:
         ds("down", "ana", check=False)
+
+
+def test_the_options_example_gives_every_option_to_the_jobs():
+    """The guide's example of every job and dask option, as written, planned
+    (job_script: `up --dry-run`, the site's policy applied) rather than
+    submitted: the sandbox has no reservation `ana` nor a GPU. Every job
+    option is on the sbatch line of the job it belongs to."""
+    options = python_blocks("A notebook")[2]
+    assert options.startswith('SpankCluster("ana", workers=8'), options
+    # Not started: an asynchronous cluster starts when awaited.
+    made = "cluster = " + options.replace('SpankCluster("ana",', 'SpankCluster("ana", asynchronous=True,', 1)
+    program = ("import asyncio\nfrom dask_spank import SpankCluster\n\nasync def main():\n"
+               + textwrap.indent(made + "\nprint(cluster.job_script())\n", "    ")
+               + "\nasyncio.run(main())\n")
+    # A site that charges dask jobs to their users' own account would refuse
+    # account="phys" (as the sandbox's does): a site-neutral line.
+    sb.set_site("")
+    try:
+        r = run(program, timeout=120)
+    finally:
+        sb.set_site(None)
+    assert r.returncode == 0, (r.stdout, r.stderr[-3000:])
+    scheduler, workers = r.stdout.strip().splitlines()
+    for opt in ("--partition=htc", "--account=phys", "--qos=normal", "--constraint=avx512", "--gres=gpu:1",
+                "--mem=6G", "--cpus-per-task=2", "--time=4:00:00", "--reservation=ana"):
+        assert opt in workers, (opt, workers)
+    assert "--comment=ana" in scheduler and "--comment=ana" not in workers, (scheduler, workers)
+    assert "--account=phys" in scheduler, scheduler
+    # (env_vars and the dask worker options travel in the jobs' environment,
+    # not on the sbatch line: test_notebook's
+    # test_sbatch_and_dask_worker_options_from_python_are_kept sees them in
+    # running workers.)
+
+
+def test_the_personal_defaults_file_sizes_a_new_cluster():
+    """The guide's `dask-spank:` section of dask's configuration, as written
+    (its environment path made the sandbox's), in the user's
+    ~/.config/dask: a new cluster's plan (job_script) has its values."""
+    guide_yaml = [textwrap.dedent(b) for b in re.findall(r"^ *```yaml\n(.*?)^ *```", section("A notebook"), re.M | re.S)
+                  if "worker-mem: 6G" in b][0]
+    assert "env: /home/u/envs/analysis" in guide_yaml, guide_yaml
+    conf_dir = sb.HOME / ".config" / "dask"
+    conf = conf_dir / "dask-spank-guide.yaml"
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    conf.write_text(guide_yaml.replace("/home/u/envs/analysis", str(sb.VENV)))
+    for p in (sb.HOME / ".config", conf_dir, conf):
+        os.chown(p, sb.user().pw_uid, sb.user().pw_gid)
+    program = ("import asyncio\nfrom dask_spank import SpankCluster\n\nasync def main():\n"
+               "    print(SpankCluster('ana', workers=1, asynchronous=True).job_script())\n\nasyncio.run(main())\n")
+    try:
+        r = run(program, timeout=120)
+    finally:
+        conf.unlink()
+    assert r.returncode == 0, (r.stdout, r.stderr[-3000:])
+    scheduler, workers = r.stdout.strip().splitlines()
+    for opt in ("--mem=6G", "--cpus-per-task=2", "--time=4:00:00", f"--dask-env={sb.VENV}"):
+        assert opt in workers, (opt, workers)
+    assert "--mem=2G" in scheduler and f"--dask-env={sb.VENV}" in scheduler, scheduler
