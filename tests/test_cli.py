@@ -232,7 +232,9 @@ def test_up_sizes_adapt_later_the_status_tunnel_and_the_security_loader(cluster_
                    env={"DASK_DISTRIBUTED__CLIENT__SECURITY_LOADER": "dask_spank.security_loader"})
     assert r.returncode == 0 and "sum 3" in r.stdout, (r.stdout, r.stderr[-3000:])
     assert f"python ['{venv}/bin/python']" in r.stdout, r.stdout
-    human = ds("status", name).stdout
+    # The keeper's line counts what the line above counts (within its helper's tick).
+    human = sb.wait_until("the keeper's line to count the 2 workers", lambda: (lambda out: out if
+                          "keeper: target 2 (fixed), 2 connected" in out else None)(ds("status", name).stdout), 20, 1)
     assert re.search(r"^scheduler tls://127\.0\.0\.1:\d+, dashboard http://127\.0\.0\.1:\d+/status\?token=[0-9a-f]{48}$",
                      human, re.M), human
     assert re.search(r"^  from your laptop: ssh -N -L \d+:127\.0\.0\.1:\d+ \S+, then open "

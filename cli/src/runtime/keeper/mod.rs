@@ -176,8 +176,14 @@ impl Keeper {
                     workers: names,
                     updated: now(),
                 });
+                let changed = self.fresh_view().map(|o| o.workers.len()) != Some(v.workers.len());
                 self.view = Some(v);
                 self.last_error = None;
+                // `status` shows the keeper's count beside connected.json's:
+                // the same number, not the last step's.
+                if changed {
+                    self.write_status(None);
+                }
             }
             Event::Retired => self.cancel_retired().await,
             Event::Error(e) => {
@@ -371,6 +377,9 @@ impl Keeper {
         };
         s.short_reason = self.backoff.short.clone();
         s.helper = self.helper.status.clone();
+        if let Some(v) = self.fresh_view() {
+            s.connected = v.workers.len() as u32;
+        }
         s.updated = now();
         let _ = self.dir.write_keeper(&s);
     }
