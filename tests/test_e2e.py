@@ -85,7 +85,7 @@ def test_cluster_runs_as_the_user_logs_in_log_dir_and_computes(cluster_name):
     for t in (1, 2):
         wlog = (log / f"dask-worker-{arr}_{t}.log").read_text()
         assert "worker started, pid" in wlog
-        assert f"Worker name:" in wlog and f"{cluster_name}-{arr}_{t}" in wlog
+        assert "Worker name:" in wlog and f"{cluster_name}-{arr}_{t}" in wlog
         assert "Registered to:" in wlog
         st = os.stat(log / f"dask-worker-{arr}_{t}.log")
         assert st.st_uid == u.pw_uid, "the log belongs to the user"
@@ -171,7 +171,7 @@ def test_own_job_script_activating_an_env_runs_dask_in_it(cluster_name):
     )
     os.chmod(script, 0o755)
     sb.forget_cluster(cluster_name)
-    sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster_name}")
+    sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster_name}")
     job = sb.sbatch(str(script))
     sb.wait_scheduler_file(cluster_name, timeout=120)
     c = sb.client(cluster_name)

@@ -132,7 +132,7 @@ def other_users_cluster_computes(name: str) -> float:
     layout = json.loads(as_other([str(sb.BIN / "dask-spank"), "layout", name]).stdout)
     d = Path(layout["cluster_dir"])
     as_other(["rm", "-f", layout["scheduler_file"]])
-    sched = as_other(["sbatch", "--parsable", "--dask-role=scheduler", f"--dask-cluster={name}"]).stdout.strip()
+    as_other(["sbatch", "--parsable", "--dask-role=scheduler", f"--dask-cluster={name}"])
     as_other(["sbatch", "--parsable", "--dask-role=worker", f"--dask-cluster={name}"])
     sb.wait_until("the other user's scheduler", lambda: Path(layout["scheduler_file"]).exists(), 120)
     security = None

@@ -46,7 +46,7 @@ def test_plugin_names_release_and_commit():
     assert f"built for Slurm {v}".encode() in data
     head = subprocess.run(["git", "-C", str(sb.REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
     log = (sb.LOGS / "slurmd-n1.log").read_text()
-    loads = [l for l in log.splitlines() if f"dask-spank plugin" in l and "loaded" in l]
+    loads = [l for l in log.splitlines() if "dask-spank plugin" in l and "loaded" in l]
     assert loads and f"built for Slurm {v}, commit " in loads[-1], loads[-1:]
     if head.returncode == 0:
         assert head.stdout.strip() in loads[-1], loads[-1]
