@@ -8,6 +8,7 @@
 
 use crate::paths::DEFAULT_AGENT_DIR;
 use crate::policy::{AccountPolicy, Policy, WorkerStart};
+use crate::pool_policy::{Allowed, PerPool};
 use crate::units::{
     format_duration_s, format_mem_mb, format_time_s, parse_duration_s, parse_mem_mb, parse_time_s,
 };
@@ -80,6 +81,12 @@ pub const KEYS: &[&str] = &[
     "worker_time",
     "worker_time_max",
     "max_worker_jobs",
+    "worker_pools",
+    "gres",
+    "pool_gres_max",
+    "pool_mem_max",
+    "pool_time_max",
+    "pool_jobs_max",
     "idle_timeout",
     "no_client_timeout",
     "tls",
@@ -158,6 +165,49 @@ fn account(key: &str, value: &str) -> Result<AccountPolicy, ConfigError> {
                 "must be primary-group, none or a Slurm account name",
             )
         })?),
+    })
+}
+
+/// `any`, `none` or a list of names (`pools` says which).
+fn allowed(key: &str, value: &str, what: &str) -> Result<Allowed, ConfigError> {
+    match value {
+        "any" => Ok(Allowed::Any),
+        "none" => Ok(Allowed::None),
+        _ => value
+            .split(',')
+            .map(|n| {
+                let ok = if what == "pool" {
+                    n.parse::<crate::names::PoolName>().is_ok()
+                } else {
+                    slurm_name(key, n).is_ok()
+                };
+                ok.then(|| n.to_string())
+            })
+            .collect::<Option<Vec<_>>>()
+            .map(Allowed::Only)
+            .ok_or_else(|| {
+                bad(
+                    key,
+                    value,
+                    &format!("must be any, none or a comma-separated list of {what} names"),
+                )
+            }),
+    }
+}
+
+/// `none`, `VALUE` (every pool) or `POOL=VALUE,...`.
+fn per_pool<T: Copy>(
+    key: &str,
+    value: &str,
+    one: impl Fn(&str) -> Option<T>,
+    example: &str,
+) -> Result<PerPool<T>, ConfigError> {
+    PerPool::parse(value, one).ok_or_else(|| {
+        bad(
+            key,
+            value,
+            &format!("must be none, or {example} for every pool and/or POOL={example} entries, comma-separated"),
+        )
     })
 }
 
@@ -309,6 +359,39 @@ impl Config {
             "worker_time" => p.worker.time_s = time(key, v)?,
             "worker_time_max" => p.worker.time_max_s = time(key, v)?,
             "max_worker_jobs" => p.max_worker_jobs = count(key, v, 1_000_000)? as u32,
+            "worker_pools" => p.pools.pools = allowed(key, v, "pool")?,
+            "gres" => p.pools.gres = allowed(key, v, "gres")?,
+            "pool_gres_max" => {
+                p.pools.gres_max = per_pool(key, v, |x| x.parse::<u64>().ok(), "a count")?
+            }
+            "pool_mem_max" => {
+                p.pools.mem_max_mb = per_pool(
+                    key,
+                    v,
+                    |x| parse_mem_mb(x).filter(|m| *m > 0),
+                    "a memory size",
+                )?
+            }
+            "pool_time_max" => {
+                p.pools.time_max_s = per_pool(
+                    key,
+                    v,
+                    |x| parse_time_s(x).flatten().filter(|t| *t > 0),
+                    "a time limit",
+                )?
+            }
+            "pool_jobs_max" => {
+                p.pools.jobs_max = per_pool(
+                    key,
+                    v,
+                    |x| {
+                        x.parse::<u32>()
+                            .ok()
+                            .filter(|n| (1..=1_000_000).contains(n))
+                    },
+                    "a number of jobs",
+                )?
+            }
             "idle_timeout" => p.idle_timeout_s = duration(key, v)?,
             "no_client_timeout" => p.no_client_timeout_s = off_or_duration(key, v)?,
             "tls" => p.tls = v.parse().map_err(|why: String| bad(key, v, &why))?,
@@ -372,6 +455,12 @@ impl Config {
                 "worker_time" => format_time_s(p.worker.time_s),
                 "worker_time_max" => format_time_s(p.worker.time_max_s),
                 "max_worker_jobs" => p.max_worker_jobs.to_string(),
+                "worker_pools" => p.pools.pools.as_value(),
+                "gres" => p.pools.gres.as_value(),
+                "pool_gres_max" => p.pools.gres_max.as_value(|v| v.to_string()),
+                "pool_mem_max" => p.pools.mem_max_mb.as_value(format_mem_mb),
+                "pool_time_max" => p.pools.time_max_s.as_value(format_time_s),
+                "pool_jobs_max" => p.pools.jobs_max.as_value(|v| v.to_string()),
                 "idle_timeout" => format_duration_s(p.idle_timeout_s),
                 "no_client_timeout" => match p.no_client_timeout_s {
                     0 => "off".into(),
@@ -412,6 +501,51 @@ impl Config {
                 "worker_cpus_max",
                 p.worker.cpus_max.to_string(),
             );
+        }
+        // A pool's maxima hold the site's defaults, which its jobs get
+        // when they ask for nothing else.
+        let pools = &p.pools;
+        for (pool, m) in pools.mem_max_mb.all.iter().map(|m| ("", m)).chain(
+            pools
+                .mem_max_mb
+                .by_pool
+                .iter()
+                .map(|(k, m)| (k.as_str(), m)),
+        ) {
+            if p.worker.mem_mb > *m {
+                let at = if pool.is_empty() {
+                    String::new()
+                } else {
+                    format!("{pool}=")
+                };
+                return over(
+                    "worker_mem",
+                    format_mem_mb(p.worker.mem_mb),
+                    "pool_mem_max",
+                    format!("{at}{}", format_mem_mb(*m)),
+                );
+            }
+        }
+        for (pool, t) in pools.time_max_s.all.iter().map(|t| ("", t)).chain(
+            pools
+                .time_max_s
+                .by_pool
+                .iter()
+                .map(|(k, t)| (k.as_str(), t)),
+        ) {
+            if p.worker.time_s > *t {
+                let at = if pool.is_empty() {
+                    String::new()
+                } else {
+                    format!("{pool}=")
+                };
+                return over(
+                    "worker_time",
+                    format_time_s(p.worker.time_s),
+                    "pool_time_max",
+                    format!("{at}{}", format_time_s(*t)),
+                );
+            }
         }
         for (role, r) in [("scheduler", &p.scheduler), ("worker", &p.worker)] {
             if r.mem_mb > r.mem_max_mb {
@@ -469,6 +603,12 @@ mod tests {
             "worker_time=30",
             "worker_time_max=1-00:00:00",
             "max_worker_jobs=10",
+            "worker_pools=gpu,big-mem",
+            "gres=gpu",
+            "pool_gres_max=0,gpu=2",
+            "pool_mem_max=big-mem=256G",
+            "pool_time_max=gpu=4:00:00",
+            "pool_jobs_max=gpu=8",
             "idle_timeout=15m",
             "no_client_timeout=45m",
             "worker_death_timeout=30s",
@@ -495,6 +635,21 @@ mod tests {
         assert_eq!((p.scheduler.time_s, p.scheduler.time_max_s), (3600, 7200));
         assert_eq!((p.worker.time_s, p.worker.time_max_s), (1800, 86400));
         assert_eq!(p.max_worker_jobs, 10);
+        let gpu: crate::names::PoolName = "gpu".parse().unwrap();
+        assert_eq!(
+            p.pools.pools,
+            Allowed::Only(vec!["gpu".into(), "big-mem".into()])
+        );
+        assert_eq!(p.pools.gres, Allowed::Only(vec!["gpu".into()]));
+        assert_eq!(p.pools.gres_max.get(Some(&gpu)), Some(2));
+        assert_eq!(p.pools.gres_max.get(None), Some(0));
+        assert_eq!(
+            p.pools.mem_max_mb.get(Some(&"big-mem".parse().unwrap())),
+            Some(256 * 1024)
+        );
+        assert_eq!(p.pools.time_max_s.get(Some(&gpu)), Some(4 * 3600));
+        assert_eq!(p.pools.jobs_max.get(Some(&gpu)), Some(8));
+        assert_eq!(p.pools.jobs_max.get(None), None);
         assert_eq!(p.idle_timeout_s, 900);
         assert_eq!(p.no_client_timeout_s, 2700);
         assert_eq!(p.nanny.death_timeout_s, 30);
@@ -528,6 +683,12 @@ mod tests {
             "worker_licenses=sps,x",
             "account=phys",
             "tls=off",
+            "gres=none",
+            "worker_pools=gpu",
+            "pool_gres_max=gpu=1",
+            "pool_mem_max=4G,gpu=8G",
+            "pool_time_max=gpu=3:00:00",
+            "pool_jobs_max=7",
         ])
         .unwrap();
         let r = c.resolved();
@@ -549,7 +710,7 @@ mod tests {
     #[test]
     fn errors_name_the_key_and_value() {
         let cases: &[(&[&str], &str)] = &[
-            (&["bogus=1"], "plugstack.conf: unknown key 'bogus' (known keys: scheduler_partition, worker_partition, scheduler_licenses, worker_licenses, account, worker_cpus, worker_cpus_max, scheduler_mem, scheduler_mem_max, worker_mem, worker_mem_max, scheduler_time, scheduler_time_max, worker_time, worker_time_max, max_worker_jobs, idle_timeout, no_client_timeout, tls, worker_death_timeout, worker_restart_max, worker_restart_window, worker_lifetime_margin, worker_successor_lead, worker_memory_kill, worker_start, log_dir, agent_dir, attach_cmd, agent_timeout, agent_restart_grace)"),
+            (&["bogus=1"], "plugstack.conf: unknown key 'bogus' (known keys: scheduler_partition, worker_partition, scheduler_licenses, worker_licenses, account, worker_cpus, worker_cpus_max, scheduler_mem, scheduler_mem_max, worker_mem, worker_mem_max, scheduler_time, scheduler_time_max, worker_time, worker_time_max, max_worker_jobs, worker_pools, gres, pool_gres_max, pool_mem_max, pool_time_max, pool_jobs_max, idle_timeout, no_client_timeout, tls, worker_death_timeout, worker_restart_max, worker_restart_window, worker_lifetime_margin, worker_successor_lead, worker_memory_kill, worker_start, log_dir, agent_dir, attach_cmd, agent_timeout, agent_restart_grace)"),
             (&["worker_memory_kill=95"], "plugstack.conf: worker_memory_kill=95: must be a percentage from 50% to 100%"),
             (&["worker_start=fork"], "plugstack.conf: worker_start=fork: must be exec or forkserver"),
             (&["tls=yes"], "plugstack.conf: tls=yes: must be required or off"),
@@ -572,6 +733,14 @@ mod tests {
             (&["worker_mem=64G"], "plugstack.conf: worker_mem=64G exceeds worker_mem_max=32G"),
             (&["worker_cpus=4", "worker_cpus_max=2"], "plugstack.conf: worker_cpus=4 exceeds worker_cpus_max=2"),
             (&["scheduler_time_max=1:00:00"], "plugstack.conf: scheduler_time=8:00:00 exceeds scheduler_time_max=1:00:00"),
+            (&["gres=gpu,"], "plugstack.conf: gres=gpu,: must be any, none or a comma-separated list of gres names"),
+            (&["worker_pools=a.b"], "plugstack.conf: worker_pools=a.b: must be any, none or a comma-separated list of pool names"),
+            (&["pool_gres_max=gpu=x"], "plugstack.conf: pool_gres_max=gpu=x: must be none, or a count for every pool and/or POOL=a count entries, comma-separated"),
+            (&["pool_mem_max=gpu=0"], "plugstack.conf: pool_mem_max=gpu=0: must be none, or a memory size for every pool and/or POOL=a memory size entries, comma-separated"),
+            (&["pool_jobs_max=1,2"], "plugstack.conf: pool_jobs_max=1,2: must be none, or a number of jobs for every pool and/or POOL=a number of jobs entries, comma-separated"),
+            (&["pool_time_max=gpu=UNLIMITED"], "plugstack.conf: pool_time_max=gpu=UNLIMITED: must be none, or a time limit for every pool and/or POOL=a time limit entries, comma-separated"),
+            (&["pool_mem_max=gpu=2G"], "plugstack.conf: worker_mem=3G exceeds pool_mem_max=gpu=2G"),
+            (&["pool_time_max=1:00:00"], "plugstack.conf: worker_time=2:00:00 exceeds pool_time_max=1:00:00"),
         ];
         for (args, want) in cases {
             let got = Config::parse(args.iter().copied()).unwrap_err().to_string();

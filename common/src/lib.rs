@@ -25,6 +25,7 @@ pub mod messages;
 pub mod names;
 pub mod paths;
 pub mod policy;
+pub mod pool_policy;
 pub mod procstat;
 pub mod records;
 pub mod schedfile;

@@ -44,6 +44,10 @@ pub struct JobSpec {
     /// The node's site policy (from its root-owned plugstack.conf), which
     /// the agent checks the job against before starting anything.
     pub policy: Policy,
+    /// `--dask-pool` of a worker job (None: the default pool). Defaulted
+    /// when absent: an older plugin's registration is the default pool's.
+    #[serde(default)]
+    pub pool: Option<crate::names::PoolName>,
 }
 
 impl JobSpec {
@@ -230,6 +234,7 @@ mod tests {
             user: "alice".into(),
             role: Role::Worker,
             cluster: "ana".parse().unwrap(),
+            pool: None,
             env_prefix: None,
             cpus: 1,
             mem_mb: 3072,

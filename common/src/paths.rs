@@ -12,6 +12,8 @@ pub const DEFAULT_AGENT_DIR: &str = "/run/dask-spank";
 pub mod vars {
     pub const ROLE: &str = "DASK_SPANK_ROLE";
     pub const CLUSTER: &str = "DASK_SPANK_CLUSTER";
+    /// A worker job's pool (`--dask-pool`), unset for the default pool.
+    pub const POOL: &str = "DASK_SPANK_POOL";
     pub const ENV: &str = "DASK_SPANK_ENV";
     pub const AGENT_SOCKET: &str = "DASK_SPANK_AGENT_SOCKET";
     pub const LOG: &str = "DASK_SPANK_LOG";

@@ -4,7 +4,8 @@
 //! the node against what the job really got (the agent, from slurmctld's
 //! view of the job), where a user cannot get around it.
 
-use crate::names::Role;
+use crate::names::{PoolName, Role};
+use crate::pool_policy::{self, Gres, PoolPolicy};
 use crate::units::{format_mem_mb, format_time_s, parse_mem_mb, parse_time_s};
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +54,10 @@ pub struct Policy {
     /// when absent, so that registrations of an older plugin still load.
     #[serde(default)]
     pub tls: TlsMode,
+    /// Worker pools and generic resources. Defaulted when absent (an older
+    /// plugin's registration: no pool rules, as then).
+    #[serde(default)]
+    pub pools: PoolPolicy,
 }
 
 /// How a cluster's scheduler, workers and clients talk (`tls`).
@@ -189,6 +194,7 @@ impl Default for Policy {
             no_client_timeout_s: 0,
             nanny: NannyPolicy::default(),
             tls: TlsMode::Required,
+            pools: PoolPolicy::default(),
         }
     }
 }
@@ -469,10 +475,23 @@ fn submit_array(role: Role, asked: &dyn Asked, policy: &Policy) -> Result<(), St
     Ok(())
 }
 
-/// Check a submission against the policy and return the sbatch arguments
-/// that fill in what the user left out. Errors are one line that names the
-/// option, the value and the limit.
+/// Check a submission (of `pool`'s workers; None: the default pool)
+/// against the policy and return the sbatch arguments that fill in what
+/// the user left out. Errors are one line that names the option, the
+/// value and the limit.
 pub fn check_submit(
+    role: Role,
+    pool: Option<&PoolName>,
+    asked: &dyn Asked,
+    policy: &Policy,
+    primary_group: &str,
+) -> Result<Vec<String>, String> {
+    pool_policy::check_submit(role, pool, asked, policy)?;
+    check_role_submit(role, asked, &policy.for_pool(role, pool), primary_group)
+}
+
+/// The role's rules (the pool's maxima already in `policy`).
+fn check_role_submit(
     role: Role,
     asked: &dyn Asked,
     policy: &Policy,
@@ -504,6 +523,8 @@ pub struct JobFacts {
     pub mem_mb: u64,
     /// None: unlimited.
     pub time_limit_s: Option<u64>,
+    /// Generic resources of the job (per job: one node, one task).
+    pub gres: Vec<Gres>,
 }
 
 /// Where the job runs and who pays: the role's partition, the user's
@@ -608,8 +629,28 @@ fn check_job_limits(role: Role, facts: &JobFacts, p: &RolePolicy) -> Result<(), 
     Ok(())
 }
 
-/// The authoritative check, on the node. `Err` is the reason, one line.
+/// The authoritative check, on the node, of a job of `pool` (None: the
+/// default pool). `Err` is the reason, one line.
 pub fn check_job(
+    role: Role,
+    pool: Option<&PoolName>,
+    facts: &JobFacts,
+    policy: &Policy,
+    primary_group: &str,
+) -> Result<(), String> {
+    pool_policy::check_job(
+        role,
+        pool,
+        &facts.gres,
+        facts.mem_mb,
+        facts.time_limit_s,
+        policy,
+    )?;
+    check_role_job(role, facts, &policy.for_pool(role, pool), primary_group)
+}
+
+/// The role's rules, on the node (the pool's maxima already in `policy`).
+fn check_role_job(
     role: Role,
     facts: &JobFacts,
     policy: &Policy,
@@ -663,7 +704,8 @@ mod tests {
 
     #[test]
     fn site_neutral_defaults_set_no_partition_licence_or_account() {
-        let ins = check_submit(Role::Worker, &asked(&[]), &Policy::default(), "phys").unwrap();
+        let ins =
+            check_submit(Role::Worker, None, &asked(&[]), &Policy::default(), "phys").unwrap();
         assert_eq!(
             ins,
             [
@@ -674,12 +716,12 @@ mod tests {
             ]
         );
         let any = asked(&[("partition", "any"), ("account", "x"), ("licenses", "y")]);
-        assert!(check_submit(Role::Scheduler, &any, &Policy::default(), "g").is_ok());
+        assert!(check_submit(Role::Scheduler, None, &any, &Policy::default(), "g").is_ok());
     }
 
     #[test]
     fn defaults_fill_in_everything() {
-        let ins = check_submit(Role::Worker, &asked(&[]), &cc_in2p3(), "phys").unwrap();
+        let ins = check_submit(Role::Worker, None, &asked(&[]), &cc_in2p3(), "phys").unwrap();
         assert_eq!(
             ins,
             [
@@ -692,7 +734,7 @@ mod tests {
                 "--time=2:00:00"
             ]
         );
-        let ins = check_submit(Role::Scheduler, &asked(&[]), &cc_in2p3(), "phys").unwrap();
+        let ins = check_submit(Role::Scheduler, None, &asked(&[]), &cc_in2p3(), "phys").unwrap();
         assert_eq!(
             ins,
             [
@@ -717,7 +759,7 @@ mod tests {
             ("time", "8:00:00"),
             ("array", "1-3000%100"),
         ]);
-        let ins = check_submit(Role::Worker, &a, &cc_in2p3(), "phys").unwrap();
+        let ins = check_submit(Role::Worker, None, &a, &cc_in2p3(), "phys").unwrap();
         assert_eq!(ins, ["--ntasks=1"]);
     }
 
@@ -747,7 +789,7 @@ mod tests {
             (Role::Worker, &[("cpus-per-task", "0")], "--cpus-per-task=0: not a positive whole number"),
         ];
         for (role, pairs, want) in cases {
-            let got = check_submit(*role, &asked(pairs), &p, "phys").unwrap_err();
+            let got = check_submit(*role, None, &asked(pairs), &p, "phys").unwrap_err();
             assert_eq!(&got, want);
         }
     }
@@ -759,6 +801,7 @@ mod tests {
         p.account = AccountPolicy::None;
         let ins = check_submit(
             Role::Worker,
+            None,
             &asked(&[("partition", "any"), ("account", "x")]),
             &p,
             "g",
@@ -768,7 +811,7 @@ mod tests {
             .iter()
             .any(|a| a.starts_with("--partition") || a.starts_with("--account")));
         p.account = AccountPolicy::Fixed("dask".into());
-        let ins = check_submit(Role::Worker, &asked(&[]), &p, "g").unwrap();
+        let ins = check_submit(Role::Worker, None, &asked(&[]), &p, "g").unwrap();
         assert!(ins.contains(&"--account=dask".to_string()));
     }
 
@@ -791,13 +834,14 @@ mod tests {
             cpus: 1,
             mem_mb: 3072,
             time_limit_s: Some(7200),
+            gres: vec![],
         }
     }
 
     #[test]
     fn node_check_accepts_a_conforming_job() {
         assert_eq!(
-            check_job(Role::Worker, &good_facts(), &cc_in2p3(), "phys"),
+            check_job(Role::Worker, None, &good_facts(), &cc_in2p3(), "phys"),
             Ok(())
         );
     }
@@ -845,14 +889,17 @@ mod tests {
         for (edit, want) in cases {
             let mut f = good_facts();
             edit(&mut f);
-            assert_eq!(check_job(Role::Worker, &f, &p, "phys").unwrap_err(), *want);
+            assert_eq!(
+                check_job(Role::Worker, None, &f, &p, "phys").unwrap_err(),
+                *want
+            );
         }
         let mut f = good_facts();
         f.partition = "htc_daemon".into();
         f.licenses.clear();
         f.cpus = 2;
         assert_eq!(
-            check_job(Role::Scheduler, &f, &p, "phys").unwrap_err(),
+            check_job(Role::Scheduler, None, &f, &p, "phys").unwrap_err(),
             "2 cpus: the dask scheduler runs on 1 cpu"
         );
     }

@@ -67,8 +67,16 @@ pub fn decide(
         cpus: spec.cpus,
         mem_mb: spec.mem_mb,
         time_limit_s: f.time_limit_s,
+        gres: f.gres.clone(),
     };
-    check_job(spec.role, &facts, &spec.policy, primary_group).map_err(Refusal::Policy)?;
+    check_job(
+        spec.role,
+        spec.pool.as_ref(),
+        &facts,
+        &spec.policy,
+        primary_group,
+    )
+    .map_err(Refusal::Policy)?;
     Ok(Admitted {
         mem_mb: spec.mem_mb,
         remaining_s: f.time_left_s,
@@ -77,7 +85,14 @@ pub fn decide(
 
 /// `Ok` to start, `Err` with the reason to refuse.
 pub async fn admit(via: &Starter, spec: &JobSpec) -> Result<Admitted, Refusal> {
-    let name = dask_spank_common::names::job_name(spec.role, spec.cluster.as_str());
+    // The pool is in the name: a job whose name and `--dask-pool` disagree
+    // (a private plugstack.conf) is refused, so the keeper and `status`
+    // can take a job's pool from its name.
+    let name = dask_spank_common::names::pool_job_name(
+        spec.role,
+        spec.cluster.as_str(),
+        spec.pool.as_ref(),
+    );
     let facts = slurm::job_facts(
         via,
         &spec.label(),
@@ -118,6 +133,7 @@ mod tests {
             partition: s.policy.role(s.role).partition.clone().unwrap_or_default(),
             licenses: s.policy.role(s.role).licenses.clone(),
             account: s.policy.expected_account("grp").unwrap_or_default(),
+            gres: vec![],
         }
     }
 
@@ -126,6 +142,28 @@ mod tests {
         let s = spec();
         let a = decide(&s, &facts(&s), "grp").unwrap();
         assert_eq!(a.remaining_s, Some(3000));
+    }
+
+    #[test]
+    fn a_pools_gres_and_the_sites_pool_rules_are_checked() {
+        let mut s = spec();
+        s.role = dask_spank_common::Role::Worker;
+        s.policy.pools.gres = dask_spank_common::pool_policy::Allowed::None;
+        let mut f = facts(&s);
+        f.partition = s.policy.worker.partition.clone().unwrap_or_default();
+        f.licenses = s.policy.worker.licenses.clone();
+        assert!(decide(&s, &f, "grp").is_ok());
+        f.gres = dask_spank_common::pool_policy::parse_gres_list("gpu:1").unwrap();
+        let e = decide(&s, &f, "grp").unwrap_err().to_string();
+        assert!(e.ends_with("gres gpu:1 is not allowed: this site gives dask jobs no generic resources (gres=none)"), "{e}");
+        s.policy.pools.gres = Default::default();
+        s.policy.pools.pools = dask_spank_common::pool_policy::Allowed::None;
+        s.pool = Some("gpu".parse().unwrap());
+        let e = decide(&s, &f, "grp").unwrap_err().to_string();
+        assert!(
+            e.ends_with("--dask-pool=gpu is not allowed: worker_pools=none"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -173,6 +173,7 @@ mod tests {
             user: "u".into(),
             role,
             cluster: "ana".parse().unwrap(),
+            pool: None,
             env_prefix: Some("/opt/env".into()),
             cpus: 2,
             mem_mb: 0,

@@ -16,6 +16,7 @@
 //! from here.
 
 use crate::spawn::{self, Starter};
+use dask_spank_common::pool_policy::{parse_gres_list, Gres};
 use dask_spank_common::units::parse_time_s;
 use std::time::Duration;
 
@@ -33,9 +34,18 @@ pub const FIELDS: &[&str] = &[
     "State",
     "Partition",
     "Licenses",
+    // Generic resources, in each way a job can ask for them (validated
+    // names: the site's GresTypes). One task on one node: a count per
+    // node, per job or per task is the job's.
+    "tres-per-node",
+    "tres-per-job",
+    "tres-per-task",
+    "tres-per-socket",
     "Account",
     "Name",
 ];
+/// Where the gres fields are among `FIELDS`.
+const GRES_FIELDS: std::ops::Range<usize> = 9..13;
 const FIXED: usize = FIELDS.len() - 2;
 
 /// What the controller says about one job.
@@ -55,6 +65,9 @@ pub struct ControllerFacts {
     pub licenses: Vec<String>,
     /// Empty when the job has none.
     pub account: String,
+    /// Generic resources of the job (the largest count of each that any
+    /// of the tres-per-* fields shows).
+    pub gres: Vec<Gres>,
 }
 
 /// Why the controller's answer cannot be used.
@@ -144,7 +157,27 @@ pub fn parse(
             "(null)" => String::new(),
             a => a.to_string(),
         },
+        gres: gres(&f[GRES_FIELDS])?,
     })
+}
+
+/// The job's gres from the tres-per-* fields: the largest count of each
+/// name (a job that asked per node and per job shows both).
+fn gres(fields: &[&str]) -> Result<Vec<Gres>, FactsError> {
+    let mut out: Vec<Gres> = Vec::new();
+    for f in fields {
+        // Only the gres entries: tres-per-task also carries `cpu=N`.
+        let words: Vec<&str> = f.split(',').filter(|w| w.starts_with("gres")).collect();
+        let list = parse_gres_list(&words.join(","))
+            .ok_or_else(|| FactsError::Slurm(format!("squeue shows unreadable gres {f}")))?;
+        for g in list {
+            match out.iter_mut().find(|o| o.name == g.name) {
+                Some(o) => o.count = o.count.max(g.count),
+                None => out.push(g),
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Ask the controller about one job (one squeue call). `label` names it
@@ -192,7 +225,7 @@ mod tests {
     #[test]
     fn parses_a_line() {
         let f = parse(
-            "31|1001|1|1|2:00:00|1:59:30|RUNNING|htc|sps:2,other|phys|dask-worker-ana\n",
+            "31|1001|1|1|2:00:00|1:59:30|RUNNING|htc|sps:2,other|gres:gpu:1|gres/gpu:2|cpu=1|N/A|phys|dask-worker-ana\n",
             NAME,
             WHAT,
         )
@@ -210,10 +243,14 @@ mod tests {
                 partition: "htc".into(),
                 licenses: vec!["sps".into(), "other".into()],
                 account: "phys".into(),
+                gres: vec![Gres {
+                    name: "gpu".into(),
+                    count: 2
+                }],
             }
         );
         let g = parse(
-            "7|1|1|1|UNLIMITED|UNLIMITED|RUNNING|p|(null)|(null)|dask-worker-ana",
+            "7|1|1|1|UNLIMITED|UNLIMITED|RUNNING|p|(null)|(null)|(null)|(null)|(null)|(null)|dask-worker-ana",
             NAME,
             WHAT,
         )
@@ -228,21 +265,21 @@ mod tests {
     fn free_text_cannot_shift_or_forge_fields() {
         // An account and a job name full of separators and key=value words.
         let acct = "a|b NumCPUs=1|Partition=htc";
-        let line = format!("31|1001|1|1|2:00:00|1:00:00|RUNNING|other|(null)|{acct}|{NAME}");
+        let line = format!("31|1001|1|1|2:00:00|1:00:00|RUNNING|other|(null)|||||{acct}|{NAME}");
         let f = parse(&line, NAME, WHAT).unwrap();
         assert_eq!((f.partition.as_str(), f.account.as_str()), ("other", acct));
         // A name with a line break cannot forge a second record.
-        let nl = format!("31|1001|1|1|2:00:00|1:00:00|RUNNING|p|(null)|a|x\n31|1001|1|1|2:00:00|1:00:00|RUNNING|htc|sps|a|{NAME}|\n");
+        let nl = format!("31|1001|1|1|2:00:00|1:00:00|RUNNING|p|(null)|||||a|x\n31|1001|1|1|2:00:00|1:00:00|RUNNING|htc|sps|||||a|{NAME}|\n");
         let f = parse(&nl, NAME, WHAT).unwrap();
         assert_eq!((f.partition.as_str(), f.licenses.len()), ("p", 0));
         assert!(f.account.contains('\n'));
         // A name that merely starts with the expected one is refused.
-        let forged = "31|1001|1|1|2:00:00|1:00:00|RUNNING|p|(null)|x|dask-worker-ana|htc";
+        let forged = "31|1001|1|1|2:00:00|1:00:00|RUNNING|p|(null)|||||x|dask-worker-ana|htc";
         assert!(matches!(
             parse(forged, NAME, WHAT),
             Err(FactsError::Name { .. })
         ));
-        let other = "31|1001|1|1|2:00:00|1:00:00|RUNNING|p|(null)|x|dask-worker-bob";
+        let other = "31|1001|1|1|2:00:00|1:00:00|RUNNING|p|(null)|||||x|dask-worker-bob";
         let e = parse(other, NAME, WHAT).unwrap_err().to_string();
         assert!(
             e.contains("dask-worker-ana") && e.contains("x|dask-worker-bob"),
@@ -255,7 +292,7 @@ mod tests {
         ));
         assert!(matches!(
             parse(
-                "x|1001|1|1|2:00:00|1:00:00|RUNNING|p|(null)|a|dask-worker-ana",
+                "x|1001|1|1|2:00:00|1:00:00|RUNNING|p|(null)|||||a|dask-worker-ana",
                 NAME,
                 WHAT
             ),

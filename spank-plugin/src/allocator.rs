@@ -134,6 +134,7 @@ pub fn maybe_reexec(cfg: Result<&Config, Box<dyn Error>>) -> Result<(), Box<dyn 
         req.get("dask-role"),
         req.get("dask-cluster"),
         req.get("dask-env"),
+        req.get("dask-pool"),
     )
     .map_err(user_error)?;
     let Some(opts) = opts else {
@@ -141,7 +142,12 @@ pub fn maybe_reexec(cfg: Result<&Config, Box<dyn Error>>) -> Result<(), Box<dyn 
     };
     // --dask-env too, here rather than in init_post_opt: one line, no more.
     validate(&opts)?;
-    let DaskOptions { role, cluster, .. } = opts;
+    let DaskOptions {
+        role,
+        cluster,
+        pool,
+        ..
+    } = opts;
     // A broken plugstack.conf fails dask jobs loudly, and only them.
     let cfg = cfg?;
     let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());
@@ -150,6 +156,7 @@ pub fn maybe_reexec(cfg: Result<&Config, Box<dyn Error>>) -> Result<(), Box<dyn 
         cfg,
         role,
         &cluster,
+        pool.as_ref(),
         &cwd,
         &dask_spank_common::sys::primary_group_name(),
     )

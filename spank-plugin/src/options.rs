@@ -1,6 +1,7 @@
 //! The `--dask-*` options: registration and reading.
 
 use crate::user_error;
+use dask_spank_common::names::PoolName;
 use dask_spank_common::{ClusterName, Role};
 use slurm_spank::{SpankHandle, SpankOption};
 use std::error::Error;
@@ -9,6 +10,7 @@ use std::path::PathBuf;
 pub const ROLE: &str = "dask-role";
 pub const CLUSTER: &str = "dask-cluster";
 pub const ENV: &str = "dask-env";
+pub const POOL: &str = "dask-pool";
 
 pub fn register(spank: &mut SpankHandle) -> Result<(), Box<dyn Error>> {
     let opts = [
@@ -21,6 +23,9 @@ pub fn register(spank: &mut SpankHandle) -> Result<(), Box<dyn Error>> {
         SpankOption::new(ENV)
             .takes_value("path")
             .usage("[dask-spank] venv or conda prefix whose python has distributed (default: python3 on PATH)"),
+        SpankOption::new(POOL)
+            .takes_value("name")
+            .usage("[dask-spank] Worker pool of this worker job (default: the default pool)"),
     ];
     for o in opts {
         spank.register_option(o)?;
@@ -34,6 +39,8 @@ pub struct DaskOptions {
     pub role: Role,
     pub cluster: ClusterName,
     pub env: Option<PathBuf>,
+    /// `--dask-pool` (None: the default pool).
+    pub pool: Option<PoolName>,
 }
 
 impl DaskOptions {
@@ -43,11 +50,13 @@ impl DaskOptions {
         role: Option<&str>,
         cluster: Option<&str>,
         env: Option<&str>,
+        pool: Option<&str>,
     ) -> Result<Option<DaskOptions>, String> {
         let Some(role) = role else {
-            if cluster.is_some() || env.is_some() {
+            if cluster.is_some() || env.is_some() || pool.is_some() {
                 return Err(
-                    "--dask-cluster and --dask-env need --dask-role=scheduler|worker".into(),
+                    "--dask-cluster, --dask-env and --dask-pool need --dask-role=scheduler|worker"
+                        .into(),
                 );
             }
             return Ok(None);
@@ -62,7 +71,21 @@ impl DaskOptions {
             Some(e) if e.starts_with('/') => Some(PathBuf::from(e)),
             Some(e) => return Err(format!("--dask-env={e}: must be an absolute path")),
         };
-        Ok(Some(DaskOptions { role, cluster, env }))
+        let pool = match pool {
+            None => None,
+            Some(p) => PoolName::parse_opt(p).map_err(|e| format!("{e}"))?,
+        };
+        if let (Role::Scheduler, Some(p)) = (role, &pool) {
+            return Err(format!(
+                "--dask-pool={p} is for worker jobs: a scheduler belongs to no pool"
+            ));
+        }
+        Ok(Some(DaskOptions {
+            role,
+            cluster,
+            env,
+            pool,
+        }))
     }
 
     pub fn read(spank: &SpankHandle) -> Result<Option<DaskOptions>, Box<dyn Error>> {
@@ -72,8 +95,8 @@ impl DaskOptions {
                 .map_err(|e| user_error(format!("--{name}: {e}")))?
                 .map(|v| v.into_owned()))
         };
-        let (r, c, e) = (get(ROLE)?, get(CLUSTER)?, get(ENV)?);
-        Self::parse(r.as_deref(), c.as_deref(), e.as_deref()).map_err(user_error)
+        let (r, c, e, p) = (get(ROLE)?, get(CLUSTER)?, get(ENV)?, get(POOL)?);
+        Self::parse(r.as_deref(), c.as_deref(), e.as_deref(), p.as_deref()).map_err(user_error)
     }
 }
 
@@ -83,25 +106,25 @@ mod tests {
 
     #[test]
     fn parse_options() {
-        assert_eq!(DaskOptions::parse(None, None, None), Ok(None));
-        let o = DaskOptions::parse(Some("worker"), Some("ana"), Some("/opt/env"))
+        assert_eq!(DaskOptions::parse(None, None, None, None), Ok(None));
+        let o = DaskOptions::parse(Some("worker"), Some("ana"), Some("/opt/env"), None)
             .unwrap() // ok: test
             .unwrap(); // ok: test
         assert_eq!(o.role, Role::Worker);
         assert_eq!(o.cluster.as_str(), "ana");
         assert_eq!(o.env, Some(PathBuf::from("/opt/env")));
         assert_eq!(
-            DaskOptions::parse(Some("bogus"), None, None),
+            DaskOptions::parse(Some("bogus"), None, None, None),
             Err("--dask-role=bogus: must be one of scheduler, worker".into())
         );
         assert_eq!(
-            DaskOptions::parse(Some("worker"), Some("a/b"), None),
+            DaskOptions::parse(Some("worker"), Some("a/b"), None, None),
             Err("--dask-cluster=a/b: may only contain letters, digits, '-', '_' and '.'".into())
         );
         assert_eq!(
-            DaskOptions::parse(Some("worker"), None, Some("env")),
+            DaskOptions::parse(Some("worker"), None, Some("env"), None),
             Err("--dask-env=env: must be an absolute path".into())
         );
-        assert!(DaskOptions::parse(None, Some("x"), None).is_err());
+        assert!(DaskOptions::parse(None, Some("x"), None, None).is_err());
     }
 }

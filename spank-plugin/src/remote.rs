@@ -79,6 +79,7 @@ fn build_spec(
         node: node_name(),
         stepd_pid: std::process::id() as i32,
         policy: cfg.policy.clone(),
+        pool: opts.pool.clone(),
     })
 }
 
@@ -139,6 +140,15 @@ impl RemoteState {
         let env = [
             (vars::ROLE, opts.role.as_str().to_string()),
             (vars::CLUSTER, opts.cluster.to_string()),
+            // Always set: a DASK_SPANK_POOL from the submitter's environment
+            // must not move a default-pool job into a pool.
+            (
+                vars::POOL,
+                opts.pool
+                    .as_ref()
+                    .map(|p| p.to_string())
+                    .unwrap_or_default(),
+            ),
             (vars::AGENT_SOCKET, socket.to_string_lossy().into_owned()),
             (vars::TLS, cfg.policy.tls.as_str().to_string()),
             (

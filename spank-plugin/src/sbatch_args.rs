@@ -104,6 +104,7 @@ const REQUIRED: &[&str] = &[
     "dask-role",
     "dask-cluster",
     "dask-env",
+    "dask-pool",
 ];
 
 /// Long options whose argument is optional (only `--opt=value` form).

@@ -6,6 +6,7 @@
 
 use crate::sbatch_args::Request;
 use dask_spank_common::config::Config;
+use dask_spank_common::names::PoolName;
 use dask_spank_common::paths::log_pattern;
 use dask_spank_common::policy::check_submit;
 use dask_spank_common::{ClusterName, Role};
@@ -99,13 +100,15 @@ pub fn plan(
     cfg: &Config,
     role: Role,
     cluster: &ClusterName,
+    pool: Option<&PoolName>,
     cwd: &Path,
     primary_group: &str,
 ) -> Result<SubmitPlan, String> {
     let mut insert = Vec::new();
     let mut log_dir = None;
-    // The job name identifies the cluster's jobs (squeue -n, max_worker_jobs).
-    let name = dask_spank_common::names::job_name(role, cluster.as_str());
+    // The job name identifies the cluster's jobs, and a pool's (squeue -n;
+    // the node agent checks it: see names::pool_job_name).
+    let name = dask_spank_common::names::pool_job_name(role, cluster.as_str(), pool);
     match req.get("job-name") {
         Some(n) if n != name => {
             return Err(format!(
@@ -128,7 +131,7 @@ pub fn plan(
         };
         log_dir = Some(base.join(&cfg.log_dir));
     }
-    insert.extend(check_submit(role, req, &cfg.policy, primary_group)?);
+    insert.extend(check_submit(role, pool, req, &cfg.policy, primary_group)?);
     if req.cmdline.script.is_none() && !req.has("wrap") {
         insert.push(format!("--wrap={}", supplied_script(cfg)));
     }
@@ -247,6 +250,7 @@ mod tests {
             &Config::default(),
             Role::Worker,
             &Default::default(),
+            None,
             Path::new("/w"),
             "g",
         )
@@ -265,6 +269,7 @@ mod tests {
             &cfg,
             Role::Worker,
             &"ana".parse().unwrap(), // ok: test
+            None,
             Path::new("/home/u"),
             "phys",
         )
@@ -299,6 +304,7 @@ mod tests {
             &cfg,
             Role::Scheduler,
             &Default::default(),
+            None,
             Path::new("/w"),
             "g",
         )
@@ -318,6 +324,7 @@ mod tests {
             &cfg,
             Role::Worker,
             &Default::default(),
+            None,
             Path::new("/w"),
             "g",
         )
@@ -336,6 +343,7 @@ mod tests {
             &cfg,
             Role::Worker,
             &"ana".parse().unwrap(), // ok: test
+            None,
             Path::new("/w"),
             "g",
         )
@@ -347,11 +355,71 @@ mod tests {
             &cfg,
             Role::Worker,
             &"ana".parse().unwrap(), // ok: test
+            None,
             Path::new("/w"),
             "g",
         )
         .unwrap_err();
         assert_eq!(e, "--mem=64G exceeds worker_mem_max=32G");
+    }
+
+    #[test]
+    fn a_pools_workers_are_named_for_it_and_held_to_its_rules() {
+        let cfg = Config::parse(["gres=gpu", "pool_gres_max=gpu=1", "worker_pools=gpu"]).unwrap(); // ok: test
+        let gpu: PoolName = "gpu".parse().unwrap(); // ok: test
+        let ana: ClusterName = "ana".parse().unwrap(); // ok: test
+        let r = req("--dask-role=worker --dask-pool=gpu --gres=gpu:1", "");
+        let p = plan(
+            &r,
+            &cfg,
+            Role::Worker,
+            &ana,
+            Some(&gpu),
+            Path::new("/w"),
+            "g",
+        )
+        .unwrap(); // ok: test
+        assert_eq!(p.insert[0], "--job-name=dask-worker-ana@gpu");
+        // The default pool's name is no pool's.
+        let r = req("--dask-role=worker -J dask-worker-ana", "");
+        let e = plan(
+            &r,
+            &cfg,
+            Role::Worker,
+            &ana,
+            Some(&gpu),
+            Path::new("/w"),
+            "g",
+        )
+        .unwrap_err();
+        assert_eq!(e, "--job-name=dask-worker-ana is not allowed: dask-spank names this job dask-worker-ana@gpu (it identifies the cluster's jobs)");
+        let r = req("--dask-role=worker --gres=gpu:2", "");
+        let e = plan(
+            &r,
+            &cfg,
+            Role::Worker,
+            &ana,
+            Some(&gpu),
+            Path::new("/w"),
+            "g",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            "--gres=gpu:2 asks for 2 gpu, more than pool_gres_max=1 for pool gpu"
+        );
+        let other: PoolName = "other".parse().unwrap(); // ok: test
+        let e = plan(
+            &req("", ""),
+            &cfg,
+            Role::Worker,
+            &ana,
+            Some(&other),
+            Path::new("/w"),
+            "g",
+        )
+        .unwrap_err();
+        assert_eq!(e, "--dask-pool=other is not allowed: worker_pools=gpu");
     }
 
     #[test]
