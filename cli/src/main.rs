@@ -2,6 +2,7 @@
 
 mod cluster;
 mod cmd;
+mod pools;
 mod runtime;
 mod slurm;
 mod target;

@@ -1,7 +1,7 @@
 //! The Slurm commands the CLI uses: plain sbatch, squeue and scancel, so
 //! that everything it does can also be done by hand.
 
-use dask_spank_common::names::{is_job_name, job_name};
+use dask_spank_common::names::{is_job_name, parse_pool_job_name, pool_job_name, PoolName};
 use dask_spank_common::scontrol::field;
 use dask_spank_common::Role;
 use std::io::Read;
@@ -68,10 +68,6 @@ pub struct QueuedJob {
     pub submit: String,
 }
 
-pub fn job_names(cluster: &str) -> [String; 2] {
-    Role::ALL.map(|r| job_name(r, cluster))
-}
-
 fn user() -> String {
     std::env::var("USER")
         .ok()
@@ -100,13 +96,18 @@ pub fn parse_squeue(out: &str) -> Vec<QueuedJob> {
         .collect()
 }
 
-/// The user's dask-spank jobs, of one cluster or all (`None`).
+/// Whether a job name is one of `cluster`'s jobs, of any role and pool.
+pub fn of_cluster(name: &str, cluster: &str) -> bool {
+    parse_pool_job_name(name).is_some_and(|(_, c, _)| c == cluster)
+}
+
+/// The user's dask-spank jobs, of one cluster or all (`None`). Not by
+/// `squeue -n`: a cluster's pools have job names of their own
+/// (`dask-worker-ana@gpu`), some perhaps submitted by hand, so the user's
+/// jobs are read and the cluster's picked by name.
 pub fn squeue(cluster: Option<&str>) -> Result<Vec<QueuedJob>, String> {
     let mut cmd = Command::new("squeue");
     cmd.args(["-h", "-r", "-u", &user(), "-o", "%i|%j|%T|%N|%r|%V"]);
-    if let Some(c) = cluster {
-        cmd.args(["-n", &job_names(c).join(",")]);
-    }
     let out = output_within(&mut cmd, SLURM_TIMEOUT)?;
     if !out.status.success() {
         return Err(format!(
@@ -115,29 +116,43 @@ pub fn squeue(cluster: Option<&str>) -> Result<Vec<QueuedJob>, String> {
         ));
     }
     let jobs = parse_squeue(&String::from_utf8_lossy(&out.stdout));
-    Ok(jobs.into_iter().filter(|j| is_job_name(&j.name)).collect())
+    Ok(jobs
+        .into_iter()
+        .filter(|j| match cluster {
+            Some(c) => of_cluster(&j.name, c),
+            None => is_job_name(&j.name),
+        })
+        .collect())
 }
 
-/// A worker job of a cluster, for its keeper: label, state, time limit
-/// and time used (`squeue -o %i|%T|%l|%M`; None: unlimited).
+/// A worker job of a cluster, for its keeper: label, pool, state, time
+/// limit and time used (`squeue -o %i|%j|%T|%l|%M`; None: unlimited).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeptJob {
     pub label: String,
+    /// None: the default pool.
+    pub pool: Option<String>,
     pub state: String,
     pub limit_s: Option<u64>,
     pub used_s: u64,
 }
 
-pub fn parse_kept(out: &str) -> Vec<KeptJob> {
+/// `cluster`'s worker jobs in squeue's lines (other jobs left out).
+pub fn parse_kept(out: &str, cluster: &str) -> Vec<KeptJob> {
     use dask_spank_common::units::parse_time_s;
     out.lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split('|').collect();
-            let [label, state, limit, used] = f.as_slice() else {
+            let [label, name, state, limit, used] = f.as_slice() else {
                 return None;
+            };
+            let pool = match parse_pool_job_name(name.trim())? {
+                (Role::Worker, c, pool) if c == cluster => pool.map(str::to_string),
+                _ => return None,
             };
             Some(KeptJob {
                 label: label.trim().into(),
+                pool,
                 state: state.trim().into(),
                 limit_s: parse_time_s(limit)?,
                 used_s: parse_time_s(used).flatten().unwrap_or(0),
@@ -146,20 +161,14 @@ pub fn parse_kept(out: &str) -> Vec<KeptJob> {
         .collect()
 }
 
-/// The user's worker jobs of `cluster`, for its keeper.
+/// The user's worker jobs of `cluster`, of every pool, for its keeper
+/// (one squeue for all pools: see `squeue`).
 pub fn worker_jobs(cluster: &str) -> Result<Vec<KeptJob>, String> {
     let mut cmd = Command::new("squeue");
-    cmd.args([
-        "-h",
-        "-r",
-        "-u",
-        &user(),
-        "-n",
-        &job_name(Role::Worker, cluster),
-    ])
-    .args(["-o", "%i|%T|%l|%M"])
-    .env_clear()
-    .envs(clean_env());
+    cmd.args(["-h", "-r", "-u", &user()])
+        .args(["-o", "%i|%j|%T|%l|%M"])
+        .env_clear()
+        .envs(clean_env());
     let out = output_within(&mut cmd, SLURM_TIMEOUT)?;
     if !out.status.success() {
         return Err(format!(
@@ -167,7 +176,7 @@ pub fn worker_jobs(cluster: &str) -> Result<Vec<KeptJob>, String> {
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    Ok(parse_kept(&String::from_utf8_lossy(&out.stdout)))
+    Ok(parse_kept(&String::from_utf8_lossy(&out.stdout), cluster))
 }
 
 /// This process's environment minus what describes its own job (a
@@ -258,26 +267,37 @@ pub fn is_queue_limit(err: &str) -> bool {
     err.contains("accounting/QOS policy") || err.contains("MaxSubmitJob")
 }
 
-/// Cancel every job of the user named as the cluster's worker jobs (those
-/// not submitted yet cannot be: stop the submitter first). Waits at most
-/// `timeout` for scancel: it runs while Slurm ends the scheduler job.
-pub fn scancel_workers(cluster: &str, timeout: std::time::Duration) -> Result<(), String> {
-    let out = output_within(
-        Command::new("scancel").args([
-            "--user",
-            &user(),
-            "--name",
-            &job_name(Role::Worker, cluster),
-        ]),
-        timeout,
-    )?;
-    if !out.status.success() {
-        return Err(format!(
-            "scancel failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+/// Cancel every job of the user named as the cluster's worker jobs, of
+/// the default pool and of `pools` (those not submitted yet cannot be:
+/// stop the submitter first). By name, not by id: a job submitted a
+/// moment ago goes too. Waits at most `timeout` for each scancel: it runs
+/// while Slurm ends the scheduler job.
+pub fn scancel_workers(
+    cluster: &str,
+    pools: &[PoolName],
+    timeout: std::time::Duration,
+) -> Result<(), String> {
+    let names = std::iter::once(None)
+        .chain(pools.iter().map(Some))
+        .map(|p| pool_job_name(Role::Worker, cluster, p));
+    let mut errors = vec![];
+    for name in names {
+        let out = output_within(
+            Command::new("scancel").args(["--user", &user(), "--name", &name]),
+            timeout,
+        )?;
+        if !out.status.success() {
+            errors.push(format!(
+                "scancel --name {name} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
     }
-    Ok(())
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
 }
 
 pub fn scancel(ids: &[String]) -> Result<(), String> {
@@ -399,18 +419,26 @@ mod tests {
 
     #[test]
     fn kept_jobs_lines() {
-        let j = parse_kept("12_3|RUNNING|2:00:00|1:05\n12_4|PENDING|UNLIMITED|0:00\nbad|x\n");
+        let j = parse_kept(
+            "12_3|dask-worker-ana|RUNNING|2:00:00|1:05\n\
+             12_4|dask-worker-ana@gpu|PENDING|UNLIMITED|0:00\n\
+             13|dask-worker-anb|RUNNING|UNLIMITED|0:00\n\
+             14|dask-scheduler-ana|RUNNING|UNLIMITED|0:00\nbad|x\n",
+            "ana",
+        );
         assert_eq!(
             j,
             [
                 KeptJob {
                     label: "12_3".into(),
+                    pool: None,
                     state: "RUNNING".into(),
                     limit_s: Some(7200),
                     used_s: 65
                 },
                 KeptJob {
                     label: "12_4".into(),
+                    pool: Some("gpu".into()),
                     state: "PENDING".into(),
                     limit_s: None,
                     used_s: 0
@@ -425,6 +453,8 @@ mod tests {
         assert_eq!(j.len(), 1);
         assert_eq!(j[0].label, "12_3");
         assert_eq!(j[0].state, "RUNNING");
-        assert_eq!(job_names("ana")[1], "dask-worker-ana");
+        assert!(of_cluster("dask-worker-ana@gpu", "ana"));
+        assert!(of_cluster("dask-scheduler-ana", "ana"));
+        assert!(!of_cluster("dask-worker-anb", "ana") && !of_cluster("ana", "ana"));
     }
 }

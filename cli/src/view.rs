@@ -3,6 +3,7 @@
 //! Slurm forgot the job) and the scheduler's list of connected workers.
 
 use crate::slurm::QueuedJob;
+use dask_spank_common::names::DEFAULT_POOL;
 use dask_spank_common::records::{ClusterState, JobReport, ReportState};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -11,6 +12,8 @@ use std::collections::BTreeMap;
 pub struct Row {
     pub job: String,
     pub role: String,
+    /// A worker's pool (`default` for the default pool and the scheduler).
+    pub pool: String,
     /// pending, running, connected, failed, ended
     pub state: String,
     pub node: String,
@@ -27,12 +30,44 @@ pub struct ClusterView {
     pub running: usize,
     pub failed: usize,
     pub ended: usize,
+    /// The same counts for each pool of worker jobs, `default` included.
+    pub pools: BTreeMap<String, PoolCounts>,
     pub scheduler_address: Option<String>,
     pub dashboard_address: Option<String>,
     /// The dashboard's status page with the cluster's token (the only way
     /// in: see python/dask_spank/boot.py).
     pub dashboard_link: Option<String>,
     pub scheduler_file: String,
+}
+
+/// A pool's worker jobs, counted as the cluster's are.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PoolCounts {
+    pub connected: usize,
+    pub pending: usize,
+    pub running: usize,
+    pub failed: usize,
+    pub ended: usize,
+    /// All but those ended (`ClusterView::total`).
+    pub total: usize,
+}
+
+fn counts<'a>(rows: impl Iterator<Item = &'a Row>) -> PoolCounts {
+    let mut c = PoolCounts::default();
+    for r in rows {
+        match r.state.as_str() {
+            "connected" => c.connected += 1,
+            "pending" => c.pending += 1,
+            "running" => c.running += 1,
+            "failed" => c.failed += 1,
+            "ended" => c.ended += 1,
+            _ => {}
+        }
+        if r.state != "ended" {
+            c.total += 1;
+        }
+    }
+    c
 }
 
 impl ClusterView {
@@ -59,6 +94,13 @@ fn role_of(name: &str) -> &'static str {
     }
 }
 
+fn pool_of(name: &str) -> String {
+    dask_spank_common::names::parse_pool_job_name(name)
+        .and_then(|(_, _, p)| p)
+        .unwrap_or(DEFAULT_POOL)
+        .to_string()
+}
+
 /// The row of a job that has left the queue, from its own report.
 fn reported_row(r: &JobReport) -> Row {
     // A job that left the queue while its report still says "running"
@@ -80,6 +122,7 @@ fn reported_row(r: &JobReport) -> Row {
     Row {
         job: r.label.clone(),
         role: r.role.clone(),
+        pool: r.pool.clone().unwrap_or_else(|| DEFAULT_POOL.into()),
         state,
         node: r.node.clone(),
         reason,
@@ -117,6 +160,7 @@ fn queued_row(cluster: &str, q: &QueuedJob, reports: &[JobReport], connected: &[
     Row {
         job: q.label.clone(),
         role,
+        pool: pool_of(&q.name),
         state,
         node: q.node.clone(),
         reason,
@@ -155,14 +199,21 @@ pub fn build(
         rows.insert(q.label.clone(), queued_row(cluster, q, reports, connected));
     }
     let (scheduler, workers) = by_role(rows);
-    let count = |s: &str| workers.iter().filter(|r| r.state == s).count();
+    let all = counts(workers.iter());
+    let mut pools = BTreeMap::new();
+    for r in &workers {
+        pools
+            .entry(r.pool.clone())
+            .or_insert_with(|| counts(workers.iter().filter(|w| w.pool == r.pool)));
+    }
     ClusterView {
         cluster: cluster.to_string(),
-        connected: count("connected"),
-        pending: count("pending"),
-        running: count("running"),
-        failed: count("failed"),
-        ended: count("ended"),
+        connected: all.connected,
+        pending: all.pending,
+        running: all.running,
+        failed: all.failed,
+        ended: all.ended,
+        pools,
         scheduler,
         workers,
         scheduler_address: state.map(|s| s.scheduler_address.clone()),
@@ -203,6 +254,7 @@ mod tests {
             q("11_1", "dask-worker-ana", "RUNNING", "None"),
             q("11_2", "dask-worker-ana", "RUNNING", "None"),
             q("11_3", "dask-worker-ana", "PENDING", "Resources"),
+            q("12_1", "dask-worker-ana@gpu", "RUNNING", "None"),
         ];
         let reports = vec![
             JobReport {
@@ -214,6 +266,7 @@ mod tests {
                 node: "n1".into(),
                 log: None,
                 updated: 0,
+                pool: None,
             },
             JobReport {
                 job_id: 15,
@@ -224,6 +277,7 @@ mod tests {
                 node: "n2".into(),
                 log: None,
                 updated: 0,
+                pool: Some("gpu".into()),
             },
         ];
         let state = ClusterState {
@@ -234,7 +288,7 @@ mod tests {
             scheduler_file: "/f".into(),
             updated: 0,
         };
-        let connected = ["ana-11_1".to_string()];
+        let connected = ["ana-11_1".to_string(), "ana-12_1".to_string()];
         let v = build(
             "ana",
             &queued,
@@ -260,12 +314,27 @@ mod tests {
                 ("11_1", "connected"),
                 ("11_2", "failed"),
                 ("11_3", "pending"),
-                ("11_4", "failed")
+                ("11_4", "failed"),
+                ("12_1", "connected")
             ]
         );
         assert_eq!(v.workers[2].reason, "Resources");
-        assert_eq!((v.connected, v.pending, v.failed, v.total()), (1, 1, 2, 4));
-        assert_eq!(v.percent_connected(), 25.0);
+        assert_eq!((v.connected, v.pending, v.failed, v.total()), (2, 1, 2, 5));
+        assert_eq!(v.percent_connected(), 40.0);
+        // Per pool: the gpu pool's jobs by their name, or their report.
+        let gpu = &v.pools["gpu"];
+        assert_eq!((gpu.connected, gpu.failed, gpu.total), (1, 1, 2));
+        let default = &v.pools["default"];
+        assert_eq!(
+            (
+                default.connected,
+                default.pending,
+                default.failed,
+                default.total
+            ),
+            (1, 1, 1, 3)
+        );
+        assert_eq!(v.workers[4].pool, "gpu");
         assert_eq!(v.scheduler.unwrap().state, "running");
     }
 }

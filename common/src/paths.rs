@@ -66,6 +66,10 @@ pub mod layout {
     pub const TARGET: &str = "target.json";
     /// What the keeper sees and did last.
     pub const KEEPER: &str = "keeper.json";
+    /// The worker pools other than the default one: `pools/<pool>/` holds
+    /// that pool's `target.json` and `worker-args.json` (the default
+    /// pool's stay at the top, so a cluster without pools reads as before).
+    pub const POOLS_DIR: &str = "pools";
     /// The dashboard's token, made by each scheduler job (0600): the
     /// scheduler's and workers' HTTP servers answer only requests that
     /// carry it (python/dask_spank/boot.py), so the dashboard, its logs,
@@ -94,6 +98,7 @@ pub mod layout {
         ("worker_args", WORKER_ARGS),
         ("target", TARGET),
         ("keeper", KEEPER),
+        ("pools_dir", POOLS_DIR),
         ("connected", CONNECTED),
         ("keeper_helper", KEEPER_HELPER),
         ("dashboard_token", DASHBOARD_TOKEN),

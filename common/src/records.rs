@@ -18,11 +18,16 @@
 //!   `adapt`, `down`).
 //! * `worker-args.json` ([`WorkerArgs`]): how worker jobs are submitted.
 //! * `keeper.json` ([`KeeperStatus`]): what the keeper saw and did last.
+//! * `pools/<pool>/target.json` and `pools/<pool>/worker-args.json`: the
+//!   same two records for each worker pool other than the default one
+//!   (`ClusterDir::target_of`, `worker_args_of`).
 
 use crate::files::{read_small_file, write_json_atomic};
+use crate::names::PoolName;
 use crate::paths::layout;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -67,6 +72,9 @@ pub struct JobReport {
     /// The job's log file, as its attach saw it.
     pub log: Option<String>,
     pub updated: u64,
+    /// Its worker pool (`--dask-pool`; None: the default pool).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,7 +122,7 @@ impl Target {
 /// How worker jobs of the cluster are submitted (sbatch options, without
 /// `--array`): recorded by `up`, or by the first worker job of a cluster
 /// submitted by hand; reused by `scale`, replacements and successors.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct WorkerArgs {
     pub args: Vec<String>,
     /// Variables for the worker jobs' environment (the dask worker options
@@ -126,6 +134,11 @@ pub struct WorkerArgs {
     /// Who recorded them (`up`, `job 1234`).
     #[serde(default)]
     pub source: String,
+    /// The dask worker resources each of these jobs offers (`GPU`, 1.0),
+    /// as set in `env`: the keeper sizes an adaptive pool by the tasks
+    /// that ask for them.
+    #[serde(default)]
+    pub resources: Vec<(String, f64)>,
 }
 
 /// The keeper's dask helper, as the runtime supervising it sees it.
@@ -139,6 +152,20 @@ pub struct HelperStatus {
     pub last_death: Option<String>,
     /// When it is started again (epoch seconds), while it is down.
     pub next_start: Option<u64>,
+}
+
+/// What the keeper saw and did last of one worker pool other than the
+/// default one (the default pool's is `KeeperStatus`'s own fields, as
+/// before pools).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolKeeperStatus {
+    pub target: u32,
+    pub intention: Target,
+    pub pending: u32,
+    pub running: u32,
+    pub retiring: u32,
+    pub connected: u32,
+    pub short_reason: Option<String>,
 }
 
 /// What the keeper saw and did last.
@@ -157,6 +184,9 @@ pub struct KeeperStatus {
     #[serde(default)]
     pub helper: HelperStatus,
     pub updated: u64,
+    /// The other pools', by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pools: BTreeMap<String, PoolKeeperStatus>,
 }
 
 /// A cluster's directory and its records.
@@ -254,6 +284,50 @@ impl ClusterDir {
         write(&self.file(layout::WORKER_ARGS), a)
     }
 
+    /// Where a pool's records are: the top for the default pool (None),
+    /// `pools/<pool>/` for another (a `PoolName` is a safe file name).
+    fn pool_file(&self, pool: Option<&PoolName>, name: &str) -> PathBuf {
+        match pool {
+            None => self.file(name),
+            Some(p) => self.0.join(layout::POOLS_DIR).join(p.as_str()).join(name),
+        }
+    }
+
+    /// A pool's target (None: the default pool's, `target()`).
+    pub fn target_of(&self, pool: Option<&PoolName>) -> Option<Target> {
+        read(&self.pool_file(pool, layout::TARGET))
+    }
+
+    pub fn write_target_of(&self, pool: Option<&PoolName>, t: &Target) -> std::io::Result<()> {
+        write(&self.pool_file(pool, layout::TARGET), t)
+    }
+
+    /// A pool's worker options (None: the default pool's, `worker_args()`).
+    pub fn worker_args_of(&self, pool: Option<&PoolName>) -> Option<WorkerArgs> {
+        read(&self.pool_file(pool, layout::WORKER_ARGS))
+    }
+
+    pub fn write_worker_args_of(
+        &self,
+        pool: Option<&PoolName>,
+        a: &WorkerArgs,
+    ) -> std::io::Result<()> {
+        write(&self.pool_file(pool, layout::WORKER_ARGS), a)
+    }
+
+    /// The pools other than the default one that have a record, by name.
+    pub fn pools(&self) -> Vec<PoolName> {
+        let Ok(rd) = std::fs::read_dir(self.0.join(layout::POOLS_DIR)) else {
+            return vec![];
+        };
+        let mut v: Vec<PoolName> = rd
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect();
+        v.sort();
+        v
+    }
+
     /// The dashboard's token (see `paths::layout::DASHBOARD_TOKEN`).
     pub fn dashboard_token(&self) -> Option<String> {
         let t = read_small_file(&self.file(layout::DASHBOARD_TOKEN), 256).ok()?;
@@ -283,6 +357,11 @@ impl ClusterDir {
         self.clear_scheduler_state();
     }
 
+    /// Forget the pools' records (a new cluster of the name has its own).
+    pub fn clear_pools(&self) {
+        let _ = std::fs::remove_dir_all(self.file(layout::POOLS_DIR));
+    }
+
     /// Forget the cluster's size too: the target, the keeper's report and
     /// the worker options (a later cluster of the name starts afresh).
     pub fn clear_all(&self) {
@@ -290,6 +369,7 @@ impl ClusterDir {
         for f in [layout::TARGET, layout::KEEPER, layout::WORKER_ARGS] {
             let _ = std::fs::remove_file(self.file(f));
         }
+        self.clear_pools();
     }
 }
 
@@ -313,6 +393,7 @@ mod tests {
             node: "n1".into(),
             log: None,
             updated: 1,
+            pool: None,
         };
         d.write_report(&r).unwrap();
         std::fs::write(d.jobs_dir().join("junk.json"), b"{").unwrap();
@@ -346,6 +427,38 @@ mod tests {
         assert!(!d.is_kept());
         d.clear_all();
         assert_eq!(d.target(), None);
+        std::fs::remove_dir_all(d.path()).unwrap();
+    }
+
+    #[test]
+    fn each_pool_has_its_records_and_the_default_pool_keeps_the_old_files() {
+        let d = dir("pools");
+        let gpu: PoolName = "gpu".parse().unwrap();
+        d.write_target(&Target::Workers { workers: 3 }).unwrap();
+        d.write_target_of(Some(&gpu), &Target::Adapt { adapt: [0, 2] })
+            .unwrap();
+        let args = WorkerArgs {
+            args: vec!["--dask-pool=gpu".into()],
+            resources: vec![("GPU".into(), 1.0)],
+            ..Default::default()
+        };
+        d.write_worker_args_of(Some(&gpu), &args).unwrap();
+        assert_eq!(d.target_of(None), Some(Target::Workers { workers: 3 }));
+        assert_eq!(d.target(), Some(Target::Workers { workers: 3 }));
+        assert_eq!(
+            d.target_of(Some(&gpu)),
+            Some(Target::Adapt { adapt: [0, 2] })
+        );
+        assert_eq!(d.worker_args_of(Some(&gpu)), Some(args));
+        assert_eq!(d.worker_args(), None);
+        assert!(d.path().join("pools/gpu/target.json").is_file());
+        std::fs::create_dir_all(d.path().join("pools/not.a.pool")).unwrap();
+        assert_eq!(d.pools(), vec![gpu]);
+        // An old record (no resources) still reads.
+        std::fs::write(d.path().join("worker-args.json"), br#"{"args": ["x"]}"#).unwrap();
+        assert_eq!(d.worker_args().unwrap().resources, vec![]);
+        d.clear_all();
+        assert!(d.pools().is_empty());
         std::fs::remove_dir_all(d.path()).unwrap();
     }
 

@@ -1,17 +1,22 @@
-//! `dask-spank scale`: record how many worker jobs the cluster keeps; its
-//! scheduler job submits or cancels them (and replaces those that fail or
-//! retire for their walltime).
+//! `dask-spank scale`: record how many worker jobs the cluster (or one of
+//! its pools) keeps; its scheduler job submits or cancels them (and
+//! replaces those that fail or retire for their walltime).
 
 use crate::cluster::{parse_name, records_of, unknown, view, Res};
-use crate::target::record;
+use crate::pools::known_pool;
 use dask_spank_common::records::Target;
 
 /// Have N worker jobs (kept by the scheduler job).
 #[derive(clap::Args, Debug, Clone)]
-#[command(after_help = "Example:\n  dask-spank scale ana 200")]
+#[command(
+    after_help = "Examples:\n  dask-spank scale ana 200\n  dask-spank scale ana 4 --pool gpu"
+)]
 pub struct Args {
     pub name: String,
     pub workers: u32,
+    /// The pool to size (default: the default pool).
+    #[arg(long)]
+    pub pool: Option<String>,
 }
 
 pub fn run(a: Args) -> Res {
@@ -20,12 +25,18 @@ pub fn run(a: Args) -> Res {
     if v.scheduler.is_none() {
         return Err(unknown(&c));
     }
-    record(&records_of(&c)?, &Target::Workers { workers: n })?;
+    let dir = records_of(&c)?;
+    let pool = known_pool(&dir, c.as_str(), a.pool.as_deref())?;
+    dir.write_target_of(pool.as_ref(), &Target::Workers { workers: n })
+        .map_err(|e| format!("cannot record the target: {e}"))?;
+    let name = pool.as_ref().map_or("default", |p| p.as_str());
     let have = v
         .workers
         .iter()
+        .filter(|r| r.pool == name)
         .filter(|r| matches!(r.state.as_str(), "pending" | "running" | "connected"))
         .count();
-    println!("cluster '{c}': target {n} worker jobs (it has {have}); the scheduler job submits or cancels them");
+    let of = pool.map(|p| format!(" of pool {p}")).unwrap_or_default();
+    println!("cluster '{c}': target {n} worker jobs{of} (it has {have}); the scheduler job submits or cancels them");
     Ok(())
 }

@@ -2,17 +2,42 @@
 
 use crate::cluster::{known, parse_name, unknown, view, Res};
 use crate::view::Row;
+use dask_spank_common::names::DEFAULT_POOL;
 use dask_spank_common::records::{now, KeeperStatus, Target};
 
+/// The table of jobs; a POOL column once the cluster has pools (a cluster
+/// without shows the table it always did).
 pub fn print_rows(rows: &[&Row]) {
+    let pooled = rows.iter().any(|r| r.pool != DEFAULT_POOL);
+    let pool = |p: &str| {
+        if pooled {
+            format!("{p:<10} ")
+        } else {
+            String::new()
+        }
+    };
     println!(
-        "{:<12} {:<10} {:<10} {:<8}  REASON",
-        "JOB", "ROLE", "STATE", "NODE"
+        "{:<12} {:<10} {}{:<10} {:<8}  REASON",
+        "JOB",
+        "ROLE",
+        pool("POOL"),
+        "STATE",
+        "NODE"
     );
     for r in rows {
+        let p = if r.role == "worker" {
+            r.pool.as_str()
+        } else {
+            "-"
+        };
         println!(
-            "{:<12} {:<10} {:<10} {:<8}  {}",
-            r.job, r.role, r.state, r.node, r.reason
+            "{:<12} {:<10} {}{:<10} {:<8}  {}",
+            r.job,
+            r.role,
+            pool(p),
+            r.state,
+            r.node,
+            r.reason
         );
     }
 }
@@ -40,6 +65,15 @@ pub fn run(a: Args) -> Res {
         "cluster '{}': {} of {} worker jobs connected ({} pending, {} running, {} failed, {} ended)",
         v.cluster, v.connected, v.total(), v.pending, v.running, v.failed, v.ended
     );
+    // Per pool, once the cluster has more than its default one.
+    if v.pools.keys().any(|p| p != "default") {
+        for (p, n) in &v.pools {
+            println!(
+                "  pool {p}: {} of {} connected ({} pending, {} running, {} failed, {} ended)",
+                n.connected, n.total, n.pending, n.running, n.failed, n.ended
+            );
+        }
+    }
     if let Some(a) = &v.scheduler_address {
         println!(
             "scheduler {a}, dashboard {}",
@@ -72,19 +106,40 @@ pub fn run(a: Args) -> Res {
     Ok(())
 }
 
-/// The keeper's line of `status`: what it aims at and sees, and whether the
-/// cluster is kept at all (a keeper silent for long, or a helper down).
-pub fn keeper_line(k: &KeeperStatus, now: u64) -> String {
-    let intention = match k.intention {
+fn intention(t: &Target) -> String {
+    match t {
         Target::Adapt { adapt: [lo, hi] } => format!("adaptive {lo}..{hi}"),
         _ => "fixed".into(),
-    };
+    }
+}
+
+/// The keeper's line of `status`: what it aims at and sees (a line more
+/// for each pool), and whether the cluster is kept at all (a keeper
+/// silent for long, or a helper down).
+pub fn keeper_line(k: &KeeperStatus, now: u64) -> String {
     let mut line = format!(
-        "keeper: target {} ({intention}), {} connected, {} pending, {} retiring for their walltime",
-        k.target, k.connected, k.pending, k.retiring
+        "keeper: target {} ({}), {} connected, {} pending, {} retiring for their walltime",
+        k.target,
+        intention(&k.intention),
+        k.connected,
+        k.pending,
+        k.retiring
     );
     if let Some(r) = &k.short_reason {
         line.push_str(&format!("; short: {r}"));
+    }
+    for (name, p) in &k.pools {
+        line.push_str(&format!(
+            "\nkeeper, pool {name}: target {} ({}), {} connected, {} pending, {} retiring for their walltime",
+            p.target,
+            intention(&p.intention),
+            p.connected,
+            p.pending,
+            p.retiring
+        ));
+        if let Some(r) = &p.short_reason {
+            line.push_str(&format!("; short: {r}"));
+        }
     }
     let age = now.saturating_sub(k.updated);
     if age > KEEPER_SILENT_S {
@@ -127,6 +182,7 @@ mod tests {
             short_reason: None,
             helper,
             updated,
+            pools: Default::default(),
         }
     }
 
@@ -140,6 +196,23 @@ mod tests {
         assert_eq!(
             l,
             "keeper: target 4 (adaptive 0..8), 3 connected, 1 pending, 0 retiring for their walltime"
+        );
+        let mut pooled = status(up.clone(), 1000);
+        pooled.pools.insert(
+            "gpu".into(),
+            dask_spank_common::records::PoolKeeperStatus {
+                target: 2,
+                intention: Target::Workers { workers: 2 },
+                pending: 1,
+                running: 1,
+                retiring: 0,
+                connected: 1,
+                short_reason: Some("sbatch refused 1 of 1 worker jobs: x".into()),
+            },
+        );
+        assert_eq!(
+            keeper_line(&pooled, 1005).lines().nth(1),
+            Some("keeper, pool gpu: target 2 (fixed), 1 connected, 1 pending, 0 retiring for their walltime; short: sbatch refused 1 of 1 worker jobs: x")
         );
         assert!(keeper_line(&status(up, 1000), 1100)
             .contains("NOT KEPT: no word from the keeper for 100s"));

@@ -1,6 +1,7 @@
 //! `dask-spank up`: one scheduler job and N worker jobs, with plain sbatch.
 
 use crate::cluster::{parse_name, print_connect, private_dir_of, Res};
+use crate::pools::{self, PoolSpec};
 use crate::slurm::{self, squeue};
 use crate::target::parse_range;
 use dask_spank_common::paths::scheduler_file;
@@ -10,7 +11,9 @@ use std::path::Path;
 
 /// Start a cluster: one scheduler job and N worker jobs.
 #[derive(clap::Args, Debug, Clone)]
-#[command(after_help = "Example:\n  dask-spank up ana --workers 100 --worker-mem 3G --wait 80")]
+#[command(
+    after_help = "Examples:\n  dask-spank up ana --workers 100 --worker-mem 3G --wait 80\n  dask-spank up ana --workers 8 --pool gpu:workers=2,gres=gpu:1,resources=GPU=1"
+)]
 pub struct Args {
     /// Cluster name (letters, digits, '-', '_', '.').
     pub name: String,
@@ -71,6 +74,14 @@ pub struct Args {
     /// --worker-sbatch=--reservation=ana.
     #[arg(long, value_name = "OPTION", allow_hyphen_values = true)]
     pub worker_sbatch: Vec<String>,
+    /// A pool of other workers (repeatable): NAME:KEY=VALUE,... with keys
+    /// workers=N or adapt=MIN:MAX, gres, resources=NAME=AMOUNT
+    /// (repeatable), partition, mem, cpus, time, constraint, sbatch=OPTION.
+    /// Tasks submitted with resources={"GPU": 1} run on a pool with
+    /// resources=GPU=1 only; --export, --env, --account, --qos,
+    /// --worker-local-directory and --worker-preload apply to it too.
+    #[arg(long, value_name = "NAME:KEY=VALUE,...")]
+    pub pool: Vec<String>,
     /// Any other sbatch option for the scheduler job (repeatable).
     #[arg(long, value_name = "OPTION", allow_hyphen_values = true)]
     pub scheduler_sbatch: Vec<String>,
@@ -88,13 +99,45 @@ pub struct Args {
     pub dry_run: bool,
 }
 
-/// The sbatch options of the scheduler job and of the worker jobs.
-fn submission(u: &Args, c: &ClusterName) -> (Vec<String>, Vec<String>) {
-    let opt = |flag: &str, v: &Option<String>| v.as_ref().map(|v| format!("--{flag}={v}"));
+fn opt(flag: &str, v: &Option<String>) -> Option<String> {
+    v.as_ref().map(|v| format!("--{flag}={v}"))
+}
+
+/// The options of every job of the cluster.
+fn common(u: &Args, c: &ClusterName) -> Vec<String> {
     let mut common = vec![format!("--dask-cluster={c}")];
     common.extend(opt("dask-env", &u.env));
     common.extend(opt("account", &u.account));
     common.extend(opt("qos", &u.qos));
+    common
+}
+
+/// A pool's worker jobs: the cluster's options and the pool's own (none of
+/// the default pool's `--worker-*` sbatch options: the site's defaults,
+/// or the pool's, fill them in).
+fn pool_submission(u: &Args, c: &ClusterName, p: &PoolSpec) -> Vec<String> {
+    let mut args = vec![
+        "--dask-role=worker".to_string(),
+        format!("--dask-pool={}", p.name),
+    ];
+    args.extend(common(u, c));
+    args.extend(p.sbatch.iter().cloned());
+    args
+}
+
+/// A pool's worker jobs' environment (see `worker_env`).
+fn pool_env(u: &Args, p: &PoolSpec) -> Result<Vec<(String, String)>, String> {
+    worker_env(
+        &u.export,
+        &p.resources,
+        u.worker_local_directory.as_deref(),
+        &u.worker_preload,
+    )
+}
+
+/// The sbatch options of the scheduler job and of the worker jobs.
+fn submission(u: &Args, c: &ClusterName) -> (Vec<String>, Vec<String>) {
+    let common = common(u, c);
     let mut sargs = vec!["--dask-role=scheduler".to_string()];
     sargs.extend(common.clone());
     sargs.extend(opt("mem", &u.scheduler_mem));
@@ -184,14 +227,28 @@ fn dry_run(u: &Args, c: &ClusterName) -> Res {
     )?;
     let sched = slurm::sbatch_dry_run(&sargs)?;
     let work = slurm::sbatch_dry_run(&wargs)?;
+    let mut planned = serde_json::Map::new();
+    for p in pools::parse_all(&u.pool)? {
+        pool_env(u, &p)?;
+        planned.insert(p.name.to_string(), pool_plan(u, c, &p)?);
+    }
     if u.json {
         println!(
             "{}",
-            serde_json::json!({"scheduler": sched, "workers": work})
+            serde_json::json!({"scheduler": sched, "workers": work, "pools": planned})
         );
         return Ok(());
     }
-    for (what, v) in [("scheduler job", &sched), ("worker jobs", &work)] {
+    let mut shown = vec![
+        ("scheduler job".to_string(), &sched),
+        ("worker jobs".into(), &work),
+    ];
+    shown.extend(
+        planned
+            .iter()
+            .map(|(p, v)| (format!("pool {p} worker jobs"), v)),
+    );
+    for (what, v) in shown {
         let line: Vec<String> = v["sbatch"]
             .as_array()
             .map(|a| {
@@ -212,6 +269,14 @@ fn dry_run(u: &Args, c: &ClusterName) -> Res {
     }
     println!("nothing was submitted (dry run)");
     Ok(())
+}
+
+/// The plugin's plan of a pool's first worker jobs (at least one: its
+/// site limits are checked even when it starts empty).
+fn pool_plan(u: &Args, c: &ClusterName, p: &PoolSpec) -> Result<serde_json::Value, String> {
+    let mut args = vec![format!("--array=1-{}", p.target().1.max(1))];
+    args.extend(pool_submission(u, c, p));
+    slurm::sbatch_dry_run(&args).map_err(|e| format!("--pool {}: {e}", p.name))
 }
 
 /// A word as a shell would need it.
@@ -243,6 +308,7 @@ fn refuse_name_in_use(c: &ClusterName) -> Res {
 fn fresh_dir(c: &ClusterName) -> Result<ClusterDir, String> {
     let dir = ClusterDir(private_dir_of(c)?);
     dir.clear();
+    dir.clear_pools();
     let _ = std::fs::remove_file(scheduler_file(dir.path()));
     Ok(dir)
 }
@@ -298,19 +364,97 @@ fn submit_workers(
 }
 
 /// Print the submitted jobs and how to connect (or them as JSON).
-fn print_started(json: bool, c: &ClusterName, sched: &str, workers: Option<&str>, sf: &Path) {
+fn print_started(
+    json: bool,
+    c: &ClusterName,
+    sched: &str,
+    workers: Option<&str>,
+    pools: &[(String, Option<String>)],
+    sf: &Path,
+) {
     if json {
+        let pools: serde_json::Map<String, serde_json::Value> = pools
+            .iter()
+            .map(|(p, a)| (p.clone(), serde_json::json!(a)))
+            .collect();
         println!(
             "{}",
-            serde_json::json!({"cluster": c.as_str(), "scheduler_job": sched, "worker_array": workers, "scheduler_file": sf})
+            serde_json::json!({"cluster": c.as_str(), "scheduler_job": sched, "worker_array": workers, "pool_arrays": pools, "scheduler_file": sf})
         );
     } else {
+        let pools: String = pools
+            .iter()
+            .map(|(p, a)| format!(", pool {p} array {}", a.as_deref().unwrap_or("-")))
+            .collect();
         println!(
-            "cluster '{c}': scheduler job {sched}, worker array {}",
+            "cluster '{c}': scheduler job {sched}, worker array {}{pools}",
             workers.unwrap_or("-")
         );
         print_connect(c, &sf.to_string_lossy());
     }
+}
+
+/// Record each pool's options and size, for the keeper (before the
+/// scheduler job: it reads them from its start), after the site's policy
+/// planned its first jobs: a pool the site refuses fails `up` with the
+/// plugin's line before anything is submitted.
+fn record_pools(u: &Args, c: &ClusterName, dir: &ClusterDir) -> Result<Vec<Pool>, String> {
+    let mut out = vec![];
+    for p in pools::parse_all(&u.pool)? {
+        let env = pool_env(u, &p)?;
+        pool_plan(u, c, &p)?;
+        let args = pool_submission(u, c, &p);
+        let (target, first) = p.target();
+        dir.write_worker_args_of(
+            Some(&p.name),
+            &WorkerArgs {
+                args: args.clone(),
+                env: env.clone(),
+                source: "up".into(),
+                resources: pools::amounts(&p.resources),
+            },
+        )
+        .and_then(|()| dir.write_target_of(Some(&p.name), &target))
+        .map_err(|e| format!("cannot record pool {}: {e}", p.name))?;
+        out.push(Pool {
+            name: p.name.to_string(),
+            first,
+            args,
+            env,
+        });
+    }
+    Ok(out)
+}
+
+/// A pool's first submission.
+struct Pool {
+    name: String,
+    first: u32,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+/// Submit each pool's first worker jobs; a refusal cancels what `up`
+/// submitted (`submitted`: the scheduler job first).
+fn submit_pools(
+    c: &ClusterName,
+    pools: &[Pool],
+    submitted: &mut Vec<String>,
+) -> Result<Vec<(String, Option<String>)>, String> {
+    let mut arrays = vec![];
+    for p in pools {
+        match submit_workers(c, p.first, &p.args, &p.env, &submitted[0]) {
+            Ok(id) => {
+                submitted.extend(id.clone());
+                arrays.push((p.name.clone(), id));
+            }
+            Err(e) => {
+                let _ = slurm::scancel(submitted);
+                return Err(format!("--pool {}: {e}", p.name));
+            }
+        }
+    }
+    Ok(arrays)
 }
 
 pub fn run(u: Args) -> Res {
@@ -320,6 +464,7 @@ pub fn run(u: Args) -> Res {
     }
     refuse_name_in_use(&c)?;
     let dir = fresh_dir(&c)?;
+    let pools = record_pools(&u, &c, &dir)?;
     let (target, first) = target_of(&u)?;
     // Before the jobs: the keeper of the scheduler job reads it.
     let (sargs, wargs) = submission(&u, &c);
@@ -334,12 +479,17 @@ pub fn run(u: Args) -> Res {
         args: wargs.clone(),
         env: wenv.clone(),
         source: "up".into(),
+        resources: pools::amounts(&u.worker_resources),
     });
     crate::target::record(&dir, &target)?;
     let sched = slurm::sbatch_in(&sargs, Some(&with(&senv)))?;
     let workers = submit_workers(&c, first, &wargs, &wenv, &sched)?;
+    let mut submitted: Vec<String> = std::iter::once(sched.clone())
+        .chain(workers.clone())
+        .collect();
+    let arrays = submit_pools(&c, &pools, &mut submitted)?;
     let sf = scheduler_file(dir.path());
-    print_started(u.json, &c, &sched, workers.as_deref(), &sf);
+    print_started(u.json, &c, &sched, workers.as_deref(), &arrays, &sf);
     match u.wait {
         Some(p) => super::wait::run(super::wait::Args {
             name: u.name,

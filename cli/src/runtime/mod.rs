@@ -23,6 +23,7 @@ mod session;
 mod shape;
 
 use dask_spank_common::messages::Attach;
+use dask_spank_common::names::PoolName;
 use dask_spank_common::paths::{cluster_dir, make_private_dir, scheduler_file, tls_files, vars};
 use dask_spank_common::records::{now, ClusterDir, ClusterState, JobReport, ReportState};
 use dask_spank_common::schedfile::SchedulerInfo;
@@ -37,6 +38,8 @@ struct Job {
     id: u32,
     role: Role,
     cluster: ClusterName,
+    /// A worker job's pool (None: the default pool).
+    pool: Option<PoolName>,
     socket: PathBuf,
     dir: ClusterDir,
     tls: bool,
@@ -60,6 +63,11 @@ impl Job {
             .map_err(|_| "SLURM_JOB_ID is not a number".to_string())?;
         let role: Role = need(vars::ROLE)?.parse().map_err(|e| format!("{e}"))?;
         let cluster: ClusterName = need(vars::CLUSTER)?.parse().map_err(|e| format!("{e}"))?;
+        // Set by the plugin for every job (empty: the default pool).
+        let pool = match std::env::var(vars::POOL) {
+            Ok(p) if !p.is_empty() => Some(p.parse().map_err(|e| format!("{e}"))?),
+            _ => None,
+        };
         let socket = PathBuf::from(need(vars::AGENT_SOCKET)?);
         let root = crate::cluster::root()?;
         let dir = cluster_dir(&root, &cluster);
@@ -69,6 +77,7 @@ impl Job {
             id,
             role,
             cluster,
+            pool,
             socket,
             dir: ClusterDir(dir),
             tls: std::env::var(vars::TLS).map_or(true, |v| v != "off"),
@@ -95,6 +104,7 @@ impl Job {
                 .ok()
                 .map(|p| p.to_string_lossy().into_owned()),
             updated: now(),
+            pool: self.pool.as_ref().map(|p| p.to_string()),
         }
     }
 
@@ -163,8 +173,15 @@ async fn run(job: Job) -> Result<i32, String> {
     if job.role == Role::Worker {
         // Off the runtime: a slow controller must not hold the job's
         // signals or its session.
-        let (dir, cluster, id) = (job.dir.clone(), job.cluster.clone(), job.id);
-        tokio::task::spawn_blocking(move || shape::record_if_first(&dir, &cluster, id));
+        let (dir, cluster, pool, id) = (
+            job.dir.clone(),
+            job.cluster.clone(),
+            job.pool.clone(),
+            job.id,
+        );
+        tokio::task::spawn_blocking(move || {
+            shape::record_if_first(&dir, &cluster, pool.as_ref(), id)
+        });
     }
     let end = tokio::select! {
         end = follow(&job, &mut session) => end,

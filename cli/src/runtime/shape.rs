@@ -5,7 +5,7 @@
 //! job`) by that job's own attach and recorded in `worker-args.json`.
 //! Replacements, successors and `scale` then keep the shape.
 
-use dask_spank_common::names::job_name;
+use dask_spank_common::names::{pool_job_name, PoolName};
 use dask_spank_common::paths::vars;
 use dask_spank_common::records::{ClusterDir, WorkerArgs};
 use dask_spank_common::scontrol::field;
@@ -13,12 +13,20 @@ use dask_spank_common::{ClusterName, Role};
 
 /// The sbatch options that give another job the shape of the job that
 /// `scontrol -o show job` describes in `text` (without `--array`).
-pub fn args_of(text: &str, cluster: &ClusterName, env: Option<&str>) -> Vec<String> {
+pub fn args_of(
+    text: &str,
+    cluster: &ClusterName,
+    pool: Option<&PoolName>,
+    env: Option<&str>,
+) -> Vec<String> {
     let set = |k: &str| field(text, k).filter(|v| !v.is_empty() && *v != "(null)" && *v != "N/A");
     let mut a = vec![
         "--dask-role=worker".to_string(),
         format!("--dask-cluster={cluster}"),
     ];
+    if let Some(p) = pool {
+        a.push(format!("--dask-pool={p}"));
+    }
     if let Some(e) = env.filter(|e| !e.is_empty()) {
         a.push(format!("--dask-env={e}"));
     }
@@ -54,9 +62,16 @@ pub fn args_of(text: &str, cluster: &ClusterName, env: Option<&str>) -> Vec<Stri
     a
 }
 
-/// Record the shape of this worker job, if the cluster has none yet.
-pub fn record_if_first(dir: &ClusterDir, cluster: &ClusterName, job_id: u32) {
-    if dir.worker_args().is_some() {
+/// Record the shape of this worker job, if its pool has none yet. (Its
+/// dask worker resources are not Slurm's to tell: such a pool, submitted
+/// by hand, keeps a fixed size, it cannot adapt.)
+pub fn record_if_first(
+    dir: &ClusterDir,
+    cluster: &ClusterName,
+    pool: Option<&PoolName>,
+    job_id: u32,
+) {
+    if dir.worker_args_of(pool).is_some() {
         return;
     }
     let out = crate::slurm::output_within(
@@ -65,17 +80,21 @@ pub fn record_if_first(dir: &ClusterDir, cluster: &ClusterName, job_id: u32) {
     );
     let Ok(out) = out else { return };
     let text = String::from_utf8_lossy(&out.stdout);
-    // Only a job of this cluster's name speaks for its workers.
-    if field(&text, "JobName") != Some(job_name(Role::Worker, cluster.as_str()).as_str()) {
+    // Only a job of this cluster's (and pool's) name speaks for its workers.
+    let name = pool_job_name(Role::Worker, cluster.as_str(), pool);
+    if field(&text, "JobName") != Some(name.as_str()) {
         return;
     }
     let env = std::env::var(vars::ENV).ok();
-    let args = args_of(&text, cluster, env.as_deref());
-    let _ = dir.write_worker_args(&WorkerArgs {
-        args,
-        env: vec![],
-        source: format!("job {job_id}"),
-    });
+    let args = args_of(&text, cluster, pool, env.as_deref());
+    let _ = dir.write_worker_args_of(
+        pool,
+        &WorkerArgs {
+            args,
+            source: format!("job {job_id}"),
+            ..Default::default()
+        },
+    );
 }
 
 #[cfg(test)]
@@ -89,7 +108,7 @@ mod tests {
             TimeLimit=00:03:00 Partition=htc NumCPUs=2 CPUs/Task=2 MinMemoryNode=5G \
             TresPerNode=gres:gpu:1 Features=(null) Licenses=sps Command=(null) WorkDir=/w";
         assert_eq!(
-            args_of(text, &c, Some("/envs/a")),
+            args_of(text, &c, None, Some("/envs/a")),
             [
                 "--dask-role=worker",
                 "--dask-cluster=ana",
@@ -106,13 +125,24 @@ mod tests {
         let own = "JobName=dask-worker-ana TimeLimit=UNLIMITED MinMemoryCPU=2G \
                    Command=/home/u/w.sh WorkDir=/home/u/run";
         assert_eq!(
-            args_of(own, &c, None),
+            args_of(own, &c, None, None),
             [
                 "--dask-role=worker",
                 "--dask-cluster=ana",
                 "--mem-per-cpu=2G",
                 "--chdir=/home/u/run",
                 "/home/u/w.sh"
+            ]
+        );
+        let gpu: PoolName = "gpu".parse().unwrap();
+        let pooled = "JobName=dask-worker-ana@gpu TresPerNode=gres:gpu:1";
+        assert_eq!(
+            args_of(pooled, &c, Some(&gpu), None),
+            [
+                "--dask-role=worker",
+                "--dask-cluster=ana",
+                "--dask-pool=gpu",
+                "--gres=gpu:1"
             ]
         );
     }

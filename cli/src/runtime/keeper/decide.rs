@@ -5,6 +5,7 @@
 //! when a dead helper is started again. Nothing here talks to Slurm, dask
 //! or the clock: the keeper (`super`) observes and acts.
 
+use dask_spank_common::names::PoolName;
 use dask_spank_common::policy::worker_lifetime_s;
 use dask_spank_common::records::Target;
 use std::collections::BTreeMap;
@@ -35,6 +36,8 @@ pub struct Rules {
 pub struct WorkerJob {
     /// `1234_5` or `1234`.
     pub label: String,
+    /// Its pool, by its job name (None: the default pool).
+    pub pool: Option<PoolName>,
     pub state: QueueState,
     /// Its time limit (None: unlimited).
     pub limit_s: Option<u64>,
@@ -134,6 +137,54 @@ pub fn want(target: &Target, active: u32, adaptive: Option<u32>, low: &mut u32) 
     }
 }
 
+/// What the scheduler asks of the cluster's pools, as the helper reports
+/// it: dask's own adaptive target (for all workers, by CPU occupancy and
+/// tasks ready), and the tasks that ask for worker resources (`GPU`), on
+/// a worker already (processing) or waiting for one (no-worker).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Demand {
+    pub adaptive_target: u32,
+    /// Tasks asking for any resource.
+    pub restricted: u32,
+    /// Each resource, summed over those tasks.
+    pub resources: BTreeMap<String, f64>,
+    /// Connected workers, and their threads.
+    pub workers: u32,
+    pub threads: u32,
+}
+
+/// dask's wanted size of a pool whose workers offer `resources`, before
+/// its range: the workers that the asking tasks fill (`ceil(asked /
+/// offered)`, the most of its resources). Those tasks can run nowhere
+/// else, so they grow this pool and no other. A pool that offers no
+/// resource cannot be told its tasks: it wants nothing (its minimum).
+pub fn pool_demand(resources: &[(String, f64)], d: &Demand) -> u32 {
+    resources
+        .iter()
+        .filter(|(_, offered)| *offered > 0.0)
+        .map(|(r, offered)| {
+            let asked = d.resources.get(r).copied().unwrap_or(0.0);
+            (asked / offered).ceil().min(u32::MAX as f64) as u32
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// dask's wanted size of the default pool, before its range: the adaptive
+/// target less the share of the tasks that ask for resources (those run in
+/// the other pools). dask counts a task as one thread of work and divides
+/// by the workers' threads; so is the share counted (a task a worker when
+/// no worker is connected yet). An approximation: dask's target also
+/// weighs tasks by their expected duration, which the share does not.
+pub fn default_demand(d: &Demand) -> u32 {
+    let share = if d.threads == 0 {
+        d.restricted as u64
+    } else {
+        (d.restricted as u64 * d.workers as u64).div_ceil(d.threads as u64)
+    };
+    (d.adaptive_target as u64).saturating_sub(share) as u32
+}
+
 /// What to do this interval.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
@@ -217,6 +268,30 @@ pub fn choose_victims(
         }
     }
     (retire, cancel)
+}
+
+/// How many of `jobs` have their worker connected (`workers`, by name).
+/// Job labels are Slurm's ids, unique across pools: a worker's name says
+/// its job, and the job its pool.
+pub fn connected(cluster: &str, jobs: &[WorkerJob], workers: &BTreeMap<String, Worker>) -> u32 {
+    jobs.iter()
+        .filter(|j| workers.contains_key(&worker_name(cluster, &j.label)))
+        .count() as u32
+}
+
+/// The sbatch options of a pool's next worker jobs, from its recorded
+/// ones: without `--array` (the keeper sets its own), and with the pool's
+/// `--dask-pool` first (the plugin names the jobs for it; after a job
+/// script it would be the script's argument).
+pub fn pool_args(pool: Option<&PoolName>, recorded: Vec<String>) -> Vec<String> {
+    let mut args: Vec<String> = recorded
+        .into_iter()
+        .filter(|a| !a.starts_with("--array") && !a.starts_with("--dask-pool"))
+        .collect();
+    if let Some(p) = pool {
+        args.insert(0, format!("--dask-pool={p}"));
+    }
+    args
 }
 
 /// The dask name of a worker job's worker (the agent names it so).
@@ -365,6 +440,7 @@ mod tests {
     fn job(label: &str, state: QueueState, limit_s: Option<u64>, used_s: u64) -> WorkerJob {
         WorkerJob {
             label: label.into(),
+            pool: None,
             state,
             limit_s,
             used_s,
@@ -551,6 +627,81 @@ mod tests {
         assert!(w
             .observe("ana", &[run("7_1")], &left, 1 + LOST_GRACE_S)
             .is_empty());
+    }
+
+    #[test]
+    fn a_pool_grows_with_the_tasks_asking_for_its_resources_only() {
+        let gpu = [("GPU".to_string(), 1.0)];
+        let two = [("GPU".to_string(), 2.0), ("MEM".to_string(), 10.0)];
+        let demand = |target, restricted, res: &[(&str, f64)], workers, threads| Demand {
+            adaptive_target: target,
+            restricted,
+            resources: res.iter().map(|(r, a)| (r.to_string(), *a)).collect(),
+            workers,
+            threads,
+        };
+        // (demand) -> (gpu pool, two-gpu pool, default pool)
+        let cases = [
+            // Nothing to do.
+            (demand(0, 0, &[], 2, 2), 0, 0, 0),
+            // 20 GPU tasks on one GPU worker of two workers (2 threads):
+            // dask's target 4 is theirs, not the CPU pool's.
+            (demand(4, 20, &[("GPU", 20.0)], 2, 2), 20, 10, 0),
+            // CPU tasks only: the default pool's alone.
+            (demand(6, 0, &[], 2, 2), 0, 0, 6),
+            // Both: 3 GPU tasks, workers of 4 threads (3 tasks: 1 worker).
+            (demand(5, 3, &[("GPU", 3.0)], 2, 8), 3, 2, 4),
+            // No worker yet: a task a worker.
+            (demand(3, 2, &[("GPU", 1.5), ("MEM", 25.0)], 0, 0), 2, 3, 1),
+        ];
+        for (d, g, t, default) in cases {
+            assert_eq!(
+                (
+                    pool_demand(&gpu, &d),
+                    pool_demand(&two, &d),
+                    default_demand(&d)
+                ),
+                (g, t, default),
+                "{d:?}"
+            );
+        }
+        // A pool without resources wants nothing of its own.
+        assert_eq!(pool_demand(&[], &demand(9, 9, &[("GPU", 9.0)], 1, 1)), 0);
+        assert_eq!(
+            pool_demand(&[("GPU".into(), 0.0)], &demand(9, 9, &[("GPU", 9.0)], 1, 1)),
+            0
+        );
+    }
+
+    #[test]
+    fn a_pools_jobs_are_submitted_with_its_pool_and_counted_by_their_workers() {
+        let gpu: PoolName = "gpu".parse().unwrap();
+        let rec = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            pool_args(
+                Some(&gpu),
+                rec(&["--dask-role=worker", "--array=1-4", "--gres=gpu:1"])
+            ),
+            rec(&["--dask-pool=gpu", "--dask-role=worker", "--gres=gpu:1"])
+        );
+        // A hand-submitted job's shape ends with its script.
+        assert_eq!(
+            pool_args(
+                Some(&gpu),
+                rec(&["--dask-pool=gpu", "--chdir=/w", "/w/job.sh"])
+            ),
+            rec(&["--dask-pool=gpu", "--chdir=/w", "/w/job.sh"])
+        );
+        assert_eq!(
+            pool_args(None, rec(&["--dask-role=worker", "--mem=3G"])),
+            rec(&["--dask-role=worker", "--mem=3G"])
+        );
+        let jobs = [
+            job("7_1", QueueState::Running, None, 0),
+            job("7_2", QueueState::Running, None, 0),
+        ];
+        let w = workers(&[("ana-7_1", "tls://a:1", 0), ("ana-9_1", "tls://b:1", 0)]);
+        assert_eq!(connected("ana", &jobs, &w), 1);
     }
 
     #[test]

@@ -14,7 +14,11 @@
 #   {"remove": [ADDRESS, ...]}: remove these workers from the scheduler now
 #       (their jobs ended; they do not answer): dask recomputes their data.
 # On stdout, every TICK seconds once connected:
-#   {"state": {"workers": {NAME: {"address": A, "keys": N}}, "adaptive_target": N}}
+#   {"state": {"workers": {NAME: {"address": A, "keys": N}}, "adaptive_target": N,
+#              "restricted": N, "resources": {RESOURCE: AMOUNT}, "threads": N}}
+#   (restricted: the tasks asking for worker resources, processing on a worker
+#   or waiting for one; resources: what they ask, summed; threads: the
+#   workers' threads), for the runtime to size each pool.
 # and {"error": TEXT} when a step failed (it goes on). Its stderr is the
 # scheduler job's log.
 import json
@@ -58,8 +62,26 @@ def state(client):
     info = client.scheduler_info(n_workers=-1)["workers"]
     workers = {w.get("name"): {"address": a, "keys": w.get("metrics", {}).get("task_counts", {}).get("memory", 0)}
                for a, w in info.items() if isinstance(w.get("name"), str)}
-    target = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.adaptive_target())
-    return {"workers": workers, "adaptive_target": int(target)}
+    return {"workers": workers, **client.run_on_scheduler(demand)}
+
+
+def demand(dask_scheduler):
+    """On the scheduler: dask's adaptive target, and what the tasks that ask
+    for worker resources ask. Only tasks that can run now count, as in
+    dask's target: those processing on a worker and those no worker can
+    take (a task with resources is never queued, see is_rootish); both sets
+    are small, unlike all tasks."""
+    restricted, amounts = 0, {}
+    tasks = [*dask_scheduler.unrunnable]
+    for ws in dask_scheduler.workers.values():
+        tasks.extend(ws.processing)
+    for ts in tasks:
+        if ts.resource_restrictions:
+            restricted += 1
+            for r, a in ts.resource_restrictions.items():
+                amounts[r] = amounts.get(r, 0) + float(a)
+    return {"adaptive_target": int(dask_scheduler.adaptive_target()), "restricted": restricted,
+            "resources": amounts, "threads": sum(ws.nthreads for ws in dask_scheduler.workers.values())}
 
 
 async def remove_lost(dask_scheduler, addresses):

@@ -7,7 +7,7 @@
 //! `decide::helper_delay` (1 s, doubling while it keeps dying); meanwhile
 //! `status` says the cluster is not fully kept.
 
-use super::decide::{self, Worker};
+use super::decide::{self, Demand, Worker};
 use dask_spank_common::paths::vars;
 use dask_spank_common::records::{now, HelperStatus};
 use serde::Deserialize;
@@ -50,6 +50,13 @@ enum Said {
     State {
         workers: BTreeMap<String, WorkerSaid>,
         adaptive_target: u32,
+        /// The tasks asking for worker resources (see `decide::Demand`).
+        #[serde(default)]
+        restricted: u32,
+        #[serde(default)]
+        resources: BTreeMap<String, f64>,
+        #[serde(default)]
+        threads: u32,
     },
     Retired(serde::de::IgnoredAny),
     Error(String),
@@ -62,10 +69,10 @@ struct WorkerSaid {
 }
 
 /// What the scheduler looks like, as the helper last said.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SchedulerView {
     pub workers: BTreeMap<String, Worker>,
-    pub adaptive_target: u32,
+    pub demand: Demand,
     /// When it was said (epoch seconds).
     pub at: u64,
 }
@@ -216,7 +223,22 @@ impl Helper {
             Ok(Said::State {
                 workers,
                 adaptive_target,
+                restricted,
+                resources,
+                threads,
             }) => {
+                // Amounts that are no numbers of tasks are dropped.
+                let resources = resources
+                    .into_iter()
+                    .filter(|(_, a)| a.is_finite() && *a >= 0.0)
+                    .collect();
+                let demand = Demand {
+                    adaptive_target,
+                    restricted,
+                    resources,
+                    workers: workers.len() as u32,
+                    threads,
+                };
                 let workers = workers
                     .into_iter()
                     .map(|(n, w)| {
@@ -229,7 +251,7 @@ impl Helper {
                     .collect();
                 Event::View(SchedulerView {
                     workers,
-                    adaptive_target,
+                    demand,
                     at: now(),
                 })
             }
@@ -279,9 +301,18 @@ mod tests {
             s,
             Said::State {
                 adaptive_target: 2,
+                restricted: 0,
                 ..
             }
         ));
+        let s: Said = serde_json::from_str(
+            r#"{"state": {"workers": {}, "adaptive_target": 1, "restricted": 3, "resources": {"GPU": 3.0}, "threads": 4}}"#,
+        )
+        .unwrap();
+        let Said::State { resources, .. } = s else {
+            panic!("{s:?}")
+        };
+        assert_eq!(resources["GPU"], 3.0);
         let r: Said = serde_json::from_str(r#"{"retired": ["tls://a:1"]}"#).unwrap();
         assert!(matches!(r, Said::Retired(_)));
         assert!(serde_json::from_str::<Said>(r#"{"exploded": 1}"#).is_err());

@@ -18,16 +18,27 @@
 //! and decides; it writes what it saw in `keeper.json` (for `status`) and
 //! one line per decision in the scheduler job's log. The helper's state
 //! (every `tick`) goes to `connected.json`.
+//!
+//! Pools: the keeper keeps each worker pool that has a target (the default
+//! pool's `target.json`, `pools/<pool>/target.json`) on its own: its jobs
+//! (told by their job name), its target or adaptive range, its submission
+//! options, its refusals' backoff. One squeue serves all pools; a retirement
+//! through dask holds every pool until it is done (it is one order to the
+//! helper, seconds long). The default pool's `down` ends the keeping of all.
 
 pub mod decide;
 pub mod helper;
 
 use crate::slurm;
+use dask_spank_common::names::PoolName;
 use dask_spank_common::paths::{layout, vars, TlsFiles};
-use dask_spank_common::records::{now, ClusterDir, Connected, KeeperStatus, Target, WorkerArgs};
+use dask_spank_common::records::{
+    now, ClusterDir, Connected, KeeperStatus, PoolKeeperStatus, Target, WorkerArgs,
+};
 use dask_spank_common::ClusterName;
 use decide::{Backoff, QueueState, Rules, Step, WorkerJob};
 use helper::{Event, Helper, SchedulerView};
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -64,6 +75,14 @@ pub fn connect_order(address: &str, tls: &TlsFiles) -> serde_json::Value {
     serde_json::json!({"connect": {"address": address, "ca": ca, "cert": cert, "key": key}})
 }
 
+/// What the keeper remembers of a pool between steps.
+#[derive(Default)]
+struct PoolKeep {
+    /// Intervals its adaptive target was low (`decide::want`).
+    low: u32,
+    backoff: Backoff,
+}
+
 pub struct Keeper {
     cluster: ClusterName,
     dir: ClusterDir,
@@ -74,8 +93,8 @@ pub struct Keeper {
     /// The helper's last view, and the last error it reported.
     view: Option<SchedulerView>,
     last_error: Option<String>,
-    low: u32,
-    backoff: Backoff,
+    /// Each pool's adaptive count and refusals (None: the default pool).
+    pools: BTreeMap<Option<PoolName>, PoolKeep>,
     /// Jobs to cancel once dask has retired their workers (or at the
     /// deadline).
     retiring: Option<(Vec<String>, Instant)>,
@@ -102,8 +121,7 @@ impl Keeper {
             helper,
             view: None,
             last_error: None,
-            low: 0,
-            backoff: Backoff::default(),
+            pools: BTreeMap::new(),
             retiring: None,
             lost: Default::default(),
             dir,
@@ -228,35 +246,97 @@ impl Keeper {
         let Some(target) = target else {
             return false;
         };
+        let mut status = None;
+        let mut others = BTreeMap::new();
+        let (mut retire, mut cancel) = (vec![], vec![]);
+        let pools = std::iter::once(None).chain(self.dir.pools().into_iter().map(Some));
+        for pool in pools {
+            // A pool without a target (its jobs submitted by hand) is not kept.
+            let Some(t) = pool
+                .as_ref()
+                .map_or(Some(target.clone()), |p| self.dir.target_of(Some(p)))
+            else {
+                continue;
+            };
+            let (step, s) = self.pool_step(pool.as_ref(), t, &jobs);
+            match step {
+                Step::Hold => {}
+                Step::Grow { n, why } => self.grow(pool.as_ref(), n, why).await,
+                Step::Shrink {
+                    retire: r,
+                    cancel: c,
+                } => {
+                    retire.extend(r);
+                    cancel.extend(c);
+                }
+            }
+            match pool {
+                None => status = Some(s),
+                Some(p) => {
+                    others.insert(p.to_string(), s);
+                }
+            }
+        }
+        self.shrink(retire, cancel).await;
+        if let Some(s) = status {
+            self.write_status(Some(keeper_status(s, others)));
+        }
+        false
+    }
+
+    /// One pool's decision (None: the default pool), from its target and
+    /// the cluster's jobs; and what the keeper saw of it.
+    fn pool_step(
+        &mut self,
+        pool: Option<&PoolName>,
+        target: Target,
+        all: &[WorkerJob],
+    ) -> (Step, PoolKeeperStatus) {
+        let jobs: Vec<WorkerJob> = all
+            .iter()
+            .filter(|j| j.pool.as_ref() == pool)
+            .cloned()
+            .collect();
         let counts = decide::count(self.rules, &jobs);
-        let adaptive = self.fresh_view().map(|v| v.adaptive_target);
-        let want = decide::want(&target, counts.active(), adaptive, &mut self.low);
-        let view = self.fresh_view();
+        let resources = match pool {
+            Some(_) => self
+                .dir
+                .worker_args_of(pool)
+                .map(|a| a.resources)
+                .unwrap_or_default(),
+            None => vec![],
+        };
+        let view = self.fresh_view().cloned();
+        let adaptive = view.as_ref().map(|v| match pool {
+            None => decide::default_demand(&v.demand),
+            Some(_) => decide::pool_demand(&resources, &v.demand),
+        });
+        let keep = self.pools.entry(pool.cloned()).or_default();
+        let want = decide::want(&target, counts.active(), adaptive, &mut keep.low);
         let step = match want {
             Some(w) if self.retiring.is_none() => decide::step(
                 self.cluster.as_str(),
                 w,
                 counts,
                 &jobs,
-                view.map(|v| &v.workers),
-                self.backoff.allows(now()),
+                view.as_ref().map(|v| &v.workers),
+                keep.backoff.allows(now()),
             ),
             _ => Step::Hold,
         };
-        let status = KeeperStatus {
+        let connected = view.as_ref().map_or(0, |v| {
+            decide::connected(self.cluster.as_str(), &jobs, &v.workers)
+        });
+        let status = PoolKeeperStatus {
             target: want.unwrap_or(counts.active()),
             intention: target,
             pending: counts.waiting,
             running: counts.running,
             retiring: counts.retiring,
-            connected: view.map_or(0, |v| v.workers.len() as u32),
-            short_reason: None,
-            helper: Default::default(),
-            updated: 0,
+            connected,
+            short_reason: keep.backoff.short.clone(),
         };
-        self.act(step).await;
-        self.write_status(Some(status));
-        false
+        (step, status)
     }
 
     /// The cluster's worker jobs, as squeue shows them (None: squeue did
@@ -268,6 +348,8 @@ impl Keeper {
                 q.into_iter()
                     .map(|k| WorkerJob {
                         label: k.label,
+                        // Parsed by slurm::parse_kept already.
+                        pool: k.pool.and_then(|p| p.parse().ok()),
                         state: QueueState::from_squeue(&k.state),
                         limit_s: k.limit_s,
                         used_s: k.used_s,
@@ -306,20 +388,16 @@ impl Keeper {
             .await;
     }
 
-    async fn act(&mut self, step: Step) {
-        match step {
-            Step::Hold => {}
-            Step::Grow { n, why } => self.grow(n, why).await,
-            Step::Shrink { retire, cancel } => {
-                if retire.is_empty() || !self.helper.is_running() {
-                    cancel_jobs(cancel).await;
-                } else {
-                    self.helper
-                        .send(&serde_json::json!({ "retire": retire }))
-                        .await;
-                    self.retiring = Some((cancel, Instant::now() + RETIRE_TIMEOUT));
-                }
-            }
+    /// Retire these workers through dask, then cancel these jobs (of
+    /// every pool: one order to the helper).
+    async fn shrink(&mut self, retire: Vec<String>, cancel: Vec<String>) {
+        if retire.is_empty() || !self.helper.is_running() {
+            cancel_jobs(cancel).await;
+        } else {
+            self.helper
+                .send(&serde_json::json!({ "retire": retire }))
+                .await;
+            self.retiring = Some((cancel, Instant::now() + RETIRE_TIMEOUT));
         }
     }
 
@@ -330,20 +408,18 @@ impl Keeper {
         }
     }
 
-    /// Submit `k` worker jobs, halving a refused batch (see `decide::batches`).
-    async fn grow(&mut self, k: u32, why: String) {
-        let shape = self.dir.worker_args().unwrap_or_else(|| WorkerArgs {
+    /// Submit `k` worker jobs of `pool`, halving a refused batch (see
+    /// `decide::batches`).
+    async fn grow(&mut self, pool: Option<&PoolName>, k: u32, why: String) {
+        let shape = self.dir.worker_args_of(pool).unwrap_or_else(|| WorkerArgs {
             args: vec![
                 "--dask-role=worker".into(),
                 format!("--dask-cluster={}", self.cluster),
             ],
             ..Default::default()
         });
-        let base: Vec<String> = shape
-            .args
-            .into_iter()
-            .filter(|a| !a.starts_with("--array"))
-            .collect();
+        let base = decide::pool_args(pool, shape.args);
+        let of = pool.map(|p| format!(" of pool {p}")).unwrap_or_default();
         let mut env = slurm::clean_env();
         env.extend(shape.env);
         let (mut got, mut err) = (0, String::new());
@@ -355,7 +431,9 @@ impl Keeper {
             match tokio::task::spawn_blocking(move || slurm::sbatch_in(&args, Some(&env))).await {
                 Ok(Ok(id)) => {
                     let s = if n > 1 { "s" } else { "" };
-                    say(&format!("submitted {n} worker job{s} (array {id}): {why}"));
+                    say(&format!(
+                        "submitted {n} worker job{s}{of} (array {id}): {why}"
+                    ));
                     got = n;
                     break;
                 }
@@ -363,9 +441,10 @@ impl Keeper {
                 Err(e) => err = e.to_string(),
             }
         }
-        if let Some(delay) = self.backoff.record(k, got, &err, now()) {
-            let short = self.backoff.short.clone().unwrap_or_default();
-            say(&format!("{short}; retrying in {delay}s"));
+        let backoff = &mut self.pools.entry(pool.cloned()).or_default().backoff;
+        if let Some(delay) = backoff.record(k, got, &err, now()) {
+            let short = backoff.short.clone().unwrap_or_default();
+            say(&format!("{short}{of}; retrying in {delay}s"));
         }
     }
 
@@ -375,13 +454,32 @@ impl Keeper {
         let Some(mut s) = status.or_else(|| self.dir.keeper()) else {
             return;
         };
-        s.short_reason = self.backoff.short.clone();
         s.helper = self.helper.status.clone();
+        // Between steps, the helper's news: those connected of each pool's
+        // jobs as the last step saw them are not known here; the default
+        // pool's count is all connected less the other pools'.
         if let Some(v) = self.fresh_view() {
-            s.connected = v.workers.len() as u32;
+            let others: u32 = s.pools.values().map(|p| p.connected).sum();
+            s.connected = (v.workers.len() as u32).saturating_sub(others);
         }
         s.updated = now();
         let _ = self.dir.write_keeper(&s);
+    }
+}
+
+/// The keeper's record: the default pool's `status`, the others'.
+fn keeper_status(s: PoolKeeperStatus, pools: BTreeMap<String, PoolKeeperStatus>) -> KeeperStatus {
+    KeeperStatus {
+        target: s.target,
+        intention: s.intention,
+        pending: s.pending,
+        running: s.running,
+        retiring: s.retiring,
+        connected: s.connected,
+        short_reason: s.short_reason,
+        helper: Default::default(),
+        updated: 0,
+        pools,
     }
 }
 
@@ -408,7 +506,7 @@ pub fn end_of_cluster(cluster: &ClusterName, dir: &ClusterDir) {
     if !dir.is_kept() {
         return;
     }
-    match slurm::scancel_workers(cluster.as_str(), Duration::from_secs(5)) {
+    match slurm::scancel_workers(cluster.as_str(), &dir.pools(), Duration::from_secs(5)) {
         Ok(()) => eprintln!(
             "dask-spank: the scheduler job ends: its cluster's worker jobs were cancelled (successors included)"
         ),

@@ -1,0 +1,218 @@
+//! Worker pools as the commands take them: `up --pool
+//! gpu:workers=2,gres=gpu:1,resources=GPU=1` (repeatable), and `--pool
+//! NAME` of `scale` and `adapt`. A pool is a kind of worker of the cluster
+//! with its own sbatch options, dask worker resources and size; the
+//! default pool is the cluster's plain workers (`--workers`, `--worker-*`).
+
+use crate::target::parse_range;
+use dask_spank_common::names::PoolName;
+use dask_spank_common::records::{ClusterDir, Target};
+
+/// The keys of `--pool NAME:KEY=VALUE,...`.
+const KEYS: &str =
+    "workers, adapt, gres, resources, partition, mem, cpus, time, constraint, sbatch";
+
+/// One `--pool` of `up`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolSpec {
+    pub name: PoolName,
+    pub workers: u32,
+    /// MIN, MAX: sized by the tasks asking for its resources.
+    pub adapt: Option<(u32, u32)>,
+    /// Its worker resources, `NAME=AMOUNT` (dask's `--resources`).
+    pub resources: Vec<String>,
+    /// Its sbatch options (`--gres=gpu:1`, ...), in the order given.
+    pub sbatch: Vec<String>,
+}
+
+impl PoolSpec {
+    /// The size its keeper holds, and how many jobs `up` submits at once.
+    pub fn target(&self) -> (Target, u32) {
+        match self.adapt {
+            Some((lo, hi)) => (Target::Adapt { adapt: [lo, hi] }, lo),
+            None => (
+                Target::Workers {
+                    workers: self.workers,
+                },
+                self.workers,
+            ),
+        }
+    }
+}
+
+/// Parse `NAME:KEY=VALUE,...`; an error is one line naming the option,
+/// its value and what is wrong.
+pub fn parse(s: &str) -> Result<PoolSpec, String> {
+    let bad = |why: String| format!("--pool {s}: {why}");
+    let (name, rest) = s.split_once(':').unwrap_or((s, ""));
+    let name: PoolName = name
+        .parse()
+        .map_err(|e| bad(format!("{e}").replace("--dask-pool=", "pool name ")))?;
+    let mut p = PoolSpec {
+        name,
+        workers: 1,
+        adapt: None,
+        resources: vec![],
+        sbatch: vec![],
+    };
+    for kv in rest.split(',').filter(|kv| !kv.is_empty()) {
+        let Some((k, v)) = kv.split_once('=').filter(|(_, v)| !v.is_empty()) else {
+            return Err(bad(format!("{kv}: must be KEY=VALUE (keys: {KEYS})")));
+        };
+        let flag = |f: &str| format!("--{f}={v}");
+        match k {
+            "workers" => {
+                p.workers = v
+                    .parse()
+                    .map_err(|_| bad(format!("workers={v}: must be a whole number")))?
+            }
+            "adapt" => {
+                p.adapt = Some(parse_range(v).map_err(|_| {
+                    bad(format!(
+                        "adapt={v}: must be MIN:MAX, two whole numbers with MIN <= MAX"
+                    ))
+                })?)
+            }
+            "resources" => {
+                if !is_resource(v) {
+                    return Err(bad(format!(
+                        "resources={v}: must be NAME=AMOUNT, e.g. GPU=1"
+                    )));
+                }
+                p.resources.push(v.to_string());
+            }
+            "gres" | "partition" | "time" | "constraint" => p.sbatch.push(flag(k)),
+            "mem" => p.sbatch.push(flag("mem")),
+            "cpus" => {
+                v.parse::<u32>()
+                    .map_err(|_| bad(format!("cpus={v}: must be a whole number")))?;
+                p.sbatch.push(flag("cpus-per-task"));
+            }
+            "sbatch" if v.starts_with('-') => p.sbatch.push(v.to_string()),
+            "sbatch" => {
+                return Err(bad(format!(
+                    "sbatch={v}: must be an sbatch option, e.g. sbatch=--reservation=r1"
+                )))
+            }
+            _ => return Err(bad(format!("unknown key '{k}' (keys: {KEYS})"))),
+        }
+    }
+    // Its tasks are told by the resources they ask for: without any, a
+    // pool cannot be sized by them.
+    if p.adapt.is_some() && p.resources.is_empty() {
+        return Err(bad(
+            "adapt needs resources=NAME=AMOUNT (a pool grows with the tasks that ask for them)"
+                .into(),
+        ));
+    }
+    Ok(p)
+}
+
+/// `NAME=AMOUNT`, as dask takes a worker resource.
+fn is_resource(r: &str) -> bool {
+    r.split_once('=').is_some_and(|(n, a)| {
+        !n.is_empty()
+            && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && a.parse::<f64>().is_ok_and(|a| a.is_finite() && a >= 0.0)
+    })
+}
+
+/// The resources as numbers, for the keeper (`WorkerArgs::resources`).
+pub fn amounts(resources: &[String]) -> Vec<(String, f64)> {
+    resources
+        .iter()
+        .filter_map(|r| {
+            let (n, a) = r.split_once('=')?;
+            Some((n.to_string(), a.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Every `--pool` of `up`, each name once.
+pub fn parse_all(specs: &[String]) -> Result<Vec<PoolSpec>, String> {
+    let mut pools: Vec<PoolSpec> = vec![];
+    for s in specs {
+        let p = parse(s)?;
+        if pools.iter().any(|q| q.name == p.name) {
+            return Err(format!("--pool {s}: pool {} is given twice", p.name));
+        }
+        pools.push(p);
+    }
+    Ok(pools)
+}
+
+/// `--pool NAME` of `scale` and `adapt`: None for the default pool; a
+/// pool the cluster has (its worker options recorded by `up`, or by its
+/// first job submitted by hand).
+pub fn known_pool(
+    dir: &ClusterDir,
+    cluster: &str,
+    pool: Option<&str>,
+) -> Result<Option<PoolName>, String> {
+    let Some(s) = pool else { return Ok(None) };
+    let p = PoolName::parse_opt(s).map_err(|e| {
+        format!(
+            "--pool {s}: {}",
+            format!("{e}").replace("--dask-pool=", "pool name ")
+        )
+    })?;
+    match p {
+        Some(p) if dir.worker_args_of(Some(&p)).is_none() => Err(format!(
+            "--pool {p}: cluster '{cluster}' has no pool {p} (`dask-spank up {cluster} --pool {p}:workers=N,...` makes one)"
+        )),
+        p => Ok(p),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pools_parse_into_sbatch_options_resources_and_a_size() {
+        let p = parse("gpu:workers=2,gres=gpu:1,resources=GPU=1,partition=gpu,mem=4G,cpus=2,time=1:00:00,sbatch=--reservation=r")
+            .unwrap();
+        assert_eq!(p.name.as_str(), "gpu");
+        assert_eq!(p.target(), (Target::Workers { workers: 2 }, 2));
+        assert_eq!(p.resources, ["GPU=1"]);
+        assert_eq!(
+            p.sbatch,
+            [
+                "--gres=gpu:1",
+                "--partition=gpu",
+                "--mem=4G",
+                "--cpus-per-task=2",
+                "--time=1:00:00",
+                "--reservation=r"
+            ]
+        );
+        assert_eq!(amounts(&p.resources), [("GPU".to_string(), 1.0)]);
+        let a = parse("big:adapt=0:4,resources=MEM=64e9").unwrap();
+        assert!(parse("big:adapt=0:4")
+            .unwrap_err()
+            .contains("adapt needs resources"));
+        assert_eq!(a.target(), (Target::Adapt { adapt: [0, 4] }, 0));
+        assert_eq!(parse("cpu").unwrap().target().1, 1);
+    }
+
+    #[test]
+    fn a_bad_pool_is_one_line_naming_it() {
+        let cases = [
+            ("gpu:workrs=2", "--pool gpu:workrs=2: unknown key 'workrs' (keys: workers, adapt, gres, resources, partition, mem, cpus, time, constraint, sbatch)"),
+            ("gpu:workers=two", "--pool gpu:workers=two: workers=two: must be a whole number"),
+            ("gpu:resources=GPU", "--pool gpu:resources=GPU: resources=GPU: must be NAME=AMOUNT, e.g. GPU=1"),
+            ("gpu:adapt=4:1", "--pool gpu:adapt=4:1: adapt=4:1: must be MIN:MAX, two whole numbers with MIN <= MAX"),
+            ("gpu:gres", "--pool gpu:gres: gres: must be KEY=VALUE (keys: workers, adapt, gres, resources, partition, mem, cpus, time, constraint, sbatch)"),
+            ("1gpu:workers=1", "--pool 1gpu:workers=1: pool name 1gpu: must start with a letter"),
+            ("default:workers=1", "--pool default:workers=1: pool name default: is the default pool: leave --dask-pool out"),
+            ("gpu:sbatch=x", "--pool gpu:sbatch=x: sbatch=x: must be an sbatch option, e.g. sbatch=--reservation=r1"),
+        ];
+        for (s, want) in cases {
+            assert_eq!(parse(s).unwrap_err(), want);
+        }
+        assert_eq!(
+            parse_all(&["gpu".into(), "gpu:workers=2".into()]).unwrap_err(),
+            "--pool gpu:workers=2: pool gpu is given twice"
+        );
+    }
+}
