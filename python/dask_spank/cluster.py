@@ -130,6 +130,36 @@ MANY = (("env_vars", "--export", lambda kv: f"{kv[0]}={kv[1]}"),
         ("resources", "--worker-resources", lambda kv: f"{kv[0]}={kv[1]}"),
         ("preload", "--worker-preload", str), ("worker_sbatch", "--worker-sbatch", str),
         ("scheduler_sbatch", "--scheduler-sbatch", str))
+#: A pool's keys (``pools={"gpu": dict(workers=2, gres="gpu:1", resources={"GPU": 1})}``),
+#: as ``dask-spank up --pool NAME:KEY=VALUE,...`` takes them.
+POOL_KEYS = ("workers", "adapt", "gres", "resources", "partition", "mem", "cpus", "time", "constraint", "sbatch")
+
+
+def pool_arg(name: str, spec: dict) -> str:
+    """One pool as ``up --pool`` takes it; a bad key or a value that would
+    not survive the command line is a ValueError naming it."""
+    unknown = sorted(set(spec) - set(POOL_KEYS))
+    if unknown:
+        raise ValueError(f"pools[{name!r}]: unknown key(s) {unknown} (keys: {', '.join(POOL_KEYS)})")
+    items = []
+    for key in POOL_KEYS:
+        value = spec.get(key)
+        if value is None:
+            continue
+        if key == "adapt":
+            lo, hi = value
+            value = [f"{int(lo)}:{int(hi)}"]
+        elif key == "resources":
+            value = [f"{r}={a}" for r, a in dict(value).items()]
+        elif key == "sbatch":
+            value = [value] if isinstance(value, str) else list(value)
+        else:
+            value = [value]
+        for v in value:
+            if "," in str(v):
+                raise ValueError(f"pools[{name!r}][{key!r}]={v!r}: a value of a pool may not hold a comma")
+            items.append(f"{key}={v}")
+    return f"{name}:{','.join(items)}"
 
 
 def _defaults() -> dict:
@@ -198,7 +228,13 @@ class SpankCluster(Cluster):
     ``SpankCluster("ana", workers=20, worker_mem="3G")`` starts one (``dask-spank
     up``: the site's policy applies) and, by default, stops it on
     ``close()``; ``SpankCluster(workers=20)`` starts one under a fresh name
-    (`fresh_name`: what JupyterLab's Dask panel creates). Its workers run
+    (`fresh_name`: what JupyterLab's Dask panel creates).
+    ``pools={"gpu": dict(workers=2, gres="gpu:1", resources={"GPU": 1})}``
+    adds pools of other workers (``dask-spank up --pool``; keys: workers,
+    adapt=(MIN, MAX), gres, resources, partition, mem, cpus, time,
+    constraint, sbatch): tasks submitted with ``resources={"GPU": 1}`` run
+    there only; ``scale(n, pool="gpu")`` and ``adapt(0, 8, pool="gpu")``
+    size one. Its workers run
     this Python's environment unless ``env`` says otherwise (``env=False``:
     the job's ``python3``).
 
@@ -217,14 +253,15 @@ class SpankCluster(Cluster):
                  scheduler_partition: str | None = None, constraint: str | None = None, gres: str | None = None,
                  env_vars: dict | None = None, resources: dict | None = None, local_directory: str | None = None,
                  preload: list | None = None, worker_sbatch: list | None = None,
-                 scheduler_sbatch: list | None = None, wait: float | None = None,
+                 scheduler_sbatch: list | None = None, pools: dict | None = None, wait: float | None = None,
                  reuse: bool = False, timeout: float = 600, shutdown_on_close: bool | None = None,
                  asynchronous: bool = False, loop=None, quiet: bool = True):
         given = {"worker_mem": worker_mem, "worker_cpus": worker_cpus, "worker_time": worker_time,
                  "scheduler_mem": scheduler_mem, "account": account, "qos": qos, "partition": partition,
                  "scheduler_partition": scheduler_partition, "constraint": constraint, "gres": gres,
                  "env_vars": env_vars, "resources": resources, "local_directory": local_directory,
-                 "preload": preload, "worker_sbatch": worker_sbatch, "scheduler_sbatch": scheduler_sbatch}
+                 "preload": preload, "worker_sbatch": worker_sbatch, "scheduler_sbatch": scheduler_sbatch,
+                 "pools": pools}
         if workers is None:
             if name is None:
                 raise TypeError("SpankCluster() needs the name of a running cluster to attach to, "
@@ -277,6 +314,8 @@ class SpankCluster(Cluster):
             values = s.get(key) or []
             for v in (values.items() if isinstance(values, dict) else values):
                 args.append(f"{flag}={item(v)}")
+        for pool, spec in (s.get("pools") or {}).items():
+            args += ["--pool", pool_arg(pool, spec)]
         if s.get("env"):
             args += ["--env", str(s["env"])]
         return args
@@ -290,6 +329,8 @@ class SpankCluster(Cluster):
         lines = []
         for role in ("scheduler", "workers"):
             lines.append(" ".join(shlex.quote(w) for w in plan[role]["sbatch"]))
+        for pool in plan.get("pools", {}).values():
+            lines.append(" ".join(shlex.quote(w) for w in pool["sbatch"]))
         return "\n".join(lines) + "\n"
 
     async def _up(self) -> None:
@@ -378,22 +419,28 @@ class SpankCluster(Cluster):
             self._log(f"dask-spank: {task.exception()}")
             logger.warning("cluster %r: %s", self.name, task.exception())
 
-    def scale(self, n: int):
-        """Have ``n`` worker jobs (``dask-spank scale``)."""
-        return self._do("scale", self.name, str(int(n)))
+    def scale(self, n: int, pool: str | None = None):
+        """Have ``n`` worker jobs (``dask-spank scale``), of the default pool
+        or of ``pool``."""
+        return self._do("scale", self.name, str(int(n)), *(["--pool", pool] if pool else []))
 
-    def adapt(self, minimum: int = 0, maximum: int | None = None, **kwargs) -> Adaptation:
+    def adapt(self, minimum: int = 0, maximum: int | None = None, pool: str | None = None,
+              **kwargs) -> Adaptation:
         """Size the cluster with dask's adaptive target, between `minimum`
         and `maximum` worker jobs. It runs in the scheduler job (``dask-spank
         adapt``), not in this process: it goes on when the notebook ends.
         dask's other Adaptive options are not taken. What it returns has
         the bounds (as dask's Adaptive: dask-labextension shows them) and,
-        for an asynchronous cluster, can be awaited."""
+        for an asynchronous cluster, can be awaited. With ``pool``, that pool
+        is sized instead, by the tasks that ask for its worker resources
+        (``client.submit(f, resources={"GPU": 1})`` grows the pool with
+        ``resources={"GPU": 1}``, and no other)."""
         if maximum is None:
             raise ValueError("adapt() needs a maximum number of worker jobs")
         if kwargs:
             raise TypeError(f"adapt() takes minimum and maximum only, not {sorted(kwargs)}")
-        done = self._do("adapt", self.name, str(int(minimum)), str(int(maximum)))
+        done = self._do("adapt", self.name, str(int(minimum)), str(int(maximum)),
+                        *(["--pool", pool] if pool else []))
         return Adaptation(int(minimum), int(maximum), done)
 
     def dashboard_token(self) -> str | None:

@@ -455,6 +455,12 @@ impl Keeper {
             return;
         };
         s.helper = self.helper.status.clone();
+        // Why each pool is short, as of its last submission (this step's).
+        let short = |p: Option<PoolName>| self.pools.get(&p).and_then(|k| k.backoff.short.clone());
+        s.short_reason = short(None);
+        for (name, p) in s.pools.iter_mut() {
+            p.short_reason = short(name.parse().ok());
+        }
         // Between steps, the helper's news: those connected of each pool's
         // jobs as the last step saw them are not known here; the default
         // pool's count is all connected less the other pools'.

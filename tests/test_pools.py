@@ -1,0 +1,125 @@
+"""Worker pools (issue 26): one cluster with several kinds of workers. The
+sandbox's nodes declare 4 `gpu` generic resources without devices, so a
+pool can ask for GPUs on a machine that has none; dask's worker resources
+route the tasks that ask for `GPU` to that pool's workers only."""
+from __future__ import annotations
+
+import json
+
+import sandboxlib as sb
+
+GPU_POOL = "gpu:workers=1,gres=gpu:1,resources=GPU=1"
+
+
+def ds(*args: str, check: bool = True, **kw):
+    return sb.as_user(["dask-spank", *args], check=check, **kw)
+
+
+def worker_jobs(name: str, pool: str | None = None) -> list[str]:
+    """A pool's queued or running worker jobs, by their job name."""
+    job_name = f"dask-worker-{name}" + (f"@{pool}" if pool else "")
+    out = sb.run(["squeue", "-h", "-r", "-n", job_name, "-o", "%i %T"]).stdout.splitlines()
+    return sorted(l.split()[0] for l in out if l.strip() and l.split()[1] in ("PENDING", "RUNNING", "CONFIGURING"))
+
+
+def names_by_address(c) -> dict[str, str]:
+    return {a: w["name"] for a, w in c.scheduler_info(n_workers=-1)["workers"].items()}
+
+
+def where(c, futures) -> set[str]:
+    """The names of the workers holding these futures' results."""
+    names = names_by_address(c)
+    return {names[a] for addrs in c.who_has(futures).values() for a in addrs}
+
+
+def test_gpu_tasks_run_on_the_gpu_pool_and_its_lost_worker_is_replaced_with_its_options(cluster_name):
+    ds("up", cluster_name, "--workers", "2", "--pool", GPU_POOL, "--wait", "100", "--timeout", "180")
+    [gpu_job] = worker_jobs(cluster_name, "gpu")
+    assert len(worker_jobs(cluster_name)) == 2
+    job = sb.scontrol_job(gpu_job)
+    assert job["JobName"] == f"dask-worker-{cluster_name}@gpu", job
+    assert "gpu:1" in job.get("TresPerNode", "") + job.get("Gres", ""), job
+    c = sb.client(cluster_name)
+    try:
+        assert len(sb.worker_names(c)) == 3
+
+        def double(x):
+            return 2 * x
+
+        def inc(x):
+            return x + 1
+
+        gpu = c.map(double, range(20), resources={"GPU": 1}, pure=False)
+        cpu = c.map(inc, range(40), pure=False)
+        assert c.gather(gpu) == [2 * i for i in range(20)]
+        assert c.gather(cpu) == [i + 1 for i in range(40)]
+        # Only the gpu pool's worker offers GPU: every GPU task ran there.
+        assert where(c, gpu) == {f"{cluster_name}-{gpu_job}"}
+        del gpu, cpu
+
+        st = json.loads(ds("status", cluster_name, "--json").stdout)
+        assert st["pools"]["gpu"]["connected"] == 1, st["pools"]
+        assert st["pools"]["default"]["connected"] == 2, st["pools"]
+        assert {w["pool"] for w in st["workers"]} == {"default", "gpu"}
+        human = ds("status", cluster_name).stdout
+        assert "pool gpu: 1 of 1 connected" in human, human
+
+        # The gpu worker's job is lost: its replacement is of the pool, with
+        # its gres and its job name, and GPU tasks run there.
+        sb.run(["scancel", gpu_job])
+        [new] = sb.wait_until("a replacement gpu worker job",
+                              lambda: [j for j in worker_jobs(cluster_name, "gpu") if j != gpu_job] or None, 90, 1)
+        job = sb.scontrol_job(new)
+        assert job["JobName"] == f"dask-worker-{cluster_name}@gpu", job
+        assert "gpu:1" in job.get("TresPerNode", "") + job.get("Gres", ""), job
+        assert len(worker_jobs(cluster_name)) == 2, "the default pool is left as it was"
+        ds("wait", cluster_name, "--percent", "100", "--timeout", "120")
+        again = c.map(double, range(5), resources={"GPU": 1}, pure=False)
+        assert c.gather(again) == [2 * i for i in range(5)]
+        assert where(c, again) == {f"{cluster_name}-{new}"}
+        status = ds("status", cluster_name).stdout
+        assert "keeper, pool gpu: target 1 (fixed)" in status, status
+    finally:
+        c.close()
+    ds("down", cluster_name)
+    assert not worker_jobs(cluster_name) and not worker_jobs(cluster_name, "gpu")
+
+
+def test_a_burst_of_gpu_tasks_grows_the_gpu_pool_only_and_it_shrinks_back(cluster_name):
+    ds("up", cluster_name, "--workers", "1", "--pool", "gpu:adapt=0:2,gres=gpu:1,resources=GPU=1",
+       "--wait", "100", "--timeout", "180")
+    assert worker_jobs(cluster_name, "gpu") == [], "no GPU task, no gpu worker"
+    c = sb.client(cluster_name)
+    try:
+        def nap(i):
+            import time as tt
+            tt.sleep(1)
+            return i
+
+        futs = c.map(nap, range(30), resources={"GPU": 1}, pure=False)
+        sb.wait_until("2 gpu worker jobs", lambda: len(worker_jobs(cluster_name, "gpu")) == 2, 120, 1)
+        assert sum(c.gather(futs)) == sum(range(30))
+        assert len(worker_jobs(cluster_name, "gpu")) <= 2
+        assert len(worker_jobs(cluster_name)) == 1, "GPU tasks do not grow the default pool"
+        del futs
+        sb.wait_until("the gpu pool back to 0", lambda: not worker_jobs(cluster_name, "gpu"), 120, 1)
+    finally:
+        c.close()
+    ds("down", cluster_name)
+
+
+def test_a_pool_over_the_sites_maximum_is_refused_in_one_line(policy, cluster_name):
+    policy("pool_gres_max=gpu=1")
+    p = ds("up", cluster_name, "--workers", "1", "--pool", "gpu:workers=1,gres=gpu:2,resources=GPU=1",
+           check=False)
+    assert p.returncode != 0
+    err = p.stderr.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("dask-spank: --pool gpu:"), err
+    assert "pool_gres_max=1" in err, err
+    # Nothing was submitted.
+    assert not sb.run(["squeue", "-h", "-n", f"dask-scheduler-{cluster_name}"]).stdout.strip()
+    # A bad pool is one line naming it too, before anything else.
+    p = ds("up", cluster_name, "--pool", "gpu:workrs=1", check=False)
+    assert p.returncode != 0
+    assert p.stderr.strip().startswith("dask-spank: --pool gpu:workrs=1: unknown key 'workrs'"), p.stderr
