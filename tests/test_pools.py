@@ -73,7 +73,7 @@ def test_gpu_tasks_run_on_the_gpu_pool_and_its_lost_worker_is_replaced_with_its_
         assert job["JobName"] == f"dask-worker-{cluster_name}@gpu", job
         assert "gpu:1" in job.get("TresPerNode", "") + job.get("Gres", ""), job
         assert len(worker_jobs(cluster_name)) == 2, "the default pool is left as it was"
-        ds("wait", cluster_name, "--percent", "100", "--timeout", "120")
+        ds("wait", cluster_name, "--pool", "gpu", "--percent", "100", "--timeout", "120")
         again = c.map(double, range(5), resources={"GPU": 1}, pure=False)
         assert c.gather(again) == [2 * i for i in range(5)]
         assert where(c, again) == {f"{cluster_name}-{new}"}
@@ -123,3 +123,31 @@ def test_a_pool_over_the_sites_maximum_is_refused_in_one_line(policy, cluster_na
     p = ds("up", cluster_name, "--pool", "gpu:workrs=1", check=False)
     assert p.returncode != 0
     assert p.stderr.strip().startswith("dask-spank: --pool gpu:workrs=1: unknown key 'workrs'"), p.stderr
+
+
+def test_python_pools_map_onto_the_command():
+    """SpankCluster(pools=...) plans the pool's jobs as `up --pool` does
+    (job_script: `up --dry-run`, the site's policy applied); a bad pool key
+    is a ValueError naming it."""
+    program = """
+import asyncio
+from dask_spank import SpankCluster
+
+async def main():
+    cluster = SpankCluster("pyplan", asynchronous=True, workers=2,
+                           pools={"gpu": dict(workers=1, gres="gpu:1", resources={"GPU": 1}, mem="2G")})
+    print(cluster.job_script())
+    try:
+        SpankCluster("pyplan", asynchronous=True, workers=1, pools={"gpu": dict(gpus=1)})._up_args()
+    except ValueError as e:
+        print("error:", e)
+
+asyncio.run(main())
+"""
+    out = sb.as_user([str(sb.VENV / "bin" / "python"), "-c", program], timeout=120).stdout
+    lines = out.strip().splitlines()
+    scheduler, workers, gpu, error = lines
+    assert "--dask-pool" not in workers and "--dask-pool" not in scheduler, out
+    for opt in ("--dask-pool=gpu", "--gres=gpu:1", "--mem=2G", "--job-name=dask-worker-pyplan@gpu"):
+        assert opt in gpu, (opt, gpu)
+    assert error.startswith("error: pools['gpu']: unknown key(s) ['gpus']"), error

@@ -78,6 +78,21 @@ impl ClusterView {
         self.workers.len() - self.ended
     }
 
+    /// The view of one pool's worker jobs only (`wait --pool`).
+    pub fn of_pool(mut self, pool: &str) -> ClusterView {
+        self.workers.retain(|r| r.pool == pool);
+        let c = counts(self.workers.iter());
+        (
+            self.connected,
+            self.pending,
+            self.running,
+            self.failed,
+            self.ended,
+        ) = (c.connected, c.pending, c.running, c.failed, c.ended);
+        self.pools.retain(|p, _| p == pool);
+        self
+    }
+
     pub fn percent_connected(&self) -> f64 {
         if self.total() == 0 {
             0.0
@@ -335,6 +350,9 @@ mod tests {
             (1, 1, 1, 3)
         );
         assert_eq!(v.workers[4].pool, "gpu");
+        let g = v.clone().of_pool("gpu");
+        assert_eq!((g.connected, g.failed, g.total()), (1, 1, 2));
+        assert_eq!(g.percent_connected(), 50.0);
         assert_eq!(v.scheduler.unwrap().state, "running");
     }
 }

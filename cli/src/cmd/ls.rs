@@ -40,7 +40,7 @@ pub fn run(a: Args) -> Res {
                 serde_json::json!({
                 "cluster": v.cluster, "scheduler": v.scheduler.as_ref().map(|s| &s.state),
                 "workers": v.total(), "connected": v.connected, "pending": v.pending,
-                "running": v.running, "failed": v.failed, "submitted": since,
+                "running": v.running, "failed": v.failed, "pools": v.pools, "submitted": since,
                 "scheduler_file": v.scheduler_file})
             })
             .collect();

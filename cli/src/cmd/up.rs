@@ -496,6 +496,7 @@ pub fn run(u: Args) -> Res {
             percent: p,
             timeout: u.timeout,
             json: u.json,
+            pool: None,
             scheduler_job: Some(sched),
         }),
 

@@ -51,6 +51,9 @@ pub struct Args {
     pub timeout: u64,
     #[arg(long)]
     pub json: bool,
+    /// Count one pool's worker jobs only (`default`: the default pool's).
+    #[arg(long)]
+    pub pool: Option<String>,
     /// The scheduler job (from `up`): if it ends before the cluster is
     /// known, its log tells why.
     #[arg(long, hide = true)]
@@ -148,6 +151,14 @@ pub fn run(a: Args) -> Res {
         return Err(format!("--percent={percent}: must be between 0 and 100"));
     }
     let c = parse_name(name)?;
+    if let Some(p) = &a.pool {
+        dask_spank_common::names::PoolName::parse_opt(p).map_err(|e| {
+            format!(
+                "--pool {p}: {}",
+                format!("{e}").replace("--dask-pool=", "pool name ")
+            )
+        })?;
+    }
     let start = Instant::now();
     let bar = progress_bar(json);
     let mut last = String::new();
@@ -156,6 +167,10 @@ pub fn run(a: Args) -> Res {
         if !known(&v) {
             return Err(not_known(&c, a.scheduler_job.as_deref()));
         }
+        let v = match &a.pool {
+            Some(p) => v.of_pool(p),
+            None => v,
+        };
 
         let line = format!(
             "{} of {} worker jobs connected ({:.0}%), {} pending",
