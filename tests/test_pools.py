@@ -85,24 +85,49 @@ def test_gpu_tasks_run_on_the_gpu_pool_and_its_lost_worker_is_replaced_with_its_
     assert not worker_jobs(cluster_name) and not worker_jobs(cluster_name, "gpu")
 
 
-def test_a_burst_of_gpu_tasks_grows_the_gpu_pool_only_and_it_shrinks_back(cluster_name):
-    ds("up", cluster_name, "--workers", "1", "--pool", "gpu:adapt=0:2,gres=gpu:1,resources=GPU=1",
-       "--wait", "100", "--timeout", "180")
+def test_gpu_tasks_grow_the_gpu_pool_only_and_cpu_tasks_the_default_pool_only(cluster_name):
+    """Both pools adaptive: a burst of GPU tasks grows the gpu pool to its
+    maximum and not the default pool, which stays at its minimum; the gpu
+    pool shrinks back once they are done; a burst of CPU tasks then grows
+    the default pool and not the gpu pool."""
+    ds("up", cluster_name, "--adapt", "1:3", "--pool", "gpu:adapt=0:2,gres=gpu:1,resources=GPU=1")
+    sb.wait_until("the default pool's first worker", lambda: len(worker_jobs(cluster_name)) == 1, 120, 1)
+    ds("wait", cluster_name, "--percent", "100", "--timeout", "120")
     assert worker_jobs(cluster_name, "gpu") == [], "no GPU task, no gpu worker"
     c = sb.client(cluster_name)
+    default_sizes = []
     try:
         def nap(i):
             import time as tt
             tt.sleep(1)
             return i
 
-        futs = c.map(nap, range(30), resources={"GPU": 1}, pure=False)
-        sb.wait_until("2 gpu worker jobs", lambda: len(worker_jobs(cluster_name, "gpu")) == 2, 120, 1)
-        assert sum(c.gather(futs)) == sum(range(30))
+        futs = c.map(nap, range(40), resources={"GPU": 1}, pure=False)
+
+        def two_gpu_jobs():
+            default_sizes.append(len(worker_jobs(cluster_name)))
+            return len(worker_jobs(cluster_name, "gpu")) == 2
+
+        sb.wait_until("2 gpu worker jobs", two_gpu_jobs, 120, 1)
+        assert sum(c.gather(futs)) == sum(range(40))
         assert len(worker_jobs(cluster_name, "gpu")) <= 2
-        assert len(worker_jobs(cluster_name)) == 1, "GPU tasks do not grow the default pool"
+        default_sizes.append(len(worker_jobs(cluster_name)))
+        assert set(default_sizes) == {1}, f"GPU tasks grew the default pool: {default_sizes}"
         del futs
         sb.wait_until("the gpu pool back to 0", lambda: not worker_jobs(cluster_name, "gpu"), 120, 1)
+
+        futs = c.map(nap, range(200), pure=False)
+        gpu_sizes = []
+
+        def three_default_jobs():
+            gpu_sizes.append(len(worker_jobs(cluster_name, "gpu")))
+            return len(worker_jobs(cluster_name)) == 3
+
+        sb.wait_until("3 default worker jobs", three_default_jobs, 120, 1)
+        assert sum(c.gather(futs)) == sum(range(200))
+        gpu_sizes.append(len(worker_jobs(cluster_name, "gpu")))
+        assert set(gpu_sizes) == {0}, f"CPU tasks grew the gpu pool: {gpu_sizes}"
+        del futs
     finally:
         c.close()
     ds("down", cluster_name)

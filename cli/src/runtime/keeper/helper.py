@@ -69,8 +69,8 @@ def demand(dask_scheduler):
     """On the scheduler: dask's adaptive target, and what the tasks that ask
     for worker resources ask. Only tasks that can run now count, as in
     dask's target: those processing on a worker and those no worker can
-    take (a task with resources is never queued, see is_rootish); both sets
-    are small, unlike all tasks."""
+    take (a task with resources is never queued, see is_rootish): tasks
+    ready to run, not every task of the graph."""
     restricted, amounts = 0, {}
     tasks = [*dask_scheduler.unrunnable]
     for ws in dask_scheduler.workers.values():
