@@ -63,6 +63,12 @@ def test_gpu_tasks_run_on_the_gpu_pool_and_its_lost_worker_is_replaced_with_its_
         assert {w["pool"] for w in st["workers"]} == {"default", "gpu"}
         human = ds("status", cluster_name).stdout
         assert "pool gpu: 1 of 1 connected" in human, human
+        # The notebook widget (distributed's view of the cluster) has a line per pool.
+        view = sb.as_user([str(sb.VENV / "bin" / "python"), "-c",
+                           "import sys, dask_spank as d; c = d.SpankCluster(sys.argv[1]); "
+                           "print(c._repr_html_()); c.close()", cluster_name], timeout=120).stdout
+        assert "Pool gpu: 1 of 1 worker jobs connected" in view, view[-2000:]
+        assert "Pool default: 2 of 2 worker jobs connected" in view, view[-2000:]
 
         # The gpu worker's job is lost: its replacement is of the pool, with
         # its gres and its job name, and GPU tasks run there.

@@ -15,7 +15,9 @@ import logging
 import os
 import shlex
 import shutil
+import html
 import subprocess
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -277,6 +279,8 @@ class SpankCluster(Cluster):
         self._wait, self._reuse, self._timeout = wait, reuse, timeout
         self.paths = {}
         self._started_here = False
+        # Per-pool counts for the widget (`_pool_counts`).
+        self._pools_seen, self._pools_at, self._pools_busy = {}, float("-inf"), False
         self.shutdown_on_close = workers is not None if shutdown_on_close is None else shutdown_on_close
         # A name is chosen at the start (it asks the command: off the loop).
         self._fresh = name is None
@@ -442,6 +446,49 @@ class SpankCluster(Cluster):
         done = self._do("adapt", self.name, str(int(minimum)), str(int(maximum)),
                         *(["--pool", pool] if pool else []))
         return Adaptation(int(minimum), int(maximum), done)
+
+    #: How often the widget's pool counts are read again (seconds).
+    POOLS_REFRESH_S = 10
+
+    def _pool_counts(self) -> dict:
+        """Per-pool counts (``status --json``'s ``pools``), as last read. The
+        widget redraws on the event loop every half second: the command
+        (an squeue) runs in a thread at most every POOLS_REFRESH_S, never on
+        the loop; the first read waits for it only outside a running loop."""
+        if not hasattr(self, "_pools_busy") or not self.name:
+            return {}
+        if self._pools_busy or time.monotonic() - self._pools_at < self.POOLS_REFRESH_S:
+            return self._pools_seen
+
+        def read():
+            try:
+                self._pools_seen = json.loads(_cli("status", self.name, "--json")).get("pools", {})
+            except Exception:  # noqa: BLE001 - a widget shows what it has
+                pass
+            finally:
+                self._pools_at, self._pools_busy = time.monotonic(), False
+
+        self._pools_busy = True
+        t = threading.Thread(target=read, daemon=True, name="dask-spank-pools")
+        t.start()
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            t.join(30)
+        return self._pools_seen
+
+    def _repr_html_(self, cluster_status=None):
+        """distributed's cluster view, with a line per worker pool once the
+        cluster has pools other than its default one."""
+        pools = self._pool_counts()
+        if cluster_status is None and any(p != "default" for p in pools):
+            rows = "".join(
+                f"<tr><td style='text-align: left;'>Pool {html.escape(p)}: {n.get('connected', 0)} of "
+                f"{n.get('total', 0)} worker jobs connected ({n.get('pending', 0)} pending, "
+                f"{n.get('failed', 0)} failed)</td></tr>"
+                for p, n in sorted(pools.items()))
+            cluster_status = rows  # rows of distributed's table
+        return super()._repr_html_(cluster_status=cluster_status)
 
     def dashboard_token(self) -> str | None:
         """The cluster's dashboard token (the file in its private
