@@ -176,7 +176,7 @@ async def main():
 asyncio.run(main())
 """
     out = sb.as_user([str(sb.VENV / "bin" / "python"), "-c", program], timeout=120).stdout
-    lines = out.strip().splitlines()
+    lines = [l for l in out.splitlines() if l.strip()]
     scheduler, workers, gpu, error = lines
     assert "--dask-pool" not in workers and "--dask-pool" not in scheduler, out
     for opt in ("--dask-pool=gpu", "--gres=gpu:1", "--mem=2G", "--job-name=dask-worker-pyplan@gpu"):
