@@ -54,19 +54,11 @@ def test_one_agent_per_node_and_workers_spread(cluster_name):
     sb.as_user(["dask-spank", "down", name])
 
 
-def test_node_loss_mid_computation(cluster_name):
+def computation_with_results_on(c, array: str):
+    """Start a sum of 200 slow blocks on the cluster; once the two workers of
+    worker array `array` hold some results (which dask must recompute if
+    they are lost): the future, the right sum, and those workers."""
     import dask.array as da
-
-    name = cluster_name
-    sb.forget_cluster(name)
-    t0 = time.time()
-    sb.sbatch("--dask-role=scheduler", f"--dask-cluster={name}", "-w", "n1")
-    w2 = sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", "--array=1-2", "-w", "n2")
-    # Without requeue, a job of a lost node ends (NODE_FAIL) instead of waiting for the node.
-    w3 = sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", "--array=1-2", "-w", "n3", "--no-requeue")
-    sb.wait_scheduler_file(name)
-    c = sb.client(name)
-    c.wait_for_workers(4, timeout=120)
 
     def slow(b):
         import time as t
@@ -78,11 +70,26 @@ def test_node_loss_mid_computation(cluster_name):
     fut = c.compute(x.map_blocks(slow).sum())
     time.sleep(1.5)
     assert not fut.done()
-    on_n3 = [a for a, w in c.scheduler_info()["workers"].items() if w["name"].split("-")[-1].startswith(f"{w3}_")]
-    assert len(on_n3) == 2
-    assert any(c.has_what()[a] for a in on_n3), "the lost node holds results, which dask must recompute"
+    on = [a for a, w in c.scheduler_info()["workers"].items() if w["name"].split("-")[-1].startswith(f"{array}_")]
+    assert len(on) == 2
+    assert any(c.has_what()[a] for a in on), "the lost node holds results, which dask must recompute"
+    return fut, sum(range(1, n + 1)), on
+
+
+def test_node_loss_mid_computation(cluster_name):
+    name = cluster_name
+    sb.forget_cluster(name)
+    t0 = time.time()
+    sb.sbatch("--dask-role=scheduler", f"--dask-cluster={name}", "-w", "n1")
+    w2 = sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", "--array=1-2", "-w", "n2")
+    # Without requeue, a job of a lost node ends (NODE_FAIL) instead of waiting for the node.
+    w3 = sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", "--array=1-2", "-w", "n3", "--no-requeue")
+    sb.wait_scheduler_file(name)
+    c = sb.client(name)
+    c.wait_for_workers(4, timeout=120)
+    fut, want, on_n3 = computation_with_results_on(c, w3)
     kill_node("n3")
-    assert int(fut.result(timeout=180)) == sum(range(1, n + 1)), "dask recomputed the lost tasks elsewhere"
+    assert int(fut.result(timeout=180)) == want, "dask recomputed the lost tasks elsewhere"
     c.close()
     # Slurm declares n3 down; status reports the dead workers and why.
     def lost():
@@ -113,8 +120,6 @@ def test_a_frozen_node_half_open_is_recomputed_without_waiting_for_dask(cluster_
     declares the node down and ends its jobs; the keeper sees those jobs
     no longer run while the scheduler still lists their workers, removes
     them from the scheduler, and dask recomputes the lost results at once."""
-    import dask.array as da
-
     name = cluster_name
     sb.forget_cluster(name)
     sb.sandbox_up(nodes=3)
@@ -127,26 +132,14 @@ def test_a_frozen_node_half_open_is_recomputed_without_waiting_for_dask(cluster_
     frozen = []
     try:
         c.wait_for_workers(4, timeout=120)
-
-        def slow(b):
-            import time as t
-            t.sleep(0.05)
-            return b + 1
-
-        n = 200_000
-        x = da.arange(n, chunks=n // 200, dtype="int64")
-        fut = c.compute(x.map_blocks(slow).sum())
-        time.sleep(1.5)
-        on_n3 = [a for a, w in c.scheduler_info()["workers"].items()
-                 if w["name"].split("-")[-1].startswith(f"{w3}_")]
-        assert len(on_n3) == 2 and any(c.has_what()[a] for a in on_n3)
+        fut, want, on_n3 = computation_with_results_on(c, w3)
         frozen = node_pids("n3") + [int((sb.STATE / "run" / f"{d}-n3.pid").read_text()) for d in ("agent", "slurmd")]
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
         frozen_at = time.monotonic()
         # Well under dask's worker-ttl (300 s): Slurm's SlurmdTimeout (10 s
         # in the sandbox), the keeper's interval and grace (15 s).
-        assert int(fut.result(timeout=150)) == sum(range(1, n + 1))
+        assert int(fut.result(timeout=150)) == want
         took = time.monotonic() - frozen_at
         assert not set(on_n3) & set(c.scheduler_info()["workers"]), "the frozen workers are gone from the scheduler"
         log = "".join(p.read_text() for p in (sb.WORK / "log").glob("dask-scheduler-*.log")

@@ -141,8 +141,10 @@ def test_every_shell_example_runs_as_written_at_the_sandboxs_scale():
         # What the site allows and what a start would submit.
         assert "worker" in sh(inspect[0])
         assert "sbatch" in sh(inspect[1]) and gone("ana")
-        # The own job script: a worker of a cluster started with dask-spank.
-        ds("up", "ana", "--workers", "0", "--wait", "0", "--timeout", "180")
+        # The own job script: a worker of a cluster started with plain
+        # sbatch (a kept cluster's keeper would cancel a worker over its
+        # target).
+        sb.sbatch("--dask-role=scheduler", "--dask-cluster=ana")
         (sb.HOME / "worker.sh").write_text("\n".join(script) + "\n")
         os.chown(sb.HOME / "worker.sh", sb.user().pw_uid, sb.user().pw_gid)
         assert re.search(r"Submitted batch job \d+", sh(f"cd && sbatch {sb.HOME / 'worker.sh'}"))
