@@ -8,6 +8,8 @@ For each key, three outcomes on the real sandbox:
     the plugin (so nothing is checked at submit), is refused on the node by
     the agent before any dask process starts, with the reason in the job log.
 """
+from __future__ import annotations
+
 import os
 import time
 
@@ -141,17 +143,21 @@ def bypass_conf() -> dict:
     return {"SLURM_CONF": str(d / "slurm.conf")}
 
 
-def submit_bypass(role: str, cluster: str, args: list[str]) -> str:
+def submit_bypass(role: str, cluster: str, args: list[str], pool: str | None = None,
+                  job_name: str | None = None) -> str:
     """The remote side learns the options from the job environment (this is
-    how Slurm forwards SPANK options), so a user can set them by hand."""
+    how Slurm forwards SPANK options), so a user can set them by hand: the
+    role, the cluster and, for a worker pool, `--dask-pool`."""
     env = bypass_conf()
     env["_SLURM_SPANK_OPTION_dask_spank_dask_role"] = role
     env["_SLURM_SPANK_OPTION_dask_spank_dask_cluster"] = cluster
+    if pool:
+        env["_SLURM_SPANK_OPTION_dask_spank_dask_pool"] = pool
+    name = job_name or f"dask-{role}-{cluster}" + (f"@{pool}" if pool else "")
     script = sb.WORK / "bypass" / "job.sh"
     script.write_text("#!/bin/sh\nexec dask-spank attach\n")
     os.chmod(script, 0o755)
-    return sb.sbatch(*args, f"--job-name=dask-{role}-{cluster}", "-o", "log/bypass-%j.log",
-                     str(script), env=env)
+    return sb.sbatch(*args, f"--job-name={name}", "-o", "log/bypass-%j.log", str(script), env=env)
 
 
 def test_the_bypass_itself_reaches_the_node():

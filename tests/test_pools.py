@@ -5,8 +5,14 @@ route the tasks that ask for `GPU` to that pool's workers only."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import textwrap
+
+import pytest
 
 import sandboxlib as sb
+from test_policy import CONFORMING, submit_bypass
 
 GPU_POOL = "gpu:workers=1,gres=gpu:1,resources=GPU=1"
 
@@ -33,15 +39,21 @@ def where(c, futures) -> set[str]:
 
 
 def test_gpu_tasks_run_on_the_gpu_pool_and_its_lost_worker_is_replaced_with_its_options(cluster_name):
-    ds("up", cluster_name, "--workers", "2", "--pool", GPU_POOL, "--wait", "100", "--timeout", "180")
-    [gpu_job] = worker_jobs(cluster_name, "gpu")
-    assert len(worker_jobs(cluster_name)) == 2
-    job = sb.scontrol_job(gpu_job)
-    assert job["JobName"] == f"dask-worker-{cluster_name}@gpu", job
-    assert "gpu:1" in job.get("TresPerNode", "") + job.get("Gres", ""), job
+    """A CPU pool of 4 (the default pool) and a gpu pool of 2: GPU tasks run
+    on the gpu pool's workers only, the others anywhere; a lost gpu worker's
+    replacement has the pool's gres and name."""
+    ds("up", cluster_name, "--workers", "4", "--pool", "gpu:workers=2,gres=gpu:1,resources=GPU=1",
+       "--wait", "100", "--timeout", "240")
+    gpu_jobs = worker_jobs(cluster_name, "gpu")
+    assert len(gpu_jobs) == 2 and len(worker_jobs(cluster_name)) == 4
+    for j in gpu_jobs:
+        job = sb.scontrol_job(j)
+        assert job["JobName"] == f"dask-worker-{cluster_name}@gpu", job
+        assert "gpu:1" in job.get("TresPerNode", "") + job.get("Gres", ""), job
+    gpu_workers = {f"{cluster_name}-{j}" for j in gpu_jobs}
     c = sb.client(cluster_name)
     try:
-        assert len(sb.worker_names(c)) == 3
+        assert len(sb.worker_names(c)) == 6
 
         def double(x):
             return 2 * x
@@ -49,42 +61,46 @@ def test_gpu_tasks_run_on_the_gpu_pool_and_its_lost_worker_is_replaced_with_its_
         def inc(x):
             return x + 1
 
-        gpu = c.map(double, range(20), resources={"GPU": 1}, pure=False)
-        cpu = c.map(inc, range(40), pure=False)
-        assert c.gather(gpu) == [2 * i for i in range(20)]
-        assert c.gather(cpu) == [i + 1 for i in range(40)]
-        # Only the gpu pool's worker offers GPU: every GPU task ran there.
-        assert where(c, gpu) == {f"{cluster_name}-{gpu_job}"}
+        gpu = c.map(double, range(40), resources={"GPU": 1}, pure=False)
+        cpu = c.map(inc, range(200), pure=False)
+        assert c.gather(gpu) == [2 * i for i in range(40)]
+        assert c.gather(cpu) == [i + 1 for i in range(200)]
+        # Only the gpu pool's workers offer GPU: every GPU task ran there;
+        # the CPU tasks spread over the other workers as well.
+        assert where(c, gpu) <= gpu_workers, (where(c, gpu), gpu_workers)
+        assert where(c, cpu) - gpu_workers, "no CPU task ran on the default pool"
         del gpu, cpu
 
         st = json.loads(ds("status", cluster_name, "--json").stdout)
-        assert st["pools"]["gpu"]["connected"] == 1, st["pools"]
-        assert st["pools"]["default"]["connected"] == 2, st["pools"]
+        assert st["pools"]["gpu"]["connected"] == 2, st["pools"]
+        assert st["pools"]["default"]["connected"] == 4, st["pools"]
         assert {w["pool"] for w in st["workers"]} == {"default", "gpu"}
         human = ds("status", cluster_name).stdout
-        assert "pool gpu: 1 of 1 connected" in human, human
+        assert "pool gpu: 2 of 2 connected" in human, human
         # The notebook widget (distributed's view of the cluster) has a line per pool.
         view = sb.as_user([str(sb.VENV / "bin" / "python"), "-c",
                            "import sys, dask_spank as d; c = d.SpankCluster(sys.argv[1]); "
                            "print(c._repr_html_()); c.close()", cluster_name], timeout=120).stdout
-        assert "Pool gpu: 1 of 1 worker jobs connected" in view, view[-2000:]
-        assert "Pool default: 2 of 2 worker jobs connected" in view, view[-2000:]
+        assert "Pool gpu: 2 of 2 worker jobs connected" in view, view[-2000:]
+        assert "Pool default: 4 of 4 worker jobs connected" in view, view[-2000:]
 
-        # The gpu worker's job is lost: its replacement is of the pool, with
+        # One gpu worker's job is lost: its replacement is of the pool, with
         # its gres and its job name, and GPU tasks run there.
-        sb.run(["scancel", gpu_job])
+        lost, kept = gpu_jobs
+        sb.run(["scancel", lost])
         [new] = sb.wait_until("a replacement gpu worker job",
-                              lambda: [j for j in worker_jobs(cluster_name, "gpu") if j != gpu_job] or None, 90, 1)
+                              lambda: [j for j in worker_jobs(cluster_name, "gpu") if j not in gpu_jobs] or None,
+                              90, 1)
         job = sb.scontrol_job(new)
         assert job["JobName"] == f"dask-worker-{cluster_name}@gpu", job
         assert "gpu:1" in job.get("TresPerNode", "") + job.get("Gres", ""), job
-        assert len(worker_jobs(cluster_name)) == 2, "the default pool is left as it was"
+        assert len(worker_jobs(cluster_name)) == 4, "the default pool is left as it was"
         ds("wait", cluster_name, "--pool", "gpu", "--percent", "100", "--timeout", "120")
-        again = c.map(double, range(5), resources={"GPU": 1}, pure=False)
-        assert c.gather(again) == [2 * i for i in range(5)]
-        assert where(c, again) == {f"{cluster_name}-{new}"}
+        again = c.map(double, range(20), resources={"GPU": 1}, pure=False)
+        assert c.gather(again) == [2 * i for i in range(20)]
+        assert where(c, again) <= {f"{cluster_name}-{new}", f"{cluster_name}-{kept}"}
         status = ds("status", cluster_name).stdout
-        assert "keeper, pool gpu: target 1 (fixed)" in status, status
+        assert "keeper, pool gpu: target 2 (fixed)" in status, status
     finally:
         c.close()
     ds("down", cluster_name)
@@ -154,6 +170,110 @@ def test_a_pool_over_the_sites_maximum_is_refused_in_one_line(policy, cluster_na
     p = ds("up", cluster_name, "--pool", "gpu:workrs=1", check=False)
     assert p.returncode != 0
     assert p.stderr.strip().startswith("dask-spank: --pool gpu:workrs=1: unknown key 'workrs'"), p.stderr
+
+
+def refused_in_one_line(args: list[str], starts: str, key: str) -> None:
+    p = ds(*args, check=False) if args[0] == "up" else sb.as_user(args, check=False)
+    assert p.returncode != 0, args
+    err = p.stderr.strip()
+    assert len(err.splitlines()) == 1, err
+    assert starts in err, (starts, err)
+    assert key in err, (key, err)
+
+
+def test_pool_maxima_and_the_sites_pools_are_enforced_at_submit(policy, cluster_name):
+    """Each of a pool's maxima, and the site's list of pools, refuses `up`
+    and a worker job submitted by hand, in one line naming the key; nothing
+    is left queued."""
+    policy("worker_pools=gpu pool_mem_max=gpu=2G pool_jobs_max=gpu=2 pool_time_max=gpu=1:00:00")
+    up = ["up", cluster_name, "--workers", "1", "--pool"]
+    refused_in_one_line(up + ["gpu:workers=1,mem=4G,gres=gpu:1,resources=GPU=1"],
+                        "dask-spank: --pool gpu:", "pool_mem_max=2G")
+    refused_in_one_line(up + ["gpu:workers=3,gres=gpu:1,resources=GPU=1"],
+                        "dask-spank: --pool gpu:", "pool_jobs_max=2")
+    refused_in_one_line(up + ["gpu:workers=1,time=2:00:00,resources=GPU=1"],
+                        "dask-spank: --pool gpu:", "pool_time_max=1:00:00")
+    refused_in_one_line(up + ["big:workers=1,mem=8G,resources=MEM=1"],
+                        "dask-spank: --pool big:", "worker_pools=gpu")
+    by_hand = ["sbatch", "--dask-role=worker", f"--dask-cluster={cluster_name}"]
+    refused_in_one_line(by_hand + ["--dask-pool=gpu", "--mem=3G"], "dask-spank: --mem=3G",
+                        "pool_mem_max=2G")
+    refused_in_one_line(by_hand + ["--dask-pool=big"], "dask-spank: --dask-pool=big",
+                        "worker_pools=gpu")
+    assert not sb.run(["squeue", "-h", "-u", sb.TEST_USER]).stdout.strip()
+
+
+def test_a_site_without_gres_through_dask_refuses_a_gpu_pool(policy, cluster_name):
+    """`gres=none` (a site that gives dask no GPUs, as CC-IN2P3's does):
+    a gpu pool and a GPU asked for by hand are refused naming the key; the
+    cluster without GPUs is still fine."""
+    policy("gres=none")
+    refused_in_one_line(["up", cluster_name, "--workers", "1", "--pool", GPU_POOL],
+                        "dask-spank: --pool gpu:", "(gres=none)")
+    refused_in_one_line(["sbatch", "--dask-role=worker", f"--dask-cluster={cluster_name}", "--gres=gpu:1"],
+                        "dask-spank: --gres=gpu:1 is not allowed", "(gres=none)")
+    ds("up", cluster_name, "--workers", "1", "--pool", "big:workers=1,resources=MEM=1", "--dry-run")
+
+
+# policy keys, --dask-pool, extra sbatch options, the node's reason
+BYPASS = [
+    ("pool_gres_max=gpu=1", "gpu", ["--gres=gpu:2"], "the job has 2 gpu, more than pool_gres_max=1 for pool gpu"),
+    ("gres=none", "gpu", ["--gres=gpu:1"],
+     "gres gpu:1 is not allowed: this site gives dask jobs no generic resources (gres=none)"),
+    ("worker_pools=gpu", "big", [], "--dask-pool=big is not allowed: worker_pools=gpu"),
+    ("pool_mem_max=gpu=2G", "gpu", [], "memory 3G exceeds pool_mem_max=2G for pool gpu"),
+    ("pool_time_max=gpu=0:30:00", "gpu", [], "time limit 1:00:00 exceeds pool_time_max=0:30:00 for pool gpu"),
+]
+
+
+@pytest.mark.parametrize("keys,pool,extra,node_msg", BYPASS, ids=[b[0].split("=")[0] for b in BYPASS])
+def test_a_pool_bypassing_the_submit_check_is_refused_on_the_node(policy, cluster_name, keys, pool, extra, node_msg):
+    """A worker job of a pool submitted through a private plugstack.conf
+    (nothing checked at submit) is refused by the node agent before any
+    dask process starts, with the pool's rule in the job's log."""
+    policy(keys)
+    job = submit_bypass("worker", cluster_name, CONFORMING["worker"] + extra, pool=pool)
+    sb.wait_job_gone(job, 60)
+    log = (sb.WORK / "log" / f"bypass-{job}.log").read_text()
+    assert f"refused by the site policy before any dask process started: {node_msg}" in log, log
+    assert "started, pid" not in log
+    assert not sb.cluster_processes(cluster_name)
+
+
+def test_a_pool_job_whose_name_is_not_its_pools_is_refused_on_the_node(cluster_name):
+    """The keeper and `status` read a job's pool off its name: a job named
+    for the default pool that says `--dask-pool=gpu` (or the reverse) never
+    starts dask."""
+    for pool, name in (("gpu", f"dask-worker-{cluster_name}"), (None, f"dask-worker-{cluster_name}@gpu")):
+        job = submit_bypass("worker", cluster_name, CONFORMING["worker"], pool=pool, job_name=name)
+        sb.wait_job_gone(job, 60)
+        log = (sb.WORK / "log" / f"bypass-{job}.log").read_text()
+        assert "job name is not dask-worker-" in log and f"got `{name}`" in log, log
+        assert "started, pid" not in log
+    assert not sb.cluster_processes(cluster_name)
+
+
+def test_the_guides_pools_file_plans_its_pools(cluster_name):
+    """The user guide's `--pools` file, as written, plans each of its pools
+    with its options (`up --dry-run`: the sandbox has no bigmem feature);
+    a mistake in it is one line naming the file, the pool and the key."""
+    guide = (sb.REPO / "docs" / "user.md").read_text()
+    [block] = re.findall(r"^ *```toml\n(.*?)^ *```", guide, re.M | re.S)
+    f = sb.HOME / "pools.toml"
+    f.write_text(textwrap.dedent(block))
+    os.chown(f, sb.user().pw_uid, sb.user().pw_gid)
+    out = sb.as_user(["bash", "-c", f"cd && dask-spank up {cluster_name} --workers 8 --pools pools.toml --dry-run"]).stdout
+    gpu = [l for l in out.splitlines() if "--dask-pool=gpu" in l]
+    big = [l for l in out.splitlines() if "--dask-pool=bigmem" in l]
+    assert len(gpu) == 1 and len(big) == 1, out
+    assert "--gres=gpu:1" in gpu[0] and f"--job-name=dask-worker-{cluster_name}@gpu" in gpu[0], gpu
+    assert "--mem=64G" in big[0] and "--constraint=bigmem" in big[0], big
+    f.write_text(textwrap.dedent(block).replace("workers = 2", "workrs = 2"))
+    p = sb.as_user(["bash", "-c", f"cd && dask-spank up {cluster_name} --pools pools.toml"], check=False)
+    assert p.returncode != 0
+    assert p.stderr.strip() == ("dask-spank: --pools pools.toml: [gpu]: unknown key 'workrs' (keys: workers, adapt, "
+                                "gres, resources, partition, mem, cpus, time, constraint, sbatch)"), p.stderr
+    assert not worker_jobs(cluster_name)
 
 
 def test_python_pools_map_onto_the_command():

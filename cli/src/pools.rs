@@ -1,12 +1,14 @@
 //! Worker pools as the commands take them: `up --pool
 //! gpu:workers=2,gres=gpu:1,resources=GPU=1` (repeatable), and `--pool
-//! NAME` of `scale` and `adapt`. A pool is a kind of worker of the cluster
+//! NAME` of `scale` and `adapt`; or a TOML file of pools (`up --pools
+//! FILE`), by the same rules. A pool is a kind of worker of the cluster
 //! with its own sbatch options, dask worker resources and size; the
 //! default pool is the cluster's plain workers (`--workers`, `--worker-*`).
 
 use crate::target::parse_range;
 use dask_spank_common::names::PoolName;
 use dask_spank_common::records::{ClusterDir, Target};
+use std::path::Path;
 
 /// The keys of `--pool NAME:KEY=VALUE,...`.
 const KEYS: &str =
@@ -43,8 +45,26 @@ impl PoolSpec {
 /// Parse `NAME:KEY=VALUE,...`; an error is one line naming the option,
 /// its value and what is wrong.
 pub fn parse(s: &str) -> Result<PoolSpec, String> {
-    let bad = |why: String| format!("--pool {s}: {why}");
     let (name, rest) = s.split_once(':').unwrap_or((s, ""));
+    let pairs = rest
+        .split(',')
+        .filter(|kv| !kv.is_empty())
+        .map(
+            |kv| match kv.split_once('=').filter(|(_, v)| !v.is_empty()) {
+                Some((k, v)) => Ok((k.to_string(), v.to_string())),
+                None => Err(format!(
+                    "--pool {s}: {kv}: must be KEY=VALUE (keys: {KEYS})"
+                )),
+            },
+        )
+        .collect::<Result<Vec<_>, _>>()?;
+    build(&format!("--pool {s}"), name, &pairs)
+}
+
+/// A pool from its name and its `KEY=VALUE` pairs (of `--pool` or of a
+/// `--pools` file: one set of rules for both); errors start with `label`.
+fn build(label: &str, name: &str, pairs: &[(String, String)]) -> Result<PoolSpec, String> {
+    let bad = |why: String| format!("{label}: {why}");
     let name: PoolName = name
         .parse()
         .map_err(|e| bad(format!("{e}").replace("--dask-pool=", "pool name ")))?;
@@ -55,12 +75,9 @@ pub fn parse(s: &str) -> Result<PoolSpec, String> {
         resources: vec![],
         sbatch: vec![],
     };
-    for kv in rest.split(',').filter(|kv| !kv.is_empty()) {
-        let Some((k, v)) = kv.split_once('=').filter(|(_, v)| !v.is_empty()) else {
-            return Err(bad(format!("{kv}: must be KEY=VALUE (keys: {KEYS})")));
-        };
+    for (k, v) in pairs {
         let flag = |f: &str| format!("--{f}={v}");
-        match k {
+        match k.as_str() {
             "workers" => {
                 p.workers = v
                     .parse()
@@ -108,6 +125,65 @@ pub fn parse(s: &str) -> Result<PoolSpec, String> {
     Ok(p)
 }
 
+/// The pools of a `--pools FILE`: a TOML table per pool whose keys are
+/// those of `--pool`, a list for a repeatable key and a table for the
+/// resources:
+///
+/// ```toml
+/// [gpu]
+/// workers = 4
+/// gres = "gpu:1"
+/// resources = { GPU = 1 }
+/// sbatch = ["--reservation=ana"]
+/// ```
+pub fn parse_file(path: &Path) -> Result<Vec<PoolSpec>, String> {
+    let label = format!("--pools {}", path.display());
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{label}: {e}"))?;
+    let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        // toml's message spans lines (the line, a caret): its first line
+        // and where.
+        let first = e.message().lines().next().unwrap_or("").to_string();
+        match e.span() {
+            Some(sp) => format!(
+                "{label}: line {}: {first}",
+                text[..sp.start.min(text.len())].lines().count().max(1)
+            ),
+            None => format!("{label}: {first}"),
+        }
+    })?;
+    let mut pools = Vec::new();
+    for (name, table) in &doc {
+        let at = format!("{label}: [{name}]");
+        let toml::Value::Table(table) = table else {
+            return Err(format!("{at}: must be a table of the pool's keys"));
+        };
+        let mut pairs = Vec::new();
+        for (k, v) in table {
+            let scalar = |v: &toml::Value| match v {
+                toml::Value::String(s) => Ok(s.clone()),
+                toml::Value::Integer(i) => Ok(i.to_string()),
+                toml::Value::Float(f) => Ok(f.to_string()),
+                _ => Err(format!("{at}: {k}: must be a string or a number")),
+            };
+            match v {
+                toml::Value::Table(r) if k == "resources" => {
+                    for (n, a) in r {
+                        pairs.push((k.clone(), format!("{n}={}", scalar(a)?)));
+                    }
+                }
+                toml::Value::Array(items) => {
+                    for item in items {
+                        pairs.push((k.clone(), scalar(item)?));
+                    }
+                }
+                v => pairs.push((k.clone(), scalar(v)?)),
+            }
+        }
+        pools.push(build(&at, name, &pairs)?);
+    }
+    Ok(pools)
+}
+
 /// `NAME=AMOUNT`, as dask takes a worker resource.
 fn is_resource(r: &str) -> bool {
     r.split_once('=').is_some_and(|(n, a)| {
@@ -128,9 +204,13 @@ pub fn amounts(resources: &[String]) -> Vec<(String, f64)> {
         .collect()
 }
 
-/// Every `--pool` of `up`, each name once.
-pub fn parse_all(specs: &[String]) -> Result<Vec<PoolSpec>, String> {
-    let mut pools: Vec<PoolSpec> = vec![];
+/// Every pool of `up`: its `--pool`s and those of its `--pools` file, each
+/// name once.
+pub fn parse_all(specs: &[String], file: Option<&Path>) -> Result<Vec<PoolSpec>, String> {
+    let mut pools: Vec<PoolSpec> = match file {
+        Some(f) => parse_file(f)?,
+        None => vec![],
+    };
     for s in specs {
         let p = parse(s)?;
         if pools.iter().any(|q| q.name == p.name) {
@@ -211,8 +291,59 @@ mod tests {
             assert_eq!(parse(s).unwrap_err(), want);
         }
         assert_eq!(
-            parse_all(&["gpu".into(), "gpu:workers=2".into()]).unwrap_err(),
+            parse_all(&["gpu".into(), "gpu:workers=2".into()], None).unwrap_err(),
             "--pool gpu:workers=2: pool gpu is given twice"
+        );
+    }
+
+    fn file(text: &str) -> Result<Vec<PoolSpec>, String> {
+        let dir = std::env::temp_dir().join(format!("pools-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join(format!("{}.toml", text.len()));
+        std::fs::write(&f, text).unwrap();
+        parse_file(&f).map_err(|e| e.replace(&f.display().to_string(), "F"))
+    }
+
+    #[test]
+    fn a_pools_file_gives_the_same_pools_as_the_options() {
+        let got = file(
+            "[gpu]\nworkers = 2\ngres = \"gpu:1\"\nresources = { GPU = 1 }\nmem = \"4G\"\nsbatch = [\"--reservation=r\"]\n\n[big]\nadapt = \"0:4\"\nresources = { MEM = 64e9 }\n",
+        )
+        .unwrap();
+        let want = parse("gpu:workers=2,gres=gpu:1,resources=GPU=1,mem=4G,sbatch=--reservation=r")
+            .unwrap();
+        let gpu = got.iter().find(|p| p.name.as_str() == "gpu").unwrap();
+        assert_eq!(gpu.target(), want.target());
+        assert_eq!(gpu.resources, want.resources);
+        assert_eq!(
+            gpu.sbatch.iter().collect::<std::collections::BTreeSet<_>>(),
+            want.sbatch.iter().collect()
+        );
+        let big = got.iter().find(|p| p.name.as_str() == "big").unwrap();
+        assert_eq!(big.target(), (Target::Adapt { adapt: [0, 4] }, 0));
+        assert_eq!(amounts(&big.resources), [("MEM".to_string(), 64e9)]);
+    }
+
+    #[test]
+    fn a_bad_pools_file_is_one_line_naming_the_file_the_pool_and_the_key() {
+        let cases = [
+            ("[gpu]\nworkrs = 2\n", "--pools F: [gpu]: unknown key 'workrs' (keys: workers, adapt, gres, resources, partition, mem, cpus, time, constraint, sbatch)"),
+            ("[gpu]\nworkers = \"two\"\n", "--pools F: [gpu]: workers=two: must be a whole number"),
+            ("[gpu]\nresources = { GPU = \"x\" }\n", "--pools F: [gpu]: resources=GPU=x: must be NAME=AMOUNT, e.g. GPU=1"),
+            ("[gpu]\nworkers = true\n", "--pools F: [gpu]: workers: must be a string or a number"),
+            ("gpu = 2\n", "--pools F: [gpu]: must be a table of the pool's keys"),
+            ("[default]\nworkers = 1\n", "--pools F: [default]: pool name default: is the default pool: leave --dask-pool out"),
+        ];
+        for (text, want) in cases {
+            assert_eq!(file(text).unwrap_err(), want, "{text}");
+        }
+        let e = file("[gpu]\nworkers = 2\ngres = gpu:1\n").unwrap_err();
+        assert!(e.starts_with("--pools F: line 3: "), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        let e = parse_file(Path::new("/nonexistent/pools.toml")).unwrap_err();
+        assert!(
+            e.starts_with("--pools /nonexistent/pools.toml: No such file"),
+            "{e}"
         );
     }
 }

@@ -82,6 +82,10 @@ pub struct Args {
     /// --worker-local-directory and --worker-preload apply to it too.
     #[arg(long, value_name = "NAME:KEY=VALUE,...")]
     pub pool: Vec<String>,
+    /// Pools from a TOML file, a table per pool with the keys of --pool
+    /// ([gpu] workers = 4, gres = "gpu:1", resources = { GPU = 1 }).
+    #[arg(long, value_name = "FILE")]
+    pub pools: Option<std::path::PathBuf>,
     /// Any other sbatch option for the scheduler job (repeatable).
     #[arg(long, value_name = "OPTION", allow_hyphen_values = true)]
     pub scheduler_sbatch: Vec<String>,
@@ -228,7 +232,7 @@ fn dry_run(u: &Args, c: &ClusterName) -> Res {
     let sched = slurm::sbatch_dry_run(&sargs)?;
     let work = slurm::sbatch_dry_run(&wargs)?;
     let mut planned = serde_json::Map::new();
-    for p in pools::parse_all(&u.pool)? {
+    for p in pools::parse_all(&u.pool, u.pools.as_deref())? {
         pool_env(u, &p)?;
         planned.insert(p.name.to_string(), pool_plan(u, c, &p)?);
     }
@@ -400,7 +404,7 @@ fn print_started(
 /// plugin's line before anything is submitted.
 fn record_pools(u: &Args, c: &ClusterName, dir: &ClusterDir) -> Result<Vec<Pool>, String> {
     let mut out = vec![];
-    for p in pools::parse_all(&u.pool)? {
+    for p in pools::parse_all(&u.pool, u.pools.as_deref())? {
         let env = pool_env(u, &p)?;
         pool_plan(u, c, &p)?;
         let args = pool_submission(u, c, &p);
