@@ -242,7 +242,7 @@ def forget_cluster(name: str) -> None:
     for the scheduler file waits for the new scheduler."""
     import shutil
     for key, path in layout(name).items():
-        if key == "jobs_dir":
+        if key == "jobs_dir" or Path(path).is_dir() and key != "cluster_dir":
             shutil.rmtree(path, ignore_errors=True)
         elif key != "cluster_dir" and not key.startswith("tls_"):
             Path(path).unlink(missing_ok=True)

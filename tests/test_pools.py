@@ -8,6 +8,7 @@ import json
 import os
 import re
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -185,19 +186,19 @@ def test_pool_maxima_and_the_sites_pools_are_enforced_at_submit(policy, cluster_
     """Each of a pool's maxima, and the site's list of pools, refuses `up`
     and a worker job submitted by hand, in one line naming the key; nothing
     is left queued."""
-    policy("worker_pools=gpu pool_mem_max=gpu=2G pool_jobs_max=gpu=2 pool_time_max=gpu=1:00:00")
+    policy("worker_pools=gpu pool_mem_max=gpu=4G pool_jobs_max=gpu=2 pool_time_max=gpu=4:00:00")
     up = ["up", cluster_name, "--workers", "1", "--pool"]
-    refused_in_one_line(up + ["gpu:workers=1,mem=4G,gres=gpu:1,resources=GPU=1"],
-                        "dask-spank: --pool gpu:", "pool_mem_max=2G")
+    refused_in_one_line(up + ["gpu:workers=1,mem=8G,gres=gpu:1,resources=GPU=1"],
+                        "dask-spank: --pool gpu:", "pool_mem_max=4G")
     refused_in_one_line(up + ["gpu:workers=3,gres=gpu:1,resources=GPU=1"],
                         "dask-spank: --pool gpu:", "pool_jobs_max=2")
-    refused_in_one_line(up + ["gpu:workers=1,time=2:00:00,resources=GPU=1"],
-                        "dask-spank: --pool gpu:", "pool_time_max=1:00:00")
+    refused_in_one_line(up + ["gpu:workers=1,time=5:00:00,resources=GPU=1"],
+                        "dask-spank: --pool gpu:", "pool_time_max=4:00:00")
     refused_in_one_line(up + ["big:workers=1,mem=8G,resources=MEM=1"],
                         "dask-spank: --pool big:", "worker_pools=gpu")
     by_hand = ["sbatch", "--dask-role=worker", f"--dask-cluster={cluster_name}"]
-    refused_in_one_line(by_hand + ["--dask-pool=gpu", "--mem=3G"], "dask-spank: --mem=3G",
-                        "pool_mem_max=2G")
+    refused_in_one_line(by_hand + ["--dask-pool=gpu", "--mem=5G"], "dask-spank: --mem=5G",
+                        "pool_mem_max=4G")
     refused_in_one_line(by_hand + ["--dask-pool=big"], "dask-spank: --dask-pool=big",
                         "worker_pools=gpu")
     assert not sb.run(["squeue", "-h", "-u", sb.TEST_USER]).stdout.strip()
@@ -221,8 +222,8 @@ BYPASS = [
     ("gres=none", "gpu", ["--gres=gpu:1"],
      "gres gpu:1 is not allowed: this site gives dask jobs no generic resources (gres=none)"),
     ("worker_pools=gpu", "big", [], "--dask-pool=big is not allowed: worker_pools=gpu"),
-    ("pool_mem_max=gpu=2G", "gpu", [], "memory 3G exceeds pool_mem_max=2G for pool gpu"),
-    ("pool_time_max=gpu=0:30:00", "gpu", [], "time limit 1:00:00 exceeds pool_time_max=0:30:00 for pool gpu"),
+    ("pool_mem_max=gpu=4G", "gpu", ["--mem=5G"], "memory 5G exceeds pool_mem_max=4G for pool gpu"),
+    ("pool_time_max=gpu=4:00:00", "gpu", ["-t", "5:00:00"], "time limit 5:00:00 exceeds pool_time_max=4:00:00 for pool gpu"),
 ]
 
 
@@ -248,15 +249,18 @@ def test_a_pool_job_whose_name_is_not_its_pools_is_refused_on_the_node(cluster_n
         job = submit_bypass("worker", cluster_name, CONFORMING["worker"], pool=pool, job_name=name)
         sb.wait_job_gone(job, 60)
         log = (sb.WORK / "log" / f"bypass-{job}.log").read_text()
-        assert "job name is not dask-worker-" in log and f"got `{name}`" in log, log
+        # What the controller shows of the job's free-text fields, after "got".
+        assert "job name is not dask-worker-" in log and name + "`" in log.split("got `")[-1], log
         assert "started, pid" not in log
     assert not sb.cluster_processes(cluster_name)
 
 
-def test_the_guides_pools_file_plans_its_pools(cluster_name):
+def test_the_guides_pools_file_plans_its_pools(policy, cluster_name):
     """The user guide's `--pools` file, as written, plans each of its pools
-    with its options (`up --dry-run`: the sandbox has no bigmem feature);
-    a mistake in it is one line naming the file, the pool and the key."""
+    with its options (`up --dry-run`: the sandbox has no bigmem feature),
+    at a site that lets the bigmem pool past worker_mem_max; a mistake in
+    it is one line naming the file, the pool and the key."""
+    policy("pool_mem_max=bigmem=128G")
     guide = (sb.REPO / "docs" / "user.md").read_text()
     [block] = re.findall(r"^ *```toml\n(.*?)^ *```", guide, re.M | re.S)
     f = sb.HOME / "pools.toml"
@@ -272,8 +276,45 @@ def test_the_guides_pools_file_plans_its_pools(cluster_name):
     p = sb.as_user(["bash", "-c", f"cd && dask-spank up {cluster_name} --pools pools.toml"], check=False)
     assert p.returncode != 0
     assert p.stderr.strip() == ("dask-spank: --pools pools.toml: [gpu]: unknown key 'workrs' (keys: workers, adapt, "
-                                "gres, resources, partition, mem, cpus, time, constraint, sbatch)"), p.stderr
+                                "gres, resources, partition, mem, cpus, time, constraint, sbatch, worker_class)"), p.stderr
     assert not worker_jobs(cluster_name)
+
+
+def test_a_pools_worker_class_runs_its_workers_and_a_wrong_one_is_one_line(cluster_name):
+    """`worker_class=MODULE.CLASS`: the pool's workers are of that class
+    (imported by the job's own Python), the others plain Workers; a class
+    the job's Python cannot import, or one that is no Worker, is one line in
+    its job's log and no dask worker."""
+    mod = sb.HOME / "tagged_worker.py"
+    mod.write_text("from distributed import Worker\n\n\nclass TaggedWorker(Worker):\n    pass\n")
+    os.chown(mod, sb.user().pw_uid, sb.user().pw_gid)
+    ds("up", cluster_name, "--workers", "1", "--export", f"PYTHONPATH={sb.HOME}",
+       "--pool", "tag:workers=1,worker_class=tagged_worker.TaggedWorker",
+       "--pool", "missing:workers=1,worker_class=tagged_worker.Missing",
+       "--pool", "nanny:workers=1,worker_class=distributed.Nanny")
+    ds("wait", cluster_name, "--percent", "100", "--timeout", "180")
+    ds("wait", cluster_name, "--pool", "tag", "--percent", "100", "--timeout", "120")
+    c = sb.client(cluster_name)
+    try:
+        [tag_job] = worker_jobs(cluster_name, "tag")
+        kinds = {names_by_address(c)[a]: k for a, k in c.run(lambda dask_worker: type(dask_worker).__name__).items()}
+        assert kinds == {f"{cluster_name}-{tag_job}": "TaggedWorker",
+                         f"{cluster_name}-{worker_jobs(cluster_name)[0]}": "Worker"}, kinds
+    finally:
+        c.close()
+    for pool, why in (("missing", "cannot import it: AttributeError: module 'tagged_worker' has no attribute 'Missing'"),
+                      ("nanny", "is not a subclass of distributed.Worker")):
+        [job] = worker_jobs(cluster_name, pool)
+        log = Path(sb.scontrol_job(job)["StdOut"])
+        line = "dask-spank: worker class 'tagged_worker.Missing' (DASK_SPANK_WORKER_CLASS): " if pool == "missing" \
+            else "dask-spank: worker class 'distributed.Nanny' (DASK_SPANK_WORKER_CLASS): "
+        sb.wait_until(f"the {pool} pool's refusal in its log",
+                      lambda: log.exists() and any(l.startswith(line) and l.endswith(why)
+                                                   for l in log.read_text().splitlines()), 120, 1)
+        assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+    st = json.loads(ds("status", cluster_name, "--json").stdout)
+    assert st["pools"]["missing"]["connected"] == 0 and st["pools"]["nanny"]["connected"] == 0, st["pools"]
+    ds("down", cluster_name)
 
 
 def test_python_pools_map_onto_the_command():
@@ -283,6 +324,7 @@ def test_python_pools_map_onto_the_command():
     program = """
 import asyncio
 from dask_spank import SpankCluster
+from dask_spank.cluster import pool_arg
 
 async def main():
     cluster = SpankCluster("pyplan", asynchronous=True, workers=2,
@@ -292,13 +334,16 @@ async def main():
         SpankCluster("pyplan", asynchronous=True, workers=1, pools={"gpu": dict(gpus=1)})._up_args()
     except ValueError as e:
         print("error:", e)
+    print(pool_arg("gpu", dict(workers=2, worker_class="my_pkg.GpuWorker")))
 
 asyncio.run(main())
 """
     out = sb.as_user([str(sb.VENV / "bin" / "python"), "-c", program], timeout=120).stdout
     lines = [l for l in out.splitlines() if l.strip()]
-    scheduler, workers, gpu, error = lines
+    scheduler, workers, gpu, error, arg = lines
+    assert arg == "gpu:workers=2,worker_class=my_pkg.GpuWorker", arg
     assert "--dask-pool" not in workers and "--dask-pool" not in scheduler, out
     for opt in ("--dask-pool=gpu", "--gres=gpu:1", "--mem=2G", "--job-name=dask-worker-pyplan@gpu"):
         assert opt in gpu, (opt, gpu)
     assert error.startswith("error: pools['gpu']: unknown key(s) ['gpus']"), error
+    assert "worker_class" in error, error

@@ -12,7 +12,11 @@ use std::path::Path;
 
 /// The keys of `--pool NAME:KEY=VALUE,...`.
 const KEYS: &str =
-    "workers, adapt, gres, resources, partition, mem, cpus, time, constraint, sbatch";
+    "workers, adapt, gres, resources, partition, mem, cpus, time, constraint, sbatch, worker_class";
+
+/// The environment variable that names a pool's worker class to the boot
+/// code of its workers (python/dask_spank/boot.py, `WORKER_CLASS_ENV`).
+pub const WORKER_CLASS_ENV: &str = "DASK_SPANK_WORKER_CLASS";
 
 /// One `--pool` of `up`.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,6 +29,8 @@ pub struct PoolSpec {
     pub resources: Vec<String>,
     /// Its sbatch options (`--gres=gpu:1`, ...), in the order given.
     pub sbatch: Vec<String>,
+    /// Its dask worker class (`MODULE.CLASS`, a `distributed.Worker`).
+    pub worker_class: Option<String>,
 }
 
 impl PoolSpec {
@@ -74,6 +80,7 @@ fn build(label: &str, name: &str, pairs: &[(String, String)]) -> Result<PoolSpec
         adapt: None,
         resources: vec![],
         sbatch: vec![],
+        worker_class: None,
     };
     for (k, v) in pairs {
         let flag = |f: &str| format!("--{f}={v}");
@@ -109,6 +116,12 @@ fn build(label: &str, name: &str, pairs: &[(String, String)]) -> Result<PoolSpec
             "sbatch" => {
                 return Err(bad(format!(
                     "sbatch={v}: must be an sbatch option, e.g. sbatch=--reservation=r1"
+                )))
+            }
+            "worker_class" if is_dotted_name(v) => p.worker_class = Some(v.to_string()),
+            "worker_class" => {
+                return Err(bad(format!(
+                    "worker_class={v}: must be MODULE.CLASS, a subclass of distributed.Worker"
                 )))
             }
             _ => return Err(bad(format!("unknown key '{k}' (keys: {KEYS})"))),
@@ -182,6 +195,18 @@ pub fn parse_file(path: &Path) -> Result<Vec<PoolSpec>, String> {
         pools.push(build(&at, name, &pairs)?);
     }
     Ok(pools)
+}
+
+/// `MODULE.CLASS`: dotted Python identifiers (the boot code imports it).
+fn is_dotted_name(v: &str) -> bool {
+    let words: Vec<&str> = v.split('.').collect();
+    words.len() >= 2
+        && words.iter().all(|w| {
+            w.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && w.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
 }
 
 /// `NAME=AMOUNT`, as dask takes a worker resource.
@@ -273,19 +298,28 @@ mod tests {
             .contains("adapt needs resources"));
         assert_eq!(a.target(), (Target::Adapt { adapt: [0, 4] }, 0));
         assert_eq!(parse("cpu").unwrap().target().1, 1);
+        assert_eq!(
+            parse("gpu:worker_class=my_pkg.workers.GpuWorker")
+                .unwrap()
+                .worker_class
+                .as_deref(),
+            Some("my_pkg.workers.GpuWorker")
+        );
     }
 
     #[test]
     fn a_bad_pool_is_one_line_naming_it() {
         let cases = [
-            ("gpu:workrs=2", "--pool gpu:workrs=2: unknown key 'workrs' (keys: workers, adapt, gres, resources, partition, mem, cpus, time, constraint, sbatch)"),
+            ("gpu:workrs=2", "--pool gpu:workrs=2: unknown key 'workrs' (keys: workers, adapt, gres, resources, partition, mem, cpus, time, constraint, sbatch, worker_class)"),
             ("gpu:workers=two", "--pool gpu:workers=two: workers=two: must be a whole number"),
             ("gpu:resources=GPU", "--pool gpu:resources=GPU: resources=GPU: must be NAME=AMOUNT, e.g. GPU=1"),
             ("gpu:adapt=4:1", "--pool gpu:adapt=4:1: adapt=4:1: must be MIN:MAX, two whole numbers with MIN <= MAX"),
-            ("gpu:gres", "--pool gpu:gres: gres: must be KEY=VALUE (keys: workers, adapt, gres, resources, partition, mem, cpus, time, constraint, sbatch)"),
+            ("gpu:gres", "--pool gpu:gres: gres: must be KEY=VALUE (keys: workers, adapt, gres, resources, partition, mem, cpus, time, constraint, sbatch, worker_class)"),
             ("1gpu:workers=1", "--pool 1gpu:workers=1: pool name 1gpu: must start with a letter"),
             ("default:workers=1", "--pool default:workers=1: pool name default: is the default pool: leave --dask-pool out"),
             ("gpu:sbatch=x", "--pool gpu:sbatch=x: sbatch=x: must be an sbatch option, e.g. sbatch=--reservation=r1"),
+            ("gpu:worker_class=Worker", "--pool gpu:worker_class=Worker: worker_class=Worker: must be MODULE.CLASS, a subclass of distributed.Worker"),
+            ("gpu:worker_class=a.$(x)", "--pool gpu:worker_class=a.$(x): worker_class=a.$(x): must be MODULE.CLASS, a subclass of distributed.Worker"),
         ];
         for (s, want) in cases {
             assert_eq!(parse(s).unwrap_err(), want);
@@ -327,7 +361,7 @@ mod tests {
     #[test]
     fn a_bad_pools_file_is_one_line_naming_the_file_the_pool_and_the_key() {
         let cases = [
-            ("[gpu]\nworkrs = 2\n", "--pools F: [gpu]: unknown key 'workrs' (keys: workers, adapt, gres, resources, partition, mem, cpus, time, constraint, sbatch)"),
+            ("[gpu]\nworkrs = 2\n", "--pools F: [gpu]: unknown key 'workrs' (keys: workers, adapt, gres, resources, partition, mem, cpus, time, constraint, sbatch, worker_class)"),
             ("[gpu]\nworkers = \"two\"\n", "--pools F: [gpu]: workers=two: must be a whole number"),
             ("[gpu]\nresources = { GPU = \"x\" }\n", "--pools F: [gpu]: resources=GPU=x: must be NAME=AMOUNT, e.g. GPU=1"),
             ("[gpu]\nworkers = true\n", "--pools F: [gpu]: workers: must be a string or a number"),

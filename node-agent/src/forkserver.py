@@ -63,7 +63,7 @@ def main() -> None:
             libc.prctl(PR_SET_NAME, b"dask-worker", 0, 0, 0)
             if os.getppid() != server_pid:
                 os._exit(1)
-            dask_worker.main(args=args, prog_name="dask-worker")
+            dask_worker.main(args=[*worker_class_args(), *args], prog_name="dask-worker")
             code = exit_code(0)
         except SystemExit as e:
             code = exit_code(e.code if isinstance(e.code, int) else (0 if e.code is None else 1))

@@ -26,6 +26,9 @@ end of the job. A running worker that the scheduler removes exits with
 RESTART_EXIT instead, and the agent starts it again at once, in its job. A
 retiring worker (its status is closing_gracefully: its data moved, its job
 is over) or one the scheduler closes at its own end still exits 0.
+
+And it runs a pool's own worker class (WORKER_CLASS_ENV), once it has
+checked that the job's Python can import it.
 """
 
 #: The exit code of a worker its scheduler removed while it ran: the node
@@ -204,6 +207,44 @@ def say_python(what):
           flush=True)
 
 
+#: The worker class of a pool (``worker_class=`` of ``up --pool``): a
+#: subclass of distributed.Worker, imported by the job's own Python.
+WORKER_CLASS_ENV = "DASK_SPANK_WORKER_CLASS"
+
+
+def worker_class_args():
+    """``--worker-class CLASS`` for dask-worker when the job's environment
+    names one, after checking, in one line of the job's log, that the job's
+    Python can import it and that it is a Worker (the node agent is the
+    nanny: a Nanny class, or dask_cuda's CUDAWorker, which starts nannies of
+    its own, cannot stand in for the worker)."""
+    import importlib
+    import os
+    import re
+    import sys
+
+    name = os.environ.get(WORKER_CLASS_ENV, "")
+    if not name:
+        return []
+
+    def fail(why):
+        print(f"dask-spank: worker class {name!r} ({WORKER_CLASS_ENV}): {why}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+    if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", name):
+        fail("must be a dotted Python name, MODULE.CLASS, e.g. mypackage.MyWorker")
+    module, _, attr = name.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        fail(f"{sys.executable} cannot import it: {type(e).__name__}: {e}")
+    from distributed import Worker
+
+    if not (isinstance(cls, type) and issubclass(cls, Worker)):
+        fail("is not a subclass of distributed.Worker (the node agent is the worker's nanny)")
+    return ["--worker-class", name]
+
+
 def run_module():
     """Entry point of the boot (`python -c BOOT dask-worker ARGS...`):
     patch distributed, then run the command's module
@@ -224,6 +265,8 @@ def run_module():
     if scheduler_file:
         sys.argv[1:1] = ["--scheduler-file", scheduler_file]
     say_python(name)
+    if name == "dask-worker":
+        sys.argv[1:1] = worker_class_args()
     try:
         runpy._run_module_as_main(COMMANDS.get(name, name), alter_argv=True)
     except SystemExit as e:

@@ -134,7 +134,8 @@ MANY = (("env_vars", "--export", lambda kv: f"{kv[0]}={kv[1]}"),
         ("scheduler_sbatch", "--scheduler-sbatch", str))
 #: A pool's keys (``pools={"gpu": dict(workers=2, gres="gpu:1", resources={"GPU": 1})}``),
 #: as ``dask-spank up --pool NAME:KEY=VALUE,...`` takes them.
-POOL_KEYS = ("workers", "adapt", "gres", "resources", "partition", "mem", "cpus", "time", "constraint", "sbatch")
+POOL_KEYS = ("workers", "adapt", "gres", "resources", "partition", "mem", "cpus", "time", "constraint", "sbatch",
+             "worker_class")
 
 
 def pool_arg(name: str, spec: dict) -> str:

@@ -76,7 +76,8 @@ pub struct Args {
     pub worker_sbatch: Vec<String>,
     /// A pool of other workers (repeatable): NAME:KEY=VALUE,... with keys
     /// workers=N or adapt=MIN:MAX, gres, resources=NAME=AMOUNT
-    /// (repeatable), partition, mem, cpus, time, constraint, sbatch=OPTION.
+    /// (repeatable), partition, mem, cpus, time, constraint, sbatch=OPTION,
+    /// worker_class=MODULE.CLASS (a distributed.Worker subclass).
     /// Tasks submitted with resources={"GPU": 1} run on a pool with
     /// resources=GPU=1 only; --export, --env, --account, --qos,
     /// --worker-local-directory and --worker-preload apply to it too.
@@ -131,12 +132,16 @@ fn pool_submission(u: &Args, c: &ClusterName, p: &PoolSpec) -> Vec<String> {
 
 /// A pool's worker jobs' environment (see `worker_env`).
 fn pool_env(u: &Args, p: &PoolSpec) -> Result<Vec<(String, String)>, String> {
-    worker_env(
+    let mut env = worker_env(
         &u.export,
         &p.resources,
         u.worker_local_directory.as_deref(),
         &u.worker_preload,
-    )
+    )?;
+    if let Some(class) = &p.worker_class {
+        env.push((pools::WORKER_CLASS_ENV.to_string(), class.clone()));
+    }
+    Ok(env)
 }
 
 /// The sbatch options of the scheduler job and of the worker jobs.
