@@ -292,7 +292,9 @@ def test_a_pools_worker_class_runs_its_workers_and_a_wrong_one_is_one_line(clust
        "--pool", "tag:workers=1,worker_class=tagged_worker.TaggedWorker",
        "--pool", "missing:workers=1,worker_class=tagged_worker.Missing",
        "--pool", "nanny:workers=1,worker_class=distributed.Nanny")
-    ds("wait", cluster_name, "--percent", "100", "--timeout", "180")
+    # Per pool: the two broken pools' jobs fail, so the whole cluster's
+    # 100% cannot be reached.
+    ds("wait", cluster_name, "--pool", "default", "--percent", "100", "--timeout", "180")
     ds("wait", cluster_name, "--pool", "tag", "--percent", "100", "--timeout", "120")
     c = sb.client(cluster_name)
     try:
@@ -302,16 +304,23 @@ def test_a_pools_worker_class_runs_its_workers_and_a_wrong_one_is_one_line(clust
                          f"{cluster_name}-{worker_jobs(cluster_name)[0]}": "Worker"}, kinds
     finally:
         c.close()
-    for pool, why in (("missing", "cannot import it: AttributeError: module 'tagged_worker' has no attribute 'Missing'"),
-                      ("nanny", "is not a subclass of distributed.Worker")):
-        [job] = worker_jobs(cluster_name, pool)
-        log = Path(sb.scontrol_job(job)["StdOut"])
-        line = "dask-spank: worker class 'tagged_worker.Missing' (DASK_SPANK_WORKER_CLASS): " if pool == "missing" \
-            else "dask-spank: worker class 'distributed.Nanny' (DASK_SPANK_WORKER_CLASS): "
-        sb.wait_until(f"the {pool} pool's refusal in its log",
-                      lambda: log.exists() and any(l.startswith(line) and l.endswith(why)
-                                                   for l in log.read_text().splitlines()), 120, 1)
-        assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+    # The pool's jobs fail, and the keeper replaces them: the line is in
+    # the logs of its jobs (the worker jobs' log directory).
+    logs = Path(sb.scontrol_job(worker_jobs(cluster_name)[0])["StdOut"]).parent
+    for name, why in (("tagged_worker.Missing",
+                       "cannot import it: AttributeError: module 'tagged_worker' has no attribute 'Missing'"),
+                      ("distributed.Nanny", "is not a subclass of distributed.Worker (the node agent is the worker's nanny)")):
+        line = f"dask-spank: worker class '{name}' (DASK_SPANK_WORKER_CLASS): "
+
+        def said():
+            for f in logs.glob("dask-worker-*.log"):
+                text = f.read_text(errors="replace")
+                if any(l.startswith(line) and l.endswith(why) for l in text.splitlines()):
+                    return text
+            return None
+
+        text = sb.wait_until(f"the refusal of {name} in a worker job's log", said, 120, 1)
+        assert "Traceback" not in text, text[-3000:]
     st = json.loads(ds("status", cluster_name, "--json").stdout)
     assert st["pools"]["missing"]["connected"] == 0 and st["pools"]["nanny"]["connected"] == 0, st["pools"]
     ds("down", cluster_name)
