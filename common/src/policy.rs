@@ -674,12 +674,14 @@ pub fn worker_lifetime_s(remaining_s: u64, margin_s: u64) -> u64 {
     }
 }
 
+/// The options a test asks for, as the plugin's parsed command line would
+/// give them (the submit checks' tests here and in pool_policy).
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod asked {
+    use super::Asked;
     use std::collections::HashMap;
 
-    struct Map(HashMap<&'static str, &'static str>);
+    pub struct Map(HashMap<&'static str, &'static str>);
     impl Asked for Map {
         fn get(&self, o: &str) -> Option<&str> {
             self.0.get(o).copied()
@@ -688,9 +690,16 @@ mod tests {
             self.0.contains_key(o)
         }
     }
-    fn asked(pairs: &[(&'static str, &'static str)]) -> Map {
+    pub fn asked(pairs: &[(&'static str, &'static str)]) -> Map {
         Map(pairs.iter().copied().collect())
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use asked::asked;
 
     /// The example site policy (packaging/examples/cc-in2p3.conf).
     fn cc_in2p3() -> Policy {

@@ -414,20 +414,8 @@ pub fn check_job(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
 
-    struct Map(HashMap<&'static str, &'static str>);
-    impl Asked for Map {
-        fn get(&self, o: &str) -> Option<&str> {
-            self.0.get(o).copied()
-        }
-        fn has(&self, o: &str) -> bool {
-            self.0.contains_key(o)
-        }
-    }
-    fn asked(pairs: &[(&'static str, &'static str)]) -> Map {
-        Map(pairs.iter().copied().collect())
-    }
+    use crate::policy::asked::asked;
     fn gpu() -> Option<PoolName> {
         Some("gpu".parse().unwrap())
     }

@@ -154,23 +154,9 @@ pub struct HelperStatus {
     pub next_start: Option<u64>,
 }
 
-/// What the keeper saw and did last of one worker pool other than the
-/// default one (the default pool's is `KeeperStatus`'s own fields, as
-/// before pools).
+/// What the keeper saw and did last of one worker pool.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolKeeperStatus {
-    pub target: u32,
-    pub intention: Target,
-    pub pending: u32,
-    pub running: u32,
-    pub retiring: u32,
-    pub connected: u32,
-    pub short_reason: Option<String>,
-}
-
-/// What the keeper saw and did last.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KeeperStatus {
     /// The number of worker jobs it aims at.
     pub target: u32,
     pub intention: Target,
@@ -179,8 +165,17 @@ pub struct KeeperStatus {
     /// Running workers whose successor is due (they retire for their walltime).
     pub retiring: u32,
     pub connected: u32,
-    /// Why the cluster is short of its target (a refused submission).
+    /// Why the pool is short of its target (a refused submission).
     pub short_reason: Option<String>,
+}
+
+/// What the keeper saw and did last: the default pool's status (its
+/// fields at the top of `keeper.json`, as before pools), the other pools'
+/// by name, and its helper's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeeperStatus {
+    #[serde(flatten)]
+    pub default: PoolKeeperStatus,
     #[serde(default)]
     pub helper: HelperStatus,
     pub updated: u64,
@@ -379,6 +374,34 @@ mod tests {
 
     fn dir(tag: &str) -> ClusterDir {
         ClusterDir(std::env::temp_dir().join(format!("dsp-rec-{tag}-{}", std::process::id())))
+    }
+
+    #[test]
+    fn the_keepers_record_keeps_the_default_pools_fields_at_the_top() {
+        let mut k = KeeperStatus {
+            default: PoolKeeperStatus {
+                target: 3,
+                intention: Target::Workers { workers: 3 },
+                pending: 1,
+                running: 2,
+                retiring: 0,
+                connected: 2,
+                short_reason: None,
+            },
+            helper: HelperStatus::default(),
+            updated: 7,
+            pools: BTreeMap::new(),
+        };
+        let v = serde_json::to_value(&k).unwrap();
+        assert_eq!(v["target"], 3);
+        assert_eq!(v["connected"], 2);
+        assert!(
+            v.get("default").is_none() && v.get("pools").is_none(),
+            "{v}"
+        );
+        k.pools.insert("gpu".into(), k.default.clone());
+        let back: KeeperStatus = serde_json::from_value(serde_json::to_value(&k).unwrap()).unwrap();
+        assert_eq!(back, k);
     }
 
     #[test]

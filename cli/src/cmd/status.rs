@@ -3,7 +3,7 @@
 use crate::cluster::{known, parse_name, unknown, view, Res};
 use crate::view::Row;
 use dask_spank_common::names::DEFAULT_POOL;
-use dask_spank_common::records::{now, KeeperStatus, Target};
+use dask_spank_common::records::{now, KeeperStatus, PoolKeeperStatus, Target};
 
 /// The table of jobs; a POOL column once the cluster has pools (a cluster
 /// without shows the table it always did).
@@ -117,29 +117,10 @@ fn intention(t: &Target) -> String {
 /// for each pool), and whether the cluster is kept at all (a keeper
 /// silent for long, or a helper down).
 pub fn keeper_line(k: &KeeperStatus, now: u64) -> String {
-    let mut line = format!(
-        "keeper: target {} ({}), {} connected, {} pending, {} retiring for their walltime",
-        k.target,
-        intention(&k.intention),
-        k.connected,
-        k.pending,
-        k.retiring
-    );
-    if let Some(r) = &k.short_reason {
-        line.push_str(&format!("; short: {r}"));
-    }
+    let mut line = pool_line("keeper", &k.default);
     for (name, p) in &k.pools {
-        line.push_str(&format!(
-            "\nkeeper, pool {name}: target {} ({}), {} connected, {} pending, {} retiring for their walltime",
-            p.target,
-            intention(&p.intention),
-            p.connected,
-            p.pending,
-            p.retiring
-        ));
-        if let Some(r) = &p.short_reason {
-            line.push_str(&format!("; short: {r}"));
-        }
+        line.push('\n');
+        line.push_str(&pool_line(&format!("keeper, pool {name}"), p));
     }
     let age = now.saturating_sub(k.updated);
     if age > KEEPER_SILENT_S {
@@ -162,6 +143,22 @@ pub fn keeper_line(k: &KeeperStatus, now: u64) -> String {
     line
 }
 
+/// One pool's part of the keeper's line.
+fn pool_line(lead: &str, p: &PoolKeeperStatus) -> String {
+    let mut line = format!(
+        "{lead}: target {} ({}), {} connected, {} pending, {} retiring for their walltime",
+        p.target,
+        intention(&p.intention),
+        p.connected,
+        p.pending,
+        p.retiring
+    );
+    if let Some(r) = &p.short_reason {
+        line.push_str(&format!("; short: {r}"));
+    }
+    line
+}
+
 /// The keeper writes its record at every decision (every 5 s by default)
 /// and when its helper starts or dies: silent longer than this, it is gone.
 const KEEPER_SILENT_S: u64 = 60;
@@ -173,13 +170,15 @@ mod tests {
 
     fn status(helper: HelperStatus, updated: u64) -> KeeperStatus {
         KeeperStatus {
-            target: 4,
-            intention: Target::Adapt { adapt: [0, 8] },
-            pending: 1,
-            running: 3,
-            retiring: 0,
-            connected: 3,
-            short_reason: None,
+            default: PoolKeeperStatus {
+                target: 4,
+                intention: Target::Adapt { adapt: [0, 8] },
+                pending: 1,
+                running: 3,
+                retiring: 0,
+                connected: 3,
+                short_reason: None,
+            },
             helper,
             updated,
             pools: Default::default(),
@@ -200,7 +199,7 @@ mod tests {
         let mut pooled = status(up.clone(), 1000);
         pooled.pools.insert(
             "gpu".into(),
-            dask_spank_common::records::PoolKeeperStatus {
+            PoolKeeperStatus {
                 target: 2,
                 intention: Target::Workers { workers: 2 },
                 pending: 1,

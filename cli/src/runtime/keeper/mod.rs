@@ -457,7 +457,7 @@ impl Keeper {
         s.helper = self.helper.status.clone();
         // Why each pool is short, as of its last submission (this step's).
         let short = |p: Option<PoolName>| self.pools.get(&p).and_then(|k| k.backoff.short.clone());
-        s.short_reason = short(None);
+        s.default.short_reason = short(None);
         for (name, p) in s.pools.iter_mut() {
             p.short_reason = short(name.parse().ok());
         }
@@ -466,7 +466,7 @@ impl Keeper {
         // pool's count is all connected less the other pools'.
         if let Some(v) = self.fresh_view() {
             let others: u32 = s.pools.values().map(|p| p.connected).sum();
-            s.connected = (v.workers.len() as u32).saturating_sub(others);
+            s.default.connected = (v.workers.len() as u32).saturating_sub(others);
         }
         s.updated = now();
         let _ = self.dir.write_keeper(&s);
@@ -476,13 +476,7 @@ impl Keeper {
 /// The keeper's record: the default pool's `status`, the others'.
 fn keeper_status(s: PoolKeeperStatus, pools: BTreeMap<String, PoolKeeperStatus>) -> KeeperStatus {
     KeeperStatus {
-        target: s.target,
-        intention: s.intention,
-        pending: s.pending,
-        running: s.running,
-        retiring: s.retiring,
-        connected: s.connected,
-        short_reason: s.short_reason,
+        default: s,
         helper: Default::default(),
         updated: 0,
         pools,
