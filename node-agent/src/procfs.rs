@@ -26,19 +26,16 @@
 //! If the pid was reused between the check and the signal, the pidfd still
 //! names the old (dead) process and the signal fails.
 
-use serde::{Deserialize, Serialize};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 pub use dask_spank_common::procstat::ProcStat;
 
-/// A process, named so that pid reuse cannot confuse it with another.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct ProcId {
-    pub pid: i32,
-    pub start: u64,
-}
+/// A process, named so that pid reuse cannot confuse it with another: the
+/// one type of the messages (what the agent tells the job's runtime) and of
+/// the agent's state files, which write it the same way.
+pub use dask_spank_common::messages::ProcIdent as ProcId;
 
 /// Parse the bytes of `/proc/<pid>/stat` (the one parser, in common).
 pub use dask_spank_common::procstat::parse as parse_stat;
