@@ -19,6 +19,7 @@ pub mod awire;
 pub mod build_info;
 pub mod client;
 pub mod config;
+pub mod fdpass;
 pub mod files;
 pub mod frame;
 pub mod messages;
