@@ -1,7 +1,12 @@
-//! Everything the agent reads about processes, in one place: `/proc/<pid>/stat`
+//! What the agent decides on about processes, to adopt, wait for or signal
+//! them: `/proc/<pid>/stat` (parsed in common's `procstat`, the one parser)
 //! and the real uid of a process, process identities that survive pid
 //! reuse (pid and start time), and pidfds to signal exactly the process
-//! that was checked.
+//! that was checked. Other modules read other files of /proc for their own
+//! facts: a process's memory (`memwatch`), limits (`rlimits`) and cgroups
+//! (`cgroup`), a passed descriptor (`fdcheck`), a recorded slurmstepd's
+//! name (`recovery`); the job-side runtime reads `stat` through
+//! `procstat` too.
 //!
 //! What a process says about itself is not trusted to be well formed: its
 //! name (`comm`, in parentheses in `stat`) is any 15 bytes it chose with
