@@ -5,6 +5,7 @@
 use crate::slurm::QueuedJob;
 use dask_spank_common::names::DEFAULT_POOL;
 use dask_spank_common::records::{ClusterState, JobReport, ReportState};
+use dask_spank_common::slurm_state::SlurmState;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -149,11 +150,11 @@ fn reported_row(r: &JobReport) -> Row {
 fn queued_row(cluster: &str, q: &QueuedJob, reports: &[JobReport], connected: &[String]) -> Row {
     let role = role_of(&q.name).to_string();
     let report = reports.iter().find(|r| r.label == q.label);
-    let (state, reason) = match q.state.as_str() {
-        "PENDING" => ("pending".to_string(), q.reason.clone()),
+    let (state, reason) = match &q.state {
+        SlurmState::Pending => ("pending".to_string(), q.reason.clone()),
         // Leaving the queue: counts as ended, like the job it will be.
-        "COMPLETING" => ("ended".to_string(), "completing".to_string()),
-        "RUNNING" | "CONFIGURING" => {
+        SlurmState::Completing => ("ended".to_string(), "completing".to_string()),
+        SlurmState::Running | SlurmState::Configuring => {
             let name = format!("{cluster}-{}", q.label);
             match report {
                 Some(r) if r.state == ReportState::Failed => {
@@ -165,7 +166,7 @@ fn queued_row(cluster: &str, q: &QueuedJob, reports: &[JobReport], connected: &[
                 _ => ("running".into(), String::new()),
             }
         }
-        other => (other.to_lowercase(), q.reason.clone()),
+        SlurmState::Other(other) => (other.to_lowercase(), q.reason.clone()),
     };
     let reason = if reason == "None" {
         String::new()

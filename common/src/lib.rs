@@ -31,6 +31,7 @@ pub mod procstat;
 pub mod records;
 pub mod schedfile;
 pub mod scontrol;
+pub mod slurm_state;
 pub mod sys;
 #[cfg(feature = "testing")]
 pub mod testing;
