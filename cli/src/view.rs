@@ -15,8 +15,7 @@ pub struct Row {
     pub role: String,
     /// A worker's pool (`default` for the default pool and the scheduler).
     pub pool: String,
-    /// pending, running, connected, failed, ended
-    pub state: String,
+    pub state: RowState,
     pub node: String,
     pub reason: String,
 }
@@ -41,6 +40,64 @@ pub struct ClusterView {
     pub scheduler_file: String,
 }
 
+/// Where a job of the cluster stands, as `status` shows it (and `--json`
+/// writes it: the lower-case word).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowState {
+    /// In the queue.
+    Pending,
+    /// Running; a worker not (yet) connected to the scheduler.
+    Running,
+    /// A worker job whose worker is connected to the scheduler.
+    Connected,
+    /// It failed, by its report, or it left without one.
+    Failed,
+    /// It ended normally (or is completing).
+    Ended,
+    /// Another Slurm state of a queued job, in lower case (`suspended`).
+    Other(String),
+}
+
+impl RowState {
+    pub fn as_str(&self) -> &str {
+        match self {
+            RowState::Pending => "pending",
+            RowState::Running => "running",
+            RowState::Connected => "connected",
+            RowState::Failed => "failed",
+            RowState::Ended => "ended",
+            RowState::Other(s) => s,
+        }
+    }
+
+    /// Failed or ended: the job will not be a worker (again).
+    pub fn is_over(&self) -> bool {
+        matches!(self, RowState::Failed | RowState::Ended)
+    }
+}
+
+impl From<ReportState> for RowState {
+    fn from(s: ReportState) -> RowState {
+        match s {
+            ReportState::Running => RowState::Running,
+            ReportState::Failed => RowState::Failed,
+            ReportState::Ended => RowState::Ended,
+        }
+    }
+}
+
+impl std::fmt::Display for RowState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl Serialize for RowState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 /// A pool's worker jobs, counted as the cluster's are.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct PoolCounts {
@@ -56,15 +113,15 @@ pub struct PoolCounts {
 fn counts<'a>(rows: impl Iterator<Item = &'a Row>) -> PoolCounts {
     let mut c = PoolCounts::default();
     for r in rows {
-        match r.state.as_str() {
-            "connected" => c.connected += 1,
-            "pending" => c.pending += 1,
-            "running" => c.running += 1,
-            "failed" => c.failed += 1,
-            "ended" => c.ended += 1,
-            _ => {}
+        match r.state {
+            RowState::Connected => c.connected += 1,
+            RowState::Pending => c.pending += 1,
+            RowState::Running => c.running += 1,
+            RowState::Failed => c.failed += 1,
+            RowState::Ended => c.ended += 1,
+            RowState::Other(_) => {}
         }
-        if r.state != "ended" {
+        if r.state != RowState::Ended {
             c.total += 1;
         }
     }
@@ -123,17 +180,14 @@ fn reported_row(r: &JobReport) -> Row {
     // never said goodbye: its node (or its batch script) died with it.
     let (state, reason) = if r.state == ReportState::Running {
         (
-            "failed".to_string(),
+            RowState::Failed,
             format!(
                 "lost: the job ended without a report from {} (node failure?)",
                 r.node
             ),
         )
     } else {
-        (
-            r.state.as_str().to_string(),
-            r.reason.clone().unwrap_or_default(),
-        )
+        (r.state.into(), r.reason.clone().unwrap_or_default())
     };
     Row {
         job: r.label.clone(),
@@ -151,22 +205,22 @@ fn queued_row(cluster: &str, q: &QueuedJob, reports: &[JobReport], connected: &[
     let role = role_of(&q.name).to_string();
     let report = reports.iter().find(|r| r.label == q.label);
     let (state, reason) = match &q.state {
-        SlurmState::Pending => ("pending".to_string(), q.reason.clone()),
+        SlurmState::Pending => (RowState::Pending, q.reason.clone()),
         // Leaving the queue: counts as ended, like the job it will be.
-        SlurmState::Completing => ("ended".to_string(), "completing".to_string()),
+        SlurmState::Completing => (RowState::Ended, "completing".to_string()),
         SlurmState::Running | SlurmState::Configuring => {
             let name = format!("{cluster}-{}", q.label);
             match report {
                 Some(r) if r.state == ReportState::Failed => {
-                    ("failed".into(), r.reason.clone().unwrap_or_default())
+                    (RowState::Failed, r.reason.clone().unwrap_or_default())
                 }
                 _ if role == "worker" && connected.contains(&name) => {
-                    ("connected".into(), String::new())
+                    (RowState::Connected, String::new())
                 }
-                _ => ("running".into(), String::new()),
+                _ => (RowState::Running, String::new()),
             }
         }
-        SlurmState::Other(other) => (other.to_lowercase(), q.reason.clone()),
+        SlurmState::Other(other) => (RowState::Other(other.to_lowercase()), q.reason.clone()),
     };
     let reason = if reason == "None" {
         String::new()
@@ -247,6 +301,26 @@ pub fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn row_states_are_written_as_the_lower_case_word() {
+        let states = [
+            (RowState::Pending, "pending"),
+            (RowState::Running, "running"),
+            (RowState::Connected, "connected"),
+            (RowState::Failed, "failed"),
+            (RowState::Ended, "ended"),
+            (RowState::Other("suspended".into()), "suspended"),
+        ];
+        for (s, word) in states {
+            assert_eq!(serde_json::to_value(&s).unwrap(), serde_json::json!(word));
+            assert_eq!(s.to_string(), word);
+            assert_eq!(s.is_over(), word == "failed" || word == "ended");
+        }
+        // status pads the column.
+        assert_eq!(format!("{:<10}|", RowState::Ended), "ended     |");
+        assert_eq!(RowState::from(ReportState::Failed), RowState::Failed);
+    }
 
     fn q(label: &str, name: &str, state: &str, reason: &str) -> QueuedJob {
         QueuedJob {
@@ -354,6 +428,6 @@ mod tests {
         let g = v.clone().of_pool("gpu");
         assert_eq!((g.connected, g.failed, g.total()), (1, 1, 2));
         assert_eq!(g.percent_connected(), 50.0);
-        assert_eq!(v.scheduler.unwrap().state, "running");
+        assert_eq!(v.scheduler.unwrap().state, RowState::Running);
     }
 }

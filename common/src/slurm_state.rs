@@ -56,7 +56,7 @@ impl From<&str> for SlurmState {
 
 impl fmt::Display for SlurmState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
