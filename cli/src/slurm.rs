@@ -88,7 +88,7 @@ pub fn parse_squeue(out: &str) -> Vec<QueuedJob> {
             (f.len() >= 6).then(|| QueuedJob {
                 label: f[0].trim().into(),
                 name: f[1].trim().into(),
-                state: SlurmState::parse(f[2]),
+                state: SlurmState::parse(f[2].trim()),
                 node: f[3].trim().into(),
                 reason: f[4].trim().into(),
                 submit: f[5].trim().into(),
@@ -154,7 +154,7 @@ pub fn parse_kept(out: &str, cluster: &str) -> Vec<KeptJob> {
             Some(KeptJob {
                 label: label.trim().into(),
                 pool,
-                state: SlurmState::parse(state),
+                state: SlurmState::parse(state.trim()),
                 limit_s: parse_time_s(limit)?,
                 used_s: parse_time_s(used).flatten().unwrap_or(0),
             })

@@ -17,9 +17,9 @@ pub enum SlurmState {
 }
 
 impl SlurmState {
-    /// The state Slurm printed (surrounding blanks ignored).
+    /// The state Slurm printed, exactly (the caller trims a column).
     pub fn parse(s: &str) -> SlurmState {
-        match s.trim() {
+        match s {
             "PENDING" => SlurmState::Pending,
             "CONFIGURING" => SlurmState::Configuring,
             "RUNNING" => SlurmState::Running,
@@ -76,7 +76,10 @@ mod tests {
         ] {
             assert_eq!(SlurmState::parse(s).as_str(), s);
         }
-        assert_eq!(SlurmState::parse(" RUNNING\n"), SlurmState::Running);
+        assert!(matches!(
+            SlurmState::parse(" RUNNING"),
+            SlurmState::Other(_)
+        ));
         assert_eq!(
             SlurmState::parse("NODE_FAIL"),
             SlurmState::Other("NODE_FAIL".into())
