@@ -81,6 +81,16 @@ fn error_line(error: &dyn Error) -> String {
     format!("dask-spank: {error}").replace('\n', " ")
 }
 
+/// An error told elsewhere than by a callback's return (a failed start
+/// of a job, for slurmd's log and then the job's): a [`UserError`] with
+/// the `dask-spank:` prefix, any other (Slurm's) as it is.
+pub(crate) fn told(error: &(dyn Error + 'static)) -> String {
+    match error.downcast_ref::<UserError>() {
+        Some(e) => format!("dask-spank: {e}"),
+        None => error.to_string(),
+    }
+}
+
 impl DaskSpank {
     fn config(&self) -> Result<&Config, Box<dyn Error>> {
         match &self.config {
@@ -181,5 +191,16 @@ mod tests {
         );
         let io = std::io::Error::other("a\nb");
         assert_eq!(error_line(&io), "dask-spank: a b");
+    }
+
+    #[test]
+    fn a_user_error_is_told_with_the_prefix_any_other_as_it_is() {
+        let e = user_error("node agent refused the job: no");
+        assert_eq!(
+            told(e.as_ref()),
+            "dask-spank: node agent refused the job: no"
+        );
+        let other: Box<dyn Error> = Box::new(std::io::Error::other("setenv failed"));
+        assert_eq!(told(other.as_ref()), "setenv failed");
     }
 }

@@ -86,7 +86,7 @@ impl RemoteState {
             return;
         }
         if let Err(e) = self.try_start(spank, cfg, opts) {
-            let msg = e.to_string();
+            let msg = crate::told(e.as_ref());
             slurm_spank::spank_log_error!("{msg}");
             self.error = Some(msg);
         }
