@@ -70,6 +70,18 @@ impl RowState {
         }
     }
 
+    /// The state a word names (`failed`), else another state of that name.
+    fn from_word(word: String) -> RowState {
+        match word.as_str() {
+            "pending" => RowState::Pending,
+            "running" => RowState::Running,
+            "connected" => RowState::Connected,
+            "failed" => RowState::Failed,
+            "ended" => RowState::Ended,
+            _ => RowState::Other(word),
+        }
+    }
+
     /// Failed or ended: the job will not be a worker (again).
     pub fn is_over(&self) -> bool {
         matches!(self, RowState::Failed | RowState::Ended)
@@ -220,7 +232,8 @@ fn queued_row(cluster: &str, q: &QueuedJob, reports: &[JobReport], connected: &[
                 _ => (RowState::Running, String::new()),
             }
         }
-        SlurmState::Other(other) => (RowState::Other(other.to_lowercase()), q.reason.clone()),
+        // In lower case; squeue's FAILED is failed.
+        SlurmState::Other(other) => (RowState::from_word(other.to_lowercase()), q.reason.clone()),
     };
     let reason = if reason == "None" {
         String::new()
@@ -320,6 +333,12 @@ mod tests {
         // status pads the column.
         assert_eq!(format!("{:<10}|", RowState::Ended), "ended     |");
         assert_eq!(RowState::from(ReportState::Failed), RowState::Failed);
+        // Another Slurm state of a queued job, in lower case.
+        let row =
+            |state: &str| queued_row("ana", &q("11_1", "dask-worker-ana", state, "x"), &[], &[]);
+        assert_eq!(row("FAILED").state, RowState::Failed);
+        assert_eq!(row("SUSPENDED").state, RowState::Other("suspended".into()));
+        assert_eq!(row("SUSPENDED").reason, "x");
     }
 
     fn q(label: &str, name: &str, state: &str, reason: &str) -> QueuedJob {
