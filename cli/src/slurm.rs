@@ -3,6 +3,7 @@
 
 use dask_spank_common::names::{is_job_name, parse_pool_job_name, pool_job_name, PoolName};
 use dask_spank_common::scontrol::field;
+use dask_spank_common::slurm_state::SlurmState;
 use dask_spank_common::Role;
 use std::io::Read;
 use std::process::{Command, Output, Stdio};
@@ -62,7 +63,7 @@ pub struct QueuedJob {
     /// `1234` or `1234_5` (array task), as squeue -r prints it.
     pub label: String,
     pub name: String,
-    pub state: String,
+    pub state: SlurmState,
     pub node: String,
     pub reason: String,
     pub submit: String,
@@ -87,7 +88,7 @@ pub fn parse_squeue(out: &str) -> Vec<QueuedJob> {
             (f.len() >= 6).then(|| QueuedJob {
                 label: f[0].trim().into(),
                 name: f[1].trim().into(),
-                state: f[2].trim().into(),
+                state: SlurmState::parse(f[2].trim()),
                 node: f[3].trim().into(),
                 reason: f[4].trim().into(),
                 submit: f[5].trim().into(),
@@ -132,7 +133,7 @@ pub struct KeptJob {
     pub label: String,
     /// None: the default pool.
     pub pool: Option<String>,
-    pub state: String,
+    pub state: SlurmState,
     pub limit_s: Option<u64>,
     pub used_s: u64,
 }
@@ -153,7 +154,7 @@ pub fn parse_kept(out: &str, cluster: &str) -> Vec<KeptJob> {
             Some(KeptJob {
                 label: label.trim().into(),
                 pool,
-                state: state.trim().into(),
+                state: SlurmState::parse(state.trim()),
                 limit_s: parse_time_s(limit)?,
                 used_s: parse_time_s(used).flatten().unwrap_or(0),
             })
@@ -335,7 +336,7 @@ pub fn job_end(job: &str) -> Option<String> {
     .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let state = field(&text, "JobState")?;
-    if matches!(state, "PENDING" | "RUNNING" | "CONFIGURING") {
+    if SlurmState::parse(state).is_live() {
         return None;
     }
     let tail = field(&text, "StdOut")
@@ -452,7 +453,7 @@ mod tests {
         let j = parse_squeue("12_3|dask-worker-ana|RUNNING|n1|None|2026-11-22T23:00:00\nbad\n");
         assert_eq!(j.len(), 1);
         assert_eq!(j[0].label, "12_3");
-        assert_eq!(j[0].state, "RUNNING");
+        assert_eq!(j[0].state, SlurmState::Running);
         assert!(of_cluster("dask-worker-ana@gpu", "ana"));
         assert!(of_cluster("dask-scheduler-ana", "ana"));
         assert!(!of_cluster("dask-worker-anb", "ana") && !of_cluster("ana", "ana"));

@@ -5,6 +5,7 @@
 use crate::slurm::QueuedJob;
 use dask_spank_common::names::DEFAULT_POOL;
 use dask_spank_common::records::{ClusterState, JobReport, ReportState};
+use dask_spank_common::slurm_state::SlurmState;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -14,8 +15,7 @@ pub struct Row {
     pub role: String,
     /// A worker's pool (`default` for the default pool and the scheduler).
     pub pool: String,
-    /// pending, running, connected, failed, ended
-    pub state: String,
+    pub state: RowState,
     pub node: String,
     pub reason: String,
 }
@@ -40,6 +40,76 @@ pub struct ClusterView {
     pub scheduler_file: String,
 }
 
+/// Where a job of the cluster stands, as `status` shows it (and `--json`
+/// writes it: the lower-case word).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowState {
+    /// In the queue.
+    Pending,
+    /// Running; a worker not (yet) connected to the scheduler.
+    Running,
+    /// A worker job whose worker is connected to the scheduler.
+    Connected,
+    /// It failed, by its report, or it left without one.
+    Failed,
+    /// It ended normally (or is completing).
+    Ended,
+    /// Another Slurm state of a queued job, in lower case (`suspended`).
+    Other(String),
+}
+
+impl RowState {
+    pub fn as_str(&self) -> &str {
+        match self {
+            RowState::Pending => "pending",
+            RowState::Running => "running",
+            RowState::Connected => "connected",
+            RowState::Failed => "failed",
+            RowState::Ended => "ended",
+            RowState::Other(s) => s,
+        }
+    }
+
+    /// The state a word names (`failed`), else another state of that name.
+    fn from_word(word: String) -> RowState {
+        match word.as_str() {
+            "pending" => RowState::Pending,
+            "running" => RowState::Running,
+            "connected" => RowState::Connected,
+            "failed" => RowState::Failed,
+            "ended" => RowState::Ended,
+            _ => RowState::Other(word),
+        }
+    }
+
+    /// Failed or ended: the job will not be a worker (again).
+    pub fn is_over(&self) -> bool {
+        matches!(self, RowState::Failed | RowState::Ended)
+    }
+}
+
+impl From<ReportState> for RowState {
+    fn from(s: ReportState) -> RowState {
+        match s {
+            ReportState::Running => RowState::Running,
+            ReportState::Failed => RowState::Failed,
+            ReportState::Ended => RowState::Ended,
+        }
+    }
+}
+
+impl std::fmt::Display for RowState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl Serialize for RowState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 /// A pool's worker jobs, counted as the cluster's are.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct PoolCounts {
@@ -55,15 +125,15 @@ pub struct PoolCounts {
 fn counts<'a>(rows: impl Iterator<Item = &'a Row>) -> PoolCounts {
     let mut c = PoolCounts::default();
     for r in rows {
-        match r.state.as_str() {
-            "connected" => c.connected += 1,
-            "pending" => c.pending += 1,
-            "running" => c.running += 1,
-            "failed" => c.failed += 1,
-            "ended" => c.ended += 1,
-            _ => {}
+        match r.state {
+            RowState::Connected => c.connected += 1,
+            RowState::Pending => c.pending += 1,
+            RowState::Running => c.running += 1,
+            RowState::Failed => c.failed += 1,
+            RowState::Ended => c.ended += 1,
+            RowState::Other(_) => {}
         }
-        if r.state != "ended" {
+        if r.state != RowState::Ended {
             c.total += 1;
         }
     }
@@ -122,17 +192,14 @@ fn reported_row(r: &JobReport) -> Row {
     // never said goodbye: its node (or its batch script) died with it.
     let (state, reason) = if r.state == ReportState::Running {
         (
-            "failed".to_string(),
+            RowState::Failed,
             format!(
                 "lost: the job ended without a report from {} (node failure?)",
                 r.node
             ),
         )
     } else {
-        (
-            r.state.as_str().to_string(),
-            r.reason.clone().unwrap_or_default(),
-        )
+        (r.state.into(), r.reason.clone().unwrap_or_default())
     };
     Row {
         job: r.label.clone(),
@@ -149,23 +216,24 @@ fn reported_row(r: &JobReport) -> Row {
 fn queued_row(cluster: &str, q: &QueuedJob, reports: &[JobReport], connected: &[String]) -> Row {
     let role = role_of(&q.name).to_string();
     let report = reports.iter().find(|r| r.label == q.label);
-    let (state, reason) = match q.state.as_str() {
-        "PENDING" => ("pending".to_string(), q.reason.clone()),
+    let (state, reason) = match &q.state {
+        SlurmState::Pending => (RowState::Pending, q.reason.clone()),
         // Leaving the queue: counts as ended, like the job it will be.
-        "COMPLETING" => ("ended".to_string(), "completing".to_string()),
-        "RUNNING" | "CONFIGURING" => {
+        SlurmState::Completing => (RowState::Ended, "completing".to_string()),
+        SlurmState::Running | SlurmState::Configuring => {
             let name = format!("{cluster}-{}", q.label);
             match report {
                 Some(r) if r.state == ReportState::Failed => {
-                    ("failed".into(), r.reason.clone().unwrap_or_default())
+                    (RowState::Failed, r.reason.clone().unwrap_or_default())
                 }
                 _ if role == "worker" && connected.contains(&name) => {
-                    ("connected".into(), String::new())
+                    (RowState::Connected, String::new())
                 }
-                _ => ("running".into(), String::new()),
+                _ => (RowState::Running, String::new()),
             }
         }
-        other => (other.to_lowercase(), q.reason.clone()),
+        // In lower case; squeue's FAILED is failed.
+        SlurmState::Other(other) => (RowState::from_word(other.to_lowercase()), q.reason.clone()),
     };
     let reason = if reason == "None" {
         String::new()
@@ -246,6 +314,32 @@ pub fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn row_states_are_written_as_the_lower_case_word() {
+        let states = [
+            (RowState::Pending, "pending"),
+            (RowState::Running, "running"),
+            (RowState::Connected, "connected"),
+            (RowState::Failed, "failed"),
+            (RowState::Ended, "ended"),
+            (RowState::Other("suspended".into()), "suspended"),
+        ];
+        for (s, word) in states {
+            assert_eq!(serde_json::to_value(&s).unwrap(), serde_json::json!(word));
+            assert_eq!(s.to_string(), word);
+            assert_eq!(s.is_over(), word == "failed" || word == "ended");
+        }
+        // status pads the column.
+        assert_eq!(format!("{:<10}|", RowState::Ended), "ended     |");
+        assert_eq!(RowState::from(ReportState::Failed), RowState::Failed);
+        // Another Slurm state of a queued job, in lower case.
+        let row =
+            |state: &str| queued_row("ana", &q("11_1", "dask-worker-ana", state, "x"), &[], &[]);
+        assert_eq!(row("FAILED").state, RowState::Failed);
+        assert_eq!(row("SUSPENDED").state, RowState::Other("suspended".into()));
+        assert_eq!(row("SUSPENDED").reason, "x");
+    }
 
     fn q(label: &str, name: &str, state: &str, reason: &str) -> QueuedJob {
         QueuedJob {
@@ -353,6 +447,6 @@ mod tests {
         let g = v.clone().of_pool("gpu");
         assert_eq!((g.connected, g.failed, g.total()), (1, 1, 2));
         assert_eq!(g.percent_connected(), 50.0);
-        assert_eq!(v.scheduler.unwrap().state, "running");
+        assert_eq!(v.scheduler.unwrap().state, RowState::Running);
     }
 }

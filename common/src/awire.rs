@@ -13,7 +13,7 @@ use crate::frame::{self, FrameError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 
@@ -84,32 +84,14 @@ pub async fn send_fds(s: &UnixStream, fds: &[BorrowedFd<'_>]) -> io::Result<()> 
 /// one), in order; the caller decides what to keep and how to close the
 /// rest. An empty list: none was passed.
 pub async fn recv_fds(s: &UnixStream) -> io::Result<Vec<OwnedFd>> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use nix::sys::socket::MsgFlags;
     loop {
         s.readable().await?;
         let res = s.try_io(Interest::READABLE, || {
             let mut byte = [0u8; 1];
-            let mut iov = [io::IoSliceMut::new(&mut byte)];
-            let mut space = nix::cmsg_space!([RawFd; 1]);
-            let msg = recvmsg::<()>(
-                s.as_raw_fd(),
-                &mut iov,
-                Some(&mut space),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            )
-            .map_err(io::Error::from)?;
-            let mut got = Vec::new();
-            for c in msg.cmsgs().map_err(io::Error::from)? {
-                if let ControlMessageOwned::ScmRights(fds) = c {
-                    // SAFETY: the kernel just installed these descriptors
-                    // in our table for us; nothing else owns them.
-                    got.extend(
-                        fds.into_iter()
-                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                    );
-                }
-            }
-            if msg.bytes == 0 && got.is_empty() {
+            let (bytes, got) =
+                crate::fdpass::recv_with_fds::<1>(s.as_raw_fd(), &mut byte, MsgFlags::empty())?;
+            if bytes == 0 && got.is_empty() {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "connection closed",

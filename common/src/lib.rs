@@ -19,6 +19,7 @@ pub mod awire;
 pub mod build_info;
 pub mod client;
 pub mod config;
+pub mod fdpass;
 pub mod files;
 pub mod frame;
 pub mod messages;
@@ -30,6 +31,7 @@ pub mod procstat;
 pub mod records;
 pub mod schedfile;
 pub mod scontrol;
+pub mod slurm_state;
 pub mod sys;
 #[cfg(feature = "testing")]
 pub mod testing;

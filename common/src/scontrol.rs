@@ -1,9 +1,10 @@
 //! Reading `scontrol -o show <entity>` lines, the one-line text that every
 //! Slurm release prints (the CLI reads jobs, `health` reads nodes).
 //!
-//! Only for what a user or admin reads back, never for admission: job facts
-//! that decide anything come from `scontrol --json` (node-agent's
-//! `slurm.rs`), because text fields such as Comment can hold `Key=value`.
+//! Only for what a user or admin reads back, never for admission: text
+//! fields such as Comment can hold `Key=value`. The job facts admission
+//! decides on come from one `squeue` call with a fixed format, the
+//! free-text fields last (node-agent's `slurm.rs`).
 
 /// The value of `key`. A value may hold spaces (a log path, a drain
 /// reason): it ends where the next ` Key=` begins. Which field comes next

@@ -18,6 +18,18 @@ pub fn short_hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+/// The Slurm node name of this host's slurmd: `SLURMD_NODENAME` (slurmd
+/// and slurmstepd put it in their own environment; it differs from the
+/// hostname when several slurmd share a host, `slurmd -N`), else the short
+/// hostname. The plugin and the agent must agree on it: it names the
+/// agent's socket.
+pub fn slurm_node_name() -> String {
+    match std::env::var("SLURMD_NODENAME") {
+        Ok(n) if !n.is_empty() => n,
+        _ => short_hostname(),
+    }
+}
+
 /// Name of group `gid`, or the number when the group database has none.
 pub fn group_name(gid: u32) -> String {
     Group::from_gid(Gid::from_raw(gid))
@@ -52,5 +64,6 @@ mod tests {
         assert_eq!(user_name(4_000_000_000), "4000000000");
         assert!(!short_hostname().contains('.'));
         assert!(!short_hostname().is_empty());
+        assert!(!slurm_node_name().is_empty());
     }
 }

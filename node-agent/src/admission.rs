@@ -11,6 +11,7 @@
 use crate::slurm::{self, ControllerFacts, FactsError};
 use crate::spawn::Starter;
 use dask_spank_common::policy::{check_job, JobFacts};
+use dask_spank_common::slurm_state::SlurmState;
 use dask_spank_common::JobSpec;
 
 /// What the agent needs to know about an admitted job.
@@ -52,7 +53,7 @@ pub fn decide(
             f.job_id, f.uid, spec.job_id, spec.uid
         )));
     }
-    if f.state != "RUNNING" {
+    if SlurmState::parse(&f.state) != SlurmState::Running {
         return Err(Refusal::Slurm(format!(
             "slurmctld says job {} is {}, not RUNNING",
             spec.job_id, f.state

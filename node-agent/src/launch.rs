@@ -172,26 +172,13 @@ fn say(ctl: &mut UnixStream, stage: u8) -> Result<(), String> {
 
 /// The three descriptors (stdin, stdout, stderr) sent with one byte.
 fn recv_fds(ctl: &UnixStream) -> io::Result<Vec<OwnedFd>> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use nix::sys::socket::MsgFlags;
     let mut byte = [0u8; 1];
-    let mut iov = [io::IoSliceMut::new(&mut byte)];
-    let mut space = nix::cmsg_space!([RawFd; 3]);
-    let msg = recvmsg::<()>(
+    let (_, fds) = dask_spank_common::fdpass::recv_with_fds::<3>(
         ctl.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
+        &mut byte,
+        MsgFlags::empty(),
     )?;
-    let mut fds = Vec::new();
-    for c in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(got) = c {
-            // SAFETY: the kernel just installed these descriptors for us.
-            fds.extend(
-                got.into_iter()
-                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-            );
-        }
-    }
     if fds.len() != 3 {
         return Err(io::Error::other(format!(
             "{} descriptors, not 3",

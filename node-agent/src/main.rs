@@ -35,13 +35,7 @@ struct Where {
 /// `--node`, else SLURMD_NODENAME (set for slurmd's programs), else the
 /// short hostname.
 fn node_name(given: Option<String>) -> String {
-    given
-        .or_else(|| {
-            std::env::var("SLURMD_NODENAME")
-                .ok()
-                .filter(|n| !n.is_empty())
-        })
-        .unwrap_or_else(dask_spank_common::sys::short_hostname)
+    given.unwrap_or_else(dask_spank_common::sys::slurm_node_name)
 }
 
 impl Where {

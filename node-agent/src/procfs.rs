@@ -1,7 +1,12 @@
-//! Everything the agent reads about processes, in one place: `/proc/<pid>/stat`
+//! What the agent decides on about processes, to adopt, wait for or signal
+//! them: `/proc/<pid>/stat` (parsed in common's `procstat`, the one parser)
 //! and the real uid of a process, process identities that survive pid
 //! reuse (pid and start time), and pidfds to signal exactly the process
-//! that was checked.
+//! that was checked. Other modules read other files of /proc for their own
+//! facts: a process's memory (`memwatch`), limits (`rlimits`) and cgroups
+//! (`cgroup`), a passed descriptor (`fdcheck`), a recorded slurmstepd's
+//! name (`recovery`); the job-side runtime reads `stat` through
+//! `procstat` too.
 //!
 //! What a process says about itself is not trusted to be well formed: its
 //! name (`comm`, in parentheses in `stat`) is any 15 bytes it chose with
@@ -26,19 +31,16 @@
 //! If the pid was reused between the check and the signal, the pidfd still
 //! names the old (dead) process and the signal fails.
 
-use serde::{Deserialize, Serialize};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 pub use dask_spank_common::procstat::ProcStat;
 
-/// A process, named so that pid reuse cannot confuse it with another.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct ProcId {
-    pub pid: i32,
-    pub start: u64,
-}
+/// A process, named so that pid reuse cannot confuse it with another: the
+/// one type of the messages (what the agent tells the job's runtime) and of
+/// the agent's state files, which write it the same way.
+pub use dask_spank_common::messages::ProcIdent as ProcId;
 
 /// Parse the bytes of `/proc/<pid>/stat` (the one parser, in common).
 pub use dask_spank_common::procstat::parse as parse_stat;

@@ -119,31 +119,16 @@ impl Spawner {
 /// The spawner's answer: a pid (negative: an errno) and, for a pid, the
 /// control socket of the new process.
 async fn recv_blank(s: &UnixStream) -> io::Result<Blank> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use dask_spank_common::fdpass::recv_with_fds;
+    use nix::sys::socket::MsgFlags;
     loop {
         s.readable().await?;
         let got = s.try_io(Interest::READABLE, || {
             let mut pid = [0u8; 4];
-            let mut iov = [io::IoSliceMut::new(&mut pid)];
-            let mut space = nix::cmsg_space!([RawFd; 1]);
-            let msg = recvmsg::<()>(
-                s.as_raw_fd(),
-                &mut iov,
-                Some(&mut space),
-                MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_WAITALL,
-            )
-            .map_err(io::Error::from)?;
-            let mut fd = None;
-            for c in msg.cmsgs().map_err(io::Error::from)? {
-                if let ControlMessageOwned::ScmRights(fds) = c {
-                    for raw in fds {
-                        // SAFETY: the kernel just installed it for us.
-                        let owned = unsafe { OwnedFd::from_raw_fd(raw) };
-                        fd.get_or_insert(owned);
-                    }
-                }
-            }
-            if msg.bytes != 4 {
+            let (bytes, fds) = recv_with_fds::<1>(s.as_raw_fd(), &mut pid, MsgFlags::MSG_WAITALL)?;
+            // The first is the control socket; any other closes here.
+            let fd = fds.into_iter().next();
+            if bytes != 4 {
                 return Err(io::Error::other("the agent's spawner is gone"));
             }
             Ok((i32::from_be_bytes(pid), fd))

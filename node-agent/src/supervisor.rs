@@ -427,11 +427,8 @@ async fn one_start(
     let mut proc = launch(ctx, run, server, adoption, n).await?;
     if let (Some(dask), fs) = leaders(&proc) {
         ctx.job.running(dask, fs);
-        let ids = std::iter::once(dask).chain(fs).map(|p| ProcIdent {
-            pid: p.pid,
-            start: p.start,
-        });
-        let _ = ctx.notify.send(Notice::Processes(ids.collect()));
+        let ids = std::iter::once(dask).chain(fs).collect();
+        let _ = ctx.notify.send(Notice::Processes(ids));
     }
     let _running = Gauge::up(
         &ctx.metrics,

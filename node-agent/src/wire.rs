@@ -18,7 +18,7 @@ pub use dask_spank_common::awire::{send_fds, write};
 use dask_spank_common::frame::{self, FrameError};
 use serde::de::DeserializeOwned;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, Interest, ReadBuf};
@@ -36,24 +36,8 @@ pub async fn send_fd(s: &UnixStream, fd: &OwnedFd) -> io::Result<()> {
 /// One `recvmsg` into `buf`: the bytes read, and the descriptors that came
 /// with them (every one, installed close-on-exec).
 fn recv_guarded(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    let mut iov = [io::IoSliceMut::new(buf)];
-    let mut space = nix::cmsg_space!([RawFd; MAX_PASSED]);
-    let msg = recvmsg::<()>(
-        fd,
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
-    )
-    .map_err(io::Error::from)?;
-    let mut fds = Vec::new();
-    for c in msg.cmsgs().map_err(io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(got) = c {
-            // SAFETY: the kernel just installed these descriptors for us.
-            fds.extend(got.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
-        }
-    }
-    Ok((msg.bytes, fds))
+    use nix::sys::socket::MsgFlags;
+    dask_spank_common::fdpass::recv_with_fds::<MAX_PASSED>(fd, buf, MsgFlags::MSG_DONTWAIT)
 }
 
 /// A stream of `uid`'s read with `recv_guarded`: descriptors that come

@@ -46,8 +46,7 @@ const MAX_SCRIPT: u64 = 4 << 20;
 /// looks, so the environment cannot tell them apart.)
 pub fn check_program(program: &[u8], job_name: Option<&str>) -> Result<(), String> {
     let name = program.rsplit(|b| *b == b'/').next().unwrap_or(program);
-    let in_dask_job =
-        job_name.is_some_and(|n| n.starts_with("dask-scheduler-") || n.starts_with("dask-worker-"));
+    let in_dask_job = job_name.is_some_and(dask_spank_common::names::is_job_name);
     if name == b"sbatch" || in_dask_job {
         return Ok(());
     }
@@ -291,6 +290,8 @@ mod tests {
         assert!(check_program(b"/usr/bin/sbatch", Some("analysis")).is_ok());
         assert!(check_program(b"srun", Some("dask-worker-ana")).is_ok());
         assert!(check_program(b"srun", Some("dask-scheduler-ana")).is_ok());
+        assert!(check_program(b"srun", Some("dask-worker-ana@gpu")).is_ok());
+        assert!(check_program(b"srun", Some("dask-worker-")).is_err());
         // srun in an ordinary allocation (a salloc shell, a batch job).
         assert!(check_program(b"srun", Some("interactive")).is_err());
         assert_eq!(

@@ -59,19 +59,36 @@ pub struct DaskSpank {
     remote: remote::RemoteState,
 }
 
-/// Errors reported to the user: one line, prefixed with `dask-spank:`.
+/// Errors reported to the user. Every error a callback returns, this one
+/// or another, reaches Slurm's log as one line prefixed with `dask-spank:`
+/// ([`error_line`]).
 #[derive(Debug)]
 pub struct UserError(pub String);
 
 impl std::fmt::Display for UserError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "dask-spank: {}", self.0)
+        f.write_str(&self.0)
     }
 }
 impl Error for UserError {}
 
 pub(crate) fn user_error(msg: impl Into<String>) -> Box<dyn Error> {
     Box::new(UserError(msg.into()))
+}
+
+/// The one line Slurm logs for the error of a callback.
+fn error_line(error: &dyn Error) -> String {
+    format!("dask-spank: {error}").replace('\n', " ")
+}
+
+/// An error told elsewhere than by a callback's return (a failed start
+/// of a job, for slurmd's log and then the job's): a [`UserError`] with
+/// the `dask-spank:` prefix, any other (Slurm's) as it is.
+pub(crate) fn told(error: &(dyn Error + 'static)) -> String {
+    match error.downcast_ref::<UserError>() {
+        Some(e) => format!("dask-spank: {e}"),
+        None => error.to_string(),
+    }
 }
 
 impl DaskSpank {
@@ -94,13 +111,7 @@ unsafe impl Plugin for DaskSpank {
     }
 
     fn report_error(&self, _spank: &mut SpankHandle, error: &dyn Error) {
-        let msg = error.to_string();
-        let msg = if msg.starts_with("dask-spank:") {
-            msg
-        } else {
-            format!("dask-spank: {msg}")
-        };
-        slurm_spank::spank_log_error!("{}", msg.replace('\n', " "));
+        slurm_spank::spank_log_error!("{}", error_line(error));
     }
 
     fn init(&mut self, spank: &mut SpankHandle) -> Result<(), Box<dyn Error>> {
@@ -164,5 +175,32 @@ unsafe impl Plugin for DaskSpank {
     fn exit(&mut self, _spank: &mut SpankHandle) -> Result<(), Box<dyn Error>> {
         self.remote.finish();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_is_one_line_with_one_prefix() {
+        let e = user_error("--dask-role=x: must be scheduler or worker");
+        assert_eq!(
+            error_line(e.as_ref()),
+            "dask-spank: --dask-role=x: must be scheduler or worker"
+        );
+        let io = std::io::Error::other("a\nb");
+        assert_eq!(error_line(&io), "dask-spank: a b");
+    }
+
+    #[test]
+    fn a_user_error_is_told_with_the_prefix_any_other_as_it_is() {
+        let e = user_error("node agent refused the job: no");
+        assert_eq!(
+            told(e.as_ref()),
+            "dask-spank: node agent refused the job: no"
+        );
+        let other: Box<dyn Error> = Box::new(std::io::Error::other("setenv failed"));
+        assert_eq!(told(other.as_ref()), "setenv failed");
     }
 }

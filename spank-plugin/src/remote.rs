@@ -29,16 +29,6 @@ pub struct RemoteState {
     registered: Option<(u32, PathBuf, std::time::Duration)>,
 }
 
-/// The Slurm node name: slurmstepd puts it in its own environment. It
-/// differs from the hostname when several slurmd share a host (`slurmd
-/// -N`). Never from the job's environment, which the user sets.
-fn node_name() -> String {
-    match std::env::var("SLURMD_NODENAME") {
-        Ok(n) if !n.is_empty() => n,
-        _ => dask_spank_common::sys::short_hostname(),
-    }
-}
-
 fn build_spec(
     spank: &SpankHandle,
     opts: &DaskOptions,
@@ -76,7 +66,8 @@ fn build_spec(
         mem_mb: spank.job_alloc_mem().unwrap_or(0),
         time_limit_s: None,
         submit_dir,
-        node: node_name(),
+        // slurmstepd's own environment, never the job's (the user's).
+        node: dask_spank_common::sys::slurm_node_name(),
         stepd_pid: std::process::id() as i32,
         policy: cfg.policy.clone(),
         pool: opts.pool.clone(),
@@ -95,7 +86,7 @@ impl RemoteState {
             return;
         }
         if let Err(e) = self.try_start(spank, cfg, opts) {
-            let msg = e.to_string();
+            let msg = crate::told(e.as_ref());
             slurm_spank::spank_log_error!("{msg}");
             self.error = Some(msg);
         }

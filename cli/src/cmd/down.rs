@@ -4,6 +4,7 @@ use crate::cluster::{parse_name, records_of, unknown, Res};
 use crate::slurm::{self, squeue};
 use dask_spank_common::paths::scheduler_file;
 use dask_spank_common::records::Target;
+use dask_spank_common::slurm_state::SlurmState;
 use std::time::{Duration, Instant};
 
 /// Cancel every job of the cluster and check that none is left.
@@ -37,7 +38,7 @@ pub fn run(a: Args) -> Res {
         // Anything submitted while we cancelled (a keeper's last step) goes too.
         let late: Vec<String> = left
             .iter()
-            .filter(|q| !ids.contains(&q.label) && q.state == "PENDING")
+            .filter(|q| !ids.contains(&q.label) && q.state == SlurmState::Pending)
             .map(|q| q.label.clone())
             .collect();
         let _ = slurm::scancel(&late);

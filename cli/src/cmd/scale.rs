@@ -4,6 +4,7 @@
 
 use crate::cluster::{parse_name, records_of, unknown, view, Res};
 use crate::pools::known_pool;
+use crate::view::RowState;
 use dask_spank_common::records::Target;
 
 /// Have N worker jobs (kept by the scheduler job).
@@ -34,7 +35,12 @@ pub fn run(a: Args) -> Res {
         .workers
         .iter()
         .filter(|r| r.pool == name)
-        .filter(|r| matches!(r.state.as_str(), "pending" | "running" | "connected"))
+        .filter(|r| {
+            matches!(
+                r.state,
+                RowState::Pending | RowState::Running | RowState::Connected
+            )
+        })
         .count();
     let of = pool.map(|p| format!(" of pool {p}")).unwrap_or_default();
     println!("cluster '{c}': target {n} worker jobs{of} (it has {have}); the scheduler job submits or cancels them");

@@ -1,7 +1,7 @@
 //! `dask-spank wait`: a progress bar until enough workers are connected.
 
 use crate::cluster::{known, parse_name, print_connect, unknown, view, Res};
-use crate::view::ClusterView;
+use crate::view::{ClusterView, RowState};
 use dask_spank_common::ClusterName;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 fn hopeless(v: &ClusterView, percent: f64) -> Option<String> {
     match &v.scheduler {
         None => return Some(format!("cluster '{}' has no scheduler job", v.cluster)),
-        Some(s) if s.state == "failed" || s.state == "ended" => {
+        Some(s) if s.state.is_over() => {
             return Some(format!(
                 "the scheduler job {} {}: {}",
                 s.job, s.state, s.reason
@@ -24,7 +24,7 @@ fn hopeless(v: &ClusterView, percent: f64) -> Option<String> {
         let reasons: Vec<String> = v
             .workers
             .iter()
-            .filter(|r| r.state == "failed" || r.state == "ended")
+            .filter(|r| r.state.is_over())
             .take(3)
             .map(|r| format!("{}: {}", r.job, r.reason))
             .collect();
@@ -132,7 +132,7 @@ fn timeout_error(v: &ClusterView, line: &str, timeout_s: u64, percent: f64) -> S
     let pending: Vec<String> = v
         .workers
         .iter()
-        .filter(|r| r.state == "pending")
+        .filter(|r| r.state == RowState::Pending)
         .take(1)
         .map(|r| r.reason.clone())
         .collect();

@@ -8,6 +8,7 @@
 use dask_spank_common::names::PoolName;
 use dask_spank_common::policy::worker_lifetime_s;
 use dask_spank_common::records::Target;
+use dask_spank_common::slurm_state::SlurmState;
 use std::collections::BTreeMap;
 
 /// dask's Adaptive waits this many intervals of a lower target before it
@@ -55,11 +56,11 @@ pub enum QueueState {
 }
 
 impl QueueState {
-    pub fn from_squeue(s: &str) -> QueueState {
+    pub fn from_squeue(s: &SlurmState) -> QueueState {
         match s {
-            "PENDING" | "CONFIGURING" => QueueState::Waiting,
-            "RUNNING" => QueueState::Running,
-            _ => QueueState::Leaving,
+            SlurmState::Pending | SlurmState::Configuring => QueueState::Waiting,
+            SlurmState::Running => QueueState::Running,
+            SlurmState::Completing | SlurmState::Other(_) => QueueState::Leaving,
         }
     }
 }
@@ -431,6 +432,17 @@ pub fn helper_delay(deaths: &[u64], now: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn squeue_states_are_waiting_running_or_leaving() {
+        let of = |s: &str| QueueState::from_squeue(&SlurmState::parse(s));
+        assert_eq!(of("PENDING"), QueueState::Waiting);
+        assert_eq!(of("CONFIGURING"), QueueState::Waiting);
+        assert_eq!(of("RUNNING"), QueueState::Running);
+        for s in ["COMPLETING", "SUSPENDED", "CANCELLED", ""] {
+            assert_eq!(of(s), QueueState::Leaving, "{s}");
+        }
+    }
 
     const RULES: Rules = Rules {
         lead_s: 600,
