@@ -218,9 +218,9 @@ def test_python_subpackage_is_noarch_and_holds_dask_spank(rpms):
     assert rpmq(rpm, "--qf", "%{ARCH}") == "noarch"
     files = rpmq(rpm, "-l").split()
     py = rpmq(rpm, "--requires").splitlines()
-    abi = [r for r in py if r.startswith("python(abi) = ")]
+    abi = {r for r in py if r.startswith("python(abi) = ")}
     assert len(abi) == 1, py
-    site = f"/usr/lib/python{abi[0].split()[-1]}/site-packages"
+    site = f"/usr/lib/python{abi.pop().split()[-1]}/site-packages"
     for f in ("dask_spank/__init__.py", "dask_spank/cluster.py", "dask_spank/boot.py",
               "dask_spank-0.1.0.dist-info/METADATA"):
         assert f"{site}/{f}" in files, (f, files)
