@@ -132,7 +132,8 @@ def test_packages_are_format_v4(srpm, rpms):
 
 def test_srpm_carries_the_source_and_its_crates(srpm):
     files = set(rpmq(srpm, "-l").split())
-    assert files == {"dask-spank.spec", "dask-spank-0.1.0.tar.gz", "dask-spank-0.1.0-vendor.tar.gz"}, files
+    assert files == {"dask-spank.spec", "dask-spank-0.1.0.tar.gz", "dask-spank-0.1.0-vendor.tar.gz",
+                     "dask-spank-0.1.0-bundled.inc"}, files
     assert rpmq(srpm, "--qf", "%{RELEASE}") == f"1.slurm{slurm_version()}"
 
 
