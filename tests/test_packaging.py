@@ -24,6 +24,16 @@ def slurm_version() -> str:
     return sb.run(["sinfo", "-V"]).stdout.split()[1]
 
 
+def el_debug_macros() -> list[str]:
+    """EL's debug macros, as scripts/package loads them: rpm older than 4.20
+    also needs EL's %install hook (packaging/el-debug.macros says why)."""
+    args = ["--load", str(sb.REPO / "packaging" / "el-debug.macros")]
+    version = subprocess.run(["rpm", "--version"], capture_output=True, text=True, check=True).stdout.split()[2]
+    if tuple(int(x) for x in re.findall(r"\d+", version)[:2]) < (4, 20):
+        args += ["--load", str(sb.REPO / "packaging" / "el-debug-install.macros")]
+    return args
+
+
 def rebuild_offline(srpm: str, top) -> list[str]:
     """rpmbuild --rebuild in a network namespace of its own, CARGO_HOME
     empty, with EL's debug macros (debuginfo and debugsource packages, as
@@ -33,8 +43,7 @@ def rebuild_offline(srpm: str, top) -> list[str]:
     p = subprocess.run(
         ["unshare", "--net", "--", "env", f"CARGO_HOME={top / 'cargo-home'}",
          "rpmbuild", "--rebuild", "--nodeps", "--define", f"_topdir {top}",
-         "--load", str(sb.REPO / "packaging" / "el-debug.macros"),
-         "--define", "_build_id_links none", "--define", "_rpmformat 4", srpm],
+         *el_debug_macros(), "--define", "_build_id_links none", "--define", "_rpmformat 4", srpm],
         capture_output=True, text=True)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert not os.listdir(top / "cargo-home")
