@@ -13,13 +13,15 @@
 
 # What a root holds: Slurm and munge, Python for the venv, the build tools
 # for the plugin (clang for bindgen, gcc as the linker; cargo and rustc come
-# from the host's toolchain), rpm for the package, and what the tests use
-# (slurmdbd and MariaDB for the queue-limit test: `sandbox up --accounting on`;
-# fuse3 for the user-mounted FUSE filesystem of tests/hangfs.py; chromium for
+# from the host's toolchain), rpm for the package (with debugedit, elfutils
+# and file: find-debuginfo, its eu-strip and file, for the debuginfo
+# package), and what the tests use (slurmdbd and MariaDB for the
+# queue-limit test: `sandbox up --accounting on`; fuse3 for the
+# user-mounted FUSE filesystem of tests/hangfs.py; chromium for
 # the JupyterLab test, tests/test_labextension.py, with its setuid sandbox:
 # a process in a chroot may not make the user namespace that chromium's
 # own sandbox needs).
-ROOT_PKGS=slurmctld,slurmd,slurm-client,munge,libslurm-dev,python3,python3-venv,clang,libclang-dev,gcc,libc6-dev,passwd,util-linux,procps,rpm,cpio,git,ca-certificates,systemd,valgrind,slurmdbd,mariadb-server,fuse3,chromium,chromium-sandbox
+ROOT_PKGS=slurmctld,slurmd,slurm-client,munge,libslurm-dev,python3,python3-venv,clang,libclang-dev,gcc,libc6-dev,passwd,util-linux,procps,rpm,debugedit,elfutils,file,cpio,git,ca-certificates,systemd,valgrind,slurmdbd,mariadb-server,fuse3,chromium,chromium-sandbox
 # sid's Release file may be past its Valid-Until date on the archive.
 ROOT_APTOPT='Acquire::Check-Valid-Until "false"'
 
