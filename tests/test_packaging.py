@@ -3,7 +3,6 @@ an SRPM made by scripts/package from a commit, rebuilt here with no network,
 an empty CARGO_HOME and EL's debug macros, inspected with rpm, and its
 payload run for real on the sandbox. The wheel made beside it, installed in a
 fresh venv. Then two commits packaged and compared."""
-import io
 import json
 import os
 import re
