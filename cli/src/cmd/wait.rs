@@ -205,3 +205,91 @@ pub fn run(a: Args) -> Res {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::view::{Row, RowState};
+
+    fn row(job: &str, role: &str, state: RowState, reason: &str) -> Row {
+        Row {
+            job: job.into(),
+            role: role.into(),
+            pool: "default".into(),
+            state,
+            node: "n1".into(),
+            reason: reason.into(),
+        }
+    }
+
+    fn cluster(scheduler: Option<Row>, workers: Vec<Row>) -> ClusterView {
+        let n = |s: RowState| workers.iter().filter(|r| r.state == s).count();
+        ClusterView {
+            cluster: "ana".into(),
+            connected: n(RowState::Connected),
+            pending: n(RowState::Pending),
+            running: n(RowState::Running),
+            failed: n(RowState::Failed),
+            ended: n(RowState::Ended),
+            pools: Default::default(),
+            scheduler,
+            workers,
+            scheduler_address: None,
+            dashboard_address: None,
+            dashboard_link: None,
+            scheduler_file: "/h/.dask-spank/clusters/ana/scheduler.json".into(),
+        }
+    }
+
+    #[test]
+    fn a_cluster_is_hopeless_only_when_the_wanted_share_cannot_be_reached() {
+        let sched = || Some(row("5", "scheduler", RowState::Running, ""));
+        assert_eq!(
+            hopeless(&cluster(None, vec![]), 50.0).as_deref(),
+            Some("cluster 'ana' has no scheduler job")
+        );
+        let gone = cluster(Some(row("5", "scheduler", RowState::Failed, "OOM")), vec![]);
+        assert_eq!(
+            hopeless(&gone, 50.0).as_deref(),
+            Some("the scheduler job 5 failed: OOM")
+        );
+        let half = cluster(
+            sched(),
+            vec![
+                row("6_1", "worker", RowState::Failed, "bad env"),
+                row("6_2", "worker", RowState::Ended, "walltime"),
+                row("6_3", "worker", RowState::Connected, ""),
+                row("6_4", "worker", RowState::Pending, "Priority"),
+            ],
+        );
+        // An ended job (its walltime: replaced) is no longer counted; 2 of
+        // the 3 others left: 50% can still be reached, 75% cannot.
+        assert_eq!(hopeless(&half, 50.0), None);
+        assert_eq!(
+            hopeless(&half, 75.0).as_deref(),
+            Some("only 2 of 3 worker jobs are left, fewer than 75%; 6_1: bad env; 6_2: walltime")
+        );
+        // No worker job yet: not hopeless (they may come).
+        assert_eq!(hopeless(&cluster(sched(), vec![]), 100.0), None);
+    }
+
+    #[test]
+    fn a_timeout_says_the_progress_and_what_a_pending_job_waits_for() {
+        let v = cluster(
+            Some(row("5", "scheduler", RowState::Running, "")),
+            vec![
+                row("6_1", "worker", RowState::Connected, ""),
+                row("6_2", "worker", RowState::Pending, "QOSMaxJobsPerUserLimit"),
+            ],
+        );
+        assert_eq!(
+            timeout_error(&v, "1 of 2 worker jobs connected (50%), 1 pending", 60, 100.0),
+            "timed out after 60s: 1 of 2 worker jobs connected (50%), 1 pending (wanted 100%); pending jobs wait for: QOSMaxJobsPerUserLimit"
+        );
+        let none_pending = cluster(None, vec![row("6_1", "worker", RowState::Running, "")]);
+        assert_eq!(
+            timeout_error(&none_pending, "0 of 1", 5, 50.0),
+            "timed out after 5s: 0 of 1 (wanted 50%)"
+        );
+    }
+}
