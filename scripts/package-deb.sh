@@ -22,7 +22,9 @@ build_debs() {
      RUSTFLAGS="--remap-path-prefix=$src=/usr/src/dask-spank-$version --remap-path-prefix=$top/cargo-home=/cargo" \
      cargo build --release --offline --locked --workspace) >"$top/deb-build.log" 2>&1 \
     || { tail -40 "$top/deb-build.log" >&2; die "cargo build failed (log above)"; }
-  [ -z "$(ls -A "$top/cargo-home")" ] || die "the build wrote to CARGO_HOME"
+  # cargo keeps its locks there; crates it would have fetched go to registry/.
+  [ ! -e "$top/cargo-home/registry" ] && [ ! -e "$top/cargo-home/git" ] \
+    || die "the build fetched crates into CARGO_HOME: $(ls "$top/cargo-home")"
 
   local r=$top/deb/dask-spank doc=/usr/share/doc/dask-spank rel=$src/target/release
   mkdir -p "$r/DEBIAN"
