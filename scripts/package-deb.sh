@@ -60,6 +60,15 @@ build_debs() {
     [ -n "$pkg" ] || die "no installed package holds $lib"
     deps+=("$pkg")
   done
+  # The plugin leaves libslurm's symbols to slurmd and slurmstepd, which
+  # load it (no NEEDED entry): the libslurm of the headers names the release.
+  local libslurm soname
+  libslurm=$(readlink -f "$(clang -print-file-name=libslurm.so)")
+  soname=$(objdump -p "$libslurm" | awk '$1 == "SONAME" {print $2}')
+  [ -n "$soname" ] || die "no soname in $libslurm (libslurm-dev)"
+  pkg=$(dpkg -S "$(dirname "$libslurm")/$soname" 2>/dev/null | head -1 | cut -d: -f1)
+  [ -n "$pkg" ] || die "no installed package holds $soname"
+  deps+=("$pkg")
   glibc=$(for b in "$rel"/libspank_dask.so "$rel/dask-node-agent" "$rel/dask-spank"; do
             objdump -T "$b" | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//'; done | sort -uV | tail -1)
   local depends
