@@ -211,7 +211,7 @@ def test_install_run_upgrade_remove_purge(debs):
         assert installed("dask-spank") and installed("python3-dask-spank")
         assert lib in sh("dpkg", "-L", "dask-spank", check=True).stdout.split()
         assert active(confd) == [], "installed inactive"
-        p = sh("python3", "-c", "import importlib.util; print(importlib.util.find_spec('dask_spank').origin)")
+        p = sh("/usr/bin/python3", "-c", "import importlib.util; print(importlib.util.find_spec('dask_spank').origin)")
         assert p.stdout.strip() == "/usr/lib/python3/dist-packages/dask_spank/__init__.py", p.stdout + p.stderr
         # The admin enables it in place (the sandbox's agent directory; the
         # job script runs the default attach_cmd, the installed /usr/bin/dask-spank).
