@@ -150,12 +150,18 @@ def test_errors_are_clear(cluster_name):
     assert "dask-spank: unknown cluster 'no-such-cluster': no job and no record of it" in p.stderr
     p = ds("wait", "bad/name", check=False)
     assert p.returncode != 0 and "--dask-cluster=bad/name: may only contain" in p.stderr
-    # sbatch's (here the plugin's) own message reaches the user.
+    # sbatch's (here the plugin's) own message reaches the user, before any
+    # job: no scheduler job is submitted (then cancelled). squeue -t all
+    # also lists the jobs that ended lately.
+    def scheduler_jobs():
+        return set(sb.run(["squeue", "-h", "-t", "all", "-n", f"dask-scheduler-{cluster_name}",
+                           "-o", "%i"]).stdout.split())
+    before = scheduler_jobs()
     p = ds("up", cluster_name, "--worker-mem", "64G", check=False)
     assert p.returncode != 0
     assert "dask-spank: --mem=64G exceeds worker_mem_max=32G" in p.stderr
-    assert not sb.run(["squeue", "-h", "-n", f"dask-scheduler-{cluster_name}"]).stdout.strip(), \
-        "the scheduler job of a failed up is cancelled"
+    assert "would fail" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert scheduler_jobs() == before, "a refused up submitted its scheduler job"
 
 
 def _seconds(t: str) -> int:

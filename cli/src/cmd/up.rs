@@ -484,6 +484,14 @@ pub fn run(u: Args) -> Res {
         &u.worker_preload,
     )?;
     let senv = exported(&u.export)?;
+    // The site's rules for the worker jobs before any job, as for the
+    // pools: worker options the plugin refuses fail `up` with nothing
+    // submitted (not a scheduler job started, then cancelled).
+    if first > 0 {
+        let mut planned = vec![format!("--array=1-{first}")];
+        planned.extend(wargs.iter().cloned());
+        slurm::sbatch_dry_run(&planned)?;
+    }
     let _ = dir.write_worker_args(&WorkerArgs {
         args: wargs.clone(),
         env: wenv.clone(),
