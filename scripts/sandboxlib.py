@@ -218,6 +218,24 @@ def client(name: str, timeout: float = 30):
     return Client(scheduler_file=str(scheduler_file(name)), timeout=timeout, security=security(name))
 
 
+def plain_cluster_computes(name: str) -> tuple[str, str]:
+    """A cluster started with plain sbatch (a scheduler job, an array of 2
+    worker jobs) computes a sum with both workers connected; returns its
+    scheduler job and worker array (left running)."""
+    import dask.array as da
+    forget_cluster(name)
+    sched = sbatch("--dask-role=scheduler", f"--dask-cluster={name}")
+    arr = sbatch("--dask-role=worker", f"--dask-cluster={name}", "--array=1-2")
+    wait_scheduler_file(name)
+    c = client(name)
+    try:
+        c.wait_for_workers(2, timeout=120)
+        assert int(da.arange(10_000, chunks=1000).sum().compute()) == 49_995_000
+    finally:
+        c.close()
+    return sched, arr
+
+
 def scheduler_dropped(cluster: str, since: float) -> list[str]:
     """Names of the worker logs of `cluster` written since `since` (a
     time.time(); older runs of a test leave logs of the same cluster name)

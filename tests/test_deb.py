@@ -198,7 +198,6 @@ def test_install_run_upgrade_remove_purge(debs):
     the plugin and sets the edited snippet aside (plain jobs run, the
     plugin's options are gone); a reinstall puts it back; purge leaves
     nothing."""
-    import dask.array as da
 
     for pkg in debs:
         assert not known(pkg), f"{pkg} is already on this system: the test would not leave it as it found it"
@@ -234,15 +233,7 @@ def test_install_run_upgrade_remove_purge(debs):
         out = sb.run(["/usr/sbin/dask-node-agent", "check", "--agent-dir", str(sb.STATE / "run" / "agent"),
                       "--node", "n1"]).stdout
         assert "answers" in out
-        name = "deb-installed"
-        sb.forget_cluster(name)
-        sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={name}")
-        arr = sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", "--array=1-2")
-        sb.wait_scheduler_file(name)
-        c = sb.client(name)
-        c.wait_for_workers(2, timeout=120)
-        assert int(da.arange(10_000, chunks=1000).sum().compute()) == 49_995_000
-        c.close()
+        sched, arr = sb.plain_cluster_computes("deb-installed")
         # The plugin that ran is the installed one, built for this release.
         log = (sb.LOGS / "slurmd-n1.log").read_text().splitlines()
         assert f"built for Slurm {slurm_version()}, commit " in [l for l in log if "dask-spank plugin" in l][-1]

@@ -421,7 +421,6 @@ def enable_snippet(payload) -> Path:
 def test_payload_runs_a_dask_cluster(payload):
     """The packaged binaries, enabled through the packaged snippet as a
     site does it: a bare line (site-neutral policy) in an included file."""
-    import dask.array as da
 
     os.environ["DASK_SPANK_PAYLOAD"] = str(payload)
     snippets = enable_snippet(payload)
@@ -440,17 +439,9 @@ def test_payload_runs_a_dask_cluster(payload):
         assert "answers" in out
         log = (sb.LOGS / "slurmd-n1.log").read_text().splitlines()
         assert f"built for Slurm {slurm_version()}, commit " in [l for l in log if "dask-spank plugin" in l][-1]
-        name = "rpm-payload"
-        sb.forget_cluster(name)
-        sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={name}")
-        arr = sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", "--array=1-2")
-        sb.wait_scheduler_file(name)
-        c = sb.client(name)
-        c.wait_for_workers(2, timeout=120)
-        assert int(da.arange(10_000, chunks=1000).sum().compute()) == 49_995_000
+        sched, arr = sb.plain_cluster_computes("rpm-payload")
         # The site-neutral snippet line sets no partition: Slurm's default.
         assert sb.scontrol_job(sched)["Partition"] == "htc"
-        c.close()
         sb.run(["scancel", sched, arr])
         sb.wait_job_gone(sched)
         sb.wait_job_gone(arr)
