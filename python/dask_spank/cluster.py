@@ -553,6 +553,11 @@ class SpankCluster(Cluster):
         return logs
 
     async def _close(self):
+        if self.status == Status.closed:
+            return
+        # Closing from now on, not only once the jobs are down: the Dask
+        # panel's discovery leaves a closing cluster to its closer.
+        self.status = Status.closing
         if self.shutdown_on_close and self.paths:
             await self._cli("down", self.name)
         await super()._close()

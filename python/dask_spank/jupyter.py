@@ -37,6 +37,8 @@ import asyncio
 import json
 import uuid
 
+from distributed.core import Status
+
 from .cluster import PATH_TOKEN, DaskSpankError, SpankCluster, _cli
 
 #: Seconds between two discoveries, unless dask's configuration says otherwise.
@@ -161,6 +163,12 @@ class Panel:
         schedulers = {c["cluster"]: c.get("scheduler") for c in listed}
         shown = self.spank_clusters()
         for name, cid in shown.items():
+            # One being closed is the closer's to take off the list: the
+            # panel's DELETE pops it when its close returns, and fails if
+            # it is gone by then.
+            cluster = self.manager._clusters.get(cid)
+            if cluster is None or cluster.status != Status.running:
+                continue
             if schedulers.get(name) not in ("running", "pending"):
                 await self.forget(cid)
         # Those this process holds (one "+NEW" is starting) are not attached twice.
