@@ -4,7 +4,10 @@ as the unprivileged test user (`python3 -c SOURCE ...`, see `as_command`).
 
 Framing (common/src/frame.rs): a 4-byte big-endian length, then that many
 bytes of JSON. Every connection opens with a handshake. The Rust side is
-the reference: a test in common/src/lib.rs checks that VERSION matches it.
+the reference: its types make docs/agent-protocol.schema.json
+(`dask-node-agent schema`), and tests/test_protocol.py validates what this
+module, the bench and the tests send against it; a test in
+common/src/lib.rs checks that VERSION matches.
 
 Command line (for a process of another user):
   python3 agentproto.py call SOCKET REQUEST_JSON       one request, prints the reply
@@ -40,7 +43,7 @@ class Conn:
         self.sock.settimeout(timeout)
         self.sock.connect(path)
         try:
-            self.send({"version": version, "client": client})
+            self.send(hello(client, version))
         except OSError:
             pass  # refused at once: the agent's reason is still to be read
         welcome = self.recv()
@@ -76,6 +79,19 @@ class Conn:
         self.sock.close()
 
 
+def hello(client: str, version: int = VERSION) -> dict:
+    """The first frame of every connection."""
+    return {"version": version, "client": client}
+
+
+def attach_request(job_id: int, cluster_dir: str, env: list | None = None, cwd: str | None = None,
+                   extra: dict | None = None) -> dict:
+    """The request `dask-spank attach` opens its session with."""
+    return {"type": "attach", "job_id": job_id, "cwd": cwd or os.getcwd(),
+            "env": env if env is not None else sorted(os.environ.items()),
+            "cluster_dir": cluster_dir, **(extra or {})}
+
+
 def call(path: str, req: dict, client: str = "test") -> dict:
     """Send one request, return the reply."""
     c = Conn(path, client)
@@ -90,9 +106,7 @@ def attach(path: str, job_id: int, cluster_dir: str, log_fd: int, env: list | No
     """Attach to a job as `dask-spank attach` does; the connection is
     returned once the agent said `attached` (AgentError otherwise)."""
     c = Conn(path, "attach", timeout=None)
-    r = c.call({"type": "attach", "job_id": job_id, "cwd": cwd or os.getcwd(),
-                "env": env if env is not None else sorted(os.environ.items()),
-                "cluster_dir": cluster_dir, **(extra or {})})
+    r = c.call(attach_request(job_id, cluster_dir, env, cwd, extra))
     if r.get("type") != "send_log_fd":
         c.close()
         raise AgentError(json.dumps(r))

@@ -30,6 +30,8 @@ pub mod pool_policy;
 pub mod procstat;
 pub mod records;
 pub mod schedfile;
+#[cfg(feature = "schema")]
+pub mod schema;
 pub mod scontrol;
 pub mod slurm_state;
 pub mod sys;

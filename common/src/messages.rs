@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 /// First frame a client sends on every connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(deny_unknown_fields))]
 pub struct Hello {
     pub version: u32,
     /// Who is talking ("spank", "attach", "cli"), for the agent's log.
@@ -17,6 +19,8 @@ pub struct Hello {
 /// Everything the agent needs to run one job's dask processes. Sent by the
 /// plugin from slurmstepd (as root) when a `--dask-role` job step starts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(deny_unknown_fields))]
 pub struct JobSpec {
     pub job_id: u32,
     /// Set for array tasks: the array's master job id (%A) and task id (%a).
@@ -60,6 +64,7 @@ impl JobSpec {
 
 /// Where a job stands on its node, as the agent sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     /// Registered by the plugin; its job script has not attached yet.
@@ -108,6 +113,8 @@ impl std::fmt::Display for JobState {
 
 /// What the agent knows about one job, for `status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(deny_unknown_fields))]
 pub struct JobStatus {
     pub job_id: u32,
     pub label: String,
@@ -126,6 +133,8 @@ pub struct JobStatus {
 /// script. Its environment and cwd are those of the job script, so a script
 /// that activated a conda env hands that env to the dask processes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(deny_unknown_fields))]
 pub struct Attach {
     pub job_id: u32,
     pub cwd: PathBuf,
@@ -147,12 +156,16 @@ pub struct Attach {
 /// A process, named so that pid reuse cannot confuse it with another: its
 /// pid and its start time (clock ticks after boot, `/proc/<pid>/stat`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(deny_unknown_fields))]
 pub struct ProcIdent {
     pub pid: i32,
     pub start: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(deny_unknown_fields))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
     /// Root only: a job step with `--dask-role` started on this node.
@@ -180,6 +193,8 @@ pub enum Request {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(deny_unknown_fields))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
     /// Handshake accepted.

@@ -6,6 +6,7 @@ use std::str::FromStr;
 
 /// What a dask-spank job runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Scheduler,
@@ -118,6 +119,7 @@ impl FromStr for Role {
 /// A validated cluster name: it becomes a directory name and part of job
 /// names, so it is restricted to a portable, shell-safe charset.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(try_from = "String", into = "String")]
 pub struct ClusterName(String);
 
@@ -183,6 +185,7 @@ impl fmt::Display for ClusterName {
 /// pool (today's workers), which has no name of its own, so it is not a
 /// `PoolName`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(try_from = "String", into = "String")]
 pub struct PoolName(String);
 

@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 
 /// Limits and defaults of one role.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(deny_unknown_fields))]
 pub struct RolePolicy {
     /// Partition the role's jobs must run in (`None`: not enforced).
     pub partition: Option<String>,
@@ -25,6 +27,7 @@ pub struct RolePolicy {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "kind", content = "name", rename_all = "kebab-case")]
 pub enum AccountPolicy {
     /// The user's primary group name (CC-IN2P3's rule).
@@ -36,6 +39,8 @@ pub enum AccountPolicy {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(deny_unknown_fields))]
 pub struct Policy {
     pub scheduler: RolePolicy,
     pub worker: RolePolicy,
@@ -62,6 +67,7 @@ pub struct Policy {
 
 /// How a cluster's scheduler, workers and clients talk (`tls`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum TlsMode {
     /// TLS with a certificate made for each cluster by its scheduler job:
@@ -95,6 +101,8 @@ impl std::str::FromStr for TlsMode {
 
 /// How the agent supervises worker processes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(deny_unknown_fields))]
 pub struct NannyPolicy {
     /// A worker that cannot reach its scheduler leaves after this long.
     pub death_timeout_s: u64,
@@ -122,6 +130,7 @@ fn default_successor_lead() -> u64 {
 
 /// How the agent starts a worker process (`worker_start`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum WorkerStart {
     /// A fresh `python -m distributed.cli.dask_worker` each time: nothing

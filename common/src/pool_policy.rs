@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 
 /// Which names a site allows (`worker_pools`, `gres`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Allowed {
     /// Every name.
@@ -50,6 +51,8 @@ impl Allowed {
 /// A maximum per pool: a bare value for every pool, `POOL=VALUE` entries
 /// for one pool each (`default` names the default pool), which win.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(deny_unknown_fields))]
 pub struct PerPool<T> {
     pub all: Option<T>,
     pub by_pool: BTreeMap<String, T>,
@@ -111,6 +114,8 @@ impl<T: Copy> PerPool<T> {
 
 /// The pool and gres rules of a site.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(deny_unknown_fields))]
 pub struct PoolPolicy {
     /// Pools a worker job may name (`worker_pools`); the default pool is
     /// always allowed.

@@ -134,6 +134,9 @@ enum Cmd {
         #[arg(long)]
         plugstack: Option<PathBuf>,
     },
+    /// Print the protocol of the agent's socket as JSON Schema (generated
+    /// from the agent's own types; docs/agent-protocol.schema.json).
+    Schema,
 }
 
 /// slurm.conf's PlugStackConfig, else plugstack.conf beside slurm.conf.
@@ -298,7 +301,17 @@ fn main() -> ExitCode {
             login_node,
             plugstack,
         } => check_config(agent_dir, node, login_node, plugstack),
+        Cmd::Schema => {
+            println!("{}", schema_text());
+            ExitCode::SUCCESS
+        }
     }
+}
+
+/// What `schema` prints (and the checked-in copy holds).
+fn schema_text() -> String {
+    let schema = dask_spank_common::schema::protocol_schema();
+    serde_json::to_string_pretty(&schema).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 
 /// `health`: the node health check's verdict as an exit status.
@@ -328,5 +341,24 @@ fn check_config(
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The checked-in schema is the one the types make: the Python side is
+    /// validated against that file (tests/test_protocol.py).
+    #[test]
+    fn the_checked_in_protocol_schema_is_current() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/agent-protocol.schema.json"
+        );
+        let on_disk = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            on_disk == format!("{}\n", super::schema_text()),
+            "{path} is not what the protocol's types make: \
+             cargo run -q -p dask-node-agent -- schema > docs/agent-protocol.schema.json"
+        );
     }
 }
