@@ -38,11 +38,20 @@ def validate(kind: str, message: dict) -> None:
 
 
 def variants(kind: str) -> dict[str, dict]:
-    """The schema of each message type of `kind` (request, response): its
-    object schema, by its `type`."""
-    out = {}
-    for v in SCHEMA[kind]["oneOf"]:
-        out[v["properties"]["type"]["const"]] = v
+    """The schema of each message type of `kind` (request, session,
+    response): its object schema, by its `type` (following the `$ref`s of
+    the request, an attach or a control request)."""
+    schema, out = SCHEMA[kind], {}
+
+    def walk(s: dict) -> None:
+        if "$ref" in s:
+            walk(schema["$defs"][s["$ref"].rsplit("/", 1)[1]])
+        for v in s.get("oneOf", []) + s.get("anyOf", []):
+            walk(v)
+        if "const" in s.get("properties", {}).get("type", {}):
+            out[s["properties"]["type"]["const"]] = s
+
+    walk(schema)
     return out
 
 
@@ -59,6 +68,11 @@ def test_the_builders_messages_are_valid():
                                                   extra={"reattach": True, "forkserver_fd": True}))
     with pytest.raises(jsonschema.ValidationError):
         validate("request", agentproto.attach_request(12, "/c", extra={"log_fd": 3}))
+    # What an attached connection sends is a session message, no opening.
+    address = {"type": "scheduler_address", "address": "tls://127.0.0.1:8786"}
+    validate("session", address)
+    with pytest.raises(jsonschema.ValidationError):
+        validate("request", address)
 
 
 def test_the_bench_registers_jobs_as_the_plugin_does():
@@ -100,10 +114,11 @@ def message_literals():
 
 
 def test_every_message_literal_has_the_fields_of_its_type():
-    requests, responses = variants("request"), variants("response")
+    kinds = [variants("request"), variants("session"), variants("response")]
+    assert {"attach", "register", "ping"} <= set(kinds[0]) and "scheduler_address" in kinds[1]
     seen, wrong = 0, []
     for where, line, kind, keys, spreads in message_literals():
-        candidates = [v for v in (requests.get(kind), responses.get(kind)) if v is not None]
+        candidates = [k[kind] for k in kinds if kind in k]
         if not candidates:
             wrong.append(f"{where}:{line}: no message of type {kind!r} in the protocol")
             continue

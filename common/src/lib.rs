@@ -39,7 +39,7 @@ pub mod sys;
 pub mod testing;
 pub mod units;
 
-pub use messages::{JobSpec, JobState, Request, Response};
+pub use messages::{JobSpec, JobState, Opening, Request, Response, SessionRequest};
 pub use names::{ClusterName, Role};
 
 /// Protocol version spoken by this build. Version 2: the agent takes the

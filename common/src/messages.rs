@@ -163,6 +163,9 @@ pub struct ProcIdent {
     pub start: u64,
 }
 
+/// A request answered with one response, after which the connection
+/// closes (the control requests: the plugin's, the admin's, anybody's
+/// ping and status).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[cfg_attr(feature = "schema", schemars(deny_unknown_fields))]
@@ -172,15 +175,6 @@ pub enum Request {
     Register(Box<JobSpec>),
     /// Root only: the job step ended; stop everything it owns.
     JobEnd { job_id: u32, reason: String },
-    /// The job's own user, from inside the job: start the dask processes.
-    /// After `Response::SendLogFd` the client passes the job's log file
-    /// descriptor with SCM_RIGHTS.
-    Attach(Attach),
-    /// On an attached connection, from the attaching process whenever it
-    /// finds a new address in the cluster's scheduler file: it reads the
-    /// file as the user; root never does. The agent only connects to it to
-    /// tell whether the scheduler is still there.
-    SchedulerAddress { address: String },
     /// Anybody: liveness check.
     Ping,
     /// The jobs on this node: all of them for root, one's own otherwise.
@@ -190,6 +184,64 @@ pub enum Request {
     /// Root only: stop every job's dask processes now, failing the jobs
     /// with this reason (the admin's immediate stop).
     StopJobs { reason: String },
+}
+
+/// The first message of a connection after the handshake: a control
+/// [`Request`], or the opening of an attach session, whose connection
+/// stays open for the job's life (`Response::SendLogFd`, the log's
+/// descriptor, `Response::Attached`, then [`SessionRequest`]s one way and
+/// `Processes`/`HoldFd` the other, until `Response::Finished`). On the
+/// wire both are one JSON object tagged by `type`; decoding takes the
+/// `attach` tag to [`Attach`] and any other to [`Request`], so a bad
+/// message is refused in the words of the type it claims to be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Opening {
+    /// The job's own user, from inside the job: start the dask processes.
+    /// After `Response::SendLogFd` the client passes the job's log file
+    /// descriptor with SCM_RIGHTS.
+    Attach(Attach),
+    #[serde(untagged)]
+    Request(Request),
+}
+
+impl<'de> Deserialize<'de> for Opening {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut v = serde_json::Value::deserialize(d)?;
+        let attach = v.get("type").and_then(serde_json::Value::as_str) == Some("attach");
+        if attach {
+            if let Some(m) = v.as_object_mut() {
+                m.remove("type");
+            }
+            Attach::deserialize(v)
+                .map(Opening::Attach)
+                .map_err(D::Error::custom)
+        } else {
+            Request::deserialize(v)
+                .map(Opening::Request)
+                .map_err(D::Error::custom)
+        }
+    }
+}
+
+impl From<Request> for Opening {
+    fn from(r: Request) -> Opening {
+        Opening::Request(r)
+    }
+}
+
+/// What the attaching process sends on its attached connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(deny_unknown_fields))]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum SessionRequest {
+    /// Whenever it finds a new address in the cluster's scheduler file: it
+    /// reads the file as the user; root never does. The agent only
+    /// connects to it to tell whether the scheduler is still there.
+    SchedulerAddress { address: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -278,5 +330,44 @@ mod tests {
         assert_eq!(serde_json::from_str::<Request>(&j).unwrap(), r);
         let bad = r#"{"type":"register","job_id":1}"#;
         assert!(serde_json::from_str::<Request>(bad).is_err());
+    }
+
+    #[test]
+    fn an_opening_is_an_attach_or_a_request_on_one_flat_wire() {
+        let attach = Opening::Attach(Attach {
+            job_id: 7,
+            cwd: "/w".into(),
+            env: vec![("A".into(), "1".into())],
+            cluster_dir: "/c".into(),
+            reattach: false,
+            forkserver_fd: false,
+        });
+        let reg: Opening = Request::Register(Box::new(sample_spec())).into();
+        for o in [attach, reg, Request::Ping.into()] {
+            let j = serde_json::to_string(&o).unwrap();
+            assert!(j.starts_with("{\"type\":"), "{j}");
+            assert_eq!(serde_json::from_str::<Opening>(&j).unwrap(), o);
+        }
+        // A bad message is refused in the words of the type it claims.
+        let e = serde_json::from_str::<Opening>(r#"{"type":"job_end","job_id":1}"#).unwrap_err();
+        assert!(e.to_string().contains("missing field `reason`"), "{e}");
+        let e = serde_json::from_str::<Opening>(r#"{"type":"attach","job_id":1}"#).unwrap_err();
+        assert!(e.to_string().contains("missing field `cwd`"), "{e}");
+        // A session message is not an opening.
+        let e = serde_json::from_str::<Opening>(r#"{"type":"scheduler_address","address":"x"}"#)
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("unknown variant `scheduler_address`"),
+            "{e}"
+        );
+        let s: SessionRequest =
+            serde_json::from_str(r#"{"type":"scheduler_address","address":"tls://h:1"}"#).unwrap();
+        assert_eq!(
+            s,
+            SessionRequest::SchedulerAddress {
+                address: "tls://h:1".into()
+            }
+        );
     }
 }

@@ -5,7 +5,7 @@
 //! bytes that really arrived. A counting allocator checks it.
 #![no_main]
 use dask_spank_common::frame::{decode_frame, encode, read_frame, MAX_FRAME};
-use dask_spank_common::messages::{Hello, Request, Response};
+use dask_spank_common::messages::{Hello, Opening, Response, SessionRequest};
 use libfuzzer_sys::fuzz_target;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -41,7 +41,7 @@ fuzz_target!(|data: &[u8]| {
     LARGEST.store(0, Relaxed);
     // A stream of frames: however large the headers claim to be.
     let mut r = data;
-    while read_frame::<_, Request>(&mut r).is_ok() {}
+    while read_frame::<_, Opening>(&mut r).is_ok() {}
     let bound = MAX_FRAME.max(32 * data.len() + 4096);
     let largest = LARGEST.load(Relaxed);
     assert!(
@@ -49,11 +49,12 @@ fuzz_target!(|data: &[u8]| {
         "reading {} bytes of frames allocated {largest} bytes at once (bound {bound})",
         data.len()
     );
-    if let Ok(req) = decode_frame::<Request>(data) {
+    if let Ok(req) = decode_frame::<Opening>(data) {
         // Whatever decodes re-encodes to something that decodes the same.
         let again = encode(&req).expect("encode");
-        assert_eq!(decode_frame::<Request>(&again).expect("decode"), req);
+        assert_eq!(decode_frame::<Opening>(&again).expect("decode"), req);
     }
+    let _ = decode_frame::<SessionRequest>(data);
     let _ = decode_frame::<Response>(data);
     let _ = decode_frame::<Hello>(data);
 });

@@ -6,10 +6,11 @@
 //! * `Ping`, `Status`: anybody (`Status` shows a user their own jobs only).
 //! * `Attach`: anybody here; the job's own rule (its user, from a process of
 //!   the job) is checked against the job table (`Jobs::attach`).
-//! * `SchedulerAddress`: never as a request of its own; only on a
-//!   connection whose attach was accepted.
+//!
+//! What an attached connection sends afterwards (`SessionRequest`) is not
+//! an opening: it does not decode as one.
 
-use dask_spank_common::Request;
+use dask_spank_common::{Opening, Request};
 use std::fmt;
 
 /// The peer of a connection, from the kernel (SO_PEERCRED).
@@ -29,11 +30,14 @@ impl fmt::Display for Peer {
 pub enum Who {
     Anybody,
     Root,
-    Nobody,
 }
 
 /// The rule of a request kind, and what it is called in refusals.
-pub fn rule(req: &Request) -> (Who, &'static str) {
+pub fn rule(req: &Opening) -> (Who, &'static str) {
+    let req = match req {
+        Opening::Attach(_) => return (Who::Anybody, "attach"),
+        Opening::Request(r) => r,
+    };
     match req {
         Request::Register(_) => (Who::Root, "register jobs"),
         Request::JobEnd { .. } => (Who::Root, "end jobs"),
@@ -41,15 +45,11 @@ pub fn rule(req: &Request) -> (Who, &'static str) {
         Request::StopJobs { .. } => (Who::Root, "stop every job"),
         Request::Ping => (Who::Anybody, "ping"),
         Request::Status => (Who::Anybody, "read the status"),
-        Request::Attach(_) => (Who::Anybody, "attach"),
-        Request::SchedulerAddress { .. } => {
-            (Who::Nobody, "send a scheduler address before attaching")
-        }
     }
 }
 
 /// `Err` with the one-line refusal when `peer` may not send `req`.
-pub fn check(req: &Request, peer: &Peer) -> Result<(), String> {
+pub fn check(req: &Opening, peer: &Peer) -> Result<(), String> {
     let (who, what) = rule(req);
     match who {
         Who::Anybody => Ok(()),
@@ -57,7 +57,6 @@ pub fn check(req: &Request, peer: &Peer) -> Result<(), String> {
         Who::Root => Err(format!(
             "{peer} may not {what}: only root (slurmstepd, the admin) may"
         )),
-        Who::Nobody => Err(format!("{peer} may not {what}")),
     }
 }
 
@@ -73,7 +72,7 @@ mod tests {
             job_id: 1,
             reason: "x".into(),
         };
-        for req in [Request::Metrics, end] {
+        for req in [Request::Metrics, end].map(Opening::from) {
             assert!(check(&req, &root).is_ok());
             let e = check(&req, &user).unwrap_err();
             assert!(
@@ -81,11 +80,7 @@ mod tests {
                 "{e}"
             );
         }
-        assert!(check(&Request::Ping, &user).is_ok());
-        assert!(check(&Request::Status, &user).is_ok());
-        let addr = Request::SchedulerAddress {
-            address: "tcp://1.2.3.4:5".into(),
-        };
-        assert!(check(&addr, &root).is_err() && check(&addr, &user).is_err());
+        assert!(check(&Request::Ping.into(), &user).is_ok());
+        assert!(check(&Request::Status.into(), &user).is_ok());
     }
 }

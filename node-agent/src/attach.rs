@@ -25,7 +25,7 @@ use crate::userio;
 use crate::wire::UserConn;
 use crate::{cgroup, fdcheck, procfs, wire};
 use dask_spank_common::messages::Attach;
-use dask_spank_common::{JobSpec, JobState, Request, Response};
+use dask_spank_common::{JobSpec, JobState, Response, SessionRequest};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
@@ -311,8 +311,8 @@ async fn supervise(mut s: UserConn, agent: Arc<Agent>, acc: Accepted) -> Result<
                     tracing::debug!(job = job_id, "cannot tell the job's attach process: {e}");
                 }
             }
-            msg = frames.next::<Request>(&s, MAX_REQUEST), if open => match msg {
-                Ok(Request::SchedulerAddress { address }) if valid_address(&address) => {
+            msg = frames.next::<SessionRequest>(&s, MAX_REQUEST), if open => match msg {
+                Ok(SessionRequest::SchedulerAddress { address }) if valid_address(&address) => {
                     addr_tx.send_replace(Some(address));
                 }
                 other => {

@@ -1,4 +1,5 @@
-//! One function per request but `Attach` (see `attach`). The access rule
+//! One function per control request (an attach is `attach`'s: it is not a
+//! `Request`). The access rule
 //! was checked before (`access`); each handler returns the reply, or the
 //! one-line reason of a refusal.
 
@@ -19,9 +20,6 @@ pub fn handle(req: Request, peer: &Peer, agent: &Agent) -> Result<Response, Stri
             tracing::warn!("stopping every job: {}", crate::joblog::escape(&reason));
             agent.jobs.fail_all(&reason);
             Ok(Response::Ok)
-        }
-        Request::Attach(_) | Request::SchedulerAddress { .. } => {
-            Err(format!("{peer}: this request is not handled here"))
         }
     }
 }

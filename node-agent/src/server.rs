@@ -18,7 +18,7 @@ use crate::wire::UserConn;
 use crate::{attach, handlers, wire};
 use dask_spank_common::frame::MAX_FRAME;
 use dask_spank_common::messages::Hello;
-use dask_spank_common::{Request, Response, OLDEST_PEER_VERSION, PROTOCOL_VERSION};
+use dask_spank_common::{Opening, Response, OLDEST_PEER_VERSION, PROTOCOL_VERSION};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,7 +79,7 @@ pub async fn serve(listener: UnixListener, agent: Arc<Agent>) {
 }
 
 /// Handshake, then the first request, capped by who the peer is.
-async fn open(s: &mut UnixStream, peer: &Peer, agent: &Agent) -> Result<Request, String> {
+async fn open(s: &mut UnixStream, peer: &Peer, agent: &Agent) -> Result<Opening, String> {
     let hello: Hello = wire::read(s, peer.uid, MAX_HELLO)
         .await
         .map_err(|e| format!("bad handshake from {peer}: {e}"))?;
@@ -134,8 +134,8 @@ pub async fn handle(
         return refuse(&mut s, msg).await;
     }
     match req {
-        Request::Attach(a) => Box::pin(attach::run(s, agent, a, peer, permit)).await,
-        other => {
+        Opening::Attach(a) => Box::pin(attach::run(s, agent, a, peer, permit)).await,
+        Opening::Request(other) => {
             // The connection counts against its uid until its reply is
             // written or its deadline passed: a peer that does not read
             // holds one of its uid's few, not a reply the agent keeps for it.

@@ -14,7 +14,8 @@ use dask_node_agent::{server, wire};
 use dask_spank_common::frame::FrameError;
 use dask_spank_common::messages::{Attach, Hello, JobStatus};
 use dask_spank_common::{
-    JobSpec, JobState, Request, Response, OLDEST_PEER_VERSION, PROTOCOL_VERSION,
+    JobSpec, JobState, Opening, Request, Response, SessionRequest, OLDEST_PEER_VERSION,
+    PROTOCOL_VERSION,
 };
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -80,7 +81,7 @@ async fn connect(agent: &Arc<Agent>, peer: Peer) -> UnixStream {
     ours
 }
 
-async fn call(agent: &Arc<Agent>, peer: Peer, req: &Request) -> Response {
+async fn call(agent: &Arc<Agent>, peer: Peer, req: &impl serde::Serialize) -> Response {
     let mut s = connect(agent, peer).await;
     wire::write(&mut s, req).await.expect("request");
     wire::read::<Response>(&s, 0, 32 << 20)
@@ -159,8 +160,8 @@ async fn only_root_registers_and_ends_jobs_of_live_slurmstepds() {
     assert!(a.jobs.is_empty());
 }
 
-fn attach_req(job_id: u32) -> Request {
-    Request::Attach(Attach {
+fn attach_req(job_id: u32) -> Opening {
+    Opening::Attach(Attach {
         job_id,
         cwd: "/".into(),
         env: vec![("PATH".into(), "/usr/bin:/bin".into())],
@@ -186,10 +187,14 @@ async fn attach_refusals() {
         call(&a, Peer { uid: 1000, pid: 1 }, &attach_req(1)).await,
         "is not a process of job 1",
     );
-    let addr = Request::SchedulerAddress {
+    // A session's message is no opening: refused before any attach.
+    let addr = SessionRequest::SchedulerAddress {
         address: "tcp://127.0.0.1:1".into(),
     };
-    refused(call(&a, user(1000), &addr).await, "before attaching");
+    refused(
+        call(&a, user(1000), &addr).await,
+        "unknown variant `scheduler_address`",
+    );
     // The log must be a file: a pipe is refused.
     let mut s = connect(&a, user(1000)).await;
     wire::write(&mut s, &attach_req(1)).await.expect("attach");
@@ -321,7 +326,7 @@ async fn a_full_attach_runs_the_job_as_its_user_and_the_end_stops_it() {
         USER
     );
     // The scheduler address the job reports is taken; then the job ends.
-    let addr = Request::SchedulerAddress {
+    let addr = SessionRequest::SchedulerAddress {
         address: "tcp://127.0.0.1:9".into(),
     };
     wire::write(&mut s, &addr).await.expect("address");

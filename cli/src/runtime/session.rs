@@ -12,7 +12,7 @@
 use dask_spank_common::awire;
 use dask_spank_common::frame::MAX_REPLY;
 use dask_spank_common::messages::{Attach, Hello, ProcIdent};
-use dask_spank_common::{Request, Response, PROTOCOL_VERSION};
+use dask_spank_common::{Opening, Response, SessionRequest, PROTOCOL_VERSION};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -88,7 +88,7 @@ async fn hand_over(
             forkserver_fd: held.is_some(),
             ..attach.clone()
         };
-        awire::write(&mut c, &Request::Attach(req))
+        awire::write(&mut c, &Opening::Attach(req))
             .await
             .map_err(lost)?;
         match awire::read(&mut c, MAX_REPLY).await.map_err(lost)? {
@@ -116,7 +116,7 @@ async fn hand_over(
 
 /// Tell the agent where the job's scheduler is (a worker job).
 pub async fn report_scheduler(writer: &mut OwnedWriteHalf, address: &str) -> Result<(), String> {
-    let req = Request::SchedulerAddress {
+    let req = SessionRequest::SchedulerAddress {
         address: address.to_string(),
     };
     let send = awire::write(writer, &req);
