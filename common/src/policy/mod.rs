@@ -6,8 +6,9 @@
 
 use crate::names::{PoolName, Role};
 use crate::pool_policy::{self, Gres, PoolPolicy};
-use crate::units::{format_mem_mb, format_time_s, parse_mem_mb, parse_time_s};
 use serde::{Deserialize, Serialize};
+
+pub mod rules;
 
 /// Limits and defaults of one role.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -258,232 +259,6 @@ pub fn array_task_count(spec: &str) -> Option<u64> {
     Some(n)
 }
 
-fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Scheduler => "dask schedulers",
-        Role::Worker => "dask workers",
-    }
-}
-
-/// `--partition`: the role's partition, if the site sets one.
-fn submit_partition(
-    role: Role,
-    asked: &dyn Asked,
-    p: &RolePolicy,
-    insert: &mut Vec<String>,
-) -> Result<(), String> {
-    let key = role.as_str();
-    match (asked.get("partition"), &p.partition) {
-        (Some(v), Some(want)) if v != want => {
-            return Err(format!(
-                "--partition={v} is not allowed for {}: {key}_partition={want}",
-                role_name(role)
-            ))
-        }
-        (None, Some(want)) => insert.push(format!("--partition={want}")),
-        _ => {}
-    }
-    Ok(())
-}
-
-/// `--account`: the account the user's dask jobs are charged to, if the
-/// site sets one.
-fn submit_account(
-    asked: &dyn Asked,
-    policy: &Policy,
-    primary_group: &str,
-    insert: &mut Vec<String>,
-) -> Result<(), String> {
-    if let Some(want) = policy.expected_account(primary_group) {
-        match asked.get("account") {
-            Some(v) if v != want => {
-                return Err(format!(
-                    "--account={v} is not allowed for dask jobs: they are charged to account {want} ({})",
-                    match policy.account {
-                        AccountPolicy::PrimaryGroup => "account=primary-group".to_string(),
-                        _ => format!("account={want}"),
-                    }
-                ))
-            }
-            Some(_) => {}
-            None => insert.push(format!("--account={want}")),
-        }
-    }
-    Ok(())
-}
-
-/// `--licenses`: must include each of the role's licences.
-fn submit_licenses(
-    role: Role,
-    asked: &dyn Asked,
-    p: &RolePolicy,
-    insert: &mut Vec<String>,
-) -> Result<(), String> {
-    let key = role.as_str();
-    if !p.licenses.is_empty() {
-        match asked.get("licenses") {
-            Some(v) => {
-                let names: Vec<&str> = v
-                    .split(',')
-                    .map(|l| l.split([':', '@']).next().unwrap_or(""))
-                    .collect();
-                if let Some(missing) = p.licenses.iter().find(|l| !names.contains(&l.as_str())) {
-                    return Err(format!(
-                        "--licenses={v} must include {missing} for {}: {key}_licenses={}",
-                        role_name(role),
-                        p.licenses.join(",")
-                    ));
-                }
-            }
-            None => insert.push(format!("--licenses={}", p.licenses.join(","))),
-        }
-    }
-    Ok(())
-}
-
-/// `--ntasks` and `--nodes`: a dask-spank job is one task on one node.
-fn submit_one_task(asked: &dyn Asked, insert: &mut Vec<String>) -> Result<(), String> {
-    if let Some(n) = asked.get("ntasks") {
-        if n != "1" {
-            return Err(format!(
-                "--ntasks={n} is not allowed: a dask-spank job runs 1 task"
-            ));
-        }
-    } else {
-        insert.push("--ntasks=1".into());
-    }
-    if let Some(n) = asked.get("nodes") {
-        if n != "1" && n != "1-1" {
-            return Err(format!(
-                "--nodes={n} is not allowed: a dask-spank job runs on 1 node"
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// `--cpus-per-task`: at most the role's maximum. The job's cpus.
-fn submit_cpus(
-    role: Role,
-    asked: &dyn Asked,
-    p: &RolePolicy,
-    insert: &mut Vec<String>,
-) -> Result<u32, String> {
-    let key = role.as_str();
-    Ok(match asked.get("cpus-per-task") {
-        Some(v) => {
-            let c: u32 = v
-                .parse()
-                .ok()
-                .filter(|c| *c > 0)
-                .ok_or_else(|| format!("--cpus-per-task={v}: not a positive whole number"))?;
-            if c > p.cpus_max {
-                return Err(match role {
-                    Role::Scheduler => {
-                        format!(
-                            "--cpus-per-task={v} is not allowed: the dask scheduler runs on {} cpu",
-                            p.cpus_max
-                        )
-                    }
-                    Role::Worker => {
-                        format!("--cpus-per-task={v} exceeds {key}_cpus_max={}", p.cpus_max)
-                    }
-                });
-            }
-            c
-        }
-        None => {
-            insert.push(format!("--cpus-per-task={}", p.cpus));
-            p.cpus
-        }
-    })
-}
-
-/// `--mem` (or `--mem-per-cpu` times the job's `cpus`): at most the role's
-/// maximum, never the whole node; no `--mem-per-gpu`.
-fn submit_mem(
-    role: Role,
-    asked: &dyn Asked,
-    p: &RolePolicy,
-    cpus: u32,
-    insert: &mut Vec<String>,
-) -> Result<(), String> {
-    let key = role.as_str();
-    let mem_max = format_mem_mb(p.mem_max_mb);
-    if let Some(v) = asked.get("mem") {
-        let m = parse_mem_mb(v).ok_or_else(|| format!("--mem={v}: not a memory size (e.g. 3G)"))?;
-        if m == 0 {
-            return Err(format!(
-                "--mem={v} (all of the node's memory) exceeds {key}_mem_max={mem_max}"
-            ));
-        }
-        if m > p.mem_max_mb {
-            return Err(format!("--mem={v} exceeds {key}_mem_max={mem_max}"));
-        }
-    } else if let Some(v) = asked.get("mem-per-cpu") {
-        let m = parse_mem_mb(v)
-            .ok_or_else(|| format!("--mem-per-cpu={v}: not a memory size (e.g. 3G)"))?;
-        if m == 0 || m.saturating_mul(cpus as u64) > p.mem_max_mb {
-            return Err(format!(
-                "--mem-per-cpu={v} with {cpus} cpus exceeds {key}_mem_max={mem_max}"
-            ));
-        }
-    } else if asked.has("mem-per-gpu") {
-        return Err("--mem-per-gpu is not allowed for dask-spank jobs: use --mem".into());
-    } else {
-        insert.push(format!("--mem={}", format_mem_mb(p.mem_mb)));
-    }
-    Ok(())
-}
-
-/// `--time`: at most the role's maximum, never UNLIMITED.
-fn submit_time(
-    role: Role,
-    asked: &dyn Asked,
-    p: &RolePolicy,
-    insert: &mut Vec<String>,
-) -> Result<(), String> {
-    let key = role.as_str();
-    let time_max = format_time_s(p.time_max_s);
-    if let Some(v) = asked.get("time") {
-        match parse_time_s(v) {
-            None => return Err(format!("--time={v}: not a Slurm time (e.g. 2:00:00)")),
-            Some(None) => return Err(format!("--time={v} exceeds {key}_time_max={time_max}")),
-            Some(Some(t)) if t > p.time_max_s => {
-                return Err(format!("--time={v} exceeds {key}_time_max={time_max}"))
-            }
-            Some(Some(_)) => {}
-        }
-    } else {
-        insert.push(format!("--time={}", format_time_s(p.time_s)));
-    }
-    Ok(())
-}
-
-/// `--array`: workers only, at most `max_worker_jobs` tasks.
-fn submit_array(role: Role, asked: &dyn Asked, policy: &Policy) -> Result<(), String> {
-    if let Some(a) = asked.get("array") {
-        match role {
-            Role::Scheduler => {
-                return Err(format!(
-                    "--array={a} is not allowed for the scheduler: a dask cluster has one scheduler job"
-                ))
-            }
-            Role::Worker => {
-                let n = array_task_count(a)
-                    .ok_or_else(|| format!("--array={a}: not an array specification (e.g. 1-100)"))?;
-                if n > policy.max_worker_jobs as u64 {
-                    return Err(format!(
-                        "--array={a} asks for {n} worker jobs, more than max_worker_jobs={}",
-                        policy.max_worker_jobs
-                    ));
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Check a submission (of `pool`'s workers; None: the default pool)
 /// against the policy and return the sbatch arguments that fill in what
 /// the user left out. Errors are one line that names the option, the
@@ -496,26 +271,17 @@ pub fn check_submit(
     primary_group: &str,
 ) -> Result<Vec<String>, String> {
     pool_policy::check_submit(role, pool, asked, policy)?;
-    check_role_submit(role, asked, &policy.for_pool(role, pool), primary_group)
-}
-
-/// The role's rules (the pool's maxima already in `policy`).
-fn check_role_submit(
-    role: Role,
-    asked: &dyn Asked,
-    policy: &Policy,
-    primary_group: &str,
-) -> Result<Vec<String>, String> {
-    let p = policy.role(role);
+    let policy = policy.for_pool(role, pool);
+    let s = rules::Submit {
+        role,
+        asked,
+        policy: &policy,
+        primary_group,
+    };
     let mut insert = Vec::new();
-    submit_partition(role, asked, p, &mut insert)?;
-    submit_account(asked, policy, primary_group, &mut insert)?;
-    submit_licenses(role, asked, p, &mut insert)?;
-    submit_one_task(asked, &mut insert)?;
-    let cpus = submit_cpus(role, asked, p, &mut insert)?;
-    submit_mem(role, asked, p, cpus, &mut insert)?;
-    submit_time(role, asked, p, &mut insert)?;
-    submit_array(role, asked, policy)?;
+    for rule in rules::RULES {
+        (rule.submit)(&s, &mut insert)?;
+    }
     Ok(insert)
 }
 
@@ -536,110 +302,9 @@ pub struct JobFacts {
     pub gres: Vec<Gres>,
 }
 
-/// Where the job runs and who pays: the role's partition, the user's
-/// account and the role's licences.
-fn check_job_placement(
-    role: Role,
-    facts: &JobFacts,
-    policy: &Policy,
-    primary_group: &str,
-) -> Result<(), String> {
-    let p = policy.role(role);
-    let key = role.as_str();
-    if let Some(want) = &p.partition {
-        if &facts.partition != want {
-            return Err(format!(
-                "partition {} is not allowed for {}: {key}_partition={want}",
-                facts.partition,
-                role_name(role)
-            ));
-        }
-    }
-    if let Some(want) = policy.expected_account(primary_group) {
-        if facts.account != want {
-            return Err(format!(
-                "account {} is not allowed: dask jobs of this user are charged to account {want}",
-                if facts.account.is_empty() {
-                    "(none)"
-                } else {
-                    &facts.account
-                }
-            ));
-        }
-    }
-    for l in &p.licenses {
-        if !facts.licenses.iter().any(|have| have == l) {
-            return Err(format!(
-                "licence {l} is missing: {key}_licenses={}",
-                p.licenses.join(",")
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// The job's shape: one task on one node, at most the role's cpus.
-fn check_job_shape(role: Role, facts: &JobFacts, p: &RolePolicy) -> Result<(), String> {
-    let key = role.as_str();
-    if facts.num_tasks != 1 {
-        return Err(format!(
-            "{} tasks: a dask-spank job runs 1 task",
-            facts.num_tasks
-        ));
-    }
-    if facts.num_nodes != 1 {
-        return Err(format!(
-            "{} nodes: a dask-spank job runs on 1 node",
-            facts.num_nodes
-        ));
-    }
-    if facts.cpus > p.cpus_max {
-        return Err(match role {
-            Role::Scheduler => format!(
-                "{} cpus: the dask scheduler runs on {} cpu",
-                facts.cpus, p.cpus_max
-            ),
-            Role::Worker => format!("{} cpus exceed {key}_cpus_max={}", facts.cpus, p.cpus_max),
-        });
-    }
-    Ok(())
-}
-
-/// The job's memory and time limits: set, and at most the role's maximums.
-fn check_job_limits(role: Role, facts: &JobFacts, p: &RolePolicy) -> Result<(), String> {
-    let key = role.as_str();
-    let mem_max = format_mem_mb(p.mem_max_mb);
-    if facts.mem_mb == 0 {
-        return Err(format!(
-            "no memory limit (all of the node's memory) exceeds {key}_mem_max={mem_max}"
-        ));
-    }
-    if facts.mem_mb > p.mem_max_mb {
-        return Err(format!(
-            "memory {} exceeds {key}_mem_max={mem_max}",
-            format_mem_mb(facts.mem_mb)
-        ));
-    }
-    let time_max = format_time_s(p.time_max_s);
-    match facts.time_limit_s {
-        None => {
-            return Err(format!(
-                "time limit UNLIMITED exceeds {key}_time_max={time_max}"
-            ))
-        }
-        Some(t) if t > p.time_max_s => {
-            return Err(format!(
-                "time limit {} exceeds {key}_time_max={time_max}",
-                format_time_s(t)
-            ))
-        }
-        _ => {}
-    }
-    Ok(())
-}
-
 /// The authoritative check, on the node, of a job of `pool` (None: the
-/// default pool). `Err` is the reason, one line.
+/// default pool), by the same rules as `check_submit`. `Err` is the
+/// reason, one line.
 pub fn check_job(
     role: Role,
     pool: Option<&PoolName>,
@@ -655,20 +320,14 @@ pub fn check_job(
         facts.time_limit_s,
         policy,
     )?;
-    check_role_job(role, facts, &policy.for_pool(role, pool), primary_group)
-}
-
-/// The role's rules, on the node (the pool's maxima already in `policy`).
-fn check_role_job(
-    role: Role,
-    facts: &JobFacts,
-    policy: &Policy,
-    primary_group: &str,
-) -> Result<(), String> {
-    let p = policy.role(role);
-    check_job_placement(role, facts, policy, primary_group)?;
-    check_job_shape(role, facts, p)?;
-    check_job_limits(role, facts, p)
+    let policy = policy.for_pool(role, pool);
+    let n = rules::OnNode {
+        role,
+        facts,
+        policy: &policy,
+        primary_group,
+    };
+    rules::RULES.iter().try_for_each(|rule| (rule.on_node)(&n))
 }
 
 /// When a worker retires, given its job's walltime (or what is left of
