@@ -27,7 +27,7 @@ use crate::{cgroup, fdcheck, procfs, wire};
 use dask_spank_common::messages::Attach;
 use dask_spank_common::{JobSpec, JobState, Response, SessionRequest};
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use tokio::net::UnixStream;
@@ -47,7 +47,7 @@ struct Captured {
 /// `pidfd` names: if it is still alive after the reads, they were its own
 /// (its pid cannot have been reused meanwhile).
 fn capture(pidfd: &std::os::fd::OwnedFd, peer: &Peer) -> Result<Captured, String> {
-    let cgroups = cgroup::job_cgroups(Path::new("/proc"), peer.pid)?;
+    let cgroups = cgroup::job_cgroups(peer.pid)?;
     let rlimits = rlimits::of_process(peer.pid)
         .map_err(|e| format!("cannot read the resource limits of pid {}: {e}", peer.pid))?;
     procfs::pidfd_signal(pidfd, 0)

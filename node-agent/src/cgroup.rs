@@ -8,7 +8,7 @@
 //! elsewhere than the agent. A process is started in all of them or not at
 //! all (`spawn`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// One line of `/proc/<pid>/cgroup`: hierarchy id, controllers (empty for
 /// v2), path.
@@ -100,13 +100,13 @@ pub fn join_targets(
 
 /// The `cgroup.procs` files of process `pid`'s cgroups that differ from
 /// the agent's own (empty where the job has no cgroup of its own).
-pub fn job_cgroups(proc_root: &Path, pid: i32) -> Result<Vec<PathBuf>, String> {
+pub fn job_cgroups(pid: i32) -> Result<Vec<PathBuf>, String> {
     let read = |p: PathBuf| {
         std::fs::read_to_string(&p).map_err(|e| format!("cannot read {}: {e}", p.display()))
     };
-    let job = memberships(&read(proc_root.join(pid.to_string()).join("cgroup"))?);
-    let agent = memberships(&read(proc_root.join("self/cgroup"))?);
-    let mountinfo = read(proc_root.join("self/mountinfo"))?;
+    let job = memberships(&read(PathBuf::from(format!("/proc/{pid}/cgroup")))?);
+    let agent = memberships(&read(PathBuf::from("/proc/self/cgroup"))?);
+    let mountinfo = read(PathBuf::from("/proc/self/mountinfo"))?;
     let targets = join_targets(&job, &agent, &mountinfo)?;
     for t in &targets {
         if !t.exists() {
@@ -196,8 +196,6 @@ mod tests {
 
     #[test]
     fn this_process_has_no_cgroup_of_its_own() {
-        assert!(job_cgroups(Path::new("/proc"), std::process::id() as i32)
-            .unwrap()
-            .is_empty());
+        assert!(job_cgroups(std::process::id() as i32).unwrap().is_empty());
     }
 }

@@ -103,9 +103,8 @@ impl Child {
         let pidfd = procfs::pidfd_open(id.pid).map_err(|_| gone())?;
         // The pidfd names whatever has the pid now: check it is ours, then
         // that it still lives (so the check was about it).
-        let proc_root = std::path::Path::new("/proc");
-        let st = procfs::stat(proc_root, id.pid).map_err(|_| gone())?;
-        let owner = procfs::owner(proc_root, id.pid).map_err(|_| gone())?;
+        let st = procfs::stat(id.pid).map_err(|_| gone())?;
+        let owner = procfs::owner(id.pid).map_err(|_| gone())?;
         if st.start != id.start || st.state == 'Z' || owner != uid {
             return Err(gone());
         }
@@ -153,8 +152,8 @@ impl Child {
             let mut ready = self.pidfd.readable().await?;
             if let Origin::Adopted { start, .. } = self.origin {
                 // Readiness alone is not proof: check the process itself.
-                let alive = procfs::stat(std::path::Path::new("/proc"), self.pid)
-                    .is_ok_and(|s| s.start == start && s.state != 'Z');
+                let alive =
+                    procfs::stat(self.pid).is_ok_and(|s| s.start == start && s.state != 'Z');
                 if !alive {
                     self.gone = true;
                     return Err(status_lost());

@@ -120,7 +120,7 @@ pub async fn run(o: Options) -> Result<(), String> {
     let listener = listen(&o)?;
     let state_dir = o.agent_dir.join(format!("state-{}", o.node));
     let state = statefile::StateDir::open(&state_dir)?;
-    let jobs = Jobs::new(PathBuf::from("/proc"), Some(state));
+    let jobs = Jobs::new(Some(state));
     if let Ok(st) = statefile::StateDir::open(&state_dir) {
         let kept = recovery::recover(&st, &jobs);
         if kept > 0 {

@@ -27,7 +27,6 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
 use std::process::ExitStatus;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -303,13 +302,12 @@ impl ForkServer {
     /// process of the server's session that leads its own group and belongs
     /// to the job's user.
     fn worker_id(&self, pid: i32) -> Option<ProcId> {
-        let proc_root = Path::new("/proc");
-        let st = procfs::stat(proc_root, pid).ok()?;
+        let st = procfs::stat(pid).ok()?;
         let ok = pid > 1
             && st.state != 'Z'
             && st.session == self.pid()
             && st.pgrp == pid
-            && procfs::owner(proc_root, pid).ok()? == self.uid;
+            && procfs::owner(pid).ok()? == self.uid;
         ok.then_some(ProcId {
             pid,
             start: st.start,

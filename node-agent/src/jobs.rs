@@ -12,7 +12,6 @@ use crate::statefile::{Record, Running, StateDir};
 use dask_spank_common::messages::JobStatus;
 use dask_spank_common::{JobSpec, JobState};
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -58,7 +57,6 @@ pub enum AttachError {
 }
 
 struct Shared {
-    proc_root: PathBuf,
     state: Option<StateDir>,
     table: Mutex<HashMap<u32, Entry>>,
     /// Status of ended jobs, kept a while so that `status` can still say
@@ -174,10 +172,9 @@ impl Shared {
 }
 
 impl Jobs {
-    pub fn new(proc_root: PathBuf, state: Option<StateDir>) -> Jobs {
+    pub fn new(state: Option<StateDir>) -> Jobs {
         Jobs {
             shared: Arc::new(Shared {
-                proc_root,
                 state,
                 table: Mutex::new(HashMap::new()),
                 ended: Mutex::new(VecDeque::new()),
@@ -234,8 +231,7 @@ impl Jobs {
             });
         }
         let stepd = e.record.stepd;
-        let in_job = procfs::is_descendant(&self.shared.proc_root, peer_pid, stepd.pid)
-            && procfs::exists(stepd);
+        let in_job = procfs::is_descendant(peer_pid, stepd.pid) && procfs::exists(stepd);
         if !in_job {
             return Err(AttachError::NotInJob {
                 job: job_id,
@@ -370,7 +366,7 @@ mod tests {
 
     #[test]
     fn attach_rules() {
-        let jobs = Jobs::new("/proc".into(), None);
+        let jobs = Jobs::new(None);
         let pid = std::process::id() as i32;
         jobs.register(spec(5, 1000), me());
         assert_eq!(
@@ -406,7 +402,7 @@ mod tests {
 
     #[test]
     fn stale_handles_cannot_touch_a_new_registration() {
-        let jobs = Jobs::new("/proc".into(), None);
+        let jobs = Jobs::new(None);
         let pid = std::process::id() as i32;
         jobs.register(spec(5, 1000), me());
         let (_, old, mut stop, _) = jobs.attach(5, 1000, pid).expect("attach"); // ok: test
@@ -426,7 +422,7 @@ mod tests {
 
     #[test]
     fn ended_jobs_keep_their_failure() {
-        let jobs = Jobs::new("/proc".into(), None);
+        let jobs = Jobs::new(None);
         jobs.register(spec(5, 1000), me());
         let (_, h, _, _) = jobs
             .attach(5, 1000, std::process::id() as i32)

@@ -322,7 +322,7 @@ mod tests {
     async fn server(max_open: usize) -> std::net::SocketAddr {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let jobs = crate::jobs::Jobs::new("/proc".into(), None);
+        let jobs = crate::jobs::Jobs::new(None);
         tokio::spawn(serve_bounded(
             l,
             Arc::new(Metrics::default()),

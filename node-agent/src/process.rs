@@ -138,8 +138,7 @@ impl Proc<'_> {
 pub async fn gone_for(id: ProcId, grace: Duration) {
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let zombie = procfs::stat(std::path::Path::new("/proc"), id.pid)
-            .is_ok_and(|s| s.start == id.start && s.state == 'Z');
+        let zombie = procfs::stat(id.pid).is_ok_and(|s| s.start == id.start && s.state == 'Z');
         if zombie || !procfs::exists(id) {
             tokio::time::sleep(grace).await;
             return;
@@ -171,21 +170,13 @@ mod tests {
         assert_eq!(st.code(), Some(3));
         let pid = c.pid();
         // Not reaped: still a zombie with its pid.
-        assert_eq!(
-            procfs::stat(std::path::Path::new("/proc"), pid)
-                .unwrap()
-                .state,
-            'Z'
-        );
+        assert_eq!(procfs::stat(pid).unwrap().state, 'Z');
         assert_eq!(procfs::group_members(pid, pid, Duration::ZERO), 1);
         let log = JobLog::discard();
         Proc::Exec(c).clean_up(&log).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(procfs::group_members(pid, pid, Duration::ZERO), 0);
-        assert!(
-            procfs::stat(std::path::Path::new("/proc"), pid).is_err(),
-            "reaped"
-        );
+        assert!(procfs::stat(pid).is_err(), "reaped");
     }
 
     #[tokio::test]

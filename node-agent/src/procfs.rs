@@ -33,7 +33,6 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::Path;
 
 pub use dask_spank_common::procstat::ProcStat;
 
@@ -46,11 +45,11 @@ pub use dask_spank_common::messages::ProcIdent as ProcId;
 pub use dask_spank_common::procstat::parse as parse_stat;
 
 /// `/proc/<pid>/stat` of a live process (zombies included).
-pub fn stat(proc_root: &Path, pid: i32) -> io::Result<ProcStat> {
+pub fn stat(pid: i32) -> io::Result<ProcStat> {
     if pid <= 0 {
         return Err(io::ErrorKind::NotFound.into());
     }
-    let bytes = std::fs::read(proc_root.join(pid.to_string()).join("stat"))?;
+    let bytes = std::fs::read(format!("/proc/{pid}/stat"))?;
     parse_stat(&bytes).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidData,
@@ -61,11 +60,11 @@ pub fn stat(proc_root: &Path, pid: i32) -> io::Result<ProcStat> {
 
 /// The real uid of a process, from `/proc/<pid>/status` (see the module
 /// doc for why not the owner of `/proc/<pid>`).
-pub fn owner(proc_root: &Path, pid: i32) -> io::Result<u32> {
+pub fn owner(pid: i32) -> io::Result<u32> {
     if pid <= 0 {
         return Err(io::ErrorKind::NotFound.into());
     }
-    let bytes = std::fs::read(proc_root.join(pid.to_string()).join("status"))?;
+    let bytes = std::fs::read(format!("/proc/{pid}/status"))?;
     parse_real_uid(&bytes).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidData,
@@ -93,7 +92,7 @@ pub fn parse_real_uid(status: &[u8]) -> Option<u32> {
 
 /// The identity of a live process.
 pub fn proc_id(pid: i32) -> io::Result<ProcId> {
-    let st = stat(Path::new("/proc"), pid)?;
+    let st = stat(pid)?;
     Ok(ProcId {
         pid,
         start: st.start,
@@ -103,7 +102,7 @@ pub fn proc_id(pid: i32) -> io::Result<ProcId> {
 /// Whether `id` still names a process that has not been reaped (a zombie
 /// counts: its pid cannot be reused yet).
 pub fn exists(id: ProcId) -> bool {
-    stat(Path::new("/proc"), id.pid).is_ok_and(|s| s.start == id.start)
+    stat(id.pid).is_ok_and(|s| s.start == id.start)
 }
 
 /// Every pid in `/proc`.
@@ -156,8 +155,7 @@ pub fn signal_if(pid: i32, sig: i32, check: impl Fn(&ProcStat, u32) -> bool) -> 
         Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(false),
         Err(e) => return Err(e),
     };
-    let proc_root = Path::new("/proc");
-    let (Ok(st), Ok(uid)) = (stat(proc_root, pid), owner(proc_root, pid)) else {
+    let (Ok(st), Ok(uid)) = (stat(pid), owner(pid)) else {
         return Ok(false);
     };
     if !check(&st, uid) {
@@ -175,11 +173,10 @@ pub fn signal_if(pid: i32, sig: i32, check: impl Fn(&ProcStat, u32) -> bool) -> 
 /// Signal every process of group `pgrp` that `check` accepts, each through
 /// [`signal_if`]. How many were signalled.
 pub fn signal_group_if(pgrp: i32, sig: i32, check: impl Fn(&ProcStat, u32) -> bool) -> usize {
-    let proc_root = Path::new("/proc");
     pids()
         .into_iter()
         // A cheap look first; signal_if looks again through a pidfd.
-        .filter(|&pid| stat(proc_root, pid).is_ok_and(|st| st.pgrp == pgrp))
+        .filter(|&pid| stat(pid).is_ok_and(|st| st.pgrp == pgrp))
         .filter(|&pid| {
             signal_if(pid, sig, |st, uid| {
                 st.pgrp == pgrp && st.state != 'Z' && check(st, uid)
@@ -218,10 +215,9 @@ type Groups = std::collections::HashMap<i32, Vec<i32>>;
 static GROUPS: std::sync::Mutex<Option<(std::time::Instant, Groups)>> = std::sync::Mutex::new(None);
 
 fn live_groups() -> Groups {
-    let proc_root = Path::new("/proc");
     let mut groups = Groups::new();
     for pid in pids() {
-        if let Ok(s) = stat(proc_root, pid) {
+        if let Ok(s) = stat(pid) {
             if s.state != 'Z' {
                 groups.entry(s.pgrp).or_default().push(pid);
             }
@@ -231,7 +227,7 @@ fn live_groups() -> Groups {
 }
 
 /// Whether `pid` is `ancestor` or one of its descendants.
-pub fn is_descendant(proc_root: &Path, pid: i32, ancestor: i32) -> bool {
+pub fn is_descendant(pid: i32, ancestor: i32) -> bool {
     let mut cur = pid;
     for _ in 0..128 {
         if cur == ancestor {
@@ -240,7 +236,7 @@ pub fn is_descendant(proc_root: &Path, pid: i32, ancestor: i32) -> bool {
         if cur <= 1 {
             return false;
         }
-        match stat(proc_root, cur) {
+        match stat(cur) {
             Ok(s) => cur = s.ppid,
             Err(_) => return false,
         }
@@ -292,16 +288,12 @@ mod tests {
             pid: me,
             start: id.start + 1
         }));
-        assert_eq!(
-            owner(Path::new("/proc"), me).unwrap(),
-            nix::unistd::getuid().as_raw()
-        );
+        assert_eq!(owner(me).unwrap(), nix::unistd::getuid().as_raw());
         let parent = nix::unistd::getppid().as_raw();
-        let proc_root = Path::new("/proc");
-        assert!(is_descendant(proc_root, me, me));
-        assert!(is_descendant(proc_root, me, parent));
-        assert!(!is_descendant(proc_root, parent, me));
-        assert!(!is_descendant(proc_root, 1, me));
+        assert!(is_descendant(me, me));
+        assert!(is_descendant(me, parent));
+        assert!(!is_descendant(parent, me));
+        assert!(!is_descendant(1, me));
     }
 
     #[test]
@@ -399,7 +391,7 @@ mod tests {
         let pid = child.pid();
         let comm = std::fs::read(format!("/proc/{pid}/comm")).unwrap();
         assert_eq!(comm, b"\xff\xfe\n");
-        let st = stat(Path::new("/proc"), pid).unwrap();
+        let st = stat(pid).unwrap();
         assert_eq!((st.pgrp, st.ppid), (pid, std::process::id() as i32));
         assert!(exists(proc_id(pid).unwrap()));
         assert_eq!(group_members(pid, 0, std::time::Duration::ZERO), 1);
@@ -414,14 +406,13 @@ mod tests {
             return;
         }
         let nobody = 65534;
-        let proc_root = Path::new("/proc");
         let owned = |_: &ProcStat, uid: u32| uid == nobody;
         // As the job's user, non-dumpable: its /proc files are root's.
         let child = OddChild::start(Some((nobody, nobody)));
         let pid = child.pid();
         let status = std::fs::metadata(format!("/proc/{pid}/status")).unwrap();
         assert_eq!(std::os::unix::fs::MetadataExt::uid(&status), 0);
-        assert_eq!(owner(proc_root, pid).unwrap(), nobody);
+        assert_eq!(owner(pid).unwrap(), nobody);
         assert!(signal_if(pid, 0, owned).unwrap());
         assert_eq!(signal_group_if(pid, libc::SIGKILL, owned), 1);
         assert!(child.was_killed());
@@ -431,7 +422,7 @@ mod tests {
         let pid = child.pid();
         let dir = std::fs::metadata(format!("/proc/{pid}")).unwrap();
         assert_eq!(std::os::unix::fs::MetadataExt::uid(&dir), 0);
-        assert_eq!(owner(proc_root, pid).unwrap(), nobody);
+        assert_eq!(owner(pid).unwrap(), nobody);
         assert_eq!(signal_group_if(pid, libc::SIGKILL, owned), 1);
         assert!(child.was_killed());
     }

@@ -12,7 +12,6 @@
 use crate::jobs::Jobs;
 use crate::procfs::{self, ProcId};
 use crate::statefile::{Record, StateDir};
-use std::path::Path;
 
 /// Whether the process `id` is alive and a slurmstepd.
 fn is_slurmstepd(id: ProcId) -> bool {
@@ -31,7 +30,7 @@ fn kill_leftovers(r: &Record) -> usize {
         .iter()
         .filter(|l| {
             // The leader's pid now names someone else: the group is gone.
-            procfs::stat(Path::new("/proc"), l.pid).map_or(true, |s| s.start == l.start)
+            procfs::stat(l.pid).map_or(true, |s| s.start == l.start)
         })
         .map(|l| {
             procfs::signal_group_if(l.pid, libc::SIGKILL, |st, owner| {

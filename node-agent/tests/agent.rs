@@ -37,7 +37,7 @@ fn agent(stub: bool) -> Arc<Agent> {
         .expect("spawner"),
         deadline: Duration::from_secs(10),
     };
-    Agent::new(Jobs::new("/proc".into(), None), settings, starter)
+    Agent::new(Jobs::new(None), settings, starter)
 }
 
 fn me() -> i32 {
@@ -319,12 +319,9 @@ async fn a_full_attach_runs_the_job_as_its_user_and_the_end_stops_it() {
         Response::Attached
     );
     let pid = wait_running(&a, 1).await;
-    let st = dask_node_agent::procfs::stat(std::path::Path::new("/proc"), pid).expect("stub");
+    let st = dask_node_agent::procfs::stat(pid).expect("stub");
     assert_eq!(st.pgrp, pid, "its own process group");
-    assert_eq!(
-        dask_node_agent::procfs::owner(std::path::Path::new("/proc"), pid).expect("owner"),
-        USER
-    );
+    assert_eq!(dask_node_agent::procfs::owner(pid).expect("owner"), USER);
     // The scheduler address the job reports is taken; then the job ends.
     let addr = SessionRequest::SchedulerAddress {
         address: "tcp://127.0.0.1:9".into(),

@@ -91,7 +91,7 @@ async fn a_start_runs_as_the_user_in_its_own_session() {
         .expect("SigIgn");
     assert_eq!(ignored & (1 << (libc::SIGPIPE - 1)), 0, "{status}");
     assert!(status.contains("SigBlk:\t0000000000000000"), "{status}");
-    let st = dask_node_agent::procfs::stat(Path::new("/proc"), pid).expect("stat");
+    let st = dask_node_agent::procfs::stat(pid).expect("stat");
     assert_eq!((st.session, st.pgrp), (pid, pid));
     assert_eq!(st.ppid, std::process::id() as i32, "the agent's own child");
     assert_eq!(
