@@ -2,12 +2,15 @@
 //! optional metrics listener, systemd notification, and an orderly
 //! shutdown that waits for every supervisor.
 
-use crate::agent::Agent;
-use crate::dask_cmd::DaskSettings;
-use crate::jobs::Jobs;
-use crate::spawn::Starter;
-use crate::spawner::Spawner;
-use crate::{metrics, privileges, recovery, rootdir, server, statefile};
+use crate::spawning::dask_cmd::DaskSettings;
+use crate::spawning::spawn::Starter;
+use crate::spawning::spawner::Spawner;
+use crate::supervision::agent::Agent;
+use crate::supervision::jobs::Jobs;
+use crate::{
+    socket::server, supervision::metrics, supervision::recovery, system::privileges,
+    system::rootdir, system::statefile,
+};
 use dask_spank_common::client::Client;
 use dask_spank_common::paths::agent_socket;
 use std::os::unix::fs::PermissionsExt;

@@ -2,7 +2,7 @@
 //! library for the daemon itself).
 
 use clap::{Parser, Subcommand};
-use dask_node_agent::{daemon, dask_cmd, siteops, spawner};
+use dask_node_agent::{daemon, siteops, spawning::dask_cmd, spawning::spawner};
 use dask_spank_common::client::{Client, ClientError};
 use dask_spank_common::messages::JobStatus;
 use dask_spank_common::paths::{agent_socket, DEFAULT_AGENT_DIR};

@@ -5,12 +5,12 @@
 //! full attach runs the benchmark mode's stub (`/bin/sleep`) instead of
 //! dask, as the job's user (this needs root, as the agent does).
 
-use dask_node_agent::access::Peer;
-use dask_node_agent::agent::Agent;
-use dask_node_agent::connlimit::ConnLimits;
-use dask_node_agent::dask_cmd::DaskSettings;
-use dask_node_agent::jobs::Jobs;
-use dask_node_agent::{server, wire};
+use dask_node_agent::socket::access::Peer;
+use dask_node_agent::socket::connlimit::ConnLimits;
+use dask_node_agent::spawning::dask_cmd::DaskSettings;
+use dask_node_agent::supervision::agent::Agent;
+use dask_node_agent::supervision::jobs::Jobs;
+use dask_node_agent::{socket::server, system::wire};
 use dask_spank_common::frame::FrameError;
 use dask_spank_common::messages::{Attach, Hello, JobStatus};
 use dask_spank_common::{
@@ -30,8 +30,8 @@ fn agent(stub: bool) -> Arc<Agent> {
         host: None,
         stub: stub.then(|| vec!["/bin/sleep".into(), "1000".into()]),
     };
-    let starter = dask_node_agent::spawn::Starter {
-        spawner: dask_node_agent::spawner::Spawner::start(std::path::Path::new(env!(
+    let starter = dask_node_agent::spawning::spawn::Starter {
+        spawner: dask_node_agent::spawning::spawner::Spawner::start(std::path::Path::new(env!(
             "CARGO_BIN_EXE_dask-node-agent"
         )))
         .expect("spawner"),
@@ -271,7 +271,8 @@ async fn handshakes_and_requests_are_bounded() {
         .try_acquire(1000)
         .expect("permit");
     let handler = tokio::spawn(server::handle(theirs, user(1000), permit, a.clone()));
-    tokio::time::advance(dask_node_agent::conn::OPEN_TIMEOUT + Duration::from_secs(1)).await;
+    tokio::time::advance(dask_node_agent::socket::conn::OPEN_TIMEOUT + Duration::from_secs(1))
+        .await;
     let res = handler.await.expect("handler");
     assert!(res.unwrap_err().contains("no request"));
     assert!(matches!(
@@ -319,9 +320,12 @@ async fn a_full_attach_runs_the_job_as_its_user_and_the_end_stops_it() {
         Response::Attached
     );
     let pid = wait_running(&a, 1).await;
-    let st = dask_node_agent::procfs::stat(pid).expect("stub");
+    let st = dask_node_agent::system::procfs::stat(pid).expect("stub");
     assert_eq!(st.pgrp, pid, "its own process group");
-    assert_eq!(dask_node_agent::procfs::owner(pid).expect("owner"), USER);
+    assert_eq!(
+        dask_node_agent::system::procfs::owner(pid).expect("owner"),
+        USER
+    );
     // The scheduler address the job reports is taken; then the job ends.
     let addr = SessionRequest::SchedulerAddress {
         address: "tcp://127.0.0.1:9".into(),

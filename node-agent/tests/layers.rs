@@ -1,7 +1,8 @@
 //! The shape of the two supervisors, checked: the agent's modules and the
 //! job-side runtime's (`cli/src/runtime`) use each other without a circle
-//! (each module only uses modules of lower layers), and no function of
-//! any crate is longer than a screen. Run `cargo test -p dask-node-agent
+//! (each module only uses modules of lower layers), the agent's folders
+//! are its layers (a module uses only its own folder and those below),
+//! and no function of any crate is longer than a screen. Run `cargo test -p dask-node-agent
 //! --test layers -- --nocapture` to see the layers.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -10,8 +11,38 @@ use std::path::Path;
 /// Longest function body allowed, in lines.
 const MAX_FN_LINES: usize = 80;
 
-fn sources() -> BTreeMap<String, String> {
-    tree(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"))
+/// The agent's folders, from the lowest layer up; `top` stands for the
+/// modules at the crate's root (`daemon`, `siteops`).
+const FOLDERS: [&str; 5] = ["system", "spawning", "supervision", "socket", "top"];
+
+/// The agent's modules: name -> (folder, text).
+fn agent_modules() -> BTreeMap<String, (String, String)> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(&src).expect("src").flatten() {
+        let p = e.path();
+        let name = p.file_stem().expect("stem").to_string_lossy().into_owned();
+        if p.is_dir() {
+            assert!(
+                FOLDERS.contains(&name.as_str()),
+                "folder {name} is not in the layers' order (FOLDERS)"
+            );
+            for (m, text) in tree(&p) {
+                if m != name {
+                    out.insert(m, (name.clone(), text));
+                }
+            }
+        } else if p.extension().is_some_and(|x| x == "rs") && name != "lib" && name != "main" {
+            out.insert(
+                name,
+                (
+                    "top".to_string(),
+                    std::fs::read_to_string(&p).expect("read"),
+                ),
+            );
+        }
+    }
+    out
 }
 
 /// The job-side runtime's modules (`mod.rs` named after its directory).
@@ -70,25 +101,58 @@ fn code(text: &str) -> &str {
     text.split("#[cfg(test)]").next().unwrap_or(text)
 }
 
-/// The agent's modules that `text` uses (`crate::x`, `use crate::{x, y}`).
+/// The paths a `use` tree or a path starting at `s` names, groups
+/// expanded: `crate::{a::b, c::{d, e}}` gives `crate::a::b`, `crate::c::d`
+/// and `crate::c::e`.
+fn paths(s: &str) -> Vec<String> {
+    let head: String = s
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
+        .collect();
+    let rest = &s[head.len()..];
+    if !head.ends_with("::") || !rest.starts_with('{') {
+        return vec![head.trim_end_matches(':').to_string()];
+    }
+    let (mut depth, mut start, mut items) = (0, 1, vec![]);
+    for (i, c) in rest.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 1 => {
+                items.push(&rest[start..i]);
+                break;
+            }
+            '}' => depth -= 1,
+            ',' if depth == 1 => {
+                items.push(&rest[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    items
+        .iter()
+        .filter(|it| !it.trim().is_empty())
+        .flat_map(|it| paths(it.trim()))
+        .map(|p| format!("{head}{p}"))
+        .collect()
+}
+
+/// The agent's modules that `text` uses: `crate::FOLDER::MODULE` or, for
+/// the root's own, `crate::MODULE`, in paths and `use` groups.
 fn uses(text: &str, modules: &BTreeSet<String>) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
     let code = code(text);
+    let mut out = BTreeSet::new();
     for (i, _) in code.match_indices("crate::") {
-        let rest = &code[i + 7..];
-        let names: Vec<&str> = if let Some(group) = rest.strip_prefix('{') {
-            group.split('}').next().unwrap_or("").split(',').collect()
-        } else {
-            vec![rest]
-        };
-        for n in names {
-            let n: String = n
-                .trim()
-                .chars()
-                .take_while(|c| c.is_alphanumeric() || *c == '_')
-                .collect();
-            if modules.contains(&n) {
-                out.insert(n);
+        for p in paths(&code[i..]) {
+            let mut seg = p.split("::").skip(1);
+            let (first, second) = (seg.next().unwrap_or(""), seg.next().unwrap_or(""));
+            let m = if FOLDERS.contains(&first) {
+                second
+            } else {
+                first
+            };
+            if modules.contains(m) {
+                out.insert(m.to_string());
             }
         }
     }
@@ -96,21 +160,45 @@ fn uses(text: &str, modules: &BTreeSet<String>) -> BTreeSet<String> {
 }
 
 #[test]
-fn modules_form_layers_without_a_circle() {
-    let src = sources();
-    let modules: BTreeSet<String> = src
-        .keys()
-        .filter(|m| *m != "lib" && *m != "main")
-        .cloned()
-        .collect();
+fn paths_of_use_groups_are_expanded() {
+    assert_eq!(
+        paths("crate::{a::b, c::{d, e}};"),
+        ["crate::a::b", "crate::c::d", "crate::c::e"]
+    );
+    assert_eq!(
+        paths("crate::system::procfs::stat(1)"),
+        ["crate::system::procfs::stat"]
+    );
+}
+
+/// The agent's modules use each other without a circle, and each only
+/// the modules of its own folder and of the folders below.
+#[test]
+fn modules_form_layers_without_a_circle_and_folders_are_layers() {
+    let src = agent_modules();
+    let modules: BTreeSet<String> = src.keys().cloned().collect();
+    assert!(
+        modules.contains("procfs") && modules.contains("daemon"),
+        "{modules:?}"
+    );
+    let rank = |m: &str| FOLDERS.iter().position(|f| *f == src[m].0).unwrap_or(0);
+    let mut upward = vec![];
     let graph: BTreeMap<String, BTreeSet<String>> = modules
         .iter()
         .map(|m| {
-            let mut u = uses(&src[m], &modules);
+            let mut u = uses(&src[m].1, &modules);
             u.remove(m);
+            for d in u.iter().filter(|d| rank(d) > rank(m)) {
+                upward.push(format!("{}/{m} uses {}/{d}", src[m].0, src[d].0));
+            }
             (m.clone(), u)
         })
         .collect();
+    assert!(
+        upward.is_empty(),
+        "a module uses a higher folder:\n{}",
+        upward.join("\n")
+    );
     layers(&modules, &graph);
 }
 

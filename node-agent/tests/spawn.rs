@@ -4,9 +4,9 @@
 //! file system that does not answer), which must cost its caller only its
 //! deadline and leave the event loop free. Needs root (as the agent).
 
-use dask_node_agent::jobenv::JobEnv;
-use dask_node_agent::spawn::{spawn, Identity, SpawnError, SpawnRequest, Starter};
-use dask_node_agent::spawner::Spawner;
+use dask_node_agent::spawning::jobenv::JobEnv;
+use dask_node_agent::spawning::spawn::{spawn, Identity, SpawnError, SpawnRequest, Starter};
+use dask_node_agent::spawning::spawner::Spawner;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -39,7 +39,7 @@ async fn start(
     args: &[&str],
     cwd: &Path,
     cgroups: &[PathBuf],
-) -> Result<dask_node_agent::child::Child, SpawnError> {
+) -> Result<dask_node_agent::spawning::child::Child, SpawnError> {
     let out = std::fs::File::options()
         .write(true)
         .open("/dev/null")
@@ -91,7 +91,7 @@ async fn a_start_runs_as_the_user_in_its_own_session() {
         .expect("SigIgn");
     assert_eq!(ignored & (1 << (libc::SIGPIPE - 1)), 0, "{status}");
     assert!(status.contains("SigBlk:\t0000000000000000"), "{status}");
-    let st = dask_node_agent::procfs::stat(pid).expect("stat");
+    let st = dask_node_agent::system::procfs::stat(pid).expect("stat");
     assert_eq!((st.session, st.pgrp), (pid, pid));
     assert_eq!(st.ppid, std::process::id() as i32, "the agent's own child");
     assert_eq!(

@@ -32,7 +32,7 @@ checked that the job's Python can import it.
 """
 
 #: The exit code of a worker its scheduler removed while it ran: the node
-#: agent restarts it in place (node-agent/src/dask_cmd.rs, RESTART_EXIT).
+#: agent restarts it in place (node-agent/src/spawning/dask_cmd.rs, RESTART_EXIT).
 RESTART_EXIT = 75
 #: The short names the node agent starts dask by (`ps` shows them).
 COMMANDS = {"dask-scheduler": "distributed.cli.dask_scheduler", "dask-worker": "distributed.cli.dask_worker"}

@@ -21,7 +21,7 @@ measures, together:
 
 This file is used twice: the dask_spank package (the notebook's Client)
 imports it, and the node agent embeds it to start the dask scheduler and
-workers it runs (`node-agent/src/dask_cmd.rs`), whose Python may not have
+workers it runs (`node-agent/src/spawning/dask_cmd.rs`), whose Python may not have
 dask_spank installed; it needs nothing but the standard library and
 distributed.
 """

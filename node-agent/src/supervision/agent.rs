@@ -5,11 +5,11 @@
 //! The server holds an `Arc<Agent>`; a supervisor gets only what it needs
 //! (`supervisor::Context`): its job's handle, the metrics and the watchdog.
 
-use crate::dask_cmd::DaskSettings;
-use crate::jobs::Jobs;
-use crate::memwatch::MemWatch;
-use crate::metrics::Metrics;
-use crate::spawn::Starter;
+use crate::spawning::dask_cmd::DaskSettings;
+use crate::spawning::spawn::Starter;
+use crate::supervision::jobs::Jobs;
+use crate::supervision::memwatch::MemWatch;
+use crate::supervision::metrics::Metrics;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;

@@ -9,13 +9,15 @@
 //! connections in progress (until their reply is written) and the bytes of
 //! replies being written are bounded per uid (`connlimit`).
 
-use crate::access::{self, Peer};
-use crate::agent::Agent;
-use crate::conn::{encode, refuse, reply, write_frame, MAX_HELLO, MAX_REQUEST, OPEN_TIMEOUT};
-use crate::connlimit::{ConnLimits, Permit};
-use crate::joblog::escape;
-use crate::wire::UserConn;
-use crate::{attach, handlers, wire};
+use crate::socket::access::{self, Peer};
+use crate::socket::conn::{
+    encode, refuse, reply, write_frame, MAX_HELLO, MAX_REQUEST, OPEN_TIMEOUT,
+};
+use crate::socket::connlimit::{ConnLimits, Permit};
+use crate::spawning::joblog::escape;
+use crate::supervision::agent::Agent;
+use crate::system::wire::UserConn;
+use crate::{socket::attach, socket::handlers, system::wire};
 use dask_spank_common::frame::MAX_FRAME;
 use dask_spank_common::messages::Hello;
 use dask_spank_common::{Opening, Response, OLDEST_PEER_VERSION, PROTOCOL_VERSION};

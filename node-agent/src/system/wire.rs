@@ -13,7 +13,7 @@
 //! (closed off the loop: `userio`), and a user's connection is a
 //! [`UserConn`], closed off the loop too.
 
-use crate::userio::UserFd;
+use crate::system::userio::UserFd;
 pub use dask_spank_common::awire::{send_fds, write};
 use dask_spank_common::frame::{self, FrameError};
 use serde::de::DeserializeOwned;

@@ -15,8 +15,8 @@
 macro_rules! after_tls_eof {
     ($($tail:expr),+) => {
         concat!(
-            include_str!("../../python/dask_spank/tls_eof.py"),
-            include_str!("../../python/dask_spank/boot.py"),
+            include_str!("../../../python/dask_spank/tls_eof.py"),
+            include_str!("../../../python/dask_spank/boot.py"),
             $($tail),+
         )
     };
@@ -64,7 +64,7 @@ pub const FORKSERVER: EnvProgram = EnvProgram {
 mod tests {
     use super::*;
 
-    const TLS_EOF: &str = include_str!("../../python/dask_spank/tls_eof.py");
+    const TLS_EOF: &str = include_str!("../../../python/dask_spank/tls_eof.py");
 
     /// Each program compiles, starts with the workaround, and its boot
     /// statement pops its own variable.

@@ -206,7 +206,7 @@ impl UserFd {
     /// closed off the caller's thread).
     pub fn into_socket(mut self) -> Option<OwnedFd> {
         let fd = self.fd.take()?;
-        let socket = crate::fdcheck::is_socket(fd.as_fd());
+        let socket = crate::system::fdcheck::is_socket(fd.as_fd());
         match Arc::try_unwrap(fd) {
             Ok(owned) if socket => Some(owned),
             Ok(owned) => {

@@ -1,7 +1,7 @@
 //! Talking to a peer that may be hostile: the bounds every connection
 //! lives within, replies that cannot block the agent, and refusals.
 
-use crate::joblog::escape;
+use crate::spawning::joblog::escape;
 use dask_spank_common::Response;
 use std::time::Duration;
 use tokio::net::UnixStream;

@@ -15,7 +15,7 @@
 //! control characters are escaped, so that a line stays one line and
 //! cannot paint a terminal or forge another line.
 
-use crate::userio::{self, UserFd};
+use crate::system::userio::{self, UserFd};
 use std::collections::VecDeque;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};

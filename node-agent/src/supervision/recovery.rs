@@ -9,9 +9,9 @@
 //! another process now has it, our group is empty), and only members owned
 //! by the job's user that started after the leader.
 
-use crate::jobs::Jobs;
-use crate::procfs::{self, ProcId};
-use crate::statefile::{Record, StateDir};
+use crate::supervision::jobs::Jobs;
+use crate::system::procfs::{self, ProcId};
+use crate::system::statefile::{Record, StateDir};
 
 /// Whether the process `id` is alive and a slurmstepd.
 fn is_slurmstepd(id: ProcId) -> bool {
@@ -81,7 +81,7 @@ mod tests {
     #[test]
     fn a_reused_leader_pid_protects_its_new_group() {
         let spec: dask_spank_common::JobSpec =
-            serde_json::from_str(include_str!("../testdata/spec.json")).expect("spec"); // ok: test
+            serde_json::from_str(include_str!("../../testdata/spec.json")).expect("spec"); // ok: test
         let me = procfs::proc_id(std::process::id() as i32).expect("me"); // ok: test
                                                                           // Our own pid with another start time: a "reused" leader pid; our
                                                                           // group must not be touched (the test would die).

@@ -7,8 +7,8 @@
 //! same job id registered again) the old supervisor's late updates carry
 //! the old generation and are ignored.
 
-use crate::procfs::{self, ProcId};
-use crate::statefile::{Record, Running, StateDir};
+use crate::system::procfs::{self, ProcId};
+use crate::system::statefile::{Record, Running, StateDir};
 use dask_spank_common::messages::JobStatus;
 use dask_spank_common::{JobSpec, JobState};
 use std::collections::{HashMap, VecDeque};
@@ -354,7 +354,7 @@ mod tests {
 
     fn spec(job_id: u32, uid: u32) -> JobSpec {
         let mut s: JobSpec =
-            serde_json::from_str(include_str!("../testdata/spec.json")).expect("spec"); // ok: test
+            serde_json::from_str(include_str!("../../testdata/spec.json")).expect("spec"); // ok: test
         s.job_id = job_id;
         s.uid = uid;
         s

@@ -19,8 +19,8 @@
 //! code before its exec. It dies with the agent (parent-death signal), and
 //! the agent treats its loss as its own crash (see `daemon`).
 
-use crate::child::Child;
-use crate::launch::{self, Blank};
+use crate::spawning::child::Child;
+use crate::spawning::launch::{self, Blank};
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream as StdStream;

@@ -3,9 +3,9 @@
 //! was checked before (`access`); each handler returns the reply, or the
 //! one-line reason of a refusal.
 
-use crate::access::Peer;
-use crate::agent::Agent;
-use crate::procfs;
+use crate::socket::access::Peer;
+use crate::supervision::agent::Agent;
+use crate::system::procfs;
 use dask_spank_common::{JobSpec, Request, Response};
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -17,7 +17,10 @@ pub fn handle(req: Request, peer: &Peer, agent: &Agent) -> Result<Response, Stri
         Request::Register(spec) => register(*spec, agent),
         Request::JobEnd { job_id, reason } => Ok(job_end(job_id, &reason, agent)),
         Request::StopJobs { reason } => {
-            tracing::warn!("stopping every job: {}", crate::joblog::escape(&reason));
+            tracing::warn!(
+                "stopping every job: {}",
+                crate::spawning::joblog::escape(&reason)
+            );
             agent.jobs.fail_all(&reason);
             Ok(Response::Ok)
         }
@@ -60,7 +63,7 @@ fn job_end(job_id: u32, reason: &str, agent: &Agent) -> Response {
         job = job_id,
         known,
         "job ended: {}",
-        crate::joblog::escape(reason)
+        crate::spawning::joblog::escape(reason)
     );
     Response::Ok
 }

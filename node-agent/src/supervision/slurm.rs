@@ -15,7 +15,7 @@
 //! Memory and cpus come from slurmstepd itself (the registration), not
 //! from here.
 
-use crate::spawn::{self, Starter};
+use crate::spawning::spawn::{self, Starter};
 use dask_spank_common::pool_policy::{parse_gres_list, Gres};
 use dask_spank_common::units::parse_time_s;
 use std::time::Duration;

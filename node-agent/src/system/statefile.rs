@@ -8,8 +8,8 @@
 //! The format is versioned: a file of a newer format than this agent
 //! knows is left alone with a warning, never misread.
 
-use crate::procfs::ProcId;
-use crate::rootdir;
+use crate::system::procfs::ProcId;
+use crate::system::rootdir;
 use dask_spank_common::files::write_json_atomic;
 use dask_spank_common::JobSpec;
 use serde::{Deserialize, Serialize};
@@ -137,7 +137,7 @@ mod tests {
     fn save_load_remove_and_newer_formats_left_alone() {
         let dir = std::env::temp_dir().join(format!("dsp-state-{}", std::process::id()));
         let sd = StateDir::open(&dir).unwrap();
-        let spec: JobSpec = serde_json::from_str(include_str!("../testdata/spec.json")).unwrap();
+        let spec: JobSpec = serde_json::from_str(include_str!("../../testdata/spec.json")).unwrap();
         let mut r = Record::new(spec, ProcId { pid: 10, start: 5 });
         for i in 0..20 {
             r.add_leader(ProcId { pid: i, start: 1 });

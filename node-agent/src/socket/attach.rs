@@ -10,20 +10,20 @@
 //!      addresses the job reports; the connection's end (the job script is
 //!      gone: scancel, walltime) stops the job's processes.
 
-use crate::access::Peer;
-use crate::admission::{self, Admitted, Refusal};
-use crate::agent::Agent;
-use crate::conn::{refuse, reply, MAX_REQUEST, OPEN_TIMEOUT, WRITE_TIMEOUT};
-use crate::connlimit::Permit;
-use crate::jobenv::JobEnv;
-use crate::joblog::JobLog;
-use crate::jobs::JobHandle;
-use crate::jobs::StopRx;
-use crate::rlimits::{self, Rlimit};
-use crate::supervisor::{self, Adoption, Context, JobRun, Notice, Outcome};
-use crate::userio;
-use crate::wire::UserConn;
-use crate::{cgroup, fdcheck, procfs, wire};
+use crate::socket::access::Peer;
+use crate::socket::conn::{refuse, reply, MAX_REQUEST, OPEN_TIMEOUT, WRITE_TIMEOUT};
+use crate::socket::connlimit::Permit;
+use crate::spawning::jobenv::JobEnv;
+use crate::spawning::joblog::JobLog;
+use crate::supervision::admission::{self, Admitted, Refusal};
+use crate::supervision::agent::Agent;
+use crate::supervision::jobs::JobHandle;
+use crate::supervision::jobs::StopRx;
+use crate::supervision::supervisor::{self, Adoption, Context, JobRun, Notice, Outcome};
+use crate::system::rlimits::{self, Rlimit};
+use crate::system::userio;
+use crate::system::wire::UserConn;
+use crate::{system::cgroup, system::fdcheck, system::procfs, system::wire};
 use dask_spank_common::messages::Attach;
 use dask_spank_common::{JobSpec, JobState, Response, SessionRequest};
 use std::os::fd::OwnedFd;

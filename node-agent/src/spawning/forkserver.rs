@@ -16,12 +16,12 @@
 //! Otherwise a user could make the agent, which holds CAP_KILL, signal
 //! anybody's processes, or fill its memory.
 
-use crate::child::Child;
-use crate::procfs::{self, ProcId};
-use crate::python_boot::FORKSERVER;
-use crate::spawn::{spawn, SpawnError, SpawnRequest};
-use crate::userio::UserFd;
-use crate::wire::Guarded;
+use crate::spawning::child::Child;
+use crate::spawning::python_boot::FORKSERVER;
+use crate::spawning::spawn::{spawn, SpawnError, SpawnRequest};
+use crate::system::procfs::{self, ProcId};
+use crate::system::userio::UserFd;
+use crate::system::wire::Guarded;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::io;

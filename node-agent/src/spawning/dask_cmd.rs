@@ -1,6 +1,6 @@
 //! The command lines of the dask processes the agent runs.
 
-use crate::python_boot;
+use crate::spawning::python_boot;
 use dask_spank_common::paths::{scheduler_file, tls_files};
 use dask_spank_common::policy::TlsMode;
 use dask_spank_common::{JobSpec, Role};
@@ -282,7 +282,7 @@ mod tests {
 
     #[test]
     fn the_boot_code_exits_with_the_agents_restart_code() {
-        let boot = include_str!("../../python/dask_spank/boot.py");
+        let boot = include_str!("../../../python/dask_spank/boot.py");
         assert!(
             boot.contains(&format!("\nRESTART_EXIT = {RESTART_EXIT}\n")),
             "python/dask_spank/boot.py must set RESTART_EXIT = {RESTART_EXIT}"
@@ -308,7 +308,7 @@ mod tests {
             env,
             Some((SCHEDULER_FILE_VAR.to_string(), "/h/s.json".to_string()))
         );
-        let boot = include_str!("../../python/dask_spank/boot.py");
+        let boot = include_str!("../../../python/dask_spank/boot.py");
         assert!(boot.contains(&format!("os.environ.pop(\"{SCHEDULER_FILE_VAR}\"")));
         let stub = ["sleep".to_string()];
         assert_eq!(exec_form(&stub), (stub.to_vec(), None));

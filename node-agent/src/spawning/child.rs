@@ -10,7 +10,7 @@
 //!   group is signalled member by member, through pidfds, and only members
 //!   owned by the job's user that started after it (`procfs::signal_if`).
 
-use crate::procfs::{self, ProcId};
+use crate::system::procfs::{self, ProcId};
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;

@@ -8,23 +8,23 @@
 //! job's attach process reported. Starting, waiting for and stopping
 //! processes is `process`'s business; when to restart is `restart`'s.
 
-use crate::child::Child;
-use crate::dask_cmd::{
+use crate::spawning::child::Child;
+use crate::spawning::dask_cmd::{
     boot_env, command, dask_args, exec_form, lifetime, site_env, DaskSettings, Limits, RESTART_EXIT,
 };
-use crate::forkserver::ForkServer;
-use crate::jobenv::JobEnv;
-use crate::joblog::JobLog;
-use crate::jobs::{JobHandle, Stop, StopRx};
-use crate::memwatch::MemWatch;
-use crate::metrics::{Gauge, Metrics};
-use crate::process::Proc;
-use crate::procfs::{self, ProcId};
-use crate::reach;
-use crate::restart::{CrashLog, Decision, RestartPolicy};
-use crate::rlimits::Rlimit;
-use crate::spawn::{spawn, Identity, SpawnError, SpawnRequest, Starter};
-use crate::statefile::Running;
+use crate::spawning::forkserver::ForkServer;
+use crate::spawning::jobenv::JobEnv;
+use crate::spawning::joblog::JobLog;
+use crate::spawning::process::Proc;
+use crate::spawning::spawn::{spawn, Identity, SpawnError, SpawnRequest, Starter};
+use crate::supervision::jobs::{JobHandle, Stop, StopRx};
+use crate::supervision::memwatch::MemWatch;
+use crate::supervision::metrics::{Gauge, Metrics};
+use crate::supervision::restart::{CrashLog, Decision, RestartPolicy};
+use crate::system::procfs::{self, ProcId};
+use crate::system::reach;
+use crate::system::rlimits::Rlimit;
+use crate::system::statefile::Running;
 use dask_spank_common::messages::ProcIdent;
 use dask_spank_common::policy::{TlsMode, WorkerStart};
 use dask_spank_common::{JobSpec, JobState, Role};

@@ -124,13 +124,13 @@ const SERIES: &[Series] = &[
         "starts_stuck",
         "gauge",
         "Starts abandoned at --start-timeout whose process has not ended yet (blocked on a file system that does not answer).",
-        |_| crate::spawn::stuck_total() as i64,
+        |_| crate::spawning::spawn::stuck_total() as i64,
     ),
     (
         "user_io_threads",
         "gauge",
         "Threads writing to or closing users' descriptors now (many: a file system that does not answer).",
-        |_| crate::userio::threads() as i64,
+        |_| crate::system::userio::threads() as i64,
     ),
     (
         "lost_total",
@@ -196,7 +196,7 @@ const MAX_OPEN: usize = 2048;
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
-    jobs: crate::jobs::Jobs,
+    jobs: crate::supervision::jobs::Jobs,
 ) {
     serve_bounded(listener, metrics, jobs, MAX_OPEN).await
 }
@@ -204,7 +204,7 @@ pub async fn serve(
 async fn serve_bounded(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
-    jobs: crate::jobs::Jobs,
+    jobs: crate::supervision::jobs::Jobs,
     max_open: usize,
 ) {
     let open = Arc::new(tokio::sync::Semaphore::new(max_open));
@@ -237,7 +237,11 @@ async fn serve_bounded(
 }
 
 /// Wait (at most `HEAD_DEADLINE`) for the request head, then answer.
-async fn answer(mut s: tokio::net::TcpStream, metrics: &Metrics, jobs: &crate::jobs::Jobs) {
+async fn answer(
+    mut s: tokio::net::TcpStream,
+    metrics: &Metrics,
+    jobs: &crate::supervision::jobs::Jobs,
+) {
     use tokio::io::AsyncWriteExt;
     match tokio::time::timeout(HEAD_DEADLINE, read_head(&mut s)).await {
         Ok(Ok(true)) => {}
@@ -293,7 +297,7 @@ mod tests {
 
     #[test]
     fn the_admin_guide_names_every_metric() {
-        let guide = include_str!("../../docs/admin.md");
+        let guide = include_str!("../../../docs/admin.md");
         let names = SERIES.iter().map(|s| s.0).chain(["jobs", "build_info"]);
         for name in names {
             assert!(
@@ -322,7 +326,7 @@ mod tests {
     async fn server(max_open: usize) -> std::net::SocketAddr {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let jobs = crate::jobs::Jobs::new(None);
+        let jobs = crate::supervision::jobs::Jobs::new(None);
         tokio::spawn(serve_bounded(
             l,
             Arc::new(Metrics::default()),

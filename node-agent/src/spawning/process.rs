@@ -10,10 +10,10 @@
 //!   `procfs::signal_group_if`, and only members of the server's session
 //!   (the server is the agent's unreaped child) owned by the job's user.
 
-use crate::child::Child;
-use crate::forkserver::ForkServer;
-use crate::joblog::JobLog;
-use crate::procfs::{self, ProcId};
+use crate::spawning::child::Child;
+use crate::spawning::forkserver::ForkServer;
+use crate::spawning::joblog::JobLog;
+use crate::system::procfs::{self, ProcId};
 use nix::sys::signal::Signal;
 use std::future::Future;
 use std::io;

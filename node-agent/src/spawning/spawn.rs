@@ -20,11 +20,11 @@
 //! cgroups, so Slurm's cleanup at job end still catches every one, and the
 //! job's own attach process stops them if no agent comes back.
 
-use crate::child::Child;
-use crate::launch::{self, Blank, Orders};
-use crate::rlimits::Rlimit;
-use crate::spawner::Spawner;
-use crate::wire;
+use crate::spawning::child::Child;
+use crate::spawning::launch::{self, Blank, Orders};
+use crate::spawning::spawner::Spawner;
+use crate::system::rlimits::Rlimit;
+use crate::system::wire;
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -45,7 +45,7 @@ pub use launch::User as Identity;
 pub struct SpawnRequest<'a> {
     pub program: &'a str,
     pub args: &'a [String],
-    pub env: &'a crate::jobenv::JobEnv,
+    pub env: &'a crate::spawning::jobenv::JobEnv,
     pub cwd: &'a Path,
     pub identity: &'a Identity,
     /// stdout and stderr of the child (the job's log file).

@@ -8,8 +8,8 @@
 //! * partition, account, licences, tasks, nodes, time limit and time left,
 //!   job name: slurmctld, in one `squeue` call (`slurm`).
 
-use crate::slurm::{self, ControllerFacts, FactsError};
-use crate::spawn::Starter;
+use crate::spawning::spawn::Starter;
+use crate::supervision::slurm::{self, ControllerFacts, FactsError};
 use dask_spank_common::policy::{check_job, JobFacts};
 use dask_spank_common::slurm_state::SlurmState;
 use dask_spank_common::JobSpec;
@@ -118,7 +118,7 @@ mod tests {
     use super::*;
 
     fn spec() -> JobSpec {
-        serde_json::from_str(include_str!("../testdata/spec.json")).expect("spec")
+        serde_json::from_str(include_str!("../../testdata/spec.json")).expect("spec")
         // ok: test
     }
 
