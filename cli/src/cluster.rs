@@ -71,3 +71,60 @@ pub fn print_connect(c: &ClusterName, sf: &str) {
     println!("    from dask_spank import connect");
     println!("    client = connect(\"{c}\")");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::slurm::QueuedJob;
+    use dask_spank_common::records::{JobReport, ReportState};
+    use dask_spank_common::slurm_state::SlurmState;
+
+    fn view_of(queued: &[(&str, &str)], reports: &[JobReport]) -> ClusterView {
+        let queued: Vec<QueuedJob> = queued
+            .iter()
+            .map(|(label, name)| QueuedJob {
+                label: label.to_string(),
+                name: name.to_string(),
+                state: SlurmState::Pending,
+                node: String::new(),
+                reason: String::new(),
+                submit: String::new(),
+            })
+            .collect();
+        build("ana", &queued, reports, None, &[], "/f".into(), None)
+    }
+
+    #[test]
+    fn a_cluster_is_known_by_a_job_in_the_queue_or_a_report() {
+        assert!(!known(&view_of(&[], &[])));
+        assert!(known(&view_of(&[("10", "dask-scheduler-ana")], &[])));
+        assert!(known(&view_of(&[("11_1", "dask-worker-ana@gpu")], &[])));
+        let failed = JobReport {
+            job_id: 12,
+            label: "12".into(),
+            role: "worker".into(),
+            state: ReportState::Failed,
+            reason: Some("refused".into()),
+            node: "n1".into(),
+            log: None,
+            updated: 0,
+            pool: None,
+        };
+        assert!(known(&view_of(&[], &[failed])));
+    }
+
+    #[test]
+    fn names_are_checked_and_an_unknown_cluster_says_what_to_do() {
+        let c = parse_name("ana-2.b_c").unwrap();
+        assert_eq!(c.as_str(), "ana-2.b_c");
+        assert!(parse_name("").unwrap_err().contains("must not be empty"));
+        assert!(parse_name("a/b")
+            .unwrap_err()
+            .starts_with("--dask-cluster=a/b: "));
+        assert_eq!(
+            unknown(&c),
+            "unknown cluster 'ana-2.b_c': no job and no record of it \
+             (dask-spank ls lists your clusters)"
+        );
+    }
+}

@@ -1,7 +1,7 @@
 //! `dask-spank down`: cancel every job of a cluster, and check.
 
 use crate::cluster::{parse_name, records_of, unknown, Res};
-use crate::slurm::{self, squeue};
+use crate::slurm::{self, squeue, QueuedJob};
 use dask_spank_common::paths::scheduler_file;
 use dask_spank_common::records::Target;
 use dask_spank_common::slurm_state::SlurmState;
@@ -36,12 +36,7 @@ pub fn run(a: Args) -> Res {
             break;
         }
         // Anything submitted while we cancelled (a keeper's last step) goes too.
-        let late: Vec<String> = left
-            .iter()
-            .filter(|q| !ids.contains(&q.label) && q.state == SlurmState::Pending)
-            .map(|q| q.label.clone())
-            .collect();
-        let _ = slurm::scancel(&late);
+        let _ = slurm::scancel(&late_jobs(&left, &ids));
         if start.elapsed() > Duration::from_secs(timeout_s) {
             let l: Vec<String> = left
                 .iter()
@@ -64,4 +59,44 @@ pub fn run(a: Args) -> Res {
         ids.len()
     );
     Ok(())
+}
+
+/// The jobs still queued that were not among those cancelled (`ids`) and
+/// are pending: submitted while `down` cancelled. Apart from `run` to be
+/// tested.
+fn late_jobs(left: &[QueuedJob], ids: &[String]) -> Vec<String> {
+    left.iter()
+        .filter(|q| !ids.contains(&q.label) && q.state == SlurmState::Pending)
+        .map(|q| q.label.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(label: &str, state: SlurmState) -> QueuedJob {
+        QueuedJob {
+            label: label.into(),
+            name: "dask-worker-ana".into(),
+            state,
+            node: String::new(),
+            reason: String::new(),
+            submit: String::new(),
+        }
+    }
+
+    #[test]
+    fn only_jobs_pending_and_not_cancelled_already_are_late() {
+        let left = [
+            q("10", SlurmState::Completing),
+            q("11_1", SlurmState::Pending),
+            q("13_1", SlurmState::Pending),
+            q("13_2", SlurmState::Configuring),
+            q("14", SlurmState::Running),
+        ];
+        let ids = ["10".to_string(), "11_1".to_string()];
+        assert_eq!(late_jobs(&left, &ids), ["13_1"]);
+        assert!(late_jobs(&[], &ids).is_empty());
+    }
 }

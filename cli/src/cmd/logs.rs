@@ -81,3 +81,52 @@ fn log_files(dir: &ClusterDir, job: Option<&str>) -> Vec<(String, PathBuf)> {
         .filter_map(|r| r.log.as_ref().map(|l| (r.label.clone(), PathBuf::from(l))))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dask_spank_common::records::{JobReport, ReportState};
+
+    fn report(job_id: u32, label: &str, log: Option<&str>) -> JobReport {
+        JobReport {
+            job_id,
+            label: label.into(),
+            role: "worker".into(),
+            state: ReportState::Running,
+            reason: None,
+            node: "n1".into(),
+            log: log.map(String::from),
+            updated: 0,
+            pool: None,
+        }
+    }
+
+    #[test]
+    fn the_logs_are_those_the_jobs_reported_by_label_or_job_id() {
+        let d = std::env::temp_dir().join(format!("dsp-logs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let dir = ClusterDir(d.clone());
+        dir.write_report(&report(10, "10", Some("/l/sched.out")))
+            .unwrap();
+        dir.write_report(&report(12, "11_1", Some("/l/w1.out")))
+            .unwrap();
+        dir.write_report(&report(13, "11_2", None)).unwrap();
+        let of = |job| {
+            log_files(&dir, job)
+                .into_iter()
+                .map(|(l, f)| (l, f.to_string_lossy().into_owned()))
+                .collect::<Vec<_>>()
+        };
+        let pair = |l: &str, f: &str| (l.to_string(), f.to_string());
+        assert_eq!(
+            of(None),
+            [pair("10", "/l/sched.out"), pair("11_1", "/l/w1.out")]
+        );
+        assert_eq!(of(Some("11_1")), [pair("11_1", "/l/w1.out")]);
+        // An array task by its own job id too.
+        assert_eq!(of(Some("12")), [pair("11_1", "/l/w1.out")]);
+        assert!(of(Some("11_2")).is_empty(), "no log reported");
+        assert!(of(Some("11")).is_empty(), "no prefix match");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -524,6 +524,135 @@ pub fn run(u: Args) -> Res {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Up {
+        #[command(flatten)]
+        a: Args,
+    }
+
+    /// `dask-spank up` with these words, as clap parses them.
+    fn up(words: &[&str]) -> Result<Args, clap::Error> {
+        Up::try_parse_from(std::iter::once("up").chain(words.iter().copied())).map(|u| u.a)
+    }
+
+    #[test]
+    fn every_option_goes_to_its_job_and_the_raw_sbatch_options_last() {
+        let u = up(&[
+            "ana",
+            "--workers",
+            "3",
+            "--worker-mem",
+            "3G",
+            "--worker-cpus",
+            "4",
+            "--worker-time",
+            "2:00:00",
+            "--scheduler-mem",
+            "1G",
+            "--env",
+            "/venv",
+            "--account",
+            "acc",
+            "--qos",
+            "q",
+            "--worker-partition",
+            "wp",
+            "--scheduler-partition",
+            "sp",
+            "--constraint",
+            "ib",
+            "--gres",
+            "gpu:1",
+            "--worker-sbatch=--reservation=r",
+            "--scheduler-sbatch",
+            "--exclusive",
+        ])
+        .unwrap();
+        let c: ClusterName = "ana".parse().unwrap();
+        let (sargs, wargs) = submission(&u, &c);
+        let common = [
+            "--dask-cluster=ana",
+            "--dask-env=/venv",
+            "--account=acc",
+            "--qos=q",
+        ];
+        let mut want_s = vec!["--dask-role=scheduler"];
+        want_s.extend(common);
+        want_s.extend(["--mem=1G", "--partition=sp", "--exclusive"]);
+        assert_eq!(sargs, want_s);
+        let mut want_w = vec!["--dask-role=worker"];
+        want_w.extend(common);
+        want_w.extend([
+            "--mem=3G",
+            "--cpus-per-task=4",
+            "--time=2:00:00",
+            "--partition=wp",
+            "--constraint=ib",
+            "--gres=gpu:1",
+            "--reservation=r",
+        ]);
+        assert_eq!(wargs, want_w);
+        // Nothing given: the role and the cluster only.
+        let (sargs, wargs) = submission(&up(&["ana"]).unwrap(), &c);
+        assert_eq!((sargs.len(), wargs.len()), (2, 2));
+    }
+
+    #[test]
+    fn a_pools_jobs_have_its_own_options_not_the_default_pools() {
+        let u = up(&["ana", "--worker-mem", "3G", "--qos", "q", "--export", "A=1"]).unwrap();
+        let c: ClusterName = "ana".parse().unwrap();
+        let p = pools::parse("gpu:workers=2,gres=gpu:1,resources=GPU=1,worker_class=m.W").unwrap();
+        assert_eq!(
+            pool_submission(&u, &c, &p),
+            [
+                "--dask-role=worker",
+                "--dask-pool=gpu",
+                "--dask-cluster=ana",
+                "--qos=q",
+                "--gres=gpu:1"
+            ]
+        );
+        let env = pool_env(&u, &p).unwrap();
+        let want = [
+            ("A", "1"),
+            ("DASK_DISTRIBUTED__WORKER__RESOURCES", "{\"GPU\": 1}"),
+            (pools::WORKER_CLASS_ENV, "m.W"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        assert_eq!(env, want);
+    }
+
+    #[test]
+    fn an_adaptive_cluster_starts_with_its_minimum() {
+        let t = |words: &[&str]| target_of(&up(words).unwrap());
+        assert_eq!(t(&["ana"]), Ok((Target::Workers { workers: 1 }, 1)));
+        assert_eq!(
+            t(&["ana", "--workers", "0"]),
+            Ok((Target::Workers { workers: 0 }, 0))
+        );
+        assert_eq!(
+            t(&["ana", "--adapt", "2:8"]),
+            Ok((Target::Adapt { adapt: [2, 8] }, 2))
+        );
+        assert!(t(&["ana", "--adapt", "8:2"]).is_err());
+        // Both at once is refused by the parser.
+        let both = up(&["ana", "--workers", "3", "--adapt", "1:2"])
+            .err()
+            .unwrap();
+        assert_eq!(both.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn dry_run_lines_quote_only_the_words_a_shell_would_split() {
+        assert_eq!(shell_word("--gres=gpu:1"), "--gres=gpu:1");
+        assert_eq!(shell_word("/p/a_b.sh,x@y+z"), "/p/a_b.sh,x@y+z");
+        assert_eq!(shell_word(""), "''");
+        assert_eq!(shell_word("a b"), "'a b'");
+        assert_eq!(shell_word("$HOME"), "'$HOME'");
+        assert_eq!(shell_word("it's"), "'it'\\''s'");
+    }
 
     #[test]
     fn dask_worker_options_become_dasks_configuration_variables() {

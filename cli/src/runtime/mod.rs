@@ -24,12 +24,14 @@ mod shape;
 
 use dask_spank_common::messages::Attach;
 use dask_spank_common::names::PoolName;
-use dask_spank_common::paths::{cluster_dir, make_private_dir, scheduler_file, tls_files, vars};
+use dask_spank_common::paths::{
+    cluster_dir, make_private_dir, scheduler_file, tls_files, vars, TlsFiles,
+};
 use dask_spank_common::records::{now, ClusterDir, ClusterState, JobReport, ReportState};
 use dask_spank_common::schedfile::SchedulerInfo;
 use dask_spank_common::{ClusterName, Role};
 use session::{Finished, Session};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -193,11 +195,7 @@ async fn run(job: Job) -> Result<i32, String> {
         }
     };
     end_of_job(&job, keeper);
-    let state = if end.exit_code == 0 {
-        ReportState::Ended
-    } else {
-        ReportState::Failed
-    };
+    let state = end_state(end.exit_code);
     let _ = job
         .dir
         .write_report(&job.report(state, Some(end.reason.clone())));
@@ -226,13 +224,11 @@ async fn follow(job: &Job, session: &mut Session) -> Finished {
                 tokio::select! {
                     r = &mut finished => break r,
                     _ = tick.tick(), if job.role == Role::Worker => {
-                        let ready = creds.as_ref().is_none_or(|c| c.all_exist());
-                        let info = ready.then(|| SchedulerInfo::read(&sched_file)).flatten();
-                        if let Some(info) = info.filter(|i| i.address != reported) {
+                        if let Some(address) = address_to_report(&sched_file, creds.as_ref(), &reported) {
                             // A write that failed or timed out may have left
                             // half a frame: the connection is done for.
-                            match session::report_scheduler(writer, &info.address).await {
-                                Ok(()) => reported = info.address,
+                            match session::report_scheduler(writer, &address).await {
+                                Ok(()) => reported = address,
                                 Err(e) => break Err(e),
                             }
                         }
@@ -264,6 +260,30 @@ async fn follow(job: &Job, session: &mut Session) -> Finished {
                 };
             }
         }
+    }
+}
+
+/// The scheduler's address a worker job has to report, if there is a new
+/// one: the scheduler file's, once the cluster's credentials exist too
+/// (`creds`, with TLS), and not the one `reported` already. Apart from
+/// `follow` so that the rule is tested without an agent.
+fn address_to_report(
+    sched_file: &Path,
+    creds: Option<&TlsFiles>,
+    reported: &str,
+) -> Option<String> {
+    let ready = creds.is_none_or(|c| c.all_exist());
+    let info = ready.then(|| SchedulerInfo::read(sched_file)).flatten();
+    info.filter(|i| i.address != reported).map(|i| i.address)
+}
+
+/// How the job's report records its end: a non-zero exit code is a
+/// failure. Apart from `run` so that the rule is tested.
+fn end_state(exit_code: i32) -> ReportState {
+    if exit_code == 0 {
+        ReportState::Ended
+    } else {
+        ReportState::Failed
     }
 }
 
@@ -348,5 +368,163 @@ impl Signals {
             _ = i.recv() => Signal::SIGINT,
             _ = h.recv() => Signal::SIGHUP,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dask_spank_common::awire;
+    use dask_spank_common::{Response, SessionRequest};
+    use session::tests::{attach_req, greet, socket_path, take_over};
+    use std::os::unix::fs::PermissionsExt;
+    use tokio::net::UnixListener;
+
+    /// A job of cluster `ana` whose directory is fresh and private, and
+    /// whose agent socket is `socket`.
+    fn job(tag: &str, role: Role, socket: PathBuf) -> Job {
+        let dir = std::env::temp_dir().join(format!("dsp-rt-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        Job {
+            id: 7,
+            role,
+            cluster: "ana".parse().unwrap(),
+            pool: Some("gpu".parse().unwrap()),
+            socket,
+            dir: ClusterDir(dir),
+            tls: false,
+            grace: Duration::from_millis(300),
+        }
+    }
+
+    #[test]
+    fn a_scheduler_job_starts_without_its_predecessors_state_and_with_a_fresh_token() {
+        let mut j = job("prepare", Role::Scheduler, "/none".into());
+        let d = j.dir.path().to_path_buf();
+        for f in ["state.json", "connected.json", "scheduler.json"] {
+            std::fs::write(d.join(f), "{}").unwrap();
+        }
+        j.prepare_scheduler().unwrap();
+        for f in ["state.json", "connected.json", "scheduler.json"] {
+            assert!(!d.join(f).exists(), "{f} is left");
+        }
+        let token = j.dir.dashboard_token().unwrap();
+        assert_eq!(token.len(), 48);
+        assert!(token.chars().all(|c| c.is_ascii_hexdigit()));
+        let token_file = d.join(dask_spank_common::paths::layout::DASHBOARD_TOKEN);
+        let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // Again, with nothing to remove and with TLS: a new token, and the
+        // cluster's credentials.
+        j.tls = true;
+        j.prepare_scheduler().unwrap();
+        assert_ne!(j.dir.dashboard_token().unwrap(), token);
+        assert!(tls_files(&d).all_exist());
+    }
+
+    #[test]
+    fn a_jobs_report_says_its_role_pool_state_and_reason_and_failure_is_a_non_zero_exit() {
+        let j = job("report", Role::Worker, "/none".into());
+        let r = j.report(end_state(2), Some("worker died".into()));
+        assert_eq!(r.job_id, 7);
+        assert_eq!(r.role, "worker");
+        assert_eq!(r.pool.as_deref(), Some("gpu"));
+        assert_eq!(r.state, ReportState::Failed);
+        assert_eq!(r.reason.as_deref(), Some("worker died"));
+        assert!(now().saturating_sub(r.updated) <= 1);
+        assert_eq!(end_state(0), ReportState::Ended);
+        assert_eq!(end_state(-9), ReportState::Failed);
+        // The records read it back by its label.
+        j.dir.write_report(&r).unwrap();
+        assert_eq!(j.dir.reports(), [r]);
+    }
+
+    #[test]
+    fn a_worker_reports_a_new_address_once_the_credentials_exist() {
+        let j = job("address", Role::Worker, "/none".into());
+        let d = j.dir.path();
+        let sf = scheduler_file(d);
+        let creds = tls_files(d);
+        assert_eq!(address_to_report(&sf, None, ""), None, "no scheduler file");
+        std::fs::write(&sf, r#"{"address": "tls://n1:8786"}"#).unwrap();
+        assert_eq!(
+            address_to_report(&sf, None, "").as_deref(),
+            Some("tls://n1:8786")
+        );
+        assert_eq!(address_to_report(&sf, None, "tls://n1:8786"), None);
+        // With TLS: not before all three credentials are there.
+        std::fs::write(&creds.key, "k").unwrap();
+        std::fs::write(&creds.cert, "c").unwrap();
+        assert_eq!(address_to_report(&sf, Some(&creds), ""), None);
+        std::fs::write(&creds.ca, "a").unwrap();
+        assert_eq!(
+            address_to_report(&sf, Some(&creds), "tcp://old:1").as_deref(),
+            Some("tls://n1:8786")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_worker_job_tells_its_scheduler_and_ends_with_the_agents_word() {
+        let path = socket_path("follow");
+        let l = UnixListener::bind(&path).unwrap();
+        let j = job("follow", Role::Worker, path.clone());
+        let sf = scheduler_file(j.dir.path());
+        std::fs::write(&sf, r#"{"address": "tcp://n1:8786"}"#).unwrap();
+        let agent = async {
+            let (mut s, _, _) = greet(&l).await;
+            take_over(&mut s, false).await;
+            let got: SessionRequest = awire::read(&mut s, 1 << 20).await.unwrap();
+            let end = Response::Finished {
+                exit_code: 0,
+                reason: "done".into(),
+            };
+            awire::write(&mut s, &end).await.unwrap();
+            (s, got)
+        };
+        let client = async {
+            let mut session = Session::open(path.clone(), attach_req()).await.unwrap();
+            follow(&j, &mut session).await
+        };
+        let ((_s, got), end) = tokio::join!(agent, client);
+        let want = SessionRequest::SchedulerAddress {
+            address: "tcp://n1:8786".into(),
+        };
+        assert_eq!(got, want);
+        let done = Finished {
+            exit_code: 0,
+            reason: "done".into(),
+            agent_lost: false,
+        };
+        assert_eq!(end, done);
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_does_not_come_back_fails_the_job_as_lost() {
+        let path = socket_path("gone");
+        let l = UnixListener::bind(&path).unwrap();
+        let j = job("gone", Role::Scheduler, path.clone());
+        let agent = async {
+            let (mut s, _, _) = greet(&l).await;
+            take_over(&mut s, false).await;
+            s
+        };
+        let (s, session) = tokio::join!(agent, Session::open(path.clone(), attach_req()));
+        let mut session = session.unwrap();
+        drop((s, l));
+        std::fs::remove_file(&path).unwrap();
+        let end = follow(&j, &mut session).await;
+        assert_eq!(end.exit_code, 1);
+        assert!(end.agent_lost);
+        assert!(
+            end.reason
+                .starts_with("lost the node agent: it did not come back within 0s ("),
+            "{}",
+            end.reason
+        );
+        assert!(end
+            .reason
+            .ends_with("; the job's dask processes were stopped"));
     }
 }

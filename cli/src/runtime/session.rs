@@ -246,3 +246,329 @@ async fn stop_groups(groups: &[ProcIdent]) {
         let _ = killpg(Pid::from_raw(g.pid), Signal::SIGKILL);
     }
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    //! The client's side of the attach conversation against a fake agent
+    //! that speaks the real framing (`awire`) on a socket in a temp dir.
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::process::CommandExt;
+    use tokio::net::UnixListener;
+
+    /// Largest frame the fake agent takes.
+    const MAX: usize = 1 << 20;
+
+    /// A fresh directory with the path of an agent socket in it.
+    pub(crate) fn socket_path(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("dsp-sess-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("agent.sock")
+    }
+
+    pub(crate) fn attach_req() -> Attach {
+        Attach {
+            job_id: 7,
+            cwd: "/work".into(),
+            env: vec![("A".into(), "1".into())],
+            cluster_dir: "/home/u/.dask-spank/ana".into(),
+            reattach: false,
+            forkserver_fd: false,
+        }
+    }
+
+    /// The agent's side up to the opening: the client's hello (welcomed)
+    /// and its attach request.
+    pub(crate) async fn greet(l: &UnixListener) -> (UnixStream, Hello, Attach) {
+        let (mut s, _) = l.accept().await.unwrap();
+        let hello: Hello = awire::read(&mut s, MAX).await.unwrap();
+        let welcome = Response::Welcome {
+            version: PROTOCOL_VERSION,
+        };
+        awire::write(&mut s, &welcome).await.unwrap();
+        let Opening::Attach(a) = awire::read(&mut s, MAX).await.unwrap() else {
+            panic!("the client's opening is not an attach");
+        };
+        (s, hello, a)
+    }
+
+    /// The rest of a hand-over the agent takes: the log descriptor (and
+    /// the held one, with `held`), then `Attached`. The descriptors got.
+    pub(crate) async fn take_over(s: &mut UnixStream, held: bool) -> Vec<OwnedFd> {
+        awire::write(s, &Response::SendLogFd).await.unwrap();
+        let mut fds = awire::recv_fds(s).await.unwrap();
+        if held {
+            fds.extend(awire::recv_fds(s).await.unwrap());
+        }
+        awire::write(s, &Response::Attached).await.unwrap();
+        fds
+    }
+
+    /// (device, inode) of an open file: which file a descriptor is.
+    fn file_id(fd: BorrowedFd<'_>) -> (u64, u64) {
+        let f = std::fs::File::from(fd.try_clone_to_owned().unwrap());
+        let m = f.metadata().unwrap();
+        (m.dev(), m.ino())
+    }
+
+    #[tokio::test]
+    async fn a_hand_over_says_hello_passes_the_log_and_follows_the_notices() {
+        let path = socket_path("ok");
+        let l = UnixListener::bind(&path).unwrap();
+        let held_file = std::fs::File::open("/dev/null").unwrap();
+        let held_id = file_id(held_file.as_fd());
+        let agent = async {
+            let (mut s, hello, a) = greet(&l).await;
+            assert_eq!(
+                (hello.client.as_str(), hello.version),
+                ("attach", PROTOCOL_VERSION)
+            );
+            // A first attach: no fork server's socket to pass back.
+            assert_eq!(a, attach_req());
+            let fds = take_over(&mut s, false).await;
+            assert_eq!(fds.len(), 1);
+            assert_eq!(file_id(fds[0].as_fd()), file_id(std::io::stdout().as_fd()));
+            let groups = vec![ProcIdent { pid: 41, start: 99 }];
+            awire::write(&mut s, &Response::Processes { groups })
+                .await
+                .unwrap();
+            awire::write(&mut s, &Response::HoldFd).await.unwrap();
+            awire::send_fds(&s, &[held_file.as_fd()]).await.unwrap();
+            let end = Response::Finished {
+                exit_code: 3,
+                reason: "worker died".into(),
+            };
+            awire::write(&mut s, &end).await.unwrap();
+            s
+        };
+        let client = async {
+            let mut session = Session::open(path.clone(), attach_req()).await.unwrap();
+            let end = session.notices.finished().await;
+            (session, end)
+        };
+        let (_s, (session, end)) = tokio::join!(agent, client);
+        let want = Finished {
+            exit_code: 3,
+            reason: "worker died".into(),
+            agent_lost: false,
+        };
+        assert_eq!(end, Ok(want));
+        assert_eq!(session.notices.groups, [ProcIdent { pid: 41, start: 99 }]);
+        let held = session.notices.held.as_ref().expect("the held descriptor");
+        assert_eq!(file_id(held.as_fd()), held_id);
+    }
+
+    /// A hand-over whose agent answers `Error` at step `at` (0: the
+    /// hello, 1: the attach request, 2: the log).
+    async fn refused_at(at: u8) -> Result<Session, HandOverError> {
+        let path = socket_path(&format!("refused{at}"));
+        let l = UnixListener::bind(&path).unwrap();
+        let no = Response::Error {
+            message: format!("no at {at}"),
+        };
+        let agent = async {
+            let (mut s, _) = l.accept().await.unwrap();
+            let _: Hello = awire::read(&mut s, MAX).await.unwrap();
+            if at > 0 {
+                let welcome = Response::Welcome { version: 1 };
+                awire::write(&mut s, &welcome).await.unwrap();
+                let _: Opening = awire::read(&mut s, MAX).await.unwrap();
+            }
+            if at > 1 {
+                awire::write(&mut s, &Response::SendLogFd).await.unwrap();
+                awire::recv_fds(&s).await.unwrap();
+            }
+            awire::write(&mut s, &no).await.unwrap();
+            s
+        };
+        tokio::join!(agent, Session::open(path.clone(), attach_req())).1
+    }
+
+    #[tokio::test]
+    async fn a_refusal_at_any_step_is_a_refusal_with_the_agents_word() {
+        for at in 0..3 {
+            let e = refused_at(at).await.err().expect("refused");
+            assert_eq!(e, HandOverError::Refused(format!("no at {at}")));
+            assert_eq!(e.to_string(), format!("node agent refused: no at {at}"));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unexpected_reply_or_a_hang_up_is_unreachable_not_a_refusal() {
+        let path = socket_path("odd");
+        let l = UnixListener::bind(&path).unwrap();
+        let agent = async {
+            // First: `Ok` where the welcome belongs.
+            let (mut s, _) = l.accept().await.unwrap();
+            let _: Hello = awire::read(&mut s, MAX).await.unwrap();
+            awire::write(&mut s, &Response::Ok).await.unwrap();
+            // Then: a hang-up after the attach request.
+            let (s2, _, _) = greet(&l).await;
+            drop(s2);
+            s
+        };
+        let client = async {
+            let odd = Session::open(path.clone(), attach_req()).await.err();
+            let gone = Session::open(path.clone(), attach_req()).await.err();
+            (odd, gone)
+        };
+        let (_s, (odd, gone)) = tokio::join!(agent, client);
+        assert_eq!(
+            odd,
+            Some(HandOverError::Unreachable("unexpected reply Ok".into()))
+        );
+        assert!(
+            matches!(gone, Some(HandOverError::Unreachable(_))),
+            "{gone:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn no_agent_is_unreachable_and_names_the_socket() {
+        let path = socket_path("none");
+        let e = Session::open(path.clone(), attach_req()).await.err();
+        let Some(HandOverError::Unreachable(why)) = e else {
+            panic!("{e:?}");
+        };
+        assert!(
+            why.starts_with(&format!("node agent socket {}: ", path.display())),
+            "{why}"
+        );
+    }
+
+    /// A session on a connection whose agent side is returned.
+    async fn attached(tag: &str) -> (Session, UnixStream, UnixListener) {
+        let path = socket_path(tag);
+        let l = UnixListener::bind(&path).unwrap();
+        let agent = async {
+            let (mut s, _, _) = greet(&l).await;
+            take_over(&mut s, false).await;
+            s
+        };
+        let (s, session) = tokio::join!(agent, Session::open(path.clone(), attach_req()));
+        (session.unwrap(), s, l)
+    }
+
+    #[tokio::test]
+    async fn a_notice_out_of_place_or_a_lost_agent_ends_the_notices() {
+        let (mut session, mut s, _l) = attached("notices").await;
+        let odd = Response::Welcome { version: 1 };
+        awire::write(&mut s, &odd).await.unwrap();
+        let e = session.notices.finished().await.unwrap_err();
+        assert!(e.starts_with("unexpected message Welcome"), "{e}");
+        let (mut session, s, _l) = attached("lost").await;
+        drop(s);
+        assert!(session.notices.finished().await.is_err());
+    }
+
+    #[tokio::test]
+    async fn the_scheduler_address_goes_to_the_agent_as_a_session_request() {
+        let (mut session, mut s, _l) = attached("address").await;
+        let (_, writer) = session.parts();
+        report_scheduler(writer, "tls://n1:8786").await.unwrap();
+        let got: SessionRequest = awire::read(&mut s, MAX).await.unwrap();
+        assert_eq!(
+            got,
+            SessionRequest::SchedulerAddress {
+                address: "tls://n1:8786".into()
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reattach_passes_back_the_held_socket_and_follows_the_new_agent() {
+        let (mut session, mut s, l) = attached("reattach").await;
+        let held_file = std::fs::File::open("/dev/null").unwrap();
+        awire::write(&mut s, &Response::HoldFd).await.unwrap();
+        awire::send_fds(&s, &[held_file.as_fd()]).await.unwrap();
+        drop(s);
+        assert!(session.notices.finished().await.is_err(), "the agent left");
+        let agent = async {
+            let (mut s, _, a) = greet(&l).await;
+            let fds = take_over(&mut s, true).await;
+            let end = Response::Finished {
+                exit_code: 0,
+                reason: "done".into(),
+            };
+            awire::write(&mut s, &end).await.unwrap();
+            (s, a, fds)
+        };
+        let client = async {
+            session.reattach(Duration::from_secs(5)).await.unwrap();
+            session.notices.finished().await
+        };
+        let ((_s, a, fds), end) = tokio::join!(agent, client);
+        let want = Attach {
+            reattach: true,
+            forkserver_fd: true,
+            ..attach_req()
+        };
+        assert_eq!(a, want);
+        assert_eq!(fds.len(), 2, "the log, then the held socket");
+        assert_eq!(file_id(fds[1].as_fd()), file_id(held_file.as_fd()));
+        assert_eq!(end.map(|f| (f.exit_code, f.reason)), Ok((0, "done".into())));
+    }
+
+    #[tokio::test]
+    async fn a_new_agent_that_refuses_ends_the_reattach_at_once() {
+        let (mut session, s, l) = attached("rerefused").await;
+        drop(s);
+        let agent = async {
+            let (mut s, _) = l.accept().await.unwrap();
+            let _: Hello = awire::read(&mut s, MAX).await.unwrap();
+            let no = Response::Error {
+                message: "unknown job 7".into(),
+            };
+            awire::write(&mut s, &no).await.unwrap();
+            s
+        };
+        let start = std::time::Instant::now();
+        let (_s, r) = tokio::join!(agent, session.reattach(Duration::from_secs(5)));
+        assert_eq!(r, Err("node agent refused: unknown job 7".into()));
+        assert!(start.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn no_new_agent_within_the_grace_says_why_it_last_failed() {
+        let (mut session, s, l) = attached("nonew").await;
+        drop((s, l));
+        let _ = std::fs::remove_file(&session.socket);
+        let e = session
+            .reattach(Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        let want = format!(
+            "it did not come back within 0s (node agent socket {}: ",
+            session.socket.display()
+        );
+        assert!(e.starts_with(&want), "{e}");
+    }
+
+    #[tokio::test]
+    async fn only_the_very_process_named_is_stopped() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let start = dask_spank_common::procstat::start_time(pid).unwrap();
+        let stale = ProcIdent {
+            pid,
+            start: start + 1,
+        };
+        assert!(!alive(&stale));
+        stop_groups(&[stale]).await;
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "a reused pid is left alone"
+        );
+        // Reaped as it dies: a zombie would still look alive.
+        let reaper = std::thread::spawn(move || child.wait());
+        stop_groups(&[ProcIdent { pid, start }]).await;
+        let status = reaper.join().unwrap().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(nix::libc::SIGTERM));
+    }
+}

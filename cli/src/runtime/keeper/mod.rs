@@ -516,3 +516,212 @@ pub fn end_of_cluster(cluster: &ClusterName, dir: &ClusterDir) {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use decide::{Demand, Worker};
+
+    /// A keeper of cluster `ana` on a fresh directory.
+    fn keeper(tag: &str) -> Keeper {
+        let dir = std::env::temp_dir().join(format!("dsp-keep-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Keeper::new("ana".parse().unwrap(), ClusterDir(dir))
+    }
+
+    fn job(label: &str, pool: Option<&str>, state: QueueState) -> WorkerJob {
+        WorkerJob {
+            label: label.into(),
+            pool: pool.map(|p| p.parse().unwrap()),
+            state,
+            limit_s: None,
+            used_s: 0,
+        }
+    }
+
+    /// The helper's view now: these dask workers (by name), this demand.
+    fn view(workers: &[&str], demand: Demand) -> SchedulerView {
+        let workers = workers
+            .iter()
+            .map(|w| {
+                let address = format!("tcp://{w}:1");
+                (w.to_string(), Worker { address, keys: 0 })
+            })
+            .collect();
+        SchedulerView {
+            workers,
+            demand,
+            at: now(),
+        }
+    }
+
+    fn jobs() -> Vec<WorkerJob> {
+        vec![
+            job("10_1", None, QueueState::Running),
+            job("10_2", None, QueueState::Waiting),
+            job("11_1", Some("gpu"), QueueState::Running),
+        ]
+    }
+
+    #[test]
+    fn a_fixed_target_grows_by_its_own_pools_shortfall() {
+        let mut k = keeper("fixed");
+        let four = Target::Workers { workers: 4 };
+        let (step, s) = k.pool_step(None, four.clone(), &jobs());
+        let why = "target 4, 2 active".to_string();
+        assert_eq!(step, Step::Grow { n: 2, why });
+        let want = PoolKeeperStatus {
+            target: 4,
+            intention: four.clone(),
+            pending: 1,
+            running: 1,
+            retiring: 0,
+            connected: 0,
+            short_reason: None,
+        };
+        assert_eq!(s, want);
+        // The gpu pool at 0: its running worker is retired through dask,
+        // but only once the helper lists it.
+        let gpu: PoolName = "gpu".parse().unwrap();
+        let zero = Target::Workers { workers: 0 };
+        let (step, _) = k.pool_step(Some(&gpu), zero.clone(), &jobs());
+        assert_eq!(step, Step::Hold);
+        k.view = Some(view(&["ana-11_1", "ana-10_1"], Demand::default()));
+        let (step, s) = k.pool_step(Some(&gpu), zero.clone(), &jobs());
+        let retire = vec!["tcp://ana-11_1:1".to_string()];
+        let cancel = vec!["11_1".to_string()];
+        assert_eq!(step, Step::Shrink { retire, cancel });
+        assert_eq!((s.target, s.running, s.connected), (0, 1, 1));
+        // While a retirement is under way, every pool holds.
+        k.retiring = Some((vec!["12_1".into()], Instant::now()));
+        assert_eq!(k.pool_step(None, four, &jobs()).0, Step::Hold);
+        assert_eq!(k.pool_step(Some(&gpu), zero, &jobs()).0, Step::Hold);
+    }
+
+    #[test]
+    fn an_adaptive_target_waits_for_the_helpers_word_then_follows_its_demand() {
+        let mut k = keeper("adapt");
+        let range = Target::Adapt { adapt: [1, 10] };
+        let (step, s) = k.pool_step(None, range.clone(), &jobs());
+        assert_eq!(step, Step::Hold);
+        assert_eq!(s.target, 2, "no word yet: what it has");
+        let demand = Demand {
+            adaptive_target: 5,
+            ..Default::default()
+        };
+        k.view = Some(view(&[], demand));
+        let (step, _) = k.pool_step(None, range, &jobs());
+        assert!(matches!(step, Step::Grow { n: 3, .. }), "{step:?}");
+        // A pool is sized by the tasks asking for its resources.
+        let gpu: PoolName = "gpu".parse().unwrap();
+        let args = WorkerArgs {
+            resources: vec![("GPU".into(), 1.0)],
+            ..Default::default()
+        };
+        k.dir.write_worker_args_of(Some(&gpu), &args).unwrap();
+        let demand = Demand {
+            adaptive_target: 5,
+            resources: [("GPU".to_string(), 3.0)].into(),
+            ..Default::default()
+        };
+        k.view = Some(view(&[], demand));
+        let range = Target::Adapt { adapt: [0, 8] };
+        let (step, _) = k.pool_step(Some(&gpu), range, &jobs());
+        assert!(matches!(step, Step::Grow { n: 2, .. }), "{step:?}");
+    }
+
+    #[test]
+    fn an_old_view_of_the_helper_is_no_view() {
+        let mut k = keeper("fresh");
+        k.view = Some(view(&["ana-10_1"], Demand::default()));
+        assert!(k.fresh_view().is_some());
+        // The interval's default is 5 s: the helper ticks every 2 s, and
+        // three ticks and a second are 7 s (6: a second may pass here).
+        k.view.as_mut().unwrap().at = now() - 6;
+        assert!(k.fresh_view().is_some());
+        k.view.as_mut().unwrap().at = now() - 9;
+        assert!(k.fresh_view().is_none());
+    }
+
+    fn pool_status(connected: u32) -> PoolKeeperStatus {
+        PoolKeeperStatus {
+            target: 2,
+            intention: Target::Workers { workers: 2 },
+            pending: 0,
+            running: 2,
+            retiring: 0,
+            connected,
+            short_reason: None,
+        }
+    }
+
+    #[test]
+    fn the_status_between_steps_has_the_helpers_count_and_each_pools_refusal() {
+        let mut k = keeper("status");
+        let others = [("gpu".to_string(), pool_status(1))].into();
+        k.write_status(Some(keeper_status(pool_status(0), others)));
+        let gpu: PoolName = "gpu".parse().unwrap();
+        let refused = k.pools.entry(Some(gpu)).or_default();
+        refused
+            .backoff
+            .record(2, 0, "QOSMaxSubmitJobPerUserLimit", now());
+        k.helper.status.restarts = 3;
+        k.view = Some(view(&["a", "b", "c"], Demand::default()));
+        k.write_status(None);
+        let s = k.dir.keeper().unwrap();
+        assert_eq!(s.default.connected, 2, "all connected but the gpu pool's");
+        assert_eq!(s.default.short_reason, None);
+        assert_eq!(
+            s.pools["gpu"].short_reason.as_deref(),
+            Some("sbatch refused 2 of 2 worker jobs: QOSMaxSubmitJobPerUserLimit")
+        );
+        assert_eq!(s.helper.restarts, 3);
+        assert!(now().saturating_sub(s.updated) <= 1);
+    }
+
+    #[tokio::test]
+    async fn the_helpers_view_is_recorded_and_its_death_forgets_it() {
+        let mut k = keeper("events");
+        k.write_status(Some(keeper_status(pool_status(0), BTreeMap::new())));
+        let v = view(&["ana-10_1", "ana-10_2"], Demand::default());
+        k.on_event(Event::View(v.clone())).await;
+        assert_eq!(k.view, Some(v));
+        let c = std::fs::read(k.dir.path().join(layout::CONNECTED)).unwrap();
+        let c: Connected = serde_json::from_slice(&c).unwrap();
+        assert_eq!(c.workers, ["ana-10_1", "ana-10_2"]);
+        assert_eq!(k.dir.keeper().unwrap().default.connected, 2);
+        k.on_event(Event::Error("no scheduler".into())).await;
+        assert_eq!(k.last_error.as_deref(), Some("no scheduler"));
+        k.on_event(Event::Died("exit status 1".into())).await;
+        assert_eq!(k.view, None);
+    }
+
+    #[tokio::test]
+    async fn only_a_down_recorded_since_the_keeper_started_stops_it() {
+        let mut k = keeper("down");
+        k.dir.write_target(&Target::Down { down: true }).unwrap();
+        assert!(k.step().await, "this cluster's down");
+        // A down older than the keeper is a past cluster's of the name.
+        k.started = SystemTime::now() + Duration::from_secs(3600);
+        assert!(!k.step().await);
+    }
+
+    #[test]
+    fn the_helper_connects_with_the_credentials_once_all_exist() {
+        let k = keeper("connect");
+        let tls = dask_spank_common::paths::tls_files(k.dir.path());
+        let plain = serde_json::json!({"connect": {
+            "address": "tls://n1:1", "ca": null, "cert": null, "key": null}});
+        assert_eq!(connect_order("tls://n1:1", &tls), plain);
+        for f in [&tls.ca, &tls.cert] {
+            std::fs::write(f, "x").unwrap();
+        }
+        assert_eq!(connect_order("tls://n1:1", &tls), plain, "no key yet");
+        std::fs::write(&tls.key, "x").unwrap();
+        let order = connect_order("tls://n1:1", &tls);
+        assert_eq!(order["connect"]["key"], serde_json::json!(tls.key));
+        assert_eq!(order["connect"]["ca"], serde_json::json!(tls.ca));
+        assert_eq!(order["connect"]["cert"], serde_json::json!(tls.cert));
+    }
+}
