@@ -88,7 +88,7 @@ mod tests {
                 state: SlurmState::Pending,
                 node: String::new(),
                 reason: String::new(),
-                submit: String::new(),
+                submit: None,
             })
             .collect();
         build("ana", &queued, reports, None, &[], "/f".into(), None)

@@ -66,7 +66,10 @@ pub struct QueuedJob {
     pub state: SlurmState,
     pub node: String,
     pub reason: String,
-    pub submit: String,
+    /// When it was submitted, in seconds since the epoch (squeue asked with
+    /// `SLURM_TIME_FORMAT=%s`: no time zone to guess, and whatever the
+    /// user's own `SLURM_TIME_FORMAT` says).
+    pub submit: Option<u64>,
 }
 
 fn user() -> String {
@@ -91,7 +94,7 @@ pub fn parse_squeue(out: &str) -> Vec<QueuedJob> {
                 state: SlurmState::parse(f[2].trim()),
                 node: f[3].trim().into(),
                 reason: f[4].trim().into(),
-                submit: f[5].trim().into(),
+                submit: f[5].trim().parse().ok(),
             })
         })
         .collect()
@@ -108,7 +111,8 @@ pub fn of_cluster(name: &str, cluster: &str) -> bool {
 /// jobs are read and the cluster's picked by name.
 pub fn squeue(cluster: Option<&str>) -> Result<Vec<QueuedJob>, String> {
     let mut cmd = Command::new("squeue");
-    cmd.args(["-h", "-r", "-u", &user(), "-o", "%i|%j|%T|%N|%r|%V"]);
+    cmd.env("SLURM_TIME_FORMAT", "%s")
+        .args(["-h", "-r", "-u", &user(), "-o", "%i|%j|%T|%N|%r|%V"]);
     let out = output_within(&mut cmd, SLURM_TIMEOUT)?;
     if !out.status.success() {
         return Err(format!(
@@ -450,8 +454,9 @@ mod tests {
 
     #[test]
     fn squeue_lines() {
-        let j = parse_squeue("12_3|dask-worker-ana|RUNNING|n1|None|2026-11-22T23:00:00\nbad\n");
+        let j = parse_squeue("12_3|dask-worker-ana|RUNNING|n1|None|1796485230\nbad\n");
         assert_eq!(j.len(), 1);
+        assert_eq!(j[0].submit, Some(1796485230));
         assert_eq!(j[0].label, "12_3");
         assert_eq!(j[0].state, SlurmState::Running);
         assert!(of_cluster("dask-worker-ana@gpu", "ana"));

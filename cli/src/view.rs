@@ -352,7 +352,7 @@ mod tests {
                 String::new()
             },
             reason: reason.into(),
-            submit: String::new(),
+            submit: None,
         }
     }
 

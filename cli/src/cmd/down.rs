@@ -82,7 +82,7 @@ mod tests {
             state,
             node: String::new(),
             reason: String::new(),
-            submit: String::new(),
+            submit: None,
         }
     }
 

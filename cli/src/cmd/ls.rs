@@ -27,7 +27,7 @@ pub fn run(a: Args) -> Res {
                 serde_json::json!({
                 "cluster": v.cluster, "scheduler": v.scheduler.as_ref().map(|s| &s.state),
                 "workers": v.total(), "connected": v.connected, "pending": v.pending,
-                "running": v.running, "failed": v.failed, "pools": v.pools, "submitted": since,
+                "running": v.running, "failed": v.failed, "pools": v.pools, "submitted": since.map(rfc3339),
                 "scheduler_file": v.scheduler_file})
             })
             .collect();
@@ -62,8 +62,9 @@ pub fn run(a: Args) -> Res {
 }
 
 /// The clusters of the queued jobs, by name, each with its earliest
-/// submission time. Apart from `run` (which asks squeue) to be tested.
-fn clusters(queued: &[QueuedJob]) -> Vec<(String, String)> {
+/// submission time (seconds since the epoch). Apart from `run` (which asks
+/// squeue) to be tested.
+fn clusters(queued: &[QueuedJob]) -> Vec<(String, Option<u64>)> {
     let mut names: Vec<String> = queued
         .iter()
         .filter_map(|q| parse_job_name(&q.name).map(|(_, c)| c.to_string()))
@@ -76,23 +77,27 @@ fn clusters(queued: &[QueuedJob]) -> Vec<(String, String)> {
             let since = queued
                 .iter()
                 .filter(|q| parse_job_name(&q.name).is_some_and(|(_, c)| c == n))
-                .map(|q| q.submit.clone())
-                .min()
-                .unwrap_or_default();
+                .filter_map(|q| q.submit)
+                .min();
             (n, since)
         })
         .collect()
 }
 
-fn age(since: &str) -> String {
-    let Ok(t) = humantime::parse_rfc3339_weak(since) else {
+fn age(since: &Option<u64>) -> String {
+    let Some(since) = since else {
         return "-".into();
     };
-    let secs = std::time::SystemTime::now()
-        .duration_since(t)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    age_of(secs)
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    age_of(now.saturating_sub(*since))
+}
+
+/// A time since the epoch as RFC 3339, in UTC (`ls --json`'s "submitted").
+fn rfc3339(secs: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 /// An age in its largest unit: seconds under 2 minutes, minutes under 2
@@ -110,33 +115,36 @@ mod tests {
     use super::*;
     use dask_spank_common::slurm_state::SlurmState;
 
-    fn q(label: &str, name: &str, submit: &str) -> QueuedJob {
+    fn q(label: &str, name: &str, submit: Option<u64>) -> QueuedJob {
         QueuedJob {
             label: label.into(),
             name: name.into(),
             state: SlurmState::Running,
             node: "n1".into(),
             reason: "None".into(),
-            submit: submit.into(),
+            submit,
         }
     }
 
     #[test]
     fn each_cluster_of_the_queue_once_since_its_first_submission() {
         let queued = [
-            q("12", "dask-scheduler-zed", "2024-03-01T08:00:00"),
-            q("10", "dask-scheduler-ana", "2024-01-02T10:00:00"),
-            q("11_1", "dask-worker-ana", "2024-01-02T10:00:05"),
-            q("9_1", "dask-worker-ana@gpu", "2024-01-01T09:00:00"),
-            q("13", "my-own-job", "2023-01-01T00:00:00"),
+            q("12", "dask-scheduler-zed", Some(1_709_280_000)),
+            q("10", "dask-scheduler-ana", Some(1_704_189_600)),
+            q("11_1", "dask-worker-ana", Some(1_704_189_605)),
+            q("9_1", "dask-worker-ana@gpu", Some(1_704_099_600)),
+            q("13", "my-own-job", Some(1)),
+            q("14", "dask-worker-old", None),
         ];
         let want = [
-            ("ana", "2024-01-01T09:00:00"),
-            ("zed", "2024-03-01T08:00:00"),
+            ("ana", Some(1_704_099_600)),
+            ("old", None),
+            ("zed", Some(1_709_280_000)),
         ]
-        .map(|(n, s)| (n.to_string(), s.to_string()));
+        .map(|(n, s)| (n.to_string(), s));
         assert_eq!(clusters(&queued), want);
-        assert!(clusters(&[q("13", "my-own-job", "")]).is_empty());
+        assert!(clusters(&[q("13", "my-own-job", None)]).is_empty());
+        assert_eq!(rfc3339(1_704_099_600), "2024-01-01T09:00:00Z");
     }
 
     #[test]
@@ -152,10 +160,13 @@ mod tests {
         for (secs, want) in ages {
             assert_eq!(age_of(secs), want, "{secs} s");
         }
-        assert_eq!(age("not a time"), "-");
-        assert_eq!(age(""), "-");
-        let ten_min_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(630);
-        let since = humantime::format_rfc3339_seconds(ten_min_ago).to_string();
-        assert_eq!(age(&since), "10m");
+        assert_eq!(age(&None), "-");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert_eq!(age(&Some(now - 630)), "10m");
+        // A submission in the future (clocks apart) is no negative age.
+        assert_eq!(age(&Some(now + 60)), "0s");
     }
 }

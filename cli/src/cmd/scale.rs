@@ -67,7 +67,7 @@ mod tests {
             state: SlurmState::parse(state),
             node: String::new(),
             reason: String::new(),
-            submit: String::new(),
+            submit: None,
         }
     }
 
