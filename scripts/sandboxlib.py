@@ -143,9 +143,24 @@ def scheduler_file(name: str) -> Path:
     return Path(layout(name)["scheduler_file"])
 
 
+def sandbox_uids() -> set[int]:
+    """The users whose processes are this sandbox's: its two test users,
+    and root (a dask process as root would be a bug to see). Another
+    sandbox on the machine has test users of its own (CI runs two side
+    by side), whose processes may carry the same cluster names."""
+    uids = {0}
+    for name in (TEST_USER, OTHER_USER):
+        try:
+            uids.add(pwd.getpwnam(name).pw_uid)
+        except KeyError:
+            pass
+    return uids
+
+
 def dask_processes(uid: int | None = None) -> list[dict]:
-    """Live dask scheduler/worker processes (optionally of one uid), from /proc."""
-    procs = []
+    """Live dask scheduler/worker processes of this sandbox's users
+    (`sandbox_uids`), or of one uid, from /proc."""
+    procs, ours = [], sandbox_uids()
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -183,7 +198,7 @@ def dask_processes(uid: int | None = None) -> list[dict]:
         # environment).
         cluster = next((e[len(b"DASK_SPANK_CLUSTER="):] for e in environ if e.startswith(b"DASK_SPANK_CLUSTER=")), b"")
         p["cluster"] = cluster.decode(errors="replace")
-        if uid is None or p["uid"][0] == uid:
+        if p["uid"][0] == uid or (uid is None and p["uid"][0] in ours):
             procs.append(p)
     return procs
 

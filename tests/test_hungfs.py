@@ -209,8 +209,9 @@ def user_processes() -> list[str]:
         if not d.name.isdigit():
             continue
         try:
-            st = (d / "status").read_text()
-            comm = (d / "comm").read_text().strip()
+            # Any process may name itself in bytes that are not UTF-8.
+            st = (d / "status").read_bytes().decode(errors="replace")
+            comm = (d / "comm").read_bytes().decode(errors="replace").strip()
         except OSError:
             continue
         fields = dict(l.split(":", 1) for l in st.splitlines() if ":" in l)
