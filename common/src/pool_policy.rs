@@ -420,7 +420,7 @@ pub fn check_job(
 mod tests {
     use super::*;
 
-    use crate::policy::asked::asked;
+    use crate::policy::fixtures::asked;
     fn gpu() -> Option<PoolName> {
         Some("gpu".parse().unwrap())
     }

@@ -342,11 +342,12 @@ pub fn worker_lifetime_s(remaining_s: u64, margin_s: u64) -> u64 {
     }
 }
 
-/// The options a test asks for, as the plugin's parsed command line would
-/// give them (the submit checks' tests here and in pool_policy).
+/// Fixtures of the policy checks' tests (here, in `rules` and in
+/// pool_policy): the options a test asks for, as the plugin's parsed
+/// command line would give them, an example site and a conforming job.
 #[cfg(test)]
-pub(crate) mod asked {
-    use super::Asked;
+pub(crate) mod fixtures {
+    use super::{AccountPolicy, Asked, JobFacts, Policy};
     use std::collections::HashMap;
 
     pub struct Map(HashMap<&'static str, &'static str>);
@@ -361,16 +362,9 @@ pub(crate) mod asked {
     pub fn asked(pairs: &[(&'static str, &'static str)]) -> Map {
         Map(pairs.iter().copied().collect())
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    use asked::asked;
 
     /// The example site policy (packaging/examples/cc-in2p3.conf).
-    fn cc_in2p3() -> Policy {
+    pub fn cc_in2p3() -> Policy {
         let mut p = Policy::default();
         p.scheduler.partition = Some("htc_daemon".into());
         p.worker.partition = Some("htc".into());
@@ -378,6 +372,28 @@ mod tests {
         p.account = AccountPolicy::PrimaryGroup;
         p
     }
+
+    /// What slurmctld grants a conforming worker job of that site.
+    pub fn good_facts() -> JobFacts {
+        JobFacts {
+            partition: "htc".into(),
+            account: "phys".into(),
+            licenses: vec!["sps".into()],
+            num_tasks: 1,
+            num_nodes: 1,
+            cpus: 1,
+            mem_mb: 3072,
+            time_limit_s: Some(7200),
+            gres: vec![],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use fixtures::{asked, cc_in2p3, good_facts};
 
     #[test]
     fn site_neutral_defaults_set_no_partition_licence_or_account() {
@@ -499,20 +515,6 @@ mod tests {
         assert_eq!(array_task_count("1,3,5-9%2"), Some(7));
         assert_eq!(array_task_count("5-1"), None);
         assert_eq!(array_task_count("x"), None);
-    }
-
-    fn good_facts() -> JobFacts {
-        JobFacts {
-            partition: "htc".into(),
-            account: "phys".into(),
-            licenses: vec!["sps".into()],
-            num_tasks: 1,
-            num_nodes: 1,
-            cpus: 1,
-            mem_mb: 3072,
-            time_limit_s: Some(7200),
-            gres: vec![],
-        }
     }
 
     #[test]

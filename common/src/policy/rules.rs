@@ -399,31 +399,9 @@ fn node_array(_n: &OnNode) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::asked::asked;
+    use super::super::fixtures::{asked, cc_in2p3 as site, good_facts as facts};
     use super::super::{check_job, check_submit};
     use super::*;
-
-    fn site() -> Policy {
-        let mut p = Policy::default();
-        p.worker.partition = Some("htc".into());
-        p.worker.licenses = vec!["sps".into()];
-        p.account = AccountPolicy::PrimaryGroup;
-        p
-    }
-
-    fn facts() -> JobFacts {
-        JobFacts {
-            partition: "htc".into(),
-            account: "phys".into(),
-            licenses: vec!["sps".into()],
-            num_tasks: 1,
-            num_nodes: 1,
-            cpus: 1,
-            mem_mb: 3072,
-            time_limit_s: Some(7200),
-            gres: vec![],
-        }
-    }
 
     /// Each rule, broken at submission and on the node: both checks refuse
     /// it, and both say the same thing (the key, or the rule's words).
@@ -492,22 +470,5 @@ mod tests {
             let e = check_job(Role::Worker, None, &f, &p, "phys").unwrap_err();
             assert!(e.contains(said), "node, {about}: {e}");
         }
-    }
-
-    #[test]
-    fn the_submit_side_fills_in_what_the_user_left_out_in_rule_order() {
-        let s = check_submit(Role::Worker, None, &asked(&[]), &site(), "phys").unwrap();
-        assert_eq!(
-            s,
-            [
-                "--partition=htc",
-                "--account=phys",
-                "--licenses=sps",
-                "--ntasks=1",
-                "--cpus-per-task=1",
-                "--mem=3G",
-                "--time=2:00:00"
-            ]
-        );
     }
 }
