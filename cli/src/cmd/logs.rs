@@ -55,22 +55,46 @@ pub fn run(a: Args) -> Res {
     loop {
         std::thread::sleep(Duration::from_millis(500));
         for (label, f) in log_files(&dir, job) {
-            let Ok(text) = std::fs::read(&f) else {
-                continue;
-            };
             let done = printed.entry(label.clone()).or_insert_with(|| {
                 println!("==> {label}: {} <==", f.display());
                 0
             });
-            if (text.len() as u64) > *done {
-                let new = String::from_utf8_lossy(&text[*done as usize..]).into_owned();
-                for line in new.lines() {
-                    println!("{label}: {line}");
-                }
-                *done = text.len() as u64;
+            let Ok(new) = read_from(&f, done) else {
+                continue;
+            };
+            let (lines, used) = complete_lines(&new);
+            for line in lines {
+                println!("{label}: {line}");
             }
+            *done += used as u64;
         }
     }
+}
+
+/// What `f` holds after its first `*done` bytes (from the start again,
+/// and `*done` reset, if it was truncated).
+fn read_from(f: &std::path::Path, done: &mut u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(f)?;
+    if file.metadata()?.len() < *done {
+        *done = 0;
+    }
+    file.seek(SeekFrom::Start(*done))?;
+    let mut new = Vec::new();
+    file.read_to_end(&mut new)?;
+    Ok(new)
+}
+
+/// The complete lines at the start of `bytes`, and the bytes they take:
+/// a line still being written waits for its end (printed in two pieces,
+/// it would read as two lines, and a character could be cut in two).
+fn complete_lines(bytes: &[u8]) -> (Vec<String>, usize) {
+    let end = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let lines = String::from_utf8_lossy(&bytes[..end])
+        .lines()
+        .map(str::to_string)
+        .collect();
+    (lines, end)
 }
 
 /// The logs the cluster's jobs reported (label, path), optionally of one job.
@@ -128,5 +152,31 @@ mod tests {
         assert!(of(Some("11_2")).is_empty(), "no log reported");
         assert!(of(Some("11")).is_empty(), "no prefix match");
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_line_still_being_written_waits_for_its_end() {
+        let (lines, used) = complete_lines(b"one\ntwo\nthr");
+        assert_eq!(
+            (lines, used),
+            (vec!["one".to_string(), "two".to_string()], 8)
+        );
+        assert_eq!(complete_lines(b"partial"), (vec![], 0));
+        // A character cut by the writer is not printed in two halves.
+        let euro = "\u{20ac}\n".as_bytes();
+        assert_eq!(complete_lines(&euro[..2]), (vec![], 0));
+        assert_eq!(complete_lines(euro), (vec!["\u{20ac}".to_string()], 4));
+    }
+
+    #[test]
+    fn a_log_is_read_from_where_it_was_left_and_again_once_truncated() {
+        let f = std::env::temp_dir().join(format!("dsp-logs-{}", std::process::id()));
+        std::fs::write(&f, b"abc\ndef\n").unwrap();
+        let mut done = 4;
+        assert_eq!(read_from(&f, &mut done).unwrap(), b"def\n");
+        std::fs::write(&f, b"x\n").unwrap();
+        assert_eq!(read_from(&f, &mut done).unwrap(), b"x\n");
+        assert_eq!(done, 0);
+        std::fs::remove_file(&f).unwrap();
     }
 }
