@@ -386,6 +386,10 @@ def medians(runs: list[list[dict]]) -> list[dict]:
 
 def main() -> int:
     """One run, or BENCH_RUNS runs and the medians of their figures."""
+    if "--first-result" in sys.argv[1:]:
+        import bench_first
+
+        return bench_first.main()
     only_control = "--control" in sys.argv[1:]
     only_sbatch = "--sbatch" in sys.argv[1:]
     only_handover = "--handover" in sys.argv[1:]
