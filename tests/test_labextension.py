@@ -299,8 +299,9 @@ LIVE_PLOTS = ("[...document.querySelectorAll('.dask-DashboardListing-item button
               ".filter(b => !b.disabled).map(b => b.value)")
 PLOT = """(() => {
   const f = [...document.querySelectorAll('iframe')].find(f => f.src.includes('/dask/dashboard/'));
-  const d = f && f.contentDocument;
-  if (!d || !d.body) return null;
+  if (!f) return null;
+  const d = f.contentDocument;
+  if (!d || !d.body) return {src: f.src, title: null, roots: 0};
   return {src: f.src, title: d.title, roots: d.querySelectorAll('div[data-root-id], .bk-Column, .bk-Figure').length};
 })()"""
 
@@ -346,9 +347,7 @@ def browse(lab: Lab, names: list[str], select: str, plot: str) -> dict:
             sb.wait_until("the Dask panel to list the clusters with live plots", panel_ready, 90, 0.5)
         except TimeoutError as e:
             raise AssertionError(f"{e}: {seen}") from None
-        tab.eval(f"document.querySelector('.dask-DashboardListing-item button[value=\"{plot}\"]').click()")
-        seen["plot"] = sb.wait_until(f"the {plot} plot", lambda: (lambda p: p if p and p["roots"] else None)(
-            tab.eval(PLOT)), 60, 0.5)
+        seen["plot"] = open_plot(tab, plot, seen)
         assert f"/dask/dashboard/{select}/" in seen["plot"]["src"], seen
         time.sleep(2)  # its first data
         png = base64.b64decode(tab.call("Page.captureScreenshot", format="png")["data"])
@@ -365,6 +364,31 @@ def browse(lab: Lab, names: list[str], select: str, plot: str) -> dict:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+def open_plot(tab: DevTools, plot: str, seen: dict) -> dict:
+    """Clicks the panel's `plot` button and waits for the plot's page in
+    its iframe. A click can fall on a button the panel is re-rendering
+    (it re-renders on every cluster poll, and under load a poll can land
+    between the query and the click); the click is repeated, as a user
+    would, while no dashboard iframe has appeared."""
+    click = f"document.querySelector('.dask-DashboardListing-item button[value=\"{plot}\"]').click()"
+    clicked = [0.0]
+
+    def shown():
+        seen["last_plot_state"] = state = tab.eval(PLOT)
+        if state and state["roots"]:
+            return state
+        if state is None and time.monotonic() - clicked[0] > 10:
+            tab.eval(click)
+            clicked[0] = time.monotonic()
+            seen["plot_clicks"] = seen.get("plot_clicks", 0) + 1
+        return None
+
+    try:
+        return sb.wait_until(f"the {plot} plot", shown, 120, 0.5)
+    except TimeoutError as e:
+        raise AssertionError(f"{e}: {seen}") from None
 
 
 def check_picture(png: bytes) -> None:
