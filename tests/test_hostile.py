@@ -22,6 +22,7 @@ import pytest
 
 import agentproto
 import sandboxlib as sb
+from rootopens import RootOpens
 
 # Generous for a loaded 2-core machine; a blocked agent misses it by far.
 PING_BOUND_S = 1.0
@@ -164,8 +165,16 @@ def test_1_a_full_pipe_as_the_job_output_cannot_freeze_the_agent(cluster_name):
 def test_2_root_never_reads_a_scheduler_file_trap(policy, trap, cluster_name):
     """The cluster's scheduler file is a symlink to /dev/zero, a FIFO or a
     sparse 100 GB file. The worker dies and its job is stopped, the two
-    moments the agent used to read that file as root; it must not. (TLS
-    off: a TLS worker would wait for its scheduler's credentials.)"""
+    moments the agent used to read that file as root; it must not: the
+    kernel's view (tests/rootopens.py) shows no root process of the
+    agent's or Slurm's opening it, while it does show the user's worker
+    opening it (so the watch sees what happens there). The agent answers
+    and stays small throughout. Shown failing: an agent that reads 64
+    bytes of the file as root on a thread of its own when it restarts the
+    worker passed the ping and memory checks and fails this for the FIFO
+    and the sparse file (a quick read of /dev/zero, a device, falls
+    between the watch's samples: see rootopens.py). (TLS off: a TLS worker would wait for its
+    scheduler's credentials.)"""
     policy("tls=off")
     name = f"{cluster_name}-{trap}"
     d = sb.cluster_dir(name)
@@ -175,14 +184,19 @@ def test_2_root_never_reads_a_scheduler_file_trap(policy, trap, cluster_name):
     make = {"dev-zero": ["ln", "-s", "/dev/zero", str(f)], "fifo": ["mkfifo", str(f)],
             "sparse": ["truncate", "-s", "100G", str(f)]}[trap]
     sb.as_user(make)
-    with AgentWatch() as w:
+    with RootOpens(f, [sb.agent_pid()]) as opens, AgentWatch() as w:
         job = sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", "-o", "log/hostile-%j.log")
         pid = sb.wait_until("the worker to run", lambda: next(
             (j["pid"] for j in sb.agent_status() if str(j["job_id"]) == job and j["state"] == "running"), None), 60)
-        sb.as_user(["kill", "-9", str(pid)])
+        uid = sb.user().pw_uid
+        sb.wait_until("the worker to open its scheduler file", lambda: any(
+            e["pid"] == pid and e["uids"][1] == uid for e in opens.events), 30)
+        # (Reading a sparse 100 GB file, it may have died of it already.)
+        sb.as_user(["kill", "-9", str(pid)], check=False)
         sb.wait_until("the worker to be restarted", lambda: "worker restarted" in job_log(job), 30)
         sb.run(["scancel", job])
         sb.wait_job_gone(job)
+    assert not opens.root_openers(), f"root opened the user's {trap} trap: {opens.root_openers()}"
     w.check()
     assert not sb.cluster_processes(name)
 
