@@ -170,7 +170,9 @@ mod tests {
 
     #[test]
     fn a_log_is_read_from_where_it_was_left_and_again_once_truncated() {
-        let f = std::env::temp_dir().join(format!("dsp-logs-{}", std::process::id()));
+        // Not the other test's name: the tests run side by side, and a file
+        // here made that test's directory fail with "File exists".
+        let f = std::env::temp_dir().join(format!("dsp-follow-{}", std::process::id()));
         std::fs::write(&f, b"abc\ndef\n").unwrap();
         let mut done = 4;
         assert_eq!(read_from(&f, &mut done).unwrap(), b"def\n");
