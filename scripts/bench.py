@@ -280,14 +280,14 @@ def cores_declared_rows(figures: dict, reps: int = 5) -> list[tuple]:
     the number of Pythons competing for 2 cores. Alternating, median of
     reps; the node's 256 cpus are back afterwards."""
     n = max(1, (os.cpu_count() or 2) - 1)
-    sb.sandbox_up(1, cpus=os.cpu_count() or 2)
+    sb.sandbox_up(nodes=1, cpus=os.cpu_count() or 2)
     try:
         t_ours, t_ref = [], []
         for _ in range(reps):
             t_ours.append(ours(n, figures, measure=False, name="bench-cores"))
             t_ref.append(jobqueue(n, True, ready_only=True)["ready"][str(n)])
     finally:
-        sb.sandbox_up(1, cpus=256)
+        sb.sandbox_up(nodes=1, cpus=256)
     figures["cores_declared"] = {"n": n, "ours": t_ours, "jq": t_ref}
     return [(f"time_to_ready_s_N{n}_cores_declared", median(t_ours), median(t_ref))]
 

@@ -105,45 +105,9 @@ reexec_in_root() {
   exec_in_root "$self" "$@"
 }
 
-# Run a command as the unprivileged test user, with the sandbox environment.
-as_user() {
-  runuser -u "$TEST_USER" -- env -C "$STATE/work" \
-    HOME="$STATE/home/$TEST_USER" USER="$TEST_USER" LOGNAME="$TEST_USER" \
-    SLURM_CONF="$SLURM_CONF" PATH="$VENV/bin:$BIN:/usr/local/bin:/usr/bin:/bin" \
-    "$@"
+# The layout above, for Python (scripts/sandbox.py reads it: each rule is
+# stated here only).
+sandbox_layout() {
+  printf '%s=%s\n' SLURM_RELEASE "$SLURM_RELEASE" HOST_SLURM "$HOST_SLURM" STATE "$STATE" TARGET "$TARGET" \
+    TEST_USER "$TEST_USER" CTLD_PORT "$CTLD_PORT" VENV "$VENV" BIN "$BIN" IN_ROOT "$IN_ROOT"
 }
-
-# Wait until a command succeeds: wait_for SECONDS DESCRIPTION CMD...
-wait_for() {
-  local secs=$1 what=$2; shift 2
-  local end=$((SECONDS + secs))
-  until "$@" >/dev/null 2>&1; do
-    [ $SECONDS -lt $end ] || { log "timed out after ${secs}s waiting for $what"; return 1; }
-    sleep 0.2
-  done
-}
-
-# Whether the process in pid file $1 runs. A zombie does not count: a daemon
-# killed while re-parented to a PID 1 that does not reap stays a zombie.
-running() {
-  local pid
-  [ -f "$1" ] && pid=$(cat "$1") && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
-  case $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) in Z|X|"") return 1 ;; esac
-}
-
-# Stop a process we started, by the PID in its pid file: TERM, then KILL.
-stop_pidfile() {
-  local f=$1 pid
-  [ -f "$f" ] || return 0
-  pid=$(cat "$f")
-  if running "$f"; then
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 100); do running "$f" || break; sleep 0.1; done
-    if running "$f"; then
-      log "pid $pid ($f) ignored SIGTERM for 10s: SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
-  fi
-  rm -f "$f"
-}
-

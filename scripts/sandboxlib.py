@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import pwd
 import subprocess
 import time
@@ -16,39 +15,24 @@ from pathlib import Path
 
 import agentproto
 
-REPO = Path(__file__).resolve().parent.parent
-# .sandbox may be a symlink (see scripts/lib.sh): use the real path, which
-# the test user can reach.
-# The Slurm release (scripts/lib.sh: --slurm V or DASK_SPANK_SLURM) and its
-# state directory, by the same rule as lib.sh. The scripts run Python inside
-# the release's root for 24.11 and 26.05, with both variables set.
-HOST_SLURM = "22.05"
-SLURM_RELEASE = os.environ.get("DASK_SPANK_SLURM") or HOST_SLURM
-_DEFAULT_STATE = REPO / ".sandbox" if SLURM_RELEASE == HOST_SLURM else REPO / ".sandbox" / f"slurm-{SLURM_RELEASE}"
-STATE = Path(os.environ.get("DASK_SPANK_SANDBOX") or _DEFAULT_STATE).resolve()
-TEST_USER = os.environ.get("DASK_SPANK_TEST_USER", "dasktest")
-# A second unprivileged user for tests of what one user cannot do to
-# another's jobs; derived from TEST_USER so that two sandboxes never share it.
-OTHER_USER = TEST_USER + "b"
-# Same variable, default and rule as scripts/lib.sh: slurmctld's port (plus
-# 200 for 24.11, 400 for 26.05); slurmd of nI listens on CTLD_PORT + 3 + I.
-PORT_BASE = int(os.environ.get("DASK_SPANK_PORT_BASE", "6817"))
-CTLD_PORT = PORT_BASE + {"22.05": 0, "24.11": 200}.get(SLURM_RELEASE, 400)
-# The node agent of nI serves its metrics over HTTP on loopback here.
-METRICS_PORT_N1 = CTLD_PORT + 101
-VENV = STATE / "venv"
-BIN = STATE / "bin"
-WORK = STATE / "work"
-LOGS = STATE / "log"
-HOME = STATE / "home" / TEST_USER
+import sandbox as _box
+from sandbox import Sandbox
 
-ENV = dict(os.environ)
-ENV["SLURM_CONF"] = str(STATE / "etc" / "slurm.conf")
-ENV["PATH"] = f"{VENV}/bin:{BIN}:" + ENV.get("PATH", "/usr/bin:/bin")
+# The sandbox's places, ports and names (scripts/sandbox.py has them from
+# scripts/lib.sh, where each rule is stated).
+REPO, STATE, CTLD_PORT = _box.REPO, _box.STATE, _box.CTLD_PORT
+SLURM_RELEASE, HOST_SLURM = _box.SLURM_RELEASE, _box.HOST_SLURM
+TEST_USER, OTHER_USER, HOME, WORK = _box.TEST_USER, _box.OTHER_USER, _box.HOME, _box.WORK
+VENV, BIN, LOGS = _box.VENV, _box.BIN, _box.LOGS
+# The node agent of n1 serves its metrics over HTTP on loopback here.
+METRICS_PORT_N1 = _box.metrics_port(1)
+ENV = _box.env()
 
 
 def sandbox(cmd: str) -> None:
-    subprocess.run([str(REPO / "scripts" / "sandbox"), cmd], check=True, env=os.environ)
+    """`up` (with the settings kept) or `down`, in this process."""
+    box = Sandbox()
+    {"up": box.up, "down": box.down}[cmd]()
 
 
 def run(args, check=True, **kw) -> subprocess.CompletedProcess:
@@ -294,24 +278,20 @@ def worker_names(c) -> set[str]:
 def set_policy(args: str) -> None:
     """Run the sandbox with extra plugstack.conf policy keys ("" for none).
     Restarts slurmd when plugstack.conf changes."""
-    f = STATE / "etc" / "policy.args"
-    if args:
-        f.write_text(args + "\n")
-    elif f.exists():
-        f.unlink()
-    sandbox("up")
+    Sandbox().up(policy=args)
 
 
 def set_site(args: str | None) -> None:
     """The site's policy keys: None for the sandbox's default (the example
     site policy, packaging/examples/cc-in2p3.conf), "" for none at all (a
     site-neutral line). Restarts slurmd when plugstack.conf changes."""
-    f = STATE / "etc" / "site.args"
-    if args is None:
-        f.unlink(missing_ok=True)
-    else:
-        f.write_text(args + "\n")
-    sandbox("up")
+    Sandbox().up(site=args)
+
+
+def health_check(on: bool) -> None:
+    """The nodes' health check on or off (off: a dead agent does not get
+    its node drained, for tests of what a job then sees)."""
+    Sandbox().set_health_check(on)
 
 
 def wait_job_gone(job: str, timeout: float = 60.0) -> None:
@@ -357,15 +337,11 @@ def agent_request(request: dict, user: str | None = None) -> dict:
     return json.loads(p.stdout)
 
 
-def sandbox_up(nodes: int, cpus: int | None = None, accounting: bool | None = None) -> None:
-    """Bring the sandbox up with this many nodes (n1..nN), each declaring
-    `cpus` cpus, with or without slurmdbd and enforced association limits
-    (`accounting`; unchanged if None)."""
-    extra = ["--cpus", str(cpus)] if cpus else []
-    if accounting is not None:
-        extra += ["--accounting", "on" if accounting else "off"]
-    subprocess.run([str(REPO / "scripts" / "sandbox"), "up", "--nodes", str(nodes), *extra],
-                   check=True, env=os.environ)
+def sandbox_up(**settings) -> None:
+    """Bring the sandbox up with these settings changed (scripts/sandbox.py's
+    `Settings`: nodes, cpus, accounting, site, policy, plugstack_include,
+    health_check); the others as they were."""
+    Sandbox().up(**settings)
 
 
 def agent_status_of(node: str) -> list[dict]:

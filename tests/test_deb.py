@@ -204,7 +204,6 @@ def test_install_run_upgrade_remove_purge(debs):
     confd = CONF.parent
     before = sorted(p.name for p in confd.iterdir()) if confd.is_dir() else None
     lib = f"{plugdir()}/spank_dask.so"
-    include = sb.STATE / "etc" / "plugstack.include"
     try:
         dpkg("-i", debs["dask-spank"], debs["python3-dask-spank"])
         assert installed("dask-spank") and installed("python3-dask-spank")
@@ -222,9 +221,8 @@ def test_install_run_upgrade_remove_purge(debs):
         assert active(confd) == [line]
 
         # slurmd and sbatch read the installed snippet, as on a Debian node.
-        include.write_text(f"{confd}\n")
         os.environ["DASK_SPANK_PAYLOAD"] = "/"
-        sb.sandbox("up")
+        sb.sandbox_up(plugstack_include=str(confd))
         conf = (sb.STATE / "etc" / "plugstack.conf").read_text()
         assert conf == f"include {confd}/*.conf\n", conf
         for running, shipped in [(sb.BIN / "dask-node-agent", "/usr/sbin/dask-node-agent"),
@@ -269,5 +267,4 @@ def test_install_run_upgrade_remove_purge(debs):
     finally:
         os.environ.pop("DASK_SPANK_PAYLOAD", None)
         sh("dpkg", "--purge", "dask-spank", "python3-dask-spank")
-        include.unlink(missing_ok=True)
-        sb.sandbox("up")  # back to the build tree's binaries and policy line
+        sb.sandbox_up(plugstack_include=None)  # back to the build tree's binaries and policy line

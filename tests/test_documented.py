@@ -125,8 +125,7 @@ def test_agent_timeout_fails_the_job_when_the_agent_hangs(policy, cluster_name):
     """slurmstepd waits agent_timeout for a hung agent, no longer: the job
     fails with the reason, and the node goes on running other jobs."""
     policy("agent_timeout=2")
-    no_check = sb.STATE / "etc" / "no-health-check"  # no drain during the test
-    no_check.touch()
+    sb.health_check(False)  # no drain during the test
     agent = sb.agent_pid()
     os.kill(agent, signal.SIGSTOP)
     try:
@@ -140,7 +139,7 @@ def test_agent_timeout_fails_the_job_when_the_agent_hangs(policy, cluster_name):
         assert sb.job_state(plain) == "COMPLETED"
     finally:
         os.kill(agent, signal.SIGCONT)
-        no_check.unlink()
+        sb.health_check(True)
     log = job_log(job)
     assert "the dask-spank node agent on n1 does not answer (node agent did not answer within 2s)" in log, log
     assert sb.job_state(job) == "FAILED"

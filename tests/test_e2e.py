@@ -221,8 +221,7 @@ def test_job_fails_with_a_clear_message_when_the_agent_is_down(cluster_name):
     """A job that reaches a node whose agent is down fails at once, FAILED,
     with the reason. (The node's health check, off here, would drain the
     node first: test_siteops.)"""
-    no_check = sb.STATE / "etc" / "no-health-check"
-    no_check.touch()
+    sb.health_check(False)
     pidfile = sb.STATE / "run" / "agent-n1.pid"
     pid = int(pidfile.read_text())
     os.kill(pid, signal.SIGTERM)
@@ -236,7 +235,7 @@ def test_job_fails_with_a_clear_message_when_the_agent_is_down(cluster_name):
         assert sb.job_state(job) == "FAILED"
         assert not sb.cluster_processes(cluster_name)
     finally:
-        no_check.unlink()
+        sb.health_check(True)
         sb.sandbox("up")  # restarts the agent
 
 

@@ -150,8 +150,7 @@ def test_a_worker_killed_before_its_scheduler_is_up_restarts(policy, cluster_nam
 def test_up_wait_says_why_the_scheduler_job_failed(cluster_name):
     """The scheduler job fails before writing anything (here: the node's
     agent is down): `up --wait` ends with the job's reason, from its log."""
-    no_check = sb.STATE / "etc" / "no-health-check"
-    no_check.touch()
+    sb.health_check(False)
     pid = sb.agent_pid()
     os.kill(pid, signal.SIGTERM)
     sb.wait_until("the agent to exit", lambda: not os.path.exists(f"/proc/{pid}"), 30)
@@ -161,7 +160,7 @@ def test_up_wait_says_why_the_scheduler_job_failed(cluster_name):
         assert f"cluster '{cluster_name}' did not start: the scheduler job" in p.stderr, p.stderr
         assert "no dask-spank node agent on n1" in p.stderr, p.stderr
     finally:
-        no_check.unlink()
+        sb.health_check(True)
         sb.sandbox("up")
 
 

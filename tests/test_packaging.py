@@ -404,8 +404,8 @@ def test_unit(payload):
 def enable_snippet(payload) -> Path:
     """What the snippet's header tells an admin to do: uncomment its line
     (here also pointed at the sandbox's install path and agent directory),
-    in the included directory. plugstack.conf then holds only
-    `include <dir>/*.conf`."""
+    in the included directory, which the sandbox's plugstack.conf is then
+    to include (`include <dir>/*.conf`, alone)."""
     d = sb.STATE / "etc" / "plugstack.conf.d"
     d.mkdir(exist_ok=True)
     text = (payload / "etc/slurm/plugstack.conf.d/dask-spank.conf").read_text()
@@ -414,7 +414,6 @@ def enable_snippet(payload) -> Path:
     text = text.replace(f"#required {lib}", f"required {sb.STATE / 'lib/spank_dask.so'} "
                         f"agent_dir={sb.STATE / 'run/agent'} attach_cmd={sb.BIN / 'dask-spank'}")
     (d / "dask-spank.conf").write_text(text)
-    (sb.STATE / "etc" / "plugstack.include").write_text(f"{d}\n")
     return d
 
 
@@ -425,7 +424,7 @@ def test_payload_runs_a_dask_cluster(payload):
     os.environ["DASK_SPANK_PAYLOAD"] = str(payload)
     snippets = enable_snippet(payload)
     try:
-        sb.sandbox("up")
+        sb.sandbox_up(plugstack_include=str(snippets))
         conf = (sb.STATE / "etc" / "plugstack.conf").read_text()
         assert conf == f"include {snippets}/*.conf\n", conf
         for installed, shipped in [
@@ -447,8 +446,7 @@ def test_payload_runs_a_dask_cluster(payload):
         sb.wait_job_gone(arr)
     finally:
         del os.environ["DASK_SPANK_PAYLOAD"]
-        (sb.STATE / "etc" / "plugstack.include").unlink()
-        sb.sandbox("up")  # back to the build tree's binaries and policy line
+        sb.sandbox_up(plugstack_include=None)  # back to the build tree's binaries and policy line
 
 
 def commits_with_packaging(n: int) -> list[str]:
