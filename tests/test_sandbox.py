@@ -1,0 +1,49 @@
+"""The sandbox library (scripts/sandbox.py): its configuration is what its
+settings say, the running sandbox uses it, and bad settings are refused in
+one line naming the setting."""
+from __future__ import annotations
+
+import pytest
+
+import sandbox as box
+import sandboxlib as sb
+
+
+def test_the_running_sandbox_has_the_configuration_its_settings_render():
+    s = box.Settings.load()
+    assert (box.ETC / "slurm.conf").read_text() == box.slurm_conf(s)
+    assert (box.ETC / "plugstack.conf").read_text() == box.plugstack_conf(s)
+    # Every node the settings name is up, with its own slurmd port.
+    up = sb.run(["sinfo", "-h", "-N", "-o", "%N %t"]).stdout.split("\n")  # a line per partition
+    assert sorted({l.split()[0] for l in up if l}) == s.node_names(), up
+    for i, n in enumerate(s.node_names(), 1):
+        assert f"NodeName={n} NodeAddr=127.0.0.1 Port={box.slurmd_port(i)} CPUs={s.cpus}" in box.slurm_conf(s)
+
+
+def test_policy_keys_merge_site_then_tests_and_a_later_key_wins_in_place():
+    keys = box.policy_keys(box.Settings(site="worker_cpus=1 tls=on worker_mem=1G", policy="tls=off extra=1"))
+    assert keys[:2] == [f"agent_dir={box.AGENT_DIR}", f"attach_cmd={box.BIN}/dask-spank"]
+    assert keys[2:] == ["worker_cpus=1", "tls=off", "worker_mem=1G", "extra=1"]
+    # No site keys at all, and the default: the example site policy's.
+    assert box.policy_keys(box.Settings(site=""))[2:] == []
+    assert "account=primary-group" in box.policy_keys(box.Settings())
+    include = box.Settings(plugstack_include="/etc/slurm/plugstack.conf.d")
+    assert box.plugstack_conf(include) == "include /etc/slurm/plugstack.conf.d/*.conf\n"
+
+
+def test_accounting_and_the_health_check_are_in_what_slurm_reads():
+    on = box.slurm_conf(box.Settings(accounting=True))
+    assert f"AccountingStoragePort={box.DBD_PORT}" in on and "accounting_storage/slurmdbd" in on
+    assert "accounting_storage/none" in box.slurm_conf(box.Settings())
+    assert "exit 0" in box.health_check_script(box.Settings(health_check=False))
+    assert " health --agent-dir " in box.health_check_script(box.Settings())
+
+
+@pytest.mark.parametrize("bad, says", [(dict(nodes=0), "nodes=0: want a number from 1 to 99"),
+                                       (dict(cpus=10000), "cpus=10000: want a number from 1 to 9999")])
+def test_bad_settings_are_refused_before_anything_changes(bad, says):
+    before = (box.ETC / "sandbox.json").read_text()
+    with pytest.raises(box.SandboxError) as e:
+        box.Sandbox().up(**bad)
+    assert str(e.value) == says
+    assert (box.ETC / "sandbox.json").read_text() == before
