@@ -590,10 +590,11 @@ def comm(pid: int) -> bytes:
 
 def real_uid(pid: int) -> int | None:
     """The real user id of `pid` (from /proc/<pid>/status, which even a
-    non-dumpable process leaves readable); None once it is gone."""
+    non-dumpable process leaves readable; read as bytes: its Name line is
+    the process's own choice, here not UTF-8); None once it is gone."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith("Uid:"))
+        with open(f"/proc/{pid}/status", "rb") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith(b"Uid:"))
     except (OSError, StopIteration, ValueError):
         return None
 
