@@ -46,10 +46,13 @@ _libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
 _libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
 
 
-def _status(pid: int | str) -> dict[str, str]:
+def proc_status(pid: int | str) -> dict[str, str]:
+    """/proc/<pid>/status as a dict. Read as bytes: its Name line is the
+    process's own choice, and need not be UTF-8 (a text read would fail
+    and hide that process)."""
     out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
+    with open(f"/proc/{pid}/status", "rb") as f:
+        for line in f.read().decode(errors="replace").splitlines():
             k, _, v = line.partition(":")
             out[k] = v.strip()
     return out
@@ -60,7 +63,7 @@ def _ancestry(pid: int) -> list[int]:
     while pid > 1 and len(chain) < 64:
         chain.append(pid)
         try:
-            pid = int(_status(pid)["PPid"])
+            pid = int(proc_status(pid)["PPid"])
         except (OSError, KeyError, ValueError):
             break
     return chain
@@ -126,7 +129,7 @@ class RootOpens:
             while off + EVENT.size <= len(buf):
                 length, _vers, _r, _ml, _mask, efd, pid = EVENT.unpack_from(buf, off)
                 try:
-                    self.events.append(_describe(pid, _status(pid), how="open"))
+                    self.events.append(_describe(pid, proc_status(pid), how="open"))
                 except (OSError, KeyError, ValueError) as e:
                     self.errors.append(f"pid {pid}: {e!r}")
                 # Let it go, then drop our copy of its descriptor.
@@ -141,7 +144,7 @@ class RootOpens:
         while not select.select([self._stop_r], [], [], SAMPLE_EVERY_S)[0]:
             for pid in self._suspect_pids():
                 try:
-                    st = _status(pid)
+                    st = proc_status(pid)
                     how = self._holds(pid)
                     if how and (pid, how) not in seen:
                         seen.add((pid, how))
@@ -154,7 +157,7 @@ class RootOpens:
         for entry in os.listdir("/proc"):
             if entry.isdigit():
                 try:
-                    st = _status(entry)
+                    st = proc_status(entry)
                     parents[int(entry)], names[int(entry)] = int(st["PPid"]), st["Name"]
                 except (OSError, KeyError, ValueError):
                     continue

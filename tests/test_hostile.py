@@ -22,7 +22,7 @@ import pytest
 
 import agentproto
 import sandboxlib as sb
-from rootopens import RootOpens
+from rootopens import RootOpens, proc_status
 
 # Generous for a loaded 2-core machine; a blocked agent misses it by far.
 PING_BOUND_S = 1.0
@@ -590,12 +590,10 @@ def comm(pid: int) -> bytes:
 
 def real_uid(pid: int) -> int | None:
     """The real user id of `pid` (from /proc/<pid>/status, which even a
-    non-dumpable process leaves readable; read as bytes: its Name line is
-    the process's own choice, here not UTF-8); None once it is gone."""
+    non-dumpable process leaves readable); None once it is gone."""
     try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith(b"Uid:"))
-    except (OSError, StopIteration, ValueError):
+        return int(proc_status(pid)["Uid"].split()[0])
+    except (OSError, KeyError, ValueError):
         return None
 
 
