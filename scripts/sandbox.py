@@ -128,6 +128,14 @@ def short_hostname() -> str:
     return socket.gethostname().split(".")[0]
 
 
+def tail(path: Path, lines: int) -> list[str]:
+    """The last lines of a log (none if it is missing)."""
+    try:
+        return path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return []
+
+
 def alive(pid: int) -> bool:
     """Whether `pid` runs. A zombie does not count: a daemon killed while
     re-parented to a PID 1 that does not reap stays a zombie."""
@@ -453,8 +461,24 @@ class Sandbox:
         # Install what is missing, build (scripts/sandbox has just done it).
         if not os.environ.pop("DASK_SPANK_SETUP_DONE", None):
             subprocess.run([str(REPO / "scripts" / "setup")], check=True, env=os.environ)
-        self.settings = new
+        previous, self.settings = self.settings, new
         new.save()
+        try:
+            self.start(new)
+        except BaseException:
+            # The settings kept are those of the last `up` that worked: a
+            # later `up` (the next test's) starts from them instead of
+            # failing the same way (three nodes that would not come up,
+            # asked for again by every test that changes the policy).
+            self.settings = previous
+            previous.save()
+            raise
+        version = slurm("sinfo", "-V").split()
+        log(f"sandbox up (Slurm {version[-1] if version else '?'}, ports {CTLD_PORT}+): "
+            + ";".join(slurm("sinfo", "-h", "-o", "%P %a %D %t").split("\n")))
+
+    def start(self, new: Settings) -> None:
+        """Render `new`, then start or restart what it changes."""
         conf_changed, plugstack_changed = self.write_config()
         self.ensure_users()
         restart_slurmd, restart_agent = self.install_binaries()
@@ -489,11 +513,16 @@ class Sandbox:
             try:
                 wait_for(60, f"node {node} to be idle", lambda: self.node_ready(node))
             except SandboxError as e:
-                raise SandboxError(f"{e}: node {node} is not up (see {LOGS}/slurmd-{node}.log)") from None
+                raise SandboxError(f"{e}: node {node} is not up ({self.node_trouble(node)})") from None
             slurm("scontrol", "update", f"nodename={node}", "state=resume")
-        version = slurm("sinfo", "-V").split()
-        log(f"sandbox up (Slurm {version[-1] if version else '?'}, ports {CTLD_PORT}+): "
-            + ";".join(slurm("sinfo", "-h", "-o", "%P %a %D %t").split("\n")))
+
+    def node_trouble(self, node: str) -> str:
+        """What Slurm says of a node that did not come up, and the last error
+        in its slurmd's log: one line, for the error a test shows."""
+        said = slurm("sinfo", "-h", "-n", node, "-o", "%t, reason: %E").strip().replace("\n", "; ")
+        errors = [line.strip() for line in tail(LOGS / f"slurmd-{node}.log", 200) if "error" in line]
+        return (f"sinfo: {said or 'no such node'}; slurmd's last error: {errors[-1] if errors else 'none'}; "
+                f"see {LOGS}/slurmd-{node}.log")
 
     def write_config(self) -> tuple[bool, bool]:
         """Every configuration file; whether slurm.conf and plugstack.conf

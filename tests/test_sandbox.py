@@ -47,3 +47,29 @@ def test_bad_settings_are_refused_before_anything_changes(bad, says):
         box.Sandbox().up(**bad)
     assert str(e.value) == says
     assert (box.ETC / "sandbox.json").read_text() == before
+
+
+def test_an_up_that_fails_says_why_and_keeps_the_settings_that_worked():
+    """A second node whose slurmd port is taken never comes up: `up` fails
+    naming the node, Slurm's word on it and slurmd's last error, and the
+    kept settings stay those of the sandbox that worked, so that the next
+    `up` (the next test's) brings that sandbox back instead of failing the
+    same way."""
+    import socket
+
+    box.Sandbox().up(nodes=1)
+    before = (box.ETC / "sandbox.json").read_text()
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", box.slurmd_port(2)))
+        taken.listen()
+        with pytest.raises(box.SandboxError) as e:
+            box.Sandbox().up(nodes=2)
+    said = str(e.value)
+    assert "\n" not in said and "node n2 is not up (sinfo: " in said, said
+    assert "slurmd's last error: " in said and "slurmd-n2.log" in said, said
+    assert (box.ETC / "sandbox.json").read_text() == before
+    box.Sandbox().up(policy=box.Settings.load().policy)
+    assert box.Settings.load().nodes == 1
+    assert not box.Sandbox().slurmd("n2").running() and not box.Sandbox().agent("n2").running()
+    test_the_running_sandbox_has_the_configuration_its_settings_render()
