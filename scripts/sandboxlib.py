@@ -314,6 +314,17 @@ def agent_metrics() -> dict[str, int]:
             if "{" not in k}
 
 
+def agent_speaks(version: int) -> bool:
+    """Whether node n1's agent accepts a peer of this protocol version."""
+    try:
+        c = agentproto.Conn(agent_socket(), "version-probe", timeout=10, version=version)
+    except agentproto.AgentError:
+        return False
+    ok = c.call({"type": "ping"}).get("type") == "ok"
+    c.close()
+    return ok
+
+
 def agent_pid() -> int:
     return int((STATE / "run" / "agent-n1.pid").read_text())
 

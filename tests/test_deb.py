@@ -7,6 +7,7 @@ in, a dask cluster is run from the installed files (the installed plugin
 named by the installed conffile, the installed agent and command), and the
 packages are upgraded, removed, reinstalled and purged as a site would,
 leaving the system as it was."""
+import json
 import os
 import re
 import shutil
@@ -268,3 +269,96 @@ def test_install_run_upgrade_remove_purge(debs):
         os.environ.pop("DASK_SPANK_PAYLOAD", None)
         sh("dpkg", "--purge", "dask-spank", "python3-dask-spank")
         sb.sandbox_up(plugstack_include=None)  # back to the build tree's binaries and policy line
+
+
+def next_release_commit() -> str:
+    """A commit of the next release, made from HEAD in the repository's
+    object store only (no branch, no working tree change): version 0.1.1,
+    and the protocol version one higher, with the same messages, as a
+    release that bumps it without breaking its peers. Its tree differs from
+    HEAD's in Cargo.toml, Cargo.lock (the workspace's crates) and
+    common/src/lib.rs."""
+    def git(*args, env=None, stdin=None) -> str:
+        return subprocess.run(["git", "-C", str(sb.REPO), *args], capture_output=True, text=True, check=True,
+                              env={**os.environ, **(env or {})}, input=stdin).stdout.strip()
+
+    members = {p["name"] for p in json.loads(subprocess.run(
+        ["cargo", "metadata", "--no-deps", "--format-version", "1", "--offline"], cwd=sb.REPO,
+        capture_output=True, text=True, check=True).stdout)["packages"]}
+    changed = {"Cargo.toml": git("show", "HEAD:Cargo.toml").replace('\nversion = "0.1.0"', '\nversion = "0.1.1"', 1)}
+    lock = git("show", "HEAD:Cargo.lock")
+    for name in members:
+        lock = lock.replace(f'name = "{name}"\nversion = "0.1.0"', f'name = "{name}"\nversion = "0.1.1"')
+    changed["Cargo.lock"] = lock
+    lib = git("show", "HEAD:common/src/lib.rs")
+    m = re.search(r"#\[cfg\(not\(dask_spank_next_protocol\)\)\]\npub const PROTOCOL_VERSION: u32 = (\d+);", lib)
+    assert m, "common/src/lib.rs: no PROTOCOL_VERSION to bump"
+    changed["common/src/lib.rs"] = lib.replace(m.group(0), m.group(0).replace(f"= {m.group(1)};",
+                                                                              f"= {int(m.group(1)) + 1};"))
+    for path, text in changed.items():
+        assert text != git("show", f"HEAD:{path}"), f"{path}: nothing to change for the next release"
+    index = {"GIT_INDEX_FILE": str(sb.STATE / "next-release.index")}
+    git("read-tree", "HEAD", env=index)
+    for path, text in changed.items():
+        blob = git("hash-object", "-w", "--stdin", stdin=text + "\n")
+        git("update-index", "--cacheinfo", f"100644,{blob},{path}", env=index)
+    tree = git("write-tree", env=index)
+    return git("commit-tree", tree, "-p", "HEAD", "-m", "next release (test_deb)", env={
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"})
+
+
+def test_an_upgrade_to_the_next_release_keeps_a_running_cluster(debs):
+    """Install this release; a cluster runs from it; upgrade to the next
+    release, whose agent speaks the next protocol version, while that
+    cluster runs (dpkg -i, then the agent restarted on the new binary, as
+    the unit's restart does): the cluster's workers, adopted by the new
+    agent, compute again with the same client, a new cluster starts from
+    the upgraded plugin and command, and plain jobs run after each step."""
+    out = sb.STATE / "deb-next"
+    shutil.rmtree(out, ignore_errors=True)
+    p = subprocess.run([str(sb.REPO / "scripts" / "package"), "--commit", next_release_commit(), "--deb", str(out)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr[-5000:]
+    nxt = dict(zip(["dask-spank", "python3-dask-spank"], p.stdout.split()))
+    assert Path(nxt["dask-spank"]).name == f"dask-spank_0.1.1-1_{arch()}.deb", nxt
+    import agentproto
+
+    confd, lib = CONF.parent, f"{plugdir()}/spank_dask.so"
+    line = f"required {lib} agent_dir={sb.STATE / 'run' / 'agent'}"
+    try:
+        dpkg("-i", debs["dask-spank"], debs["python3-dask-spank"])
+        CONF.write_text(CONF.read_text().replace(f"#required {lib}\n", line + "\n"))
+        os.environ["DASK_SPANK_PAYLOAD"] = "/"
+        sb.sandbox_up(plugstack_include=str(confd))
+        assert plain_job_runs() == "COMPLETED"
+        assert sb.agent_speaks(agentproto.VERSION) and not sb.agent_speaks(agentproto.VERSION + 1)
+        name = "deb-upgraded"
+        sb.forget_cluster(name)
+        sb.sbatch("--dask-role=scheduler", f"--dask-cluster={name}")
+        sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", "--array=1-2")
+        sb.wait_scheduler_file(name, 120)
+        c = sb.client(name)
+        try:
+            c.wait_for_workers(2, timeout=120)
+            workers = c.run(os.getpid)
+            assert c.submit(sum, range(100)).result(timeout=60) == 4950
+
+            dpkg("-i", nxt["dask-spank"], nxt["python3-dask-spank"])
+            assert sh("dpkg-query", "-W", "-f=${Version}", "dask-spank").stdout == "0.1.1-1"
+            assert active(confd) == [line], "the upgrade keeps the admin's edit"
+            sb.sandbox_up()  # the new agent binary: the agent restarts, as systemctl restart does
+            assert sb.agent_speaks(agentproto.VERSION + 1) and sb.agent_speaks(agentproto.VERSION), \
+                "the new agent speaks the next version and still serves the running jobs' one"
+            assert c.submit(sum, range(1000), pure=False).result(timeout=60) == 499500
+            assert c.run(os.getpid) == workers, "the same worker processes, adopted by the new agent"
+        finally:
+            c.close()
+        sb.plain_cluster_computes("deb-next-release")
+        assert plain_job_runs() == "COMPLETED"
+    finally:
+        sb.cancel_all_user_jobs(120)
+        os.environ.pop("DASK_SPANK_PAYLOAD", None)
+        sh("dpkg", "--purge", "dask-spank", "python3-dask-spank")
+        sb.sandbox_up(plugstack_include=None)
+    assert plain_job_runs() == "COMPLETED"

@@ -306,6 +306,15 @@ PLOT = """(() => {
 })()"""
 
 
+# What the page shows besides, for a timeout's message: every iframe's
+# source, the main area's tabs, the URL in the panel's dashboard box.
+PAGE = """(() => ({
+  iframes: [...document.querySelectorAll('iframe')].map(f => f.src),
+  tabs: [...document.querySelectorAll('#jp-main-dock-panel .lm-TabBar-tabLabel')].map(e => e.textContent),
+  url: [...document.querySelectorAll('.dask-DashboardLauncher input, .dask-URLInput input')].map(e => e.value),
+}))()"""
+
+
 def browse(lab: Lab, names: list[str], select: str, plot: str) -> dict:
     """Headless Chromium, as the test user, opens JupyterLab with the Dask
     panel; waits until the panel lists `names`, selects the cluster of id
@@ -347,7 +356,7 @@ def browse(lab: Lab, names: list[str], select: str, plot: str) -> dict:
             sb.wait_until("the Dask panel to list the clusters with live plots", panel_ready, 90, 0.5)
         except TimeoutError as e:
             raise AssertionError(f"{e}: {seen}") from None
-        seen["plot"] = open_plot(tab, plot, seen)
+        seen["plot"] = open_plot(tab, plot, select, seen)
         assert f"/dask/dashboard/{select}/" in seen["plot"]["src"], seen
         time.sleep(2)  # its first data
         png = base64.b64decode(tab.call("Page.captureScreenshot", format="png")["data"])
@@ -366,13 +375,15 @@ def browse(lab: Lab, names: list[str], select: str, plot: str) -> dict:
             proc.wait(10)
 
 
-def open_plot(tab: DevTools, plot: str, seen: dict) -> dict:
+def open_plot(tab: DevTools, plot: str, select: str, seen: dict) -> dict:
     """Clicks the panel's `plot` button and waits for the plot's page in
     its iframe. A click can fall on a button the panel is re-rendering
     (it re-renders on every cluster poll, and under load a poll can land
     between the query and the click); the click is repeated, as a user
-    would, while no dashboard iframe has appeared."""
+    would, while no dashboard iframe has appeared, the cluster selected
+    again first (the panel's URL can still be settling from its start)."""
     click = f"document.querySelector('.dask-DashboardListing-item button[value=\"{plot}\"]').click()"
+    reselect = f"document.querySelector('li[data-cluster-id=\"{select}\"]').click()"
     clicked = [0.0]
 
     def shown():
@@ -380,6 +391,8 @@ def open_plot(tab: DevTools, plot: str, seen: dict) -> dict:
         if state and state["roots"]:
             return state
         if state is None and time.monotonic() - clicked[0] > 10:
+            if clicked[0]:
+                tab.eval(reselect)
             tab.eval(click)
             clicked[0] = time.monotonic()
             seen["plot_clicks"] = seen.get("plot_clicks", 0) + 1
@@ -388,6 +401,7 @@ def open_plot(tab: DevTools, plot: str, seen: dict) -> dict:
     try:
         return sb.wait_until(f"the {plot} plot", shown, 120, 0.5)
     except TimeoutError as e:
+        seen["page"] = tab.eval(PAGE)
         raise AssertionError(f"{e}: {seen}") from None
 
 

@@ -157,16 +157,6 @@ def next_protocol_agent() -> Path:
     return target / "release" / "dask-node-agent"
 
 
-def speaks(version: int) -> bool:
-    try:
-        c = agentproto.Conn(str(sb.agent_socket()), "upgrade-test", timeout=10, version=version)
-    except agentproto.AgentError:
-        return False
-    ok = c.call({"type": "ping"}).get("type") == "ok"
-    c.close()
-    return ok
-
-
 def test_an_agent_upgraded_to_the_next_protocol_keeps_the_running_jobs(cluster_name):
     """The agent of a running cluster is replaced by a build of the next
     protocol version: the jobs' attach processes (and the plugin), which
@@ -175,10 +165,11 @@ def test_an_agent_upgraded_to_the_next_protocol_keeps_the_running_jobs(cluster_n
     back, and a new job starts."""
     nxt = next_protocol_agent()
     current = agentproto.VERSION
-    assert speaks(current) and not speaks(current + 1), "the installed agent is this version"
+    assert sb.agent_speaks(current) and not sb.agent_speaks(current + 1), "the installed agent is this version"
     try:
         restart_mid_computation(cluster_name, signal.SIGTERM, lambda: payload_with_agent(str(nxt)))
-        assert speaks(current + 1) and speaks(current), "the new agent is the next version and serves this one"
+        assert sb.agent_speaks(current + 1) and sb.agent_speaks(current), \
+            "the new agent is the next version and serves this one"
         # A job of the old plugin and attach starts under the new agent.
         sb.forget_cluster(cluster_name + "-after")
         sched = sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster_name}-after")
