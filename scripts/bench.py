@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import statistics
-import subprocess
+import random
 import sys
 import time
 
@@ -14,112 +12,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sandboxlib as sb  # noqa: E402
 from bench_control import control_plane  # noqa: E402
 from bench_handover import handover_rows  # noqa: E402
-from benchlib import median, pss_mib, restart_latencies, rss_mib, uss_mib  # noqa: E402
+from bench_memory import memory_rows  # noqa: E402
+from bench_ready import interval_row, ready_once, ready_rows  # noqa: E402
+from bench_scale import scale_rows  # noqa: E402
+from bench_tls import tls_rows  # noqa: E402
+from benchlib import median  # noqa: E402
 
 SIZES = [int(x) for x in os.environ.get("BENCH_SIZES", "8,32,64").split(",")]
-
-
-def attach_pids() -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                cmd = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
-            except OSError:
-                continue
-            if len(cmd) > 1 and cmd[0].endswith(b"dask-spank") and cmd[1] == b"attach":
-                out.append(int(d))
-    return out
-
-
-def start_cluster(name: str, n: int):
-    """Submit a scheduler and n worker jobs; the client once all n are
-    connected, and the seconds from the first sbatch."""
-    sb.forget_cluster(name)
-    t0 = time.monotonic()
-    sb.sbatch("--dask-role=scheduler", f"--dask-cluster={name}")
-    sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", f"--array=1-{n}")
-    sb.wait_scheduler_file(name, 300)
-    c = sb.client(name)
-    c.wait_for_workers(n, timeout=900)
-    return c, time.monotonic() - t0
-
-
-def slurm_calls() -> int:
-    """Calls the node agent made to Slurm's commands so far (the sandbox
-    runs it with counting wrappers on its PATH)."""
-    f = sb.LOGS / "agent-slurm-calls.log"
-    return len(f.read_text().splitlines()) if f.exists() else 0
-
-
-def ours(n: int, figures: dict, measure: bool = True, name: str = "bench") -> float:
-    """Time to ready of a cluster of n workers; at the last size also the
-    memory each job costs (PSS: the attach process, and the agent's growth
-    shared out per job); at the first, the restart latency."""
-    agent = sb.agent_pid()
-    pss0, calls0 = pss_mib(agent), slurm_calls()
-    c, dt = start_cluster(f"{name}-{n}", n)
-    figures.setdefault("controller_calls_per_job_start", []).append((slurm_calls() - calls0) / (n + 1))
-    if measure and n == SIZES[-1]:
-        attach = [pss_mib(p) for p in attach_pids()]
-        figures["agent_pss_delta_per_job_mib"] = (pss_mib(agent) - pss0) / (n + 1)
-        figures["attach_pss_mib"] = statistics.median(attach) if attach else 0.0
-    if measure and n == SIZES[0]:
-        figures["restart_s_all"] = restart_latencies(c, n)
-        figures["restart_s"] = median(figures["restart_s_all"])
-    c.close()
-    sb.cancel_all_user_jobs(120)
-    return dt
-
-
-def jobqueue(n: int, nanny: bool, ready_only: bool = False) -> dict:
-    """The reference: dask-jobqueue for one size, as the test user."""
-    args = [str(sb.VENV / "bin" / "python"), str(sb.REPO / "scripts" / "bench_jobqueue.py"), str(n)]
-    args += ([] if nanny else ["--no-nanny"]) + (["--ready-only"] if ready_only else [])
-    for attempt in (1, 2):
-        p = sb.as_user(args, check=False, timeout=3600)
-        sb.cancel_all_user_jobs(120)
-        if p.returncode == 0:
-            return json.loads(p.stdout.strip().splitlines()[-1])
-        # Said, and measured again once. Seen on 2026-11-30 when the reference
-        # also measured restarts at N=64: its Nanny did not bring a killed
-        # worker back within 60 s, twice in a row.
-        tail = " | ".join(p.stderr.strip().splitlines()[-3:])
-        print(f"the reference failed at N={n} (attempt {attempt}): {tail}", file=sys.stderr, flush=True)
-    raise RuntimeError(f"the reference failed twice at N={n}")
-
-
-def forkserver_pids(kind: str) -> list[int]:
-    """The fork servers (`dask-forkserver`) or the workers forked from them
-    (`dask-worker`), by their process name."""
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                if open(f"/proc/{d}/comm").read().strip() == kind:
-                    out.append(int(d))
-            except OSError:
-                pass
-    return out
-
-
-def ours_forkserver(n: int, figures: dict) -> None:
-    """Figures 2 and 3 again with the policy worker_start=forkserver: the
-    restart latency, and the memory of the fork server that each worker
-    job keeps beside its worker."""
-    sb.set_policy("worker_start=forkserver")
-    try:
-        c, figures["forkserver_ready_s"] = start_cluster(f"bench-fs-{n}", n)
-        servers = forkserver_pids("dask-forkserver")
-        figures["forkserver_rss_mib"] = median([rss_mib(p) for p in servers])
-        figures["forkserver_uss_mib"] = median([uss_mib(p) for p in servers])
-        figures["forkserver_pss_mib"] = median([pss_mib(p) for p in servers])
-        figures["forkserver_restart_s_all"] = restart_latencies(c, n)
-        figures["forkserver_restart_s"] = median(figures["forkserver_restart_s_all"])
-        c.close()
-        sb.cancel_all_user_jobs(120)
-    finally:
-        sb.set_policy("")
+# Repetitions of figures 1 to 4 (each a median with a 95 % interval: 6 is
+# the fewest that reach 95 % with the extremes), at the memory figures' N.
+REPS = int(os.environ.get("BENCH_REPS", "6"))
+MEMORY_N = int(os.environ.get("BENCH_MEMORY_N", str(SIZES[0])))
 
 
 # Times sbatch from inside the user's own process, so that the cost of
@@ -223,73 +126,39 @@ def sbatch_cost(reps: int = 60) -> tuple[dict, float]:
     return t, ratio
 
 
-def comparison_rows(figures: dict) -> list[tuple]:
+def comparison_rows(figures: dict, seed: int) -> list[tuple]:
     """Figures 1-4: dask-spank against dask-jobqueue (with its Nanny, and
-    without: the floor of Slurm and a cold Python start). Sizes are
-    interleaved (ours, ours over plain TCP, the Nanny, no Nanny, for one
-    size, then the next), each side cleaned up the same way after each."""
-    rows = []
-    # Warm-up, not measured: the first cluster after slurmd (re)started pays
-    # cold caches that no later one does (N=8 measured 1.3x cold, 0.5x warm).
-    c, _ = start_cluster("bench-warmup", 2)
-    c.close()
-    sb.cancel_all_user_jobs(120)
-    ready: dict[int, dict] = {}
-    for n in SIZES:
-        ready[n] = {"ours": ours(n, figures)}
-        sb.set_policy("tls=off")
-        try:
-            # Another name: a TLS cluster's credentials would be found first.
-            ready[n]["ours_tcp"] = ours(n, figures, measure=False, name="bench-tcp")
-        finally:
-            sb.set_policy("")
-        # The reference's memory and restart figures are taken at the first
-        # size, as ours are (restart); at the others it only starts.
-        first = n == SIZES[0]
-        jq, jqn = jobqueue(n, True, ready_only=not first), jobqueue(n, False, ready_only=not first)
-        ready[n]["jq"], ready[n]["jq_no_nanny"] = jq["ready"][str(n)], jqn["ready"][str(n)]
-        if first:
-            figures["jobqueue"], figures["jobqueue_no_nanny"] = jq, jqn
-    figures["ready"] = ready
-    for n in SIZES:
-        rows.append((f"time_to_ready_s_N{n}", ready[n]["ours"], ready[n]["jq"]))
-        rows.append((f"time_to_ready_s_N{n}_vs_no_nanny", ready[n]["ours"], ready[n]["jq_no_nanny"]))
-        rows.append((f"time_to_ready_s_N{n}_tls_vs_tcp", ready[n]["ours"], ready[n]["ours_tcp"]))
-    rows.append(("controller_calls_per_job_start", max(figures["controller_calls_per_job_start"]), 1.0))
-    jq, jqn = figures["jobqueue"], figures["jobqueue_no_nanny"]
-    # Memory each worker job costs beside its worker, PSS on both sides:
-    # ours, its attach process and its share of the agent; theirs, the
-    # batch shell, the Nanny and its resource_tracker (or the shell alone).
-    per_job = figures["attach_pss_mib"] + figures["agent_pss_delta_per_job_mib"]
-    rows.append(("per_job_pss_mib_vs_nanny", per_job, jq["per_job_pss_mib"]))
-    rows.append(("per_job_pss_mib_vs_no_nanny", per_job, jqn["per_job_pss_mib"]))
-    rows.append(("restart_to_registered_s_median", figures["restart_s"], statistics.median(jq["restart"])))
-    ours_forkserver(SIZES[0], figures)
-    rows.append(("restart_s_median_forkserver", figures["forkserver_restart_s"], statistics.median(jq["restart"])))
-    # What worker_start=forkserver costs per job: the server it keeps.
-    rows.append(("per_job_pss_mib_forkserver_vs_nanny", per_job + figures["forkserver_pss_mib"], jq["per_job_pss_mib"]))
-    rows += cores_declared_rows(figures)
+    without: the floor of Slurm and a cold Python start), each repeated
+    REPS times in shuffled blocks (scripts/bench_ready.py,
+    scripts/bench_memory.py); then the cores-declared and sbatch figures."""
+    rows = ready_rows(figures, SIZES, REPS, seed)
+    rows += memory_rows(figures, MEMORY_N, REPS, seed)
+    rows += cores_declared_rows(figures, seed)
     return rows + sbatch_rows(figures)
 
 
-def cores_declared_rows(figures: dict, reps: int = 5) -> list[tuple]:
+def cores_declared_rows(figures: dict, seed: int) -> list[tuple]:
     """Figure 1 without CPU oversubscription: the node declares the real
     core count and the cluster fits in it (ours: a scheduler job and
     nproc-1 worker jobs; the reference: as many worker jobs, its scheduler
     lives in the client), so the figure is the start latency of a job, not
-    the number of Pythons competing for 2 cores. Alternating, median of
-    reps; the node's 256 cpus are back afterwards."""
+    the number of Pythons competing for 2 cores. After the restart this
+    needs, one unmeasured cluster of each side; then REPS of each in a
+    shuffled order; the node's 256 cpus are back afterwards."""
     n = max(1, (os.cpu_count() or 2) - 1)
     sb.sandbox_up(nodes=1, cpus=os.cpu_count() or 2)
     try:
-        t_ours, t_ref = [], []
-        for _ in range(reps):
-            t_ours.append(ours(n, figures, measure=False, name="bench-cores"))
-            t_ref.append(jobqueue(n, True, ready_only=True)["ready"][str(n)])
+        ready_once("ours", n, "cores-warmup")
+        ready_once("jq", n, "cores-warmup")
+        order = ["ours", "jq"] * REPS
+        random.Random(seed).shuffle(order)
+        times: dict[str, list[float]] = {"ours": [], "jq": []}
+        for i, side in enumerate(order):
+            times[side].append(ready_once(side, n, f"cores-{i}"))
     finally:
         sb.sandbox_up(nodes=1, cpus=256)
-    figures["cores_declared"] = {"n": n, "ours": t_ours, "jq": t_ref}
-    return [(f"time_to_ready_s_N{n}_cores_declared", median(t_ours), median(t_ref))]
+    figures["cores_declared"] = {"n": n, "order": order, **times}
+    return [interval_row(f"time_to_ready_s_N{n}_cores_declared", times["ours"], times["jq"])]
 
 
 def sbatch_rows(figures: dict) -> list[tuple]:
@@ -345,7 +214,8 @@ def control_rows(figures: dict) -> list[tuple]:
     figures["cli_status"] = agg
     if agg["workers_listed"] != n or agg["pending"] != n:
         raise RuntimeError(f"dask-spank status did not list {n} pending worker jobs: {agg}")
-    nanny = figures.get("jobqueue", {}).get("per_job_pss_mib")
+    nanny_runs = [r["per_job_pss_mib"] for r in figures.get("memory", {}).get("jq", [])]
+    nanny = median(nanny_runs) if nanny_runs else None
     return [
         # Figure 2 again, resolved: the growth over 64 jobs is within what
         # the allocator already holds; over 3000 it is not.
@@ -361,27 +231,49 @@ def control_rows(figures: dict) -> list[tuple]:
     ]
 
 
+def row(name: str, ours: float, reference: float | None, detail: dict | None = None) -> dict:
+    """A figure: ours, the reference, their ratio (for a repeated figure,
+    the median of the ratios of its repetitions, and their interval)."""
+    out = {"name": name, "ours": ours, "reference": reference, "ratio": ours / reference if reference else None}
+    return {**out, **(detail or {})}
+
+
 def print_rows(rows: list[dict]) -> None:
-    print(f"{'name':45s} {'ours':>10s} {'reference':>10s} {'ratio':>7s}")
-    for row in rows:
-        r, ratio = row["reference"], row["ratio"]
-        ref = f"{r:10.3f}" if r is not None else f"{'-':>10s}"
-        rat = f"{ratio:7.3f}" if ratio is not None else f"{'-':>7s}"
-        print(f"{row['name']:45s} {row['ours']:10.3f} {ref} {rat}")
+    print(f"{'name':58s} {'ours':>10s} {'reference':>10s} {'ratio':>7s}  interval of the ratio")
+    for r in rows:
+        ref = f"{r['reference']:10.3f}" if r["reference"] is not None else f"{'-':>10s}"
+        rat = f"{r['ratio']:7.3f}" if r["ratio"] is not None else f"{'-':>7s}"
+        ci = (f"  [{r['ratio_low']:.3f}, {r['ratio_high']:.3f}] ({r['coverage']:.0%}, n={r['reps']})"
+              if "ratio_low" in r else "")
+        print(f"{r['name']:58s} {r['ours']:10.3f} {ref} {rat}{ci}")
 
 
 def medians(runs: list[list[dict]]) -> list[dict]:
     """Per figure, the median over runs of ours, of the reference and of the
     ratio (each ratio taken within its own run)."""
     out = []
-    for i, row in enumerate(runs[0]):
+    for i, first in enumerate(runs[0]):
         col = [run[i] for run in runs]
-        med = {"name": row["name"], "ours": median([c["ours"] for c in col])}
+        med = {"name": first["name"], "ours": median([c["ours"] for c in col])}
         for k in ("reference", "ratio"):
             vals = [c[k] for c in col if c[k] is not None]
             med[k] = median(vals) if vals else None
         out.append(med)
     return out
+
+
+# The figures of each mode (`scripts/bench --MODE`; none: the whole run).
+MODES = {
+    "control": lambda figures, seed: control_rows(figures),
+    "sbatch": lambda figures, seed: sbatch_rows(figures),
+    "handover": lambda figures, seed: handover_rows(figures),
+    "ready": lambda figures, seed: ready_rows(figures, SIZES, REPS, seed),
+    "memory": lambda figures, seed: memory_rows(figures, MEMORY_N, REPS, seed),
+    "tls": lambda figures, seed: tls_rows(figures, REPS, seed),
+    "scale": lambda figures, seed: scale_rows(figures, REPS, seed),
+    None: lambda figures, seed: comparison_rows(figures, seed) + tls_rows(figures, REPS, seed)
+    + scale_rows(figures, REPS, seed) + control_rows(figures),
+}
 
 
 def main() -> int:
@@ -390,13 +282,14 @@ def main() -> int:
         import bench_first
 
         return bench_first.main()
-    only_control = "--control" in sys.argv[1:]
-    only_sbatch = "--sbatch" in sys.argv[1:]
-    only_handover = "--handover" in sys.argv[1:]
+    modes = [a[2:] for a in sys.argv[1:] if a[2:] in MODES]
+    mode = modes[0] if modes else None
     n_runs = int(os.environ.get("BENCH_RUNS", "1"))
+    # The shuffles' seed, printed and recorded: a run's order can be replayed.
+    seed = int(os.environ.get("BENCH_SEED", str(int(time.time()))))
     sb.sandbox("up")
-    name = ("bench-control" if only_control else "bench-sbatch" if only_sbatch
-            else "bench-handover" if only_handover else "bench")
+    print(f"seed {seed} (BENCH_SEED={seed} replays this run's order)", flush=True)
+    name = f"bench-{mode}" if mode else "bench"
     if sb.SLURM_RELEASE != sb.HOST_SLURM:
         name += f"-slurm-{sb.SLURM_RELEASE}"
     path = sb.REPO / "target" / f"{name}.json"
@@ -406,7 +299,7 @@ def main() -> int:
     def record(runs, details):
         # After every run: a run that hangs later leaves the earlier ones.
         detail = {"figures": medians(runs), "runs": runs, "detail": details, "sizes": SIZES,
-                  "runs_planned": n_runs,
+                  "runs_planned": n_runs, "seed": seed, "reps": REPS, "memory_n": MEMORY_N,
                   "machine": {"nproc": os.cpu_count(), "uname": os.uname().release},
                   "slurm": slurm}
         path.write_text(json.dumps(detail, indent=2))
@@ -414,14 +307,7 @@ def main() -> int:
     runs, details = [], []
     for i in range(n_runs):
         figures: dict = {}
-        if only_sbatch:
-            rows = sbatch_rows(figures)
-        elif only_handover:
-            rows = handover_rows(figures)
-        else:
-            rows = [] if only_control else comparison_rows(figures)
-            rows += control_rows(figures)
-        rows = [{"name": n, "ours": o, "reference": r, "ratio": o / r if r else None} for n, o, r in rows]
+        rows = [row(*r) for r in MODES[mode](figures, seed + i)]
         if n_runs > 1:
             print(f"\nrun {i + 1} of {n_runs}")
         print_rows(rows)

@@ -21,7 +21,6 @@ one way once and prints {"seconds": S}.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import statistics
@@ -75,24 +74,9 @@ def one(way: str, name: str) -> float:
     return seconds
 
 
-def median_interval(xs: list[float]) -> tuple[float, float, float]:
-    """(low, high, coverage): the widest-inside order statistics
-    x(k) <= median <= x(n+1-k) with a coverage of at least 95 %, or the
-    extremes with theirs when there are too few runs for 95 %."""
-    xs, n = sorted(xs), len(xs)
-
-    def coverage(k: int) -> float:
-        below = sum(math.comb(n, i) for i in range(k)) / 2 ** n
-        return 1 - 2 * below
-
-    k = 1
-    while k + 1 <= n // 2 and coverage(k + 1) >= 0.95:
-        k += 1
-    return xs[k - 1], xs[n - k], coverage(k)
-
-
 def main() -> int:
     import sandboxlib as sb
+    from benchlib import median_interval
 
     reps = int(os.environ.get("BENCH_REPS", "7"))
     seed = int(os.environ.get("BENCH_SEED", str(int(time.time()))))

@@ -8,7 +8,7 @@ import statistics
 import sys
 import time
 
-from benchlib import parent, pss_mib, restart_latencies, rss_mib
+from benchlib import parent, pss_mib, restart_latencies, rpcs_served, rss_mib
 
 
 def children(pid):
@@ -73,6 +73,9 @@ def main():
         cluster.scale(jobs=n)
         client.wait_for_workers(n, timeout=900)
         res["ready"][n] = time.monotonic() - t0
+        if "--sdiag" in sys.argv[2:]:
+            # slurmctld's RPCs since the caller reset sdiag (the last size's).
+            res["rpcs_at_ready"] = rpcs_served()
         if n == sizes[0] and not ready_only:
             res["per_job_pss_mib"] = per_job_pss(client, nanny)
             if nanny:

@@ -2,9 +2,12 @@
 and dask-jobqueue's, run as the test user): only the standard library."""
 from __future__ import annotations
 
+import math
 import os
+import re
 import signal
 import statistics
+import subprocess
 import time
 
 
@@ -67,3 +70,28 @@ def restart_latencies(client, n: int, kills: int = 5) -> list[float]:
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else 0.0
+
+
+def median_interval(xs: list[float]) -> tuple[float, float, float]:
+    """(low, high, coverage): the widest-inside order statistics
+    x(k) <= median <= x(n+1-k) with a coverage of at least 95 %, or the
+    extremes with theirs when there are too few runs for 95 %."""
+    xs, n = sorted(xs), len(xs)
+
+    def coverage(k: int) -> float:
+        below = sum(math.comb(n, i) for i in range(k)) / 2 ** n
+        return 1 - 2 * below
+
+    k = 1
+    while k + 1 <= n // 2 and coverage(k + 1) >= 0.95:
+        k += 1
+    return xs[k - 1], xs[n - k], coverage(k)
+
+
+def rpcs_served() -> int:
+    """Every RPC slurmctld counted by message type since sdiag's last reset
+    (any user may read sdiag; only root resets it)."""
+    out = subprocess.run(["sdiag"], capture_output=True, text=True, check=True).stdout
+    section = out.split("Remote Procedure Call statistics by message type", 1)[-1]
+    section = section.split("Remote Procedure Call statistics by user", 1)[0]
+    return sum(int(m) for m in re.findall(r"count:\s*(\d+)", section))

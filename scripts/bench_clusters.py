@@ -1,0 +1,117 @@
+"""One cluster of each side of scripts/bench, started and timed the same
+way by every figure: ours through sbatch (the plugin and the agent), the
+reference (dask-jobqueue's SLURMCluster) as the test user."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import sandboxlib as sb
+
+
+def attach_pids(role: str | None = None) -> list[int]:
+    """The `dask-spank attach` processes (of the jobs of this role: its
+    DASK_SPANK_ROLE, which the plugin puts in the job's environment)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
+                if not (len(cmd) > 1 and cmd[0].endswith(b"dask-spank") and cmd[1] == b"attach"):
+                    continue
+                env = open(f"/proc/{d}/environ", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if role is None or f"DASK_SPANK_ROLE={role}".encode() in env:
+                out.append(int(d))
+    return out
+
+
+def children(pid: int) -> list[int]:
+    """Every descendant of `pid`."""
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+            except OSError:
+                continue
+            kids.setdefault(int(stat[stat.rfind(")") + 2:].split()[1]), []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            out.append(k)
+            todo.append(k)
+    return out
+
+
+def start_cluster(name: str, n: int):
+    """Submit a scheduler and n worker jobs; the client once all n are
+    connected, and the seconds from the first sbatch. A bench cluster is
+    always new: the TLS credentials an earlier cluster of this name left
+    (forget_cluster keeps them) go too, or a TCP cluster's client would
+    take them and refuse its plain connection."""
+    sb.forget_cluster(name)
+    for key, path in sb.layout(name).items():
+        if key.startswith("tls_"):
+            Path(path).unlink(missing_ok=True)
+    t0 = time.monotonic()
+    sb.sbatch("--dask-role=scheduler", f"--dask-cluster={name}")
+    sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", f"--array=1-{n}")
+    sb.wait_scheduler_file(name, 300)
+    c = sb.client(name)
+    c.wait_for_workers(n, timeout=900)
+    return c, time.monotonic() - t0
+
+
+def jobqueue(n: int, nanny: bool, ready_only: bool = False, sdiag: bool = False) -> dict:
+    """The reference: dask-jobqueue for one size, as the test user (with
+    sdiag, the RPCs slurmctld served until all its workers connected)."""
+    args = [str(sb.VENV / "bin" / "python"), str(sb.REPO / "scripts" / "bench_jobqueue.py"), str(n)]
+    args += ([] if nanny else ["--no-nanny"]) + (["--ready-only"] if ready_only else [])
+    args += ["--sdiag"] if sdiag else []
+    for attempt in (1, 2):
+        p = sb.as_user(args, check=False, timeout=3600)
+        sb.cancel_all_user_jobs(120)
+        if p.returncode == 0:
+            return json.loads(p.stdout.strip().splitlines()[-1])
+        # Said, and measured again once. Seen on 2026-11-30 when the reference
+        # also measured restarts at N=64: its Nanny did not bring a killed
+        # worker back within 60 s, twice in a row.
+        tail = " | ".join(p.stderr.strip().splitlines()[-3:])
+        print(f"the reference failed at N={n} (attempt {attempt}): {tail}", file=sys.stderr, flush=True)
+    raise RuntimeError(f"the reference failed twice at N={n}")
+
+
+def run_blocks(blocks: dict[str, tuple[str, list]], reps: int, seed: int,
+               warm_up: Callable[[list], None], measure: Callable[[int, Any], None]) -> None:
+    """The design of every repeated figure. `blocks` maps a block's name to
+    the policy keys of its sandbox configuration and its cells (what it
+    measures). Each repetition runs the blocks in a shuffled order; a block
+    whose configuration differs from the one before applies it (slurmd
+    restarts) and runs warm_up(cells), unmeasured, since the first cluster
+    after a restart is cold; then measure(rep, cell) for each cell, in a
+    shuffled order. The sandbox's own policy is back afterwards."""
+    rng = random.Random(seed)
+    last = None
+    try:
+        for rep in range(reps):
+            order = list(blocks)
+            rng.shuffle(order)
+            for name in order:
+                policy, cells = blocks[name]
+                if policy != last:
+                    sb.set_policy(policy)
+                    warm_up(cells)
+                    last = policy
+                cells = list(cells)
+                rng.shuffle(cells)
+                for cell in cells:
+                    measure(rep, cell)
+    finally:
+        sb.set_policy("")
