@@ -312,6 +312,7 @@ PAGE = """(() => ({
   iframes: [...document.querySelectorAll('iframe')].map(f => f.src),
   tabs: [...document.querySelectorAll('#jp-main-dock-panel .lm-TabBar-tabLabel')].map(e => e.textContent),
   url: [...document.querySelectorAll('.dask-DashboardLauncher input, .dask-URLInput input')].map(e => e.value),
+  buttons: [...document.querySelectorAll('.dask-DashboardListing-item button')].map(b => [b.value, b.disabled]),
 }))()"""
 
 
@@ -382,7 +383,9 @@ def open_plot(tab: DevTools, plot: str, select: str, seen: dict) -> dict:
     between the query and the click); the click is repeated, as a user
     would, while no dashboard iframe has appeared, the cluster selected
     again first (the panel's URL can still be settling from its start)."""
-    click = f"document.querySelector('.dask-DashboardListing-item button[value=\"{plot}\"]').click()"
+    # Says what it found: a button that is missing or disabled takes no click.
+    click = (f"(() => {{ const b = document.querySelector('.dask-DashboardListing-item button[value=\"{plot}\"]');"
+             " if (!b) return 'no button'; if (b.disabled) return 'disabled'; b.click(); return 'clicked'; })()")
     reselect = f"document.querySelector('li[data-cluster-id=\"{select}\"]').click()"
     clicked = [0.0]
 
@@ -393,9 +396,9 @@ def open_plot(tab: DevTools, plot: str, select: str, seen: dict) -> dict:
         if state is None and time.monotonic() - clicked[0] > 10:
             if clicked[0]:
                 tab.eval(reselect)
-            tab.eval(click)
+            said = tab.eval(click)
             clicked[0] = time.monotonic()
-            seen["plot_clicks"] = seen.get("plot_clicks", 0) + 1
+            seen.setdefault("plot_clicks", []).append(said)
         return None
 
     try:
