@@ -3,10 +3,13 @@ way by every figure: ours through sbatch (the plugin and the agent), the
 reference (dask-jobqueue's SLURMCluster) as the test user."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -65,8 +68,60 @@ def start_cluster(name: str, n: int):
     sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", f"--array=1-{n}")
     sb.wait_scheduler_file(name, 300)
     c = sb.client(name)
-    c.wait_for_workers(n, timeout=900)
+    try:
+        c.wait_for_workers(n, timeout=900)
+    except BaseException:
+        c.close()
+        raise
     return c, time.monotonic() - t0
+
+
+class OutOfMemory(Exception):
+    """A cluster that would have taken the machine's last memory."""
+
+
+# This machine has no swap: a cluster that does not fit would wake the
+# kernel's OOM killer, which picks the largest process, not the bench's.
+MEMORY_FLOOR_MIB = int(os.environ.get("BENCH_MEMORY_FLOOR_MIB", "2048"))
+
+
+def mem_available_mib() -> int:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+@contextlib.contextmanager
+def memory_guard(seen: dict):
+    """Raises OutOfMemory in the main thread (through SIGUSR1, which
+    interrupts its waits) once MemAvailable falls below MEMORY_FLOOR_MIB;
+    seen["lowest_mib"] is the least seen. The caller cancels the jobs."""
+    done = threading.Event()
+    seen["lowest_mib"] = mem_available_mib()
+
+    def watch():
+        while not done.wait(0.25):
+            seen["lowest_mib"] = min(seen["lowest_mib"], mem_available_mib())
+            if seen["lowest_mib"] < MEMORY_FLOOR_MIB:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+
+    def trip(signum, frame):
+        raise OutOfMemory(f"{seen['lowest_mib']} MiB of memory left (floor {MEMORY_FLOOR_MIB} MiB)")
+
+    before = signal.signal(signal.SIGUSR1, trip)
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        t.join()
+        # A signal sent just as the block ended may still be on its way:
+        # then it finds a handler that does nothing, not the default (exit).
+        tripped = seen["lowest_mib"] < MEMORY_FLOOR_MIB
+        signal.signal(signal.SIGUSR1, (lambda *_: None) if tripped else before)
 
 
 def jobqueue(n: int, nanny: bool, ready_only: bool = False, sdiag: bool = False) -> dict:

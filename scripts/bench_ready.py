@@ -14,11 +14,14 @@ taken within its repetition, and each figure is the median over the
 repetitions with a distribution-free 95 % interval (benchlib)."""
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+import signal
 import statistics
 
 import sandboxlib as sb
-from bench_clusters import jobqueue, run_blocks, start_cluster
+from bench_clusters import OutOfMemory, jobqueue, memory_guard, run_blocks, start_cluster
 from benchlib import median_interval
 
 # The blocks: the policy keys each applies, and the variants it measures.
@@ -62,23 +65,52 @@ def interval_row(name: str, ours: list[float], ref: list[float]) -> tuple:
              "reps": len(ratios), "ours_runs": ours, "reference_runs": ref})
 
 
+def stop_reference_clients() -> None:
+    """The reference's client processes this bench started (runuser does
+    not pass on the kill an interrupted as_user gives it), by PID."""
+    uid = sb.user().pw_uid
+    for d in os.listdir("/proc"):
+        try:
+            if d.isdigit() and os.stat(f"/proc/{d}").st_uid == uid and \
+                    b"bench_jobqueue.py" in open(f"/proc/{d}/cmdline", "rb").read():
+                os.kill(int(d), signal.SIGKILL)
+        except OSError:
+            continue
+
+
 def ready_rows(figures: dict, sizes: list[int], reps: int, seed: int,
-               measured: tuple[str, ...] = ("ours", "ours_tcp", "jq", "jq_no_nanny")) -> list[tuple]:
-    """The figure for these sizes and variants (`measured`; ours always)."""
+               measured: tuple[str, ...] = ("ours", "ours_tcp", "jq", "jq_no_nanny"),
+               guard: bool = False) -> list[tuple]:
+    """The figure for these sizes and variants (`measured`; ours always).
+    With `guard`, a cluster that would take the machine's last memory is
+    stopped and its size left out, for both sides (figures["ready"]'s
+    did_not_fit says which variant and how much memory was left)."""
     blocks = {b: (policy, [(v, n) for v in vs if v in measured for n in sizes]) for b, (policy, vs) in BLOCKS.items()}
     blocks = {b: pc for b, pc in blocks.items() if pc[1]}
     times: dict[str, dict[int, list[float]]] = {v: {n: [] for n in sizes} for _, cells in blocks.values()
                                                for v, _ in cells}
     order = []
+    did_not_fit: dict[int, str] = {}
 
     def measure(rep: int, cell: tuple[str, int]) -> None:
         v, n = cell
-        seconds = ready_once(v, n, str(rep))
+        if n in did_not_fit:
+            return
+        try:
+            with memory_guard({}) if guard else contextlib.nullcontext():
+                seconds = ready_once(v, n, str(rep))
+        except OutOfMemory as e:
+            stop_reference_clients()
+            sb.cancel_all_user_jobs(300)
+            did_not_fit[n] = f"{v} at N={n}: {e}"
+            print(f"  ready: N={n} does not fit on this machine ({did_not_fit[n]}): left out", flush=True)
+            return
         times[v][n].append(seconds)
         order.append((rep, v, n, seconds))
         print(f"  ready: rep {rep + 1}/{reps} {v:<12} N={n:<4} {seconds:7.2f} s", flush=True)
 
     run_blocks(blocks, reps, seed, lambda cells: warm_up(tuple(v for v, _ in cells)), measure)
-    figures.setdefault("ready", []).append({"seed": seed, "reps": reps, "order": order, "times": times})
+    figures.setdefault("ready", []).append({"seed": seed, "reps": reps, "order": order, "times": times,
+                                            "did_not_fit": did_not_fit})
     return [interval_row(f"time_to_ready_s_N{n}{suffix}", times["ours"][n], times[ref][n])
-            for n in sizes for suffix, ref in RATIOS.items() if ref in times]
+            for n in sizes if n not in did_not_fit for suffix, ref in RATIOS.items() if ref in times]

@@ -9,7 +9,10 @@ The sandbox's nodes are four slurmd daemons on this machine's cores, each
 declaring 256 CPUs (scripts/sandbox.py: many one-core jobs share the real
 cores): the figures say how both sides behave with many jobs on several
 nodes, not how fast 256 workers run on 2 cores. Memory bounds N here:
-each worker is a Python process (and the reference's Nanny another)."""
+each worker is a Python process (and the reference's Nanny another), and
+this machine has no swap: a size whose cluster would leave less than
+BENCH_MEMORY_FLOOR_MIB (2 GiB) available is stopped and left out, for both
+sides, and said (scripts/bench_clusters.py's memory_guard)."""
 from __future__ import annotations
 
 import os
@@ -41,8 +44,11 @@ def rpcs_per_job_start(side: str, n: int) -> float:
 def scale_rows(figures: dict, reps: int, seed: int) -> list[tuple]:
     sb.sandbox_up(nodes=NODES)
     try:
-        rows = ready_rows(figures, SIZES, reps, seed, measured=("ours", "jq"))
-        n = SIZES[-1]
+        rows = ready_rows(figures, SIZES, reps, seed, measured=("ours", "jq"), guard=True)
+        fitting = [n for n in SIZES if n not in figures["ready"][-1]["did_not_fit"]]
+        if not fitting:
+            return rows
+        n = fitting[-1]
         ours, ref = rpcs_per_job_start("ours", n), rpcs_per_job_start("jq", n)
         figures["sdiag"] = {"n": n, "ours": ours, "jq": ref}
         rows.append((f"slurmctld_rpcs_per_job_start_N{n}", ours, ref))
