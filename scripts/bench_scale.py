@@ -6,8 +6,9 @@ the RPCs slurmctld served per worker job start at the largest N, from
 connected), for both sides.
 
 The sandbox's nodes are four slurmd daemons on this machine's cores, each
-declaring 256 CPUs (scripts/sandbox.py: many one-core jobs share the real
-cores): the figures say how both sides behave with many jobs on several
+declaring a quarter of the largest cluster's CPUs (scripts/sandbox.py: many
+one-core jobs share the real cores, and Slurm spreads them over the
+nodes): the figures say how both sides behave with many jobs on several
 nodes, not how fast 256 workers run on 2 cores. Memory bounds N here:
 each worker is a Python process (and the reference's Nanny another), and
 this machine has no swap: a size whose cluster would leave less than
@@ -42,7 +43,11 @@ def rpcs_per_job_start(side: str, n: int) -> float:
 
 
 def scale_rows(figures: dict, reps: int, seed: int) -> list[tuple]:
-    sb.sandbox_up(nodes=NODES)
+    # Each node declares just enough CPUs for its share of the largest
+    # cluster (and ours' scheduler job), so that Slurm spreads the jobs over
+    # the 4 nodes: with 256 CPUs each, it placed all 128 on the first
+    # (2026-12-06), whose slurmd then stopped answering under 128 launches.
+    sb.sandbox_up(nodes=NODES, cpus=-(-(max(SIZES) + 1) // NODES))
     try:
         rows = ready_rows(figures, SIZES, reps, seed, measured=("ours", "jq"), guard=True)
         fitting = [n for n in SIZES if n not in figures["ready"][-1]["did_not_fit"]]
@@ -53,5 +58,5 @@ def scale_rows(figures: dict, reps: int, seed: int) -> list[tuple]:
         figures["sdiag"] = {"n": n, "ours": ours, "jq": ref}
         rows.append((f"slurmctld_rpcs_per_job_start_N{n}", ours, ref))
     finally:
-        sb.sandbox_up(nodes=1)
+        sb.sandbox_up(nodes=1, cpus=256)
     return rows
