@@ -53,7 +53,11 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def start_cluster(name: str, n: int):
+class DidNotReach(Exception):
+    """A cluster whose workers did not all connect in the time given."""
+
+
+def start_cluster(name: str, n: int, timeout: float = 900):
     """Submit a scheduler and n worker jobs; the client once all n are
     connected, and the seconds from the first sbatch. A bench cluster is
     always new: the TLS credentials an earlier cluster of this name left
@@ -69,7 +73,11 @@ def start_cluster(name: str, n: int):
     sb.wait_scheduler_file(name, 300)
     c = sb.client(name)
     try:
-        c.wait_for_workers(n, timeout=900)
+        c.wait_for_workers(n, timeout=timeout)
+    except TimeoutError:
+        got = len(c.scheduler_info()["workers"])
+        c.close()
+        raise DidNotReach(f"{got} of {n} workers connected after {timeout:.0f} s") from None
     except BaseException:
         c.close()
         raise
@@ -124,17 +132,22 @@ def memory_guard(seen: dict):
         signal.signal(signal.SIGUSR1, (lambda *_: None) if tripped else before)
 
 
-def jobqueue(n: int, nanny: bool, ready_only: bool = False, sdiag: bool = False) -> dict:
+def jobqueue(n: int, nanny: bool, ready_only: bool = False, sdiag: bool = False,
+             timeout: float | None = None) -> dict:
     """The reference: dask-jobqueue for one size, as the test user (with
-    sdiag, the RPCs slurmctld served until all its workers connected)."""
+    sdiag, the RPCs slurmctld served until all its workers connected; with
+    a timeout, DidNotReach if they did not all connect in that time)."""
     args = [str(sb.VENV / "bin" / "python"), str(sb.REPO / "scripts" / "bench_jobqueue.py"), str(n)]
     args += ([] if nanny else ["--no-nanny"]) + (["--ready-only"] if ready_only else [])
-    args += ["--sdiag"] if sdiag else []
+    args += (["--sdiag"] if sdiag else []) + (["--timeout", str(timeout)] if timeout else [])
     for attempt in (1, 2):
         p = sb.as_user(args, check=False, timeout=3600)
         sb.cancel_all_user_jobs(120)
         if p.returncode == 0:
-            return json.loads(p.stdout.strip().splitlines()[-1])
+            res = json.loads(p.stdout.strip().splitlines()[-1])
+            if "did_not_reach" in res:
+                raise DidNotReach(res["did_not_reach"])
+            return res
         # Said, and measured again once. Seen on 2026-11-30 when the reference
         # also measured restarts at N=64: its Nanny did not bring a killed
         # worker back within 60 s, twice in a row.

@@ -57,6 +57,7 @@ def main():
     # a lone worker registered can catch its Nanny still starting, which
     # then gives up ("Nanny failed to start"), and the job ends.
     ready_only = "--ready-only" in sys.argv[2:]
+    timeout = float(sys.argv[sys.argv.index("--timeout") + 1]) if "--timeout" in sys.argv else 900.0
     from dask_jobqueue import SLURMCluster
     from distributed import Client
 
@@ -71,7 +72,15 @@ def main():
         )
         client = Client(cluster)
         cluster.scale(jobs=n)
-        client.wait_for_workers(n, timeout=900)
+        try:
+            client.wait_for_workers(n, timeout=timeout)
+        except TimeoutError:
+            # A result too (--scale): the side did not get there in time.
+            got = len(client.scheduler_info()["workers"])
+            res["did_not_reach"] = f"{got} of {n} workers connected after {timeout:.0f} s"
+            client.close()
+            cluster.close()
+            break
         res["ready"][n] = time.monotonic() - t0
         if "--sdiag" in sys.argv[2:]:
             # slurmctld's RPCs since the caller reset sdiag (the last size's).

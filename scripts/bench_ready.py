@@ -21,7 +21,7 @@ import signal
 import statistics
 
 import sandboxlib as sb
-from bench_clusters import OutOfMemory, jobqueue, memory_guard, run_blocks, start_cluster
+from bench_clusters import DidNotReach, OutOfMemory, jobqueue, memory_guard, run_blocks, start_cluster
 from benchlib import median_interval
 
 # The blocks: the policy keys each applies, and the variants it measures.
@@ -31,17 +31,21 @@ RATIOS = {"": "jq", "_vs_no_nanny": "jq_no_nanny", "_tls_vs_tcp": "ours_tcp"}
 _WARM_UPS = itertools.count()
 
 
-def ready_once(variant: str, n: int, tag: str) -> float:
+def ready_once(variant: str, n: int, tag: str, timeout: float = 900) -> float:
     """Seconds from the first sbatch (or SLURMCluster()) to n connected
-    workers, the cluster cleaned up after."""
+    workers, the cluster cleaned up after (DidNotReach past `timeout`)."""
     if variant.startswith("ours"):
         # Each variant its own name: a TLS cluster's credentials would be
         # found first by a TCP one of the same name.
-        c, seconds = start_cluster(f"bench-{variant.replace('_', '-')}-{n}-{tag}", n)
+        try:
+            c, seconds = start_cluster(f"bench-{variant.replace('_', '-')}-{n}-{tag}", n, timeout)
+        except BaseException:
+            sb.cancel_all_user_jobs(300)
+            raise
         c.close()
         sb.cancel_all_user_jobs(120)
         return seconds
-    return jobqueue(n, variant == "jq", ready_only=True)["ready"][str(n)]
+    return jobqueue(n, variant == "jq", ready_only=True, timeout=timeout)["ready"][str(n)]
 
 
 def warm_up(variants: tuple[str, ...]) -> None:
@@ -80,30 +84,35 @@ def stop_reference_clients() -> None:
 
 def ready_rows(figures: dict, sizes: list[int], reps: int, seed: int,
                measured: tuple[str, ...] = ("ours", "ours_tcp", "jq", "jq_no_nanny"),
-               guard: bool = False) -> list[tuple]:
+               guard: bool = False, timeout: float = 900) -> list[tuple]:
     """The figure for these sizes and variants (`measured`; ours always).
-    With `guard`, a cluster that would take the machine's last memory is
-    stopped and its size left out, for both sides (figures["ready"]'s
-    did_not_fit says which variant and how much memory was left)."""
+    With `guard`, a cluster that would take the machine's last memory, or
+    whose workers do not all connect within `timeout`, is stopped and that
+    variant left out at that size (figures["ready"]'s did_not_fit says
+    why: a result too, printed); where the reference is left out, the row
+    has ours alone, without a ratio."""
     blocks = {b: (policy, [(v, n) for v in vs if v in measured for n in sizes]) for b, (policy, vs) in BLOCKS.items()}
     blocks = {b: pc for b, pc in blocks.items() if pc[1]}
     times: dict[str, dict[int, list[float]]] = {v: {n: [] for n in sizes} for _, cells in blocks.values()
                                                for v, _ in cells}
     order = []
-    did_not_fit: dict[int, str] = {}
+    # "VARIANT N=n" -> why that side could not be measured at that size.
+    did_not_fit: dict[str, str] = {}
 
     def measure(rep: int, cell: tuple[str, int]) -> None:
         v, n = cell
-        if n in did_not_fit:
+        if f"{v} N={n}" in did_not_fit:
             return
         try:
             with memory_guard({}) if guard else contextlib.nullcontext():
-                seconds = ready_once(v, n, str(rep))
-        except OutOfMemory as e:
+                seconds = ready_once(v, n, str(rep), timeout)
+        except (OutOfMemory, DidNotReach) as e:
+            if not guard:
+                raise
             stop_reference_clients()
             sb.cancel_all_user_jobs(300)
-            did_not_fit[n] = f"{v} at N={n}: {e}"
-            print(f"  ready: N={n} does not fit on this machine ({did_not_fit[n]}): left out", flush=True)
+            did_not_fit[f"{v} N={n}"] = str(e)
+            print(f"  ready: {v} at N={n} left out ({e})", flush=True)
             return
         times[v][n].append(seconds)
         order.append((rep, v, n, seconds))
@@ -112,5 +121,16 @@ def ready_rows(figures: dict, sizes: list[int], reps: int, seed: int,
     run_blocks(blocks, reps, seed, lambda cells: warm_up(tuple(v for v, _ in cells)), measure)
     figures.setdefault("ready", []).append({"seed": seed, "reps": reps, "order": order, "times": times,
                                             "did_not_fit": did_not_fit})
-    return [interval_row(f"time_to_ready_s_N{n}{suffix}", times["ours"][n], times[ref][n])
-            for n in sizes if n not in did_not_fit for suffix, ref in RATIOS.items() if ref in times]
+    rows = []
+    for n in sizes:
+        for suffix, ref in RATIOS.items():
+            name = f"time_to_ready_s_N{n}{suffix}"
+            if ref not in times or f"ours N={n}" in did_not_fit:
+                continue
+            if f"{ref} N={n}" in did_not_fit:
+                # Ours alone: the reference did not get there (a row without a ratio).
+                rows.append((name, statistics.median(times["ours"][n]), None,
+                             {"reference_left_out": did_not_fit[f"{ref} N={n}"], "ours_runs": times["ours"][n]}))
+            else:
+                rows.append(interval_row(name, times["ours"][n], times[ref][n]))
+    return rows
