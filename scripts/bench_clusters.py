@@ -35,24 +35,6 @@ def attach_pids(role: str | None = None) -> list[int]:
     return out
 
 
-def children(pid: int) -> list[int]:
-    """Every descendant of `pid`."""
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = open(f"/proc/{d}/stat").read()
-            except OSError:
-                continue
-            kids.setdefault(int(stat[stat.rfind(")") + 2:].split()[1]), []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        for k in kids.get(todo.pop(), []):
-            out.append(k)
-            todo.append(k)
-    return out
-
-
 class DidNotReach(Exception):
     """A cluster whose workers did not all connect in the time given."""
 

@@ -8,20 +8,7 @@ import statistics
 import sys
 import time
 
-from benchlib import parent, pss_mib, restart_latencies, rpcs_served, rss_mib
-
-
-def children(pid):
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = open(f"/proc/{d}/stat").read()
-                if int(stat[stat.rfind(")") + 2:].split()[1]) == pid:
-                    out.append(int(d))
-            except OSError:
-                pass
-    return out
+from benchlib import children, parent, pss_mib, restart_latencies, rpcs_served, rss_mib
 
 
 def cmdline(pid):

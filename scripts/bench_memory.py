@@ -26,9 +26,9 @@ import statistics
 import time
 
 import sandboxlib as sb
-from bench_clusters import attach_pids, children, jobqueue, run_blocks, start_cluster
+from bench_clusters import attach_pids, jobqueue, run_blocks, start_cluster
 from bench_ready import interval_row, warm_up
-from benchlib import median, pss_mib, restart_latencies, rss_mib, uss_mib
+from benchlib import descendants, median, pss_mib, restart_latencies, rss_mib, uss_mib
 
 # Seconds of work before the fork server's memory is read.
 WORK_S = float(os.environ.get("BENCH_FORKSERVER_WORK_S", "60"))
@@ -67,8 +67,8 @@ def ours(n: int, name: str) -> dict:
     out["agent_pss_delta_per_job_mib"] = (pss_mib(agent) - pss0) / (n + 1)
     out["per_job_pss_mib"] = out["attach_pss_mib"] + out["agent_pss_delta_per_job_mib"]
     sched = attach_pids("scheduler")
-    out["per_cluster_pss_mib"] = sum(pss_mib(p) for s in sched for p in [s, *children(s)])
-    out["per_cluster_processes"] = sum(1 + len(children(s)) for s in sched)
+    out["per_cluster_pss_mib"] = sum(pss_mib(p) for s in sched for p in [s, *descendants(s)])
+    out["per_cluster_processes"] = sum(1 + len(descendants(s)) for s in sched)
     out["scheduler_job"] = scheduler_job_allocation(name)
     out["restart_s_all"] = restart_latencies(c, n)
     out["restart_s"] = median(out["restart_s_all"])

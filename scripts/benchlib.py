@@ -43,6 +43,33 @@ def parent(pid: int) -> int:
     return int(stat[stat.rfind(")") + 2:].split()[1])
 
 
+def _kids() -> dict[int, list[int]]:
+    """Every live process's children, by parent PID, from /proc."""
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                kids.setdefault(parent(int(d)), []).append(int(d))
+            except OSError:
+                continue
+    return kids
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of `pid`."""
+    return _kids().get(pid, [])
+
+
+def descendants(pid: int) -> list[int]:
+    """Every descendant of `pid`."""
+    kids, out, todo = _kids(), [], [pid]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            out.append(k)
+            todo.append(k)
+    return out
+
+
 def restart_latencies(client, n: int, kills: int = 5) -> list[float]:
     """SIGKILL a worker, time until a worker of the same name registers
     again; `kills` times, a different worker each time (while there are any
