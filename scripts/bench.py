@@ -23,6 +23,9 @@ SIZES = [int(x) for x in os.environ.get("BENCH_SIZES", "8,32,64").split(",")]
 # the fewest that reach 95 % with the extremes), at the memory figures' N.
 REPS = int(os.environ.get("BENCH_REPS", "6"))
 MEMORY_N = int(os.environ.get("BENCH_MEMORY_N", str(SIZES[0])))
+# Repetitions at scale (BENCH_SCALE_REPS, default BENCH_REPS): a repetition
+# of N=128 takes minutes here, so a whole run may take fewer.
+SCALE_REPS = int(os.environ.get("BENCH_SCALE_REPS", str(REPS)))
 
 
 # Times sbatch from inside the user's own process, so that the cost of
@@ -270,9 +273,9 @@ MODES = {
     "ready": lambda figures, seed: ready_rows(figures, SIZES, REPS, seed),
     "memory": lambda figures, seed: memory_rows(figures, MEMORY_N, REPS, seed),
     "tls": lambda figures, seed: tls_rows(figures, REPS, seed),
-    "scale": lambda figures, seed: scale_rows(figures, REPS, seed),
+    "scale": lambda figures, seed: scale_rows(figures, SCALE_REPS, seed),
     None: lambda figures, seed: comparison_rows(figures, seed) + tls_rows(figures, REPS, seed)
-    + scale_rows(figures, REPS, seed) + control_rows(figures),
+    + scale_rows(figures, SCALE_REPS, seed) + control_rows(figures),
 }
 
 
@@ -299,7 +302,8 @@ def main() -> int:
     def record(runs, details):
         # After every run: a run that hangs later leaves the earlier ones.
         detail = {"figures": medians(runs), "runs": runs, "detail": details, "sizes": SIZES,
-                  "runs_planned": n_runs, "seed": seed, "reps": REPS, "memory_n": MEMORY_N,
+                  "runs_planned": n_runs, "seed": seed, "reps": REPS, "scale_reps": SCALE_REPS,
+                  "memory_n": MEMORY_N,
                   "machine": {"nproc": os.cpu_count(), "uname": os.uname().release},
                   "slurm": slurm}
         path.write_text(json.dumps(detail, indent=2))
