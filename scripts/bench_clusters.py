@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import sandboxlib as sb
+from benchlib import did_not_reach
 
 
 def attach_pids(role: str | None = None) -> list[int]:
@@ -59,7 +60,7 @@ def start_cluster(name: str, n: int, timeout: float = 900):
     except TimeoutError:
         got = len(c.scheduler_info()["workers"])
         c.close()
-        raise DidNotReach(f"{got} of {n} workers connected after {timeout:.0f} s") from None
+        raise DidNotReach(did_not_reach(got, n, timeout)) from None
     except BaseException:
         c.close()
         raise

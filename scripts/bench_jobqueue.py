@@ -8,7 +8,7 @@ import statistics
 import sys
 import time
 
-from benchlib import children, parent, pss_mib, restart_latencies, rpcs_served, rss_mib
+from benchlib import children, did_not_reach, parent, pss_mib, restart_latencies, rpcs_served, rss_mib
 
 
 def cmdline(pid):
@@ -64,7 +64,7 @@ def main():
         except TimeoutError:
             # A result too (--scale): the side did not get there in time.
             got = len(client.scheduler_info()["workers"])
-            res["did_not_reach"] = f"{got} of {n} workers connected after {timeout:.0f} s"
+            res["did_not_reach"] = did_not_reach(got, n, timeout)
             client.close()
             cluster.close()
             break

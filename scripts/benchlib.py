@@ -115,6 +115,12 @@ def median_interval(xs: list[float]) -> tuple[float, float, float]:
     return xs[k - 1], xs[n - k], coverage(k)
 
 
+def did_not_reach(got: int, n: int, timeout: float) -> str:
+    """What a side that did not get to n workers in time reports (both
+    sides say it alike: ours in bench_clusters, the reference's script)."""
+    return f"{got} of {n} workers connected after {timeout:.0f} s"
+
+
 def rpcs_served() -> int:
     """Every RPC slurmctld counted by message type since sdiag's last reset
     (any user may read sdiag; only root resets it)."""
