@@ -514,6 +514,18 @@ def test_8_a_recycled_process_group_id_is_never_signalled(cluster_name):
     sched, arr, c = start(cluster_name, 1)
     placer = None
     try:
+        # The agent restarts a worker's first crash of a minute at once, and
+        # that restart's fork can take the freed id before the placer does
+        # (seen in CI: "no process could be given the group id"). Two crashes
+        # first make the measured one the third, restarted after 200 ms
+        # (base 100 ms, doubled), while the placer spins on that id.
+        seen = set()
+        for _ in range(2):
+            (addr, leader), = c.run(os.getpid).items()
+            seen.add(addr)
+            os.kill(leader, signal.SIGKILL)
+            sb.wait_until("the worker to come back",
+                          lambda: [a for a in c.scheduler_info()["workers"] if a not in seen], 60)
         (addr, leader), = c.run(os.getpid).items()
         (member,) = c.run(spawn_lingering_member).values()
 
