@@ -1,4 +1,5 @@
-//! What slurmctld says about a job: one `squeue` call per job start.
+//! What slurmctld says about a job: one `squeue` call per job start (two
+//! RPCs to slurmctld: the job, and the partitions squeue always loads).
 //!
 //! SPANK does not expose a job's partition, account, licences or time limit
 //! to slurmstepd, so the agent asks the controller. The answer must not be
@@ -189,7 +190,11 @@ pub async fn job_facts(
     expected_name: &str,
     what: (&str, &str),
 ) -> Result<ControllerFacts, FactsError> {
-    let args = ["-h", "-j", label, "-O", &format_arg()].map(String::from);
+    // --local: the job is this cluster's, so squeue need not first ask for
+    // the federation (one RPC of three saved per job start; the other two,
+    // the job and the partitions squeue always loads, remain; see
+    // docs/performance.md).
+    let args = ["--local", "-h", "-j", label, "-O", &format_arg()].map(String::from);
     let out = spawn::output(via, "squeue", &args, SLURM_CMD_TIMEOUT)
         .await
         .map_err(|e| FactsError::Slurm(format!("cannot run squeue: {e}")))?;

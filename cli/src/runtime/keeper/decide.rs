@@ -360,6 +360,12 @@ impl LostWatch {
             .retain(|l| listed.contains(l) || running.contains(l.as_str()));
         lost
     }
+
+    /// Whether a listed worker's job is not running (lost, or on its way
+    /// out): watched until it leaves the scheduler or is removed.
+    pub fn watching(&self) -> bool {
+        !self.gone_since.is_empty()
+    }
 }
 
 /// The sizes to try for `k` worker jobs: Slurm refuses a whole array that
@@ -429,6 +435,50 @@ pub fn helper_delay(deaths: &[u64], now: u64) -> u64 {
     }
 }
 
+/// How long a quiet cluster goes without an squeue (see `quiet`): its
+/// keeper then asks slurmctld twice a minute instead of every interval.
+pub const STEADY_S: u64 = 30;
+
+/// What the keeper saw besides the queue at a step: each pool's target
+/// (None: the default pool) and the scheduler's workers and demand.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Seen {
+    pub targets: Vec<(Option<PoolName>, Option<Target>)>,
+    pub workers: Vec<String>,
+    pub demand: Demand,
+}
+
+/// The last step that asked squeue: what it saw, the jobs, when, and
+/// whether it left the cluster settled (every pool at its target with
+/// all its jobs running, nothing submitted, retiring, cancelled or
+/// watched as lost).
+#[derive(Debug, Clone)]
+pub struct LastStep {
+    pub seen: Seen,
+    pub jobs: Vec<WorkerJob>,
+    pub at: u64,
+    pub settled: bool,
+}
+
+/// Whether a step may skip squeue: the last one settled the cluster less
+/// than `STEADY_S` ago, everything else it saw is unchanged (a target
+/// written, a worker come or gone, dask's demand moved: each asks again),
+/// and no running job's successor falls due before the next step. What
+/// no one tells the keeper (a job ended on a lost node, its connections
+/// half open) is then seen within `STEADY_S`, after Slurm's own
+/// SlurmdTimeout. Polling every interval while nothing changes would be
+/// an RPC load on slurmctld for every cluster of a site, all day long.
+pub fn quiet(rules: Rules, last: &LastStep, seen: &Seen, now: u64, interval_s: u64) -> bool {
+    let since = now.saturating_sub(last.at);
+    last.settled
+        && since < STEADY_S
+        && *seen == last.seen
+        && last.jobs.iter().all(|j| {
+            j.state == QueueState::Running
+                && !successor_due(rules, j.limit_s, j.used_s + since + interval_s)
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,6 +507,57 @@ mod tests {
             limit_s,
             used_s,
         }
+    }
+
+    #[test]
+    fn a_settled_cluster_skips_squeue_until_anything_moves_or_steady_s_passes() {
+        let seen = Seen {
+            targets: vec![(None, Some(Target::Workers { workers: 2 }))],
+            workers: vec!["ana-7_1".into(), "ana-7_2".into()],
+            demand: Demand::default(),
+        };
+        let jobs = vec![
+            job("7_1", QueueState::Running, Some(7200), 100),
+            job("7_2", QueueState::Running, None, 100),
+        ];
+        let last = LastStep {
+            seen: seen.clone(),
+            jobs: jobs.clone(),
+            at: 1000,
+            settled: true,
+        };
+        assert!(quiet(RULES, &last, &seen, 1005, 5));
+        assert!(quiet(RULES, &last, &seen, 1000 + STEADY_S - 1, 5));
+        assert!(
+            !quiet(RULES, &last, &seen, 1000 + STEADY_S, 5),
+            "asked again every STEADY_S"
+        );
+        let unsettled = LastStep {
+            settled: false,
+            ..last.clone()
+        };
+        assert!(!quiet(RULES, &unsettled, &seen, 1005, 5));
+        // Anything that moved asks again.
+        let mut moved = seen.clone();
+        moved.workers.pop();
+        assert!(!quiet(RULES, &last, &moved, 1005, 5), "a worker gone");
+        let mut moved = seen.clone();
+        moved.targets[0].1 = Some(Target::Workers { workers: 3 });
+        assert!(!quiet(RULES, &last, &moved, 1005, 5), "a new target");
+        let mut moved = seen.clone();
+        moved.demand.adaptive_target = 4;
+        assert!(!quiet(RULES, &last, &moved, 1005, 5), "dask's demand");
+        // A job not running (on its way, or out) is watched every interval.
+        for state in [QueueState::Waiting, QueueState::Leaving] {
+            let mut waiting = last.clone();
+            waiting.jobs[1].state = state;
+            assert!(!quiet(RULES, &waiting, &seen, 1005, 5), "{state:?}");
+        }
+        // A successor due by the next step: 6300 s used makes one due.
+        let mut near = last.clone();
+        near.jobs[0].used_s = 6300 - 10;
+        assert!(quiet(RULES, &near, &seen, 1005, 5));
+        assert!(!quiet(RULES, &near, &seen, 1006, 5), "due by the next step");
     }
 
     #[test]

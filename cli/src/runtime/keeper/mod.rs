@@ -16,8 +16,11 @@
 //!
 //! Every `interval` the keeper asks squeue for the cluster's worker jobs
 //! and decides; it writes what it saw in `keeper.json` (for `status`) and
-//! one line per decision in the scheduler job's log. The helper's state
-//! (every `tick`) goes to `connected.json`.
+//! one line per decision in the scheduler job's log. A settled cluster
+//! (`decide::quiet`: nothing pending, leaving or short, and nothing moved
+//! since) is asked about every `decide::STEADY_S` only: an squeue is three
+//! RPCs to slurmctld, and a site runs many clusters all day. The helper's
+//! state (every `tick`) goes to `connected.json`.
 //!
 //! Pools: the keeper keeps each worker pool that has a target (the default
 //! pool's `target.json`, `pools/<pool>/target.json`) on its own: its jobs
@@ -36,7 +39,7 @@ use dask_spank_common::records::{
     now, ClusterDir, Connected, KeeperStatus, PoolKeeperStatus, Target, WorkerArgs,
 };
 use dask_spank_common::ClusterName;
-use decide::{Backoff, QueueState, Rules, Step, WorkerJob};
+use decide::{Backoff, LastStep, QueueState, Rules, Seen, Step, WorkerJob};
 use helper::{Event, Helper, SchedulerView};
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -100,6 +103,8 @@ pub struct Keeper {
     retiring: Option<(Vec<String>, Instant)>,
     /// Workers whose jobs stopped running (their node lost).
     lost: decide::LostWatch,
+    /// The last step that asked squeue (None: none yet, or it failed).
+    last: Option<LastStep>,
 }
 
 impl Keeper {
@@ -124,6 +129,7 @@ impl Keeper {
             pools: BTreeMap::new(),
             retiring: None,
             lost: Default::default(),
+            last: None,
             dir,
         }
     }
@@ -238,17 +244,31 @@ impl Keeper {
             }
             t => t,
         };
+        let seen = self.seen(&target);
+        let quiet = match (&self.last, &seen) {
+            (Some(last), Some(seen)) => {
+                decide::quiet(self.rules, last, seen, now(), self.interval.as_secs())
+            }
+            _ => false,
+        };
+        if quiet {
+            self.write_status(None);
+            return false;
+        }
+        self.last = None;
         // Every cluster's, kept or not: its lost workers leave the scheduler.
         let Some(jobs) = self.worker_jobs().await else {
             return false;
         };
-        self.remove_lost(&jobs).await;
+        let lost_watched = self.remove_lost(&jobs).await;
         let Some(target) = target else {
+            self.remember(seen, jobs, lost_watched);
             return false;
         };
         let mut status = None;
         let mut others = BTreeMap::new();
         let (mut retire, mut cancel) = (vec![], vec![]);
+        let mut settled = !lost_watched;
         let pools = std::iter::once(None).chain(self.dir.pools().into_iter().map(Some));
         for pool in pools {
             // A pool without a target (its jobs submitted by hand) is not kept.
@@ -259,6 +279,15 @@ impl Keeper {
                 continue;
             };
             let (step, s) = self.pool_step(pool.as_ref(), t, &jobs);
+            // (An adaptive pool counting intervals of a lower demand is
+            // on its way down: `low` must go on counting every interval.)
+            let lowering = self.pools.get(&pool).is_some_and(|k| k.low > 0);
+            settled &= step == Step::Hold
+                && s.target == s.running
+                && s.pending == 0
+                && s.retiring == 0
+                && s.short_reason.is_none()
+                && !lowering;
             match step {
                 Step::Hold => {}
                 Step::Grow { n, why } => self.grow(pool.as_ref(), n, why).await,
@@ -281,7 +310,36 @@ impl Keeper {
         if let Some(s) = status {
             self.write_status(Some(keeper_status(s, others)));
         }
+        self.remember(seen, jobs, !settled);
         false
+    }
+
+    /// What a step sees besides the queue (None: no fresh word from the
+    /// helper, so nothing tells whether anything moved).
+    fn seen(&self, target: &Option<Target>) -> Option<Seen> {
+        let view = self.fresh_view()?;
+        let pools = self.dir.pools().into_iter().map(|p| {
+            let t = self.dir.target_of(Some(&p));
+            (Some(p), t)
+        });
+        Some(Seen {
+            targets: std::iter::once((None, target.clone()))
+                .chain(pools)
+                .collect(),
+            workers: view.workers.keys().cloned().collect(),
+            demand: view.demand.clone(),
+        })
+    }
+
+    /// Remember a step that asked squeue, for `decide::quiet`; `busy`: it
+    /// left something in motion (then the next step asks again anyway).
+    fn remember(&mut self, seen: Option<Seen>, jobs: Vec<WorkerJob>, busy: bool) {
+        self.last = seen.map(|seen| LastStep {
+            seen,
+            jobs,
+            at: now(),
+            settled: !busy && self.retiring.is_none(),
+        });
     }
 
     /// One pool's decision (None: the default pool), from its target and
@@ -366,16 +424,18 @@ impl Keeper {
 
     /// Remove from the scheduler the workers whose jobs Slurm no longer
     /// runs (see `decide::LOST_GRACE_S`): dask recomputes what they held
-    /// now, not after its worker-ttl.
-    async fn remove_lost(&mut self, jobs: &[WorkerJob]) {
+    /// now, not after its worker-ttl. Whether any is still watched (or
+    /// removed now): then the keeper keeps asking every interval.
+    async fn remove_lost(&mut self, jobs: &[WorkerJob]) -> bool {
         let Some(workers) = self.fresh_view().map(|v| v.workers.clone()) else {
-            return;
+            return false;
         };
         let lost = self
             .lost
             .observe(self.cluster.as_str(), jobs, &workers, now());
+        let watched = self.lost.watching();
         if lost.is_empty() || !self.helper.is_running() {
-            return;
+            return watched;
         }
         let (labels, addresses): (Vec<String>, Vec<String>) = lost.into_iter().unzip();
         say(&format!(
@@ -386,6 +446,7 @@ impl Keeper {
         self.helper
             .send(&serde_json::json!({ "remove": addresses }))
             .await;
+        true
     }
 
     /// Retire these workers through dask, then cancel these jobs (of
