@@ -116,13 +116,15 @@ def memory_guard(seen: dict):
 
 
 def jobqueue(n: int, nanny: bool, ready_only: bool = False, sdiag: bool = False,
-             timeout: float | None = None) -> dict:
+             timeout: float | None = None, idle: float = 0) -> dict:
     """The reference: dask-jobqueue for one size, as the test user (with
-    sdiag, the RPCs slurmctld served until all its workers connected; with
-    a timeout, DidNotReach if they did not all connect in that time)."""
+    sdiag, the RPCs slurmctld served until all its workers connected, and
+    with `idle`, those of that many seconds after, the cluster left alone;
+    with a timeout, DidNotReach if they did not all connect in that time)."""
     args = [str(sb.VENV / "bin" / "python"), str(sb.REPO / "scripts" / "bench_jobqueue.py"), str(n)]
     args += ([] if nanny else ["--no-nanny"]) + (["--ready-only"] if ready_only else [])
     args += (["--sdiag"] if sdiag else []) + (["--timeout", str(timeout)] if timeout else [])
+    args += ["--idle", str(idle)] if idle else []
     for attempt in (1, 2):
         p = sb.as_user(args, check=False, timeout=3600)
         sb.cancel_all_user_jobs(120)
@@ -140,18 +142,29 @@ def jobqueue(n: int, nanny: bool, ready_only: bool = False, sdiag: bool = False,
 
 
 def run_blocks(blocks: dict[str, tuple[str, list]], reps: int, seed: int,
-               warm_up: Callable[[list], None], measure: Callable[[int, Any], None]) -> None:
+               warm_up: Callable[[list], None], measure: Callable[[int, Any], None],
+               fresh_sandbox: bool = False) -> None:
     """The design of every repeated figure. `blocks` maps a block's name to
     the policy keys of its sandbox configuration and its cells (what it
     measures). Each repetition runs the blocks in a shuffled order; a block
     whose configuration differs from the one before applies it (slurmd
     restarts) and runs warm_up(cells), unmeasured, since the first cluster
     after a restart is cold; then measure(rep, cell) for each cell, in a
-    shuffled order. The sandbox's own policy is back afterwards."""
+    shuffled order. The sandbox's own policy is back afterwards.
+
+    With `fresh_sandbox`, each repetition starts from a sandbox stopped
+    and started again (every daemon new; then each block's warm-up): for
+    near-deterministic figures (memory) whose spread within one sandbox
+    start is narrower than what changes from one start to the next, so
+    that their interval covers a second run's."""
     rng = random.Random(seed)
     last = None
     try:
         for rep in range(reps):
+            if fresh_sandbox:
+                sb.sandbox("down")
+                sb.sandbox("up")
+                last = None
             order = list(blocks)
             rng.shuffle(order)
             for name in order:

@@ -8,7 +8,7 @@ import statistics
 import sys
 import time
 
-from benchlib import children, did_not_reach, parent, pss_mib, restart_latencies, rpcs_served, rss_mib
+from benchlib import children, did_not_reach, parent, pss_mib, restart_latencies, rpcs_by_type, rpcs_since, rss_mib
 
 
 def cmdline(pid):
@@ -71,7 +71,14 @@ def main():
         res["ready"][n] = time.monotonic() - t0
         if "--sdiag" in sys.argv[2:]:
             # slurmctld's RPCs since the caller reset sdiag (the last size's).
-            res["rpcs_at_ready"] = rpcs_served()
+            res["rpcs_by_type_at_ready"] = rpcs_by_type()
+            if "--idle" in sys.argv:
+                # Then the cluster left alone: what it asks of slurmctld
+                # while nothing happens (its workers connected, no work).
+                idle_s = float(sys.argv[sys.argv.index("--idle") + 1])
+                before = rpcs_by_type()
+                time.sleep(idle_s)
+                res["rpcs_by_type_idle"] = rpcs_since(before)
         if n == sizes[0] and not ready_only:
             res["per_job_pss_mib"] = per_job_pss(client, nanny)
             if nanny:

@@ -17,7 +17,7 @@ still shared with the worker it forked).
 Two blocks (bench_clusters.run_blocks): the default configuration (ours,
 the reference with and without its Nanny) and worker_start=forkserver;
 each figure is the median over repetitions with a 95 % interval of the
-ratios (benchlib)."""
+ratios (benchlib), each repetition in a sandbox started afresh."""
 from __future__ import annotations
 
 import os
@@ -136,7 +136,10 @@ def memory_rows(figures: dict, n: int, reps: int, seed: int) -> list[tuple]:
         else:
             runs[cell].append(jobqueue(n, cell == "jq"))
 
-    run_blocks(blocks, reps, seed, lambda cells: warm_up(("ours", *cells)), measure)
+    # A sandbox started afresh for each repetition: PSS hardly moves within
+    # one start, but by a few per cent between two runs (2026-12-06, runs A,
+    # B and C), beyond intervals taken within one start.
+    run_blocks(blocks, reps, seed, lambda cells: warm_up(("ours", *cells)), measure, fresh_sandbox=True)
     figures["memory"] = {"n": n, "seed": seed, "reps": reps, **runs}
 
     def col(block: str, key: str) -> list[float]:

@@ -1,9 +1,10 @@
 """Figures at scale (`scripts/bench --scale`): time to ready at N = 128 and
 256 (BENCH_SCALE_SIZES) on a 4-node sandbox, ours against the reference
 with its Nanny (scripts/bench_ready.py's blocks, shuffled, BENCH_REPS), and
-the RPCs slurmctld served per worker job start at the largest N, from
-`sdiag` (reset before each cluster, read once all its workers are
-connected), for both sides.
+the RPCs slurmctld served per worker job start at the largest N and its
+time serving them, from `sdiag` (reset before each cluster, read once all
+its workers are connected; by message type in the JSON), then its RPCs per
+minute while the cluster is left alone (BENCH_IDLE_S), for both sides.
 
 The sandbox's nodes are four slurmd daemons on this machine's cores, each
 declaring a quarter of the largest cluster's CPUs (scripts/sandbox.py: many
@@ -20,11 +21,12 @@ The sdiag figure is taken at the largest size both sides reached."""
 from __future__ import annotations
 
 import os
+import time
 
 import sandboxlib as sb
 from bench_clusters import jobqueue, start_cluster
 from bench_ready import ready_rows
-from benchlib import rpcs_served
+from benchlib import per_job_start, rpcs_by_type, rpcs_since
 
 SIZES = [int(x) for x in os.environ.get("BENCH_SCALE_SIZES", "128,256").split(",")]
 # A side whose workers are not all connected by then did not reach N: said,
@@ -32,21 +34,29 @@ SIZES = [int(x) for x in os.environ.get("BENCH_SCALE_SIZES", "128,256").split(",
 # out its workers' start on 2 cores, and scale() does not replace them).
 TIMEOUT_S = float(os.environ.get("BENCH_SCALE_TIMEOUT", "600"))
 NODES = 4
+# Seconds a cluster is left alone, all its workers connected, while
+# slurmctld's RPCs are counted (BENCH_IDLE_S).
+IDLE_S = float(os.environ.get("BENCH_IDLE_S", "60"))
 
 
-def rpcs_per_job_start(side: str, n: int) -> float:
-    """RPCs per job from the submission to all n workers connected (ours:
-    n worker jobs and the scheduler job; the reference: n jobs)."""
+def rpcs_of_a_cluster(side: str, n: int) -> tuple[dict, dict]:
+    """slurmctld's RPCs per job (benchlib.per_job_start) from the submission
+    to all n workers connected (ours: n worker jobs and the scheduler job;
+    the reference: n jobs), and per minute of the IDLE_S that follow, the
+    cluster left alone."""
     sb.run(["sdiag", "--reset"])
     if side == "ours":
         c, _ = start_cluster(f"bench-sdiag-{n}", n)
-        rpcs = rpcs_served()
+        at_ready = rpcs_by_type()
+        time.sleep(IDLE_S)
+        idle = rpcs_since(at_ready)
         c.close()
         sb.cancel_all_user_jobs(300)
-        return rpcs / (n + 1)
-    # The reference reads sdiag itself once all its workers are connected:
-    # its cleanup is outside the count, as ours is.
-    return jobqueue(n, True, ready_only=True, sdiag=True)["rpcs_at_ready"] / n
+        return per_job_start(at_ready, n + 1), per_job_start(idle, IDLE_S / 60)
+    # The reference reads sdiag itself: its cleanup is outside the count, as
+    # ours is.
+    r = jobqueue(n, True, ready_only=True, sdiag=True, idle=IDLE_S)
+    return per_job_start(r["rpcs_by_type_at_ready"], n), per_job_start(r["rpcs_by_type_idle"], IDLE_S / 60)
 
 
 def scale_rows(figures: dict, reps: int, seed: int) -> list[tuple]:
@@ -63,9 +73,24 @@ def scale_rows(figures: dict, reps: int, seed: int) -> list[tuple]:
         if not fitting:
             return rows
         n = fitting[-1]
-        ours, ref = rpcs_per_job_start("ours", n), rpcs_per_job_start("jq", n)
-        figures["sdiag"] = {"n": n, "ours": ours, "jq": ref}
-        rows.append((f"slurmctld_rpcs_per_job_start_N{n}", ours, ref))
+        # The health check asks slurmctld about its node every
+        # HealthCheckInterval (5 s here): RPCs per second of the run, not per
+        # job start, which would be charged to the slower side. Off while
+        # counting (docs/performance.md states what it costs).
+        sb.health_check(False)
+        try:
+            (ours, ours_idle), (ref, ref_idle) = rpcs_of_a_cluster("ours", n), rpcs_of_a_cluster("jq", n)
+        finally:
+            sb.health_check(True)
+        figures["sdiag"] = {"n": n, "ours": ours["rpcs"], "jq": ref["rpcs"], "idle_s": IDLE_S,
+                            "ours_per_job_start": ours, "jq_per_job_start": ref,
+                            "ours_idle_per_minute": ours_idle, "jq_idle_per_minute": ref_idle}
+        rows.append((f"slurmctld_rpcs_per_job_start_N{n}", ours["rpcs"], ref["rpcs"]))
+        # What the RPCs cost the controller: sdiag's total time serving them.
+        rows.append((f"slurmctld_us_per_job_start_N{n}", ours["time_us"], ref["time_us"]))
+        # A cluster left alone: its RPCs per minute (none on the reference's side:
+        # then the row has no ratio).
+        rows.append((f"slurmctld_rpcs_per_minute_idle_N{n}", ours_idle["rpcs"], ref_idle["rpcs"]))
     finally:
         sb.sandbox_up(nodes=1, cpus=256)
     return rows

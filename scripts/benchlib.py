@@ -121,10 +121,35 @@ def did_not_reach(got: int, n: int, timeout: float) -> str:
     return f"{got} of {n} workers connected after {timeout:.0f} s"
 
 
-def rpcs_served() -> int:
-    """Every RPC slurmctld counted by message type since sdiag's last reset
-    (any user may read sdiag; only root resets it)."""
+def rpcs_by_type() -> dict[str, dict[str, int]]:
+    """slurmctld's RPCs by message type since sdiag's last reset (any user
+    may read sdiag; only root resets it): for each type, its count and the
+    controller's total time serving it (microseconds)."""
     out = subprocess.run(["sdiag"], capture_output=True, text=True, check=True).stdout
     section = out.split("Remote Procedure Call statistics by message type", 1)[-1]
     section = section.split("Remote Procedure Call statistics by user", 1)[0]
-    return sum(int(m) for m in re.findall(r"count:\s*(\d+)", section))
+    found = {m["type"]: {"count": int(m["count"]), "total_us": int(m["total"])}
+             for m in re.finditer(r"^\s*(?P<type>\w+)\s+\(\s*\d+\)\s+count:\s*(?P<count>\d+)"
+                                  r"\s+ave_time:\s*\d+\s+total_time:\s*(?P<total>\d+)", section, re.M)}
+    if not found:
+        # Reading sdiag is itself an RPC of the section: empty means the
+        # format changed, which must not read as "no RPCs".
+        raise RuntimeError(f"sdiag printed no RPC counts by message type:\n{out}")
+    return found
+
+
+def rpcs_since(before: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """`rpcs_by_type` served since the reading `before` (no reset: the
+    reference's side runs as the user, who may read sdiag but not reset it)."""
+    zero = {"count": 0, "total_us": 0}
+    return {k: {f: t[f] - before.get(k, zero)[f] for f in zero}
+            for k, t in rpcs_by_type().items() if t["count"] != before.get(k, zero)["count"]}
+
+
+def per_job_start(by_type: dict[str, dict[str, int]], jobs: int) -> dict:
+    """`rpcs_by_type` per job started (or per any other unit: a minute):
+    the RPCs, the controller's time serving them (microseconds), and both
+    by message type."""
+    return {"rpcs": sum(t["count"] for t in by_type.values()) / jobs,
+            "time_us": sum(t["total_us"] for t in by_type.values()) / jobs,
+            "by_type": {k: {f: v / jobs for f, v in t.items()} for k, t in sorted(by_type.items())}}
