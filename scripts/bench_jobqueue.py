@@ -8,7 +8,7 @@ import statistics
 import sys
 import time
 
-from benchlib import children, did_not_reach, parent, pss_mib, restart_latencies, rpcs_by_type, rpcs_since, rss_mib
+from benchlib import children, did_not_reach, parent, pss_mib, restart_latencies, rpcs_by_type, rpcs_left_alone, rss_mib
 
 
 def cmdline(pid):
@@ -76,9 +76,7 @@ def main():
                 # Then the cluster left alone: what it asks of slurmctld
                 # while nothing happens (its workers connected, no work).
                 idle_s = float(sys.argv[sys.argv.index("--idle") + 1])
-                before = rpcs_by_type()
-                time.sleep(idle_s)
-                res["rpcs_by_type_idle"] = rpcs_since(before)
+                res["rpcs_by_type_idle"] = rpcs_left_alone(idle_s, rpcs_by_type())
         if n == sizes[0] and not ready_only:
             res["per_job_pss_mib"] = per_job_pss(client, nanny)
             if nanny:

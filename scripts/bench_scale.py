@@ -1,9 +1,9 @@
 """Figures at scale (`scripts/bench --scale`): time to ready at N = 128 and
 256 (BENCH_SCALE_SIZES) on a 4-node sandbox, ours against the reference
 with its Nanny (scripts/bench_ready.py's blocks, shuffled, BENCH_REPS), and
-the RPCs slurmctld served per worker job start at the largest N and its
-time serving them, from `sdiag` (reset before each cluster, read once all
-its workers are connected; by message type in the JSON), then its RPCs per
+the RPCs slurmctld served per worker job start at the largest N, from
+`sdiag` (reset before each cluster, read once all its workers are
+connected; by message type, with sdiag's time, in the JSON), then its RPCs per
 minute while the cluster is left alone (BENCH_IDLE_S), for both sides.
 
 The sandbox's nodes are four slurmd daemons on this machine's cores, each
@@ -21,12 +21,11 @@ The sdiag figure is taken at the largest size both sides reached."""
 from __future__ import annotations
 
 import os
-import time
 
 import sandboxlib as sb
 from bench_clusters import jobqueue, start_cluster
 from bench_ready import ready_rows
-from benchlib import per_job_start, rpcs_by_type, rpcs_since
+from benchlib import per_job_start, rpcs_by_type, rpcs_left_alone
 
 SIZES = [int(x) for x in os.environ.get("BENCH_SCALE_SIZES", "128,256").split(",")]
 # A side whose workers are not all connected by then did not reach N: said,
@@ -48,8 +47,7 @@ def rpcs_of_a_cluster(side: str, n: int) -> tuple[dict, dict]:
     if side == "ours":
         c, _ = start_cluster(f"bench-sdiag-{n}", n)
         at_ready = rpcs_by_type()
-        time.sleep(IDLE_S)
-        idle = rpcs_since(at_ready)
+        idle = rpcs_left_alone(IDLE_S, at_ready)
         c.close()
         sb.cancel_all_user_jobs(300)
         return per_job_start(at_ready, n + 1), per_job_start(idle, IDLE_S / 60)
@@ -89,8 +87,8 @@ def scale_rows(figures: dict, reps: int, seed: int) -> list[tuple]:
         # (sdiag's time serving them is in the JSON, not a row: on this
         # machine it is mostly the wait for a core while the workers start,
         # 0.9 to 16 ms for the same squeue in three runs.)
-        # A cluster left alone: its RPCs per minute (none on the reference's side:
-        # then the row has no ratio).
+        # A cluster left alone: its RPCs per minute (both sides include the
+        # sandbox's own: node registrations, the bench's sdiag reads).
         rows.append((f"slurmctld_rpcs_per_minute_idle_N{n}", ours_idle["rpcs"], ref_idle["rpcs"]))
     finally:
         sb.sandbox_up(nodes=1, cpus=256)

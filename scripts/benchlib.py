@@ -146,6 +146,14 @@ def rpcs_since(before: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
             for k, t in rpcs_by_type().items() if t["count"] != before.get(k, zero)["count"]}
 
 
+def rpcs_left_alone(seconds: float, before: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """`rpcs_since(before)` after `seconds` of waiting: what a cluster,
+    every worker connected and no work, asks of slurmctld meanwhile (both
+    sides of `--scale`'s idle figure)."""
+    time.sleep(seconds)
+    return rpcs_since(before)
+
+
 def per_job_start(by_type: dict[str, dict[str, int]], jobs: int) -> dict:
     """`rpcs_by_type` per job started (or per any other unit: a minute):
     the RPCs, the controller's time serving them (microseconds), and both
