@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import sandboxlib as sb
 from test_keeper import ds, worker_jobs
@@ -70,6 +71,66 @@ def test_the_keepers_helper_killed_during_a_burst_comes_back(cluster_name):
     finally:
         c.close()
     ds("down", cluster_name)
+
+
+def attach_pid(job: str) -> int | None:
+    """The pid of job `job`'s `dask-spank attach` (its batch process), from
+    /proc: its command line and its SLURM_JOB_ID."""
+    want = f"SLURM_JOB_ID={job}".encode()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            args = (d / "cmdline").read_bytes().split(b"\0")
+            environ = (d / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(args) > 1 and args[0].endswith(b"dask-spank") and args[1] == b"attach" and want in environ:
+            return int(d.name)
+    return None
+
+
+def test_the_keeper_itself_killed_while_it_adapts_leaves_nothing(policy, cluster_name):
+    """Not the helper but the keeper itself: the scheduler job's `dask-spank
+    attach` (the job's batch process, which runs the keeper) SIGKILLed while
+    the cluster grows under a burst. Slurm ends the job, the agent stops its
+    scheduler, the helper goes with the job, and no worker job outlives it
+    for long: nobody is left to cancel them, so running workers leave at
+    once (their scheduler is gone) and one that starts later leaves after
+    worker_death_timeout (10 s here), as user.md says. Nothing of the
+    cluster is left running or queued."""
+    policy("worker_death_timeout=10s")
+    up = ds("up", cluster_name, "--adapt", "0:4").stdout
+    sched = re.search(r"scheduler job (\d+)", up).group(1)
+    sb.wait_scheduler_file(cluster_name, 120)
+    c = sb.client(cluster_name)
+    try:
+        def nap(i):
+            import time as tt
+            tt.sleep(0.5)
+            return i
+
+        futs = c.map(nap, range(300))
+        sb.wait_until("the cluster to grow", lambda: len(worker_jobs(cluster_name)) >= 2, 120, 0.5)
+        helper = sb.wait_until("the helper", lambda: helper_pid(cluster_name), 30)
+        keeper_pid = attach_pid(sched)
+        assert keeper_pid, f"no dask-spank attach of job {sched}"
+        assert any(p["role"] == "scheduler" for p in sb.cluster_processes(cluster_name))
+        os.kill(keeper_pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        sb.wait_job_gone(sched, 60)
+        sb.wait_until("its scheduler to be stopped", lambda: not any(
+            p["role"] == "scheduler" for p in sb.cluster_processes(cluster_name)), 30, 0.5)
+        sb.wait_until("its helper to go with the job", lambda: not Path(f"/proc/{helper}").exists(), 30, 0.5)
+        # Running ones at once; one still starting or queued within the
+        # death timeout of its start (2 cores: starts take seconds).
+        sb.wait_until("every worker job to end", lambda: not worker_jobs(cluster_name), 90, 1)
+        sb.wait_until("no dask process of the cluster", lambda: not sb.cluster_processes(cluster_name), 30, 0.5)
+        print(f"the cluster was gone {time.monotonic() - t0:.1f}s after its keeper was killed")
+        del futs
+    finally:
+        c.close(timeout=10)
+    assert not [j for j in sb.squeue_ids()], "every job of the cluster ended"
 
 
 def test_a_helper_that_keeps_dying_is_backed_off_and_said(cluster_name):
