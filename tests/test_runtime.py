@@ -39,23 +39,36 @@ def helper_pid(name: str) -> int | None:
     return pid if any(a.endswith(b"keeper-helper.py") for a in args) else None
 
 
+def adaptive_burst(name: str):
+    """`up NAME --adapt 0:4`, then a burst of 300 half-second tasks, once
+    the cluster has grown to 2 worker jobs: (scheduler job, client,
+    futures)."""
+    up = ds("up", name, "--adapt", "0:4").stdout
+    sched = re.search(r"scheduler job (\d+)", up).group(1)
+    sb.wait_scheduler_file(name, 120)
+    c = sb.client(name)
+
+    def nap(i):
+        import time as tt
+        tt.sleep(0.5)
+        return i
+
+    futs = c.map(nap, range(300))
+    try:
+        sb.wait_until("the cluster to grow", lambda: len(worker_jobs(name)) >= 2, 120, 0.5)
+    except BaseException:
+        c.close()
+        raise
+    return sched, c, futs
+
+
 def test_the_keepers_helper_killed_during_a_burst_comes_back(cluster_name):
     """An adaptive cluster under a burst of 300 half-second tasks; its
     keeper's helper is SIGKILLed (an OOM kill, a careless `pkill -f`): it is
     back within 5 s, the results are right, and after the work the cluster
     goes back to its minimum."""
-    up = ds("up", cluster_name, "--adapt", "0:4").stdout
-    sched = re.search(r"scheduler job (\d+)", up).group(1)
-    sb.wait_scheduler_file(cluster_name, 120)
-    c = sb.client(cluster_name)
+    sched, c, futs = adaptive_burst(cluster_name)
     try:
-        def nap(i):
-            import time as tt
-            tt.sleep(0.5)
-            return i
-
-        futs = c.map(nap, range(300))
-        sb.wait_until("the cluster to grow", lambda: len(worker_jobs(cluster_name)) >= 2, 120, 0.5)
         old = sb.wait_until("the helper", lambda: helper_pid(cluster_name), 30)
         os.kill(old, signal.SIGKILL)
         t0 = time.monotonic()
@@ -100,18 +113,8 @@ def test_the_keeper_itself_killed_while_it_adapts_leaves_nothing(policy, cluster
     worker_death_timeout (10 s here), as user.md says. Nothing of the
     cluster is left running or queued."""
     policy("worker_death_timeout=10s")
-    up = ds("up", cluster_name, "--adapt", "0:4").stdout
-    sched = re.search(r"scheduler job (\d+)", up).group(1)
-    sb.wait_scheduler_file(cluster_name, 120)
-    c = sb.client(cluster_name)
+    sched, c, futs = adaptive_burst(cluster_name)
     try:
-        def nap(i):
-            import time as tt
-            tt.sleep(0.5)
-            return i
-
-        futs = c.map(nap, range(300))
-        sb.wait_until("the cluster to grow", lambda: len(worker_jobs(cluster_name)) >= 2, 120, 0.5)
         helper = sb.wait_until("the helper", lambda: helper_pid(cluster_name), 30)
         keeper_pid = attach_pid(sched)
         assert keeper_pid, f"no dask-spank attach of job {sched}"
