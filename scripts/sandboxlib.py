@@ -271,8 +271,18 @@ def wait_scheduler_file(name: str, timeout: float = 60.0) -> dict:
     return json.loads(f.read_text())
 
 
+def connected_workers(c) -> dict:
+    """The workers the scheduler has now (address -> info), asked of it
+    directly. Not `Client.scheduler_info()`: it fetches into a cache that
+    the client's own 2-second refresh overwrites without the workers
+    (n_workers=0), and a refresh landing between its fetch and its return
+    reads as no worker at all (a CI run on 24.11, 2026-12-06: one 0 among
+    samples of 4 to 8 while the scheduler never had fewer than 4)."""
+    return c.sync(c.scheduler.identity, n_workers=-1)["workers"]
+
+
 def worker_names(c) -> set[str]:
-    return {w.get("name") for w in c.scheduler_info(n_workers=-1)["workers"].values()}
+    return {w.get("name") for w in connected_workers(c).values()}
 
 
 def set_policy(args: str) -> None:

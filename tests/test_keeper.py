@@ -67,7 +67,7 @@ def test_walltime_successors_keep_the_cluster_at_its_size(policy, cluster_name):
 
     def sample():
         while not stop.is_set():
-            connected.append(len(c.scheduler_info()["workers"]))
+            connected.append(len(sb.connected_workers(c)))
             st = json.loads(ds("status", cluster_name, "--json").stdout)
             reported.append(sum(w["state"] == "connected" for w in st["workers"]))
             stop.wait(1)

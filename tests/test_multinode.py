@@ -141,7 +141,7 @@ def test_a_frozen_node_half_open_is_recomputed_without_waiting_for_dask(cluster_
         # in the sandbox), the keeper's interval and grace (15 s).
         assert int(fut.result(timeout=150)) == want
         took = time.monotonic() - frozen_at
-        assert not set(on_n3) & set(c.scheduler_info()["workers"]), "the frozen workers are gone from the scheduler"
+        assert not set(on_n3) & set(sb.connected_workers(c)), "the frozen workers are gone from the scheduler"
         log = "".join(p.read_text() for p in (sb.WORK / "log").glob("dask-scheduler-*.log")
                       if p.stat().st_mtime >= t0 and f"keeping cluster {name}" in p.read_text())
         assert f"removing from the scheduler the workers of jobs {w3}_1, {w3}_2" in log, log[-3000:]
