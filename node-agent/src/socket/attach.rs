@@ -118,22 +118,46 @@ fn valid_address(a: &str) -> bool {
 }
 
 pub async fn run(
-    mut s: UserConn,
+    s: UserConn,
     agent: Arc<Agent>,
     a: Attach,
     peer: Peer,
     permit: Permit,
 ) -> Result<(), String> {
+    // What comes before supervision is boxed, and gone once it is done:
+    // its futures (the checks, the descriptors, the admission) would
+    // otherwise stay part of this connection's task for the job's whole
+    // life, and an agent holds thousands of jobs that spend it in `relay`.
+    let (s, supervised) = match Box::pin(accept(s, &agent, a, peer, permit)).await? {
+        Some((s, accepted)) => (s, start_supervisor(&agent, accepted)),
+        None => return Ok(()),
+    };
+    relay(s, agent, supervised).await
+}
+
+/// Everything up to the supervisor's start: `None` when the attach was
+/// refused (and told so).
+async fn accept(
+    mut s: UserConn,
+    agent: &Arc<Agent>,
+    a: Attach,
+    peer: Peer,
+    permit: Permit,
+) -> Result<Option<(UserConn, Accepted)>, String> {
     let Ok(pidfd) = procfs::pidfd_open(peer.pid) else {
-        return refuse(
+        refuse(
             &mut s,
             format!("the attaching process (pid {}) is gone", peer.pid),
         )
-        .await;
+        .await?;
+        return Ok(None);
     };
     let (spec, job, stop, running) = match agent.jobs.attach(a.job_id, peer.uid, peer.pid) {
         Ok(x) => x,
-        Err(e) => return refuse(&mut s, e.to_string()).await,
+        Err(e) => {
+            refuse(&mut s, e.to_string()).await?;
+            return Ok(None);
+        }
     };
     // From here on the connection is the job's, bounded by Slurm's jobs.
     drop(permit);
@@ -148,11 +172,47 @@ pub async fn run(
         Err(e) => {
             job.finished(JobState::Failed, &e);
             agent.jobs.stop(spec.job_id, "attach failed");
-            return refuse(&mut s, e).await;
+            refuse(&mut s, e).await?;
+            return Ok(None);
         }
     };
     reply(&mut s, &Response::Attached).await?;
-    let again = if a.reattach {
+    log_attached(&log, &spec, a.reattach);
+    let admitted = if agent.settings.stub.is_some() {
+        Ok(admission::from_registration(&spec))
+    } else {
+        admission::admit(&agent.starter, &spec).await
+    };
+    match admitted {
+        Ok(admitted) => {
+            let adopt = running.map(|running| Adoption {
+                running,
+                forkserver_fd,
+            });
+            Ok(Some((
+                s,
+                Accepted {
+                    a,
+                    spec,
+                    job,
+                    stop,
+                    captured,
+                    log,
+                    admitted,
+                    adopt,
+                },
+            )))
+        }
+        Err(refusal) => {
+            refused(s, agent, &job, &log, refusal).await?;
+            Ok(None)
+        }
+    }
+}
+
+/// The job log's first line from the agent.
+fn log_attached(log: &JobLog, spec: &JobSpec, reattach: bool) {
+    let again = if reattach {
         " (attached again after an agent restart)"
     } else {
         ""
@@ -167,33 +227,6 @@ pub async fn run(
         spec.cpus,
         spec.mem_mb
     ));
-    let admitted = if agent.settings.stub.is_some() {
-        Ok(admission::from_registration(&spec))
-    } else {
-        // Boxed: the admission's futures would otherwise be part of this
-        // job's task for its whole life.
-        Box::pin(admission::admit(&agent.starter, &spec)).await
-    };
-    match admitted {
-        Ok(admitted) => {
-            let adopt = running.map(|running| Adoption {
-                running,
-                forkserver_fd,
-            });
-            let accepted = Accepted {
-                a,
-                spec,
-                job,
-                stop,
-                captured,
-                log,
-                admitted,
-                adopt,
-            };
-            supervise(s, agent, accepted).await
-        }
-        Err(refusal) => refused(s, &agent, &job, &log, refusal).await,
-    }
 }
 
 /// The job's log, and on reattach the fork server's control socket.
@@ -260,7 +293,17 @@ struct Accepted {
     adopt: Option<Adoption>,
 }
 
-async fn supervise(mut s: UserConn, agent: Arc<Agent>, acc: Accepted) -> Result<(), String> {
+/// What the connection relays between the job's attach process and its
+/// supervisor, once that runs.
+struct Supervised {
+    job_id: u32,
+    task: tokio::task::JoinHandle<Outcome>,
+    scheduler: watch::Sender<Option<String>>,
+    notices: mpsc::UnboundedReceiver<Notice>,
+}
+
+/// Start the job's supervisor (its own task).
+fn start_supervisor(agent: &Agent, acc: Accepted) -> Supervised {
     let Accepted {
         a,
         spec,
@@ -272,9 +315,11 @@ async fn supervise(mut s: UserConn, agent: Arc<Agent>, acc: Accepted) -> Result<
         adopt,
     } = acc;
     let job_id = spec.job_id;
-    let (addr_tx, addr_rx) = watch::channel(None);
-    let (notify, mut notices) = mpsc::unbounded_channel();
-    let run = JobRun {
+    let (scheduler, addr_rx) = watch::channel(None);
+    let (notify, notices) = mpsc::unbounded_channel();
+    // Boxed: a task holds its future's arguments for its whole life, and
+    // the job's run is the largest of them.
+    let run = Box::new(JobRun {
         env: JobEnv::new(a.env, spec.env_prefix.as_deref()),
         cwd: a.cwd,
         cluster_dir: a.cluster_dir,
@@ -290,7 +335,7 @@ async fn supervise(mut s: UserConn, agent: Arc<Agent>, acc: Accepted) -> Result<
         spec,
         log,
         settings: agent.settings.clone(),
-    };
+    });
     let ctx = Context {
         job,
         metrics: agent.metrics.clone(),
@@ -299,7 +344,24 @@ async fn supervise(mut s: UserConn, agent: Arc<Agent>, acc: Accepted) -> Result<
         notify,
         starter: agent.starter.clone(),
     };
-    let mut task = agent.tasks.spawn(supervisor::run(ctx, run, stop));
+    Supervised {
+        job_id,
+        task: agent.tasks.spawn(supervisor::run(ctx, run, stop)),
+        scheduler,
+        notices,
+    }
+}
+
+/// For the job's life: the scheduler addresses its attach process reports
+/// go to the supervisor, the supervisor's notices to the attach process;
+/// the connection's end stops the job. Then the job's outcome, told.
+async fn relay(mut s: UserConn, agent: Arc<Agent>, sup: Supervised) -> Result<(), String> {
+    let Supervised {
+        job_id,
+        mut task,
+        scheduler: addr_tx,
+        mut notices,
+    } = sup;
     let mut open = true;
     // Keeps a frame read in part while a notice is told (cancel safe).
     let mut frames = wire::FrameReader::new(s.uid());
@@ -307,7 +369,7 @@ async fn supervise(mut s: UserConn, agent: Arc<Agent>, acc: Accepted) -> Result<
         tokio::select! {
             res = &mut task => break res.unwrap_or_else(|e| Outcome { exit_code: 1, reason: format!("the supervisor failed: {e}") }),
             Some(n) = notices.recv(), if open => {
-                if let Err(e) = tell(&mut s, n).await {
+                if let Err(e) = Box::pin(tell(&mut s, n)).await {
                     tracing::debug!(job = job_id, "cannot tell the job's attach process: {e}");
                 }
             }
@@ -329,13 +391,13 @@ async fn supervise(mut s: UserConn, agent: Arc<Agent>, acc: Accepted) -> Result<
             },
         }
     };
-    let _ = reply(
+    let _ = Box::pin(reply(
         &mut s,
         &Response::Finished {
             exit_code: outcome.exit_code,
             reason: outcome.reason,
         },
-    )
+    ))
     .await;
     Ok(())
 }

@@ -424,7 +424,11 @@ async fn one_start(
     adoption: Option<Adoption>,
     n: u32,
 ) -> Result<Again, (JobState, Outcome)> {
-    let mut proc = launch(ctx, run, server, adoption, n).await?;
+    // The start and the end of a start are boxed: their futures (spawning,
+    // the fork server, the stop sequence) would otherwise be part of this
+    // job's task for its whole life, and an agent holds thousands of jobs
+    // that spend it in `watch_until_end`.
+    let mut proc = Box::pin(launch(ctx, run, server, adoption, n)).await?;
     if let (Some(dask), fs) = leaders(&proc) {
         ctx.job.running(dask, fs);
         let ids = std::iter::once(dask).chain(fs).collect();
@@ -439,7 +443,7 @@ async fn one_start(
     );
     let started = Instant::now();
     let ended = watch_until_end(ctx, run, &mut proc, stop).await;
-    conclude(ctx, run, stop, proc, ended, started).await
+    Box::pin(conclude(ctx, run, stop, proc, ended, started)).await
 }
 
 /// What to do once a start ended: stop what is left of it, and tell the
@@ -649,7 +653,7 @@ async fn wait_for_scheduler(
 }
 
 /// Run the job's dask process until it ends for good or `stop` fires.
-pub async fn run(mut ctx: Context, mut run: JobRun, mut stop: StopRx) -> Outcome {
+pub async fn run(mut ctx: Context, mut run: Box<JobRun>, mut stop: StopRx) -> Outcome {
     if let Err(s) = wait_for_scheduler(&mut ctx, &run, &mut stop).await {
         let (state, outcome) = stopped(s);
         ctx.job.finished(state, &outcome.reason);
@@ -706,7 +710,7 @@ pub async fn run(mut ctx: Context, mut run: JobRun, mut stop: StopRx) -> Outcome
         }
     };
     if let Some(s) = server {
-        shutdown_server(s, &run.log).await;
+        Box::pin(shutdown_server(s, &run.log)).await;
     }
     ctx.job.not_running();
     let _ = ctx.notify.send(Notice::Processes(vec![]));
