@@ -304,40 +304,31 @@ struct Supervised {
 
 /// Start the job's supervisor (its own task).
 fn start_supervisor(agent: &Agent, acc: Accepted) -> Supervised {
-    let Accepted {
-        a,
-        spec,
-        job,
-        stop,
-        captured,
-        log,
-        admitted,
-        adopt,
-    } = acc;
-    let job_id = spec.job_id;
+    let job_id = acc.spec.job_id;
     let (scheduler, addr_rx) = watch::channel(None);
     let (notify, notices) = mpsc::unbounded_channel();
+    let nanny = &acc.spec.policy.nanny;
     // Boxed: a task holds its future's arguments for its whole life, and
     // the job's run is the largest of them.
     let run = Box::new(JobRun {
-        env: JobEnv::new(a.env, spec.env_prefix.as_deref()),
-        cwd: a.cwd,
-        cluster_dir: a.cluster_dir,
-        retire_at: supervisor::retire_at(admitted.remaining_s, spec.policy.nanny.lifetime_margin_s),
-        mem_mb: if admitted.mem_mb > 0 {
-            admitted.mem_mb
+        env: JobEnv::new(acc.a.env, acc.spec.env_prefix.as_deref()),
+        cwd: acc.a.cwd,
+        cluster_dir: acc.a.cluster_dir,
+        retire_at: supervisor::retire_at(acc.admitted.remaining_s, nanny.lifetime_margin_s),
+        mem_mb: if acc.admitted.mem_mb > 0 {
+            acc.admitted.mem_mb
         } else {
-            spec.mem_mb
+            acc.spec.mem_mb
         },
-        cgroups: captured.cgroups,
-        rlimits: captured.rlimits,
-        adopt,
-        spec,
-        log,
+        cgroups: acc.captured.cgroups,
+        rlimits: acc.captured.rlimits,
+        adopt: acc.adopt,
+        spec: acc.spec,
+        log: acc.log,
         settings: agent.settings.clone(),
     });
     let ctx = Context {
-        job,
+        job: acc.job,
         metrics: agent.metrics.clone(),
         memwatch: agent.memwatch.clone(),
         scheduler: addr_rx,
@@ -346,7 +337,7 @@ fn start_supervisor(agent: &Agent, acc: Accepted) -> Supervised {
     };
     Supervised {
         job_id,
-        task: agent.tasks.spawn(supervisor::run(ctx, run, stop)),
+        task: agent.tasks.spawn(supervisor::run(ctx, run, acc.stop)),
         scheduler,
         notices,
     }
