@@ -23,6 +23,14 @@ def test_agent_supervises_200_stub_jobs_and_leaves_nothing_behind():
     # ended: as many as the agent had before any job.
     assert out["agent_fds"] >= 3 * 200
     assert out["agent_fds_after"] == out["agent_fds_empty"], out
+    # What a job costs the agent's memory (figure 5's RSS at 3000 jobs, here
+    # at 200, where the agent's fixed part weighs more): 18.5 to 19.6 KiB
+    # over the empty agent in 7 runs of this code; 24.7 to 28.8 KiB at
+    # c772e89, when each job's two tasks held 7 KiB of futures sized for
+    # their largest await (docs/performance.md, "The agent's memory per
+    # job"). Fails if that comes back.
+    per_job_kib = (out["agent_rss_mib"] - out["agent_rss_empty_mib"]) * 1024 / 200
+    assert per_job_kib < 22, f"{per_job_kib:.1f} KiB of the agent's memory per job: {out}"
 
 
 def test_production_agent_refuses_a_job_slurmctld_does_not_know():
