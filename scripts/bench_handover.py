@@ -6,8 +6,8 @@ of time. The reference as dask-jobqueue's documentation advises for
 walltimes: the same jobs, `--lifetime 30s` with a `--lifetime-stagger`
 (5 s: so that its workers do not all leave at once) and `adapt()` holding
 the number of jobs (it submits a new job when one ends). Both sampled every
-second from the moment all 4 are connected: the connected workers (from
-the client) and the CPUs of the running worker jobs (squeue, as root),
+second from the moment all 4 are connected: the connected workers (asked
+of the scheduler) and the CPUs of the running worker jobs (squeue, as root),
 whose sum over the window beyond the target's is the extra core-hours each
 side spends on its handovers (ours' successors overlap their
 predecessors). A PNG of both series; per side, the minimum and mean
@@ -66,7 +66,7 @@ def ours() -> tuple[list[int], list[int]]:
         jobs = JobSampler().start()
         t0 = time.monotonic()
         while time.monotonic() - t0 < SECONDS:
-            samples.append(len(c.scheduler_info()["workers"]))
+            samples.append(len(sb.connected_workers(c)))
             time.sleep(max(0.0, t0 + len(samples) - time.monotonic()))
         cpus = jobs.stop()
         c.close()
@@ -93,7 +93,9 @@ client.wait_for_workers(target, timeout=300)
 print("sampling", flush=True)
 samples, t0 = [], time.monotonic()
 while time.monotonic() - t0 < seconds:
-    samples.append(len(client.scheduler_info()["workers"]))
+    # Asked of the scheduler, as on our side (sandboxlib.connected_workers:
+    # Client.scheduler_info() can read a refresh's empty cache).
+    samples.append(len(client.sync(client.scheduler.identity, n_workers=-1)["workers"]))
     time.sleep(max(0.0, t0 + len(samples) - time.monotonic()))
 client.close()
 cluster.close()
