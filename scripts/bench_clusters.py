@@ -119,7 +119,8 @@ def jobqueue(n: int, nanny: bool, ready_only: bool = False, sdiag: bool = False,
              timeout: float | None = None, idle: float = 0) -> dict:
     """The reference: dask-jobqueue for one size, as the test user (with
     sdiag, the RPCs slurmctld served until all its workers connected, and
-    with `idle`, those of that many seconds after, the cluster left alone;
+    with `idle`, those of that many seconds after, the cluster left alone,
+    and of as many again, settled;
     with a timeout, DidNotReach if they did not all connect in that time)."""
     args = [str(sb.VENV / "bin" / "python"), str(sb.REPO / "scripts" / "bench_jobqueue.py"), str(n)]
     args += ([] if nanny else ["--no-nanny"]) + (["--ready-only"] if ready_only else [])

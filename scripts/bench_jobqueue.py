@@ -76,7 +76,7 @@ def main():
                 # Then the cluster left alone: what it asks of slurmctld
                 # while nothing happens (its workers connected, no work).
                 idle_s = float(sys.argv[sys.argv.index("--idle") + 1])
-                res["rpcs_by_type_idle"] = rpcs_left_alone(idle_s, rpcs_by_type())
+                res["rpcs_by_type_idle"], res["rpcs_by_type_settled"] = rpcs_left_alone(idle_s, rpcs_by_type())
         if n == sizes[0] and not ready_only:
             res["per_job_pss_mib"] = per_job_pss(client, nanny)
             if nanny:

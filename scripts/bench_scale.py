@@ -4,7 +4,8 @@ with its Nanny (scripts/bench_ready.py's blocks, shuffled, BENCH_REPS), and
 the RPCs slurmctld served per worker job start at the largest N, from
 `sdiag` (reset before each cluster, read once all its workers are
 connected; by message type, with sdiag's time, in the JSON), then its RPCs per
-minute while the cluster is left alone (BENCH_IDLE_S), for both sides.
+minute while the cluster is left alone (BENCH_IDLE_S from its last worker's
+connection, then BENCH_IDLE_S more: settled), for both sides.
 
 The sandbox's nodes are four slurmd daemons on this machine's cores, each
 declaring a quarter of the largest cluster's CPUs (scripts/sandbox.py: many
@@ -38,23 +39,26 @@ NODES = 4
 IDLE_S = float(os.environ.get("BENCH_IDLE_S", "60"))
 
 
-def rpcs_of_a_cluster(side: str, n: int) -> tuple[dict, dict]:
+def rpcs_of_a_cluster(side: str, n: int) -> tuple[dict, dict, dict]:
     """slurmctld's RPCs per job (benchlib.per_job_start) from the submission
     to all n workers connected (ours: n worker jobs and the scheduler job;
-    the reference: n jobs), and per minute of the IDLE_S that follow, the
-    cluster left alone."""
+    the reference: n jobs), then per minute of the IDLE_S that follow, the
+    cluster left alone, and per minute of the IDLE_S after those (settled:
+    benchlib.rpcs_left_alone)."""
     sb.run(["sdiag", "--reset"])
     if side == "ours":
         c, _ = start_cluster(f"bench-sdiag-{n}", n)
         at_ready = rpcs_by_type()
-        idle = rpcs_left_alone(IDLE_S, at_ready)
+        idle, settled = rpcs_left_alone(IDLE_S, at_ready)
         c.close()
         sb.cancel_all_user_jobs(300)
-        return per_job_start(at_ready, n + 1), per_job_start(idle, IDLE_S / 60)
-    # The reference reads sdiag itself: its cleanup is outside the count, as
-    # ours is.
-    r = jobqueue(n, True, ready_only=True, sdiag=True, idle=IDLE_S)
-    return per_job_start(r["rpcs_by_type_at_ready"], n), per_job_start(r["rpcs_by_type_idle"], IDLE_S / 60)
+    else:
+        # The reference reads sdiag itself: its cleanup is outside the
+        # count, as ours is.
+        r = jobqueue(n, True, ready_only=True, sdiag=True, idle=IDLE_S)
+        at_ready, idle, settled = r["rpcs_by_type_at_ready"], r["rpcs_by_type_idle"], r["rpcs_by_type_settled"]
+    jobs = n + 1 if side == "ours" else n
+    return per_job_start(at_ready, jobs), per_job_start(idle, IDLE_S / 60), per_job_start(settled, IDLE_S / 60)
 
 
 def scale_rows(figures: dict, reps: int, seed: int) -> list[tuple]:
@@ -77,12 +81,14 @@ def scale_rows(figures: dict, reps: int, seed: int) -> list[tuple]:
         # counting (docs/performance.md states what it costs).
         sb.health_check(False)
         try:
-            (ours, ours_idle), (ref, ref_idle) = rpcs_of_a_cluster("ours", n), rpcs_of_a_cluster("jq", n)
+            (ours, ours_idle, ours_settled), (ref, ref_idle, ref_settled) = (
+                rpcs_of_a_cluster("ours", n), rpcs_of_a_cluster("jq", n))
         finally:
             sb.health_check(True)
         figures["sdiag"] = {"n": n, "ours": ours["rpcs"], "jq": ref["rpcs"], "idle_s": IDLE_S,
                             "ours_per_job_start": ours, "jq_per_job_start": ref,
-                            "ours_idle_per_minute": ours_idle, "jq_idle_per_minute": ref_idle}
+                            "ours_idle_per_minute": ours_idle, "jq_idle_per_minute": ref_idle,
+                            "ours_settled_per_minute": ours_settled, "jq_settled_per_minute": ref_settled}
         rows.append((f"slurmctld_rpcs_per_job_start_N{n}", ours["rpcs"], ref["rpcs"]))
         # (sdiag's time serving them is in the JSON, not a row: on this
         # machine it is mostly the wait for a core while the workers start,
@@ -90,6 +96,8 @@ def scale_rows(figures: dict, reps: int, seed: int) -> list[tuple]:
         # A cluster left alone: its RPCs per minute (both sides include the
         # sandbox's own: node registrations, the bench's sdiag reads).
         rows.append((f"slurmctld_rpcs_per_minute_idle_N{n}", ours_idle["rpcs"], ref_idle["rpcs"]))
+        # The minute after: the same cluster settled.
+        rows.append((f"slurmctld_rpcs_per_minute_settled_N{n}", ours_settled["rpcs"], ref_settled["rpcs"]))
     finally:
         sb.sandbox_up(nodes=1, cpus=256)
     return rows

@@ -138,20 +138,31 @@ def rpcs_by_type() -> dict[str, dict[str, int]]:
     return found
 
 
-def rpcs_since(before: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
-    """`rpcs_by_type` served since the reading `before` (no reset: the
-    reference's side runs as the user, who may read sdiag but not reset it)."""
+def rpcs_between(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """The RPCs of the reading `after` that the reading `before` had not
+    counted (no reset: the reference's side runs as the user, who may read
+    sdiag but not reset it)."""
     zero = {"count": 0, "total_us": 0}
     return {k: {f: t[f] - before.get(k, zero)[f] for f in zero}
-            for k, t in rpcs_by_type().items() if t["count"] != before.get(k, zero)["count"]}
+            for k, t in after.items() if t["count"] != before.get(k, zero)["count"]}
 
 
-def rpcs_left_alone(seconds: float, before: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
-    """`rpcs_since(before)` after `seconds` of waiting: what a cluster,
-    every worker connected and no work, asks of slurmctld meanwhile (both
-    sides of `--scale`'s idle figure)."""
+def rpcs_since(before: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """`rpcs_by_type` served since the reading `before`."""
+    return rpcs_between(before, rpcs_by_type())
+
+
+def rpcs_left_alone(seconds: float, before: dict[str, dict[str, int]]) -> tuple[dict, dict]:
+    """What a cluster, every worker connected and no work, asks of
+    slurmctld in two windows of `seconds` one after the other (both sides of
+    `--scale`'s idle figures): the first starts when its last worker
+    connected, so its start-up tail is in it (our keeper still steps every
+    interval until a step sees nothing move); the second is the cluster
+    settled."""
     time.sleep(seconds)
-    return rpcs_since(before)
+    middle = rpcs_by_type()
+    time.sleep(seconds)
+    return rpcs_between(before, middle), rpcs_since(middle)
 
 
 def per_job_start(by_type: dict[str, dict[str, int]], jobs: int) -> dict:
