@@ -346,27 +346,21 @@ fn start_supervisor(agent: &Agent, acc: Accepted) -> Supervised {
 /// For the job's life: the scheduler addresses its attach process reports
 /// go to the supervisor, the supervisor's notices to the attach process;
 /// the connection's end stops the job. Then the job's outcome, told.
-async fn relay(mut s: UserConn, agent: Arc<Agent>, sup: Supervised) -> Result<(), String> {
-    let Supervised {
-        job_id,
-        mut task,
-        scheduler: addr_tx,
-        mut notices,
-    } = sup;
+async fn relay(mut s: UserConn, agent: Arc<Agent>, mut sup: Supervised) -> Result<(), String> {
     let mut open = true;
     // Keeps a frame read in part while a notice is told (cancel safe).
     let mut frames = wire::FrameReader::new(s.uid());
     let outcome = loop {
         tokio::select! {
-            res = &mut task => break res.unwrap_or_else(|e| Outcome { exit_code: 1, reason: format!("the supervisor failed: {e}") }),
-            Some(n) = notices.recv(), if open => {
+            res = &mut sup.task => break res.unwrap_or_else(|e| Outcome { exit_code: 1, reason: format!("the supervisor failed: {e}") }),
+            Some(n) = sup.notices.recv(), if open => {
                 if let Err(e) = Box::pin(tell(&mut s, n)).await {
-                    tracing::debug!(job = job_id, "cannot tell the job's attach process: {e}");
+                    tracing::debug!(job = sup.job_id, "cannot tell the job's attach process: {e}");
                 }
             }
             msg = frames.next::<SessionRequest>(&s, MAX_REQUEST), if open => match msg {
                 Ok(SessionRequest::SchedulerAddress { address }) if valid_address(&address) => {
-                    addr_tx.send_replace(Some(address));
+                    sup.scheduler.send_replace(Some(address));
                 }
                 other => {
                     // The job script (hence attach) is gone: scancel,
@@ -377,7 +371,7 @@ async fn relay(mut s: UserConn, agent: Arc<Agent>, sup: Supervised) -> Result<()
                         Err(e) => format!("the job's attach connection broke: {e}"),
                         Ok(_) => "the job's attach process sent an invalid message".to_string(),
                     };
-                    agent.jobs.stop(job_id, &why);
+                    agent.jobs.stop(sup.job_id, &why);
                 }
             },
         }
