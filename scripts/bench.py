@@ -248,7 +248,9 @@ def print_rows(rows: list[dict]) -> None:
         rat = f"{r['ratio']:7.3f}" if r["ratio"] is not None else f"{'-':>7s}"
         ci = (f"  [{r['ratio_low']:.3f}, {r['ratio_high']:.3f}] ({r['coverage']:.0%}, n={r['reps']})"
               if "ratio_low" in r else "")
-        print(f"{r['name']:58s} {r['ours']:10.3f} {ref} {rat}{ci}")
+        # A figure whose reference is not the usual one says which it is.
+        which = f"  (reference: {r['reference_variant']})" if "reference_variant" in r else ""
+        print(f"{r['name']:58s} {r['ours']:10.3f} {ref} {rat}{ci}{which}")
 
 
 def medians(runs: list[list[dict]]) -> list[dict]:
