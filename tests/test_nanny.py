@@ -5,9 +5,11 @@ agent itself) and asserts what a user or an admin would check afterwards.
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import time
+from datetime import datetime
 
 import pytest
 
@@ -61,13 +63,23 @@ def kill_a_worker_mid_computation(c) -> tuple[float, str]:
 
 
 def test_1_sigkill_during_a_computation_result_correct_and_back_quickly(cluster_name):
-    """The first restart is immediate: back in about a cold Python start
-    (0.4 s here; scripts/bench measures it). The bound only catches a
-    restart that waited (the backoff's first step is 0.1 s, then 0.2 s...
-    never 3 s)."""
+    """The first restart is immediate: the job's log says `restarting in
+    0.0s`, and the agent's `worker restarted` line follows within 2 s by
+    its clock (a restart that waited even the backoff's third step would
+    show more), and the worker is back, with the result right. How fast a
+    restart is end to end (a cold Python start: 0.4 s on an idle machine,
+    3.7 s once in a CI run with three lanes on 2 cores, which failed the
+    3 s bound this test had) is scripts/bench's figure, not this test's."""
     sched, arr, c = start(cluster_name, 2)
-    back, _ = kill_a_worker_mid_computation(c)
-    assert back < 3.0, f"worker back after {back:.2f}s"
+    back, name = kill_a_worker_mid_computation(c)
+    log = worker_log(arr, name.rsplit("_", 1)[-1])
+    died = re.search(r"^(\S+) dask-spank\[\S+\]: worker died \(killed by SIGKILL\); restarting in ([0-9.]+)s$",
+                     log, re.M)
+    assert died and died.group(2) == "0.0", log
+    again = re.compile(r"^(\S+) dask-spank\[\S+\]: worker restarted, pid", re.M).search(log, died.end())
+    assert again, log
+    at = [datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%SZ") for m in (died, again)]
+    assert 0 <= (at[1] - at[0]).total_seconds() <= 2, log
     print(f"worker back after {back:.2f}s")
     c.close()
 
