@@ -77,10 +77,10 @@ def scale_rows(figures: dict, reps: int, seed: int) -> list[tuple]:
         rows = ready_rows(figures, SIZES, reps, seed, measured=("ours", "jq", "jq_no_nanny"), guard=True,
                           timeout=TIMEOUT_S)
         left_out = figures["ready"][-1]["did_not_fit"]
-        # (size, the reference measured there): with its Nanny where it got there.
-        fitting = [(n, next(v for v in ("jq", "jq_no_nanny") if f"{v} N={n}" not in left_out))
-                   for n in SIZES if f"ours N={n}" not in left_out
-                   and any(f"{v} N={n}" not in left_out for v in ("jq", "jq_no_nanny"))]
+        # Per size ours reached, the references that reached it, the Nanny's first.
+        reached = {n: [v for v in ("jq", "jq_no_nanny") if f"{v} N={n}" not in left_out]
+                   for n in SIZES if f"ours N={n}" not in left_out}
+        fitting = [(n, refs[0]) for n, refs in reached.items() if refs]
         if not fitting:
             return rows
         n, reference = fitting[-1]
