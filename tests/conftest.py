@@ -4,6 +4,7 @@ The session brings the sandbox up and down itself. Set DASK_SPANK_KEEP=1
 to leave it running afterwards for inspection.
 """
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -46,7 +47,8 @@ def policy():
 @pytest.fixture
 def cluster_name(request):
     """A cluster name unique to the test; its jobs are cancelled afterwards."""
-    name = request.node.name.replace("test_", "").replace("_", "-")[:40]
+    # A parametrised test's [param] too: a cluster name is [a-z0-9-].
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.replace("test_", "").lower())[:40].strip("-")
     # What an earlier run left (a scheduler file with a dead address).
     sb.forget_cluster(name)
     yield name

@@ -12,6 +12,8 @@ import subprocess
 import time
 import urllib.request
 
+import pytest
+
 import sandboxlib as sb
 from test_nanny import mine
 
@@ -59,13 +61,15 @@ def test_worker_cpus_and_memory_become_the_workers_threads_and_limit(policy, clu
     c.close()
 
 
-def test_death_timeout_and_restart_limits(policy, cluster_name):
+@pytest.mark.parametrize("start", ["exec", "forkserver"])
+def test_death_timeout_and_restart_limits(policy, cluster_name, start):
     """A worker that cannot reach its scheduler (here: the scheduler is
     stopped, so it accepts TCP but never answers) leaves after
-    worker_death_timeout; the nanny restarts it like any crash, at once
-    the first time, and gives up after worker_restart_max crashes within
+    worker_death_timeout; the nanny counts it as a crash, restarts it after
+    a growing delay (it never started: 5 s less up to half, then 10 s less
+    up to half), and gives up after worker_restart_max crashes within
     worker_restart_window: the job ends FAILED with the reason."""
-    policy("worker_death_timeout=6s worker_restart_max=3 worker_restart_window=5m")
+    policy(f"worker_death_timeout=6s worker_restart_max=3 worker_restart_window=5m worker_start={start}")
     scheduler_up(cluster_name)
     (sched_proc,) = [p for p in mine(cluster_name) if p["role"] == "scheduler"]
     os.kill(sched_proc["pid"], signal.SIGSTOP)
@@ -78,12 +82,17 @@ def test_death_timeout_and_restart_limits(policy, cluster_name):
         os.kill(sched_proc["pid"], signal.SIGCONT)
     log = job_log(job)
     assert log.count("Timed out starting worker") == 3, log
-    assert re.findall(r"restarting in ([0-9.]+)s", log) == ["0.0", "0.1"], log
+    # The boot code's exit code for a worker that never started (76), and
+    # the agent's delays for it, not the crash's (0 s, then 0.1 s).
+    assert len(re.findall(r"\]: worker did not start: it timed out reaching its scheduler "
+                          r"or failed starting \(exit code 76\)", log)) == 3, log
+    delays = [float(d) for d in re.findall(r"restarting in ([0-9.]+)s", log)]
+    assert len(delays) == 2 and 2.5 <= delays[0] <= 5 and 5 <= delays[1] <= 10, log
     assert "gave up after 3 crashes within 300s; not restarting" in log, log
     assert sb.job_state(job) == "FAILED"
     # Three starts that each waited the whole death timeout (6 s, not the
-    # default 60 s).
-    assert 3 * 6 < elapsed < 90, elapsed
+    # default 60 s), and the two delays.
+    assert 3 * 6 + sum(delays) < elapsed < 100, elapsed
 
 
 def test_memory_kill_sends_sigkill_after_the_grace(policy, cluster_name):

@@ -25,7 +25,13 @@ agent is its nanny) then just exits 0, which the agent would take as the
 end of the job. A running worker that the scheduler removes exits with
 RESTART_EXIT instead, and the agent starts it again at once, in its job. A
 retiring worker (its status is closing_gracefully: its data moved, its job
-is over) or one the scheduler closes at its own end still exits 0.
+is over) or one the scheduler closes at its own end still exits 0. A worker
+that never started (distributed closes it with a ``failure-to-start-...``
+reason: it gave up reaching its scheduler within its death timeout, or
+failed starting) exits with STARTUP_FAILED_EXIT, and the agent starts it
+again after a growing delay, not at once: on a node or a scheduler too busy
+to start it, an immediate restart is one more Python start on the busy
+cores, for every worker of an array at once.
 
 And it runs a pool's own worker class (WORKER_CLASS_ENV), once it has
 checked that the job's Python can import it.
@@ -34,12 +40,16 @@ checked that the job's Python can import it.
 #: The exit code of a worker its scheduler removed while it ran: the node
 #: agent restarts it in place (node-agent/src/spawning/dask_cmd.rs, RESTART_EXIT).
 RESTART_EXIT = 75
+#: The exit code of a worker that failed to start (the same file names it:
+#: STARTUP_FAILED_EXIT): restarted after a growing delay.
+STARTUP_FAILED_EXIT = 76
 #: The short names the node agent starts dask by (`ps` shows them).
 COMMANDS = {"dask-scheduler": "distributed.cli.dask_scheduler", "dask-worker": "distributed.cli.dask_worker"}
 #: The path prefix that carries the dashboard token (python/dask_spank/cluster.py
 #: builds links with it): /dask-spank-token/TOKEN/status is /status.
 PATH_TOKEN = "/dask-spank-token/"
 _removed_while_running = []
+_failed_to_start = []
 
 
 def protect_dashboard():
@@ -172,7 +182,9 @@ def idle_counts_clients():
 
 def mark_restarts():
     """Remember when the scheduler removes this worker while it runs (the
-    scheduler's restart of workers without a Nanny)."""
+    scheduler's restart of workers without a Nanny), and when the worker
+    closes because it failed to start (distributed's Server.start gives
+    that reason for a start that timed out or raised)."""
     try:
         from distributed import Worker
         from distributed.core import Status
@@ -187,6 +199,8 @@ def mark_restarts():
         # client.restart() is how a user frees it.
         if reason == "scheduler-remove-worker" and self.status in (Status.running, Status.paused):
             _removed_while_running.append(reason)
+        elif str(reason).startswith("failure-to-start"):
+            _failed_to_start.append(reason)
         return await close(self, *args, reason=reason, **kwargs)
 
     close_marking_restarts._dask_spank_restart = True
@@ -195,8 +209,11 @@ def mark_restarts():
 
 def exit_code(code):
     """The process's exit code: RESTART_EXIT for a clean exit after the
-    scheduler removed the running worker, else `code`."""
-    return RESTART_EXIT if code in (0, None) and _removed_while_running else code
+    scheduler removed the running worker, STARTUP_FAILED_EXIT for a failed
+    exit of a worker that never started, else `code`."""
+    if code in (0, None):
+        return RESTART_EXIT if _removed_while_running else code
+    return STARTUP_FAILED_EXIT if _failed_to_start else code
 
 
 def say_python(what):

@@ -157,6 +157,11 @@ pub use dask_spank_common::policy::worker_lifetime_s as lifetime;
 /// (`client.restart()`), which the agent restarts in place: the boot code
 /// sets it (python/dask_spank/boot.py, `RESTART_EXIT`).
 pub const RESTART_EXIT: i32 = 75;
+/// The exit code of a worker that never started (distributed closed it
+/// with a `failure-to-start-...` reason: it timed out reaching its
+/// scheduler, or failed starting), which the agent restarts after a growing
+/// delay (`supervision::restart::StartFailures`): the boot code sets it.
+pub const STARTUP_FAILED_EXIT: i32 = 76;
 
 #[cfg(test)]
 mod tests {
@@ -281,12 +286,17 @@ mod tests {
     }
 
     #[test]
-    fn the_boot_code_exits_with_the_agents_restart_code() {
+    fn the_boot_code_exits_with_the_agents_restart_codes() {
         let boot = include_str!("../../../python/dask_spank/boot.py");
-        assert!(
-            boot.contains(&format!("\nRESTART_EXIT = {RESTART_EXIT}\n")),
-            "python/dask_spank/boot.py must set RESTART_EXIT = {RESTART_EXIT}"
-        );
+        for (name, code) in [
+            ("RESTART_EXIT", RESTART_EXIT),
+            ("STARTUP_FAILED_EXIT", STARTUP_FAILED_EXIT),
+        ] {
+            assert!(
+                boot.contains(&format!("\n{name} = {code}\n")),
+                "python/dask_spank/boot.py must set {name} = {code}"
+            );
+        }
     }
 
     #[test]

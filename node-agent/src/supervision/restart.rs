@@ -1,6 +1,7 @@
 //! When to restart a dead worker, and when to give up. Pure, so the state
 //! machine is tested without spawning anything.
 
+use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,9 +62,77 @@ impl CrashLog {
     }
 }
 
+/// The delays of a worker that never started (it gave up reaching its
+/// scheduler within its death timeout, or failed starting): the node or
+/// the scheduler cannot take it now, and starting it again at once is one
+/// more Python start on the cores that were too busy, for every worker of
+/// the array at the same moment (a restart storm: docs/performance.md, run
+/// H). So the delay grows (5 s, doubling, up to 5 min), less up to half of
+/// it by a hash of the job and the attempt, so that an array's workers
+/// come back spread out; a worker that started (then ended: a crash or a
+/// restart) forgets them.
+#[derive(Debug, Default)]
+pub struct StartFailures {
+    failures: u32,
+}
+
+impl StartFailures {
+    pub const BASE: Duration = Duration::from_secs(5);
+    pub const CAP: Duration = Duration::from_secs(300);
+
+    /// One more failure to start of the job `key`: how long to wait.
+    pub fn record(&mut self, key: &str) -> Duration {
+        let full = Self::BASE
+            .saturating_mul(1u32 << self.failures.min(16))
+            .min(Self::CAP);
+        self.failures = self.failures.saturating_add(1);
+        full.saturating_sub(full.mul_f64(spread(key, self.failures) / 2.0))
+    }
+
+    /// The worker started: the next failure to start is a first one again.
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// A number in [0, 1) fixed by `key` and `attempt` (SipHash with fixed
+/// keys: the same on every node and every agent release that builds with
+/// the same std, which only the spread depends on).
+fn spread(key: &str, attempt: u32) -> f64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (key, attempt).hash(&mut h);
+    (h.finish() % 1_000_000) as f64 / 1_000_000.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_that_never_started_waits_longer_each_time_spread_by_job() {
+        let mut f = StartFailures::default();
+        let ds: Vec<_> = (0..9).map(|_| f.record("4242_7")).collect();
+        for (i, d) in ds.iter().enumerate() {
+            let full = (StartFailures::BASE * (1 << i)).min(StartFailures::CAP);
+            assert!(
+                *d <= full && *d >= full / 2,
+                "attempt {i}: {d:?} of {full:?}"
+            );
+        }
+        assert!(ds[8] >= Duration::from_secs(150), "capped at 5 min: {ds:?}");
+        f.reset();
+        assert!(f.record("4242_7") <= StartFailures::BASE);
+        // An array's workers do not come back together.
+        let firsts: std::collections::BTreeSet<_> = (0..64)
+            .map(|i| StartFailures::default().record(&format!("4242_{i}")))
+            .collect();
+        assert!(firsts.len() > 32, "{firsts:?}");
+        let (lo, hi) = (firsts.first().unwrap(), firsts.last().unwrap());
+        assert!(
+            hi.saturating_sub(*lo) > Duration::from_secs(1),
+            "{lo:?}..{hi:?}"
+        );
+    }
 
     #[test]
     fn backoff_doubles_then_gives_up() {

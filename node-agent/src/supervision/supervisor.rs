@@ -10,7 +10,8 @@
 
 use crate::spawning::child::Child;
 use crate::spawning::dask_cmd::{
-    boot_env, command, dask_args, exec_form, lifetime, site_env, DaskSettings, Limits, RESTART_EXIT,
+    boot_env, command, dask_args, exec_form, lifetime, site_env, DaskSettings, Limits,
+    RESTART_EXIT, STARTUP_FAILED_EXIT,
 };
 use crate::spawning::forkserver::ForkServer;
 use crate::spawning::jobenv::JobEnv;
@@ -20,7 +21,7 @@ use crate::spawning::spawn::{spawn, Identity, SpawnError, SpawnRequest, Starter}
 use crate::supervision::jobs::{JobHandle, Stop, StopRx};
 use crate::supervision::memwatch::MemWatch;
 use crate::supervision::metrics::{Gauge, Metrics};
-use crate::supervision::restart::{CrashLog, Decision, RestartPolicy};
+use crate::supervision::restart::{CrashLog, Decision, RestartPolicy, StartFailures};
 use crate::system::procfs::{self, ProcId};
 use crate::system::reach;
 use crate::system::rlimits::Rlimit;
@@ -399,6 +400,10 @@ fn leaders(proc: &Proc<'_>) -> (Option<ProcId>, Option<ProcId>) {
 enum Again {
     /// It crashed (or was killed for its memory): counted, backed off.
     Crash(String),
+    /// It never started (distributed gave up reaching its scheduler, or
+    /// failed starting): counted as a crash, and restarted after
+    /// `StartFailures`' growing delay at least.
+    NotStarted(String),
     /// Its scheduler removed it while it ran (`client.restart()`): at once,
     /// in place, not counted as a crash while it is not too often.
     Asked(String),
@@ -596,6 +601,13 @@ async fn exited(
         log.line(&reason);
         return Err(finished(JobState::Finished, 0, reason));
     }
+    if code == Some(STARTUP_FAILED_EXIT) {
+        // Set by the boot code, in the user's process: a user who fakes it
+        // only slows the restarts of their own worker.
+        return Ok(Again::NotStarted(format!(
+            "worker did not start: it timed out reaching its scheduler or failed starting ({desc})"
+        )));
+    }
     Ok(Again::Crash(format!("worker died ({desc})")))
 }
 
@@ -667,6 +679,8 @@ pub async fn run(mut ctx: Context, mut run: Box<JobRun>, mut stop: StopRx) -> Ou
     };
     let mut crashes = CrashLog::default();
     let mut asked = CrashLog::default();
+    let mut not_started = StartFailures::default();
+    let key = run.spec.job_id.to_string();
     let mut server = None;
     let mut starts = 0;
     let (state, outcome) = loop {
@@ -675,7 +689,17 @@ pub async fn run(mut ctx: Context, mut run: Box<JobRun>, mut stop: StopRx) -> Ou
         }
         starts += 1;
         let adoption = run.adopt.take();
-        let desc = match one_start(&ctx, &run, &mut stop, &mut server, adoption, starts).await {
+        let again = one_start(&ctx, &run, &mut stop, &mut server, adoption, starts).await;
+        // The least delay before the next start: only for a worker that
+        // never started; one that did forgets the earlier failures.
+        let floor = match &again {
+            Ok(Again::NotStarted(_)) => not_started.record(&key),
+            _ => {
+                not_started.reset();
+                Duration::ZERO
+            }
+        };
+        let desc = match again {
             Ok(Again::Asked(why)) => match asked.record(&asked_policy(), Instant::now()) {
                 Decision::Restart(_) => {
                     run.log.line(&format!("{why}: restarting it in place"));
@@ -685,11 +709,12 @@ pub async fn run(mut ctx: Context, mut run: Box<JobRun>, mut stop: StopRx) -> Ou
                 }
                 Decision::GiveUp(_) => format!("{why}, more than 10 times a minute"),
             },
-            Ok(Again::Crash(desc)) => desc,
+            Ok(Again::Crash(desc) | Again::NotStarted(desc)) => desc,
             Err(end) => break end,
         };
         match crashes.record(&policy, Instant::now()) {
             Decision::Restart(delay) => {
+                let delay = delay.max(floor);
                 run.log.line(&format!(
                     "{desc}; restarting in {:.1}s",
                     delay.as_secs_f64()

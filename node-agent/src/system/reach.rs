@@ -68,13 +68,17 @@ pub async fn answers(hostport: &str, uid: u32, gid: u32, timeout: Duration) -> b
 mod tests {
     use super::*;
 
-    /// The owner /proc/net/tcp shows for the socket bound to local `port`.
-    fn owner_of_local_port(port: u16) -> Option<u32> {
+    /// The owner /proc/net/tcp shows for the connection from local port
+    /// `local` to remote port `remote`: both ends, since another socket of
+    /// the machine (a test running beside, another connection to some
+    /// other listener) may have the same local port.
+    fn owner_of_connection(local: u16, remote: u16) -> Option<u32> {
+        let port = |f: &str| u16::from_str_radix(f.rsplit(':').next()?, 16).ok();
         let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
         table.lines().skip(1).find_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
-            (local_port == port).then(|| f.get(7)?.parse().ok())?
+            let ends = (port(f.get(1)?)?, port(f.get(2)?)?);
+            (ends == (local, remote)).then(|| f.get(7)?.parse().ok())?
         })
     }
 
@@ -89,7 +93,7 @@ mod tests {
         let c = connect_as(addr, 65534, 65534).await.unwrap();
         let (_server_side, peer) = l.accept().await.unwrap();
         assert_eq!(peer, c.local_addr().unwrap());
-        assert_eq!(owner_of_local_port(peer.port()), Some(65534));
+        assert_eq!(owner_of_connection(peer.port(), addr.port()), Some(65534));
         // The thread is root again. SAFETY: an invalid id changes nothing
         // and returns the current one.
         assert_eq!(unsafe { libc::setfsuid(u32::MAX) }, 0);

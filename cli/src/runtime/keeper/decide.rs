@@ -448,6 +448,29 @@ pub struct Seen {
     pub demand: Demand,
 }
 
+impl Seen {
+    /// What a step saw. dask's demand only moves an adaptive pool's size
+    /// (`want`), so a cluster with none keeps none of it: on a scheduler
+    /// too loaded to answer heartbeats in time (128 workers on 2 cores,
+    /// its event loop held for seconds), dask's adaptive target of an idle
+    /// cluster moves with the workers it would close, and each move asked
+    /// slurmctld again for a cluster whose size is fixed.
+    pub fn new(
+        targets: Vec<(Option<PoolName>, Option<Target>)>,
+        workers: Vec<String>,
+        demand: Demand,
+    ) -> Seen {
+        let adaptive = targets
+            .iter()
+            .any(|(_, t)| matches!(t, Some(Target::Adapt { .. })));
+        Seen {
+            targets,
+            workers,
+            demand: if adaptive { demand } else { Demand::default() },
+        }
+    }
+}
+
 /// The last step that asked squeue: what it saw, the jobs, when, and
 /// whether it left the cluster settled (every pool at its target with
 /// all its jobs running, nothing submitted, retiring, cancelled or
@@ -544,9 +567,31 @@ mod tests {
         let mut moved = seen.clone();
         moved.targets[0].1 = Some(Target::Workers { workers: 3 });
         assert!(!quiet(RULES, &last, &moved, 1005, 5), "a new target");
-        let mut moved = seen.clone();
-        moved.demand.adaptive_target = 4;
-        assert!(!quiet(RULES, &last, &moved, 1005, 5), "dask's demand");
+        // dask's demand, for an adaptive cluster only.
+        let moved_demand = |target: Target| {
+            let demand = Demand {
+                adaptive_target: 4,
+                ..Demand::default()
+            };
+            let seen = Seen::new(vec![(None, Some(target))], seen.workers.clone(), demand);
+            let last = LastStep {
+                seen: Seen::new(
+                    seen.targets.clone(),
+                    seen.workers.clone(),
+                    Demand::default(),
+                ),
+                ..last.clone()
+            };
+            quiet(RULES, &last, &seen, 1005, 5)
+        };
+        assert!(
+            !moved_demand(Target::Adapt { adapt: [1, 9] }),
+            "dask's demand"
+        );
+        assert!(
+            moved_demand(Target::Workers { workers: 2 }),
+            "dask's demand, of a cluster of a fixed size"
+        );
         // A job not running (on its way, or out) is watched every interval.
         for state in [QueueState::Waiting, QueueState::Leaving] {
             let mut waiting = last.clone();

@@ -322,13 +322,13 @@ impl Keeper {
             let t = self.dir.target_of(Some(&p));
             (Some(p), t)
         });
-        Some(Seen {
-            targets: std::iter::once((None, target.clone()))
+        Some(Seen::new(
+            std::iter::once((None, target.clone()))
                 .chain(pools)
                 .collect(),
-            workers: view.workers.keys().cloned().collect(),
-            demand: view.demand.clone(),
-        })
+            view.workers.keys().cloned().collect(),
+            view.demand.clone(),
+        ))
     }
 
     /// Remember a step that asked squeue, for `decide::quiet`; `busy`: it
