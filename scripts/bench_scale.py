@@ -42,6 +42,10 @@ NODES = 4
 # Seconds a cluster is left alone, all its workers connected, while
 # slurmctld's RPCs are counted (BENCH_IDLE_S).
 IDLE_S = float(os.environ.get("BENCH_IDLE_S", "60"))
+# The sides measured (BENCH_SCALE_SIDES, comma-separated; ours always): all
+# three for a figure; ours alone to see a change of ours at a size, whose
+# reference a run beside it measured (no ratio is printed without one).
+SIDES = tuple(os.environ.get("BENCH_SCALE_SIDES", "ours,jq,jq_no_nanny").split(","))
 
 
 def rpcs_of_a_cluster(side: str, n: int) -> tuple[dict, dict, dict]:
@@ -74,11 +78,11 @@ def scale_rows(figures: dict, reps: int, seed: int) -> list[tuple]:
     # (2026-12-06), whose slurmd then stopped answering under 128 launches.
     sb.sandbox_up(nodes=NODES, cpus=-(-(max(SIZES) + 1) // NODES))
     try:
-        rows = ready_rows(figures, SIZES, reps, seed, measured=("ours", "jq", "jq_no_nanny"), guard=True,
+        rows = ready_rows(figures, SIZES, reps, seed, measured=SIDES, guard=True,
                           timeout=TIMEOUT_S)
         left_out = figures["ready"][-1]["did_not_fit"]
         # Per size ours reached, the references that reached it, the Nanny's first.
-        reached = {n: [v for v in ("jq", "jq_no_nanny") if f"{v} N={n}" not in left_out]
+        reached = {n: [v for v in ("jq", "jq_no_nanny") if v in SIDES and f"{v} N={n}" not in left_out]
                    for n in SIZES if f"ours N={n}" not in left_out}
         fitting = [(n, refs[0]) for n, refs in reached.items() if refs]
         if not fitting:

@@ -66,8 +66,8 @@ def test_death_timeout_and_restart_limits(policy, cluster_name, start):
     """A worker that cannot reach its scheduler (here: the scheduler is
     stopped, so it accepts TCP but never answers) leaves after
     worker_death_timeout; the nanny counts it as a crash, restarts it after
-    a growing delay (it never started: 5 s less up to half, then 10 s less
-    up to half), and gives up after worker_restart_max crashes within
+    a growing delay (it never started: as long as its start took, at least
+    5 s, less up to half, then twice that), and gives up after worker_restart_max crashes within
     worker_restart_window: the job ends FAILED with the reason."""
     policy(f"worker_death_timeout=6s worker_restart_max=3 worker_restart_window=5m worker_start={start}")
     scheduler_up(cluster_name)
@@ -86,8 +86,14 @@ def test_death_timeout_and_restart_limits(policy, cluster_name, start):
     # the agent's delays for it, not the crash's (0 s, then 0.1 s).
     assert len(re.findall(r"\]: worker did not start: it timed out reaching its scheduler "
                           r"or failed starting \(exit code 76\)", log)) == 3, log
-    delays = [float(d) for d in re.findall(r"restarting in ([0-9.]+)s", log)]
-    assert len(delays) == 2 and 2.5 <= delays[0] <= 5 and 5 <= delays[1] <= 10, log
+    # Each waits about as long as its start took (at least 5 s), less up to
+    # half, doubled the second time (the log says how long, in whole s).
+    waits = [(int(t), float(d)) for t, d in re.findall(r"after (\d+)s; restarting in ([0-9.]+)s", log)]
+    assert len(waits) == 2, log
+    for i, (took, delay) in enumerate(waits):
+        lo, hi = max(5, took) * 2**i, max(5, took + 1) * 2**i
+        assert lo / 2 - 0.1 <= delay <= hi, (i, took, delay, log)
+    delays = [d for _, d in waits]
     assert "gave up after 3 crashes within 300s; not restarting" in log, log
     assert sb.job_state(job) == "FAILED"
     # Three starts that each waited the whole death timeout (6 s, not the

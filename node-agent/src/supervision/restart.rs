@@ -67,10 +67,12 @@ impl CrashLog {
 /// the scheduler cannot take it now, and starting it again at once is one
 /// more Python start on the cores that were too busy, for every worker of
 /// the array at the same moment (a restart storm: docs/performance.md, run
-/// H). So the delay grows (5 s, doubling, up to 5 min), less up to half of
-/// it by a hash of the job and the attempt, so that an array's workers
-/// come back spread out; a worker that started (then ended: a crash or a
-/// restart) forgets them.
+/// H). So it waits about as long as its failed start took (at least 5 s:
+/// the node needed longer than that; a fixed 5 s was nothing beside
+/// starts of minutes there, run J), doubling with each failure in a row,
+/// up to 5 min, less up to half by a hash of the job and the attempt, so
+/// that an array's workers come back spread out; a worker that started
+/// (then ended: a crash or a restart) forgets them.
 #[derive(Debug, Default)]
 pub struct StartFailures {
     failures: u32,
@@ -80,9 +82,11 @@ impl StartFailures {
     pub const BASE: Duration = Duration::from_secs(5);
     pub const CAP: Duration = Duration::from_secs(300);
 
-    /// One more failure to start of the job `key`: how long to wait.
-    pub fn record(&mut self, key: &str) -> Duration {
-        let full = Self::BASE
+    /// One more failure to start of the job `key`, a start that took
+    /// `took`: how long to wait.
+    pub fn record(&mut self, key: &str, took: Duration) -> Duration {
+        let full = took
+            .max(Self::BASE)
             .saturating_mul(1u32 << self.failures.min(16))
             .min(Self::CAP);
         self.failures = self.failures.saturating_add(1);
@@ -110,8 +114,9 @@ mod tests {
 
     #[test]
     fn a_worker_that_never_started_waits_longer_each_time_spread_by_job() {
+        let quick = Duration::from_secs(1);
         let mut f = StartFailures::default();
-        let ds: Vec<_> = (0..9).map(|_| f.record("4242_7")).collect();
+        let ds: Vec<_> = (0..9).map(|_| f.record("4242_7", quick)).collect();
         for (i, d) in ds.iter().enumerate() {
             let full = (StartFailures::BASE * (1 << i)).min(StartFailures::CAP);
             assert!(
@@ -121,10 +126,16 @@ mod tests {
         }
         assert!(ds[8] >= Duration::from_secs(150), "capped at 5 min: {ds:?}");
         f.reset();
-        assert!(f.record("4242_7") <= StartFailures::BASE);
+        assert!(f.record("4242_7", quick) <= StartFailures::BASE);
+        // A start that took 80 s to fail waits 40 to 80 s, then 80 to 160.
+        let mut f = StartFailures::default();
+        let slow = Duration::from_secs(80);
+        let (a, b) = (f.record("4242_7", slow), f.record("4242_7", slow));
+        assert!(a >= slow / 2 && a <= slow, "{a:?}");
+        assert!(b >= slow && b <= slow * 2, "{b:?}");
         // An array's workers do not come back together.
         let firsts: std::collections::BTreeSet<_> = (0..64)
-            .map(|i| StartFailures::default().record(&format!("4242_{i}")))
+            .map(|i| StartFailures::default().record(&format!("4242_{i}"), quick))
             .collect();
         assert!(firsts.len() > 32, "{firsts:?}");
         let (lo, hi) = (firsts.first().unwrap(), firsts.last().unwrap());

@@ -401,9 +401,9 @@ enum Again {
     /// It crashed (or was killed for its memory): counted, backed off.
     Crash(String),
     /// It never started (distributed gave up reaching its scheduler, or
-    /// failed starting): counted as a crash, and restarted after
-    /// `StartFailures`' growing delay at least.
-    NotStarted(String),
+    /// failed starting), after trying this long: counted as a crash, and
+    /// restarted after `StartFailures`' growing delay at least.
+    NotStarted(String, Duration),
     /// Its scheduler removed it while it ran (`client.restart()`): at once,
     /// in place, not counted as a crash while it is not too often.
     Asked(String),
@@ -604,9 +604,14 @@ async fn exited(
     if code == Some(STARTUP_FAILED_EXIT) {
         // Set by the boot code, in the user's process: a user who fakes it
         // only slows the restarts of their own worker.
-        return Ok(Again::NotStarted(format!(
-            "worker did not start: it timed out reaching its scheduler or failed starting ({desc})"
-        )));
+        let took = started.elapsed();
+        return Ok(Again::NotStarted(
+            format!(
+                "worker did not start: it timed out reaching its scheduler or failed starting ({desc}) after {}s",
+                took.as_secs()
+            ),
+            took,
+        ));
     }
     Ok(Again::Crash(format!("worker died ({desc})")))
 }
@@ -693,7 +698,7 @@ pub async fn run(mut ctx: Context, mut run: Box<JobRun>, mut stop: StopRx) -> Ou
         // The least delay before the next start: only for a worker that
         // never started; one that did forgets the earlier failures.
         let floor = match &again {
-            Ok(Again::NotStarted(_)) => not_started.record(&key),
+            Ok(Again::NotStarted(_, took)) => not_started.record(&key, *took),
             _ => {
                 not_started.reset();
                 Duration::ZERO
@@ -709,7 +714,7 @@ pub async fn run(mut ctx: Context, mut run: Box<JobRun>, mut stop: StopRx) -> Ou
                 }
                 Decision::GiveUp(_) => format!("{why}, more than 10 times a minute"),
             },
-            Ok(Again::Crash(desc) | Again::NotStarted(desc)) => desc,
+            Ok(Again::Crash(desc) | Again::NotStarted(desc, _)) => desc,
             Err(end) => break end,
         };
         match crashes.record(&policy, Instant::now()) {
