@@ -72,16 +72,23 @@ def test_1_sigkill_during_a_computation_result_correct_and_back_quickly(cluster_
     3 s bound this test had) is scripts/bench's figure, not this test's."""
     sched, arr, c = start(cluster_name, 2)
     back, name = kill_a_worker_mid_computation(c)
-    log = worker_log(arr, name.rsplit("_", 1)[-1])
+    restarted_at_once(worker_log(arr, name.rsplit("_", 1)[-1]))
+    print(f"worker back after {back:.2f}s")
+    c.close()
+
+
+def restarted_at_once(log: str) -> str:
+    """Assert that the job's log shows the killed worker restarted at once
+    (`restarting in 0.0s`, then the agent's `worker restarted` line within
+    2 s by its clock); the restart's line."""
     died = re.search(r"^(\S+) dask-spank\[\S+\]: worker died \(killed by SIGKILL\); restarting in ([0-9.]+)s$",
                      log, re.M)
     assert died and died.group(2) == "0.0", log
-    again = re.compile(r"^(\S+) dask-spank\[\S+\]: worker restarted, pid", re.M).search(log, died.end())
+    again = re.compile(r"^(\S+) dask-spank\[\S+\]: worker restarted, pid.*$", re.M).search(log, died.end())
     assert again, log
     at = [datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%SZ") for m in (died, again)]
     assert 0 <= (at[1] - at[0]).total_seconds() <= 2, log
-    print(f"worker back after {back:.2f}s")
-    c.close()
+    return again.group(0)
 
 
 def env_without_distributed():
@@ -368,10 +375,15 @@ def test_10_forkserver_restarts_a_killed_worker_fast_and_leaves_nothing(policy, 
     assert sb.agent_metrics()["dask_spank_forkservers_running"] == 2
     back, name = kill_a_worker_mid_computation(c)
     log = worker_log(arr, name.rsplit("_", 1)[1])
-    assert "fork server started, pid" in log
-    assert "worker restarted, pid" in log and "forked by the fork server" in log
-    # A fork skips the interpreter start and the imports of a cold start.
-    assert back < 1.0, f"worker back after {back:.2f}s"
+    server = re.search(r"fork server started, pid (\d+)", log)
+    assert server, log
+    # Forked by the same fork server, which skips the interpreter start
+    # and the imports of a cold start: how much faster that is (0.37 s
+    # against the Nanny's 0.67 s, docs/performance.md; 2.7 s once while
+    # another release's tests ran beside, which failed the 1 s bound this
+    # test had) is scripts/bench's figure, not this test's.
+    line = restarted_at_once(log)
+    assert f"forked by the fork server (pid {server.group(1)})" in line, line
     print(f"forked worker back after {back:.3f}s")
     c.close()
     sb.run(["scancel", sched, arr])

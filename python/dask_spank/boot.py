@@ -40,8 +40,8 @@ checked that the job's Python can import it.
 #: The exit code of a worker its scheduler removed while it ran: the node
 #: agent restarts it in place (node-agent/src/spawning/dask_cmd.rs, RESTART_EXIT).
 RESTART_EXIT = 75
-#: The exit code of a worker that failed to start (the same file names it:
-#: STARTUP_FAILED_EXIT): restarted after a growing delay.
+#: The exit code of a worker that failed to start: the node agent restarts
+#: it after a growing delay (node-agent/src/spawning/dask_cmd.rs, STARTUP_FAILED_EXIT).
 STARTUP_FAILED_EXIT = 76
 #: The short names the node agent starts dask by (`ps` shows them).
 COMMANDS = {"dask-scheduler": "distributed.cli.dask_scheduler", "dask-worker": "distributed.cli.dask_worker"}
