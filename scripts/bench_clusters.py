@@ -57,10 +57,10 @@ def start_cluster(name: str, n: int, timeout: float = 900):
     c = sb.client(name)
     try:
         c.wait_for_workers(n, timeout=timeout)
-    except TimeoutError:
-        got = len(c.scheduler_info()["workers"])
+    except TimeoutError as e:
+        why = did_not_reach(c, e, n, timeout)
         c.close()
-        raise DidNotReach(did_not_reach(got, n, timeout)) from None
+        raise DidNotReach(why) from None
     except BaseException:
         c.close()
         raise

@@ -61,10 +61,9 @@ def main():
         cluster.scale(jobs=n)
         try:
             client.wait_for_workers(n, timeout=timeout)
-        except TimeoutError:
+        except TimeoutError as e:
             # A result too (--scale): the side did not get there in time.
-            got = len(client.scheduler_info()["workers"])
-            res["did_not_reach"] = did_not_reach(got, n, timeout)
+            res["did_not_reach"] = did_not_reach(client, e, n, timeout)
             client.close()
             cluster.close()
             break

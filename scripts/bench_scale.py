@@ -42,9 +42,10 @@ NODES = 4
 # Seconds a cluster is left alone, all its workers connected, while
 # slurmctld's RPCs are counted (BENCH_IDLE_S).
 IDLE_S = float(os.environ.get("BENCH_IDLE_S", "60"))
-# The sides measured (BENCH_SCALE_SIDES, comma-separated; ours always): all
-# three for a figure; ours alone to see a change of ours at a size, whose
-# reference a run beside it measured (no ratio is printed without one).
+# The sides measured (BENCH_SCALE_SIDES, comma-separated): all three for a
+# figure; one of ours alone (ours, or ours_tcp) to see a change of ours at a
+# size, whose reference a run beside it measured (no ratio is printed
+# without both sides, and no sdiag count without ours).
 SIDES = tuple(os.environ.get("BENCH_SCALE_SIDES", "ours,jq,jq_no_nanny").split(","))
 
 
@@ -83,7 +84,7 @@ def scale_rows(figures: dict, reps: int, seed: int) -> list[tuple]:
         left_out = figures["ready"][-1]["did_not_fit"]
         # Per size ours reached, the references that reached it, the Nanny's first.
         reached = {n: [v for v in ("jq", "jq_no_nanny") if v in SIDES and f"{v} N={n}" not in left_out]
-                   for n in SIZES if f"ours N={n}" not in left_out}
+                   for n in SIZES if "ours" in SIDES and f"ours N={n}" not in left_out}
         fitting = [(n, refs[0]) for n, refs in reached.items() if refs]
         if not fitting:
             return rows

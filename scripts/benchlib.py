@@ -115,9 +115,17 @@ def median_interval(xs: list[float]) -> tuple[float, float, float]:
     return xs[k - 1], xs[n - k], coverage(k)
 
 
-def did_not_reach(got: int, n: int, timeout: float) -> str:
+def did_not_reach(client, error: TimeoutError, n: int, timeout: float) -> str:
     """What a side that did not get to n workers in time reports (both
-    sides say it alike: ours in bench_clusters, the reference's script)."""
+    sides say it alike: ours in bench_clusters, the reference's script).
+    The count is the one wait_for_workers last read (its
+    WorkerStartTimeoutError carries it), not Client.scheduler_info(): that
+    returns the client's cache, which a periodic refresh asked with
+    n_workers=0 can overwrite with no workers (run L read 0 of 256 where
+    its scheduler had some 118)."""
+    got = getattr(error, "available_workers", None)
+    if got is None:
+        got = len(client.sync(client.scheduler.identity, n_workers=-1)["workers"])
     return f"{got} of {n} workers connected after {timeout:.0f} s"
 
 

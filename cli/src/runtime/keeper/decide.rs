@@ -485,7 +485,8 @@ pub struct LastStep {
 
 /// Whether a step may skip squeue: the last one settled the cluster less
 /// than `STEADY_S` ago, everything else it saw is unchanged (a target
-/// written, a worker come or gone, dask's demand moved: each asks again),
+/// written, a worker come or gone, dask's demand moved for an adaptive
+/// cluster (Seen::new keeps it only there): each asks again),
 /// and no running job's successor falls due before the next step. What
 /// no one tells the keeper (a job ended on a lost node, its connections
 /// half open) is then seen within `STEADY_S`, after Slurm's own
