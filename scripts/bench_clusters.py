@@ -11,7 +11,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import sandboxlib as sb
@@ -46,10 +45,7 @@ def start_cluster(name: str, n: int, timeout: float = 900):
     always new: the TLS credentials an earlier cluster of this name left
     (forget_cluster keeps them) go too, or a TCP cluster's client would
     take them and refuse its plain connection."""
-    sb.forget_cluster(name)
-    for key, path in sb.layout(name).items():
-        if key.startswith("tls_"):
-            Path(path).unlink(missing_ok=True)
+    sb.forget_cluster(name, credentials=True)
     t0 = time.monotonic()
     sb.sbatch("--dask-role=scheduler", f"--dask-cluster={name}")
     sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", f"--array=1-{n}")

@@ -253,15 +253,17 @@ def scheduler_dropped(cluster: str, since: float) -> list[str]:
     return sorted(out)
 
 
-def forget_cluster(name: str) -> None:
+def forget_cluster(name: str, credentials: bool = False) -> None:
     """Remove what an earlier cluster of the same name left (scheduler file,
     state record, job reports), as `dask-spank down` does, so that waiting
-    for the scheduler file waits for the new scheduler."""
+    for the scheduler file waits for the new scheduler. With `credentials`,
+    its TLS credentials too (`down` keeps them), which a client of a new
+    TCP cluster of that name would otherwise take, and refuse plain TCP."""
     import shutil
     for key, path in layout(name).items():
         if key == "jobs_dir" or Path(path).is_dir() and key != "cluster_dir":
             shutil.rmtree(path, ignore_errors=True)
-        elif key != "cluster_dir" and not key.startswith("tls_"):
+        elif key != "cluster_dir" and (credentials or not key.startswith("tls_")):
             Path(path).unlink(missing_ok=True)
 
 

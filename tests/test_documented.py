@@ -101,6 +101,43 @@ def test_death_timeout_and_restart_limits(policy, cluster_name, start):
     assert 3 * 6 + sum(delays) < elapsed < 100, elapsed
 
 
+@pytest.mark.parametrize("tls,start", [("required", "exec"), ("off", "exec"), ("off", "forkserver")])
+def test_a_worker_that_starts_before_its_scheduler_waits_for_it(policy, cluster_name, tls, start):
+    """A worker job that runs before its scheduler job (a busy partition
+    starts them in any order) waits for the scheduler, and its death
+    timeout does not run out meanwhile: over TLS the agent starts the
+    worker once the scheduler is up (it needs the cluster's credentials),
+    over TCP the worker waits for the scheduler file (the boot code). Here
+    the scheduler comes after more than three death timeouts: a worker
+    that gave up on it after its death timeout, as distributed's does, is
+    a crash, restarted (the log says so), and three crashes used up
+    worker_restart_max (shown failing so over TCP before the boot code
+    waited: FAILED after 19 s)."""
+    policy(f"worker_death_timeout=6s worker_restart_max=3 worker_restart_window=5m tls={tls} "
+           f"worker_start={start}")
+    sb.forget_cluster(cluster_name, credentials=True)
+    job = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster_name}")
+    deadline = time.monotonic() + 60
+    while sb.job_state(job) != "RUNNING":
+        assert time.monotonic() < deadline, sb.job_state(job)
+        time.sleep(0.5)
+    time.sleep(20)
+    assert sb.job_state(job) == "RUNNING", job_log(job)
+    # (Not scheduler_up: the worker's job reports stay.)
+    sb.sbatch("--dask-role=scheduler", f"--dask-cluster={cluster_name}")
+    sb.wait_scheduler_file(cluster_name, timeout=120)
+    c = sb.client(cluster_name)
+    c.wait_for_workers(1, timeout=120)
+    (w,) = c.scheduler_info()["workers"].values()
+    assert w["name"] == f"{cluster_name}-{job}", w
+    c.close()
+    log = job_log(job)
+    waited = {"required": "waiting for the cluster's scheduler and TLS credentials",
+              "off": "dask-spank: waiting for the scheduler file"}[tls]
+    assert log.count(waited) == 1, log
+    assert "restarting in" not in log, log
+
+
 def test_memory_kill_sends_sigkill_after_the_grace(policy, cluster_name):
     """A worker over worker_memory_kill that ignores SIGTERM is killed
     with SIGKILL 2 s later, and restarted."""

@@ -33,6 +33,15 @@ again after a growing delay, not at once: on a node or a scheduler too busy
 to start it, an immediate restart is one more Python start on the busy
 cores, for every worker of an array at once.
 
+And it makes a worker wait for its scheduler file however long it takes:
+Slurm starts a cluster's jobs in any order (a busy partition can hold the
+scheduler job for hours), and distributed's worker gives up on the file
+after its death timeout, a crash that the agent restarts at once, until
+worker_restart_max ends the job. (Over TLS the agent itself waits for the
+scheduler before starting a worker: the worker needs the credentials its
+scheduler job makes.) The death timeout then counts from the file, for
+reaching and joining the scheduler.
+
 And it runs a pool's own worker class (WORKER_CLASS_ENV), once it has
 checked that the job's Python can import it.
 """
@@ -207,6 +216,32 @@ def mark_restarts():
     Worker.close = close_marking_restarts
 
 
+def wait_for_scheduler_file():
+    """A worker reads its scheduler file (``--scheduler-file``) waiting as
+    long as it takes, not for its death timeout, and says once in the
+    job's log that it waits."""
+    import json
+    import os
+    import sys
+
+    try:
+        import distributed.worker as worker
+    except ImportError:
+        return
+    load_robust = worker.json_load_robust
+    if getattr(load_robust, "_dask_spank_wait", False):
+        return
+
+    def load_waiting(fn, load=json.load, timeout=None):
+        if not os.path.exists(fn):
+            print(f"dask-spank: waiting for the scheduler file {fn}: the cluster's scheduler job writes it "
+                  f"once its scheduler is up", file=sys.stderr, flush=True)
+        return load_robust(fn, load=load, timeout=None)
+
+    load_waiting._dask_spank_wait = True
+    worker.json_load_robust = load_waiting
+
+
 def exit_code(code):
     """The process's exit code: RESTART_EXIT for a clean exit after the
     scheduler removed the running worker, STARTUP_FAILED_EXIT for a failed
@@ -275,6 +310,7 @@ def run_module():
     protect_dashboard()
     mark_restarts()
     idle_counts_clients()
+    wait_for_scheduler_file()
     name = sys.argv.pop(1)
     # The agent passes the scheduler file in the environment (a short
     # command line for ps, whatever the path): back among the arguments.

@@ -33,6 +33,7 @@ def main() -> None:
     patch_distributed()  # defined before this file: python/dask_spank/tls_eof.py
     protect_dashboard()  # and python/dask_spank/boot.py
     mark_restarts()
+    wait_for_scheduler_file()
     say_python("the fork server")
 
     libc = ctypes.CDLL(None, use_errno=True)
