@@ -37,10 +37,11 @@ And it makes a worker wait for its scheduler file however long it takes:
 Slurm starts a cluster's jobs in any order (a busy partition can hold the
 scheduler job for hours), and distributed's worker gives up on the file
 after its death timeout, a crash that the agent restarts at once, until
-worker_restart_max ends the job. (Over TLS the agent itself waits for the
-scheduler before starting a worker: the worker needs the credentials its
-scheduler job makes.) The death timeout then counts from the file, for
-reaching and joining the scheduler.
+worker_restart_max ends the job. The wait comes after the imports (the
+slow part of a start, done while the scheduler starts) and before the
+worker reads the cluster's TLS credentials, which the scheduler job makes
+before its scheduler writes the file. The death timeout then counts from
+the file, for reaching and joining the scheduler.
 
 And it runs a pool's own worker class (WORKER_CLASS_ENV), once it has
 checked that the job's Python can import it.
@@ -217,29 +218,33 @@ def mark_restarts():
 
 
 def wait_for_scheduler_file():
-    """A worker reads its scheduler file (``--scheduler-file``) waiting as
-    long as it takes, not for its death timeout, and says once in the
-    job's log that it waits."""
-    import json
+    """A worker waits for its scheduler file (``--scheduler-file``) as long
+    as it takes, before anything of the worker is made (its TLS context,
+    from the cluster's credentials, comes first), and says once in the
+    job's log that it waits. distributed's own waits for its death timeout
+    only."""
     import os
     import sys
 
     try:
-        import distributed.worker as worker
+        from distributed import Worker
+        from distributed.utils import json_load_robust
     except ImportError:
         return
-    load_robust = worker.json_load_robust
-    if getattr(load_robust, "_dask_spank_wait", False):
+    init = Worker.__init__
+    if getattr(init, "_dask_spank_wait", False):
         return
 
-    def load_waiting(fn, load=json.load, timeout=None):
-        if not os.path.exists(fn):
-            print(f"dask-spank: waiting for the scheduler file {fn}: the cluster's scheduler job writes it "
-                  f"once its scheduler is up", file=sys.stderr, flush=True)
-        return load_robust(fn, load=load, timeout=None)
+    def init_waiting(self, *args, scheduler_file=None, **kwargs):
+        if scheduler_file:
+            if not os.path.exists(scheduler_file):
+                print(f"dask-spank: waiting for the scheduler file {scheduler_file}: the cluster's scheduler "
+                      f"job writes it once its scheduler is up", file=sys.stderr, flush=True)
+            json_load_robust(scheduler_file, timeout=None)
+        init(self, *args, scheduler_file=scheduler_file, **kwargs)
 
-    load_waiting._dask_spank_wait = True
-    worker.json_load_robust = load_waiting
+    init_waiting._dask_spank_wait = True
+    Worker.__init__ = init_waiting
 
 
 def exit_code(code):

@@ -27,7 +27,7 @@ use crate::system::reach;
 use crate::system::rlimits::Rlimit;
 use crate::system::statefile::Running;
 use dask_spank_common::messages::ProcIdent;
-use dask_spank_common::policy::{TlsMode, WorkerStart};
+use dask_spank_common::policy::WorkerStart;
 use dask_spank_common::{JobSpec, JobState, Role};
 use nix::sys::signal::Signal;
 use std::os::fd::OwnedFd;
@@ -639,43 +639,17 @@ fn finished(state: JobState, exit_code: i32, reason: String) -> (JobState, Outco
     (state, Outcome { exit_code, reason })
 }
 
-/// A TLS worker needs the cluster's credentials, which its scheduler job
-/// makes: wait until the job's attach reports the scheduler (it does once
-/// the credentials exist), or the job is stopped (the reason).
-async fn wait_for_scheduler(
-    ctx: &mut Context,
-    run: &JobRun,
-    stop: &mut StopRx,
-) -> Result<(), Stop> {
-    if run.spec.role != Role::Worker
-        || run.spec.policy.tls != TlsMode::Required
-        || run.settings.stub.is_some()
-    {
-        return Ok(());
-    }
-    if ctx.scheduler.borrow().is_none() {
-        run.log.line("waiting for the cluster's scheduler and TLS credentials (made by its scheduler job) before starting the worker");
-    }
-    loop {
-        if ctx.scheduler.borrow().is_some() {
-            return Ok(());
-        }
-        tokio::select! {
-            r = ctx.scheduler.changed() => if r.is_err() {
-                return Err(Stop { reason: "the job's attach connection ended".into(), failure: false });
-            },
-            _ = stop.changed() => return Err(current_stop(stop)),
-        }
-    }
-}
-
 /// Run the job's dask process until it ends for good or `stop` fires.
-pub async fn run(mut ctx: Context, mut run: Box<JobRun>, mut stop: StopRx) -> Outcome {
-    if let Err(s) = wait_for_scheduler(&mut ctx, &run, &mut stop).await {
-        let (state, outcome) = stopped(s);
-        ctx.job.finished(state, &outcome.reason);
-        return outcome;
-    }
+///
+/// A worker is started at once, also before its scheduler is up (Slurm
+/// starts a cluster's jobs in any order): its Python imports while the
+/// scheduler starts, then waits for the scheduler file (the boot code,
+/// python/dask_spank/boot.py), which the scheduler job writes after the
+/// cluster's TLS credentials. The agent once held a TLS worker's start
+/// until the job's attach reported the scheduler: every waiting worker of
+/// a node then started at the same instant, and each import came after
+/// the scheduler's instead of beside it.
+pub async fn run(ctx: Context, mut run: Box<JobRun>, mut stop: StopRx) -> Outcome {
     let nanny = &run.spec.policy.nanny;
     let policy = RestartPolicy {
         max_crashes: nanny.restart_max as usize,
