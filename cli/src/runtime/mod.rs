@@ -206,26 +206,22 @@ async fn run(job: Job) -> Result<i32, String> {
     Ok(end.exit_code)
 }
 
-/// How often a worker job looks for its scheduler's address before its
-/// first report, and (in those ticks) after it.
-const FIRST_REPORT_POLL: Duration = Duration::from_millis(200);
-const REPORTED_POLL_EVERY: u32 = 5;
+/// How often a worker job looks for its scheduler's address (a scheduler
+/// that came up or moved) to report it to the agent, which checks with it
+/// whether a worker that ended or is stopping still has a scheduler. The
+/// worker's start does not wait for it (the boot code waits for the
+/// scheduler file itself); until 8181eba the agent held a TLS worker until
+/// this report, and the first look came every 200 ms.
+const REPORT_POLL: Duration = Duration::from_secs(1);
 
 /// Follow the agent to the end of the job's dask processes, reattaching
 /// after an agent restart; a worker job meanwhile reports its scheduler's
-/// address, once the cluster's credentials exist too (the agent starts a
-/// TLS worker only then).
+/// address, over TLS once the cluster's credentials exist too.
 async fn follow(job: &Job, session: &mut Session) -> Finished {
     let sched_file = scheduler_file(job.dir.path());
     let creds = job.tls.then(|| tls_files(job.dir.path()));
     let mut reported = String::new();
-    // A worker waits on its first report (the agent starts a TLS worker
-    // only then): the files are looked for every 200 ms until then, not
-    // every second (that second was most of what the first result waited
-    // for beyond the reference's, docs/performance.md); once a second
-    // after (a scheduler that moved, after a restart).
-    let mut tick = tokio::time::interval(FIRST_REPORT_POLL);
-    let mut ticks = 0u32;
+    let mut tick = tokio::time::interval(REPORT_POLL);
     loop {
         let lost = {
             let (notices, writer) = session.parts();
@@ -235,10 +231,6 @@ async fn follow(job: &Job, session: &mut Session) -> Finished {
                 tokio::select! {
                     r = &mut finished => break r,
                     _ = tick.tick(), if job.role == Role::Worker => {
-                        ticks = ticks.wrapping_add(1);
-                        if !reported.is_empty() && !ticks.is_multiple_of(REPORTED_POLL_EVERY) {
-                            continue;
-                        }
                         if let Some(address) = address_to_report(&sched_file, creds.as_ref(), &reported) {
                             // A write that failed or timed out may have left
                             // half a frame: the connection is done for.
