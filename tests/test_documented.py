@@ -108,19 +108,15 @@ def test_a_worker_that_starts_before_its_scheduler_waits_for_it(policy, cluster_
     timeout does not run out meanwhile: the worker waits for the scheduler
     file (the boot code), over TLS before it reads the cluster's
     credentials, which the scheduler job makes. Here the scheduler comes
-    after more than three death timeouts: a worker
-    that gave up on it after its death timeout, as distributed's does, is
-    a crash, restarted (the log says so), and three crashes used up
-    worker_restart_max (shown failing so over TCP before the boot code
-    waited: FAILED after 19 s)."""
+    after more than three death timeouts: a worker that gave up on it
+    after its death timeout, as distributed's does, is a crash, restarted
+    (the log says so), and three crashes used up worker_restart_max (shown
+    failing so over TCP before the boot code waited: FAILED after 19 s)."""
     policy(f"worker_death_timeout=6s worker_restart_max=3 worker_restart_window=5m tls={tls} "
            f"worker_start={start}")
     sb.forget_cluster(cluster_name, credentials=True)
     job = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster_name}")
-    deadline = time.monotonic() + 60
-    while sb.job_state(job) != "RUNNING":
-        assert time.monotonic() < deadline, sb.job_state(job)
-        time.sleep(0.5)
+    sb.wait_until("the worker job to run", lambda: sb.job_state(job) == "RUNNING", 60, 0.5)
     time.sleep(20)
     assert sb.job_state(job) == "RUNNING", job_log(job)
     # (Not scheduler_up: the worker's job reports stay.)
