@@ -132,6 +132,48 @@ def test_a_worker_that_starts_before_its_scheduler_waits_for_it(policy, cluster_
     assert "restarting in" not in log, log
 
 
+TIMED_START_PROBE = """
+import asyncio, json, sys, tempfile
+if sys.argv[1] == "boot":
+    wait_for_scheduler_file()
+from distributed import Worker
+with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+    json.dump({"address": "tcp://127.0.0.1:9"}, f)
+    f.flush()
+    async def made():
+        # As the dask-worker command makes it; not started (the death
+        # timeout counts from the start).
+        Worker(scheduler_file=f.name, nthreads=1, dashboard=True, death_timeout=60)
+    asyncio.run(made())
+print(json.dumps({m: m in sys.modules for m in ("distributed.dashboard.worker", "bokeh",
+                                                "distributed.http.worker.prometheus")}))
+"""
+
+
+def test_a_worker_imports_what_its_timed_start_needs_before_its_death_timeout_counts():
+    """distributed imports a worker's HTTP routes and its dashboard's bokeh
+    pages inside its start, which its death timeout bounds: a third of a
+    second of CPU, on a node with 128 starting workers per core most of a
+    60 s death timeout, gone before the worker tries its scheduler. The
+    boot code imports them when the worker is made, before it waits for
+    its scheduler. Here as the agent hands the boot to the job's Python
+    (tls_eof.py, then boot.py), and without the boot, where distributed
+    has not imported them by then (so this test can fail)."""
+    program = "".join((sb.REPO / "python" / "dask_spank" / f).read_text() for f in ("tls_eof.py", "boot.py"))
+    python = str(sb.VENV / "bin" / "python")
+
+    def imported(mode):
+        out = subprocess.run([python, "-c", program + TIMED_START_PROBE, mode], capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.splitlines()[-1])
+
+    assert imported("boot") == {"distributed.dashboard.worker": True, "bokeh": True,
+                                "distributed.http.worker.prometheus": True}
+    assert imported("plain") == {"distributed.dashboard.worker": False, "bokeh": False,
+                                 "distributed.http.worker.prometheus": False}
+
+
 def test_memory_kill_sends_sigkill_after_the_grace(policy, cluster_name):
     """A worker over worker_memory_kill that ignores SIGTERM is killed
     with SIGKILL 2 s later, and restarted."""

@@ -34,6 +34,7 @@ def main() -> None:
     protect_dashboard()  # and python/dask_spank/boot.py
     mark_restarts()
     wait_for_scheduler_file()
+    import_timed_start()  # and what a worker's timed start imports, once
     say_python("the fork server")
 
     libc = ctypes.CDLL(None, use_errno=True)

@@ -51,8 +51,15 @@ pub const EXECUTING: u8 = b'x';
 pub const FAILED: u8 = b'!';
 /// Largest orders frame (the job's environment is most of it).
 pub const MAX_ORDERS: usize = 8 << 20;
-/// How long a blank process waits for its orders before it gives up.
-const ORDERS_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a blank process waits for its orders before it gives up: a
+/// safety net for an agent alive but hung, no more (an agent that ends
+/// closes the socket, and the agent kills a blank it abandons at its start
+/// deadline). So it outlasts any stall of the agent's loop between the
+/// blank and its orders: on a node starting 64 workers a core, the agent's
+/// loop stalled for 13 s, blanks gave up at the former 10 s while the
+/// start's 30 s deadline still ran, and each such start failed its job
+/// with EPIPE ("cannot start python3: Broken pipe").
+const ORDERS_TIMEOUT: Duration = Duration::from_secs(600);
 /// PATH when the job has none (as execvp's default, plus /usr/local/bin).
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
