@@ -41,18 +41,32 @@ class DidNotReach(Exception):
 
 def start_cluster(name: str, n: int, timeout: float = 900):
     """Submit a scheduler and n worker jobs; the client once all n are
-    connected, and the seconds from the first sbatch. A bench cluster is
+    connected, and the seconds from the first sbatch (DidNotReach if they
+    are not all connected `timeout` seconds after it). A bench cluster is
     always new: the TLS credentials an earlier cluster of this name left
     (forget_cluster keeps them) go too, or a TCP cluster's client would
     take them and refuse its plain connection."""
     sb.forget_cluster(name, credentials=True)
     t0 = time.monotonic()
+
+    def left() -> float:
+        # One deadline from the first sbatch for the client's connection
+        # and the wait (the reference's wait starts after its scheduler,
+        # in its own process, is up: a few seconds less than ours). The
+        # client's 30 s default failed a whole run (P) where a scheduler
+        # starved by 256 starting workers answered it later.
+        return max(1.0, t0 + timeout - time.monotonic())
+
     sb.sbatch("--dask-role=scheduler", f"--dask-cluster={name}")
     sb.sbatch("--dask-role=worker", f"--dask-cluster={name}", f"--array=1-{n}")
     sb.wait_scheduler_file(name, 300)
-    c = sb.client(name)
     try:
-        c.wait_for_workers(n, timeout=timeout)
+        c = sb.client(name, timeout=left())
+    except (OSError, TimeoutError) as e:
+        raise DidNotReach(f"no client connected to its scheduler within {timeout:.0f} s "
+                          f"({type(e).__name__})") from None
+    try:
+        c.wait_for_workers(n, timeout=left())
     except TimeoutError as e:
         why = did_not_reach(c, e, n, timeout)
         c.close()
