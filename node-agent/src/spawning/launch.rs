@@ -55,7 +55,7 @@ pub const MAX_ORDERS: usize = 8 << 20;
 /// safety net for an agent alive but hung, no more (an agent that ends
 /// closes the socket, and the agent kills a blank it abandons at its start
 /// deadline). So it outlasts any stall of the agent's loop between the
-/// blank and its orders: on a node starting 64 workers a core, the agent's
+/// blank and its orders: with 128 workers starting per core, the agent's
 /// loop stalled for 13 s, blanks gave up at the former 10 s while the
 /// start's 30 s deadline still ran, and each such start failed its job
 /// with EPIPE ("cannot start python3: Broken pipe").
