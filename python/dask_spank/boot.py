@@ -33,7 +33,8 @@ again after a growing delay, not at once: on a node or a scheduler too busy
 to start it, an immediate restart is one more Python start on the busy
 cores, for every worker of an array at once.
 
-And it makes a worker wait for its scheduler file however long it takes:
+And it makes a worker wait for its scheduler file however long it takes
+(unless the cluster's scheduler has come and gone: wait_or_leave):
 Slurm starts a cluster's jobs in any order (a busy partition can hold the
 scheduler job for hours), and distributed's worker gives up on the file
 after its death timeout, a crash that the agent restarts at once, until
@@ -55,6 +56,10 @@ RESTART_EXIT = 75
 #: The exit code of a worker that failed to start: the node agent restarts
 #: it after a growing delay (node-agent/src/spawning/dask_cmd.rs, STARTUP_FAILED_EXIT).
 STARTUP_FAILED_EXIT = 76
+#: The cluster's state record, beside its scheduler file (common/src/paths.rs,
+#: layout::STATE_FILE): the scheduler job's attach writes it while the
+#: scheduler file exists, and a new scheduler job removes it at its start.
+STATE_FILE = "state.json"
 #: The short names the node agent starts dask by (`ps` shows them).
 COMMANDS = {"dask-scheduler": "distributed.cli.dask_scheduler", "dask-worker": "distributed.cli.dask_worker"}
 #: The path prefix that carries the dashboard token (python/dask_spank/cluster.py
@@ -243,11 +248,47 @@ def wait_for_scheduler_file():
             if not os.path.exists(scheduler_file):
                 print(f"dask-spank: waiting for the scheduler file {scheduler_file}: the cluster's scheduler "
                       f"job writes it once its scheduler is up", file=sys.stderr, flush=True)
+            wait_or_leave(scheduler_file, kwargs.get("death_timeout"))
             json_load_robust(scheduler_file, timeout=None)
         init(self, *args, scheduler_file=scheduler_file, **kwargs)
 
     init_waiting._dask_spank_wait = True
     Worker.__init__ = init_waiting
+
+
+def wait_or_leave(scheduler_file, death_timeout):
+    """Wait until the scheduler file exists, unless the cluster's scheduler
+    has come and gone: its state record is there and its file is not
+    (distributed removes the file when the scheduler closes; a new
+    scheduler job removes the record first). Then, after the death timeout
+    (time for a new scheduler job of the cluster to begin), the worker
+    leaves with exit code 0, as a worker whose scheduler is gone does: its
+    job ends, COMPLETED, and nobody is left waiting for a scheduler that
+    will not come (a scheduler job whose keeper was killed cancels no
+    worker job)."""
+    import os
+    import sys
+    import time
+
+    try:
+        from distributed.utils import parse_timedelta
+
+        grace = parse_timedelta(death_timeout) if death_timeout else 60.0
+    except Exception:
+        grace = 60.0
+    state = os.path.join(os.path.dirname(scheduler_file), STATE_FILE)
+    gone_since = None
+    while not os.path.exists(scheduler_file):
+        if os.path.exists(state):
+            gone_since = gone_since or time.monotonic()
+            if time.monotonic() - gone_since > grace:
+                print(f"dask-spank: the cluster's scheduler has stopped (its state record {state} is there, "
+                      f"its scheduler file is not, for {grace:.0f}s): this worker leaves", file=sys.stderr,
+                      flush=True)
+                raise SystemExit(0)
+        else:
+            gone_since = None
+        time.sleep(0.5)
 
 
 def import_timed_start(dashboard=True):

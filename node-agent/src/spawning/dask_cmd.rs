@@ -297,6 +297,11 @@ mod tests {
                 "python/dask_spank/boot.py must set {name} = {code}"
             );
         }
+        let state = dask_spank_common::paths::layout::STATE_FILE;
+        assert!(
+            boot.contains(&format!("\nSTATE_FILE = \"{state}\"\n")),
+            "python/dask_spank/boot.py must set STATE_FILE = \"{state}\""
+        );
     }
 
     #[test]
