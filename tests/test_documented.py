@@ -132,6 +132,28 @@ def test_a_worker_that_starts_before_its_scheduler_waits_for_it(policy, cluster_
     assert "restarting in" not in log, log
 
 
+def test_a_worker_whose_scheduler_came_and_went_leaves_after_its_death_timeout(policy, cluster_name):
+    """A worker job that starts after its cluster's scheduler has stopped
+    (the state record there, the scheduler file gone, as a scheduler that
+    closed leaves them; here made so) does not wait for a scheduler that
+    will not come: after its death timeout it says why and leaves, its job
+    COMPLETED (before, it waited until its time limit)."""
+    policy("worker_death_timeout=6s")
+    sb.forget_cluster(cluster_name, credentials=True)
+    d = sb.cluster_dir(cluster_name)
+    sb.as_user(["mkdir", "-p", str(d)])
+    sb.as_user(["sh", "-c", f"echo '{{}}' > {d}/state.json"])
+    job = sb.sbatch("--dask-role=worker", f"--dask-cluster={cluster_name}")
+    t0 = time.monotonic()
+    sb.wait_until("the worker job to end", lambda: sb.job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
+                  120, 0.5)
+    assert sb.job_state(job) == "COMPLETED", job_log(job)
+    log = job_log(job)
+    assert "the cluster's scheduler has stopped" in log and "this worker leaves" in log, log
+    assert "restarting in" not in log, log
+    assert time.monotonic() - t0 < 45, "it waited longer than its death timeout"
+
+
 TIMED_START_PROBE = """
 import asyncio, json, sys, tempfile
 if sys.argv[1] == "boot":

@@ -271,7 +271,7 @@ def wait_or_leave(scheduler_file, death_timeout):
     import time
 
     try:
-        from distributed.utils import parse_timedelta
+        from dask.utils import parse_timedelta
 
         grace = parse_timedelta(death_timeout) if death_timeout else 60.0
     except Exception:
