@@ -154,6 +154,38 @@ def test_a_worker_whose_scheduler_came_and_went_leaves_after_its_death_timeout(p
     assert time.monotonic() - t0 < 45, "it waited longer than its death timeout"
 
 
+HALF_WRITTEN_PROBE = """
+import json, sys, threading, time
+path = sys.argv[1]
+def written():
+    time.sleep(3)
+    with open(path, "w") as f:
+        json.dump({"address": "tcp://127.0.0.1:9"}, f)
+threading.Thread(target=written).start()
+t0 = time.monotonic()
+wait_or_leave(path, "1s")
+print(json.dumps({"waited": time.monotonic() - t0}))
+"""
+
+
+def test_a_worker_waits_for_a_half_written_scheduler_file_and_says_so(tmp_path):
+    """distributed writes the scheduler file in place, so a worker can find
+    it half written: the boot code waits until it reads as JSON (not only
+    until it exists), and says once in the log when it has not for the
+    death timeout. Here in the job's Python with the boot program as the
+    agent hands it over: a file cut in the middle, made whole 3 s later
+    (a death timeout of 1 s)."""
+    program = "".join((sb.REPO / "python" / "dask_spank" / f).read_text() for f in ("tls_eof.py", "boot.py"))
+    path = tmp_path / "scheduler.json"
+    path.write_text('{"address": "tcp://127.')
+    out = subprocess.run([str(sb.VENV / "bin" / "python"), "-c", program + HALF_WRITTEN_PROBE, str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1])["waited"] > 2.5, out
+    assert out.stderr.count(f"the scheduler file {path} has not been readable JSON for 1s") == 1, out.stderr
+    assert "waiting for the scheduler file" not in out.stderr, out.stderr
+
+
 TIMED_START_PROBE = """
 import asyncio, json, sys, tempfile
 if sys.argv[1] == "boot":

@@ -230,12 +230,8 @@ def wait_for_scheduler_file():
     from the cluster's credentials, comes first), and says once in the
     job's log that it waits. distributed's own waits for its death timeout
     only."""
-    import os
-    import sys
-
     try:
         from distributed import Worker
-        from distributed.utils import json_load_robust
     except ImportError:
         return
     init = Worker.__init__
@@ -245,11 +241,7 @@ def wait_for_scheduler_file():
     def init_waiting(self, *args, scheduler_file=None, **kwargs):
         import_timed_start(dashboard=kwargs.get("dashboard", False))
         if scheduler_file:
-            if not os.path.exists(scheduler_file):
-                print(f"dask-spank: waiting for the scheduler file {scheduler_file}: the cluster's scheduler "
-                      f"job writes it once its scheduler is up", file=sys.stderr, flush=True)
             wait_or_leave(scheduler_file, kwargs.get("death_timeout"))
-            json_load_robust(scheduler_file, timeout=None)
         init(self, *args, scheduler_file=scheduler_file, **kwargs)
 
     init_waiting._dask_spank_wait = True
@@ -257,15 +249,19 @@ def wait_for_scheduler_file():
 
 
 def wait_or_leave(scheduler_file, death_timeout):
-    """Wait until the scheduler file exists, unless the cluster's scheduler
-    has come and gone: its state record is there and its file is not
-    (distributed removes the file when the scheduler closes; a new
-    scheduler job removes the record first). Then, after the death timeout
-    (time for a new scheduler job of the cluster to begin), the worker
-    leaves with exit code 0, as a worker whose scheduler is gone does: its
-    job ends, COMPLETED, and nobody is left waiting for a scheduler that
-    will not come (a scheduler job whose keeper was killed cancels no
-    worker job)."""
+    """Wait until the scheduler file is there and reads as JSON (distributed
+    writes it in place, so a reader can see it half written), saying once
+    in the job's log that it waits, unless the cluster's scheduler has come
+    and gone: its state record is there and its file is not (distributed
+    removes the file when the scheduler closes; a new scheduler job removes
+    the record first). Then, after the death timeout (time for a new
+    scheduler job of the cluster to begin), the worker leaves with exit
+    code 0, as a worker whose scheduler is gone does: its job ends,
+    COMPLETED, and nobody is left waiting for a scheduler that will not
+    come (a scheduler job whose keeper was killed cancels no worker job).
+    A file that stays unreadable for the death timeout is named in the log
+    once, and waited for: only its scheduler job writes it."""
+    import json
     import os
     import sys
     import time
@@ -276,18 +272,40 @@ def wait_or_leave(scheduler_file, death_timeout):
         grace = parse_timedelta(death_timeout) if death_timeout else 60.0
     except Exception:
         grace = 60.0
+
+    def say(message):
+        print(f"dask-spank: {message}", file=sys.stderr, flush=True)
+
     state = os.path.join(os.path.dirname(scheduler_file), STATE_FILE)
-    gone_since = None
-    while not os.path.exists(scheduler_file):
-        if os.path.exists(state):
-            gone_since = gone_since or time.monotonic()
-            if time.monotonic() - gone_since > grace:
-                print(f"dask-spank: the cluster's scheduler has stopped (its state record {state} is there, "
-                      f"its scheduler file is not, for {grace:.0f}s): this worker leaves", file=sys.stderr,
-                      flush=True)
-                raise SystemExit(0)
-        else:
+    gone_since = unreadable_since = None
+    said_waiting = said_unreadable = False
+    while True:
+        try:
+            with open(scheduler_file) as f:
+                json.load(f)
+            return
+        except FileNotFoundError:
+            unreadable_since = None
+            if not said_waiting:
+                say(f"waiting for the scheduler file {scheduler_file}: the cluster's scheduler job writes it "
+                    f"once its scheduler is up")
+                said_waiting = True
+            if os.path.exists(state):
+                gone_since = gone_since or time.monotonic()
+                if time.monotonic() - gone_since > grace:
+                    say(f"the cluster's scheduler has stopped (its state record {state} is there, its "
+                        f"scheduler file is not, for {grace:.0f}s): this worker leaves")
+                    raise SystemExit(0)
+            else:
+                gone_since = None
+        except (OSError, ValueError) as e:
+            # Half written, or not JSON: wait for the scheduler job to write it.
             gone_since = None
+            unreadable_since = unreadable_since or time.monotonic()
+            if not said_unreadable and time.monotonic() - unreadable_since > grace:
+                say(f"the scheduler file {scheduler_file} has not been readable JSON for {grace:.0f}s "
+                    f"({e}): waiting for the cluster's scheduler job to write it again")
+                said_unreadable = True
         time.sleep(0.5)
 
 
