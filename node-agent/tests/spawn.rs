@@ -193,3 +193,42 @@ async fn a_start_that_hangs_costs_its_deadline_and_nothing_else() {
     );
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+/// A blank process outwaits any stall of the agent's loop between the
+/// blank and its orders: with 128 workers starting per core, the agent's
+/// loop stalled for 13 s, blanks that gave up after 10 s said so and
+/// exited, and each such start failed its job ("cannot start python3:
+/// Broken pipe"). Here the agent is 15 s late: the blank still waits,
+/// alive and silent.
+#[tokio::test]
+async fn a_blank_process_outwaits_a_stalled_agent() {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    use nix::unistd::Pid;
+    use std::io::Read;
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let via = starter(Duration::from_secs(10));
+    let blank = via.spawner.blank().await.expect("a blank process");
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let pid = Pid::from_raw(blank.pid);
+    let waiting = waitpid(pid, Some(WaitPidFlag::WNOHANG));
+    let ctl = std::os::unix::net::UnixStream::from(blank.ctl);
+    ctl.set_nonblocking(true).expect("nonblocking");
+    let mut said = [0u8; 256];
+    let read = (&ctl).read(&mut said);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    let _ = waitpid(pid, None);
+    assert!(
+        matches!(waiting, Ok(WaitStatus::StillAlive)),
+        "the blank ended: {waiting:?}"
+    );
+    match read {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!(
+            "the blank said something: {other:?} {}",
+            String::from_utf8_lossy(&said)
+        ),
+    }
+}
