@@ -101,6 +101,16 @@ def log(msg: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} [sandbox] {msg}", file=sys.stderr, flush=True)
 
 
+def take_over(top: Path, old_uid: int, uid: int, gid: int) -> None:
+    """Everything under top owned by old_uid, to uid:gid (symlinks
+    themselves, not followed)."""
+    for root, dirs, files in os.walk(top):
+        for name in dirs + files:
+            p = os.path.join(root, name)
+            if os.lstat(p).st_uid == old_uid:
+                os.lchown(p, uid, gid)
+
+
 class SandboxError(RuntimeError):
     pass
 
@@ -564,10 +574,17 @@ class Sandbox:
             subprocess.run(["useradd", "-M", "-d", home, "-s", "/bin/bash", "-U", TEST_USER], check=True)
         elif p.stdout.split(":")[5] != home:
             subprocess.run(["usermod", "-d", home, TEST_USER], check=True)
-        gid = pwd.getpwnam(TEST_USER).pw_gid
+        user = pwd.getpwnam(TEST_USER)
         for d in (HOME, WORK):
             d.mkdir(parents=True, exist_ok=True)
-            os.chown(d, pwd.getpwnam(TEST_USER).pw_uid, gid)
+            before = d.stat().st_uid
+            if before not in (0, user.pw_uid):
+                # The test user was made again (userdel and useradd give a
+                # new uid): what its former self left here is its own, or
+                # every job of it fails with "Permission denied".
+                log(f"{d}: giving what uid {before} left to {TEST_USER} (now uid {user.pw_uid})")
+                take_over(d, before, user.pw_uid, user.pw_gid)
+            os.chown(d, user.pw_uid, user.pw_gid)
 
     def install_binaries(self) -> tuple[bool, bool]:
         """The plugin, the agent and the CLI, installed like a package would
