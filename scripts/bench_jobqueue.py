@@ -4,6 +4,7 @@ Python start with no supervision) on the same sandbox, run as the test
 user. Prints one JSON document."""
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -45,6 +46,14 @@ def main():
     # then gives up ("Nanny failed to start"), and the job ends.
     ready_only = "--ready-only" in sys.argv[2:]
     timeout = float(sys.argv[sys.argv.index("--timeout") + 1]) if "--timeout" in sys.argv else 900.0
+    # The scheduler runs in this process, which runuser leaves at a soft
+    # limit of 1024 descriptors: at N=256 it ran out ("Too many open
+    # files", run P). distributed's `dask scheduler` command raises its own
+    # limit so (distributed/cli/dask_scheduler.py); jobqueue's in-process
+    # scheduler does not, a known complaint of its users. The reference is
+    # given the command's limit: its best case, not its users' default.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, hard // 2), hard))
     from dask_jobqueue import SLURMCluster
     from distributed import Client
 
