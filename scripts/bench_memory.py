@@ -74,8 +74,9 @@ def ours(n: int, name: str) -> dict:
     out["agent_pss_delta_per_job_mib"] = (pss_mib(agent) - pss0) / (n + 1)
     out["per_job_pss_mib"] = out["attach_pss_mib"] + out["agent_pss_delta_per_job_mib"]
     # The keeper's helper imports distributed once it connects (some 35 MiB
-    # of the cluster's memory): run R measured it before, at 8 MiB against
-    # 44, since workers no longer wait for their scheduler's report.
+    # of the cluster's memory), which may come after the last worker (likely
+    # since workers no longer wait for their scheduler's report): run R
+    # measured before, 8 MiB against F's 44.
     sb.wait_until("the keeper's helper to connect", lambda: helper_connected(c), 120, 0.5)
     sched = attach_pids("scheduler")
     out["per_cluster_pss_mib"] = sum(pss_mib(p) for s in sched for p in [s, *descendants(s)])
