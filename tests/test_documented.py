@@ -154,6 +154,12 @@ def test_a_worker_whose_scheduler_came_and_went_leaves_after_its_death_timeout(p
     assert time.monotonic() - t0 < 45, "it waited longer than its death timeout"
 
 
+def boot_program() -> str:
+    """The boot program as the agent hands it to the job's Python
+    (node-agent's python_boot: tls_eof.py, then boot.py)."""
+    return "".join((sb.REPO / "python" / "dask_spank" / f).read_text() for f in ("tls_eof.py", "boot.py"))
+
+
 HALF_WRITTEN_PROBE = """
 import json, sys, threading, time
 path = sys.argv[1]
@@ -175,7 +181,7 @@ def test_a_worker_waits_for_a_half_written_scheduler_file_and_says_so(tmp_path):
     death timeout. Here in the job's Python with the boot program as the
     agent hands it over: a file cut in the middle, made whole 3 s later
     (a death timeout of 1 s)."""
-    program = "".join((sb.REPO / "python" / "dask_spank" / f).read_text() for f in ("tls_eof.py", "boot.py"))
+    program = boot_program()
     path = tmp_path / "scheduler.json"
     path.write_text('{"address": "tcp://127.')
     out = subprocess.run([str(sb.VENV / "bin" / "python"), "-c", program + HALF_WRITTEN_PROBE, str(path)],
@@ -213,7 +219,7 @@ def test_a_worker_imports_what_its_timed_start_needs_before_its_death_timeout_co
     its scheduler. Here as the agent hands the boot to the job's Python
     (tls_eof.py, then boot.py), and without the boot, where distributed
     has not imported them by then (so this test can fail)."""
-    program = "".join((sb.REPO / "python" / "dask_spank" / f).read_text() for f in ("tls_eof.py", "boot.py"))
+    program = boot_program()
     python = str(sb.VENV / "bin" / "python")
 
     def imported(mode):
