@@ -101,14 +101,26 @@ def log(msg: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} [sandbox] {msg}", file=sys.stderr, flush=True)
 
 
-def take_over(top: Path, old_uid: int, uid: int, gid: int) -> None:
-    """Everything under top owned by old_uid, to uid:gid (symlinks
-    themselves, not followed)."""
+def take_over(top: Path, uid: int, gid: int, former: int | None = None) -> int:
+    """Everything under top that no account owns any more (its user was
+    deleted, or made again with a new uid), or that `former` owns, to
+    uid:gid (symlinks themselves, not followed). How many were given."""
+    def orphan(owner: int) -> bool:
+        try:
+            pwd.getpwuid(owner)
+            return False
+        except KeyError:
+            return True
+
+    given = 0
     for root, dirs, files in os.walk(top):
         for name in dirs + files:
             p = os.path.join(root, name)
-            if os.lstat(p).st_uid == old_uid:
+            owner = os.lstat(p).st_uid
+            if owner != uid and (owner == former or orphan(owner)):
                 os.lchown(p, uid, gid)
+                given += 1
+    return given
 
 
 class SandboxError(RuntimeError):
@@ -578,12 +590,15 @@ class Sandbox:
         for d in (HOME, WORK):
             d.mkdir(parents=True, exist_ok=True)
             before = d.stat().st_uid
-            if before not in (0, user.pw_uid):
-                # The test user was made again (userdel and useradd give a
-                # new uid): what its former self left here is its own, or
-                # every job of it fails with "Permission denied".
-                log(f"{d}: giving what uid {before} left to {TEST_USER} (now uid {user.pw_uid})")
-                take_over(d, before, user.pw_uid, user.pw_gid)
+            # The test user made again (userdel and useradd give a new uid),
+            # or another one on this state: what a former self left here is
+            # its own, or every job fails with "Permission denied" on its
+            # output file. Not only when the directory itself is foreign: a
+            # sandbox that took the directory over before this looked any
+            # deeper kept files of a deleted uid (24.11 here, 2026-12-07).
+            given = take_over(d, user.pw_uid, user.pw_gid, before if before not in (0, user.pw_uid) else None)
+            if given:
+                log(f"{d}: gave {given} files of a former owner (a uid no account has, or {before}) to {TEST_USER}")
             os.chown(d, user.pw_uid, user.pw_gid)
 
     def install_binaries(self) -> tuple[bool, bool]:
