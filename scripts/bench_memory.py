@@ -12,7 +12,8 @@ ours lives in its job: neither scheduler is counted), and holds the
 scheduler job's allocation, stated in core-hours. With
 worker_start=forkserver each worker job also keeps a fork server, whose
 PSS is read after a minute of work (right after the start its pages are
-still shared with the worker it forked).
+still shared with the worker it forked), and so is the whole job's (fork
+server, worker and supervision) beside a default job's after the same work.
 
 Two blocks (bench_clusters.run_blocks): the default configuration (ours,
 the reference with and without its Nanny) and worker_start=forkserver;
@@ -84,6 +85,10 @@ def ours(n: int, name: str) -> dict:
     out["scheduler_job"] = scheduler_job_allocation(name)
     out["restart_s_all"] = restart_latencies(c, n)
     out["restart_s"] = median(out["restart_s_all"])
+    # The same work as the fork server's block, then the workers' memory:
+    # what a worker job holds in all, set beside a fork server's job.
+    out["tasks"] = work_for(c, n, WORK_S)
+    out["worker_pss_mib"] = workers_pss_mib(c)
     c.close()
     sb.cancel_all_user_jobs(120)
     return out
@@ -102,13 +107,14 @@ def fork_servers() -> list[int]:
     return out
 
 
-def ours_forkserver(n: int, name: str) -> dict:
-    """Restart latency with worker_start=forkserver (the policy is already
-    applied), and the fork server's memory after WORK_S of work."""
+def work_for(c, n: int, seconds: float) -> int:
+    """`seconds` of work on every worker, four tasks per worker at a time;
+    how many tasks ran."""
     def work(i: int) -> int:
-        """A task that allocates and touches memory (the worker's pages stop
-        being shared with its fork server) for about a tenth of a second.
-        Nested: pickled by value, since the workers cannot import this file."""
+        """A task that allocates and touches memory (a forked worker's pages
+        stop being shared with its fork server) for about a tenth of a
+        second. Nested: pickled by value, since the workers cannot import
+        this file."""
         import time
 
         end = time.monotonic() + 0.1
@@ -117,19 +123,32 @@ def ours_forkserver(n: int, name: str) -> dict:
             total += sum(bytearray(1 << 20))
         return total + i
 
+    end, done = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        c.gather(c.map(work, range(done, done + 4 * n), pure=False))
+        done += 4 * n
+    return done
+
+
+def workers_pss_mib(c) -> float:
+    """The median PSS of the cluster's worker processes (by the pids they
+    report: the sandbox's nodes share this machine's pid namespace)."""
+    return median([pss_mib(p) for p in c.run(os.getpid).values()])
+
+
+def ours_forkserver(n: int, name: str) -> dict:
+    """Restart latency with worker_start=forkserver (the policy is already
+    applied), and after WORK_S of work the fork server's memory and its
+    worker's."""
     c, _ = start_cluster(name, n)
     out = {"restart_s_all": restart_latencies(c, n)}
     out["restart_s"] = median(out["restart_s_all"])
-    end = time.monotonic() + WORK_S
-    batch = 0
-    while time.monotonic() < end:
-        c.gather(c.map(work, range(batch, batch + 4 * n), pure=False))
-        batch += 4 * n
+    out["tasks"] = work_for(c, n, WORK_S)
     servers = fork_servers()
-    out["tasks"] = batch
     out["pss_mib"] = median([pss_mib(p) for p in servers])
     out["rss_mib"] = median([rss_mib(p) for p in servers])
     out["uss_mib"] = median([uss_mib(p) for p in servers])
+    out["worker_pss_mib"] = workers_pss_mib(c)
     c.close()
     sb.cancel_all_user_jobs(120)
     return out
@@ -175,5 +194,12 @@ def memory_rows(figures: dict, n: int, reps: int, seed: int) -> list[tuple]:
         interval_row("restart_s_median_forkserver", col("forkserver", "restart_s"), jq_restart),
         interval_row(f"per_job_pss_mib_N{n}_forkserver_after_{WORK_S:.0f}s_vs_nanny",
                      [j + f for j, f in zip(ours_job, fs)], jq_job),
+        # A whole worker job after the same work (supervision and worker;
+        # with worker_start=forkserver also the fork server, which shares
+        # its imported modules with the worker it forked): does the fork
+        # server's memory come back as a smaller worker?
+        interval_row(f"job_total_pss_mib_N{n}_after_{WORK_S:.0f}s_forkserver_vs_default",
+                     [j + f + w for j, f, w in zip(ours_job, fs, col("forkserver", "worker_pss_mib"))],
+                     [j + w for j, w in zip(ours_job, col("ours", "worker_pss_mib"))]),
         (f"controller_calls_per_job_start_N{n}", max(col("ours", "controller_calls_per_job_start")), 1.0),
     ]
