@@ -473,3 +473,61 @@ def test_11_client_restart_brings_every_worker_back_in_place(policy, how, cluste
     finally:
         c.close()
         sb.run(["scancel", sched, arr])
+
+
+def fill_accept_queue(addr: str) -> list:
+    """Connections to `addr` (a dask address) until one gets no answer in
+    half a second: the listener's accept queue is full (its process
+    stopped), as with a scheduler whose event loop hundreds of starting
+    workers hold. The connections that filled it."""
+    import socket
+
+    host, port = addr.split("://")[-1].rsplit(":", 1)
+    held = []
+    for _ in range(64):
+        s = socket.socket()
+        s.settimeout(0.5)
+        try:
+            s.connect((host, int(port)))
+        except OSError:
+            s.close()
+            return held
+        held.append(s)
+    raise AssertionError(f"{addr}: 64 connections and the accept queue is still not full")
+
+
+def test_12_a_worker_whose_scheduler_is_silent_for_a_while_is_restarted_not_let_go(cluster_name):
+    """A worker that dies while its scheduler gives no answer (no
+    connection, no refusal) is restarted once the scheduler answers again
+    within the grace, not let go as if the scheduler were gone. The
+    silence is made real: the scheduler's accept queue (a backlog of one,
+    set through the job's dask config) filled while its process is
+    stopped. Run T (N=256 on 2 cores) lost nine workers of a live scheduler
+    to one silent 2 s probe."""
+    env = {"DASK_DISTRIBUTED__COMM__SOCKET_BACKLOG": "1"}
+    sched, arr, c = start(cluster_name, 1, env=env)
+    held = []
+    sched_pid = None
+    try:
+        (addr, pid), = c.run(os.getpid).items()
+        name = c.scheduler_info()["workers"][addr]["name"]
+        sched_pid = c.run_on_scheduler(os.getpid)
+        os.kill(sched_pid, signal.SIGSTOP)
+        held = fill_accept_queue(c.scheduler.address)
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(6)  # the agent probes meanwhile, and gets no answer
+        os.kill(sched_pid, signal.SIGCONT)
+        sched_pid = None
+        sb.wait_until("the worker to register again", lambda: any(
+            w["name"] == name and a != addr for a, w in c.scheduler_info()["workers"].items()), 60, 0.2)
+        log = worker_log(arr, 1)
+        assert "the worker leaves" not in log, log
+        assert "worker died (killed by SIGKILL)" in log, log
+        assert sb.job_states(arr) == {f"{arr}_1": "RUNNING"}, sb.job_states(arr)
+    finally:
+        if sched_pid:
+            os.kill(sched_pid, signal.SIGCONT)
+        for s in held:
+            s.close()
+        c.close()
+        sb.run(["scancel", sched, arr])

@@ -45,6 +45,14 @@ pub const STOP_GRACE: Duration = Duration::from_secs(5);
 /// scheduler is looked for meanwhile.
 const ORPHAN_GRACE: Duration = Duration::from_secs(1);
 const ORPHAN_POLL: Duration = Duration::from_millis(250);
+/// How long one connection attempt to the scheduler may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a worker that exited with its scheduler silent (no connection,
+/// no refusal) waits for an answer before it leaves instead of starting
+/// again: a live scheduler is silent while hundreds of starting workers
+/// fill its accept queue (`reach::gone`); below test_nanny's 20 s for
+/// workers to leave a cancelled scheduler, whose port refuses at once.
+const SILENT_SCHEDULER_GRACE: Duration = Duration::from_secs(15);
 /// The same after a memory kill (the process is already misbehaving).
 const MEMORY_KILL_GRACE: Duration = Duration::from_secs(2);
 
@@ -114,22 +122,36 @@ pub fn describe(st: &ExitStatus) -> String {
     }
 }
 
-/// Whether the scheduler accepts TCP connections of the job's user
-/// (`reach`): `None` when no address is known yet (the scheduler may still
-/// be starting).
-async fn scheduler_reachable(
-    addr: &watch::Receiver<Option<String>>,
-    spec: &JobSpec,
-) -> Option<bool> {
-    let hostport = {
-        let a = addr.borrow();
-        let a = a.as_deref()?;
+/// The scheduler's `host:port`, once known (not while it may still be
+/// starting).
+fn scheduler_hostport(addr: &watch::Receiver<Option<String>>) -> Option<String> {
+    let a = addr.borrow();
+    let a = a.as_deref()?;
+    Some(
         a.split_once("://")
             .map(|(_, hp)| hp)
             .unwrap_or(a)
-            .to_string()
-    };
-    Some(reach::answers(&hostport, spec.uid, spec.gid, Duration::from_secs(2)).await)
+            .to_string(),
+    )
+}
+
+/// Whether the scheduler has gone, asked the way the job's user would
+/// (`reach`): its port refuses, or it stays silent for
+/// `SILENT_SCHEDULER_GRACE`. `false` while no address is known.
+async fn scheduler_gone(addr: &watch::Receiver<Option<String>>, spec: &JobSpec) -> bool {
+    match scheduler_hostport(addr) {
+        Some(hp) => {
+            reach::gone(
+                &hp,
+                spec.uid,
+                spec.gid,
+                SILENT_SCHEDULER_GRACE,
+                PROBE_TIMEOUT,
+            )
+            .await
+        }
+        None => false,
+    }
 }
 
 /// Resolves (with the reason) once the scheduler has been unreachable for
@@ -138,7 +160,10 @@ async fn scheduler_reachable(
 async fn orphaned(addr: watch::Receiver<Option<String>>, spec: &JobSpec) -> String {
     loop {
         tokio::time::sleep(ORPHAN_POLL).await;
-        if scheduler_reachable(&addr, spec).await == Some(false) {
+        let Some(hp) = scheduler_hostport(&addr) else {
+            continue;
+        };
+        if reach::probe(&hp, spec.uid, spec.gid, PROBE_TIMEOUT).await != reach::Reply::Answered {
             tokio::time::sleep(ORPHAN_GRACE).await;
             return format!("outlived its scheduler by {}s", ORPHAN_GRACE.as_secs());
         }
@@ -567,12 +592,16 @@ async fn exited(
         .as_ref()
         .map(describe)
         .unwrap_or_else(|e| e.to_string());
-    if let Some(reason) = stop.borrow().clone() {
+    let stopping = |stop: &StopRx| {
+        let reason = stop.borrow().clone()?;
         log.line(&format!(
             "{role} exited ({desc}) while stopping: {}",
             reason.reason
         ));
-        return Err(stopped(reason));
+        Some(stopped(reason))
+    };
+    if let Some(s) = stopping(stop) {
+        return Err(s);
     }
     let code = status.as_ref().ok().and_then(|s| s.code());
     if role == Role::Worker && code == Some(RESTART_EXIT) {
@@ -595,7 +624,18 @@ async fn exited(
         };
         return Err(finished(state, code, reason));
     }
-    if scheduler_reachable(&ctx.scheduler, &run.spec).await == Some(false) {
+    // A stop asked for while the scheduler is probed ends the probe.
+    let gone = {
+        let mut asked = stop.clone();
+        tokio::select! {
+            gone = scheduler_gone(&ctx.scheduler, &run.spec) => gone,
+            _ = asked.changed() => false,
+        }
+    };
+    if let Some(s) = stopping(stop) {
+        return Err(s);
+    }
+    if gone {
         let reason =
             format!("worker exited ({desc}) and its scheduler is unreachable: the worker leaves");
         log.line(&reason);

@@ -50,18 +50,60 @@ pub async fn connect_as(addr: SocketAddr, uid: u32, gid: u32) -> io::Result<toki
     sock.connect(addr).await
 }
 
-/// Whether something accepts TCP connections at `hostport` (a dask
-/// address without its scheme), asked as `uid`:`gid`, within `timeout`.
-pub async fn answers(hostport: &str, uid: u32, gid: u32, timeout: Duration) -> bool {
+/// What a connection attempt to a dask address found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// Something accepted the connection.
+    Answered,
+    /// Refused: nothing listens there any more.
+    Refused,
+    /// No answer within the timeout (or the name did not resolve, or the
+    /// network is unreachable): a host that is down, or a live listener
+    /// whose accept queue is full, which drops new connections until its
+    /// process accepts again.
+    Silent,
+}
+
+/// Try to connect to `hostport` (a dask address without its scheme) as
+/// `uid`:`gid`, within `timeout`.
+pub async fn probe(hostport: &str, uid: u32, gid: u32, timeout: Duration) -> Reply {
     let attempt = async {
-        for addr in tokio::net::lookup_host(hostport).await.ok()? {
-            if connect_as(addr, uid, gid).await.is_ok() {
-                return Some(());
+        let Ok(addrs) = tokio::net::lookup_host(hostport).await else {
+            return Reply::Silent;
+        };
+        let mut reply = Reply::Silent;
+        for addr in addrs {
+            match connect_as(addr, uid, gid).await {
+                Ok(_) => return Reply::Answered,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => reply = Reply::Refused,
+                Err(_) => {}
             }
         }
-        None
+        reply
     };
-    matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(())))
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or(Reply::Silent)
+}
+
+/// Whether what listened at `hostport` is gone: it refuses, or it stays
+/// silent for `grace` (probed every `every`, each probe within
+/// `every`). One silent probe is not enough: a scheduler whose event loop
+/// is held by hundreds of starting workers leaves its accept queue full
+/// for seconds (run T, N=256 on 2 cores: nine workers left a live
+/// scheduler after one silent 2 s probe).
+pub async fn gone(hostport: &str, uid: u32, gid: u32, grace: Duration, every: Duration) -> bool {
+    let end = tokio::time::Instant::now() + grace;
+    loop {
+        match probe(hostport, uid, gid, every).await {
+            Reply::Answered => return false,
+            Reply::Refused => return true,
+            Reply::Silent if tokio::time::Instant::now() >= end => return true,
+            Reply::Silent => {
+                tokio::time::sleep_until((tokio::time::Instant::now() + every / 2).min(end)).await
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -97,8 +139,109 @@ mod tests {
         // The thread is root again. SAFETY: an invalid id changes nothing
         // and returns the current one.
         assert_eq!(unsafe { libc::setfsuid(u32::MAX) }, 0);
-        assert!(answers(&addr.to_string(), 65534, 65534, Duration::from_secs(2)).await);
+        let two = Duration::from_secs(2);
+        assert_eq!(
+            probe(&addr.to_string(), 65534, 65534, two).await,
+            Reply::Answered
+        );
         drop(l);
-        assert!(!answers(&addr.to_string(), 65534, 65534, Duration::from_secs(2)).await);
+        assert_eq!(
+            probe(&addr.to_string(), 65534, 65534, two).await,
+            Reply::Refused
+        );
+    }
+
+    /// A listener that never accepts, its queue full (backlog 0 holds one
+    /// connection): new connections get no answer, as with a scheduler
+    /// whose event loop is held. Its address and the connections that fill it.
+    async fn full_listener() -> (
+        tokio::net::TcpListener,
+        SocketAddr,
+        Vec<tokio::net::TcpStream>,
+    ) {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let l = sock.listen(0).unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let c = tokio::time::timeout(
+                Duration::from_millis(300),
+                tokio::net::TcpStream::connect(addr),
+            );
+            if let Ok(Ok(c)) = c.await {
+                held.push(c);
+            }
+        }
+        (l, addr, held)
+    }
+
+    #[tokio::test]
+    async fn a_full_accept_queue_is_silent_not_gone_at_once() {
+        let (_l, addr, held) = full_listener().await;
+        assert!(
+            held.len() < 4,
+            "the queue never filled: {} connections",
+            held.len()
+        );
+        let (uid, gid) = (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        );
+        let short = Duration::from_millis(300);
+        assert_eq!(
+            probe(&addr.to_string(), uid, gid, short).await,
+            Reply::Silent
+        );
+        // Silent through the grace: gone, but only once the grace is over.
+        let t0 = std::time::Instant::now();
+        assert!(gone(&addr.to_string(), uid, gid, Duration::from_secs(2), short).await);
+        assert!(t0.elapsed() >= Duration::from_secs(2), "{:?}", t0.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_listener_that_accepts_again_within_the_grace_is_not_gone() {
+        let (l, addr, held) = full_listener().await;
+        let (uid, gid) = (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        );
+        // Its process accepts again after a second (the held event loop
+        // runs again), well within the grace.
+        let accepting = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let mut taken = Vec::new();
+            loop {
+                let (c, _) = l.accept().await.unwrap();
+                taken.push(c);
+            }
+        });
+        let short = Duration::from_millis(300);
+        assert!(!gone(&addr.to_string(), uid, gid, Duration::from_secs(10), short).await);
+        accepting.abort();
+        drop(held);
+    }
+
+    #[tokio::test]
+    async fn a_closed_port_is_gone_at_once() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        let (uid, gid) = (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        );
+        let t0 = std::time::Instant::now();
+        assert!(
+            gone(
+                &addr.to_string(),
+                uid,
+                gid,
+                Duration::from_secs(30),
+                Duration::from_secs(2)
+            )
+            .await
+        );
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     }
 }
