@@ -624,12 +624,13 @@ async fn exited(
         };
         return Err(finished(state, code, reason));
     }
-    // A stop asked for while the scheduler is probed ends the probe.
+    // A stop asked for while the scheduler is probed ends the probe (a
+    // closed channel does not: that branch is then disabled).
     let gone = {
         let mut asked = stop.clone();
         tokio::select! {
             gone = scheduler_gone(&ctx.scheduler, &run.spec) => gone,
-            _ = asked.changed() => false,
+            Ok(()) = asked.changed() => false,
         }
     };
     if let Some(s) = stopping(stop) {
