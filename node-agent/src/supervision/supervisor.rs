@@ -49,9 +49,9 @@ const ORPHAN_POLL: Duration = Duration::from_millis(250);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a worker that exited with its scheduler silent (no connection,
 /// no refusal) waits for an answer before it leaves instead of starting
-/// again: a live scheduler is silent while hundreds of starting workers
-/// fill its accept queue (`reach::gone`); below test_nanny's 20 s for
-/// workers to leave a cancelled scheduler, whose port refuses at once.
+/// again: a live scheduler can be silent while hundreds of starting workers
+/// fill its accept queue (`reach::gone`). A cancelled scheduler's port
+/// refuses at once, so its workers do not wait for this.
 const SILENT_SCHEDULER_GRACE: Duration = Duration::from_secs(15);
 /// The same after a memory kill (the process is already misbehaving).
 const MEMORY_KILL_GRACE: Duration = Duration::from_secs(2);

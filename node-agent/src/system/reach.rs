@@ -87,11 +87,12 @@ pub async fn probe(hostport: &str, uid: u32, gid: u32, timeout: Duration) -> Rep
 }
 
 /// Whether what listened at `hostport` is gone: it refuses, or it stays
-/// silent for `grace` (probed every `every`, each probe within
-/// `every`). One silent probe is not enough: a scheduler whose event loop
-/// is held by hundreds of starting workers leaves its accept queue full
-/// for seconds (run T, N=256 on 2 cores: nine workers left a live
-/// scheduler after one silent 2 s probe).
+/// silent for `grace` (each probe given `every`, the next one half of that
+/// later). One silent probe is not enough: a scheduler whose event loop
+/// hundreds of starting workers hold can leave its accept queue full for
+/// seconds (run T, N=256 on 2 cores: nine workers left a live scheduler
+/// after one silent 2 s probe; a full queue is the likely cause, not
+/// shown there).
 pub async fn gone(hostport: &str, uid: u32, gid: u32, grace: Duration, every: Duration) -> bool {
     let end = tokio::time::Instant::now() + grace;
     loop {
