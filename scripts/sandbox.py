@@ -101,9 +101,9 @@ def log(msg: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} [sandbox] {msg}", file=sys.stderr, flush=True)
 
 
-def take_over(top: Path, uid: int, gid: int, former: int | None = None) -> int:
-    """Everything under top that no account owns any more (its user was
-    deleted, or made again with a new uid), or that `former` owns, to
+def take_over(top: Path, uid: int, gid: int, former: int) -> int:
+    """Everything under top that `former` owns, or that no account owns any
+    more (a user deleted, or made again with a new uid, earlier still), to
     uid:gid (symlinks themselves, not followed). How many were given."""
     def orphan(owner: int) -> bool:
         try:
