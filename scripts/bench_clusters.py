@@ -126,16 +126,18 @@ def memory_guard(seen: dict):
 
 
 def jobqueue(n: int, nanny: bool, ready_only: bool = False, sdiag: bool = False,
-             timeout: float | None = None, idle: float = 0) -> dict:
+             timeout: float | None = None, idle: float = 0, work: float = 0) -> dict:
     """The reference: dask-jobqueue for one size, as the test user (with
     sdiag, the RPCs slurmctld served until all its workers connected, and
     with `idle`, those of that many seconds after, the cluster left alone,
     and of as many again, settled;
-    with a timeout, DidNotReach if they did not all connect in that time)."""
+    with a timeout, DidNotReach if they did not all connect in that time;
+    with `work`, that many seconds of work and then the whole job's PSS)."""
     args = [str(sb.VENV / "bin" / "python"), str(sb.REPO / "scripts" / "bench_jobqueue.py"), str(n)]
     args += ([] if nanny else ["--no-nanny"]) + (["--ready-only"] if ready_only else [])
     args += (["--sdiag"] if sdiag else []) + (["--timeout", str(timeout)] if timeout else [])
     args += ["--idle", str(idle)] if idle else []
+    args += ["--work", str(work)] if work else []
     for attempt in (1, 2):
         p = sb.as_user(args, check=False, timeout=3600)
         sb.cancel_all_user_jobs(120)

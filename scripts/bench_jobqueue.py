@@ -9,7 +9,8 @@ import statistics
 import sys
 import time
 
-from benchlib import children, did_not_reach, parent, pss_mib, restart_latencies, rpcs_by_type, rpcs_left_alone, rss_mib
+from benchlib import (children, did_not_reach, parent, pss_mib, restart_latencies, rpcs_by_type, rpcs_left_alone, rss_mib,
+                      work_for)
 
 
 def cmdline(pid):
@@ -19,12 +20,13 @@ def cmdline(pid):
         return ""
 
 
-def per_job_pss(client, nanny: bool) -> float:
+def per_job_pss(client, nanny: bool, with_worker: bool = False) -> float:
     """What each worker job runs beside its worker, PSS: the batch shell,
-    and with the Nanny, the Nanny and its resource_tracker."""
+    and with the Nanny, the Nanny and its resource_tracker (with_worker:
+    and the worker too, the whole job)."""
     per = []
     for pid in client.run(os.getpid).values():
-        procs = []
+        procs = [pid] if with_worker else []
         up = parent(pid)
         if nanny:
             procs.append(up)
@@ -46,6 +48,9 @@ def main():
     # then gives up ("Nanny failed to start"), and the job ends.
     ready_only = "--ready-only" in sys.argv[2:]
     timeout = float(sys.argv[sys.argv.index("--timeout") + 1]) if "--timeout" in sys.argv else 900.0
+    # Seconds of the memory figure's work (scripts/bench_memory.py), after
+    # which the whole job is read, as ours is after the same work.
+    work_s = float(sys.argv[sys.argv.index("--work") + 1]) if "--work" in sys.argv else 0.0
     # The scheduler runs in this process, which runuser leaves at a soft
     # limit of 1024 descriptors: at N=256 it ran out ("Too many open
     # files", run P). distributed's `dask scheduler` command raises its own
@@ -97,6 +102,9 @@ def main():
                 res["nanny_rss_mib"] = statistics.median(per)
                 # Restart latency: SIGKILL a worker under its Nanny, time to re-registration.
                 res["restart"] = restart_latencies(client, n)
+            if work_s:
+                res["tasks"] = work_for(client, n, work_s)
+                res["job_total_pss_mib"] = per_job_pss(client, nanny, with_worker=True)
         client.close()
         cluster.close()
         time.sleep(2)

@@ -13,7 +13,9 @@ scheduler job's allocation, stated in core-hours. With
 worker_start=forkserver each worker job also keeps a fork server, whose
 PSS is read after a minute of work (right after the start its pages are
 still shared with the worker it forked), and so is the whole job's (fork
-server, worker and supervision) beside a default job's after the same work.
+server, worker and supervision) beside a default job's and the reference's
+(batch shell, worker and, with the Nanny, Nanny and tracker) after the
+same work.
 
 Two blocks (bench_clusters.run_blocks): the default configuration (ours,
 the reference with and without its Nanny) and worker_start=forkserver;
@@ -24,12 +26,11 @@ from __future__ import annotations
 import os
 import re
 import statistics
-import time
 
 import sandboxlib as sb
 from bench_clusters import attach_pids, jobqueue, run_blocks, start_cluster
 from bench_ready import interval_row, warm_up
-from benchlib import descendants, median, pss_mib, restart_latencies, rss_mib, uss_mib
+from benchlib import descendants, median, pss_mib, restart_latencies, rss_mib, uss_mib, work_for
 
 # Seconds of work before the fork server's memory is read.
 WORK_S = float(os.environ.get("BENCH_FORKSERVER_WORK_S", "60"))
@@ -107,29 +108,6 @@ def fork_servers() -> list[int]:
     return out
 
 
-def work_for(c, n: int, seconds: float) -> int:
-    """`seconds` of work on every worker, four tasks per worker at a time;
-    how many tasks ran."""
-    def work(i: int) -> int:
-        """A task that allocates and touches memory (a forked worker's pages
-        stop being shared with its fork server) for about a tenth of a
-        second. Nested: pickled by value, since the workers cannot import
-        this file."""
-        import time
-
-        end = time.monotonic() + 0.1
-        total = 0
-        while time.monotonic() < end:
-            total += sum(bytearray(1 << 20))
-        return total + i
-
-    end, done = time.monotonic() + seconds, 0
-    while time.monotonic() < end:
-        c.gather(c.map(work, range(done, done + 4 * n), pure=False))
-        done += 4 * n
-    return done
-
-
 def workers_pss_mib(c) -> float:
     """The median PSS of the cluster's worker processes (by the pids they
     report: the sandbox's nodes share this machine's pid namespace)."""
@@ -165,7 +143,7 @@ def memory_rows(figures: dict, n: int, reps: int, seed: int) -> list[tuple]:
         elif cell == "forkserver":
             runs[cell].append(ours_forkserver(n, f"bench-fs-{n}-{rep}"))
         else:
-            runs[cell].append(jobqueue(n, cell == "jq"))
+            runs[cell].append(jobqueue(n, cell == "jq", work=WORK_S))
 
     # A sandbox started afresh for each repetition: PSS hardly moves within
     # one start, but by a few per cent between two runs (2026-12-06, runs A,
@@ -182,6 +160,11 @@ def memory_rows(figures: dict, n: int, reps: int, seed: int) -> list[tuple]:
     # A whole cluster of n workers beside its scheduler and workers: n
     # worker jobs' supervision, and ours' per-cluster processes.
     ours_cluster = [n * j + k for j, k in zip(ours_job, col("ours", "per_cluster_pss_mib"))]
+    # A whole worker job after the same work: supervision and worker, with
+    # worker_start=forkserver also the fork server (which shares its
+    # imported modules with the worker it forked).
+    ours_total = [j + w for j, w in zip(ours_job, col("ours", "worker_pss_mib"))]
+    fs_total = [j + f + w for j, f, w in zip(ours_job, fs, col("forkserver", "worker_pss_mib"))]
     sched = runs["ours"][0]["scheduler_job"]
     # The reference's scheduler runs in the client, on no allocation.
     held = [("scheduler_job_core_hours_to_its_time_limit", sched["core_hours"], None)] if sched["core_hours"] else []
@@ -194,12 +177,14 @@ def memory_rows(figures: dict, n: int, reps: int, seed: int) -> list[tuple]:
         interval_row("restart_s_median_forkserver", col("forkserver", "restart_s"), jq_restart),
         interval_row(f"per_job_pss_mib_N{n}_forkserver_after_{WORK_S:.0f}s_vs_nanny",
                      [j + f for j, f in zip(ours_job, fs)], jq_job),
-        # A whole worker job after the same work (supervision and worker;
-        # with worker_start=forkserver also the fork server, which shares
-        # its imported modules with the worker it forked): does the fork
-        # server's memory come back as a smaller worker?
-        interval_row(f"job_total_pss_mib_N{n}_after_{WORK_S:.0f}s_forkserver_vs_default",
-                     [j + f + w for j, f, w in zip(ours_job, fs, col("forkserver", "worker_pss_mib"))],
-                     [j + w for j, w in zip(ours_job, col("ours", "worker_pss_mib"))]),
+        # Does the fork server's memory come back as a smaller worker?
+        interval_row(f"job_total_pss_mib_N{n}_after_{WORK_S:.0f}s_forkserver_vs_default", fs_total, ours_total),
+        # And beside the reference's whole job after the same work (batch
+        # shell and worker; with its Nanny also the Nanny and its tracker).
+        interval_row(f"job_total_pss_mib_N{n}_after_{WORK_S:.0f}s_vs_nanny", ours_total, col("jq", "job_total_pss_mib")),
+        interval_row(f"job_total_pss_mib_N{n}_after_{WORK_S:.0f}s_forkserver_vs_nanny", fs_total,
+                     col("jq", "job_total_pss_mib")),
+        interval_row(f"job_total_pss_mib_N{n}_after_{WORK_S:.0f}s_vs_no_nanny", ours_total,
+                     col("jq_no_nanny", "job_total_pss_mib")),
         (f"controller_calls_per_job_start_N{n}", max(col("ours", "controller_calls_per_job_start")), 1.0),
     ]

@@ -95,6 +95,29 @@ def restart_latencies(client, n: int, kills: int = 5) -> list[float]:
     return lat
 
 
+def work_for(c, n: int, seconds: float) -> int:
+    """`seconds` of work on every worker, four tasks per worker at a time;
+    how many tasks ran."""
+    def work(i: int) -> int:
+        """A task that allocates and touches memory (a forked worker's pages
+        stop being shared with its fork server) for about a tenth of a
+        second. Nested: pickled by value, since the workers cannot import
+        the bench's files."""
+        import time
+
+        end = time.monotonic() + 0.1
+        total = 0
+        while time.monotonic() < end:
+            total += sum(bytearray(1 << 20))
+        return total + i
+
+    end, done = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        c.gather(c.map(work, range(done, done + 4 * n), pure=False))
+        done += 4 * n
+    return done
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else 0.0
 
