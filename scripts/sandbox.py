@@ -22,9 +22,11 @@ before any Python exists; this module reads them from there.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -101,10 +103,26 @@ def log(msg: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} [sandbox] {msg}", file=sys.stderr, flush=True)
 
 
-def take_over(top: Path, uid: int, gid: int, former: int) -> int:
+def mount_points() -> set[str]:
+    """Every mount point this process sees (/proc/self/mountinfo's fifth
+    field, its octal escapes decoded)."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    unescape = functools.partial(re.sub, r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)))
+    return {unescape(line.split()[4]) for line in lines if len(line.split()) > 4}
+
+
+def take_over(top: Path, uid: int, gid: int, former: int | None = None) -> int:
     """Everything under top that `former` owns, or that no account owns any
     more (a user deleted, or made again with a new uid, earlier still), to
-    uid:gid (symlinks themselves, not followed). How many were given."""
+    uid:gid (symlinks themselves, not followed). How many were given.
+
+    Mount points are neither looked at nor entered: the users' FUSE mounts
+    in the work directory (test_hungfs) refuse root, or hang a frozen one's
+    caller; what they hold is not the sandbox's."""
+    @functools.lru_cache(maxsize=None)
     def orphan(owner: int) -> bool:
         try:
             pwd.getpwuid(owner)
@@ -112,13 +130,16 @@ def take_over(top: Path, uid: int, gid: int, former: int) -> int:
         except KeyError:
             return True
 
-    given = 0
+    mounts, given = mount_points(), 0
     for root, dirs, files in os.walk(top):
+        dirs[:] = [d for d in dirs if os.path.join(root, d) not in mounts]
         for name in dirs + files:
             p = os.path.join(root, name)
+            if p in mounts:
+                continue
             try:
                 owner = os.lstat(p).st_uid
-            except OSError:  # a user's FUSE mount point, say: not root's to look at
+            except OSError:  # gone meanwhile
                 continue
             if owner != uid and (owner == former or orphan(owner)):
                 os.lchown(p, uid, gid)
@@ -595,13 +616,13 @@ class Sandbox:
             before = d.stat().st_uid
             # The test user made again (userdel and useradd give a new uid):
             # what its former self left here is its own, or every job fails
-            # with "Permission denied" on its output file. Only when the
-            # directory itself is foreign: a walk of the work directory at
-            # every start would look into the users' FUSE mounts there
-            # (test_hungfs: root is refused, or a frozen one hangs).
-            if before not in (0, user.pw_uid):
-                given = take_over(d, user.pw_uid, user.pw_gid, before)
-                log(f"{d}: gave {given} files of a former owner (uid {before}, or a uid no account has) to {TEST_USER}")
+            # with "Permission denied" on its output file. At every start:
+            # the directory may be the user's already and files inside still
+            # of a deleted uid (this machine's 24.11 sandbox, 2026-12-07).
+            former = before if before not in (0, user.pw_uid) else None
+            given = take_over(d, user.pw_uid, user.pw_gid, former)
+            if given:
+                log(f"{d}: gave {given} files of a former owner (uid {former}, or a uid no account has) to {TEST_USER}")
             os.chown(d, user.pw_uid, user.pw_gid)
 
     def install_binaries(self) -> tuple[bool, bool]:

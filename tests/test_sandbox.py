@@ -3,6 +3,8 @@ settings say, the running sandbox uses it, and bad settings are refused in
 one line naming the setting."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import sandbox as box
@@ -73,3 +75,32 @@ def test_an_up_that_fails_says_why_and_keeps_the_settings_that_worked():
     assert box.Settings.load().nodes == 1
     assert not box.Sandbox().slurmd("n2").running() and not box.Sandbox().agent("n2").running()
     test_the_running_sandbox_has_the_configuration_its_settings_render()
+
+
+def test_take_over_gives_a_deleted_uids_files_and_stays_out_of_mounts(tmp_path):
+    """What a deleted uid left under a directory already the test user's is
+    given to the user (the 24.11 sandbox's state on 2026-12-07: every job
+    failed on its output file); a mount point inside (a user's FUSE mount in
+    test_hungfs) is neither looked at nor entered."""
+    import pwd
+    import subprocess
+
+    gone = next(u for u in range(4_000_000, 4_001_000) if not any(p.pw_uid == u for p in pwd.getpwall()))
+    user = pwd.getpwnam(box.TEST_USER)
+    inside = tmp_path / "log" / "old"
+    inside.mkdir(parents=True)
+    (inside / "job.log").write_text("x")
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mount)], check=True)
+    try:
+        (mount / "theirs").write_text("y")
+        for p in (tmp_path / "log", inside, inside / "job.log", mount, mount / "theirs"):
+            os.lchown(p, gone, gone)
+        assert box.take_over(tmp_path, user.pw_uid, user.pw_gid) == 3
+        for p in (tmp_path / "log", inside, inside / "job.log"):
+            assert (p.stat().st_uid, p.stat().st_gid) == (user.pw_uid, user.pw_gid), p
+        # The mount's root and what it holds: untouched.
+        assert mount.stat().st_uid == gone and (mount / "theirs").stat().st_uid == gone
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
