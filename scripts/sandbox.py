@@ -111,7 +111,7 @@ def mount_points() -> set[str]:
     except OSError:
         return set()
     unescape = functools.partial(re.sub, r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)))
-    return {unescape(line.split()[4]) for line in lines if len(line.split()) > 4}
+    return {unescape(fields[4]) for fields in map(str.split, lines) if len(fields) > 4}
 
 
 def take_over(top: Path, uid: int, gid: int, former: int | None = None) -> int:
@@ -119,9 +119,10 @@ def take_over(top: Path, uid: int, gid: int, former: int | None = None) -> int:
     more (a user deleted, or made again with a new uid, earlier still), to
     uid:gid (symlinks themselves, not followed). How many were given.
 
-    Mount points are neither looked at nor entered: the users' FUSE mounts
-    in the work directory (test_hungfs) refuse root, or hang a frozen one's
-    caller; what they hold is not the sandbox's."""
+    Mount points are neither looked at nor entered, and nothing is looked at
+    through a symlink (os.walk's is_dir() stats a link's target): the
+    users' FUSE mounts in the work directory (test_hungfs) refuse root, or
+    hang a frozen one's caller; what they hold is not the sandbox's."""
     @functools.lru_cache(maxsize=None)
     def orphan(owner: int) -> bool:
         try:
@@ -130,19 +131,25 @@ def take_over(top: Path, uid: int, gid: int, former: int | None = None) -> int:
         except KeyError:
             return True
 
-    mounts, given = mount_points(), 0
-    for root, dirs, files in os.walk(top):
-        dirs[:] = [d for d in dirs if os.path.join(root, d) not in mounts]
-        for name in dirs + files:
-            p = os.path.join(root, name)
-            if p in mounts:
+    mounts, given, todo = mount_points(), 0, [os.fspath(top)]
+    while todo:
+        try:
+            with os.scandir(todo.pop()) as entries:
+                entries = list(entries)
+        except OSError:  # gone meanwhile, or not a directory
+            continue
+        for e in entries:
+            if e.path in mounts:
                 continue
             try:
-                owner = os.lstat(p).st_uid
+                # No stat through a link, here or in is_dir().
+                owner = e.stat(follow_symlinks=False).st_uid
+                if e.is_dir(follow_symlinks=False):
+                    todo.append(e.path)
             except OSError:  # gone meanwhile
                 continue
             if owner != uid and (owner == former or orphan(owner)):
-                os.lchown(p, uid, gid)
+                os.lchown(e.path, uid, gid)
                 given += 1
     return given
 

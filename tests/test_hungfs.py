@@ -274,3 +274,32 @@ os.execvp("dask-spank", ["dask-spank", "attach"])
     sb.wait_job_gone(arr, 60)
     sb.wait_until("no user I/O thread left", lambda: metric("user_io_threads") == 0, 30)
     sb.wait_until("no start left stuck", lambda: metric("starts_stuck") == 0, 30)
+
+
+@pytest.mark.parametrize("hung_fs", [{"allow_other": True}], indirect=True)
+def test_the_sandboxs_take_over_never_stats_through_a_link_to_a_frozen_mount(hung_fs):
+    """scripts/sandbox.py gives a former test user's files to the current one
+    at every start, walking the work directory as root. A link there to a
+    frozen file system that root reaches (os.walk's is_dir() stats a link's
+    target) must not hang that walk, nor so the sandbox's start."""
+    top = sb.WORK / f"takeover-{os.getpid()}"
+    hung_fs.run(["mkdir", "-p", str(top / "dir")]).check_returncode()
+    hung_fs.run(["ln", "-sfn", str(hung_fs.mount / "dir"), str(top / "dir" / "link")]).check_returncode()
+    assert hung_fs.run(["test", "-d", str(top / "dir" / "link")]).returncode == 0, "the link does not reach the mount"
+    pw = sb.user()
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import sandbox; "
+            "print(sandbox.take_over(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))")
+    hung_fs.freeze()
+    walk = hung_fs.popen([str(sb.VENV / "bin" / "python3"), "-c", code, str(sb.REPO / "scripts"), str(top),
+                          str(pw.pw_uid), str(pw.pw_gid)], user=False,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = walk.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        walk.kill()
+        pytest.fail(f"take_over({top}) still walking after 20 s: it waits on the frozen mount behind {top}/dir/link")
+    finally:
+        hung_fs.kill()
+        walk.wait(10)
+        hung_fs.run(["rm", "-rf", str(top)])
+    assert walk.returncode == 0 and out.strip() == "0", (out, err)
