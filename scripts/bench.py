@@ -273,6 +273,7 @@ MODES = {
     "sbatch": lambda figures, seed: sbatch_rows(figures),
     "handover": lambda figures, seed: handover_rows(figures),
     "ready": lambda figures, seed: ready_rows(figures, SIZES, REPS, seed),
+    "cores": lambda figures, seed: cores_declared_rows(figures, seed),
     "memory": lambda figures, seed: memory_rows(figures, MEMORY_N, REPS, seed),
     "tls": lambda figures, seed: tls_rows(figures, REPS, seed),
     "scale": lambda figures, seed: scale_rows(figures, SCALE_REPS, seed),

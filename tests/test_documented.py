@@ -192,6 +192,42 @@ def test_a_worker_waits_for_a_half_written_scheduler_file_and_says_so(tmp_path):
     assert "waiting for the scheduler file" not in out.stderr, out.stderr
 
 
+
+POLL_PROBE = """
+import json, sys, threading, time
+path = sys.argv[1]
+FAST_POLL_S = 1.0  # the module's 10 s, shortened for the test
+naps, sleep = [], time.sleep
+def counted(s):
+    naps.append(s)
+    sleep(s)
+time.sleep = counted
+def written():
+    sleep(2)
+    with open(path, "w") as f:
+        json.dump({"address": "tcp://127.0.0.1:9"}, f)
+threading.Thread(target=written).start()
+wait_or_leave(path, "60s")
+print(json.dumps(naps))
+"""
+
+
+def test_a_worker_looks_for_its_scheduler_file_often_at_first_then_less(tmp_path):
+    """A cluster's jobs usually start together: the scheduler file comes a
+    second or two after a worker begins waiting, on the critical path of
+    every cluster start, so the worker looks every 0.1 s at first (a 0.5 s
+    poll cost 0.25 s a start on average), then every 0.5 s (a scheduler job
+    Slurm holds: spare the home file system). The boot program's own poll,
+    its fast phase shortened to 1 s, the file written after 2 s."""
+    path = tmp_path / "scheduler.json"
+    out = subprocess.run([str(sb.VENV / "bin" / "python"), "-c", boot_program() + POLL_PROBE, str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    naps = json.loads(out.stdout.splitlines()[-1])
+    fast = [n for n in naps if n == 0.1]
+    assert naps[:5] == [0.1] * 5 and 8 <= len(fast) <= 11, naps
+    assert naps[len(fast):] and set(naps[len(fast):]) == {0.5}, naps
+
 TIMED_START_PROBE = """
 import asyncio, json, sys, tempfile
 if sys.argv[1] == "boot":
